@@ -1,0 +1,57 @@
+"""What the engine hands back: per-step token deltas and engine-wide statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """The sampled token's logprob and, if asked for, the top alternatives at that step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """New tokens of one sample (``index`` among the request's ``n``) since the last step.
+
+    ``finish_reason`` is ``"stop"`` (EOS or a stop token), ``"length"`` (max_tokens) or
+    ``"abort"``; ``None`` while the sample is still running.
+    """
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_token_id: int | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot of load and cache figures, cheap enough to take on every heartbeat."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_blocks_total: int
+    num_blocks_free: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    steps_total: int
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        if self.prefix_cache_queries == 0:
+            return 0.0
+        return self.prefix_cache_hits / self.prefix_cache_queries
