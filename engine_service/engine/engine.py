@@ -1,0 +1,274 @@
+"""The in-process engine: ``add_request`` / ``step`` / ``abort``, and generate helpers.
+
+One step: the scheduler picks sequences and token counts, the model runner executes them,
+the sampler extends those that reached their end, and the update frees what finished.
+Everything runs on the caller's thread; services run this loop in a thread of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from engine_service.engine.attention import get_attention_backend
+from engine_service.engine.config import EngineConfig
+from engine_service.engine.kv_cache import KVCacheManager
+from engine_service.engine.model_runner import ModelRunner
+from engine_service.engine.outputs import EngineStats, RequestOutput
+from engine_service.engine.request import Request
+from engine_service.engine.sampler import Sampler
+from engine_service.engine.sampling_params import SamplingParams
+from engine_service.engine.scheduler import Scheduler
+from engine_service.models.config import ModelConfig
+from engine_service.models.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_BUDGET = 1 << 30
+
+
+def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * element
+
+
+class LLMEngine:
+    """A batched engine serving one model; not thread-safe (drive it from one thread)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)
+        backend = get_attention_backend(config.attention_backend)
+        self.model, self.model_config, self.dtype = load_model(
+            config.model, backend, config.dtype, self.device, config.revision
+        )
+        limit = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's "
+                f"max_position_embeddings {limit}"
+            )
+        self.max_model_len = config.max_model_len or limit
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+
+        num_blocks = self._num_kv_blocks()
+        mc = self.model_config
+        self.kv_cache = torch.zeros(
+            (num_blocks, mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size)
+        self.sampler = Sampler(self.device, config.seed)
+        self._samples: dict[str, list[Request]] = {}
+        self._pending_outputs: list[RequestOutput] = []
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.steps_total = 0
+        logger.info(
+            "engine ready: %s, %s on %s, %d KV blocks of %d tokens",
+            mc.architecture, self.dtype, self.device, num_blocks, config.block_size,
+        )
+
+    # -- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> None:
+        """Queue a request; raises ``ValueError`` for input the engine cannot serve."""
+        if request_id in self._samples:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+                f"{self.max_model_len} tokens, which leaves no room for output"
+            )
+        if any(t < 0 or t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        params.validate()
+        first = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            eos_token_ids=self.eos_token_ids,
+            priority=priority,
+        )
+        first.pending_forks = [first.fork(i) for i in range(1, params.n)]
+        self._samples[request_id] = [first, *first.pending_forks]
+        self.scheduler.add(first)
+        self.prompt_tokens_total += len(prompt_token_ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks; False if it is unknown."""
+        samples = self._samples.pop(request_id, None)
+        if samples is None:
+            return False
+        for request in samples:
+            if request.is_finished:
+                continue
+            self.scheduler.finish(request)
+            request.finish("abort")
+            self._pending_outputs.append(self._output(request))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending_outputs)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return new tokens and finishes since the last step."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        self.steps_total += 1
+        logits = self.runner.execute(batch)
+
+        # Logits come one row per sampled sequence; a prompt finishing with pending forks
+        # feeds the same row to each of its n samples.
+        to_extend: list[Request] = []
+        rows: list[int] = []
+        logits_row = 0
+        for seq in batch.sequences:
+            request = seq.request
+            request.num_computed_tokens += seq.num_tokens
+            self.kv_manager.commit_computed_blocks(request)
+            if seq.sample:
+                samples = [request, *self.scheduler.start_forks(request)]
+                to_extend.extend(samples)
+                rows.extend([logits_row] * len(samples))
+                logits_row += 1
+
+        if to_extend:
+            row_index = torch.tensor(rows, device=logits.device)
+            sampled = self.sampler.sample(logits[row_index], to_extend)
+            for request, token_id, logprob in zip(
+                to_extend, sampled.token_ids, sampled.logprobs
+            ):
+                request.append_token(token_id, logprob)
+                self.generation_tokens_total += 1
+                if not request.check_stop() and request.num_tokens >= self.max_model_len:
+                    request.finish("length")
+                if request.is_finished:
+                    self.scheduler.finish(request)
+                outputs.append(self._output(request))
+                if request.is_finished:
+                    self._forget_if_done(request.request_id)
+        return outputs
+
+    def _output(self, request: Request) -> RequestOutput:
+        output = RequestOutput(
+            request_id=request.request_id,
+            index=request.index,
+            new_token_ids=request.unreported_token_ids,
+            new_logprobs=request.unreported_logprobs if request.params.logprobs is not None else None,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            stop_token_id=request.stop_token_id,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            num_output_tokens=request.num_output_tokens,
+        )
+        request.unreported_token_ids = []
+        request.unreported_logprobs = []
+        return output
+
+    def _forget_if_done(self, request_id: str) -> None:
+        samples = self._samples.get(request_id)
+        if samples is not None and all(s.is_finished for s in samples):
+            del self._samples[request_id]
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=self.kv_manager.usage,
+            num_blocks_total=self.kv_manager.num_blocks,
+            num_blocks_free=self.kv_manager.num_free_blocks,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            steps_total=self.steps_total,
+        )
+
+    def stream(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Iterator[RequestOutput]:
+        """Add one request and step until it finishes, yielding its outputs as they come.
+
+        Other requests already in the engine keep running in the same steps.
+        """
+        self.add_request(request_id, prompt_token_ids, params)
+        remaining = params.n
+        while remaining:
+            for output in self.step():
+                if output.request_id == request_id:
+                    yield output
+                    remaining -= output.finished
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[list[list[int]]]:
+        """Offline batch: token ids of every sample of every prompt, in prompt order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{id(self)}-{i}" for i in range(len(prompts))]
+        results = {rid: [[] for _ in range(p.n)] for rid, p in zip(ids, params_list)}
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        while self.has_unfinished():
+            for output in self.step():
+                if output.request_id in results:
+                    results[output.request_id][output.index].extend(output.new_token_ids)
+        return [results[rid] for rid in ids]
+
+    def _num_kv_blocks(self) -> int:
+        config = self.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        per_block = kv_block_bytes(self.model_config, config.block_size, self.dtype)
+        if config.kv_cache_memory_bytes is not None:
+            budget = config.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            budget = self._gpu_kv_budget()
+        else:
+            budget = _CPU_KV_BUDGET
+        num_blocks = budget // per_block
+        if num_blocks < 2:
+            raise ValueError(
+                f"the KV memory budget ({budget} bytes) holds fewer than 2 blocks of "
+                f"{per_block} bytes"
+            )
+        return int(num_blocks)
+
+    def _gpu_kv_budget(self) -> int:
+        """What is left of ``gpu_memory_utilization`` of the device after the weights and
+        a reserve for the largest step's activations and logits."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+        mc, config = self.model_config, self.config
+        element = torch.empty((), dtype=self.dtype).element_size()
+        activations = config.max_num_batched_tokens * (
+            4 * mc.hidden_size + 3 * mc.intermediate_size + (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+        ) * element * 2
+        logits = config.max_num_seqs * mc.vocab_size * 4 * 4
+        budget = int(total * config.gpu_memory_utilization) - used_by_others
+        return budget - torch.cuda.memory_allocated(self.device) - activations - logits

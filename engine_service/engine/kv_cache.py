@@ -1,0 +1,206 @@
+"""KV memory: the block pool, per-request block tables, copy-on-write, and the prefix cache.
+
+A request's KV lives in fixed-size blocks; its ``block_table`` maps logical block ``i``
+(tokens ``i*B .. i*B+B-1``) to a physical block id in the pool::
+
+    tokens     [0 ........ B-1][B ....... 2B-1][2B .. n-1   ]
+    block_table[   7          ,    2          ,   11        ]   11 is partly filled
+                 full, hashed    full, hashed    written by the coming steps
+
+Full blocks are immutable: they get a hash chained over all tokens so far (plus extra keys
+such as an adapter id) and go into the radix prefix cache, from where other requests share
+them by reference count. Only a request's last, partly filled block is ever written, and if
+it is shared (a fork for n > 1) it is copied first (copy-on-write).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import deque
+
+from engine_service.engine.prefix_cache import RadixPrefixCache
+from engine_service.engine.request import Request
+
+
+def hash_block(parent_hash: bytes | None, token_ids: list[int], extra_keys: tuple = ()) -> bytes:
+    """A block's identity: stable across processes, so replicas and the KV store agree."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(parent_hash or b"\x00")
+    digest.update(array("q", token_ids).tobytes())
+    if extra_keys:
+        digest.update(repr(extra_keys).encode())
+    return digest.digest()
+
+
+class BlockPool:
+    """Reference-counted block ids; unreferenced cached blocks wait in the prefix cache.
+
+    A block with no references is either plainly free or cached-and-evictable. Allocation
+    takes a plainly free block first and evicts the least recently used cached one after.
+    """
+
+    def __init__(self, num_blocks: int, prefix_cache: RadixPrefixCache | None) -> None:
+        self.num_blocks = num_blocks
+        self.ref_counts = [0] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._prefix_cache = prefix_cache
+
+    @property
+    def num_free(self) -> int:
+        evictable = self._prefix_cache.num_evictable if self._prefix_cache else 0
+        return len(self._free) + evictable
+
+    def allocate(self) -> int:
+        if self._free:
+            block_id = self._free.popleft()
+        else:
+            assert self._prefix_cache is not None
+            block_id = self._prefix_cache.evict()
+            if block_id is None:
+                raise RuntimeError("KV block pool exhausted")
+        self.ref_counts[block_id] = 1
+        return block_id
+
+    def incref(self, block_id: int) -> None:
+        if self.ref_counts[block_id] == 0 and self._prefix_cache is not None:
+            self._prefix_cache.mark_in_use(block_id)
+        self.ref_counts[block_id] += 1
+
+    def decref(self, block_id: int) -> None:
+        count = self.ref_counts[block_id] - 1
+        if count < 0:
+            raise RuntimeError(f"block {block_id} released more often than it was taken")
+        self.ref_counts[block_id] = count
+        if count == 0:
+            if self._prefix_cache is not None and self._prefix_cache.is_cached(block_id):
+                self._prefix_cache.mark_evictable(block_id)
+            else:
+                self._free.append(block_id)
+
+    def reset_prefix_cache(self) -> None:
+        if self._prefix_cache is not None:
+            self._free.extend(self._prefix_cache.clear_evictable())
+
+
+class KVCacheManager:
+    """Which blocks each request owns; the scheduler's only view of KV memory."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.prefix_cache = RadixPrefixCache() if enable_prefix_caching else None
+        self.pool = BlockPool(num_blocks, self.prefix_cache)
+        self._pending_copies: list[tuple[int, int]] = []
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def get_computed_blocks(self, request: Request) -> list[int]:
+        """The cached blocks a new request can start from (no references taken).
+
+        At least one prompt token is always left to compute, so that the step that finishes
+        the prompt produces logits to sample from.
+        """
+        if self.prefix_cache is None:
+            return []
+        self._update_block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        return self.prefix_cache.match(request.block_hashes[:max_blocks])
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: list[int] | None = None
+    ) -> bool:
+        """Make room for ``num_new_tokens`` more computed tokens; False (and no change) if
+        the pool cannot hold them. ``computed_blocks`` (from :meth:`get_computed_blocks`,
+        only for a request holding no blocks yet) are attached and count as computed.
+        """
+        computed_blocks = computed_blocks or []
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_held = len(request.block_table) + len(computed_blocks)
+        num_new_blocks = max(0, self.blocks_needed(num_computed + num_new_tokens) - num_held)
+        write_index = num_computed // self.block_size
+        needs_copy = (
+            num_new_tokens > 0
+            and write_index < len(request.block_table)
+            and self.pool.ref_counts[request.block_table[write_index]] > 1
+        )
+        revived = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
+        if num_new_blocks + int(needs_copy) > self.pool.num_free - revived:
+            return False
+
+        for block_id in computed_blocks:
+            self.pool.incref(block_id)
+        if computed_blocks:
+            request.block_table.extend(computed_blocks)
+            request.num_computed_tokens = num_computed
+            request.num_committed_blocks = len(request.block_table)
+        if needs_copy:
+            shared = request.block_table[write_index]
+            private = self.pool.allocate()
+            self._pending_copies.append((shared, private))
+            self.pool.decref(shared)
+            request.block_table[write_index] = private
+        for _ in range(num_new_blocks):
+            request.block_table.append(self.pool.allocate())
+        return True
+
+    def free(self, request: Request) -> None:
+        """Release every block of the request, last block first, so that the tail of a
+        conversation is evicted before its shared beginning."""
+        for block_id in reversed(request.block_table):
+            self.pool.decref(block_id)
+        request.block_table = []
+        request.num_committed_blocks = 0
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Give ``child`` the parent's blocks by reference (copy-on-write on first write)."""
+        for block_id in parent.block_table:
+            self.pool.incref(block_id)
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_committed_blocks = parent.num_committed_blocks
+
+    def commit_computed_blocks(self, request: Request) -> None:
+        """Offer the request's newly completed full blocks to the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        if num_full <= request.num_committed_blocks:
+            return
+        self._update_block_hashes(request)
+        for i in range(request.num_committed_blocks, num_full):
+            parent_hash = request.block_hashes[i - 1] if i > 0 else None
+            self.prefix_cache.insert(parent_hash, request.block_hashes[i], request.block_table[i])
+        request.num_committed_blocks = num_full
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        """(source, destination) block copies the model runner must do before the step."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()
+
+    def _update_block_hashes(self, request: Request) -> None:
+        hashes = request.block_hashes
+        size = self.block_size
+        extra = (request.adapter_id, request.cache_salt) if (
+            request.adapter_id or request.cache_salt
+        ) else ()
+        tokens = request.all_token_ids
+        for i in range(len(hashes), len(tokens) // size):
+            parent = hashes[i - 1] if i > 0 else None
+            hashes.append(hash_block(parent, tokens[i * size : (i + 1) * size], extra))

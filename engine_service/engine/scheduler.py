@@ -1,0 +1,186 @@
+"""The scheduler: which sequences run this step and how many of their tokens.
+
+There are no separate prefill and decode phases. Every sequence has tokens it still has to
+compute (a whole prompt, a chunk of one, or the one newest sampled token), and a step hands
+out a token budget: running sequences first, in priority order, then waiting ones. A long
+prompt takes what is left of the budget and finishes over several steps (chunked prefill), so
+running decodes are never stalled behind it. When the KV pool runs dry, the lowest-priority
+running sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from engine_service.engine.config import EngineConfig
+from engine_service.engine.kv_cache import KVCacheManager
+from engine_service.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One sequence in a step: compute tokens ``[start, start + num_tokens)``."""
+
+    request: Request
+    start: int
+    num_tokens: int
+    # True when the step reaches the end of the sequence's known tokens, so its last
+    # position yields the next token.
+    sample: bool
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """What the model runner executes this step.
+
+    Room for what comes next: speculative tokens to verify ride on each request
+    (``spec_token_ids``), adapters on ``adapter_id``, multimodal embeddings on ``mm_inputs``;
+    ``block_copies`` carries copy-on-write block copies to do before the forward pass.
+    """
+
+    sequences: list[ScheduledSequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.sequences)
+
+    def __bool__(self) -> bool:
+        return bool(self.sequences)
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list; the KV manager owns their blocks."""
+
+    def __init__(self, config: EngineConfig, kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self._waiting: list[tuple[tuple[int, int, int], Request]] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        key = (*request.sort_key, request.index)
+        heapq.heappush(self._waiting, (key, request))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        scheduled_ids: set[int] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._chunk(request, request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self._pick_victim(i)
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                batch.sequences.append(self._sequence(request, num_new))
+                scheduled_ids.add(id(request))
+                budget -= num_new
+                i += 1
+
+        # New work waits while the pool is too tight to keep what already runs.
+        while (
+            self._waiting
+            and not batch.preempted
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self._waiting[0][1]
+            computed_blocks: list[int] = []
+            if request.num_computed_tokens == 0 and not request.block_table:
+                computed_blocks = self.kv.get_computed_blocks(request)
+            num_cached = len(computed_blocks) * self.kv.block_size
+            num_new = self._chunk(request, request.num_tokens - num_cached, budget)
+            if num_new == 0:
+                break
+            if not self.kv.allocate_slots(request, num_new, computed_blocks):
+                break
+            heapq.heappop(self._waiting)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.sequences.append(self._sequence(request, num_new))
+            budget -= num_new
+
+        batch.block_copies = self.kv.take_block_copies()
+        return batch
+
+    def finish(self, request: Request) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif any(r is request for _, r in self._waiting):
+            self._waiting = [(k, r) for k, r in self._waiting if r is not request]
+            heapq.heapify(self._waiting)
+        self.kv.free(request)
+        for fork in request.pending_forks:
+            self.kv.free(fork)
+        request.pending_forks = []
+
+    def start_forks(self, parent: Request) -> list[Request]:
+        """Turn the parent's pending samples into running sequences sharing its blocks."""
+        children = parent.pending_forks
+        parent.pending_forks = []
+        for child in children:
+            self.kv.fork(parent, child)
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.status = RequestStatus.RUNNING
+            self.running.append(child)
+        return children
+
+    def _chunk(self, request: Request, num_remaining: int, budget: int) -> int:
+        num_new = num_remaining
+        threshold = self.config.long_prefill_token_threshold
+        if threshold > 0:
+            num_new = min(num_new, threshold)
+        if num_new > budget:
+            # Without chunked prefill, a prompt waits until it fits in one step.
+            num_new = budget if self.config.enable_chunked_prefill else 0
+        return num_new
+
+    def _sequence(self, request: Request, num_new: int) -> ScheduledSequence:
+        start = request.num_computed_tokens
+        return ScheduledSequence(
+            request=request,
+            start=start,
+            num_tokens=num_new,
+            sample=start + num_new == request.num_tokens,
+        )
+
+    def _pick_victim(self, current: int) -> Request:
+        """The lowest-priority, latest-arrived running sequence not yet scheduled this step."""
+        candidates = self.running[current:]
+        return max(candidates, key=lambda r: (r.sort_key, r.index))
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
+        key = (*request.sort_key, request.index)
+        heapq.heappush(self._waiting, (key, request))

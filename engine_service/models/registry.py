@@ -1,0 +1,28 @@
+"""Maps ``architectures`` in a checkpoint's config.json to our model classes."""
+
+from __future__ import annotations
+
+from engine_service.models.layers import CausalLM
+from engine_service.models.llama import LlamaForCausalLM
+from engine_service.models.mistral import MistralForCausalLM
+from engine_service.models.qwen2 import Qwen2ForCausalLM
+from engine_service.models.qwen3 import Qwen3ForCausalLM
+
+_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+SUPPORTED_ARCHITECTURES = tuple(sorted(_REGISTRY))
+
+
+def resolve_architecture(architectures: list[str] | None) -> type[CausalLM]:
+    for name in architectures or []:
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+    raise ValueError(
+        f"model architecture {architectures or '(none given)'} is not supported; "
+        f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )

@@ -1,0 +1,707 @@
+"""The engine service: a ``grpc.aio`` server around one in-process :class:`LLMEngine`.
+
+It owns the threading between the event loop and the synchronous, non-thread-safe engine,
+the mapping between the wire messages and the engine's types, the replica's registration
+with the controller, and its Prometheus metrics (under vLLM's names).
+
+::
+
+    event loop (gRPC handlers)                       engine thread (the only one touching the engine)
+      Generate ─ _Add ──▶ ┐                           ┌─▶ apply commands: add_request / abort
+      Abort ─── _Abort ─▶ ├─ deque + Condition ──────▶┤
+      cancel ── _Abort ─▶ ┘                           └─▶ step() ─▶ outputs, stats snapshot
+      per-request asyncio.Queue ◀── loop.call_soon_threadsafe(outputs) ──┘
+
+The engine thread sleeps on the condition while it has no commands and no unfinished
+requests. Readers of load figures (GetStats, heartbeats, /metrics) use the snapshot of
+``engine.stats()`` that the thread publishes after every iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engine_service.engine import (
+    EngineConfig,
+    EngineStats,
+    LLMEngine,
+    RequestOutput,
+    SamplingParams,
+)
+from switchyard.demo import resolve_model
+from switchyard.grpc_utils import abort_with, create_server, insecure_channel
+from switchyard.log import request_id_var
+from switchyard.metrics import MetricsServer, start_metrics_server
+from switchyard.settings import EngineSettings
+from switchyard.v1 import (
+    common_pb2,
+    controller_pb2,
+    controller_pb2_grpc,
+    engine_pb2,
+    engine_pb2_grpc,
+)
+
+logger = logging.getLogger(__name__)
+
+ENGINE_SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
+CONTROLLER_RPC_TIMEOUT_S = 5.0
+SHUTDOWN_GRACE_S = 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine thread
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+class EngineLoop:
+    """Runs ``engine``'s step loop in one dedicated thread.
+
+    Callers on any thread hand it commands with :meth:`add` and :meth:`abort`. It reports
+    back on ``loop`` through ``loop.call_soon_threadsafe``: each step's outputs to
+    ``on_outputs``, a rejected request (``add_request`` raised) to ``on_rejected``, and a
+    failed step to ``on_step_failed``.
+    """
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        loop: asyncio.AbstractEventLoop,
+        on_outputs: Callable[[list[RequestOutput]], None],
+        on_rejected: Callable[[str, Exception], None],
+        on_step_failed: Callable[[Exception], None],
+    ) -> None:
+        self._engine = engine
+        self._loop = loop
+        self._on_outputs = on_outputs
+        self._on_rejected = on_rejected
+        self._on_step_failed = on_step_failed
+        self._commands: deque[_Add | _Abort] = deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.stats: EngineStats = engine.stats()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the current step; requests still in the engine are dropped."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join()
+
+    def add(self, command: _Add) -> None:
+        self._submit(command)
+
+    def abort(self, request_id: str) -> None:
+        self._submit(_Abort(request_id))
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        with self._wakeup:
+            self._commands.append(command)
+            self._wakeup.notify()
+
+    def _run(self) -> None:
+        engine = self._engine
+        while True:
+            with self._wakeup:
+                while not (self._commands or self._stopping or engine.has_unfinished()):
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+                commands = list(self._commands)
+                self._commands.clear()
+            for command in commands:
+                self._apply(command)
+            outputs: list[RequestOutput] = []
+            if engine.has_unfinished():
+                try:
+                    outputs = engine.step()
+                except Exception as exc:
+                    logger.exception("engine step failed")
+                    self._loop.call_soon_threadsafe(self._on_step_failed, exc)
+            self.stats = engine.stats()
+            if outputs:
+                self._loop.call_soon_threadsafe(self._on_outputs, outputs)
+
+    def _apply(self, command: _Add | _Abort) -> None:
+        if isinstance(command, _Abort):
+            self._engine.abort(command.request_id)
+            return
+        try:
+            self._engine.add_request(
+                command.request_id, command.prompt_token_ids, command.params, command.priority
+            )
+        except Exception as exc:
+            self._loop.call_soon_threadsafe(self._on_rejected, command.request_id, exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+# vLLM's buckets, so that dashboards built for vLLM read the same.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class _StatsCollector(Collector):
+    """Exports the engine's load snapshot at scrape time under vLLM's gauge/counter names."""
+
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+        self._model_name = model_name
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        labels = [self._model_name]
+        gauges = [
+            ("vllm:num_requests_running", "Requests in the running batch.", stats.num_running),
+            ("vllm:num_requests_waiting", "Requests waiting to run.", stats.num_waiting),
+            ("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
+             stats.kv_usage),
+        ]
+        for name, doc, value in gauges:
+            gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+            gauge.add_metric(labels, value)
+            yield gauge
+        # prometheus_client appends _total: vllm:prompt_tokens_total etc., as vLLM exports.
+        counters = [
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             stats.prefix_cache_queries),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+             stats.prefix_cache_hits),
+            ("vllm:num_preemptions", "Preemptions of running requests.", stats.num_preemptions),
+            ("vllm:prompt_tokens", "Prompt tokens processed.", stats.prompt_tokens_total),
+            ("vllm:generation_tokens", "Tokens generated.", stats.generation_tokens_total),
+        ]
+        for name, doc, value in counters:
+            counter = CounterMetricFamily(name, doc, labels=["model_name"])
+            counter.add_metric(labels, value)
+            yield counter
+
+
+class EngineMetrics:
+    """The replica's Prometheus registry: the engine's snapshot plus per-request latencies."""
+
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_StatsCollector(model_name, stats))
+        histograms = {
+            "ttft": ("vllm:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS),
+            "itl": ("vllm:inter_token_latency_seconds", "Time between output tokens.",
+                    _ITL_BUCKETS),
+            "tpot": ("vllm:time_per_output_token_seconds",
+                     "Time per output token (same as inter-token latency).", _ITL_BUCKETS),
+            "e2e": ("vllm:e2e_request_latency_seconds", "End-to-end request latency.",
+                    _E2E_BUCKETS),
+        }
+        built = {
+            key: Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry)
+            .labels(model_name)
+            for key, (name, doc, buckets) in histograms.items()
+        }
+        self.time_to_first_token = built["ttft"]
+        self.inter_token_latency = built["itl"]
+        self.time_per_output_token = built["tpot"]
+        self.e2e_request_latency = built["e2e"]
+        self._success = Counter(
+            "vllm:request_success", "Finished requests by finish reason.",
+            ["model_name", "finished_reason"], registry=self.registry,
+        )
+        self._model_name = model_name
+
+    def observe_gap(self, gap_s: float, num_tokens: int) -> None:
+        """Tokens that arrived ``gap_s`` after the sample's previous ones."""
+        per_token = gap_s / num_tokens
+        for _ in range(num_tokens):
+            self.inter_token_latency.observe(per_token)
+            self.time_per_output_token.observe(per_token)
+
+    def request_finished(self, finish_reason: str) -> None:
+        self._success.labels(self._model_name, finish_reason).inc()
+
+
+# ---------------------------------------------------------------------------------------------
+# The gRPC service
+
+
+_ABORTED = object()  # queued by the Abort RPC: the stream ends with finish_reason "abort"
+
+
+@dataclass(slots=True)
+class _Stream:
+    """What the event loop keeps for one Generate call."""
+
+    n: int
+    queue: asyncio.Queue[RequestOutput | Exception | object] = field(
+        default_factory=asyncio.Queue
+    )
+    done: bool = False  # the engine holds nothing more for it (finished, rejected or aborted)
+
+
+def load_from_stats(stats: EngineStats) -> common_pb2.ReplicaLoad:
+    return common_pb2.ReplicaLoad(
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+        kv_usage=stats.kv_usage,
+        prefix_hit_rate=stats.prefix_hit_rate,
+        prefix_cache_queries=stats.prefix_cache_queries,
+        prefix_cache_hits=stats.prefix_cache_hits,
+        num_preemptions=stats.num_preemptions,
+        prompt_tokens_total=stats.prompt_tokens_total,
+        generation_tokens_total=stats.generation_tokens_total,
+    )
+
+
+def sampling_params_from_proto(
+    sampling: common_pb2.SamplingParams, num_prompt_tokens: int, max_model_len: int
+) -> SamplingParams:
+    """The engine's parameters for a request; raises ``ValueError`` when one is out of range.
+
+    Unset proto3 fields mean: ``n`` 1, ``max_tokens`` the rest of the context window,
+    ``temperature`` 0 (greedy), ``top_p`` 1, ``repetition_penalty`` 1, no seed, no logprobs.
+    """
+    return SamplingParams(
+        n=sampling.n or 1,
+        max_tokens=sampling.max_tokens or max(1, max_model_len - num_prompt_tokens),
+        min_tokens=sampling.min_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p or 1.0,
+        top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty or 1.0,
+        seed=sampling.seed if sampling.HasField("seed") else None,
+        stop_token_ids=list(sampling.stop_token_ids),
+        ignore_eos=sampling.ignore_eos,
+        logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
+    )
+
+
+def response_from_output(output: RequestOutput) -> engine_pb2.GenerateResponse:
+    response = engine_pb2.GenerateResponse(
+        index=output.index,
+        token_ids=output.new_token_ids,
+        finished=output.finished,
+        finish_reason=output.finish_reason or "",
+        num_prompt_tokens=output.num_prompt_tokens,
+        num_cached_tokens=output.num_cached_tokens,
+    )
+    if output.stop_token_id is not None:
+        response.stop_token_id = output.stop_token_id
+    for logprob in output.new_logprobs or ():
+        response.logprobs.append(
+            common_pb2.TokenLogprob(
+                token_id=logprob.token_id,
+                logprob=logprob.logprob,
+                top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in logprob.top],
+            )
+        )
+    return response
+
+
+class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
+    """``EngineService`` over an :class:`EngineLoop`; runs on the event loop only."""
+
+    def __init__(
+        self,
+        replica_id: str,
+        model_name: str,
+        max_model_len: int,
+        block_size: int,
+        metrics: EngineMetrics,
+    ) -> None:
+        self.replica_id = replica_id
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.metrics = metrics
+        self.engine_loop: EngineLoop | None = None  # set by EngineServer before serving
+        self._streams: dict[str, _Stream] = {}
+
+    # Callbacks from the engine thread, run on the event loop.
+
+    def deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(output)
+
+    def reject(self, request_id: str, exc: Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.done = True
+            stream.queue.put_nowait(exc)
+
+    def fail_all(self, exc: Exception) -> None:
+        error = RuntimeError(f"engine step failed: {exc}")
+        for stream in self._streams.values():
+            stream.queue.put_nowait(error)
+
+    # RPCs.
+
+    async def Generate(
+        self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[engine_pb2.GenerateResponse]:
+        assert self.engine_loop is not None
+        arrival = time.monotonic()
+        request_id = request.request_id or uuid.uuid4().hex
+        # Each RPC runs in its own task, hence its own context: no reset needed.
+        request_id_var.set(request_id)
+        if request.adapter:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "LoRA adapters are not supported by this engine"
+            )
+        if request_id in self._streams:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"request {request_id} is already running"
+            )
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_params_from_proto(request.sampling, len(prompt), self.max_model_len)
+        except ValueError as exc:
+            await abort_with(context, exc)
+        stream = _Stream(n=params.n)
+        self._streams[request_id] = stream
+        self.engine_loop.add(_Add(request_id, prompt, params, request.priority))
+        logger.info(
+            "request queued",
+            extra={"num_prompt_tokens": len(prompt), "n": params.n,
+                   "max_tokens": params.max_tokens},
+        )
+        try:
+            async for response in self._stream_responses(stream, arrival, context):
+                yield response
+        finally:
+            del self._streams[request_id]
+            if not stream.done:
+                self.engine_loop.abort(request_id)
+                logger.info("request cancelled by the client")
+
+    async def _stream_responses(
+        self, stream: _Stream, arrival: float, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[engine_pb2.GenerateResponse]:
+        finished: set[int] = set()
+        last_token_at: dict[int, float] = {}
+        num_output_tokens = 0
+        while len(finished) < stream.n:
+            item = await stream.queue.get()
+            if item is _ABORTED:
+                stream.done = True
+                for index in range(stream.n):
+                    if index not in finished:
+                        yield engine_pb2.GenerateResponse(
+                            index=index, finished=True, finish_reason="abort"
+                        )
+                self.metrics.request_finished("abort")
+                logger.info("request aborted")
+                return
+            if isinstance(item, Exception):
+                stream.done = True
+                logger.info("request failed: %s", item)
+                await abort_with(context, item)
+            assert isinstance(item, RequestOutput)
+            now = time.monotonic()
+            if item.new_token_ids:
+                if not last_token_at:
+                    self.metrics.time_to_first_token.observe(now - arrival)
+                elif item.index in last_token_at:
+                    self.metrics.observe_gap(now - last_token_at[item.index],
+                                             len(item.new_token_ids))
+                last_token_at[item.index] = now
+                num_output_tokens += len(item.new_token_ids)
+            if item.finished:
+                finished.add(item.index)
+                if len(finished) == stream.n:
+                    stream.done = True
+                    self.metrics.e2e_request_latency.observe(now - arrival)
+                    self.metrics.request_finished(item.finish_reason or "stop")
+                    logger.info(
+                        "request finished",
+                        extra={"finish_reason": item.finish_reason,
+                               "num_output_tokens": num_output_tokens,
+                               "num_cached_tokens": item.num_cached_tokens,
+                               "e2e_s": round(now - arrival, 4)},
+                    )
+            yield response_from_output(item)
+
+    async def Abort(
+        self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.AbortResponse:
+        assert self.engine_loop is not None
+        stream = self._streams.get(request.request_id)
+        if stream is None or stream.done:
+            return engine_pb2.AbortResponse(found=False)
+        stream.done = True
+        self.engine_loop.abort(request.request_id)
+        stream.queue.put_nowait(_ABORTED)
+        return engine_pb2.AbortResponse(found=True)
+
+    async def GetStats(
+        self, request: engine_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.GetStatsResponse:
+        assert self.engine_loop is not None
+        stats = self.engine_loop.stats
+        return engine_pb2.GetStatsResponse(
+            replica_id=self.replica_id,
+            model=self.model_name,
+            load=load_from_stats(stats),
+            max_model_len=self.max_model_len,
+            num_blocks_total=stats.num_blocks_total,
+            num_blocks_free=stats.num_blocks_free,
+            block_size=self.block_size,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller link
+
+
+class ControllerLink:
+    """Keeps this replica registered: Register, then Heartbeat every interval with the
+    current load; registers again when the controller answers ``known=false`` (it
+    restarted) and retries quietly while it is unreachable. The engine serves regardless."""
+
+    def __init__(
+        self,
+        address: str,
+        replica: Callable[[], common_pb2.Replica],
+        interval_s: float,
+    ) -> None:
+        self._address = address
+        self._replica = replica
+        self._interval_s = interval_s
+        self._channel = insecure_channel(address)
+        self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
+        self._registered = False
+
+    async def run(self) -> None:
+        reachable = True
+        while True:
+            try:
+                await self._beat()
+                if not reachable:
+                    logger.info("controller %s reachable again", self._address)
+                reachable = True
+            except grpc.aio.AioRpcError as exc:
+                if reachable:
+                    logger.warning(
+                        "controller %s unreachable (%s); retrying every %.1fs",
+                        self._address, exc.code().name, self._interval_s,
+                    )
+                reachable = False
+            await asyncio.sleep(self._interval_s)
+
+    async def _beat(self) -> None:
+        replica = self._replica()
+        if self._registered:
+            answer = await self._stub.Heartbeat(
+                controller_pb2.HeartbeatRequest(replica_id=replica.replica_id, load=replica.load),
+                timeout=CONTROLLER_RPC_TIMEOUT_S,
+            )
+            if answer.known:
+                return
+            logger.info("controller does not know this replica; registering again")
+            self._registered = False
+        registered = await self._stub.Register(
+            controller_pb2.RegisterRequest(replica=replica), timeout=CONTROLLER_RPC_TIMEOUT_S
+        )
+        self._registered = True
+        if registered.heartbeat_interval_s > 0:
+            self._interval_s = registered.heartbeat_interval_s
+        logger.info("registered with controller %s as %s", self._address, replica.replica_id)
+
+    async def deregister(self, replica_id: str) -> None:
+        """Leave the routing table at once; a controller that is down learns it from the
+        missing heartbeats instead."""
+        try:
+            if self._registered:
+                await self._stub.Deregister(
+                    controller_pb2.DeregisterRequest(replica_id=replica_id),
+                    timeout=CONTROLLER_RPC_TIMEOUT_S,
+                )
+                logger.info("deregistered from controller %s", self._address)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("deregister failed: %s", exc.code().name)
+        finally:
+            self._registered = False
+            await self._channel.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+def engine_config_from_settings(settings: EngineSettings, model_path: str) -> EngineConfig:
+    device = settings.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return EngineConfig(
+        model=model_path,
+        dtype=settings.dtype,
+        device=device,
+        max_model_len=settings.max_model_len,
+        block_size=settings.block_size,
+        num_kv_blocks=settings.num_kv_blocks,
+        kv_cache_memory_bytes=settings.kv_cache_memory_bytes,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_num_seqs=settings.max_num_seqs,
+    )
+
+
+class EngineServer:
+    """One engine replica: loads the model, serves EngineService, health and /metrics, and
+    registers with the controller. ``start`` then ``stop``; ``port`` and ``metrics_port``
+    are the bound ports once started."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.model_name = settings.served_model_name or settings.model
+        self.port = 0
+        self.metrics_port = 0
+        self.replica_id = settings.replica_id
+        self._engine_loop: EngineLoop | None = None
+        self._grpc = None
+        self._metrics_server: MetricsServer | None = None
+        self._controller: ControllerLink | None = None
+        self._controller_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        model_path = await asyncio.to_thread(resolve_model, settings.model, settings.data_dir)
+        config = engine_config_from_settings(settings, model_path)
+        logger.info("loading model %s on %s", model_path, config.device)
+        engine = await asyncio.to_thread(LLMEngine, config)
+
+        grpc_server = create_server(settings.host, settings.port, [ENGINE_SERVICE_NAME])
+        self._grpc = grpc_server
+        self.port = grpc_server.port
+        self.replica_id = self.replica_id or f"engine-{socket.gethostname()}-{self.port}"
+
+        metrics = EngineMetrics(self.model_name, lambda: self._current_stats())
+        servicer = EngineServicer(
+            self.replica_id, self.model_name, engine.max_model_len, config.block_size, metrics
+        )
+        engine_loop = EngineLoop(
+            engine, asyncio.get_running_loop(), servicer.deliver, servicer.reject,
+            servicer.fail_all,
+        )
+        servicer.engine_loop = engine_loop
+        self._engine_loop = engine_loop
+        self._max_model_len = engine.max_model_len
+        engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, grpc_server.server)
+
+        self._metrics_server = start_metrics_server(
+            settings.metrics_port, metrics.registry, settings.host
+        )
+        self.metrics_port = self._metrics_server.port
+        engine_loop.start()
+        await grpc_server.start()
+        await grpc_server.set_serving(True)
+        logger.info(
+            "engine serving",
+            extra={"replica_id": self.replica_id, "port": self.port,
+                   "metrics_port": self.metrics_port, "model": self.model_name,
+                   "max_model_len": engine.max_model_len},
+        )
+        if settings.controller_address:
+            self._controller = ControllerLink(
+                settings.controller_address, self._replica, settings.heartbeat_interval_s
+            )
+            self._controller_task = asyncio.create_task(self._controller.run())
+
+    def _current_stats(self) -> EngineStats:
+        assert self._engine_loop is not None
+        return self._engine_loop.stats
+
+    def _advertise_host(self) -> str:
+        if self.settings.advertise_host:
+            return self.settings.advertise_host
+        if self.settings.host in ("", "0.0.0.0", "::", "[::]"):
+            return "127.0.0.1"
+        return self.settings.host
+
+    def _replica(self) -> common_pb2.Replica:
+        host = self._advertise_host()
+        return common_pb2.Replica(
+            replica_id=self.replica_id,
+            address=f"{host}:{self.port}",
+            model=self.model_name,
+            role=common_pb2.REPLICA_ROLE_UNSPECIFIED,
+            state=common_pb2.REPLICA_STATE_READY,
+            load=load_from_stats(self._current_stats()),
+            max_model_len=self._max_model_len,
+            metrics_address=f"{host}:{self.metrics_port}",
+            last_heartbeat_unix=time.time(),
+        )
+
+    async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """NOT_SERVING, deregister, drain for ``grace_s`` (then cancel), stop the engine."""
+        logger.info("engine shutting down")
+        if self._grpc is not None:
+            await self._grpc.set_serving(False)
+        if self._controller_task is not None:
+            self._controller_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._controller_task
+        if self._controller is not None:
+            await self._controller.deregister(self.replica_id)
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+        if self._engine_loop is not None:
+            await asyncio.to_thread(self._engine_loop.stop)
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        logger.info("engine stopped")
+
+
+async def serve(settings: EngineSettings) -> None:
+    """Run a replica until SIGTERM or SIGINT, then shut it down gracefully."""
+    server = EngineServer(settings)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    try:
+        await server.start()
+        await stop_requested.wait()
+    finally:
+        await server.stop()
