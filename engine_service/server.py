@@ -169,12 +169,74 @@ class EngineLoop:
 
 
 # vLLM's buckets, so that dashboards built for vLLM read the same.
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
-                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+_ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 class _StatsCollector(Collector):
@@ -190,8 +252,11 @@ class _StatsCollector(Collector):
         gauges = [
             ("vllm:num_requests_running", "Requests in the running batch.", stats.num_running),
             ("vllm:num_requests_waiting", "Requests waiting to run.", stats.num_waiting),
-            ("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
-             stats.kv_usage),
+            (
+                "vllm:kv_cache_usage_perc",
+                "Fraction of KV-cache blocks in use (0..1).",
+                stats.kv_usage,
+            ),
         ]
         for name, doc, value in gauges:
             gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
@@ -199,10 +264,16 @@ class _StatsCollector(Collector):
             yield gauge
         # prometheus_client appends _total: vllm:prompt_tokens_total etc., as vLLM exports.
         counters = [
-            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-             stats.prefix_cache_queries),
-            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-             stats.prefix_cache_hits),
+            (
+                "vllm:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                stats.prefix_cache_queries,
+            ),
+            (
+                "vllm:prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                stats.prefix_cache_hits,
+            ),
             ("vllm:num_preemptions", "Preemptions of running requests.", stats.num_preemptions),
             ("vllm:prompt_tokens", "Prompt tokens processed.", stats.prompt_tokens_total),
             ("vllm:generation_tokens", "Tokens generated.", stats.generation_tokens_total),
@@ -221,16 +292,26 @@ class EngineMetrics:
         self.registry.register(_StatsCollector(model_name, stats))
         histograms = {
             "ttft": ("vllm:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS),
-            "itl": ("vllm:inter_token_latency_seconds", "Time between output tokens.",
-                    _ITL_BUCKETS),
-            "tpot": ("vllm:time_per_output_token_seconds",
-                     "Time per output token (same as inter-token latency).", _ITL_BUCKETS),
-            "e2e": ("vllm:e2e_request_latency_seconds", "End-to-end request latency.",
-                    _E2E_BUCKETS),
+            "itl": (
+                "vllm:inter_token_latency_seconds",
+                "Time between output tokens.",
+                _ITL_BUCKETS,
+            ),
+            "tpot": (
+                "vllm:time_per_output_token_seconds",
+                "Time per output token (same as inter-token latency).",
+                _ITL_BUCKETS,
+            ),
+            "e2e": (
+                "vllm:e2e_request_latency_seconds",
+                "End-to-end request latency.",
+                _E2E_BUCKETS,
+            ),
         }
         built = {
-            key: Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry)
-            .labels(model_name)
+            key: Histogram(
+                name, doc, ["model_name"], buckets=buckets, registry=self.registry
+            ).labels(model_name)
             for key, (name, doc, buckets) in histograms.items()
         }
         self.time_to_first_token = built["ttft"]
@@ -238,8 +319,10 @@ class EngineMetrics:
         self.time_per_output_token = built["tpot"]
         self.e2e_request_latency = built["e2e"]
         self._success = Counter(
-            "vllm:request_success", "Finished requests by finish reason.",
-            ["model_name", "finished_reason"], registry=self.registry,
+            "vllm:request_success",
+            "Finished requests by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
         )
         self._model_name = model_name
 
@@ -266,9 +349,7 @@ class _Stream:
     """What the event loop keeps for one Generate call."""
 
     n: int
-    queue: asyncio.Queue[RequestOutput | Exception | object] = field(
-        default_factory=asyncio.Queue
-    )
+    queue: asyncio.Queue[RequestOutput | Exception | object] = field(default_factory=asyncio.Queue)
     done: bool = False  # the engine holds nothing more for it (finished, rejected or aborted)
 
 
@@ -400,8 +481,11 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self.engine_loop.add(_Add(request_id, prompt, params, request.priority))
         logger.info(
             "request queued",
-            extra={"num_prompt_tokens": len(prompt), "n": params.n,
-                   "max_tokens": params.max_tokens},
+            extra={
+                "num_prompt_tokens": len(prompt),
+                "n": params.n,
+                "max_tokens": params.max_tokens,
+            },
         )
         try:
             async for response in self._stream_responses(stream, arrival, context):
@@ -440,8 +524,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                 if not last_token_at:
                     self.metrics.time_to_first_token.observe(now - arrival)
                 elif item.index in last_token_at:
-                    self.metrics.observe_gap(now - last_token_at[item.index],
-                                             len(item.new_token_ids))
+                    self.metrics.observe_gap(
+                        now - last_token_at[item.index], len(item.new_token_ids)
+                    )
                 last_token_at[item.index] = now
                 num_output_tokens += len(item.new_token_ids)
             if item.finished:
@@ -452,10 +537,12 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                     self.metrics.request_finished(item.finish_reason or "stop")
                     logger.info(
                         "request finished",
-                        extra={"finish_reason": item.finish_reason,
-                               "num_output_tokens": num_output_tokens,
-                               "num_cached_tokens": item.num_cached_tokens,
-                               "e2e_s": round(now - arrival, 4)},
+                        extra={
+                            "finish_reason": item.finish_reason,
+                            "num_output_tokens": num_output_tokens,
+                            "num_cached_tokens": item.num_cached_tokens,
+                            "e2e_s": round(now - arrival, 4),
+                        },
                     )
             yield response_from_output(item)
 
@@ -521,7 +608,9 @@ class ControllerLink:
                 if reachable:
                     logger.warning(
                         "controller %s unreachable (%s); retrying every %.1fs",
-                        self._address, exc.code().name, self._interval_s,
+                        self._address,
+                        exc.code().name,
+                        self._interval_s,
                     )
                 reachable = False
             await asyncio.sleep(self._interval_s)
@@ -621,7 +710,10 @@ class EngineServer:
             self.replica_id, self.model_name, engine.max_model_len, config.block_size, metrics
         )
         engine_loop = EngineLoop(
-            engine, asyncio.get_running_loop(), servicer.deliver, servicer.reject,
+            engine,
+            asyncio.get_running_loop(),
+            servicer.deliver,
+            servicer.reject,
             servicer.fail_all,
         )
         servicer.engine_loop = engine_loop
@@ -638,9 +730,13 @@ class EngineServer:
         await grpc_server.set_serving(True)
         logger.info(
             "engine serving",
-            extra={"replica_id": self.replica_id, "port": self.port,
-                   "metrics_port": self.metrics_port, "model": self.model_name,
-                   "max_model_len": engine.max_model_len},
+            extra={
+                "replica_id": self.replica_id,
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "model": self.model_name,
+                "max_model_len": engine.max_model_len,
+            },
         )
         if settings.controller_address:
             self._controller = ControllerLink(

@@ -104,8 +104,12 @@ class SdpaBackend(AttentionBackend):
             values = value_cache[tables].reshape(num, width, *value_cache.shape[2:]).transpose(1, 2)
             query = q[meta.decode_rows].unsqueeze(2)
             attn = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=meta.decode_mask(block_size, window),
-                scale=scale, enable_gqa=True,
+                query,
+                keys,
+                values,
+                attn_mask=meta.decode_mask(block_size, window),
+                scale=scale,
+                enable_gqa=True,
             )
             out[meta.decode_rows] = attn.squeeze(2)
 

@@ -61,7 +61,9 @@ class LLMEngine:
             dtype=self.dtype,
             device=self.device,
         )
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config, self.kv_manager)
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size)
         self.sampler = Sampler(self.device, config.seed)
@@ -72,7 +74,11 @@ class LLMEngine:
         self.steps_total = 0
         logger.info(
             "engine ready: %s, %s on %s, %d KV blocks of %d tokens",
-            mc.architecture, self.dtype, self.device, num_blocks, config.block_size,
+            mc.architecture,
+            self.dtype,
+            self.device,
+            num_blocks,
+            config.block_size,
         )
 
     # -- requests -------------------------------------------------------------------------
@@ -157,9 +163,7 @@ class LLMEngine:
         if to_extend:
             row_index = torch.tensor(rows, device=logits.device)
             sampled = self.sampler.sample(logits[row_index], to_extend)
-            for request, token_id, logprob in zip(
-                to_extend, sampled.token_ids, sampled.logprobs
-            ):
+            for request, token_id, logprob in zip(to_extend, sampled.token_ids, sampled.logprobs):
                 request.append_token(token_id, logprob)
                 self.generation_tokens_total += 1
                 if not request.check_stop() and request.num_tokens >= self.max_model_len:
@@ -176,7 +180,9 @@ class LLMEngine:
             request_id=request.request_id,
             index=request.index,
             new_token_ids=request.unreported_token_ids,
-            new_logprobs=request.unreported_logprobs if request.params.logprobs is not None else None,
+            new_logprobs=request.unreported_logprobs
+            if request.params.logprobs is not None
+            else None,
             finished=request.is_finished,
             finish_reason=request.finish_reason,
             stop_token_id=request.stop_token_id,
@@ -266,9 +272,16 @@ class LLMEngine:
         used_by_others = total - free - torch.cuda.memory_allocated(self.device)
         mc, config = self.model_config, self.config
         element = torch.empty((), dtype=self.dtype).element_size()
-        activations = config.max_num_batched_tokens * (
-            4 * mc.hidden_size + 3 * mc.intermediate_size + (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
-        ) * element * 2
+        activations = (
+            config.max_num_batched_tokens
+            * (
+                4 * mc.hidden_size
+                + 3 * mc.intermediate_size
+                + (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+            )
+            * element
+            * 2
+        )
         logits = config.max_num_seqs * mc.vocab_size * 4 * 4
         budget = int(total * config.gpu_memory_utilization) - used_by_others
         return budget - torch.cuda.memory_allocated(self.device) - activations - logits

@@ -197,9 +197,11 @@ class KVCacheManager:
     def _update_block_hashes(self, request: Request) -> None:
         hashes = request.block_hashes
         size = self.block_size
-        extra = (request.adapter_id, request.cache_salt) if (
-            request.adapter_id or request.cache_salt
-        ) else ()
+        extra = (
+            (request.adapter_id, request.cache_salt)
+            if (request.adapter_id or request.cache_salt)
+            else ()
+        )
         tokens = request.all_token_ids
         for i in range(len(hashes), len(tokens) // size):
             parent = hashes[i - 1] if i > 0 else None

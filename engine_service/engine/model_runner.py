@@ -74,7 +74,9 @@ class ModelRunner:
             slot_block=tensor(slot_block),
             slot_offset=tensor(slot_offset),
             decode_rows=tensor(decode_rows),
-            decode_block_tables=torch.tensor(padded, dtype=torch.long).reshape(len(padded), width).to(device),
+            decode_block_tables=torch.tensor(padded, dtype=torch.long)
+            .reshape(len(padded), width)
+            .to(device),
             decode_seq_lens=tensor(decode_lens),
             num_decodes=len(decode_rows),
             prefills=[

@@ -96,11 +96,12 @@ class RadixPrefixCache:
 
     def evict(self) -> int | None:
         """Drop the least recently used evictable leaf; return its block id (None if none)."""
-        for block_id, node in self._evictable.items():
+        for node in self._evictable.values():
             if not node.children:
                 break
         else:
             return None
+        block_id = node.block_id
         del self._evictable[block_id]
         self._remove(node)
         return block_id

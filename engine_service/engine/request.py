@@ -110,12 +110,12 @@ class Request:
         params = self.params
         num_out = self.num_output_tokens
         last = self.all_token_ids[-1]
-        if num_out >= params.min_tokens:
-            if last in params.stop_token_ids or (
-                not params.ignore_eos and last in self.eos_token_ids
-            ):
-                self.finish("stop", stop_token_id=last)
-                return True
+        is_stop = last in params.stop_token_ids or (
+            not params.ignore_eos and last in self.eos_token_ids
+        )
+        if is_stop and num_out >= params.min_tokens:
+            self.finish("stop", stop_token_id=last)
+            return True
         if num_out >= params.max_tokens:
             self.finish("length")
             return True

@@ -134,7 +134,9 @@ class Sampler:
         probs = logits.softmax(dim=-1)
         min_p = [p.min_p for p in params]
         if any(min_p):
-            threshold = torch.tensor(min_p, device=device)[:, None] * probs.max(-1, keepdim=True).values
+            threshold = (
+                torch.tensor(min_p, device=device)[:, None] * probs.max(-1, keepdim=True).values
+            )
             probs = probs.masked_fill(probs < threshold, 0.0)
 
         noise = torch.empty_like(probs)

@@ -44,7 +44,10 @@ class SamplingParams:
             ),
             (self.temperature >= 0.0, f"temperature must be non-negative, got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0 or self.top_k == -1, f"top_k must be -1, 0 or positive, got {self.top_k}"),
+            (
+                self.top_k >= 0 or self.top_k == -1,
+                f"top_k must be -1, 0 or positive, got {self.top_k}",
+            ),
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
             (
                 -2.0 <= self.presence_penalty <= 2.0,

@@ -16,7 +16,11 @@ from torch import nn
 from engine_service.engine.attention import AttentionBackend, AttentionMetadata
 from engine_service.models.config import ModelConfig
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +41,8 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies per rotary pair and the attention scaling, after rope scaling."""
     dim = config.head_dim
     inv_freq = 1.0 / (
-        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+        config.rope_theta
+        ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
     )
     scaling = config.rope_scaling
     if scaling is None:
@@ -56,9 +61,7 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(medium, blended, scaled), 1.0
-    raise ValueError(
-        f"rope scaling {kind!r} is not supported; supported: default, linear, llama3"
-    )
+    raise ValueError(f"rope scaling {kind!r} is not supported; supported: default, linear, llama3")
 
 
 class RotaryEmbedding(nn.Module):
@@ -69,7 +72,9 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)

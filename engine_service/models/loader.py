@@ -52,7 +52,9 @@ def resolve_dtype(name: str, config_dtype: str | None) -> torch.dtype:
     if name == "auto":
         name = config_dtype or "float32"
     if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported; choose auto, float32, bfloat16 or float16")
+        raise ValueError(
+            f"dtype {name!r} is not supported; choose auto, float32, bfloat16 or float16"
+        )
     return _DTYPES[name]
 
 
