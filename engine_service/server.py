@@ -44,7 +44,7 @@ from engine_service.engine import (
     SamplingParams,
 )
 from switchyard.demo import resolve_model
-from switchyard.grpc_utils import abort_with, create_server, insecure_channel
+from switchyard.grpc_utils import GrpcServer, abort_with, create_server, insecure_channel
 from switchyard.log import request_id_var
 from switchyard.metrics import MetricsServer, start_metrics_server
 from switchyard.settings import EngineSettings
@@ -341,15 +341,12 @@ class EngineMetrics:
 # The gRPC service
 
 
-_ABORTED = object()  # queued by the Abort RPC: the stream ends with finish_reason "abort"
-
-
 @dataclass(slots=True)
 class _Stream:
     """What the event loop keeps for one Generate call."""
 
     n: int
-    queue: asyncio.Queue[RequestOutput | Exception | object] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[RequestOutput | Exception] = field(default_factory=asyncio.Queue)
     done: bool = False  # the engine holds nothing more for it (finished, rejected or aborted)
 
 
@@ -494,7 +491,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             del self._streams[request_id]
             if not stream.done:
                 self.engine_loop.abort(request_id)
-                logger.info("request cancelled by the client")
+                logger.info("request ended before finishing; aborted in the engine")
 
     async def _stream_responses(
         self, stream: _Stream, arrival: float, context: grpc.aio.ServicerContext
@@ -504,21 +501,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         num_output_tokens = 0
         while len(finished) < stream.n:
             item = await stream.queue.get()
-            if item is _ABORTED:
-                stream.done = True
-                for index in range(stream.n):
-                    if index not in finished:
-                        yield engine_pb2.GenerateResponse(
-                            index=index, finished=True, finish_reason="abort"
-                        )
-                self.metrics.request_finished("abort")
-                logger.info("request aborted")
-                return
             if isinstance(item, Exception):
-                stream.done = True
                 logger.info("request failed: %s", item)
                 await abort_with(context, item)
-            assert isinstance(item, RequestOutput)
             now = time.monotonic()
             if item.new_token_ids:
                 if not last_token_at:
@@ -550,12 +535,13 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> engine_pb2.AbortResponse:
         assert self.engine_loop is not None
+        # The engine answers the abort with a finish_reason "abort" output for every sample
+        # still running, which ends the request's Generate stream.
         stream = self._streams.get(request.request_id)
         if stream is None or stream.done:
             return engine_pb2.AbortResponse(found=False)
-        stream.done = True
         self.engine_loop.abort(request.request_id)
-        stream.queue.put_nowait(_ABORTED)
+        logger.info("abort requested", extra={"aborted_request_id": request.request_id})
         return engine_pb2.AbortResponse(found=True)
 
     async def GetStats(
@@ -688,7 +674,8 @@ class EngineServer:
         self.metrics_port = 0
         self.replica_id = settings.replica_id
         self._engine_loop: EngineLoop | None = None
-        self._grpc = None
+        self._max_model_len = 0
+        self._grpc: GrpcServer | None = None
         self._metrics_server: MetricsServer | None = None
         self._controller: ControllerLink | None = None
         self._controller_task: asyncio.Task[None] | None = None

@@ -1,0 +1,110 @@
+"""OpenAI's error format, for every way a request can fail.
+
+Every failure, from a malformed body to an engine that went away, leaves the gateway as
+``{"error": {"message", "type", "param", "code"}}`` with the matching HTTP status, and the
+server keeps serving. FastAPI's own 422 shape never reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+class OpenAIError(Exception):
+    """A request failure with its HTTP status and OpenAI's error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _TYPE_BY_STATUS.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def _validation_error(exc: RequestValidationError) -> OpenAIError:
+    """The first problem in the body, named by its path (``messages.0.role``)."""
+    errors = exc.errors()
+    if not errors:
+        return invalid_request("invalid request body")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return invalid_request(f"the request body is not valid JSON: {first.get('msg', '')}")
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = str(first.get("msg", "invalid value"))
+    if first.get("type") == "missing" and param:
+        message = f"'{param}' is a required property"
+    elif param:
+        message = f"{param}: {message}"
+    return invalid_request(message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answers validation errors, HTTP errors and crashes in OpenAI's format."""
+
+    async def on_openai_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, OpenAIError)
+        return exc.response()
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return _validation_error(exc).response()
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return OpenAIError(exc.status_code, str(exc.detail)).response()
+
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return OpenAIError(500, "internal server error", type="server_error").response()
+
+    app.add_exception_handler(OpenAIError, on_openai_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_crash)

@@ -1,0 +1,145 @@
+"""Choosing a replica for a request: the routing table, the policy, and in-flight counts.
+
+The table comes from a :class:`RoutesSource` (the controller's ``WatchRoutes`` stream, or a
+static list of engines; see :mod:`gateway.route_sources`). Only READY replicas get traffic.
+A :class:`RoutingPolicy` picks among them; the :class:`Router` adds what the policy cannot
+see in the table: how many requests this gateway has sent to each replica and not yet seen
+finish, so a burst spreads out before the next heartbeat reports it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from switchyard.v1 import common_pb2
+
+
+@dataclass(slots=True, frozen=True)
+class Replica:
+    """One engine replica as the gateway routes to it.
+
+    ``in_flight`` is this gateway's own count of unfinished requests on the replica; the
+    load figures are the replica's last heartbeat.
+    """
+
+    replica_id: str
+    address: str
+    model: str = ""
+    ready: bool = True
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    max_model_len: int = 0
+    adapters: tuple[str, ...] = ()
+    in_flight: int = 0
+
+    @classmethod
+    def from_proto(cls, replica: common_pb2.Replica) -> Replica:
+        return cls(
+            replica_id=replica.replica_id or replica.address,
+            address=replica.address,
+            model=replica.model,
+            ready=replica.state == common_pb2.REPLICA_STATE_READY,
+            num_running=replica.load.num_running,
+            num_waiting=replica.load.num_waiting,
+            kv_usage=replica.load.kv_usage,
+            max_model_len=replica.max_model_len,
+            adapters=tuple(replica.adapters),
+        )
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What a policy may weigh about the request being routed."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: Sequence[int] = field(default_factory=list)
+
+
+class RoutesSource(Protocol):
+    """Where the routing table comes from; ``replicas`` is the latest table, READY or not."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def replicas(self) -> Sequence[Replica]: ...
+
+
+class RoutingPolicy(ABC):
+    """Picks one of the candidate replicas for a request.
+
+    ``replicas`` is never empty, holds only READY replicas, and carries this gateway's
+    in-flight counts. ``select`` must not block or await: it runs on every request.
+    """
+
+    @abstractmethod
+    def select(self, replicas: Sequence[Replica], request_info: RequestInfo) -> Replica: ...
+
+
+class LeastLoadPolicy(RoutingPolicy):
+    """Fewest requests (running + waiting + this gateway's in-flight), then least KV in use.
+
+    Ties rotate, so that idle replicas share a burst instead of the first one taking it all.
+    The in-flight count overlaps the heartbeat's running count once a heartbeat includes the
+    request; the overlap biases every replica alike, and it is what keeps bursts spread.
+    """
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+
+    def select(self, replicas: Sequence[Replica], request_info: RequestInfo) -> Replica:
+        start = next(self._turn) % len(replicas)
+        rotated = [*replicas[start:], *replicas[:start]]
+        return min(rotated, key=lambda r: (r.num_running + r.num_waiting + r.in_flight, r.kv_usage))
+
+
+class NoReplicaAvailable(Exception):
+    """No READY replica is left to try for a request."""
+
+
+class Router:
+    """Selects replicas through a policy and keeps this gateway's in-flight counts."""
+
+    def __init__(self, source: RoutesSource, policy: RoutingPolicy) -> None:
+        self.source = source
+        self.policy = policy
+        self._in_flight: dict[str, int] = {}
+
+    def ready_replicas(self) -> list[Replica]:
+        return [replica for replica in self.source.replicas() if replica.ready]
+
+    def max_model_len(self) -> int | None:
+        """The smallest context any READY replica reports (None when none reports one)."""
+        lengths = [r.max_model_len for r in self.ready_replicas() if r.max_model_len > 0]
+        return min(lengths) if lengths else None
+
+    def select(self, request_info: RequestInfo, exclude: frozenset[str] = frozenset()) -> Replica:
+        """A READY replica not in ``exclude`` (replica ids); raises ``NoReplicaAvailable``."""
+        candidates = [
+            replace(replica, in_flight=self._in_flight.get(replica.replica_id, 0))
+            for replica in self.ready_replicas()
+            if replica.replica_id not in exclude
+        ]
+        if not candidates:
+            raise NoReplicaAvailable("no engine replica is ready to serve the request")
+        return self.policy.select(candidates, request_info)
+
+    @contextmanager
+    def track(self, replica: Replica) -> Iterator[None]:
+        """Counts a request as in flight on ``replica`` for the duration of the block."""
+        self._in_flight[replica.replica_id] = self._in_flight.get(replica.replica_id, 0) + 1
+        try:
+            yield
+        finally:
+            remaining = self._in_flight[replica.replica_id] - 1
+            if remaining:
+                self._in_flight[replica.replica_id] = remaining
+            else:
+                del self._in_flight[replica.replica_id]

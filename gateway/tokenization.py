@@ -1,0 +1,128 @@
+"""The served model's tokenizer: chat templates, prompt encoding, per-token text.
+
+Engines receive token ids only, so everything text-shaped about the model lives here. Long
+inputs are encoded on one worker thread so that the event loop never waits on them (one
+thread: a Hugging Face tokenizer must not be used by two threads at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+# Inputs shorter than this many characters are encoded inline; it costs less than a hop.
+_INLINE_ENCODE_CHARS = 2048
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TemplateError(ValueError):
+    """The chat template rejected the messages (e.g. roles that do not alternate)."""
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-printable-character map used by byte-level BPE."""
+    byte_values = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    code_points = list(byte_values)
+    for byte in range(256):
+        if byte not in byte_values:
+            byte_values.append(byte)
+            code_points.append(256 + len(code_points) - 188)
+    return {chr(code_point): byte for byte, code_point in zip(byte_values, code_points)}
+
+
+class ModelTokenizer:
+    """Wraps the model's Hugging Face tokenizer with what the gateway needs of it."""
+
+    def __init__(self, model_path: str) -> None:
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_path)
+        self.max_model_len = _max_model_len(Path(model_path), self.tokenizer)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._byte_decoder = _byte_level_decoder() if _is_byte_level(self.tokenizer) else None
+        self._token_texts: dict[int, str] = {}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def encode_chat(
+        self, messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any]
+    ) -> list[int]:
+        """Renders the chat template with the generation prompt appended, then tokenizes."""
+        size = sum(len(str(message.get("content") or "")) for message in messages)
+        return await self._run(size, self._encode_chat_sync, messages, chat_template_kwargs)
+
+    async def encode_prompt(self, prompt: str) -> list[int]:
+        """Tokenizes a raw completion prompt, with the tokenizer's usual special tokens."""
+        return await self._run(len(prompt), self._encode_prompt_sync, prompt)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for (byte-level BPE pieces may be half a character)."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self._byte_decoder is not None and all(char in self._byte_decoder for char in piece):
+            return bytes(self._byte_decoder[char] for char in piece)
+        fallback = _BYTE_FALLBACK.fullmatch(piece)
+        if fallback:
+            return bytes([int(fallback.group(1), 16)])
+        return self.tokenizer.decode([token_id]).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """A token as logprobs show it; partial UTF-8 is written as ``bytes:\\xNN...``."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            raw = self.token_bytes(token_id)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
+            self._token_texts[token_id] = text
+        return text
+
+    async def _run(self, size: int, fn: Any, *args: Any) -> list[int]:
+        if size < _INLINE_ENCODE_CHARS:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _encode_chat_sync(
+        self, messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any]
+    ) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **chat_template_kwargs
+            )
+        except Exception as exc:  # jinja raises its own types, and templates raise_exception()
+            raise TemplateError(f"the chat template rejected the messages: {exc}") from exc
+        # The rendered template already holds BOS and the like; do not add them twice.
+        return list(self.tokenizer.encode(str(text), add_special_tokens=False))
+
+    def _encode_prompt_sync(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+
+
+def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    kinds = [decoder.get("type")] + [part.get("type") for part in decoder.get("decoders", [])]
+    return "ByteLevel" in kinds
+
+
+def _max_model_len(model_path: Path, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The context length from config.json, else the tokenizer's limit when it is real."""
+    config_file = model_path / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if isinstance(config.get(key), int):
+                return int(config[key])
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and limit < 10_000_000 else None

@@ -1,0 +1,348 @@
+"""Typed settings of every service, and the command line built from them.
+
+One class per service (:class:`EngineSettings`, :class:`ControllerSettings`,
+:class:`GatewaySettings`) on a shared base, :class:`ServiceSettings`. A value comes from, in
+order of precedence:
+
+1. a flag: ``--field-name VALUE`` (booleans: ``--field-name`` / ``--no-field-name``);
+2. an environment variable: ``SWITCHYARD_FIELD_NAME``;
+3. a YAML file of ``field_name: value`` pairs, named by ``--config FILE`` or
+   ``SWITCHYARD_CONFIG``; a file shared by several services puts each one's pairs under a
+   top-level key named for the service (``engine:``, ``controller:``, ``gateway:``);
+4. the default declared here.
+
+List fields take a comma-separated string in flags and env vars (``--api-keys a,b``), except
+``engine_command`` and ``engine_args``, which are split like a shell line. In YAML every list
+is a YAML list.
+
+Typical use in a service's ``__main__``::
+
+    settings = load_settings(EngineSettings, argv)
+
+and in a CLI with subcommands::
+
+    add_settings_arguments(subparser, ControllerSettings)
+    settings = settings_from_namespace(ControllerSettings, parser.parse_args())
+
+``docs/configuration.md`` lists every field; keep it in step with this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "SWITCHYARD_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+
+S = TypeVar("S", bound="ServiceSettings")
+
+
+def default_data_dir() -> Path:
+    """``~/.cache/switchyard``; ``SWITCHYARD_DATA_DIR`` overrides it like any other field."""
+    return Path.home() / ".cache" / "switchyard"
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _split_shell(value: Any) -> Any:
+    if isinstance(value, str):
+        return shlex.split(value)
+    return value
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has. Subclass it for a service; each field becomes a flag, an
+    env var and a YAML key (see the module docstring)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+    yaml_section: ClassVar[str] = ""
+
+    config: Path | None = Field(
+        default=None, description="YAML file of settings (lower precedence than env and flags)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="log level of the service's structured log on stderr"
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="where the service keeps files it creates (the demo model, logs, state)",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags arrive as init kwargs; the YAML file is named by a flag or the env.
+        config_file: Any = None
+        if isinstance(init_settings, InitSettingsSource):
+            config_file = init_settings.init_kwargs.get("config")
+        config_file = config_file or env_settings().get("config")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            yaml_values = _read_yaml(Path(config_file), getattr(settings_cls, "yaml_section", ""))
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=yaml_values))
+        return tuple(sources)
+
+
+def _read_yaml(path: Path, section: str) -> dict[str, Any]:
+    """The file's mapping, or its ``section`` mapping when it has one."""
+    if not path.is_file():
+        raise FileNotFoundError(f"settings file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"settings file {path} must hold a mapping of setting names to values")
+    if section and isinstance(data.get(section), dict):
+        return data[section]
+    return data
+
+
+class EngineSettings(ServiceSettings):
+    """One engine replica: the model it loads, how it shares out memory and compute, and
+    where it listens and registers. Maps onto ``engine_service.engine.EngineConfig``."""
+
+    yaml_section: ClassVar[str] = "engine"
+
+    model: str = Field(
+        default="demo",
+        description="checkpoint directory (config.json + safetensors), or `demo` for the "
+        "random-weight demo model built under data_dir",
+    )
+    served_model_name: str = Field(
+        default="", description="model name clients ask for; empty: the value of model"
+    )
+    dtype: str = Field(
+        default="auto", description="weights/activations dtype: auto, float32, float16, bfloat16"
+    )
+    device: str = Field(default="auto", description="torch device; auto: cuda when available")
+    host: str = Field(default="0.0.0.0", description="address the gRPC server binds")
+    port: int = Field(default=50100, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int = Field(
+        default=9100, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one"
+    )
+    advertise_host: str = Field(
+        default="",
+        description="host the controller and gateways reach this replica at; empty: host, "
+        "or 127.0.0.1 when host is a wildcard",
+    )
+    controller_address: str = Field(
+        default="127.0.0.1:50051", description="controller host:port; empty: do not register"
+    )
+    replica_id: str = Field(default="", description="id in the registry; empty: generated")
+    heartbeat_interval_s: float = Field(
+        default=2.0, gt=0, description="seconds between heartbeats, unless the controller says"
+    )
+    block_size: int = Field(default=16, description="tokens per KV-cache block (power of two)")
+    num_kv_blocks: int | None = Field(
+        default=None, description="KV pool size in blocks; unset: sized from memory"
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        default=None, description="KV pool size in bytes when num_kv_blocks is unset"
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.85,
+        gt=0,
+        le=1,
+        description="fraction of GPU memory for weights + KV pool when neither size is set",
+    )
+    max_model_len: int | None = Field(
+        default=None, description="longest prompt + output; unset: the model's own limit"
+    )
+    max_num_batched_tokens: int = Field(
+        default=2048, gt=0, description="token budget of one engine step"
+    )
+    max_num_seqs: int = Field(default=256, gt=0, description="sequences in one engine step")
+    enable_prefix_caching: bool = Field(
+        default=True, description="reuse KV blocks of shared prompt prefixes"
+    )
+
+
+class ControllerSettings(ServiceSettings):
+    """The controller: where it listens, when it declares a replica unhealthy or gone, and
+    the engine pool its backend keeps running.
+
+    With ``backend="local"`` it starts ``engines`` engine processes on this machine, each as
+    ``engine_command + engine_args`` plus ``--model``, ``--port engine_base_port + i``,
+    ``--metrics-port engine_base_metrics_port + i`` and ``--controller-address``.
+    """
+
+    yaml_section: ClassVar[str] = "controller"
+
+    host: str = Field(default="0.0.0.0", description="address the gRPC server binds")
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port")
+    heartbeat_interval_s: float = Field(
+        default=2.0, gt=0, description="heartbeat interval the controller asks engines for"
+    )
+    unhealthy_after_s: float = Field(
+        default=6.0, gt=0, description="a replica without a heartbeat this long is UNHEALTHY"
+    )
+    remove_after_s: float = Field(
+        default=30.0, gt=0, description="a replica without a heartbeat this long is removed"
+    )
+    backend: Literal["local", "kubernetes", "none"] = Field(
+        default="local",
+        description="what starts engines: local processes, the Kubernetes API, or nothing "
+        "(engines are started elsewhere and register themselves)",
+    )
+    engines: int = Field(default=1, ge=0, description="desired number of engine replicas")
+    model: str = Field(default="demo", description="model the engines load (see EngineSettings)")
+    served_model_name: str = Field(
+        default="", description="served name passed to engines; empty: the value of model"
+    )
+    engine_command: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [sys.executable, "-m", "engine_service"],
+        description="command that starts one engine (shell-split when given as a string)",
+    )
+    engine_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="extra arguments for every engine, e.g. `--device cpu --num-kv-blocks 512`",
+    )
+    engine_host: str = Field(
+        default="127.0.0.1", description="address local engines bind and advertise"
+    )
+    engine_base_port: int = Field(
+        default=50100, ge=1, le=65535, description="gRPC port of the first local engine"
+    )
+    engine_base_metrics_port: int = Field(
+        default=9100, ge=1, le=65535, description="metrics port of the first local engine"
+    )
+
+    @field_validator("engine_command", "engine_args", mode="before")
+    @classmethod
+    def _split_command_line(cls, value: Any) -> Any:
+        return _split_shell(value)
+
+
+class GatewaySettings(ServiceSettings):
+    """The HTTP gateway: where it listens, whom it lets in, and the tokenizer it uses."""
+
+    yaml_section: ClassVar[str] = "gateway"
+
+    host: str = Field(default="0.0.0.0", description="address the HTTP server binds")
+    port: int = Field(default=8000, ge=0, le=65535, description="HTTP port")
+    controller_address: str = Field(
+        default="127.0.0.1:50051", description="controller host:port to follow the routes of"
+    )
+    model: str = Field(
+        default="demo",
+        description="checkpoint directory whose tokenizer and chat template to use, or `demo`",
+    )
+    served_model_name: str = Field(
+        default="", description="model name clients ask for; empty: the value of model"
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="accepted API keys (comma-separated in flags/env); none and no "
+        "api_key_file: no authentication",
+    )
+    api_key_file: Path | None = Field(
+        default=None, description="file of accepted API keys, one per line"
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="longest a request may take end to end"
+    )
+    max_n: int = Field(default=16, ge=1, description="largest `n` (samples per request) accepted")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_key_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+
+def _is_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args == [bool]
+    return False
+
+
+def _help(name: str, field: FieldInfo) -> str:
+    default = field.get_default(call_default_factory=True)
+    shown = " ".join(default) if isinstance(default, list) else default
+    text = field.description or ""
+    return f"{text} (env {ENV_PREFIX}{name.upper()}; default: {shown!s})".replace("%", "%%")
+
+
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, settings_cls: type[ServiceSettings]
+) -> None:
+    """Add ``--field-name`` for every field of ``settings_cls`` to ``parser``.
+
+    Flags not given are absent from the parsed namespace (``argparse.SUPPRESS``), so env vars
+    and the YAML file still apply to them.
+    """
+    for name, field in settings_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if _is_bool(field.annotation):
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=_help(name, field),
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=name,
+                default=argparse.SUPPRESS,
+                metavar=name.upper(),
+                help=_help(name, field),
+            )
+
+
+def settings_from_namespace(settings_cls: type[S], namespace: argparse.Namespace) -> S:
+    """Build the settings from the flags in ``namespace`` (others come from env and YAML).
+
+    Attributes of ``namespace`` that are not fields of ``settings_cls`` (a subcommand's own
+    arguments) are ignored. Raises ``pydantic.ValidationError`` on a bad value.
+    """
+    flags = {k: v for k, v in vars(namespace).items() if k in settings_cls.model_fields}
+    return settings_cls(**flags)
+
+
+def load_settings(
+    settings_cls: type[S], argv: list[str] | None = None, *, prog: str | None = None
+) -> S:
+    """Parse ``argv`` (default ``sys.argv[1:]``) into ``settings_cls``; exits with a usage
+    message on a bad flag or value, like argparse does."""
+    parser = argparse.ArgumentParser(prog=prog, description=settings_cls.__doc__)
+    add_settings_arguments(parser, settings_cls)
+    namespace = parser.parse_args(argv)
+    try:
+        return settings_from_namespace(settings_cls, namespace)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))

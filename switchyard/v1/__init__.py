@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs; run ``python -m switchyard.protogen`` to refresh."""

@@ -1,0 +1,76 @@
+"""Small random-weight checkpoints of every supported family, made with ``transformers``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+COMMON = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.15,
+    eos_token_id=2,
+    bos_token_id=1,
+)
+
+FAMILIES = {
+    # Llama 3.1-style rope scaling, with factors that change the frequencies in use.
+    "llama": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+            rope_theta=10000.0,
+        ),
+    ),
+    # A window much shorter than the prompts, so that it matters.
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=12)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict()),
+    "qwen3": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        dict(head_dim=32, tie_word_embeddings=True),
+    ),
+}
+
+
+def make_checkpoint(path: Path, family: str, **overrides) -> transformers.PreTrainedModel:
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = config_cls(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(1234)
+    model = model_cls(config).eval()
+    if family == "qwen2":
+        # Random biases, so that a missing bias would change the output.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.2)
+    if family == "qwen3":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def family_checkpoint(request, tmp_path_factory):
+    """(family, path, transformers model) for each supported family."""
+    path = tmp_path_factory.mktemp(f"ckpt-{request.param}")
+    model = make_checkpoint(path, request.param)
+    return request.param, path, model

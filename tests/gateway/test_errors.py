@@ -1,0 +1,194 @@
+"""Every malformed or unservable request gets OpenAI's error JSON with the right status,
+and the gateway keeps serving. No engine runs here: requests that pass validation find no
+replica and are answered 503."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway import auth
+from gateway.app import create_app
+from gateway.route_sources import StaticRoutes
+from tests.gateway.conftest import MAX_MODEL_LEN, MODEL_NAME, gateway_settings
+
+KEY = "sk-test-key"
+CHAT = "/v1/chat/completions"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    key_file.write_text("# gateway keys\nsk-from-file\n\n")
+    settings = gateway_settings(checkpoint, api_keys=[KEY], api_key_file=key_file, max_n=4)
+    with TestClient(create_app(settings, routes_source=StaticRoutes([]))) as test_client:
+        yield test_client
+
+
+def chat_body(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def assert_openai_error(
+    response: Any, status: int, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic sk-test-key", "Bearer "])
+def test_missing_or_wrong_key_is_401(client: TestClient, authorization: str | None) -> None:
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    error = assert_openai_error(
+        client.post(CHAT, json=chat_body(), headers=headers), 401, code="invalid_api_key"
+    )
+    assert error["type"] == "invalid_request_error"
+
+
+def test_key_check_runs_before_body_validation(client: TestClient) -> None:
+    assert_openai_error(
+        client.post(CHAT, content=b"{not json", headers={"Content-Type": "application/json"}), 401
+    )
+
+
+def test_keys_from_settings_and_file_are_accepted(client: TestClient) -> None:
+    for key in (KEY, "sk-from-file"):
+        assert (
+            client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        )
+
+
+def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    compare_digest = hmac.compare_digest
+
+    def recording_compare(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return compare_digest(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", recording_compare)
+    checker = auth.ApiKeyAuth(["k1", "k2"])
+    checker.check("Bearer k1")
+    assert calls == [(b"k1", b"k1"), (b"k1", b"k2")]  # every key compared, even after a match
+
+
+def test_no_keys_configured_means_open() -> None:
+    auth.ApiKeyAuth([]).check(None)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": None}, "messages"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"n": 5}, "n"),
+        ({"n": 0}, "n"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+                ]
+            },
+            "messages.0.content",
+        ),
+    ],
+)
+def test_invalid_chat_request_is_400(
+    client: TestClient, fields: dict[str, Any], param: str
+) -> None:
+    body = chat_body(**fields)
+    body = {key: value for key, value in body.items() if value is not None}
+    error = assert_openai_error(client.post(CHAT, json=body, headers=HEADERS), 400, param=param)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_missing_messages_is_400(client: TestClient) -> None:
+    assert_openai_error(
+        client.post(CHAT, json={"model": MODEL_NAME}, headers=HEADERS), 400, param="messages"
+    )
+
+
+def test_invalid_json_is_400_not_422(client: TestClient) -> None:
+    response = client.post(
+        CHAT,
+        content=b'{"model": "tiny", "messages": [',
+        headers={**HEADERS, "Content-Type": "application/json"},
+    )
+    assert "JSON" in assert_openai_error(response, 400)["message"]
+
+
+def test_unknown_model_is_404_model_not_found(client: TestClient) -> None:
+    response = client.post(CHAT, json=chat_body(model="gpt-9"), headers=HEADERS)
+    assert_openai_error(response, 404, param="model", code="model_not_found")
+
+
+def test_prompt_plus_max_tokens_beyond_context_is_400(client: TestClient) -> None:
+    response = client.post(CHAT, json=chat_body(max_tokens=MAX_MODEL_LEN), headers=HEADERS)
+    assert_openai_error(response, 400, code="context_length_exceeded")
+    long_prompt = {"model": MODEL_NAME, "prompt": "word " * (MAX_MODEL_LEN * 2)}
+    assert_openai_error(
+        client.post("/v1/completions", json=long_prompt, headers=HEADERS),
+        400,
+        code="context_length_exceeded",
+    )
+
+
+def test_invalid_completion_requests_are_400(client: TestClient) -> None:
+    for body, param in [
+        ({"model": MODEL_NAME}, "prompt"),
+        ({"model": MODEL_NAME, "prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"model": MODEL_NAME, "prompt": ["a", "b"]}, "prompt"),
+        ({"model": MODEL_NAME, "prompt": "x", "echo": True}, "echo"),
+        ({"model": MODEL_NAME, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ]:
+        assert_openai_error(
+            client.post("/v1/completions", json=body, headers=HEADERS), 400, param=param
+        )
+
+
+def test_no_ready_replica_is_503(client: TestClient) -> None:
+    for stream in (False, True):
+        response = client.post(CHAT, json=chat_body(stream=stream), headers=HEADERS)
+        assert_openai_error(response, 503, code="no_replica_available")
+
+
+def test_health_is_503_without_a_ready_engine(client: TestClient) -> None:
+    assert client.get("/health").status_code == 503
+
+
+def test_unknown_route_is_404_in_openai_format(client: TestClient) -> None:
+    assert_openai_error(client.get("/v1/nothing", headers=HEADERS), 404)
+
+
+def test_models_lists_the_served_model(client: TestClient) -> None:
+    models = client.get("/v1/models", headers=HEADERS).json()
+    assert models["object"] == "list"
+    assert [(card["id"], card["object"]) for card in models["data"]] == [(MODEL_NAME, "model")]
+
+
+def test_errors_are_counted_in_metrics(client: TestClient) -> None:
+    client.post(CHAT, json=chat_body(model="nope"), headers=HEADERS)
+    text = client.get("/metrics").text
+    assert 'switchyard_gateway_requests_total{endpoint="/v1/chat/completions",status="404"}' in text
