@@ -1,0 +1,377 @@
+"""Serving benchmark: latency and throughput through the gateway, against the engine direct.
+
+    python bench/serving.py [--url URL --controller ADDR] [--model M] [--rate R] [--json PATH]
+
+Starts ``switchyard up`` on free ports (or uses ``--url`` and ``--controller``), then sends the
+same requests twice at the same Poisson arrival times: first through the gateway
+(``/v1/completions``, streamed, text prompt), then straight to one engine over gRPC
+(``Generate``, the prompt tokenized here with the model's tokenizer). Every request is
+greedy with ``ignore_eos``, so both runs generate the same number of tokens. Reports TTFT,
+inter-token latency (ITL: the gaps between streamed tokens) and end-to-end latency at p50 and
+p99, request and output-token throughput, and ``gateway_overhead_ms_p50`` (the gateway's TTFT
+p50 minus the engine's); prints a table and writes JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+from switchyard.v1 import (
+    common_pb2,
+    controller_pb2,
+    controller_pb2_grpc,
+    engine_pb2,
+    engine_pb2_grpc,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = (
+    "signal", "track", "yard", "switch", "freight", "engine", "siding", "junction", "ballast",
+    "sleeper", "coupling", "shunter", "wagon", "depot", "platform", "timetable", "gauge",
+    "points", "crossing", "lantern",
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class Sample:
+    """One request's timings, in seconds from its own send."""
+
+    ttft_s: float
+    e2e_s: float
+    gaps_s: list[float]
+    output_tokens: int
+
+
+@dataclass(slots=True)
+class PathResult:
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def summary(self) -> dict[str, float | int]:
+        ok = self.samples
+        gaps = [g for s in ok for g in s.gaps_s]
+        tokens = sum(s.output_tokens for s in ok)
+        return {
+            "requests": len(ok),
+            "errors": len(self.errors),
+            "ttft_ms_p50": _pct([s.ttft_s for s in ok], 50),
+            "ttft_ms_p99": _pct([s.ttft_s for s in ok], 99),
+            "itl_ms_p50": _pct(gaps, 50),
+            "itl_ms_p99": _pct(gaps, 99),
+            "e2e_ms_p50": _pct([s.e2e_s for s in ok], 50),
+            "e2e_ms_p99": _pct([s.e2e_s for s in ok], 99),
+            "requests_per_s": len(ok) / self.wall_s if self.wall_s else 0.0,
+            "output_tokens_per_s": tokens / self.wall_s if self.wall_s else 0.0,
+        }
+
+
+def _pct(values_s: list[float], q: int) -> float:
+    if not values_s:
+        return float("nan")
+    if len(values_s) == 1:
+        return values_s[0] * 1000
+    return statistics.quantiles(values_s, n=100, method="inclusive")[q - 1] * 1000
+
+
+# -- the two paths ---------------------------------------------------------------------------
+
+
+async def through_gateway(
+    http: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int
+) -> Sample:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    output_tokens = 0
+    async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if chunk.get("usage"):
+                output_tokens = chunk["usage"]["completion_tokens"]
+            if any(choice.get("text") for choice in chunk.get("choices", [])):
+                arrivals.append(time.perf_counter())
+    end = time.perf_counter()
+    if not arrivals:
+        raise RuntimeError("no tokens came back")
+    return Sample(
+        ttft_s=arrivals[0] - start,
+        e2e_s=end - start,
+        gaps_s=[b - a for a, b in itertools.pairwise(arrivals)],
+        output_tokens=output_tokens,
+    )
+
+
+async def direct_to_engine(
+    stub: engine_pb2_grpc.EngineServiceStub, prompt_ids: list[int], max_tokens: int
+) -> Sample:
+    request = engine_pb2.GenerateRequest(
+        request_id=f"bench-{uuid.uuid4().hex}",
+        prompt_token_ids=prompt_ids,
+        sampling=common_pb2.SamplingParams(
+            n=1, max_tokens=max_tokens, temperature=0.0, top_p=1.0, ignore_eos=True
+        ),
+    )
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    output_tokens = 0
+    async for response in stub.Generate(request):
+        if response.token_ids:
+            arrivals.append(time.perf_counter())
+            output_tokens += len(response.token_ids)
+    end = time.perf_counter()
+    if not arrivals:
+        raise RuntimeError("no tokens came back")
+    return Sample(
+        ttft_s=arrivals[0] - start,
+        e2e_s=end - start,
+        gaps_s=[b - a for a, b in itertools.pairwise(arrivals)],
+        output_tokens=output_tokens,
+    )
+
+
+async def run_schedule(offsets_s: list[float], send: Any, result: PathResult) -> None:
+    """Fires ``send(i)`` at each offset from now (open loop) and collects the samples."""
+
+    async def fire(i: int, offset_s: float, t0: float) -> None:
+        await asyncio.sleep(max(0.0, t0 + offset_s - time.perf_counter()))
+        try:
+            result.samples.append(await send(i))
+        except Exception as exc:  # a failed request is a result too; it is reported
+            result.errors.append(f"{type(exc).__name__}: {exc}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(fire(i, offset, t0) for i, offset in enumerate(offsets_s)))
+    result.wall_s = time.perf_counter() - t0
+
+
+# -- the stack -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_stack(
+    args: argparse.Namespace, log_path: Path
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``switchyard up`` on free ports; returns (process, gateway URL, controller address)."""
+    port, controller_port = free_port(), free_port()
+    argv = [
+        sys.executable, "-m", "switchyard", "up",
+        "--port", str(port),
+        "--controller-port", str(controller_port),
+        "--engine-base-port", str(free_port()),
+        "--engine-base-metrics-port", str(free_port()),
+        "--served-model-name", "bench",
+        "--data-dir", str(args.data_dir),
+        "--device", args.device,
+        "--dtype", args.dtype,
+    ]  # fmt: skip
+    if args.model:
+        argv += ["--model", args.model]
+    if args.api_key:
+        argv += ["--api-key", args.api_key]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 900
+    while "Switchyard is serving" not in log_path.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_stack(process)
+            raise SystemExit(f"switchyard up did not come up:\n{log_path.read_text()}")
+        time.sleep(0.3)
+    return process, f"http://127.0.0.1:{port}", f"127.0.0.1:{controller_port}"
+
+
+def stop_stack(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def first_ready_engine(controller: str) -> common_pb2.Replica:
+    with grpc.insecure_channel(controller) as channel:
+        stub = controller_pb2_grpc.ControllerServiceStub(channel)
+        listed = stub.ListReplicas(controller_pb2.ListReplicasRequest(), timeout=10)
+    for replica in listed.replicas:
+        if replica.state == common_pb2.REPLICA_STATE_READY:
+            return replica
+    raise SystemExit(f"no READY engine at controller {controller}")
+
+
+def tokenizer_path(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    from switchyard.demo import ensure_demo_model
+
+    return str(ensure_demo_model(args.data_dir))
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+async def measure(args: argparse.Namespace, url: str, controller: str) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(args))
+    rng = random.Random(args.seed)
+    prompts = [
+        " ".join(rng.choice(WORDS) for _ in range(args.prompt_words))
+        for _ in range(args.num_requests)
+    ]
+    prompt_ids = [[int(t) for t in tokenizer(p)["input_ids"]] for p in prompts]
+    offsets, clock = [], 0.0
+    for _ in prompts:
+        offsets.append(clock)
+        clock += rng.expovariate(args.rate)
+
+    engine = first_ready_engine(controller)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(timeout=600, headers=headers) as http:
+        models = (await http.get(f"{url}/v1/models")).json()["data"]
+        model = models[0]["id"]
+        channel = grpc.aio.insecure_channel(engine.address)
+        stub = engine_pb2_grpc.EngineServiceStub(channel)
+        for i in range(args.warmup):  # both paths, so that neither pays first-call costs
+            await through_gateway(http, url, model, prompts[i % len(prompts)], args.max_tokens)
+            await direct_to_engine(stub, prompt_ids[i % len(prompts)], args.max_tokens)
+
+        gateway, direct = PathResult(), PathResult()
+        await run_schedule(
+            offsets,
+            lambda i: through_gateway(http, url, model, prompts[i], args.max_tokens),
+            gateway,
+        )
+        await run_schedule(
+            offsets, lambda i: direct_to_engine(stub, prompt_ids[i], args.max_tokens), direct
+        )
+        await channel.close()
+
+    gateway_summary, direct_summary = gateway.summary(), direct.summary()
+    return {
+        "config": {
+            "url": url,
+            "engine": engine.address,
+            "model": model,
+            "rate_rps": args.rate,
+            "num_requests": args.num_requests,
+            "prompt_tokens_mean": statistics.fmean(len(p) for p in prompt_ids),
+            "max_tokens": args.max_tokens,
+            "seed": args.seed,
+        },
+        "gateway": gateway_summary,
+        "direct": direct_summary,
+        "gateway_overhead_ms_p50": gateway_summary["ttft_ms_p50"] - direct_summary["ttft_ms_p50"],
+        "gateway_overhead_ms_p99": gateway_summary["ttft_ms_p99"] - direct_summary["ttft_ms_p99"],
+        "errors": {"gateway": gateway.errors[:10], "direct": direct.errors[:10]},
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    rows = [
+        ("requests ok", "requests", "{:.0f}"),
+        ("errors", "errors", "{:.0f}"),
+        ("TTFT p50 (ms)", "ttft_ms_p50", "{:.1f}"),
+        ("TTFT p99 (ms)", "ttft_ms_p99", "{:.1f}"),
+        ("ITL p50 (ms)", "itl_ms_p50", "{:.2f}"),
+        ("ITL p99 (ms)", "itl_ms_p99", "{:.2f}"),
+        ("E2E p50 (ms)", "e2e_ms_p50", "{:.1f}"),
+        ("E2E p99 (ms)", "e2e_ms_p99", "{:.1f}"),
+        ("requests/s", "requests_per_s", "{:.2f}"),
+        ("output tokens/s", "output_tokens_per_s", "{:.1f}"),
+    ]
+    config = report["config"]
+    print(
+        f"\n{config['num_requests']} requests at {config['rate_rps']} req/s (Poisson), "
+        f"~{config['prompt_tokens_mean']:.0f} prompt tokens, {config['max_tokens']} output tokens"
+    )
+    print(f"{'metric':<18}{'gateway':>12}{'engine direct':>16}")
+    for label, key, fmt in rows:
+        gateway, direct = report["gateway"][key], report["direct"][key]
+        print(f"{label:<18}{fmt.format(gateway):>12}{fmt.format(direct):>16}")
+    print(f"gateway overhead, TTFT p50: {report['gateway_overhead_ms_p50']:.1f} ms")
+    for path, errors in report["errors"].items():
+        for error in errors:
+            print(f"{path} error: {error}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running gateway (default: start the stack)")
+    parser.add_argument("--controller", help="its controller host:port (with --url)")
+    parser.add_argument("--model", help="checkpoint folder or hub id (default: the demo)")
+    parser.add_argument("--api-key", default=os.environ.get("SWITCHYARD_API_KEY", ""))
+    parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--prompt-words", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="engine device when starting the stack")
+    parser.add_argument("--dtype", default="auto", help="engine dtype when starting the stack")
+    parser.add_argument("--data-dir", type=Path, help="stack data dir (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    args = parser.parse_args(argv)
+    if bool(args.url) != bool(args.controller):
+        parser.error("--url and --controller go together")
+
+    process = None
+    with tempfile.TemporaryDirectory(prefix="switchyard-bench-") as tmp:
+        args.data_dir = args.data_dir or Path(tmp)
+        try:
+            if args.url:
+                url, controller = args.url.rstrip("/"), args.controller
+            else:
+                process, url, controller = start_stack(args, Path(tmp) / "up.log")
+            report = asyncio.run(measure(args, url, controller))
+        finally:
+            if process is not None:
+                stop_stack(process)
+    print_table(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if report["errors"]["gateway"] or report["errors"]["direct"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The seam between the reconcile loop and whatever runs replicas: local processes or, later,
+Kubernetes pods.
+
+A backend reports what exists (``observe``) and takes small idempotent orders (``start``,
+``stop``); it never waits for a replica to become ready: readiness is what the replica tells
+the registry, and the reconcile loop reads both.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+class Phase(enum.Enum):
+    """What the backend sees of one replica's process or pod."""
+
+    RUNNING = "running"  # alive and wanted (it may still be loading its model)
+    EXITED = "exited"  # ended without being asked to: a crash, awaiting restart
+    STOPPING = "stopping"  # asked to stop, not yet gone
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One replica as its backend observes it."""
+
+    replica_id: str
+    ordinal: int  # creation order within the pool; larger is newer
+    phase: Phase
+    started_at: float  # time.monotonic() of the current (or last) start
+    exited_at: float | None  # set in phase EXITED
+    failures: int  # consecutive crashes; reset by a run that lasted long enough
+    address: str  # host:port its engine serves on; "" when unknown
+
+
+class Backend(ABC):
+    """Runs the replicas of the engine pool.
+
+    Contract: every method returns promptly and is safe to call again with the same
+    arguments; ``start`` of a RUNNING or STOPPING replica and ``stop`` of an unknown one do
+    nothing. A stopped replica moves to STOPPING and then disappears from ``observe``; a
+    replica that dies on its own shows as EXITED until ``start`` runs it again (the reconcile
+    loop decides when, with backoff). ``close`` stops every replica and waits for them.
+    """
+
+    @abstractmethod
+    async def observe(self) -> list[Instance]:
+        """Every replica the backend runs or is stopping, sorted by ordinal."""
+
+    @abstractmethod
+    async def start(self, replica_id: str, ordinal: int) -> None:
+        """Creates the replica, or runs an EXITED one again."""
+
+    @abstractmethod
+    async def stop(self, replica_id: str) -> None:
+        """Begins a graceful stop; the backend forces it after its grace period."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stops every replica, forcing those that outlive the grace period."""

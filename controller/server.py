@@ -1,0 +1,231 @@
+"""The controller's gRPC service and process: ``python -m controller [flags]``.
+
+``ControllerService`` fronts the :class:`~controller.registry.ReplicaRegistry` (Register,
+Heartbeat, Deregister, ListReplicas), streams the routing table to gateways (WatchRoutes) and
+takes scale orders for the :class:`~controller.reconciler.Reconciler` (Scale). The process
+serves that plus the standard gRPC health service; on SIGTERM or SIGINT it stops its engines
+(graceful, then forced) while still answering their Deregister calls, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+
+from controller.backend import Backend
+from controller.local_backend import LocalEngineSpec, LocalProcessBackend
+from controller.plan import RestartPolicy
+from controller.reconciler import ENGINE_POOL, Reconciler
+from controller.registry import ReplicaRegistry
+from switchyard.grpc_utils import create_server
+from switchyard.log import setup_logging
+from switchyard.settings import ControllerSettings, load_settings
+from switchyard.v1 import controller_pb2, controller_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "switchyard.v1.ControllerService"
+RECONCILE_INTERVAL_S = 1.0
+
+
+class RouteFeed:
+    """Wakes every WatchRoutes stream when the registry's routing table changes."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Event] = set()
+
+    def notify(self) -> None:
+        for waiter in self._waiters:
+            waiter.set()
+
+    async def follow(self, registry: ReplicaRegistry) -> AsyncIterator[controller_pb2.RoutingTable]:
+        """The current table, then every newer one; versions seen in between are skipped."""
+        waiter = asyncio.Event()
+        self._waiters.add(waiter)
+        try:
+            sent = 0
+            while True:
+                waiter.clear()  # before reading the version, so no change is missed
+                if registry.version != sent:
+                    table = registry.routing_table()
+                    sent = table.version
+                    yield table
+                else:
+                    await waiter.wait()
+        finally:
+            self._waiters.discard(waiter)
+
+
+class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
+    """The wire side of the registry and the reconciler; ``reconciler`` is None when no
+    backend starts engines (they register from elsewhere and Scale is refused)."""
+
+    def __init__(
+        self,
+        registry: ReplicaRegistry,
+        feed: RouteFeed,
+        reconciler: Reconciler | None,
+        heartbeat_interval_s: float,
+    ) -> None:
+        self._registry = registry
+        self._feed = feed
+        self._reconciler = reconciler
+        self._heartbeat_interval_s = heartbeat_interval_s
+
+    async def Register(
+        self, request: controller_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.RegisterResponse:
+        try:
+            self._registry.register(request.replica)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        replica = request.replica
+        log.info(
+            "replica registered",
+            extra={"replica_id": replica.replica_id, "address": replica.address},
+        )
+        return controller_pb2.RegisterResponse(heartbeat_interval_s=self._heartbeat_interval_s)
+
+    async def Heartbeat(
+        self, request: controller_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.HeartbeatResponse:
+        known = self._registry.heartbeat(request.replica_id, request.load)
+        if not known:
+            log.info("heartbeat from unknown replica", extra={"replica_id": request.replica_id})
+        return controller_pb2.HeartbeatResponse(known=known)
+
+    async def Deregister(
+        self, request: controller_pb2.DeregisterRequest, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.DeregisterResponse:
+        if self._registry.deregister(request.replica_id):
+            log.info("replica deregistered", extra={"replica_id": request.replica_id})
+        return controller_pb2.DeregisterResponse()
+
+    async def WatchRoutes(
+        self, request: controller_pb2.WatchRoutesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[controller_pb2.RoutingTable]:
+        log.info("gateway watching routes", extra={"gateway_id": request.gateway_id})
+        async for table in self._feed.follow(self._registry):
+            yield table
+
+    async def ListReplicas(
+        self, request: controller_pb2.ListReplicasRequest, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.ListReplicasResponse:
+        if self._reconciler is None:
+            return controller_pb2.ListReplicasResponse(replicas=self._registry.replicas())
+        return controller_pb2.ListReplicasResponse(
+            replicas=self._reconciler.replica_views(),
+            desired={ENGINE_POOL: self._reconciler.desired},
+        )
+
+    async def Scale(
+        self, request: controller_pb2.ScaleRequest, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.ScaleResponse:
+        if request.pool != ENGINE_POOL:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown pool {request.pool!r}; the pools are: {ENGINE_POOL}",
+            )
+        if self._reconciler is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this controller runs with backend=none: engines are started elsewhere",
+            )
+        assert self._reconciler is not None  # context.abort raised otherwise
+        previous = self._reconciler.scale(request.replicas)
+        log.info(
+            "scale", extra={"pool": request.pool, "previous": previous, "desired": request.replicas}
+        )
+        return controller_pb2.ScaleResponse(previous=previous, desired=request.replicas)
+
+
+def reachable_address(host: str, port: int) -> str:
+    """The address local clients (engines) use for a server bound to ``host:port``."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def make_backend(settings: ControllerSettings, controller_address: str) -> Backend | None:
+    """The backend ``settings.backend`` names; None for ``none``."""
+    if settings.backend == "none":
+        return None
+    if settings.backend == "kubernetes":
+        raise NotImplementedError("the Kubernetes backend is not available yet; use local")
+    spec = LocalEngineSpec(
+        command=settings.engine_command,
+        model=settings.model,
+        controller_address=controller_address,
+        data_dir=settings.data_dir.expanduser(),
+        host=settings.engine_host,
+        base_port=settings.engine_base_port,
+        base_metrics_port=settings.engine_base_metrics_port,
+        served_model_name=settings.served_model_name,
+        extra_args=tuple(settings.engine_args),
+        log_level=settings.log_level,
+    )
+    return LocalProcessBackend(spec)
+
+
+async def serve(settings: ControllerSettings) -> None:
+    """Runs the controller until SIGTERM or SIGINT."""
+    feed = RouteFeed()
+    registry = ReplicaRegistry(
+        unhealthy_after_s=settings.unhealthy_after_s,
+        remove_after_s=settings.remove_after_s,
+        on_change=feed.notify,
+    )
+    server = create_server(settings.host, settings.port, [SERVICE_NAME])
+    backend = make_backend(settings, reachable_address(settings.host, server.port))
+    reconciler = (
+        None
+        if backend is None
+        else Reconciler(registry, backend, settings.engines, RestartPolicy(), RECONCILE_INTERVAL_S)
+    )
+    controller_pb2_grpc.add_ControllerServiceServicer_to_server(
+        ControllerServicer(registry, feed, reconciler, settings.heartbeat_interval_s),
+        server.server,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    await server.start()
+    await server.set_serving(True)
+    log.info(
+        "controller serving",
+        extra={"port": server.port, "backend": settings.backend, "engines": settings.engines},
+    )
+    reconcile_task = None if reconciler is None else asyncio.create_task(reconciler.run())
+    await stop.wait()
+    log.info("controller stopping")
+    if reconcile_task is not None:
+        reconcile_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reconcile_task
+    if backend is not None:
+        await backend.close()  # engines deregister while the server still answers
+    await server.stop(grace_s=1.0)
+    log.info("controller stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(ControllerSettings, argv, prog="python -m controller")
+    setup_logging("controller", settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except NotImplementedError as exc:
+        log.error(str(exc))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

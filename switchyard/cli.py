@@ -1,0 +1,423 @@
+"""The ``switchyard`` command: run the whole stack locally, or one service, and operate a fleet.
+
+``switchyard up``
+    starts the controller (which starts the engines through its local backend) and the
+    gateway as local processes, prints the URL once the gateway's ``/health`` answers 200, and
+    stops everything on Ctrl-C or SIGTERM.
+``switchyard scale engines N`` / ``switchyard status``
+    talk to a running controller.
+``switchyard controller|engine|gateway [flags]``
+    run one service in the foreground (``--help`` lists its settings).
+
+Process hygiene in ``up``: the controller and the gateway each run in their own process group
+(a terminal's Ctrl-C reaches ``up`` only, which stops them in order), and every process of the
+stack, engines included, carries ``SWITCHYARD_UP_ID`` in its environment; whatever still
+carries it once the controller and gateway have stopped is killed, so nothing outlives ``up``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import grpc
+import httpx
+
+from switchyard.settings import default_data_dir
+from switchyard.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+
+DEFAULT_CONTROLLER_ADDRESS = "127.0.0.1:50051"
+UP_ID_ENV = "SWITCHYARD_UP_ID"
+# The controller gives each engine 20 s to stop before SIGKILL; it needs a little beyond that.
+CONTROLLER_STOP_TIMEOUT_S = 30.0
+GATEWAY_STOP_TIMEOUT_S = 10.0
+SERVICES = ("controller", "engine", "gateway")
+
+
+# ---------------------------------------------------------------------------------------------
+# switchyard up
+
+
+@dataclass(slots=True)
+class Child:
+    """One service process that ``up`` started, in its own process group."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal_group(self, signum: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signum)
+
+    def wait(self, timeout_s: float) -> bool:
+        try:
+            self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def log_tail(self, lines: int = 20) -> str:
+        self.log_file.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> Child:
+    log_path = log_dir / f"{name}.log"
+    log_file = log_path.open("ab")
+    popen = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    return Child(name, popen, log_path, log_file)
+
+
+def _processes_marked(up_id: str) -> list[int]:
+    """Pids of this user's processes whose environment carries ``UP_ID_ENV=up_id``."""
+    marker = f"{UP_ID_ENV}={up_id}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours
+            continue
+        if marker in environ.split(b"\0"):
+            found.append(pid)
+    return found
+
+
+def _kill_stragglers(up_id: str) -> list[int]:
+    """SIGKILLs every process still marked with ``up_id``; returns their pids."""
+    pids = _processes_marked(up_id)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def _engine_args(args: argparse.Namespace) -> list[str]:
+    engine_args = shlex.split(args.engine_args)
+    knobs = {
+        "--device": args.device,
+        "--dtype": args.dtype,
+        "--max-model-len": args.max_model_len,
+        "--num-kv-blocks": args.num_kv_blocks,
+        "--block-size": args.block_size,
+        "--max-num-seqs": args.max_num_seqs,
+        "--max-num-batched-tokens": args.max_num_batched_tokens,
+    }
+    for flag, value in knobs.items():
+        if value is not None:
+            engine_args += [flag, str(value)]
+    return engine_args
+
+
+def _resolve_model(args: argparse.Namespace, data_dir: Path) -> str:
+    if args.model is None:
+        from switchyard.demo import DEMO_MODEL_NAME, ensure_demo_model
+
+        print("No --model given: serving the built-in demo model (random weights, so its text is")
+        print("random too). Building it on first use...", flush=True)
+        path = ensure_demo_model(data_dir)
+        print(f"Demo model: {path}", flush=True)
+        return DEMO_MODEL_NAME
+    local = Path(args.model).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise SystemExit(f"{local} is not a Hugging Face checkpoint folder (no config.json)")
+        return str(local.resolve())
+    return str(args.model)  # a hub id: engines and gateway download it through huggingface_hub
+
+
+def _wait_for_health(
+    url: str, children: list[Child], stop: threading.Event, timeout_s: float
+) -> str:
+    """Polls ``url`` until 200; returns "ready", "stopped" (a signal came) or "child:<name>"
+    (a service exited); raises TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if stop.is_set():
+                return "stopped"
+            for child in children:
+                if not child.alive():
+                    return f"child:{child.name}"
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(url).status_code == 200:
+                    return "ready"
+            stop.wait(0.5)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+
+
+def _stop_children(children: list[Child], up_id: str) -> None:
+    for child in children:
+        child.signal_group(signal.SIGTERM)
+    timeouts = {"controller": CONTROLLER_STOP_TIMEOUT_S, "gateway": GATEWAY_STOP_TIMEOUT_S}
+    for child in children:
+        if not child.wait(timeouts.get(child.name, GATEWAY_STOP_TIMEOUT_S)):
+            print(f"{child.name} did not stop in time; killing it", file=sys.stderr)
+        child.signal_group(signal.SIGKILL)  # its group: whatever it left behind
+        child.wait(5.0)
+        child.log_file.close()
+    stragglers = _kill_stragglers(up_id)
+    if stragglers:
+        print(f"killed leftover processes {stragglers}", file=sys.stderr)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for name, port in (("gateway", args.port), ("controller", args.controller_port)):
+        if not _port_is_free(args.host if name == "gateway" else "127.0.0.1", port):
+            print(f"port {port} for the {name} is taken; choose another", file=sys.stderr)
+            return 1
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+
+    model = _resolve_model(args, data_dir)
+    if stop.is_set():
+        return 130
+    up_id = uuid.uuid4().hex
+    # The services import from the same tree as this command, whatever the working directory.
+    source_root = str(Path(__file__).resolve().parents[1])
+    python_path = [source_root, *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, UP_ID_ENV: up_id, "PYTHONPATH": os.pathsep.join(python_path)}
+    controller_address = f"127.0.0.1:{args.controller_port}"
+    common = ["--data-dir", str(data_dir), "--log-level", args.log_level, "--model", model]
+    if args.served_model_name:
+        common += ["--served-model-name", args.served_model_name]
+    controller_argv = [
+        sys.executable, "-m", "controller",
+        *common,
+        "--host", "127.0.0.1",
+        "--port", str(args.controller_port),
+        "--engines", str(args.engines),
+        "--engine-base-port", str(args.engine_base_port),
+        "--engine-base-metrics-port", str(args.engine_base_metrics_port),
+        f"--engine-args={shlex.join(_engine_args(args))}",
+    ]  # fmt: skip
+    gateway_argv = [
+        sys.executable, "-m", "gateway",
+        *common,
+        "--host", args.host,
+        "--port", str(args.port),
+        "--controller-address", controller_address,
+        *(["--api-keys", ",".join(args.api_key)] if args.api_key else []),
+    ]  # fmt: skip
+
+    children: list[Child] = []
+    try:
+        children.append(_spawn("controller", controller_argv, log_dir, env))
+        children.append(_spawn("gateway", gateway_argv, log_dir, env))
+        shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+        url = f"http://{shown_host}:{args.port}"
+        print(
+            f"Starting {args.engines} engine(s), the controller ({controller_address}) and the "
+            f"gateway; logs in {log_dir}",
+            flush=True,
+        )
+        outcome = _wait_for_health(f"{url}/health", children, stop, args.startup_timeout)
+        if outcome.startswith("child:"):
+            failed = next(c for c in children if c.name == outcome.removeprefix("child:"))
+            print(f"the {failed.name} exited during startup; its log ends with:", file=sys.stderr)
+            print(failed.log_tail(), file=sys.stderr)
+            return 1
+        if outcome == "ready":
+            print(f"Switchyard is serving {model} at {url}  (OpenAI base URL: {url}/v1)")
+            if args.model is None:
+                print("This is the demo model: random weights, random text.")
+            print("Ctrl-C stops everything.", flush=True)
+            while not stop.wait(0.5):
+                exited = [c for c in children if not c.alive()]
+                if exited:
+                    print(f"the {exited[0].name} exited; its log ends with:", file=sys.stderr)
+                    print(exited[0].log_tail(), file=sys.stderr)
+                    return 1
+        return 0
+    except TimeoutError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    finally:
+        print("Stopping...", flush=True)
+        _stop_children(children, up_id)
+        print("Stopped.", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# switchyard scale / status
+
+
+def _controller_stub(address: str) -> controller_pb2_grpc.ControllerServiceStub:
+    return controller_pb2_grpc.ControllerServiceStub(grpc.insecure_channel(address))
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    reply = _controller_stub(args.controller).Scale(
+        controller_pb2.ScaleRequest(pool=args.pool, replicas=args.replicas), timeout=10
+    )
+    print(f"{args.pool}: {reply.previous} -> {reply.desired}")
+    return 0
+
+
+def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
+    """The replicas as an aligned text table, preceded by the desired pool sizes."""
+    header = ("ID", "ADDRESS", "STATE", "RUNNING", "WAITING", "KV USAGE", "PREFIX HIT")
+    rows = [header]
+    for replica in reply.replicas:
+        state = common_pb2.ReplicaState.Name(replica.state).removeprefix("REPLICA_STATE_")
+        load = replica.load
+        rows.append(
+            (
+                replica.replica_id,
+                replica.address or "-",
+                state,
+                str(load.num_running),
+                str(load.num_waiting),
+                f"{100 * load.kv_usage:.1f}%",
+                f"{100 * load.prefix_hit_rate:.1f}%",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = (
+        [", ".join(f"{pool}: {count} desired" for pool, count in sorted(reply.desired.items()))]
+        if reply.desired
+        else []
+    )
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+              for row in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reply = _controller_stub(args.controller).ListReplicas(
+        controller_pb2.ListReplicasRequest(), timeout=10
+    )
+    print(format_status(reply))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switchyard", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    controller_default = os.environ.get("SWITCHYARD_CONTROLLER_ADDRESS", DEFAULT_CONTROLLER_ADDRESS)
+
+    up = sub.add_parser("up", help="run controller, engines and gateway locally")
+    up.add_argument("--model", help="local HF checkpoint folder or hub id (default: the demo)")
+    up.add_argument("--served-model-name", default="", help="name clients use (default: model)")
+    up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    up.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
+    up.add_argument("--engines", type=_positive_int, default=1, help="engine replicas")
+    up.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
+    up.add_argument("--data-dir", help="models, logs and state (default: ~/.cache/switchyard)")
+    up.add_argument("--controller-port", type=int, default=50051)
+    up.add_argument("--engine-base-port", type=int, default=50100)
+    up.add_argument("--engine-base-metrics-port", type=int, default=9100)
+    up.add_argument("--log-level", default="INFO")
+    up.add_argument("--startup-timeout", type=float, default=900.0, help="seconds")
+    engine = up.add_argument_group("engine knobs (passed to every engine)")
+    engine.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
+    engine.add_argument("--dtype", help="auto, float32, float16, bfloat16")
+    engine.add_argument("--max-model-len", type=int)
+    engine.add_argument("--num-kv-blocks", type=int)
+    engine.add_argument("--block-size", type=int)
+    engine.add_argument("--max-num-seqs", type=int)
+    engine.add_argument("--max-num-batched-tokens", type=int)
+    engine.add_argument("--engine-args", default="", help="more engine flags, as one string")
+    up.set_defaults(func=cmd_up)
+
+    scale = sub.add_parser("scale", help="set the desired size of a pool")
+    scale.add_argument("pool", choices=["engines"])
+    scale.add_argument("replicas", type=_positive_int)
+    scale.add_argument("--controller", default=controller_default, help="host:port")
+    scale.set_defaults(func=cmd_scale)
+
+    status = sub.add_parser("status", help="list the replicas and their load")
+    status.add_argument("--controller", default=controller_default, help="host:port")
+    status.set_defaults(func=cmd_status)
+
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} service (see `switchyard {name} --help`)")
+    return parser
+
+
+def _run_service(name: str, argv: list[str]) -> int:
+    if name == "controller":
+        from controller.server import main as controller_main
+
+        return controller_main(argv)
+    if name == "engine":
+        from engine_service.__main__ import main as engine_main
+
+        engine_main(argv)
+        return 0
+    from gateway.__main__ import main as gateway_main
+
+    gateway_main(argv)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SERVICES:
+        return _run_service(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        name = code.name if code is not None else "ERROR"
+        address = getattr(args, "controller", "?")
+        print(f"controller at {address}: {name}: {details}", file=sys.stderr)
+        return 1
