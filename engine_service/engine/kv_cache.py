@@ -15,22 +15,13 @@ it is shared (a fork for n > 1) it is copied first (copy-on-write).
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import deque
 
 from engine_service.engine.prefix_cache import RadixPrefixCache
 from engine_service.engine.request import Request
+from switchyard.block_hash import hash_block
 
-
-def hash_block(parent_hash: bytes | None, token_ids: list[int], extra_keys: tuple = ()) -> bytes:
-    """A block's identity: stable across processes, so replicas and the KV store agree."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(parent_hash or b"\x00")
-    digest.update(array("q", token_ids).tobytes())
-    if extra_keys:
-        digest.update(repr(extra_keys).encode())
-    return digest.digest()
+__all__ = ["BlockPool", "KVCacheManager", "hash_block"]
 
 
 class BlockPool:
@@ -182,8 +173,18 @@ class KVCacheManager:
             return
         self._update_block_hashes(request)
         for i in range(request.num_committed_blocks, num_full):
-            parent_hash = request.block_hashes[i - 1] if i > 0 else None
-            self.prefix_cache.insert(parent_hash, request.block_hashes[i], request.block_table[i])
+            block_hash = request.block_hashes[i]
+            existing = self.prefix_cache.cached_block(block_hash)
+            if existing is not None and existing != request.block_table[i]:
+                # Another request computed the same block at the same time. Switch to the
+                # cached copy (same contents; full blocks are never written again) so that
+                # this request's chain stays inside the tree and its own copy is freed.
+                self.pool.incref(existing)
+                self.pool.decref(request.block_table[i])
+                request.block_table[i] = existing
+            elif existing is None:
+                parent_hash = request.block_hashes[i - 1] if i > 0 else None
+                self.prefix_cache.insert(parent_hash, block_hash, request.block_table[i])
         request.num_committed_blocks = num_full
 
     def take_block_copies(self) -> list[tuple[int, int]]:

@@ -13,12 +13,18 @@ A node whose block no request references is *evictable*. Eviction takes the leas
 used evictable leaf, so a shared prefix outlives the conversations branching off it. Because
 every request holds the whole chain from the root down to its last block, an evictable node's
 descendants are evictable too, and some evictable leaf always exists.
+
+Listeners hear of every block entering and leaving the tree: the offload tiers save an
+evicted block before its memory is reused, and the KV event log tells gateways what this
+replica holds.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(slots=True, eq=False)
@@ -29,6 +35,16 @@ class RadixNode:
     children: dict[bytes, RadixNode] = field(default_factory=dict)
 
 
+class PrefixCacheListener(Protocol):
+    """Told of each block entering (``block_cached``) and leaving (``block_evicted``) the
+    cache. ``block_evicted`` runs before the block id is handed to a new owner, so the
+    block still holds its content until the next forward pass."""
+
+    def block_cached(self, block_hash: bytes, block_id: int) -> None: ...
+
+    def block_evicted(self, block_hash: bytes, block_id: int) -> None: ...
+
+
 class RadixPrefixCache:
     """Longest-prefix match over chained block hashes, with LRU eviction of unused leaves.
 
@@ -37,7 +53,8 @@ class RadixPrefixCache:
     are ever returned by :meth:`evict`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, listeners: Sequence[PrefixCacheListener] = ()) -> None:
+        self._listeners = tuple(listeners)
         self._root = RadixNode(block_hash=b"", block_id=-1, parent=None)
         self._by_hash: dict[bytes, RadixNode] = {}
         self._by_block: dict[int, RadixNode] = {}
@@ -66,6 +83,11 @@ class RadixPrefixCache:
     def contains(self, block_hash: bytes) -> bool:
         return block_hash in self._by_hash
 
+    def cached_block(self, block_hash: bytes) -> int | None:
+        """The block id cached under ``block_hash``, if any."""
+        node = self._by_hash.get(block_hash)
+        return None if node is None else node.block_id
+
     def is_cached(self, block_id: int) -> bool:
         return block_id in self._by_block
 
@@ -84,6 +106,8 @@ class RadixPrefixCache:
         parent.children[block_hash] = node
         self._by_hash[block_hash] = node
         self._by_block[block_id] = node
+        for listener in self._listeners:
+            listener.block_cached(block_hash, block_id)
         return True
 
     def mark_evictable(self, block_id: int) -> None:
@@ -122,3 +146,5 @@ class RadixPrefixCache:
         del node.parent.children[node.block_hash]
         del self._by_hash[node.block_hash]
         del self._by_block[node.block_id]
+        for listener in self._listeners:
+            listener.block_evicted(node.block_hash, node.block_id)

@@ -78,7 +78,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
-        scheduled_ids: set[int] = set()
+        # Budget and protection from preemption go to running sequences in priority order.
+        self.running.sort(key=lambda r: (r.sort_key, r.index))
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -95,7 +96,6 @@ class Scheduler:
                     break
             else:
                 batch.sequences.append(self._sequence(request, num_new))
-                scheduled_ids.add(id(request))
                 budget -= num_new
                 i += 1
 
