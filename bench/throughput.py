@@ -34,8 +34,8 @@ from engine_service.engine import EngineConfig, LLMEngine, SamplingParams  # noq
 PRESETS = {
     # Small enough for a 2-core CPU to finish the default workload in minutes.
     "tiny": dict(
-        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=4, vocab_size=8192, max_position_embeddings=2048,
+        hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048,
     ),
     "llama-3.2-1b": dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

@@ -1,5 +1,5 @@
-"""The seam between the reconcile loop and whatever runs replicas: local processes or, later,
-Kubernetes pods.
+"""The seam between the reconcile loop and whatever runs replicas (local processes), and the
+narrower one, :class:`EnginePool`, that the Kubernetes backend shares with the reconcile loop.
 
 A backend reports what exists (``observe``) and takes small idempotent orders (``start``,
 ``stop``); it never waits for a replica to become ready: readiness is what the replica tells
@@ -11,6 +11,9 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Protocol
+
+from switchyard.v1 import common_pb2
 
 
 class Phase(enum.Enum):
@@ -59,3 +62,21 @@ class Backend(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Stops every replica, forcing those that outlive the grace period."""
+
+
+class EnginePool(Protocol):
+    """What the controller's service and autoscaler need of whatever keeps the engine pool at
+    its size: the :class:`~controller.reconciler.Reconciler` over a :class:`Backend`, or the
+    Kubernetes pool, which follows a Deployment instead (Kubernetes creates and deletes its
+    pods; see :mod:`controller.kubernetes_backend`).
+
+    ``scale`` records the new size and returns the previous one at once; the pool's own loop
+    applies it, and retries until it holds.
+    """
+
+    @property
+    def desired(self) -> int: ...
+
+    def scale(self, replicas: int) -> int: ...
+
+    def replica_views(self) -> list[common_pb2.Replica]: ...

@@ -5,6 +5,12 @@ Heartbeat, Deregister, ListReplicas), streams the routing table to gateways (Wat
 takes scale orders for the :class:`~controller.reconciler.Reconciler` (Scale). The process
 serves that plus the standard gRPC health service; on SIGTERM or SIGINT it stops its engines
 (graceful, then forced) while still answering their Deregister calls, then exits.
+
+With ``backend=kubernetes`` the pool is a :class:`~controller.kubernetes_backend.KubernetesEnginePool`
+(plus the optional :class:`~controller.autoscaler.Autoscaler`), and with ``leader_election``
+the process first waits for the controller Lease: meanwhile its overall health is SERVING (it
+is alive) and ControllerService's NOT_SERVING (not ready, so its Service sends it nothing). A
+leader that loses the Lease exits with status 1 and comes back as a candidate.
 """
 
 from __future__ import annotations
@@ -13,17 +19,25 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
-from controller.backend import Backend
+from controller.autoscaler import AutoscalePolicy, Autoscaler
+from controller.backend import Backend, EnginePool
+from controller.kube_api import KubeApi, current_namespace
+from controller.kubernetes_backend import KubernetesEnginePool
+from controller.leader import LeadershipLost, LeaseElector
 from controller.local_backend import LocalEngineSpec, LocalProcessBackend
 from controller.plan import RestartPolicy
 from controller.reconciler import ENGINE_POOL, Reconciler
 from controller.registry import ReplicaRegistry
-from switchyard.grpc_utils import create_server
+from switchyard.grpc_utils import GrpcServer, create_server
 from switchyard.log import setup_logging
 from switchyard.settings import ControllerSettings, load_settings
 from switchyard.v1 import controller_pb2, controller_pb2_grpc
@@ -63,14 +77,15 @@ class RouteFeed:
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
-    """The wire side of the registry and the reconciler; ``reconciler`` is None when no
-    backend starts engines (they register from elsewhere and Scale is refused)."""
+    """The wire side of the registry and the engine pool (the reconciler, or the Kubernetes
+    pool); ``reconciler`` is None when nothing keeps a pool (engines register from elsewhere
+    and Scale is refused)."""
 
     def __init__(
         self,
         registry: ReplicaRegistry,
         feed: RouteFeed,
-        reconciler: Reconciler | None,
+        reconciler: EnginePool | None,
         heartbeat_interval_s: float,
     ) -> None:
         self._registry = registry
@@ -153,11 +168,9 @@ def reachable_address(host: str, port: int) -> str:
 
 
 def make_backend(settings: ControllerSettings, controller_address: str) -> Backend | None:
-    """The backend ``settings.backend`` names; None for ``none``."""
-    if settings.backend == "none":
+    """The local backend, or None for ``none`` (``kubernetes``: see :func:`kubernetes_parts`)."""
+    if settings.backend != "local":
         return None
-    if settings.backend == "kubernetes":
-        raise NotImplementedError("the Kubernetes backend is not available yet; use local")
     spec = LocalEngineSpec(
         command=settings.engine_command,
         model=settings.model,
@@ -173,8 +186,61 @@ def make_backend(settings: ControllerSettings, controller_address: str) -> Backe
     return LocalProcessBackend(spec)
 
 
+def kubernetes_parts(
+    settings: ControllerSettings, registry: ReplicaRegistry
+) -> tuple[KubeApi, KubernetesEnginePool, Autoscaler | None]:
+    """The API client, the pool that follows the engine Deployment, and the autoscaler when
+    ``settings.autoscale`` is on."""
+    api = KubeApi(settings.kubernetes_api) if settings.kubernetes_api else KubeApi.in_cluster()
+    pool = KubernetesEnginePool(
+        api,
+        registry,
+        namespace=current_namespace(settings.kubernetes_namespace),
+        deployment=settings.engine_deployment,
+        selector=settings.engine_selector,
+        engine_port=settings.engine_port,
+        model=settings.served_model_name or settings.model,
+    )
+    autoscaler = None
+    if settings.autoscale:
+        policy = AutoscalePolicy(
+            min_replicas=settings.autoscale_min,
+            max_replicas=settings.autoscale_max,
+            target_waiting=settings.autoscale_target_waiting,
+            target_kv_usage=settings.autoscale_target_kv_usage,
+            cooldown_s=settings.autoscale_cooldown_s,
+        )
+        autoscaler = Autoscaler(pool, registry, policy)
+    return api, pool, autoscaler
+
+
+async def _lead_or_stop(elector: LeaseElector, server: GrpcServer, stop: asyncio.Event) -> bool:
+    """Alive but not ready until this replica leads; False when a stop came first."""
+    await server.health.set("", health_pb2.HealthCheckResponse.SERVING)
+    acquire = asyncio.create_task(elector.acquire())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    leading = acquire.done() and not acquire.cancelled()
+    for task in (acquire, stopped):
+        task.cancel()
+    await asyncio.gather(acquire, stopped, return_exceptions=True)
+    return leading
+
+
+async def _hold(elector: LeaseElector, lost: list[LeadershipLost], stop: asyncio.Event) -> None:
+    """Renews the Lease; on losing it, records why and stops the process."""
+    try:
+        await elector.hold()
+    except LeadershipLost as exc:
+        lost.append(exc)
+        stop.set()
+
+
 async def serve(settings: ControllerSettings) -> None:
-    """Runs the controller until SIGTERM or SIGINT."""
+    """Runs the controller until SIGTERM or SIGINT; raises :class:`LeadershipLost` when it
+    led and lost the Lease."""
+    if settings.leader_election and settings.backend != "kubernetes":
+        raise NotImplementedError("leader_election needs backend=kubernetes")
     feed = RouteFeed()
     registry = ReplicaRegistry(
         unhealthy_after_s=settings.unhealthy_after_s,
@@ -182,14 +248,30 @@ async def serve(settings: ControllerSettings) -> None:
         on_change=feed.notify,
     )
     server = create_server(settings.host, settings.port, [SERVICE_NAME])
-    backend = make_backend(settings, reachable_address(settings.host, server.port))
-    reconciler = (
-        None
-        if backend is None
-        else Reconciler(registry, backend, settings.engines, RestartPolicy(), RECONCILE_INTERVAL_S)
-    )
+    background: list[Coroutine[Any, Any, None]] = []
+    api: KubeApi | None = None
+    backend: Backend | None = None
+    pool: EnginePool | None
+    if settings.backend == "kubernetes":
+        api, kubernetes_pool, autoscaler = kubernetes_parts(settings, registry)
+        pool = kubernetes_pool
+        background.append(kubernetes_pool.run())
+        if autoscaler is not None:
+            background.append(autoscaler.run())
+    else:
+        backend = make_backend(settings, reachable_address(settings.host, server.port))
+        reconciler = (
+            None
+            if backend is None
+            else Reconciler(
+                registry, backend, settings.engines, RestartPolicy(), RECONCILE_INTERVAL_S
+            )
+        )
+        pool = reconciler
+        if reconciler is not None:
+            background.append(reconciler.run())
     controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-        ControllerServicer(registry, feed, reconciler, settings.heartbeat_interval_s),
+        ControllerServicer(registry, feed, pool, settings.heartbeat_interval_s),
         server.server,
     )
     stop = asyncio.Event()
@@ -198,22 +280,49 @@ async def serve(settings: ControllerSettings) -> None:
         loop.add_signal_handler(signum, stop.set)
 
     await server.start()
-    await server.set_serving(True)
-    log.info(
-        "controller serving",
-        extra={"port": server.port, "backend": settings.backend, "engines": settings.engines},
-    )
-    reconcile_task = None if reconciler is None else asyncio.create_task(reconciler.run())
+    elector = None
+    leading = True
+    if settings.leader_election:
+        assert api is not None
+        elector = LeaseElector(
+            api,
+            current_namespace(settings.kubernetes_namespace),
+            settings.lease_name,
+            f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}",
+            settings.lease_duration_s,
+        )
+        leading = await _lead_or_stop(elector, server, stop)
+    lost: list[LeadershipLost] = []
+    tasks: list[asyncio.Task[None]] = []
+    if leading:
+        if elector is not None:
+            background.append(_hold(elector, lost, stop))
+        tasks = [asyncio.create_task(work) for work in background]
+        await server.set_serving(True)
+        log.info(
+            "controller serving",
+            extra={"port": server.port, "backend": settings.backend, "engines": settings.engines},
+        )
+    else:
+        for work in background:
+            work.close()  # never started
     await stop.wait()
     log.info("controller stopping")
-    if reconcile_task is not None:
-        reconcile_task.cancel()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
-            await reconcile_task
+            await task
     if backend is not None:
         await backend.close()  # engines deregister while the server still answers
+    if elector is not None and not lost:
+        await elector.release()
+    if api is not None:
+        await api.aclose()
     await server.stop(grace_s=1.0)
     log.info("controller stopped")
+    if lost:
+        raise lost[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotImplementedError as exc:
         log.error(str(exc))
         return 2
+    except LeadershipLost as exc:
+        log.error("lost leadership; exiting to start again as a candidate: %s", exc)
+        return 1
     return 0
 
 

@@ -15,6 +15,13 @@ with the controller, and its Prometheus metrics (under vLLM's names).
 The engine thread sleeps on the condition while it has no commands and no unfinished
 requests. Readers of load figures (GetStats, heartbeats, /metrics) use the snapshot of
 ``engine.stats()`` that the thread publishes after every iteration.
+
+KV events (blocks the engine started or stopped holding) are drained after every iteration
+too and fanned out by a :class:`KVEventHub` to ``WatchKVEvents`` streams. Gateways watch each
+replica directly rather than reading events off heartbeats: events change every step, only
+gateways need them, and a stream gives them within a step instead of a heartbeat interval
+later, without the controller relaying them. With ``kv_service_address`` set, the engine's
+offload tiers reach the KV service through :mod:`engine_service.kv_connector`.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ from engine_service.engine import (
     RequestOutput,
     SamplingParams,
 )
+from engine_service.engine.kv_events import KVEvent, KVTier
+from engine_service.engine.structured import GrammarSpec
+from engine_service.kv_connector import GrpcKVStore
 from switchyard.demo import resolve_model
 from switchyard.grpc_utils import GrpcServer, abort_with, create_server, insecure_channel
 from switchyard.log import request_id_var
@@ -61,6 +71,10 @@ logger = logging.getLogger(__name__)
 ENGINE_SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
 CONTROLLER_RPC_TIMEOUT_S = 5.0
 SHUTDOWN_GRACE_S = 5.0
+# The host tier stages blocks on their way to the KV service; it gets at least this much.
+KV_STAGING_HOST_BYTES = 64 << 20
+# Event batches a KV-event watcher may fall behind by before it is cut off.
+KV_EVENT_QUEUE_BATCHES = 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,8 +99,8 @@ class EngineLoop:
 
     Callers on any thread hand it commands with :meth:`add` and :meth:`abort`. It reports
     back on ``loop`` through ``loop.call_soon_threadsafe``: each step's outputs to
-    ``on_outputs``, a rejected request (``add_request`` raised) to ``on_rejected``, and a
-    failed step to ``on_step_failed``.
+    ``on_outputs``, a rejected request (``add_request`` raised) to ``on_rejected``, a
+    failed step to ``on_step_failed``, and the engine's KV events to ``on_kv_events``.
     """
 
     def __init__(
@@ -96,8 +110,10 @@ class EngineLoop:
         on_outputs: Callable[[list[RequestOutput]], None],
         on_rejected: Callable[[str, Exception], None],
         on_step_failed: Callable[[Exception], None],
+        on_kv_events: Callable[[list[KVEvent]], None] | None = None,
     ) -> None:
         self._engine = engine
+        self._on_kv_events = on_kv_events
         self._loop = loop
         self._on_outputs = on_outputs
         self._on_rejected = on_rejected
@@ -151,6 +167,10 @@ class EngineLoop:
             self.stats = engine.stats()
             if outputs:
                 self._loop.call_soon_threadsafe(self._on_outputs, outputs)
+            if self._on_kv_events is not None and engine.kv_events is not None:
+                events = engine.kv_events.drain()
+                if events:
+                    self._loop.call_soon_threadsafe(self._on_kv_events, events)
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
@@ -275,13 +295,81 @@ class _StatsCollector(Collector):
                 stats.prefix_cache_hits,
             ),
             ("vllm:num_preemptions", "Preemptions of running requests.", stats.num_preemptions),
+            (
+                "switchyard:kv_offloaded_blocks",
+                "KV blocks copied from the device pool to the host tier.",
+                stats.offloaded_blocks,
+            ),
+            (
+                "switchyard:kv_recomputed_tokens",
+                "Tokens admitted sequences computed instead of reusing from any KV tier.",
+                stats.recomputed_tokens,
+            ),
+            (
+                "switchyard:kv_remote_put_blocks",
+                "KV blocks the KV service accepted from this replica.",
+                stats.remote_put_blocks,
+            ),
+            (
+                "switchyard:kv_remote_errors",
+                "Failed calls to the KV service (served as misses).",
+                stats.remote_errors,
+            ),
             ("vllm:prompt_tokens", "Prompt tokens processed.", stats.prompt_tokens_total),
             ("vllm:generation_tokens", "Tokens generated.", stats.generation_tokens_total),
+            (
+                "switchyard:jump_forward_tokens",
+                "Output tokens a grammar forced, appended by jump-forward without sampling.",
+                stats.jump_forward_tokens,
+            ),
         ]
         for name, doc, value in counters:
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric(labels, value)
             yield counter
+        yield from _tier_metrics(labels, stats)
+
+
+def _tier_metrics(labels: list[str], stats: EngineStats) -> Iterator[Metric]:
+    """Prefix hits and restores per KV tier; remote hits are the prompt tokens this replica
+    skipped because another one (or an earlier life of this one) computed them."""
+    hits = CounterMetricFamily(
+        "switchyard:kv_hit_tokens",
+        "Prompt tokens served from a KV tier instead of computed.",
+        labels=["model_name", "tier"],
+    )
+    for tier, value in (
+        ("device", stats.prefix_cache_hits),
+        ("host", stats.host_hit_tokens),
+        ("remote", stats.remote_hit_tokens),
+    ):
+        hits.add_metric([*labels, tier], value)
+    yield hits
+    restored = CounterMetricFamily(
+        "switchyard:kv_restored_blocks",
+        "KV blocks copied back into the device pool from a lower tier.",
+        labels=["model_name", "tier"],
+    )
+    restored.add_metric([*labels, "host"], stats.restored_blocks_host)
+    restored.add_metric([*labels, "remote"], stats.restored_blocks_remote)
+    yield restored
+    gauges = [
+        ("switchyard:kv_host_blocks", "KV blocks in the host tier.", stats.host_blocks),
+        (
+            "switchyard:kv_host_capacity_blocks",
+            "KV blocks the host tier can hold.",
+            stats.host_capacity_blocks,
+        ),
+        (
+            "switchyard:kv_remote_available",
+            "1 while the KV service answers (0 when it does not, or none is configured).",
+            int(stats.remote_available),
+        ),
+    ]
+    for name, doc, value in gauges:
+        gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+        gauge.add_metric(labels, value)
+        yield gauge
 
 
 class EngineMetrics:
@@ -361,6 +449,9 @@ def load_from_stats(stats: EngineStats) -> common_pb2.ReplicaLoad:
         num_preemptions=stats.num_preemptions,
         prompt_tokens_total=stats.prompt_tokens_total,
         generation_tokens_total=stats.generation_tokens_total,
+        host_hit_tokens=stats.host_hit_tokens,
+        remote_hit_tokens=stats.remote_hit_tokens,
+        recomputed_tokens=stats.recomputed_tokens,
     )
 
 
@@ -390,6 +481,20 @@ def sampling_params_from_proto(
     )
 
 
+def grammar_spec_from_proto(structured: common_pb2.StructuredOutput) -> GrammarSpec | None:
+    """The engine's spec for a request's ``structured`` field; ``None`` when it names no
+    constraint. Raises ``ValueError`` for an unknown backend, an empty constraint, or
+    ``json_object`` set to false."""
+    kind = structured.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        if not structured.json_object:
+            raise ValueError("structured.json_object must be true when set")
+        return GrammarSpec("json_object", backend=structured.backend)
+    return GrammarSpec(kind, getattr(structured, kind), structured.backend)
+
+
 def response_from_output(output: RequestOutput) -> engine_pb2.GenerateResponse:
     response = engine_pb2.GenerateResponse(
         index=output.index,
@@ -412,6 +517,64 @@ def response_from_output(output: RequestOutput) -> engine_pb2.GenerateResponse:
     return response
 
 
+class KVEventHub:
+    """What the replica holds, per tier, and the ``WatchKVEvents`` streams to tell.
+
+    It mirrors the engine's block set from its events (the engine thread cannot be asked),
+    so a new watcher starts from a snapshot of the mirror and then gets every later batch.
+    Runs on the event loop only.
+    """
+
+    def __init__(self, replica_id: str, block_size: int) -> None:
+        self.replica_id = replica_id
+        self.block_size = block_size
+        self._held: dict[KVTier, set[bytes]] = {tier: set() for tier in KVTier}
+        self._watchers: set[asyncio.Queue[engine_pb2.KVEventBatch | None]] = set()
+
+    def publish(self, events: list[KVEvent]) -> None:
+        for event in events:
+            held = self._held[event.tier]
+            if event.stored:
+                held.update(event.block_hashes)
+            else:
+                held.difference_update(event.block_hashes)
+        batch = self._batch(events, snapshot=False)
+        for queue in list(self._watchers):
+            try:
+                queue.put_nowait(batch)
+            except asyncio.QueueFull:
+                # Too far behind to catch up by events: end its stream; it resubscribes.
+                self._watchers.discard(queue)
+                queue.get_nowait()
+                queue.put_nowait(None)
+
+    async def watch(self) -> AsyncIterator[engine_pb2.KVEventBatch]:
+        """The snapshot, then every batch; ends with ``OverflowError`` when cut off."""
+        queue: asyncio.Queue[engine_pb2.KVEventBatch | None] = asyncio.Queue(KV_EVENT_QUEUE_BATCHES)
+        self._watchers.add(queue)
+        try:
+            snapshot = [KVEvent(True, tier, list(hashes)) for tier, hashes in self._held.items()]
+            yield self._batch(snapshot, snapshot=True)
+            while (batch := await queue.get()) is not None:
+                yield batch
+            raise OverflowError("fell too far behind the replica's KV events; watch again")
+        finally:
+            self._watchers.discard(queue)
+
+    def _batch(self, events: list[KVEvent], *, snapshot: bool) -> engine_pb2.KVEventBatch:
+        return engine_pb2.KVEventBatch(
+            snapshot=snapshot,
+            replica_id=self.replica_id,
+            block_size=self.block_size,
+            events=[
+                engine_pb2.KVEvent(
+                    stored=event.stored, tier=int(event.tier), block_hashes=event.block_hashes
+                )
+                for event in events
+            ],
+        )
+
+
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     """``EngineService`` over an :class:`EngineLoop`; runs on the event loop only."""
 
@@ -429,6 +592,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self.block_size = block_size
         self.metrics = metrics
         self.engine_loop: EngineLoop | None = None  # set by EngineServer before serving
+        self.kv_events = KVEventHub(replica_id, block_size)
         self._streams: dict[str, _Stream] = {}
 
     # Callbacks from the engine thread, run on the event loop.
@@ -471,6 +635,8 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         prompt = list(request.prompt_token_ids)
         try:
             params = sampling_params_from_proto(request.sampling, len(prompt), self.max_model_len)
+            if request.HasField("structured"):
+                params.structured = grammar_spec_from_proto(request.structured)
         except ValueError as exc:
             await abort_with(context, exc)
         stream = _Stream(n=params.n)
@@ -558,6 +724,15 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             num_blocks_free=stats.num_blocks_free,
             block_size=self.block_size,
         )
+
+    async def WatchKVEvents(
+        self, request: engine_pb2.WatchKVEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[engine_pb2.KVEventBatch]:
+        try:
+            async for batch in self.kv_events.watch():
+                yield batch
+        except OverflowError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,6 +834,13 @@ def engine_config_from_settings(settings: EngineSettings, model_path: str) -> En
         enable_prefix_caching=settings.enable_prefix_caching,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_num_seqs=settings.max_num_seqs,
+        enable_kv_offload=bool(settings.kv_offload_host_bytes or settings.kv_service_address),
+        kv_offload_host_bytes=max(
+            settings.kv_offload_host_bytes,
+            KV_STAGING_HOST_BYTES if settings.kv_service_address else 0,
+        ),
+        kv_write_through=settings.kv_write_through,
+        enable_kv_events=True,
     )
 
 
@@ -673,6 +855,8 @@ class EngineServer:
         self.port = 0
         self.metrics_port = 0
         self.replica_id = settings.replica_id
+        self._engine: LLMEngine | None = None
+        self._kv_store: GrpcKVStore | None = None
         self._engine_loop: EngineLoop | None = None
         self._max_model_len = 0
         self._grpc: GrpcServer | None = None
@@ -685,7 +869,10 @@ class EngineServer:
         model_path = await asyncio.to_thread(resolve_model, settings.model, settings.data_dir)
         config = engine_config_from_settings(settings, model_path)
         logger.info("loading model %s on %s", model_path, config.device)
-        engine = await asyncio.to_thread(LLMEngine, config)
+        if settings.kv_service_address:
+            self._kv_store = GrpcKVStore(settings.kv_service_address)
+        engine = await asyncio.to_thread(LLMEngine, config, self._kv_store)
+        self._engine = engine
 
         grpc_server = create_server(settings.host, settings.port, [ENGINE_SERVICE_NAME])
         self._grpc = grpc_server
@@ -702,6 +889,7 @@ class EngineServer:
             servicer.deliver,
             servicer.reject,
             servicer.fail_all,
+            on_kv_events=servicer.kv_events.publish,
         )
         servicer.engine_loop = engine_loop
         self._engine_loop = engine_loop
@@ -771,6 +959,10 @@ class EngineServer:
             await self._grpc.stop(grace_s)
         if self._engine_loop is not None:
             await asyncio.to_thread(self._engine_loop.stop)
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.close)
+        if self._kv_store is not None:
+            self._kv_store.close()
         if self._metrics_server is not None:
             self._metrics_server.stop()
         logger.info("engine stopped")

@@ -1,9 +1,10 @@
 """The gateway's FastAPI application: wiring, lifecycle, health and metrics endpoints.
 
-``create_app(settings)`` loads the model's tokenizer, follows the controller's routing
-table (or a ``routes_source`` given by the caller, such as :class:`StaticRoutes`), and
-mounts the OpenAI API under ``/v1``. ``/health`` answers 200 once an engine replica is
-READY and 503 before; ``/metrics`` serves the gateway's Prometheus registry.
+``create_app(settings)`` loads the model's tokenizer and chat format, follows the
+controller's routing table (or a ``routes_source`` given by the caller, such as
+:class:`StaticRoutes`), and mounts the OpenAI API and the Anthropic Messages API
+(``/v1/messages``) under ``/v1``. ``/health`` answers 200 once an engine replica is READY
+and 503 before; ``/metrics`` serves the gateway's Prometheus registry.
 """
 
 from __future__ import annotations
@@ -12,19 +13,30 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.anthropic_routes import AnthropicRoutes, build_anthropic_router
 from gateway.auth import ApiKeyAuth, ApiKeyMiddleware, load_api_keys
+from gateway.chat import ChatFormat
 from gateway.engine_client import EngineClient
 from gateway.errors import install_error_handlers
 from gateway.generation import Generator
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openai_routes import OpenAIRoutes, build_openai_router
+from gateway.prefix_index import KVEventFollower, PrefixIndex
+from gateway.prefix_policy import PrefixAwarePolicy, SessionIdMiddleware
 from gateway.route_sources import ControllerRoutes
-from gateway.routing import LeastLoadPolicy, Router, RoutesSource, RoutingPolicy
+from gateway.routing import (
+    LeastLoadPolicy,
+    RoundRobinPolicy,
+    Router,
+    RoutesSource,
+    RoutingPolicy,
+)
 from gateway.tokenization import ModelTokenizer
 from switchyard.demo import resolve_model
 from switchyard.settings import GatewaySettings
@@ -44,20 +56,41 @@ def create_app(
         settings.controller_address, gateway_id=f"gateway-{socket.gethostname()}-{os.getpid()}"
     )
     metrics = GatewayMetrics()
-    router = Router(source, policy or LeastLoadPolicy())
+    kv_events: KVEventFollower | None = None
+    if policy is None:
+        if settings.routing_policy == "prefix":
+            index = PrefixIndex()
+            kv_events = KVEventFollower(index, source.replicas)
+            policy = PrefixAwarePolicy(index, settings.prefix_load_guard)
+        elif settings.routing_policy == "round_robin":
+            policy = RoundRobinPolicy()
+        else:
+            policy = LeastLoadPolicy()
+    router = Router(source, policy)
     engines = EngineClient(router, metrics.engine_retries, timeout_s=settings.request_timeout_s)
     tokenizer = ModelTokenizer(model_path)
-    auth = ApiKeyAuth(load_api_keys(settings.api_keys, settings.api_key_file))
-    routes = OpenAIRoutes(
-        Generator(tokenizer, router, engines), metrics, served_model_name, settings.max_n
+    chat = ChatFormat(
+        tokenizer,
+        Path(model_path),
+        settings.data_dir,
+        chat_format=settings.chat_format,
+        tool_call_parser=settings.tool_call_parser,
     )
+    auth = ApiKeyAuth(load_api_keys(settings.api_keys, settings.api_key_file))
+    generator = Generator(tokenizer, router, engines)
+    routes = OpenAIRoutes(generator, chat, metrics, served_model_name, settings.max_n)
+    anthropic_routes = AnthropicRoutes(generator, chat, metrics, served_model_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await source.start()
+        if kv_events is not None:
+            await kv_events.start()
         try:
             yield
         finally:
+            if kv_events is not None:
+                await kv_events.close()
             await engines.close()
             await source.close()
             tokenizer.close()
@@ -72,6 +105,8 @@ def create_app(
     install_error_handlers(app)
     openai_router = build_openai_router(routes)
     app.include_router(openai_router)
+    anthropic_router = build_anthropic_router(anthropic_routes)
+    app.include_router(anthropic_router)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -87,10 +122,13 @@ def create_app(
 
     endpoints = [
         *(getattr(route, "path", "") for route in openai_router.routes),
+        *(getattr(route, "path", "") for route in anthropic_router.routes),
         "/health",
         "/metrics",
     ]
     app.add_middleware(ApiKeyMiddleware, auth=auth, prefix="/v1/")
+    if settings.session_header:
+        app.add_middleware(SessionIdMiddleware, header=settings.session_header)
     # Added last, so it runs first: refused keys are counted too.
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=endpoints)
     return app

@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer KEY``, compared in constant time.
+"""API keys: ``Authorization: Bearer KEY`` or ``x-api-key: KEY`` (Anthropic's header),
+compared in constant time.
 
 Keys come from the settings and from a file of one key per line (blank lines and ``#``
 comments skipped). With no key configured, the gateway is open. The check is ASGI
@@ -39,14 +40,21 @@ class ApiKeyAuth:
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def check(self, authorization: str | None) -> None:
-        """Raises a 401 ``OpenAIError`` unless the header carries an accepted key."""
+    def check(self, authorization: str | None, api_key: str | None = None) -> None:
+        """Raises a 401 ``OpenAIError`` unless a header carries an accepted key: the
+        ``Authorization`` header's bearer token, else the ``x-api-key`` header."""
         if not self._keys:
             return
         scheme, _, presented = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
-            raise _unauthorized("missing API key: send 'Authorization: Bearer YOUR_KEY'")
-        candidate = presented.strip().encode()
+        if scheme.lower() == "bearer" and presented.strip():
+            presented = presented.strip()
+        elif api_key and api_key.strip():
+            presented = api_key.strip()
+        else:
+            raise _unauthorized(
+                "missing API key: send 'Authorization: Bearer YOUR_KEY' or 'x-api-key: YOUR_KEY'"
+            )
+        candidate = presented.encode()
         # Compare against every key, so the time taken does not tell which one nearly matched.
         matched = False
         for key in self._keys:
@@ -73,17 +81,14 @@ class ApiKeyMiddleware:
             and self._auth.enabled
             and scope["path"].startswith(self._prefix)
         ):
-            authorization = next(
-                (
-                    value.decode("latin-1")
-                    for name, value in scope["headers"]
-                    if name == b"authorization"
-                ),
-                None,
-            )
+            headers = {
+                name: value.decode("latin-1")
+                for name, value in scope["headers"]
+                if name in (b"authorization", b"x-api-key")
+            }
             try:
-                self._auth.check(authorization)
+                self._auth.check(headers.get(b"authorization"), headers.get(b"x-api-key"))
             except OpenAIError as exc:
-                await exc.response()(scope, receive, send)
+                await exc.response(scope["path"])(scope, receive, send)
                 return
         await self._app(scope, receive, send)

@@ -1,8 +1,15 @@
-"""OpenAI's error format, for every way a request can fail.
+"""The clients' error formats, for every way a request can fail.
 
-Every failure, from a malformed body to an engine that went away, leaves the gateway as
-``{"error": {"message", "type", "param", "code"}}`` with the matching HTTP status, and the
-server keeps serving. FastAPI's own 422 shape never reaches a client.
+Every failure, from a malformed body to an engine that went away, leaves the gateway with
+the matching HTTP status in the format of the API that was called, and the server keeps
+serving. FastAPI's own 422 shape never reaches a client.
+
+- OpenAI (every path but the Anthropic one): ``{"error": {"message", "type", "param", "code"}}``
+- Anthropic (``/v1/messages``): ``{"type": "error", "error": {"type", "message"}}``, the
+  type named by the status (``invalid_request_error``, ``authentication_error``,
+  ``not_found_error``, ``overloaded_error``, ``api_error``, ...).
+
+Failures are raised as :class:`OpenAIError` everywhere; the handlers pick the format by path.
 """
 
 from __future__ import annotations
@@ -26,6 +33,24 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_error",
     503: "service_unavailable_error",
 }
+
+
+ANTHROPIC_PATH = "/v1/messages"
+
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
 
 
 class OpenAIError(Exception):
@@ -59,8 +84,16 @@ class OpenAIError(Exception):
             }
         }
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def anthropic_body(self) -> dict[str, Any]:
+        error_type = _ANTHROPIC_TYPE_BY_STATUS.get(
+            self.status, "api_error" if self.status >= 500 else "invalid_request_error"
+        )
+        return {"type": "error", "error": {"type": error_type, "message": self.message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error as the API at ``path`` answers it."""
+        body = self.anthropic_body() if is_anthropic_path(path) else self.body()
+        return JSONResponse(body, status_code=self.status)
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
@@ -86,23 +119,24 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answers validation errors, HTTP errors and crashes in OpenAI's format."""
+    """Answers validation errors, HTTP errors and crashes in the called API's format."""
 
     async def on_openai_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OpenAIError)
-        return exc.response()
+        return exc.response(request.url.path)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return _validation_error(exc).response()
+        return _validation_error(exc).response(request.url.path)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return OpenAIError(exc.status_code, str(exc.detail)).response()
+        return OpenAIError(exc.status_code, str(exc.detail)).response(request.url.path)
 
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
-        return OpenAIError(500, "internal server error", type="server_error").response()
+        error = OpenAIError(500, "internal server error", type="server_error")
+        return error.response(request.url.path)
 
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -37,18 +37,22 @@ class GenerationSpec:
     sampling: common_pb2.SamplingParams
     max_tokens: int | None
     stop: list[str] = field(default_factory=list)
+    structured: common_pb2.StructuredOutput | None = None
 
 
 @dataclass(slots=True)
 class SampleDelta:
-    """New output of one sample: text, the logprobs of the tokens behind it, and whether
-    the sample ended (``finish_reason`` "stop" or "length")."""
+    """New output of one sample: text, the tokens and logprobs behind it, and whether the
+    sample ended (``finish_reason`` "stop" or "length"). Token-level formats (Harmony) parse
+    ``token_ids``; the rest read ``text``."""
 
     index: int
     text: str
     logprobs: list[common_pb2.TokenLogprob]
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     num_tokens: int = 0
+    stop_string: str | None = None  # the stop string that ended the sample, if one did
 
 
 @dataclass(slots=True)
@@ -103,6 +107,7 @@ class Generator:
             request_id=spec.request_id,
             prompt_token_ids=spec.prompt_token_ids,
             sampling=spec.sampling,
+            structured=spec.structured,
         )
         info = RequestInfo(
             request_id=spec.request_id, model=spec.model, prompt_token_ids=spec.prompt_token_ids
@@ -124,7 +129,7 @@ class Generator:
                 if delta.finish_reason is not None:
                     sample.finished = True
                     unfinished -= 1
-                if delta.text or delta.logprobs or delta.finish_reason is not None:
+                if delta.text or delta.token_ids or delta.finish_reason is not None:
                     yield delta
                 if unfinished == 0:
                     return
@@ -151,6 +156,8 @@ def _advance(sample: _Sample, response: engine_pb2.GenerateResponse) -> SampleDe
         index=response.index,
         text=text,
         logprobs=list(response.logprobs),
+        token_ids=token_ids,
         finish_reason=finish_reason,
         num_tokens=sample.num_tokens,
+        stop_string=sample.stops.matched,
     )

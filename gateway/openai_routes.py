@@ -28,9 +28,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from gateway.chat import ChatFormat, ToolChoice, check_tool_request
 from gateway.engine_client import EngineError
 from gateway.errors import OpenAIError, invalid_request
 from gateway.generation import ContextLengthError, GenerationSpec, Generator, SampleDelta
+from gateway.harmony import HarmonyInputError
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import (
     AssistantMessage,
@@ -46,15 +48,21 @@ from gateway.openai_api import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    FunctionCall,
+    FunctionCallDelta,
     ModelCard,
     ModelList,
     SamplingRequest,
     TokenLogprob,
+    ToolCall,
+    ToolCallChunk,
     TopLogprob,
     Usage,
 )
 from gateway.routing import NoReplicaAvailable
+from gateway.structured import ConstraintError, check_constraint, make_constraint
 from gateway.tokenization import ModelTokenizer, TemplateError
+from gateway.tool_calls import OutputParser, ParsedDelta, ToolSpec
 from switchyard.log import request_id_var
 from switchyard.v1 import common_pb2
 
@@ -77,8 +85,10 @@ def openai_error_for(exc: Exception) -> OpenAIError:
         return exc
     if isinstance(exc, ContextLengthError):
         return invalid_request(str(exc), param="messages", code="context_length_exceeded")
-    if isinstance(exc, TemplateError):
+    if isinstance(exc, TemplateError | HarmonyInputError):
         return invalid_request(str(exc), param="messages")
+    if isinstance(exc, ConstraintError):
+        return invalid_request(str(exc), param=exc.param)
     if isinstance(exc, NoReplicaAvailable):
         return OpenAIError(503, str(exc), code="no_replica_available")
     if isinstance(exc, EngineError):
@@ -93,9 +103,15 @@ class OpenAIRoutes:
     """The handlers, bound to the generator and the deployment's limits."""
 
     def __init__(
-        self, generator: Generator, metrics: GatewayMetrics, served_model_name: str, max_n: int
+        self,
+        generator: Generator,
+        chat: ChatFormat,
+        metrics: GatewayMetrics,
+        served_model_name: str,
+        max_n: int,
     ) -> None:
         self.generator = generator
+        self.chat = chat
         self.tokenizer: ModelTokenizer = generator.tokenizer
         self.metrics = metrics
         self.served_model_name = served_model_name
@@ -119,17 +135,44 @@ class OpenAIRoutes:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         request_id = _new_id("chatcmpl")
+        tools = [
+            ToolSpec(tool.function.name, tool.function.description, tool.function.parameters)
+            for tool in body.tools or []
+        ]
+        choice = _tool_choice(body)
         messages = [
             _template_message(message, position) for position, message in enumerate(body.messages)
         ]
         try:
-            prompt_ids = await self.tokenizer.encode_chat(messages, body.chat_template_kwargs)
-        except TemplateError as exc:
+            check_tool_request(tools, choice)
+            prompt_ids = await self.chat.encode(
+                messages,
+                tools,
+                choice,
+                body.chat_template_kwargs,
+                reasoning_effort=body.reasoning_effort,
+            )
+            forced = self.chat.tool_constraint(tools, choice, parallel=body.parallel_tool_calls)
+        except (TemplateError, HarmonyInputError, ConstraintError) as exc:
             raise openai_error_for(exc) from exc
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         spec = self._spec(request_id, body, prompt_ids, body.output_limit, logprobs)
+        if forced is not None:
+            if spec.structured is not None:
+                raise invalid_request(
+                    f"tool_choice {choice.mode!r} cannot be combined with another output "
+                    "constraint (response_format, structured_outputs, guided_*)",
+                    param="tool_choice",
+                )
+            spec.structured = forced
+        spec.sampling.stop_token_ids.extend(self.chat.stop_token_ids())
         shape = _ChatShape(
-            self.tokenizer, request_id, body.model, body.n, with_logprobs=logprobs is not None
+            self.tokenizer,
+            request_id,
+            body.model,
+            body.n,
+            with_logprobs=logprobs is not None,
+            parsers=[self.chat.output_parser(tools, choice) for _ in range(body.n)],
         )
         return await self._respond(request, spec, body, shape, "/v1/chat/completions")
 
@@ -206,6 +249,7 @@ class OpenAIRoutes:
             sampling=sampling,
             max_tokens=max_tokens,
             stop=body.stop_strings,
+            structured=_output_constraint(body),
         )
 
     async def _respond(
@@ -220,7 +264,7 @@ class OpenAIRoutes:
         started = time.perf_counter()
         deltas = self.generator.generate(spec)
         try:
-            first = await _until_disconnected(request, anext(deltas))
+            first = await until_disconnected(request, anext(deltas))
         except (ContextLengthError, NoReplicaAvailable, EngineError) as exc:
             await deltas.aclose()
             raise openai_error_for(exc) from exc
@@ -236,7 +280,7 @@ class OpenAIRoutes:
             )
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         try:
-            await _until_disconnected(request, shape.collect(first, deltas))
+            await until_disconnected(request, shape.collect(first, deltas))
         except (NoReplicaAvailable, EngineError) as exc:
             raise openai_error_for(exc) from exc
         finally:
@@ -355,9 +399,26 @@ class _Shape(ABC):
 
 
 class _ChatShape(_Shape):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    """Chat output, read by one output parser per sample into content, reasoning and tool
+    calls; a sample that called a tool finishes with "tool_calls" instead of "stop"."""
+
+    def __init__(self, *args: Any, parsers: list[OutputParser], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(self.n)]
+        self.parsers = parsers
+        self.parsed = [ParsedDelta() for _ in range(self.n)]
+
+    def _parse(self, delta: SampleDelta) -> ParsedDelta:
+        parser = self.parsers[delta.index]
+        parsed = parser.feed(delta.text, delta.token_ids)
+        if delta.finish_reason is not None:
+            parsed.extend(parser.finish())
+        self.parsed[delta.index].extend(parsed)
+        return parsed
+
+    def _finish_reason(self, index: int, reason: str | None) -> str:
+        reason = reason or "stop"
+        return "tool_calls" if reason == "stop" and self.parsers[index].num_tool_calls else reason
 
     def _chunk(
         self, choices: list[ChatChunkChoice], usage: Usage | None = None
@@ -371,6 +432,7 @@ class _ChatShape(_Shape):
 
     def accumulate(self, delta: SampleDelta) -> None:
         self.record(delta)
+        self._parse(delta)
         if self.with_logprobs:
             self.logprobs[delta.index].extend(self._logprobs(delta))
 
@@ -384,28 +446,31 @@ class _ChatShape(_Shape):
 
     def chunks(self, delta: SampleDelta) -> list[BaseModel]:
         self.record(delta)
+        parsed = self._parse(delta)
+        deltas: list[ChatDelta] = []
+        if parsed.content or parsed.reasoning or (self.with_logprobs and delta.logprobs):
+            deltas.append(
+                ChatDelta(
+                    content=parsed.content if parsed.content or not parsed.reasoning else None,
+                    reasoning_content=parsed.reasoning or None,
+                )
+            )
+        deltas.extend(ChatDelta(tool_calls=[chunk]) for chunk in _tool_call_chunks(parsed))
         out: list[BaseModel] = []
-        if delta.text or (self.with_logprobs and delta.logprobs):
-            logprobs = ChatLogprobs(content=self._logprobs(delta)) if self.with_logprobs else None
+        for position, chat_delta in enumerate(deltas):
+            # The tokens' logprobs ride on the first chunk the tokens produced.
+            with_logprobs = self.with_logprobs and position == 0
+            logprobs = ChatLogprobs(content=self._logprobs(delta)) if with_logprobs else None
             out.append(
                 self._chunk(
-                    [
-                        ChatChunkChoice(
-                            index=delta.index,
-                            delta=ChatDelta(content=delta.text),
-                            logprobs=logprobs,
-                        )
-                    ]
+                    [ChatChunkChoice(index=delta.index, delta=chat_delta, logprobs=logprobs)]
                 )
             )
         if delta.finish_reason is not None:
+            reason = self._finish_reason(delta.index, delta.finish_reason)
             out.append(
                 self._chunk(
-                    [
-                        ChatChunkChoice(
-                            index=delta.index, delta=ChatDelta(), finish_reason=delta.finish_reason
-                        )
-                    ]
+                    [ChatChunkChoice(index=delta.index, delta=ChatDelta(), finish_reason=reason)]
                 )
             )
         return out
@@ -417,9 +482,9 @@ class _ChatShape(_Shape):
         choices = [
             ChatChoice(
                 index=index,
-                message=AssistantMessage(content=self.texts[index]),
+                message=_assistant_message(self.parsed[index]),
                 logprobs=ChatLogprobs(content=self.logprobs[index]) if self.with_logprobs else None,
-                finish_reason=self.finish_reasons[index] or "stop",
+                finish_reason=self._finish_reason(index, self.finish_reasons[index]),
             )
             for index in range(self.n)
         ]
@@ -460,6 +525,8 @@ class _CompletionShape(_Shape):
         return []
 
     def chunks(self, delta: SampleDelta) -> list[BaseModel]:
+        if not delta.text and not delta.logprobs and delta.finish_reason is None:
+            return []
         offset = len(self.texts[delta.index])
         self.record(delta)
         logprobs = self._logprobs(delta, offset) if self.with_logprobs else None
@@ -521,9 +588,128 @@ def _chat_logprob(tokenizer: ModelTokenizer, entry: common_pb2.TokenLogprob) -> 
     )
 
 
+def _tool_choice(body: ChatCompletionRequest) -> ToolChoice:
+    """The request's tool choice; OpenAI's default is auto with tools, none without."""
+    choice = body.tool_choice
+    if choice is None:
+        return ToolChoice("auto" if body.tools else "none")
+    if isinstance(choice, str):
+        return ToolChoice(choice)
+    return ToolChoice("named", choice.function.name)
+
+
+def _output_constraint(body: SamplingRequest) -> common_pb2.StructuredOutput | None:
+    """The one output constraint the request asks for (response_format, vLLM's
+    structured_outputs or its guided_* fields), checked; 400 when it is invalid or when
+    several are given."""
+    constraints: list[tuple[str, common_pb2.StructuredOutput]] = []
+    try:
+        response_format = body.response_format
+        if response_format is not None and response_format.type == "json_object":
+            constraints.append(("response_format", common_pb2.StructuredOutput(json_object=True)))
+        elif response_format is not None and response_format.type == "json_schema":
+            if response_format.json_schema is None:
+                raise ConstraintError(
+                    "response_format of type json_schema needs a json_schema",
+                    "response_format.json_schema",
+                )
+            constraints.append(
+                (
+                    "response_format.json_schema.schema",
+                    common_pb2.StructuredOutput(
+                        json_schema=json.dumps(response_format.json_schema.schema_)
+                    ),
+                )
+            )
+        params = body.structured_outputs
+        if params is not None:
+            constraint = make_constraint(
+                json_schema=params.json_,
+                json_object=bool(params.json_object),
+                regex=params.regex,
+                grammar=params.grammar,
+                backend=params.backend or "",
+                param="structured_outputs",
+            )
+            if constraint is not None:
+                constraints.append(("structured_outputs", constraint))
+        guided = make_constraint(
+            json_schema=body.guided_json,
+            regex=body.guided_regex,
+            grammar=body.guided_grammar,
+            backend=body.guided_decoding_backend or "",
+            param="guided_json",
+        )
+        if guided is not None:
+            constraints.append((f"guided_{guided.WhichOneof('kind')}", guided))
+        if len(constraints) > 1:
+            raise ConstraintError(
+                "give at most one output constraint, got "
+                + ", ".join(param for param, _ in constraints),
+                constraints[1][0],
+            )
+        for param, constraint in constraints:
+            check_constraint(constraint, param)
+    except ConstraintError as exc:
+        raise openai_error_for(exc) from exc
+    return constraints[0][1] if constraints else None
+
+
+def _tool_call_chunks(parsed: ParsedDelta) -> list[ToolCallChunk]:
+    """OpenAI's tool-call deltas: a call's opening (id, type, name, empty arguments), then
+    its argument fragments, consecutive fragments of one call joined."""
+    chunks: list[ToolCallChunk] = []
+    for part in parsed.tool_calls:
+        if part.id is not None:
+            chunks.append(
+                ToolCallChunk(
+                    index=part.index,
+                    id=part.id,
+                    type="function",
+                    function=FunctionCallDelta(name=part.name, arguments=""),
+                )
+            )
+        elif chunks and chunks[-1].index == part.index and chunks[-1].id is None:
+            chunks[-1].function.arguments = (chunks[-1].function.arguments or "") + part.arguments
+        else:
+            chunks.append(
+                ToolCallChunk(
+                    index=part.index, function=FunctionCallDelta(arguments=part.arguments)
+                )
+            )
+    return chunks
+
+
+def _assistant_message(parsed: ParsedDelta) -> AssistantMessage:
+    calls: dict[int, ToolCall] = {}
+    for part in parsed.tool_calls:
+        if part.id is not None:
+            calls[part.index] = ToolCall(
+                id=part.id, function=FunctionCall(name=part.name or "", arguments="")
+            )
+        else:
+            calls[part.index].function.arguments += part.arguments
+    return AssistantMessage(
+        content=parsed.content if parsed.content or not calls else None,
+        tool_calls=[calls[index] for index in sorted(calls)] or None,
+        reasoning_content=parsed.reasoning or None,
+    )
+
+
 def _template_message(message: ChatMessage, position: int) -> dict[str, Any]:
-    """The message as the chat template sees it, with text parts joined into one string."""
+    """The message as the chat template sees it: text parts joined into one string, and tool
+    calls' arguments as objects (templates write them out with ``tojson``)."""
     rendered = message.model_dump(exclude_none=True)
+    for call in rendered.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except json.JSONDecodeError:
+                raise invalid_request(
+                    "tool call arguments must be a JSON object",
+                    param=f"messages.{position}.tool_calls",
+                ) from None
     if isinstance(message.content, list):
         texts = []
         for part in message.content:
@@ -539,7 +725,7 @@ def _template_message(message: ChatMessage, position: int) -> dict[str, Any]:
     return rendered
 
 
-async def _until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
     """Awaits ``awaitable`` unless the client goes away first (then it is cancelled)."""
     work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
     watcher = asyncio.ensure_future(_disconnected(request.receive))

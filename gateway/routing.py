@@ -5,6 +5,9 @@ static list of engines; see :mod:`gateway.route_sources`). Only READY replicas g
 A :class:`RoutingPolicy` picks among them; the :class:`Router` adds what the policy cannot
 see in the table: how many requests this gateway has sent to each replica and not yet seen
 finish, so a burst spreads out before the next heartbeat reports it.
+
+A request's session id (the header named by ``GatewaySettings.session_header``) reaches the
+policy through :data:`session_id_var`, which the gateway's middleware sets per request.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from switchyard.v1 import common_pb2
+
+# The session id of the request being handled ("" when it sent none).
+session_id_var: ContextVar[str] = ContextVar("session_id", default="")
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,6 +67,7 @@ class RequestInfo:
     request_id: str
     model: str
     prompt_token_ids: Sequence[int] = field(default_factory=list)
+    session_id: str = ""
 
 
 class RoutesSource(Protocol):
@@ -97,7 +105,23 @@ class LeastLoadPolicy(RoutingPolicy):
     def select(self, replicas: Sequence[Replica], request_info: RequestInfo) -> Replica:
         start = next(self._turn) % len(replicas)
         rotated = [*replicas[start:], *replicas[:start]]
-        return min(rotated, key=lambda r: (r.num_running + r.num_waiting + r.in_flight, r.kv_usage))
+        return min(rotated, key=lambda r: (replica_load(r), r.kv_usage))
+
+
+def replica_load(replica: Replica) -> int:
+    """Requests on the replica: running, waiting, and sent by this gateway meanwhile."""
+    return replica.num_running + replica.num_waiting + replica.in_flight
+
+
+class RoundRobinPolicy(RoutingPolicy):
+    """Each replica in turn, blind to load and cache: the baseline the others are measured by."""
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+
+    def select(self, replicas: Sequence[Replica], request_info: RequestInfo) -> Replica:
+        ordered = sorted(replicas, key=lambda r: r.replica_id)
+        return ordered[next(self._turn) % len(ordered)]
 
 
 class NoReplicaAvailable(Exception):
@@ -129,6 +153,8 @@ class Router:
         ]
         if not candidates:
             raise NoReplicaAvailable("no engine replica is ready to serve the request")
+        if not request_info.session_id:
+            request_info = replace(request_info, session_id=session_id_var.get())
         return self.policy.select(candidates, request_info)
 
     @contextmanager

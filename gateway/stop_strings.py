@@ -9,14 +9,16 @@ from __future__ import annotations
 
 
 class StopStringMatcher:
-    """Filters one sample's text deltas; ``stopped`` turns true at the first stop string."""
+    """Filters one sample's text deltas; ``stopped`` turns true at the first stop string, and
+    ``matched`` says which one it was."""
 
-    __slots__ = ("_held", "_stops", "stopped")
+    __slots__ = ("_held", "_stops", "matched", "stopped")
 
     def __init__(self, stops: list[str]) -> None:
         self._stops = [stop for stop in stops if stop]
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None
 
     def feed(self, delta: str) -> str:
         """Returns the part of ``held + delta`` that is safe to emit now."""
@@ -25,9 +27,11 @@ class StopStringMatcher:
         if not self._stops:
             return delta
         text = self._held + delta
-        cut = min((i for i in (text.find(stop) for stop in self._stops) if i >= 0), default=-1)
+        found = [(text.find(stop), stop) for stop in self._stops]
+        cut, matched = min(((i, stop) for i, stop in found if i >= 0), default=(-1, None))
         if cut >= 0:
             self.stopped = True
+            self.matched = matched
             self._held = ""
             return text[:cut]
         keep = self._longest_partial_stop(text)

@@ -64,6 +64,17 @@ class ModelTokenizer:
         """Tokenizes a raw completion prompt, with the tokenizer's usual special tokens."""
         return await self._run(len(prompt), self._encode_prompt_sync, prompt)
 
+    def chat_template_text(self) -> str:
+        """The chat template's source (all named templates, when there are several)."""
+        template = self.tokenizer.chat_template
+        if isinstance(template, dict):
+            return "\n".join(str(text) for text in template.values())
+        return str(template or "")
+
+    def added_vocabulary(self) -> set[str]:
+        """The tokens added on top of the learned vocabulary (special and control tokens)."""
+        return set(self.tokenizer.get_added_vocab())
+
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes a token stands for (byte-level BPE pieces may be half a character)."""
         piece = self.tokenizer.convert_ids_to_tokens(token_id)

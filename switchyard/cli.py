@@ -1,18 +1,18 @@
 """The ``switchyard`` command: run the whole stack locally, or one service, and operate a fleet.
 
 ``switchyard up``
-    starts the controller (which starts the engines through its local backend) and the
-    gateway as local processes, prints the URL once the gateway's ``/health`` answers 200, and
-    stops everything on Ctrl-C or SIGTERM.
+    starts the KV service, the controller (which starts the engines through its local
+    backend, pointed at the KV service) and the gateway as local processes, prints the URL
+    once the gateway's ``/health`` answers 200, and stops everything on Ctrl-C or SIGTERM.
 ``switchyard scale engines N`` / ``switchyard status``
-    talk to a running controller.
-``switchyard controller|engine|gateway [flags]``
+    talk to a running controller (``status`` also shows the KV service's hit rates).
+``switchyard controller|engine|gateway|kv [flags]``
     run one service in the foreground (``--help`` lists its settings).
 
-Process hygiene in ``up``: the controller and the gateway each run in their own process group
-(a terminal's Ctrl-C reaches ``up`` only, which stops them in order), and every process of the
-stack, engines included, carries ``SWITCHYARD_UP_ID`` in its environment; whatever still
-carries it once the controller and gateway have stopped is killed, so nothing outlives ``up``.
+Process hygiene in ``up``: the KV service, the controller and the gateway each run in their own
+process group (a terminal's Ctrl-C reaches ``up`` only, which stops them in order), and every
+process of the stack, engines included, carries ``SWITCHYARD_UP_ID`` in its environment;
+whatever still carries it once those three have stopped is killed, so nothing outlives ``up``.
 """
 
 from __future__ import annotations
@@ -37,14 +37,17 @@ import grpc
 import httpx
 
 from switchyard.settings import default_data_dir
-from switchyard.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from switchyard.v1 import common_pb2, controller_pb2, controller_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 DEFAULT_CONTROLLER_ADDRESS = "127.0.0.1:50051"
+DEFAULT_KV_PORT = 50060
+DEFAULT_KV_METRICS_PORT = 9060
+DEFAULT_KV_ADDRESS = f"127.0.0.1:{DEFAULT_KV_PORT}"
 UP_ID_ENV = "SWITCHYARD_UP_ID"
 # The controller gives each engine 20 s to stop before SIGKILL; it needs a little beyond that.
 CONTROLLER_STOP_TIMEOUT_S = 30.0
 GATEWAY_STOP_TIMEOUT_S = 10.0
-SERVICES = ("controller", "engine", "gateway")
+SERVICES = ("controller", "engine", "gateway", "kv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +89,15 @@ def _port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _port_or_any(host: str, preferred: int) -> int:
+    """``preferred`` when it is free, else a port the OS picks now."""
+    if _port_is_free(host, preferred):
+        return preferred
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def _spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> Child:
@@ -201,7 +213,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
     log_dir = data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    for name, port in (("gateway", args.port), ("controller", args.controller_port)):
+    ports = [("gateway", args.port), ("controller", args.controller_port)]
+    if args.kv_port is not None:
+        ports.append(("KV service", args.kv_port))
+    for name, port in ports:
         if not _port_is_free(args.host if name == "gateway" else "127.0.0.1", port):
             print(f"port {port} for the {name} is taken; choose another", file=sys.stderr)
             return 1
@@ -223,6 +238,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     python_path = [source_root, *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, UP_ID_ENV: up_id, "PYTHONPATH": os.pathsep.join(python_path)}
     controller_address = f"127.0.0.1:{args.controller_port}"
+    # The engines learn the KV service's address from up, so a taken default port is no obstacle.
+    kv_port = args.kv_port or _port_or_any("127.0.0.1", DEFAULT_KV_PORT)
+    kv_address = f"127.0.0.1:{kv_port}"
+    engine_args = [*_engine_args(args), "--kv-service-address", kv_address]
     common = ["--data-dir", str(data_dir), "--log-level", args.log_level, "--model", model]
     if args.served_model_name:
         common += ["--served-model-name", args.served_model_name]
@@ -234,7 +253,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--engines", str(args.engines),
         "--engine-base-port", str(args.engine_base_port),
         "--engine-base-metrics-port", str(args.engine_base_metrics_port),
-        f"--engine-args={shlex.join(_engine_args(args))}",
+        f"--engine-args={shlex.join(engine_args)}",
+    ]  # fmt: skip
+    kv_argv = [
+        sys.executable, "-m", "kv_service",
+        "--data-dir", str(data_dir),
+        "--log-level", args.log_level,
+        "--host", "127.0.0.1",
+        "--port", str(kv_port),
+        "--metrics-port", str(_port_or_any("127.0.0.1", DEFAULT_KV_METRICS_PORT)),
+        *(["--kv-store", args.kv_store] if args.kv_store else []),
     ]  # fmt: skip
     gateway_argv = [
         sys.executable, "-m", "gateway",
@@ -247,13 +275,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     children: list[Child] = []
     try:
+        children.append(_spawn("kv", kv_argv, log_dir, env))
         children.append(_spawn("controller", controller_argv, log_dir, env))
         children.append(_spawn("gateway", gateway_argv, log_dir, env))
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
         url = f"http://{shown_host}:{args.port}"
         print(
-            f"Starting {args.engines} engine(s), the controller ({controller_address}) and the "
-            f"gateway; logs in {log_dir}",
+            f"Starting {args.engines} engine(s), the controller ({controller_address}), the KV "
+            f"service ({kv_address}) and the gateway; logs in {log_dir}",
             flush=True,
         )
         outcome = _wait_for_health(f"{url}/health", children, stop, args.startup_timeout)
@@ -328,11 +357,32 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
     return "\n".join(lines)
 
 
+def format_kv_stats(reply: kv_pb2.StatsResponse) -> str:
+    """The KV service's store and, per tier, its hit rate and usage."""
+    lines = [f"KV service ({reply.store}):"]
+    for tier in reply.tiers:
+        capacity = f" of {tier.capacity_bytes / 2**30:.2f} GiB" if tier.capacity_bytes else ""
+        lines.append(
+            f"  {tier.tier:<6}  hit {100 * tier.hit_rate:5.1f}%  ({tier.hits} hits, "
+            f"{tier.misses} misses)  {tier.blocks} blocks, "
+            f"{tier.bytes_used / 2**30:.2f} GiB{capacity}"
+            + (f"  {tier.corrupt_blocks} corrupt" if tier.corrupt_blocks else "")
+        )
+    return "\n".join(lines)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     reply = _controller_stub(args.controller).ListReplicas(
         controller_pb2.ListReplicasRequest(), timeout=10
     )
     print(format_status(reply))
+    kv_stub = kv_pb2_grpc.KVServiceStub(grpc.insecure_channel(args.kv))
+    try:
+        kv_stats = kv_stub.Stats(kv_pb2.StatsRequest(), timeout=2)
+    except grpc.RpcError:
+        print(f"KV service at {args.kv}: not reachable")
+        return 0
+    print(format_kv_stats(kv_stats))
     return 0
 
 
@@ -363,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--controller-port", type=int, default=50051)
     up.add_argument("--engine-base-port", type=int, default=50100)
     up.add_argument("--engine-base-metrics-port", type=int, default=9100)
+    up.add_argument(
+        "--kv-port", type=int, help=f"KV service gRPC port (default: {DEFAULT_KV_PORT} if free)"
+    )
+    up.add_argument(
+        "--kv-store", help="memory, disk:PATH or redis://HOST:PORT (default: disk under data dir)"
+    )
     up.add_argument("--log-level", default="INFO")
     up.add_argument("--startup-timeout", type=float, default=900.0, help="seconds")
     engine = up.add_argument_group("engine knobs (passed to every engine)")
@@ -384,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="list the replicas and their load")
     status.add_argument("--controller", default=controller_default, help="host:port")
+    status.add_argument(
+        "--kv",
+        default=os.environ.get("SWITCHYARD_KV_SERVICE_ADDRESS", DEFAULT_KV_ADDRESS),
+        help="KV service host:port",
+    )
     status.set_defaults(func=cmd_status)
 
     for name in SERVICES:
@@ -400,6 +461,11 @@ def _run_service(name: str, argv: list[str]) -> int:
         from engine_service.__main__ import main as engine_main
 
         engine_main(argv)
+        return 0
+    if name == "kv":
+        from kv_service.__main__ import main as kv_main
+
+        kv_main(argv)
         return 0
     from gateway.__main__ import main as gateway_main
 

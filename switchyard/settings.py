@@ -1,14 +1,14 @@
 """Typed settings of every service, and the command line built from them.
 
 One class per service (:class:`EngineSettings`, :class:`ControllerSettings`,
-:class:`GatewaySettings`) on a shared base, :class:`ServiceSettings`. A value comes from, in
-order of precedence:
+:class:`GatewaySettings`, :class:`KVServiceSettings`) on a shared base,
+:class:`ServiceSettings`. A value comes from, in order of precedence:
 
 1. a flag: ``--field-name VALUE`` (booleans: ``--field-name`` / ``--no-field-name``);
 2. an environment variable: ``SWITCHYARD_FIELD_NAME``;
 3. a YAML file of ``field_name: value`` pairs, named by ``--config FILE`` or
    ``SWITCHYARD_CONFIG``; a file shared by several services puts each one's pairs under a
-   top-level key named for the service (``engine:``, ``controller:``, ``gateway:``);
+   top-level key named for the service (``engine:``, ``controller:``, ``gateway:``, ``kv:``);
 4. the default declared here.
 
 List fields take a comma-separated string in flags and env vars (``--api-keys a,b``), except
@@ -185,6 +185,20 @@ class EngineSettings(ServiceSettings):
     enable_prefix_caching: bool = Field(
         default=True, description="reuse KV blocks of shared prompt prefixes"
     )
+    kv_service_address: str = Field(
+        default="", description="KV service host:port to offload blocks to; empty: none"
+    )
+    kv_offload_host_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="host-memory tier for KV blocks evicted from the device (0: none; with "
+        "kv_service_address set, at least 64 MiB, through which blocks reach the service)",
+    )
+    kv_write_through: bool = Field(
+        default=True,
+        description="with kv_service_address: store every computed block there, not only "
+        "evicted ones, so other replicas reuse prefixes at once",
+    )
 
 
 class ControllerSettings(ServiceSettings):
@@ -193,7 +207,9 @@ class ControllerSettings(ServiceSettings):
 
     With ``backend="local"`` it starts ``engines`` engine processes on this machine, each as
     ``engine_command + engine_args`` plus ``--model``, ``--port engine_base_port + i``,
-    ``--metrics-port engine_base_metrics_port + i`` and ``--controller-address``.
+    ``--metrics-port engine_base_metrics_port + i`` and ``--controller-address``. With
+    ``backend="kubernetes"`` the engine Deployment runs the engines; the controller follows
+    its pods and its scale (``engines`` is not used) and may autoscale it.
     """
 
     yaml_section: ClassVar[str] = "controller"
@@ -236,6 +252,47 @@ class ControllerSettings(ServiceSettings):
     engine_base_metrics_port: int = Field(
         default=9100, ge=1, le=65535, description="metrics port of the first local engine"
     )
+    kubernetes_api: str = Field(
+        default="",
+        description="Kubernetes API base URL (backend=kubernetes); empty: in-cluster, with the "
+        "pod's service-account token",
+    )
+    kubernetes_namespace: str = Field(
+        default="", description="namespace of the engine pods; empty: the controller pod's own"
+    )
+    engine_deployment: str = Field(
+        default="switchyard-engine",
+        description="engine Deployment whose scale subresource the controller follows and sets",
+    )
+    engine_selector: str = Field(
+        default="app.kubernetes.io/component=engine",
+        description="label selector of the engine pods the controller watches",
+    )
+    engine_port: int = Field(
+        default=50100, ge=1, le=65535, description="gRPC port of the engine pods"
+    )
+    leader_election: bool = Field(
+        default=False,
+        description="take a coordination Lease before acting (more than one controller replica)",
+    )
+    lease_name: str = Field(default="switchyard-controller", description="name of that Lease")
+    lease_duration_s: int = Field(
+        default=15, ge=1, description="seconds a leader holds the Lease without renewing it"
+    )
+    autoscale: bool = Field(
+        default=False, description="scale the engine Deployment on queue depth and KV usage"
+    )
+    autoscale_min: int = Field(default=1, ge=1, description="fewest engines the autoscaler keeps")
+    autoscale_max: int = Field(default=4, ge=1, description="most engines the autoscaler keeps")
+    autoscale_target_waiting: float = Field(
+        default=4.0, gt=0, description="waiting requests per ready engine the autoscaler aims at"
+    )
+    autoscale_target_kv_usage: float = Field(
+        default=0.8, gt=0, le=1, description="KV-cache usage per ready engine it aims at"
+    )
+    autoscale_cooldown_s: float = Field(
+        default=120.0, ge=0, description="least time between two autoscaler changes"
+    )
 
     @field_validator("engine_command", "engine_args", mode="before")
     @classmethod
@@ -272,11 +329,75 @@ class GatewaySettings(ServiceSettings):
         default=600.0, gt=0, description="longest a request may take end to end"
     )
     max_n: int = Field(default=16, ge=1, description="largest `n` (samples per request) accepted")
+    routing_policy: Literal["least_load", "prefix", "round_robin"] = Field(
+        default="least_load",
+        description="how a replica is chosen: least_load, prefix (longest cached prompt "
+        "prefix, from the engines' KV events) or round_robin",
+    )
+    prefix_load_guard: int = Field(
+        default=4,
+        ge=0,
+        description="prefix policy: fall back to the least-loaded replica when the best "
+        "prefix holder has this many more requests than it",
+    )
+    session_header: str = Field(
+        default="x-session-id",
+        description="prefix policy: requests with the same value of this header stick to one "
+        "replica (consistent hashing); empty: no affinity",
+    )
+    chat_format: Literal["auto", "template", "harmony"] = Field(
+        default="auto",
+        description="how chats are rendered and parsed: the model's chat template, or "
+        "Harmony (gpt-oss); auto: Harmony when config.json or the template says so",
+    )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        default="auto",
+        description="format the model writes tool calls in; auto: from the chat template "
+        "and the tokenizer's special tokens",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_key_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+
+class KVServiceSettings(ServiceSettings):
+    """The KV service: where it listens, the store it keeps blocks in, and its bounds.
+
+    ``kv_store`` is ``memory``, ``disk`` (under ``data_dir/kv``), ``disk:PATH`` or
+    ``redis://HOST:PORT[/DB]``; disk and Redis get a memory tier of ``kv_memory_bytes`` on
+    top (0: none).
+    """
+
+    yaml_section: ClassVar[str] = "kv"
+
+    host: str = Field(default="0.0.0.0", description="address the gRPC server binds")
+    port: int = Field(default=50060, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int = Field(
+        default=9060, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one"
+    )
+    kv_store: str = Field(
+        default="disk", description="memory, disk, disk:PATH or redis://HOST:PORT[/DB]"
+    )
+    kv_memory_bytes: int = Field(
+        default=1 << 30, ge=0, description="bytes of the memory store, or of the memory tier"
+    )
+    kv_disk_bytes: int = Field(default=16 << 30, gt=0, description="bytes of the disk store")
+    kv_redis_ttl_s: float = Field(
+        default=0.0, ge=0, description="seconds a block lives in Redis after its write; 0: no TTL"
+    )
+    max_chunk_bytes: int = Field(
+        default=4 << 20, gt=0, description="largest data chunk of a Put stream accepted"
+    )
+    max_block_bytes: int = Field(default=256 << 20, gt=0, description="largest block accepted")
+
+    @field_validator("kv_store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value in ("memory", "disk") or value.startswith(("disk:", "redis://")):
+            return value
+        raise ValueError("kv_store must be memory, disk, disk:PATH or redis://HOST:PORT[/DB]")
 
 
 def _is_bool(annotation: Any) -> bool:

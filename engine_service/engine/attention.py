@@ -89,29 +89,32 @@ class SdpaBackend(AttentionBackend):
     chunk is its own call, reading earlier context through its block table.
     """
 
+    def _decode(self, q, key_cache, value_cache, meta: AttentionMetadata, scale, window):
+        """Attention of the one-token sequences: ``[num_decodes, q_heads, head_dim]``."""
+        block_size = key_cache.shape[1]
+        tables = meta.decode_block_tables
+        num, width = tables.shape[0], tables.shape[1] * block_size
+        keys = key_cache[tables].reshape(num, width, *key_cache.shape[2:]).transpose(1, 2)
+        values = value_cache[tables].reshape(num, width, *value_cache.shape[2:]).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(
+            q[meta.decode_rows].unsqueeze(2),
+            keys,
+            values,
+            attn_mask=meta.decode_mask(block_size, window),
+            scale=scale,
+            enable_gqa=True,
+        )
+        return attn.squeeze(2)
+
     def forward(self, q, k, v, kv_cache, layer, meta, scale, window):
         key_cache = kv_cache[:, layer, 0]
         value_cache = kv_cache[:, layer, 1]
         key_cache[meta.slot_block, meta.slot_offset] = k
         value_cache[meta.slot_block, meta.slot_offset] = v
-        block_size = kv_cache.shape[3]
         out = torch.empty_like(q)
 
         if meta.num_decodes:
-            tables = meta.decode_block_tables
-            num, width = tables.shape[0], tables.shape[1] * block_size
-            keys = key_cache[tables].reshape(num, width, *key_cache.shape[2:]).transpose(1, 2)
-            values = value_cache[tables].reshape(num, width, *value_cache.shape[2:]).transpose(1, 2)
-            query = q[meta.decode_rows].unsqueeze(2)
-            attn = F.scaled_dot_product_attention(
-                query,
-                keys,
-                values,
-                attn_mask=meta.decode_mask(block_size, window),
-                scale=scale,
-                enable_gqa=True,
-            )
-            out[meta.decode_rows] = attn.squeeze(2)
+            out[meta.decode_rows] = self._decode(q, key_cache, value_cache, meta, scale, window)
 
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_end)
@@ -141,8 +144,24 @@ class SdpaBackend(AttentionBackend):
         return out
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    backends = {"sdpa": SdpaBackend}
-    if name not in backends:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(backends)}")
-    return backends[name]()
+def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto`` is the Triton backend on a CUDA device with Triton installed, else SDPA."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and _triton_available() else "sdpa"
+    if name == "sdpa":
+        return SdpaBackend()
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError("the triton attention backend needs a CUDA device")
+        from engine_service.engine.triton_attention import TritonBackend
+
+        return TritonBackend()
+    raise ValueError(f"unknown attention backend {name!r}; choose auto, sdpa or triton")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

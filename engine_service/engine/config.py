@@ -18,6 +18,21 @@ class EngineConfig:
     for at most ``max_num_seqs`` sequences; a prefill longer than the remaining budget runs in
     chunks, and ``long_prefill_token_threshold`` (0: off) caps one request's chunk so that
     several prompts can share a step.
+
+    Kernels: ``attention_backend`` ``auto`` takes the Triton paged-decode backend on CUDA and
+    the SDPA reference elsewhere. On CUDA with Triton, steps that are all decodes replay CUDA
+    graphs captured at start for batch sizes up to ``cuda_graph_max_batch``.
+
+    Offload: with ``enable_kv_offload``, cached blocks evicted from the device pool move to a
+    host-memory tier of ``kv_offload_host_bytes`` (LRU), and through it to the remote KV
+    store the engine is given, if any; with ``kv_write_through`` every block also goes
+    there once computed, so other replicas can reuse it. After a failed call to the store,
+    the engine serves without it for ``kv_remote_retry_s``. ``enable_kv_events`` records which
+    blocks the engine holds, for prefix-aware routing.
+
+    Structured output: ``grammar_backend`` compiles the constraints that name no backend
+    (``"llguidance"`` or ``"xgrammar"``); ``enable_jump_forward`` appends the bytes a grammar
+    forces in one step instead of sampling them token by token.
     """
 
     model: str
@@ -34,8 +49,17 @@ class EngineConfig:
     max_num_seqs: int = 256
     long_prefill_token_threshold: int = 0
     enable_chunked_prefill: bool = True
-    attention_backend: str = "sdpa"
+    attention_backend: str = "auto"
+    enable_cuda_graphs: bool = True
+    cuda_graph_max_batch: int = 128
+    enable_kv_offload: bool = False
+    kv_offload_host_bytes: int = 1 << 30
+    kv_write_through: bool = True
+    kv_remote_retry_s: float = 2.0
+    enable_kv_events: bool = False
     seed: int = 0
+    grammar_backend: str = "llguidance"
+    enable_jump_forward: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -46,5 +70,13 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError("num_kv_blocks must be at least 2")
+        if self.enable_kv_offload and not self.enable_prefix_caching:
+            raise ValueError("enable_kv_offload needs enable_prefix_caching")
+        if self.kv_offload_host_bytes < 0:
+            raise ValueError("kv_offload_host_bytes must not be negative")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.grammar_backend not in ("llguidance", "xgrammar"):
+            raise ValueError(
+                f"grammar_backend must be llguidance or xgrammar, got {self.grammar_backend!r}"
+            )

@@ -2,6 +2,8 @@
 
 One step: the scheduler picks sequences and token counts, the model runner executes them,
 the sampler extends those that reached their end, and the update frees what finished.
+Constrained samples get their grammar masks filled while the model runs, and after sampling
+their matchers advance and jump over what the grammar forces (``engine/structured/``).
 Everything runs on the caller's thread; services run this loop in a thread of their own.
 """
 
@@ -15,18 +17,23 @@ import torch
 from engine_service.engine.attention import get_attention_backend
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
+from engine_service.engine.kv_events import KVEventLog, KVTier
 from engine_service.engine.model_runner import ModelRunner
+from engine_service.engine.offload import OffloadManager, RemoteKVStore, kv_fingerprint
 from engine_service.engine.outputs import EngineStats, RequestOutput
 from engine_service.engine.request import Request
 from engine_service.engine.sampler import Sampler
 from engine_service.engine.sampling_params import SamplingParams
 from engine_service.engine.scheduler import Scheduler
+from engine_service.engine.structured import StructuredOutputManager
 from engine_service.models.config import ModelConfig
 from engine_service.models.loader import load_model
 
 logger = logging.getLogger(__name__)
 
 _CPU_KV_BUDGET = 1 << 30
+# How long an engine with nothing to run but remote fetches in flight waits for one.
+_FETCH_WAIT_S = 0.002
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -35,13 +42,17 @@ def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> 
 
 
 class LLMEngine:
-    """A batched engine serving one model; not thread-safe (drive it from one thread)."""
+    """A batched engine serving one model; not thread-safe (drive it from one thread).
 
-    def __init__(self, config: EngineConfig) -> None:
+    ``remote_kv_store`` (used with ``config.enable_kv_offload``) is the shared store below
+    the host tier; :meth:`close` stops the offload worker that talks to it.
+    """
+
+    def __init__(self, config: EngineConfig, remote_kv_store: RemoteKVStore | None = None) -> None:
         self.config = config
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
-        backend = get_attention_backend(config.attention_backend)
+        backend = get_attention_backend(config.attention_backend, self.device)
         self.model, self.model_config, self.dtype = load_model(
             config.model, backend, config.dtype, self.device, config.revision
         )
@@ -56,22 +67,60 @@ class LLMEngine:
 
         num_blocks = self._num_kv_blocks()
         mc = self.model_config
+        # One block more than the pool hands out: padding rows of captured CUDA graphs write
+        # their throw-away K/V there.
         self.kv_cache = torch.zeros(
-            (num_blocks, mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim),
+            (num_blocks + 1, mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim),
             dtype=self.dtype,
             device=self.device,
         )
+        self.kv_events = KVEventLog() if config.enable_kv_events else None
+        self.offload: OffloadManager | None = None
+        if config.enable_kv_offload:
+            self.offload = OffloadManager(
+                self.kv_cache,
+                config.kv_offload_host_bytes,
+                remote_kv_store,
+                kv_fingerprint(config.model, self.dtype, tuple(self.kv_cache.shape[1:])),
+                write_through=config.kv_write_through,
+                events=self.kv_events,
+                remote_retry_s=config.kv_remote_retry_s,
+            )
+        listeners = [x for x in (self.offload, self.kv_events) if x is not None]
         self.kv_manager = KVCacheManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
+            num_blocks, config.block_size, config.enable_prefix_caching, listeners
         )
-        self.scheduler = Scheduler(config, self.kv_manager)
-        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size)
+        self.scheduler = Scheduler(config, self.kv_manager, self.offload)
+        use_graphs = (
+            config.enable_cuda_graphs
+            and self.device.type == "cuda"
+            and type(backend).__name__ == "TritonBackend"
+        )
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_cache,
+            config.block_size,
+            scratch_block=num_blocks,
+            max_blocks_per_seq=-(-self.max_model_len // config.block_size),
+            cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs)
+            if use_graphs
+            else 0,
+        )
         self.sampler = Sampler(self.device, config.seed)
+        self.structured = StructuredOutputManager(
+            config.model,
+            config.revision,
+            self.model_config.vocab_size,
+            self.eos_token_ids,
+            default_backend=config.grammar_backend,
+            pin_memory=self.device.type == "cuda",
+        )
         self._samples: dict[str, list[Request]] = {}
         self._pending_outputs: list[RequestOutput] = []
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.steps_total = 0
+        self.jump_forward_tokens = 0
         logger.info(
             "engine ready: %s, %s on %s, %d KV blocks of %d tokens",
             mc.architecture,
@@ -106,12 +155,17 @@ class LLMEngine:
         if any(t < 0 or t >= vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         params.validate()
+        grammar = None
+        if params.structured is not None:
+            # Loads the tokenizer on first use and compiles the grammar unless it is cached.
+            grammar = self.structured.matcher(params.structured)
         first = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             params=params,
             eos_token_ids=self.eos_token_ids,
             priority=priority,
+            grammar=grammar,
         )
         first.pending_forks = [first.fork(i) for i in range(1, params.n)]
         self._samples[request_id] = [first, *first.pending_forks]
@@ -140,33 +194,52 @@ class LLMEngine:
         """Run one scheduling step; return new tokens and finishes since the last step."""
         outputs, self._pending_outputs = self._pending_outputs, []
         batch = self.scheduler.schedule()
+        if self.offload is not None:
+            # Saves of evicted blocks and restores, before the forward reuses any block.
+            self.offload.apply_transfers()
         if not batch:
+            if self.offload is not None and self.offload.fetches_in_flight:
+                self.offload.wait(_FETCH_WAIT_S)
             return outputs
         self.steps_total += 1
-        logits = self.runner.execute(batch)
 
         # Logits come one row per sampled sequence; a prompt finishing with pending forks
-        # feeds the same row to each of its n samples.
+        # feeds the same row to each of its n samples. Known before the forward pass, so
+        # that their grammar masks fill while it runs.
         to_extend: list[Request] = []
         rows: list[int] = []
-        logits_row = 0
+        for logits_row, seq in enumerate(s for s in batch.sequences if s.sample):
+            samples = [seq.request, *seq.request.pending_forks]
+            to_extend.extend(samples)
+            rows.extend([logits_row] * len(samples))
+        masks = self.structured.start_masks([r.grammar for r in to_extend])
+        try:
+            logits = self.runner.execute(batch)
+        finally:
+            grammar_bitmask = masks.result() if masks is not None else None
+
         for seq in batch.sequences:
             request = seq.request
             request.num_computed_tokens += seq.num_tokens
             self.kv_manager.commit_computed_blocks(request)
             if seq.sample:
-                samples = [request, *self.scheduler.start_forks(request)]
-                to_extend.extend(samples)
-                rows.extend([logits_row] * len(samples))
-                logits_row += 1
+                self.scheduler.start_forks(request)
+        if self.offload is not None:
+            self.offload.apply_transfers()  # write-through saves of the blocks just committed
 
         if to_extend:
             row_index = torch.tensor(rows, device=logits.device)
-            sampled = self.sampler.sample(logits[row_index], to_extend)
+            sampled = self.sampler.sample(logits[row_index], to_extend, grammar_bitmask)
             for request, token_id, logprob in zip(to_extend, sampled.token_ids, sampled.logprobs):
                 request.append_token(token_id, logprob)
                 self.generation_tokens_total += 1
-                if not request.check_stop() and request.num_tokens >= self.max_model_len:
+                if request.grammar is not None:
+                    self._advance_grammar(request)
+                if (
+                    not request.is_finished
+                    and not request.check_stop()
+                    and request.num_tokens >= self.max_model_len
+                ):
                     request.finish("length")
                 if request.is_finished:
                     self.scheduler.finish(request)
@@ -174,6 +247,40 @@ class LLMEngine:
                 if request.is_finished:
                     self._forget_if_done(request.request_id)
         return outputs
+
+    def _advance_grammar(self, request: Request) -> None:
+        """Feed the newest token to the sample's matcher; finish the sample when its grammar
+        is complete, else jump over the bytes the grammar forces next.
+
+        Jump-forward skips samples that report logprobs: forced tokens have none of their own.
+        """
+        matcher = request.grammar
+        assert matcher is not None
+        token_id = request.all_token_ids[-1]
+        if not matcher.accept_token(token_id):
+            # The mask allowed the token, so the backend contradicts itself.
+            logger.error("grammar matcher refused sampled token %d; aborting sample", token_id)
+            request.finish("abort")
+            return
+        if matcher.is_terminated():
+            stop = token_id if token_id in self.eos_token_ids else None
+            request.finish("stop", stop_token_id=stop)
+            return
+        if not self.config.enable_jump_forward or request.params.logprobs is not None:
+            return
+        # Room for the tokens that replace the newest one: max_tokens and the context.
+        room = min(
+            request.params.max_tokens - request.num_output_tokens,
+            self.max_model_len - request.num_tokens,
+        )
+        forced = self.structured.jump_forward(matcher, token_id, room + 1) if room > 0 else []
+        if not forced:
+            return
+        request.replace_newest_token(forced)
+        self.jump_forward_tokens += len(forced) - 1
+        self.generation_tokens_total += len(forced) - 1
+        if matcher.is_terminated():
+            request.finish("stop")
 
     def _output(self, request: Request) -> RequestOutput:
         output = RequestOutput(
@@ -214,7 +321,43 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             steps_total=self.steps_total,
+            jump_forward_tokens=self.jump_forward_tokens,
+            **self._offload_stats(),
         )
+
+    def _offload_stats(self) -> dict[str, int | bool]:
+        scheduler, offload = self.scheduler, self.offload
+        figures: dict[str, int | bool] = {
+            "host_hit_tokens": scheduler.host_hit_tokens,
+            "remote_hit_tokens": scheduler.remote_hit_tokens,
+            "recomputed_tokens": scheduler.recomputed_tokens,
+        }
+        if offload is not None:
+            moved = offload.stats
+            figures.update(
+                offloaded_blocks=moved.offloaded_blocks,
+                restored_blocks_host=moved.restored_blocks_host,
+                restored_blocks_remote=moved.restored_blocks_remote,
+                remote_put_blocks=moved.remote_put_blocks,
+                remote_errors=moved.remote_errors,
+                host_blocks=offload.num_host_blocks,
+                host_capacity_blocks=offload.host_capacity_blocks,
+                remote_available=offload.remote_available,
+            )
+        return figures
+
+    def held_block_hashes(self) -> dict[KVTier, list[bytes]]:
+        """Every block hash this engine holds, per tier (the KV events' starting point)."""
+        device = self.kv_manager.prefix_cache
+        return {
+            KVTier.DEVICE: device.block_hashes() if device is not None else [],
+            KVTier.HOST: self.offload.host_block_hashes() if self.offload is not None else [],
+        }
+
+    def close(self) -> None:
+        """Stop background work (the offload worker); the engine is unusable afterwards."""
+        if self.offload is not None:
+            self.offload.close()
 
     def stream(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

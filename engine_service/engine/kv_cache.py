@@ -16,8 +16,9 @@ it is shared (a fork for n > 1) it is copied first (copy-on-write).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
-from engine_service.engine.prefix_cache import RadixPrefixCache
+from engine_service.engine.prefix_cache import PrefixCacheListener, RadixPrefixCache
 from engine_service.engine.request import Request
 from switchyard.block_hash import hash_block
 
@@ -77,9 +78,15 @@ class BlockPool:
 class KVCacheManager:
     """Which blocks each request owns; the scheduler's only view of KV memory."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
+        listeners: Sequence[PrefixCacheListener] = (),
+    ) -> None:
         self.block_size = block_size
-        self.prefix_cache = RadixPrefixCache() if enable_prefix_caching else None
+        self.prefix_cache = RadixPrefixCache(listeners) if enable_prefix_caching else None
         self.pool = BlockPool(num_blocks, self.prefix_cache)
         self._pending_copies: list[tuple[int, int]] = []
 
@@ -107,18 +114,40 @@ class KVCacheManager:
         if self.prefix_cache is None:
             return []
         self._update_block_hashes(request)
-        max_blocks = (request.num_tokens - 1) // self.block_size
-        return self.prefix_cache.match(request.block_hashes[:max_blocks])
+        return self.prefix_cache.match(request.block_hashes[: self._max_cached_blocks(request)])
+
+    def hashes_after_prefix(self, request: Request, num_cached_blocks: int) -> list[bytes]:
+        """Hashes of the full blocks past the first ``num_cached_blocks`` that a lower tier
+        could supply (call after :meth:`get_computed_blocks`)."""
+        return request.block_hashes[num_cached_blocks : self._max_cached_blocks(request)]
+
+    def _max_cached_blocks(self, request: Request) -> int:
+        return (request.num_tokens - 1) // self.block_size
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, computed_blocks: list[int] | None = None
+        self,
+        request: Request,
+        num_new_tokens: int,
+        computed_blocks: list[int] | None = None,
+        num_restored_blocks: int = 0,
     ) -> bool:
         """Make room for ``num_new_tokens`` more computed tokens; False (and no change) if
         the pool cannot hold them. ``computed_blocks`` (from :meth:`get_computed_blocks`,
         only for a request holding no blocks yet) are attached and count as computed.
+
+        ``num_restored_blocks`` more blocks after them count as computed too: the caller
+        fills them from an offload tier before the next forward pass. They are fresh blocks,
+        ``block_table[len(computed_blocks) : len(computed_blocks) + num_restored_blocks]``,
+        and enter the prefix cache when the step commits::
+
+            block_table [ computed (shared) | restored (fresh) | new (fresh)      ]
+            tokens      [ counted as computed at once           | this step's work ]
         """
         computed_blocks = computed_blocks or []
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_computed = (
+            request.num_computed_tokens
+            + (len(computed_blocks) + num_restored_blocks) * self.block_size
+        )
         num_held = len(request.block_table) + len(computed_blocks)
         num_new_blocks = max(0, self.blocks_needed(num_computed + num_new_tokens) - num_held)
         write_index = num_computed // self.block_size
@@ -133,7 +162,7 @@ class KVCacheManager:
 
         for block_id in computed_blocks:
             self.pool.incref(block_id)
-        if computed_blocks:
+        if computed_blocks or num_restored_blocks:
             request.block_table.extend(computed_blocks)
             request.num_computed_tokens = num_computed
             request.num_committed_blocks = len(request.block_table)

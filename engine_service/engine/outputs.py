@@ -18,8 +18,9 @@ class TokenLogprob:
 class RequestOutput:
     """New tokens of one sample (``index`` among the request's ``n``) since the last step.
 
-    ``finish_reason`` is ``"stop"`` (EOS or a stop token), ``"length"`` (max_tokens) or
-    ``"abort"``; ``None`` while the sample is still running.
+    ``finish_reason`` is ``"stop"`` (EOS or a stop token, or the end of the sample's grammar:
+    then ``stop_token_id`` may be ``None``), ``"length"`` (max_tokens) or ``"abort"``;
+    ``None`` while the sample is still running.
     """
 
     request_id: str
@@ -49,6 +50,21 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     steps_total: int
+    # Output tokens a grammar forced and jump-forward appended without sampling them.
+    jump_forward_tokens: int = 0
+    # Offload tiers: prompt tokens restored from the host tier and the remote store instead
+    # of computed, tokens admitted sequences did compute, and block movements.
+    host_hit_tokens: int = 0
+    remote_hit_tokens: int = 0
+    recomputed_tokens: int = 0
+    offloaded_blocks: int = 0
+    restored_blocks_host: int = 0
+    restored_blocks_remote: int = 0
+    remote_put_blocks: int = 0
+    remote_errors: int = 0
+    host_blocks: int = 0
+    host_capacity_blocks: int = 0
+    remote_available: bool = False
 
     @property
     def prefix_hit_rate(self) -> float:

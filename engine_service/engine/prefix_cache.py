@@ -130,6 +130,9 @@ class RadixPrefixCache:
         self._remove(node)
         return block_id
 
+    def block_hashes(self) -> list[bytes]:
+        return list(self._by_hash)
+
     def block_hash_of(self, block_id: int) -> bytes | None:
         node = self._by_block.get(block_id)
         return None if node is None else node.block_hash

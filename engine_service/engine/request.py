@@ -11,6 +11,7 @@ import torch
 
 from engine_service.engine.outputs import TokenLogprob
 from engine_service.engine.sampling_params import SamplingParams
+from engine_service.engine.structured import GrammarMatcher
 
 _arrival_counter = itertools.count()
 
@@ -29,10 +30,11 @@ class Request:
     The sequence is ``all_token_ids`` (prompt then outputs). ``num_computed_tokens`` of them
     have their KV in the blocks of ``block_table``; a step computes the next ones. After
     sampling, ``all_token_ids`` is one longer than what is computed: the newest token's KV is
-    written by the next step.
+    written by the next step (after a jump-forward, several tokens wait for their KV).
+    ``grammar`` is the sample's own structured-output matcher, if it is constrained.
 
     Fields marked *room* are not used by the core yet; later capabilities fill them
-    (LoRA, grammar masks, speculative decoding, multimodal inputs, KV offload tiers).
+    (LoRA, speculative decoding, multimodal inputs, KV offload tiers).
     """
 
     request_id: str
@@ -58,11 +60,11 @@ class Request:
     # Tokens (and their logprobs) appended since the engine last reported this sample.
     unreported_token_ids: list[int] = field(default_factory=list)
     unreported_logprobs: list[TokenLogprob] = field(default_factory=list)
-    # room: LoRA adapter; grammar matcher; proposed speculative tokens; multimodal
-    # embeddings with their placeholder ranges; extra keys for block hashes (adapter id,
-    # image hashes); where offloaded prefix blocks are being fetched from.
+    grammar: GrammarMatcher | None = None
+    # room: LoRA adapter; proposed speculative tokens; multimodal embeddings with their
+    # placeholder ranges; extra keys for block hashes (adapter id, image hashes); where
+    # offloaded prefix blocks are being fetched from.
     adapter_id: str | None = None
-    grammar: Any = None
     spec_token_ids: list[int] = field(default_factory=list)
     mm_inputs: list[Any] = field(default_factory=list)
     cache_salt: str | None = None
@@ -105,6 +107,13 @@ class Request:
         if logprob is not None:
             self.unreported_logprobs.append(logprob)
 
+    def replace_newest_token(self, token_ids: list[int]) -> None:
+        """Put ``token_ids`` in place of the newest token (jump-forward). That token must be
+        unreported, without KV yet, and without a logprob."""
+        assert self.num_computed_tokens < self.num_tokens and self.unreported_token_ids
+        self.all_token_ids[-1:] = token_ids
+        self.unreported_token_ids[-1:] = token_ids
+
     def check_stop(self) -> bool:
         """Mark the sample finished if its newest token ends it; return whether it did."""
         params = self.params
@@ -138,5 +147,6 @@ class Request:
             arrival_seq=self.arrival_seq,
             adapter_id=self.adapter_id,
             cache_salt=self.cache_salt,
+            grammar=self.grammar.copy() if self.grammar is not None else None,
         )
         return child

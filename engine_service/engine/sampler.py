@@ -1,8 +1,9 @@
 """The sampler: one vectorized pass over the batch's logits per step.
 
 Order of operations (each only when some row asks for it): raw logprobs for reporting →
-repetition, frequency and presence penalties → min_tokens stop-token masking → greedy argmax
-for greedy rows; temperature, top-k, top-p, min-p and a draw for the others.
+repetition, frequency and presence penalties → the structured-output grammar bitmask →
+min_tokens stop-token masking → greedy argmax for greedy rows; temperature, top-k, top-p,
+min-p and a draw for the others. Reported logprobs are therefore the model's own, unmasked.
 
 The draw is an exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` per token picks token
 ``i`` with probability ``p_i``. A seeded row draws its ``E`` from its own generator, so its
@@ -17,6 +18,7 @@ import torch
 
 from engine_service.engine.outputs import TokenLogprob
 from engine_service.engine.request import Request
+from engine_service.engine.structured import apply_bitmask
 
 
 @dataclass(slots=True)
@@ -32,8 +34,14 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """``logits``: fp32 ``[len(requests), vocab]``, one row per sequence to extend."""
+    def sample(
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        grammar_bitmask: torch.Tensor | None = None,
+    ) -> SamplerOutput:
+        """``logits``: fp32 ``[len(requests), vocab]``, one row per sequence to extend;
+        ``grammar_bitmask``: the host bitmask of allowed tokens, one row per sequence."""
         num_rows, vocab = logits.shape
         params = [r.params for r in requests]
         want_logprobs = [p.logprobs is not None for p in params]
@@ -41,6 +49,8 @@ class Sampler:
 
         if any(p.needs_penalties for p in params):
             logits = self._apply_penalties(logits.clone(), requests, vocab)
+        if grammar_bitmask is not None:
+            logits = apply_bitmask(logits, grammar_bitmask)
         logits = self._mask_early_stops(logits, requests)
 
         greedy = [p.greedy for p in params]
@@ -96,7 +106,8 @@ class Sampler:
         return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
 
     def _mask_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Before min_tokens are out, EOS and stop tokens cannot be chosen."""
+        """Before min_tokens are out, EOS and stop tokens cannot be chosen, unless a grammar
+        admits nothing else."""
         masked = False
         for row, r in enumerate(requests):
             if r.num_output_tokens < r.params.min_tokens:
@@ -106,7 +117,10 @@ class Sampler:
                 if stops:
                     if not masked:
                         logits, masked = logits.clone(), True
+                    unmasked = logits[row].clone() if r.grammar is not None else None
                     logits[row, list(stops)] = float("-inf")
+                    if unmasked is not None and not torch.isfinite(logits[row]).any():
+                        logits[row] = unmasked
         return logits
 
     def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

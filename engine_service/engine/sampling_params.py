@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine_service.engine.structured.spec import GrammarSpec
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -11,7 +13,8 @@ class SamplingParams:
 
     ``temperature == 0`` means greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0``
     disable those filters. ``logprobs`` is the number of top alternatives to return beside the
-    sampled token's own logprob (``None``: no logprobs at all).
+    sampled token's own logprob (``None``: no logprobs at all). ``structured`` constrains
+    the output to a grammar (``None``: unconstrained).
     """
 
     n: int = 1
@@ -28,6 +31,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    structured: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -69,6 +73,8 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.structured is not None:
+            self.structured.validate()
 
     @property
     def greedy(self) -> bool:

@@ -6,6 +6,11 @@ out a token budget: running sequences first, in priority order, then waiting one
 prompt takes what is left of the budget and finishes over several steps (chunked prefill), so
 running decodes are never stalled behind it. When the KV pool runs dry, the lowest-priority
 running sequence is preempted: its blocks are freed and it is recomputed later.
+
+A new sequence starts from the longest prefix it finds cached: in the device prefix cache,
+then in the offload tiers (:mod:`engine_service.engine.offload`). A sequence whose prefix
+is being fetched from the remote store waits aside in ``loading`` and rejoins the waiting
+queue, in its old place, once the fetch is done; the steps go on meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass, field
 
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
+from engine_service.engine.kv_events import KVTier
+from engine_service.engine.offload import OffloadManager, Restore
 from engine_service.engine.request import Request, RequestStatus
 
 
@@ -54,18 +61,30 @@ class ScheduledBatch:
 class Scheduler:
     """Owns the waiting queue and the running list; the KV manager owns their blocks."""
 
-    def __init__(self, config: EngineConfig, kv_manager: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv_manager: KVCacheManager,
+        offload: OffloadManager | None = None,
+    ) -> None:
         self.config = config
         self.kv = kv_manager
+        self.offload = offload
         self._waiting: list[tuple[tuple[int, int, int], Request]] = []
         self.running: list[Request] = []
+        self.loading: list[Request] = []
         self.num_preemptions = 0
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        # Prompt tokens restored from the offload tiers, and tokens admitted sequences had
+        # to compute (re-admissions after preemption count again).
+        self.host_hit_tokens = 0
+        self.remote_hit_tokens = 0
+        self.recomputed_tokens = 0
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self.loading)
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -73,11 +92,16 @@ class Scheduler:
         heapq.heappush(self._waiting, (key, request))
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self.running)
+        return bool(self._waiting or self.running or self.loading)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        if self.offload is not None:
+            for request in self.offload.poll():
+                if request in self.loading:
+                    self.loading.remove(request)
+                    self._push_waiting(request)
         # Budget and protection from preemption go to running sequences in priority order.
         self.running.sort(key=lambda r: (r.sort_key, r.index))
 
@@ -108,19 +132,38 @@ class Scheduler:
         ):
             request = self._waiting[0][1]
             computed_blocks: list[int] = []
+            restores: list[Restore] = []
             if request.num_computed_tokens == 0 and not request.block_table:
                 computed_blocks = self.kv.get_computed_blocks(request)
-            num_cached = len(computed_blocks) * self.kv.block_size
+                if self.offload is not None:
+                    hashes = self.kv.hashes_after_prefix(request, len(computed_blocks))
+                    found = self.offload.lower_tier_hits(request, hashes) if hashes else []
+                    if found is None:
+                        heapq.heappop(self._waiting)
+                        self.loading.append(request)
+                        continue
+                    restores = found
+            size = self.kv.block_size
+            num_cached = (len(computed_blocks) + len(restores)) * size
             num_new = self._chunk(request, request.num_tokens - num_cached, budget)
             if num_new == 0:
                 break
-            if not self.kv.allocate_slots(request, num_new, computed_blocks):
+            if not self.kv.allocate_slots(request, num_new, computed_blocks, len(restores)):
                 break
             heapq.heappop(self._waiting)
+            if restores:
+                assert self.offload is not None
+                first = len(computed_blocks)
+                block_ids = request.block_table[first : first + len(restores)]
+                self.offload.restore(request, restores, block_ids)
+            self.recomputed_tokens += request.num_tokens - num_cached
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached
                 self.prefix_cache_queries += request.num_tokens
-                self.prefix_cache_hits += num_cached
+                self.prefix_cache_hits += len(computed_blocks) * size
+                from_host = sum(1 for r in restores if r.tier is KVTier.HOST)
+                self.host_hit_tokens += from_host * size
+                self.remote_hit_tokens += (len(restores) - from_host) * size
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.sequences.append(self._sequence(request, num_new))
@@ -133,6 +176,8 @@ class Scheduler:
         """Drop a finished or aborted sequence and free its blocks."""
         if request in self.running:
             self.running.remove(request)
+        elif request in self.loading:
+            self.loading.remove(request)
         elif any(r is request for _, r in self._waiting):
             self._waiting = [(k, r) for k, r in self._waiting if r is not request]
             heapq.heapify(self._waiting)
@@ -182,5 +227,8 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
+        self._push_waiting(request)
+
+    def _push_waiting(self, request: Request) -> None:
         key = (*request.sort_key, request.index)
         heapq.heappush(self._waiting, (key, request))

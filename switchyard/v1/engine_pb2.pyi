@@ -1,11 +1,21 @@
 from switchyard.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class KVTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_TIER_UNSPECIFIED: _ClassVar[KVTier]
+    KV_TIER_DEVICE: _ClassVar[KVTier]
+    KV_TIER_HOST: _ClassVar[KVTier]
+KV_TIER_UNSPECIFIED: KVTier
+KV_TIER_DEVICE: KVTier
+KV_TIER_HOST: KVTier
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "adapter", "structured")
@@ -76,3 +86,29 @@ class GetStatsResponse(_message.Message):
     num_blocks_free: int
     block_size: int
     def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., load: _Optional[_Union[_common_pb2.ReplicaLoad, _Mapping]] = ..., max_model_len: _Optional[int] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class WatchKVEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KVEvent(_message.Message):
+    __slots__ = ("stored", "tier", "block_hashes")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    stored: bool
+    tier: KVTier
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, stored: _Optional[bool] = ..., tier: _Optional[_Union[KVTier, str]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class KVEventBatch(_message.Message):
+    __slots__ = ("snapshot", "replica_id", "block_size", "events")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    snapshot: bool
+    replica_id: str
+    block_size: int
+    events: _containers.RepeatedCompositeFieldContainer[KVEvent]
+    def __init__(self, snapshot: _Optional[bool] = ..., replica_id: _Optional[str] = ..., block_size: _Optional[int] = ..., events: _Optional[_Iterable[_Union[KVEvent, _Mapping]]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class EngineServiceStub:
                 request_serializer=switchyard_dot_v1_dot_engine__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_engine__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.WatchKVEvents = channel.unary_stream(
+                '/switchyard.v1.EngineService/WatchKVEvents',
+                request_serializer=switchyard_dot_v1_dot_engine__pb2.WatchKVEventsRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_engine__pb2.KVEventBatch.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -76,6 +81,15 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKVEvents(self, request, context):
+        """The KV blocks the replica holds, for prefix-aware routing: a snapshot first, then the
+        blocks stored and removed since, batched once per engine step. A watcher that falls
+        behind is cut off (RESOURCE_EXHAUSTED) and reconnects for a fresh snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +107,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=switchyard_dot_v1_dot_engine__pb2.GetStatsRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_engine__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'WatchKVEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKVEvents,
+                    request_deserializer=switchyard_dot_v1_dot_engine__pb2.WatchKVEventsRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_engine__pb2.KVEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +195,33 @@ class EngineService:
             '/switchyard.v1.EngineService/GetStats',
             switchyard_dot_v1_dot_engine__pb2.GetStatsRequest.SerializeToString,
             switchyard_dot_v1_dot_engine__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/switchyard.v1.EngineService/WatchKVEvents',
+            switchyard_dot_v1_dot_engine__pb2.WatchKVEventsRequest.SerializeToString,
+            switchyard_dot_v1_dot_engine__pb2.KVEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

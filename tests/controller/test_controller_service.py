@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
-from fakes import FakeBackend, FakeClock
+from tests.controller.fakes import FakeBackend, FakeClock
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.plan import RestartPolicy

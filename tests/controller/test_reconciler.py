@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fakes import FakeBackend, FakeClock
+from tests.controller.fakes import FakeBackend, FakeClock
 
 from controller.backend import Phase
 from controller.plan import RestartPolicy

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fakes import FakeClock
+from tests.controller.fakes import FakeClock
 
 from controller.registry import ReplicaRegistry
 from switchyard.v1 import common_pb2

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stack import Stack, start_stack, stop_stack
+from tests.e2e.stack import Stack, start_stack, stop_stack
 
 from switchyard.demo import make_test_checkpoint
 

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 import torch
-from stack import API_KEY, MAX_MODEL_LEN, MODEL_NAME, Stack, engine_stats, ready_replicas
+from tests.e2e.stack import API_KEY, MAX_MODEL_LEN, MODEL_NAME, Stack, engine_stats, ready_replicas
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 MESSAGES = [{"role": "user", "content": "Tell me about the railway yard."}]

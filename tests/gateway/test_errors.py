@@ -192,3 +192,47 @@ def test_errors_are_counted_in_metrics(client: TestClient) -> None:
     client.post(CHAT, json=chat_body(model="nope"), headers=HEADERS)
     text = client.get("/metrics").text
     assert 'switchyard_gateway_requests_total{endpoint="/v1/chat/completions",status="404"}' in text
+
+
+MESSAGES_BODY = {
+    "model": MODEL_NAME,
+    "max_tokens": 4,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+@pytest.mark.parametrize("headers", [{}, {"x-api-key": "wrong"}, {"Authorization": "Bearer no"}])
+def test_anthropic_missing_or_wrong_key_is_401_authentication_error(
+    client: TestClient, headers: dict[str, str]
+) -> None:
+    response = client.post("/v1/messages", json=MESSAGES_BODY, headers=headers)
+    assert response.status_code == 401
+    assert response.json()["type"] == "error"
+    assert response.json()["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize("headers", [{"x-api-key": KEY}, HEADERS])
+def test_anthropic_accepts_x_api_key_and_bearer(
+    client: TestClient, headers: dict[str, str]
+) -> None:
+    # The key is accepted; with no replica the request is then refused as overloaded.
+    response = client.post("/v1/messages", json=MESSAGES_BODY, headers=headers)
+    assert response.status_code == 503
+    assert response.json() == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": response.json()["error"]["message"]},
+    }
+
+
+def test_x_api_key_also_opens_the_openai_routes(client: TestClient) -> None:
+    assert client.get("/v1/models", headers={"x-api-key": KEY}).status_code == 200
+
+
+def test_anthropic_invalid_json_is_400_in_anthropic_format(client: TestClient) -> None:
+    response = client.post(
+        "/v1/messages",
+        content=b"{oops",
+        headers={"x-api-key": KEY, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"

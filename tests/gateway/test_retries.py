@@ -177,3 +177,30 @@ def test_failure_after_the_first_token_ends_the_stream_with_an_error(
         assert double.calls == 1  # not retried once output had been sent
     finally:
         gateway.close()
+
+
+def test_engine_invalid_argument_is_400_in_anthropic_format_before_any_event(
+    background: BackgroundLoop,
+    checkpoint: Path,
+    double_factory: list[tuple[grpc.aio.Server, str]],
+) -> None:
+    """What the engine's grammar backend refuses reaches an Anthropic client as a 400, not
+    as a stream that breaks off."""
+    double = FailingEngine(grpc.StatusCode.INVALID_ARGUMENT)
+    gateway = gateway_with(background, checkpoint, double_factory, [double], [])
+    try:
+        body = {
+            "model": MODEL_NAME,
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "stream": True,
+        }
+        response = httpx.post(f"{gateway.base_url}/v1/messages", json=body, timeout=30)
+        assert response.status_code == 400
+        assert response.headers["content-type"].startswith("application/json")
+        error = response.json()
+        assert error["type"] == "error"
+        assert error["error"]["type"] == "invalid_request_error"
+        assert "test double fails with INVALID_ARGUMENT" in error["error"]["message"]
+    finally:
+        gateway.close()

@@ -28,19 +28,28 @@ class GrammarMatcher(ABC):
       method of the same matcher runs meanwhile.
     - ``accept_token`` advances by one token. ``False`` means the token breaks the grammar;
       the matcher is then unusable (the sampler's mask should have made that impossible).
+    - ``num_acceptable`` counts how many of the given tokens, from the first, the grammar
+      would accept in a row, without changing the state.
     - ``rollback(n)`` undoes the last ``n`` accepted tokens, exactly.
     - ``is_terminated`` is true once the grammar has accepted an EOS token, or (where the
       backend can tell) once nothing but EOS may follow.
     - ``forced_bytes`` are the bytes every continuation starts with (``b""`` when the model
       has a choice); it leaves the state alone.
     - ``copy`` is an independent matcher in the same state (for the samples of ``n > 1``).
+
+    ``backend`` names the :class:`GrammarBackend` that made it.
     """
+
+    backend: str
 
     @abstractmethod
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None: ...
 
     @abstractmethod
     def accept_token(self, token_id: int) -> bool: ...
+
+    @abstractmethod
+    def num_acceptable(self, token_ids: list[int]) -> int: ...
 
     @abstractmethod
     def rollback(self, num_tokens: int) -> None: ...

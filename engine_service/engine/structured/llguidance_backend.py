@@ -24,6 +24,7 @@ _JSON_OPTIONS: llguidance.JsonCompileOptions = {
 
 class LLGuidanceMatcher(GrammarMatcher):
     __slots__ = ("_matcher",)
+    backend = "llguidance"
 
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self._matcher = matcher
@@ -34,6 +35,9 @@ class LLGuidanceMatcher(GrammarMatcher):
 
     def accept_token(self, token_id: int) -> bool:
         return self._matcher.consume_token(token_id)
+
+    def num_acceptable(self, token_ids: list[int]) -> int:
+        return self._matcher.validate_tokens(token_ids)
 
     def rollback(self, num_tokens: int) -> None:
         if not self._matcher.rollback(num_tokens):

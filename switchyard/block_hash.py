@@ -1,0 +1,41 @@
+"""The chained hash of a KV block's tokens, shared by engines, the KV service and gateways.
+
+An engine keys every full block of ``block_size`` tokens by a hash chained over all tokens
+before it, so a block hash names a whole prefix. Gateways compute the same hashes from a
+prompt to ask "which replica holds the longest prefix of this?", so the function lives here,
+where every part may import it::
+
+    tokens  [t0 .. t15][t16 .. t31][t32 .. t40]
+    hashes  h0 = H(None, t0..t15)
+            h1 = H(h0, t16..t31)          the partial block at the end has no hash
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+
+def hash_block(
+    parent_hash: bytes | None, token_ids: Sequence[int], extra_keys: tuple = ()
+) -> bytes:
+    """A block's identity: stable across processes, so replicas and the KV store agree."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(parent_hash or b"\x00")
+    digest.update(array("q", token_ids).tobytes())
+    if extra_keys:
+        digest.update(repr(extra_keys).encode())
+    return digest.digest()
+
+
+def chained_block_hashes(
+    token_ids: Sequence[int], block_size: int, extra_keys: tuple = ()
+) -> list[bytes]:
+    """The hashes of every full block of ``token_ids``, first block first."""
+    hashes: list[bytes] = []
+    parent: bytes | None = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size], extra_keys)
+        hashes.append(parent)
+    return hashes

@@ -1,0 +1,299 @@
+"""The Helm chart, linted and rendered by the real Helm library (``helm-python-sdk`` binds
+Helm's Go SDK; no ``helm`` binary and no cluster are needed), for the default values and a
+matrix of variants. Every rendered object is validated against the Kubernetes JSON schemas
+that ``kubernetes-validate`` ships (strict: unknown fields fail), except the two CRD kinds
+(ServiceMonitor, HTTPRoute), whose schemas no offline package ships: their fields that matter
+are checked here instead. The controller's RBAC is exactly the minimal set, and
+``values.schema.json`` rejects bad values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+CHART = Path(__file__).parents[2] / "helm" / "switchyard"
+RELEASE, NAMESPACE = "sy", "serving"
+KUBE_VERSIONS = ("1.30.0", "1.35.0")  # the chart's floor (kubeVersion) and a recent one
+CRD_KINDS = {"ServiceMonitor", "HTTPRoute"}
+
+MATRIX: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "replicas": {"gateway": {"replicas": 3}, "controller": {"replicas": 2},
+                 "engine": {"replicas": 4}},
+    "redis-on": {"redis": {"enabled": True}},
+    "redis-external": {"redis": {"externalUrl": "redis://cache.example:6379/2"}},
+    "redis-off-kv-off": {"kvService": {"enabled": False}},
+    "ingress-on": {"ingress": {"enabled": True, "className": "nginx",
+                               "tls": [{"secretName": "tls", "hosts": ["switchyard.local"]}]}},
+    "existing-secret": {"secret": {"existingSecret": "my-keys"}},
+    "api-keys": {"secret": {"apiKeys": ["sk-a", "sk-b"], "hfToken": "hf_x"}},
+    "gpu-on": {"engine": {"gpu": {"enabled": True, "count": 2},
+                          "nodeSelector": {"nvidia.com/gpu.present": "true"}},
+               "model": {"name": "meta-llama/Llama-3.2-1B-Instruct", "cache": {"size": "50Gi"}}},
+    "model-pvc": {"model": {"name": "llama-3.2-1b", "pvc": {"claimName": "models"}}},
+    "autoscaling": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8}},
+    "monitoring-and-route": {"serviceMonitor": {"enabled": True},
+                             "httpRoute": {"enabled": True, "parentRefs": [{"name": "gw"}],
+                                           "hostnames": ["llm.example"]}},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: helm.Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
+    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [
+        doc
+        for path, text in sorted(manifests.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def container(objects: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    deployment = one(objects, "Deployment", f"{RELEASE}-switchyard-{component}")
+    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
+    return containers[0]
+
+
+def config(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    configmap = one(objects, "ConfigMap", f"{RELEASE}-switchyard-config")
+    parsed: dict[str, Any] = yaml.safe_load(configmap["data"]["config.yaml"])
+    return parsed
+
+
+@pytest.mark.parametrize("variant", sorted(MATRIX))
+def test_lints_clean(variant: str) -> None:
+    report = helm.lint(CHART, MATRIX[variant], strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == []
+
+
+@pytest.mark.parametrize("variant", sorted(MATRIX))
+def test_every_object_validates_against_the_kubernetes_schemas(
+    chart: helm.Chart, variant: str
+) -> None:
+    chart.validate_schema(MATRIX[variant])
+    objects = render(chart, MATRIX[variant])
+    assert {"Deployment", "Service", "ConfigMap", "Role", "PodDisruptionBudget"} <= {
+        o["kind"] for o in objects
+    }
+    for obj in objects:
+        if obj["kind"] in CRD_KINDS:
+            continue
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_default_render_holds_every_service(chart: helm.Chart) -> None:
+    objects = render(chart, {})
+    deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
+    assert deployments == {f"{RELEASE}-switchyard-{c}" for c in ("gateway", "controller",
+                                                                  "engine", "kv")}  # fmt: skip
+    assert [container(objects, c)["args"] for c in ("gateway", "controller", "engine", "kv")] == [
+        ["gateway"],
+        ["controller"],
+        ["engine"],
+        ["kv"],
+    ]
+    one(objects, "PersistentVolumeClaim", f"{RELEASE}-switchyard-kv")
+    assert {o["kind"] for o in objects}.isdisjoint({"Ingress", "HTTPRoute", "ServiceMonitor"})
+
+
+def rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    role = one(objects, "Role", f"{RELEASE}-switchyard-controller")
+    return [{k: sorted(v) for k, v in rule.items()} for rule in role["rules"]]
+
+
+ENGINE_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["apps"], "resources": ["deployments/scale"],
+     "resourceNames": [f"{RELEASE}-switchyard-engine"], "verbs": ["get", "patch"]},
+]  # fmt: skip
+
+
+def test_rbac_is_the_minimal_namespaced_set(chart: helm.Chart) -> None:
+    objects = render(chart, {})
+    assert rules(objects) == ENGINE_RULES
+    assert not {"ClusterRole", "ClusterRoleBinding"} & {o["kind"] for o in objects}
+    binding = one(objects, "RoleBinding", f"{RELEASE}-switchyard-controller")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "namespace": NAMESPACE,
+                                    "name": f"{RELEASE}-switchyard-controller"}]  # fmt: skip
+    controller_pod = one(objects, "Deployment", f"{RELEASE}-switchyard-controller")
+    assert controller_pod["spec"]["template"]["spec"]["serviceAccountName"] == (
+        f"{RELEASE}-switchyard-controller"
+    )
+    for component in ("gateway", "engine", "kv"):  # no API access for the others
+        pod = one(objects, "Deployment", f"{RELEASE}-switchyard-{component}")["spec"]["template"]
+        assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_leases_are_granted_only_with_more_than_one_controller(chart: helm.Chart) -> None:
+    objects = render(chart, {"controller": {"replicas": 2}})
+    assert rules(objects) == [
+        *ENGINE_RULES,
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": [f"{RELEASE}-switchyard-controller"], "verbs": ["get", "update"]},
+    ]  # fmt: skip
+    assert config(objects)["controller"]["leader_election"] is True
+    assert config(render(chart, {}))["controller"]["leader_election"] is False
+
+
+def test_engine_probes_use_the_grpc_health_service(chart: helm.Chart) -> None:
+    engine = container(render(chart, {}), "engine")
+    for probe in ("startupProbe", "readinessProbe"):
+        assert engine[probe]["grpc"] == {"port": 50100, "service": "switchyard.v1.EngineService"}
+    assert engine["livenessProbe"]["grpc"] == {"port": 50100}
+    assert (
+        engine["startupProbe"]["failureThreshold"] * engine["startupProbe"]["periodSeconds"] >= 900
+    )
+    assert engine["lifecycle"]["preStop"] == {"sleep": {"seconds": 30}}
+
+
+def test_the_controller_finds_what_the_chart_creates(chart: helm.Chart) -> None:
+    objects = render(chart, {})
+    settings = config(objects)
+    engine = one(objects, "Deployment", f"{RELEASE}-switchyard-engine")
+    pod_labels = engine["spec"]["template"]["metadata"]["labels"]
+    selector = dict(
+        term.split("=") for term in settings["controller"]["engine_selector"].split(",")
+    )
+    assert selector.items() <= pod_labels.items()
+    assert settings["controller"]["engine_deployment"] == engine["metadata"]["name"]
+    controller_service = one(objects, "Service", f"{RELEASE}-switchyard-controller")
+    address = (
+        f"{controller_service['metadata']['name']}:{controller_service['spec']['ports'][0]['port']}"
+    )
+    assert settings["engine"]["controller_address"] == address
+    assert settings["gateway"]["controller_address"] == address
+    assert settings["engine"]["kv_service_address"] == f"{RELEASE}-switchyard-kv:50060"
+    env = {e["name"]: e.get("valueFrom", {}) for e in container(objects, "engine")["env"]}
+    assert env["SWITCHYARD_REPLICA_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_existing_secret_is_used_and_none_is_created(chart: helm.Chart) -> None:
+    objects = render(chart, MATRIX["existing-secret"])
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    gateway = one(objects, "Deployment", f"{RELEASE}-switchyard-gateway")["spec"]["template"]
+    volumes = {v["name"]: v for v in gateway["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == "my-keys"
+    assert config(objects)["gateway"]["api_key_file"] == "/etc/switchyard-keys/api-keys"
+
+
+def test_api_keys_go_into_the_charts_secret(chart: helm.Chart) -> None:
+    objects = render(chart, MATRIX["api-keys"])
+    secret = one(objects, "Secret", f"{RELEASE}-switchyard-secrets")
+    assert secret["stringData"]["api-keys"].split() == ["sk-a", "sk-b"]
+    assert secret["stringData"]["hf-token"] == "hf_x"
+    assert "api_key_file" not in config(render(chart, {}))["gateway"]  # default: no auth
+
+
+def test_gpu_engines_ask_for_gpus_and_run_on_cuda(chart: helm.Chart) -> None:
+    objects = render(chart, MATRIX["gpu-on"])
+    engine = container(objects, "engine")
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert config(objects)["engine"]["device"] == "cuda"
+    pod = one(objects, "Deployment", f"{RELEASE}-switchyard-engine")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert "nvidia.com/gpu" not in str(container(render(chart, {}), "engine")["resources"])
+
+
+def test_redis_is_optional_and_may_be_external(chart: helm.Chart) -> None:
+    on = render(chart, MATRIX["redis-on"])
+    one(on, "Deployment", f"{RELEASE}-switchyard-redis")
+    assert config(on)["kv"]["kv_store"] == f"redis://{RELEASE}-switchyard-redis:6379/0"
+    external = render(chart, MATRIX["redis-external"])
+    assert not [o for o in external if o["metadata"]["name"].endswith("-redis")]
+    assert config(external)["kv"]["kv_store"] == "redis://cache.example:6379/2"
+    assert config(render(chart, {}))["kv"]["kv_store"] == "disk:/var/lib/switchyard-kv"
+
+
+def test_without_the_kv_service_engines_are_not_pointed_at_it(chart: helm.Chart) -> None:
+    objects = render(chart, MATRIX["redis-off-kv-off"])
+    assert "kv_service_address" not in config(objects)["engine"]
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-kv")]
+
+
+def test_ingress_and_route_lead_to_the_gateway(chart: helm.Chart) -> None:
+    ingress = one(render(chart, MATRIX["ingress-on"]), "Ingress", f"{RELEASE}-switchyard")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": f"{RELEASE}-switchyard-gateway", "port": {"name": "http"}}
+    objects = render(chart, MATRIX["monitoring-and-route"])
+    route = one(objects, "HTTPRoute", f"{RELEASE}-switchyard")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] == [{"name": "gw"}]
+    assert route["spec"]["rules"][0]["backendRefs"] == [
+        {"name": f"{RELEASE}-switchyard-gateway", "port": 8000}
+    ]
+    monitors = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceMonitor"}
+    assert sorted(monitors) == [f"{RELEASE}-switchyard-{c}" for c in ("engine", "gateway", "kv")]
+    for name, monitor in monitors.items():
+        service = one(objects, "Service", name)
+        ports = {p["name"] for p in service["spec"]["ports"]}
+        assert monitor["spec"]["endpoints"][0]["port"] in ports
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+            service["metadata"]["labels"].items()
+        )
+
+
+def test_with_the_autoscaler_the_chart_leaves_the_engine_count_alone(chart: helm.Chart) -> None:
+    objects = render(chart, MATRIX["autoscaling"])
+    assert "replicas" not in one(objects, "Deployment", f"{RELEASE}-switchyard-engine")["spec"]
+    controller = config(objects)["controller"]
+    assert (controller["autoscale"], controller["autoscale_min"], controller["autoscale_max"]) == (
+        True, 2, 8,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"engine": {"replicas": -1}},
+        {"gateway": {"replicas": "3"}},
+        {"controller": {"port": 70000}},
+        {"engine": {"gpu": {"enabled": "yes"}}},
+        {"autoscaling": {"targetKvCacheUsage": 1.5}},
+        {"image": {"pullPolicy": "Sometimes"}},
+        {"redis": {"externalUrl": "cache:6379"}},
+        {"httpRoute": {"enabled": True}},  # a route needs a parent Gateway
+        {"engine": {"replicsa": 2}},  # a typo is not silently ignored
+    ],
+)
+def test_the_values_schema_rejects_bad_values(chart: helm.Chart, values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(values)
+
+
+def test_an_inverted_autoscaling_range_fails_to_render(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmRenderError, match="minReplicas"):
+        render(chart, {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}})
+
+
+def test_notes_tell_how_to_reach_the_gateway(chart: helm.Chart) -> None:
+    notes = chart.render({}, name=RELEASE, namespace=NAMESPACE)["switchyard/templates/NOTES.txt"]
+    assert f"port-forward service/{RELEASE}-switchyard-gateway 8000:8000" in notes
+    ingress_notes = chart.render(MATRIX["ingress-on"], name=RELEASE, namespace=NAMESPACE)[
+        "switchyard/templates/NOTES.txt"
+    ]
+    assert "https://switchyard.local/v1" in ingress_notes
