@@ -121,7 +121,11 @@ def bench_prefix_cache(path: Path, args) -> dict:
     results = {}
     for label, enabled in (("on", True), ("off", False)):
         llm = engine(path, args, enable_prefix_caching=enabled, num_kv_blocks=args.kv_blocks)
-        run_one(llm, tokens(random.Random(99), 64), 4, args.device)  # warm-up
+        # Warm up on prompts as long as the workload's, then forget them.
+        longest = max(len(p) for p in prompts)
+        for _ in range(2):
+            run_one(llm, tokens(random.Random(99), longest), 4, args.device)
+            llm.kv_manager.reset_prefix_cache()
         start = time.perf_counter()
         ttfts, produced = [], 0
         for prompt in prompts:
@@ -167,8 +171,11 @@ def bench_routing(path: Path, args, policy_name: str) -> dict:
         if policy_name == "prefix"
         else RoundRobinPolicy()
     )
-    # Each pool holds about two tenants' system prompts beside the running requests.
-    blocks = 2 * (args.prompt_len // 2) // BLOCK + args.wave * (args.prompt_len // BLOCK)
+    # Each pool holds about half the tenants' system prompts beside a wave of requests, so
+    # a replica that sees every tenant keeps evicting them.
+    system_blocks = (args.prompt_len // 2) // BLOCK
+    request_blocks = (args.prompt_len // 2 + args.prompt_len // 16 + args.output_len) // BLOCK + 1
+    blocks = (args.tenants // 2) * system_blocks + args.wave * (request_blocks - system_blocks) + 8
     replicas = {
         name: engine(path, args, num_kv_blocks=blocks, enable_kv_events=True)
         for name in ("r0", "r1")
@@ -368,8 +375,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=None, help="default: 4096 cuda, 1024 cpu")
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--kv-blocks", type=int, default=1024)
-    parser.add_argument("--tenants", type=int, default=4)
-    parser.add_argument("--routed-requests", type=int, default=32)
+    parser.add_argument("--tenants", type=int, default=6)
+    parser.add_argument("--routed-requests", type=int, default=48)
     parser.add_argument("--wave", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
