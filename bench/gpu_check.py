@@ -23,10 +23,17 @@ from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 
 
 def run(path: Path, backend: str, graphs: bool, prompts):
-    engine = LLMEngine(EngineConfig(
-        model=str(path), device="cuda", dtype="float32", attention_backend=backend,
-        enable_cuda_graphs=graphs, num_kv_blocks=512, cuda_graph_max_batch=16,
-    ))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(path),
+            device="cuda",
+            dtype="float32",
+            attention_backend=backend,
+            enable_cuda_graphs=graphs,
+            num_kv_blocks=512,
+            cuda_graph_max_batch=16,
+        )
+    )
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=0)
     tokens = {i: [] for i in range(len(prompts))}
     logprobs = {i: [] for i in range(len(prompts))}
@@ -46,9 +53,17 @@ def main() -> int:
         ("llama", transformers.LlamaConfig, {}),
         ("mistral-window", transformers.MistralConfig, {"sliding_window": 24}),
     ]:
-        config = cls(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
-                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                     initializer_range=0.1, **extra)
+        config = cls(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            initializer_range=0.1,
+            **extra,
+        )
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as tmp:
             transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
@@ -62,8 +77,10 @@ def main() -> int:
                 diff = max(abs(a - b) for i in lp for a, b in zip(lp[i], ref_lp[i]))
                 ok = same and diff < 2e-3
                 failures += not ok
-                print(f"{name:16} {backend:7} graphs={graphs!s:5} tokens_equal={same} "
-                      f"max_logprob_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}")
+                print(
+                    f"{name:16} {backend:7} graphs={graphs!s:5} tokens_equal={same} "
+                    f"max_logprob_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}"
+                )
     return 1 if failures else 0
 
 

@@ -1,15 +1,34 @@
 """Serving benchmark: latency and throughput through the gateway, against the engine direct.
 
-    python bench/serving.py [--url URL --controller ADDR] [--model M] [--rate R] [--json PATH]
+    python bench/serving.py [--url URL --controller ADDR] [--model M] [--rate R] [--rounds N]
+                            [--json PATH]
 
 Starts ``switchyard up`` on free ports (or uses ``--url`` and ``--controller``), then sends the
-same requests twice at the same Poisson arrival times: first through the gateway
-(``/v1/completions``, streamed, text prompt), then straight to one engine over gRPC
+same requests twice at the same Poisson arrival times: once through the gateway
+(``/v1/completions``, streamed, text prompt), once straight to one engine over gRPC
 (``Generate``, the prompt tokenized here with the model's tokenizer). Every request is
 greedy with ``ignore_eos``, so both runs generate the same number of tokens. Reports TTFT,
 inter-token latency (ITL: the gaps between streamed tokens) and end-to-end latency at p50 and
 p99, request and output-token throughput, and ``gateway_overhead_ms_p50`` (the gateway's TTFT
 p50 minus the engine's); prints a table and writes JSON with ``--json``.
+
+What makes the two runs comparable:
+
+- The engine caches prompt prefixes, so the run that went second would find every prompt
+  already prefilled. Each path therefore gets its own prompts: request i's words, shuffled,
+  so that both paths prefill the same number of tokens (checked) and share no cached block.
+  Warm-up requests, and each of the ``--rounds``, use prompts of their own.
+- Rounds alternate which path goes first (gateway, engine; engine, gateway; ...) and pool
+  their samples, so that drift in the machine's other load weighs on both paths alike.
+- Both clients are light and do comparable work per token: ``httpx`` streaming with one
+  ``json.loads`` per event for the gateway, the generated gRPC stub for the engine. The
+  gateway's figures include its HTTP hop (client and server side), which is its real cost.
+- The gateway's prompt token count (its usage chunk) is checked against the tokenization
+  used for the direct run.
+- The gateway's TTFT is its first event with text; it cannot send a token that is half a
+  UTF-8 character, so now and then it waits one token longer than the engine.
+- Gateway, engine and this client share the machine's cores; on a small CPU box their
+  contention is part of every figure.
 """
 
 from __future__ import annotations
@@ -98,8 +117,10 @@ def _pct(values_s: list[float], q: int) -> float:
 
 
 async def through_gateway(
-    http: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int
+    http: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, prompt_tokens: int
 ) -> Sample:
+    """Streams one completion; ``prompt_tokens`` is what the direct run's tokenization of
+    ``prompt`` gives, checked against the gateway's usage so both paths prefill alike."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -121,6 +142,11 @@ async def through_gateway(
             chunk = json.loads(line.removeprefix("data: "))
             if chunk.get("usage"):
                 output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk["usage"]["prompt_tokens"] != prompt_tokens:
+                    raise RuntimeError(
+                        f"the gateway counted {chunk['usage']['prompt_tokens']} prompt tokens, "
+                        f"the bench's tokenizer {prompt_tokens}"
+                    )
             if any(choice.get("text") for choice in chunk.get("choices", [])):
                 arrivals.append(time.perf_counter())
     end = time.perf_counter()
@@ -174,7 +200,46 @@ async def run_schedule(offsets_s: list[float], send: Any, result: PathResult) ->
 
     t0 = time.perf_counter()
     await asyncio.gather(*(fire(i, offset, t0) for i, offset in enumerate(offsets_s)))
-    result.wall_s = time.perf_counter() - t0
+    result.wall_s += time.perf_counter() - t0
+
+
+@dataclass(slots=True)
+class Prompt:
+    """One request's prompt: ``text`` for the gateway, ``direct_token_ids`` for the engine.
+
+    The direct prompt is the same words in another order, as many tokens long, so that
+    neither run finds the other's blocks in the engine's prefix cache.
+    """
+
+    text: str
+    token_ids: list[int]  # ``text`` as the gateway tokenizes it
+    direct_token_ids: list[int]
+
+
+def make_prompts(
+    tokenizer: Any, rng: random.Random, shuffle_rng: random.Random, count: int, num_words: int
+) -> list[Prompt]:
+    def encode(text: str) -> list[int]:
+        return [int(t) for t in tokenizer(text)["input_ids"]]
+
+    prompts = []
+    for _ in range(count):
+        words = [rng.choice(WORDS) for _ in range(num_words)]
+        text = " ".join(words)
+        token_ids = encode(text)
+        for _attempt in range(1000):
+            direct_ids = encode(" ".join(shuffle_rng.sample(words, len(words))))
+            # Differing by the first token after any BOS puts the difference in the first
+            # KV block; block hashes are chained, so no block of one matches the other.
+            first_difference = next(
+                (pos for pos, (a, b) in enumerate(zip(token_ids, direct_ids)) if a != b), None
+            )
+            if len(direct_ids) == len(token_ids) and first_difference in (0, 1):
+                break
+        else:
+            raise SystemExit("could not build a direct prompt as long as the gateway's")
+        prompts.append(Prompt(text, token_ids, direct_ids))
+    return prompts
 
 
 # -- the stack -------------------------------------------------------------------------------
@@ -252,16 +317,17 @@ async def measure(args: argparse.Namespace, url: str, controller: str) -> dict[s
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(args))
-    rng = random.Random(args.seed)
-    prompts = [
-        " ".join(rng.choice(WORDS) for _ in range(args.prompt_words))
-        for _ in range(args.num_requests)
-    ]
-    prompt_ids = [[int(t) for t in tokenizer(p)["input_ids"]] for p in prompts]
+    rng, shuffle_rng = random.Random(args.seed), random.Random(args.seed + 1)
+    rounds = [make_prompts(tokenizer, rng, shuffle_rng, args.num_requests, args.prompt_words)]
     offsets, clock = [], 0.0
-    for _ in prompts:
+    for _ in range(args.num_requests):
         offsets.append(clock)
         clock += rng.expovariate(args.rate)
+    for _ in range(1, args.rounds):  # fresh prompts: a round must not hit the last one's cache
+        rounds.append(
+            make_prompts(tokenizer, rng, shuffle_rng, args.num_requests, args.prompt_words)
+        )
+    warmup = make_prompts(tokenizer, rng, shuffle_rng, args.warmup, args.prompt_words)
 
     engine = first_ready_engine(controller)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -270,19 +336,29 @@ async def measure(args: argparse.Namespace, url: str, controller: str) -> dict[s
         model = models[0]["id"]
         channel = grpc.aio.insecure_channel(engine.address)
         stub = engine_pb2_grpc.EngineServiceStub(channel)
-        for i in range(args.warmup):  # both paths, so that neither pays first-call costs
-            await through_gateway(http, url, model, prompts[i % len(prompts)], args.max_tokens)
-            await direct_to_engine(stub, prompt_ids[i % len(prompts)], args.max_tokens)
+        for prompt in warmup:  # both paths, so that neither pays first-call costs
+            await through_gateway(
+                http, url, model, prompt.text, args.max_tokens, len(prompt.token_ids)
+            )
+            await direct_to_engine(stub, prompt.direct_token_ids, args.max_tokens)
 
         gateway, direct = PathResult(), PathResult()
-        await run_schedule(
-            offsets,
-            lambda i: through_gateway(http, url, model, prompts[i], args.max_tokens),
-            gateway,
-        )
-        await run_schedule(
-            offsets, lambda i: direct_to_engine(stub, prompt_ids[i], args.max_tokens), direct
-        )
+        for number, prompts in enumerate(rounds):
+
+            async def via_gateway(i: int, prompts: list[Prompt] = prompts) -> Sample:
+                prompt = prompts[i]
+                return await through_gateway(
+                    http, url, model, prompt.text, args.max_tokens, len(prompt.token_ids)
+                )
+
+            async def via_engine(i: int, prompts: list[Prompt] = prompts) -> Sample:
+                return await direct_to_engine(stub, prompts[i].direct_token_ids, args.max_tokens)
+
+            # Rounds alternate which path goes first, so that drift (other load on the
+            # machine, the engine's state) weighs on both alike.
+            runs = [(via_gateway, gateway), (via_engine, direct)]
+            for send, result in runs if number % 2 == 0 else runs[::-1]:
+                await run_schedule(offsets, send, result)
         await channel.close()
 
     gateway_summary, direct_summary = gateway.summary(), direct.summary()
@@ -293,7 +369,10 @@ async def measure(args: argparse.Namespace, url: str, controller: str) -> dict[s
             "model": model,
             "rate_rps": args.rate,
             "num_requests": args.num_requests,
-            "prompt_tokens_mean": statistics.fmean(len(p) for p in prompt_ids),
+            "rounds": args.rounds,
+            "prompt_tokens_mean": statistics.fmean(
+                len(p.token_ids) for prompts in rounds for p in prompts
+            ),
             "max_tokens": args.max_tokens,
             "seed": args.seed,
         },
@@ -320,7 +399,8 @@ def print_table(report: dict[str, Any]) -> None:
     ]
     config = report["config"]
     print(
-        f"\n{config['num_requests']} requests at {config['rate_rps']} req/s (Poisson), "
+        f"\n{config['rounds']} x {config['num_requests']} requests at {config['rate_rps']} req/s "
+        "(Poisson), "
         f"~{config['prompt_tokens_mean']:.0f} prompt tokens, {config['max_tokens']} output tokens"
     )
     print(f"{'metric':<18}{'gateway':>12}{'engine direct':>16}")
@@ -340,7 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="checkpoint folder or hub id (default: the demo)")
     parser.add_argument("--api-key", default=os.environ.get("SWITCHYARD_API_KEY", ""))
     parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
-    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--num-requests", type=int, default=64, help="per path and round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds of both paths, alternating which goes first; samples are pooled",
+    )
     parser.add_argument("--prompt-words", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2)

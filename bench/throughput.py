@@ -29,22 +29,39 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_service.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 
 PRESETS = {
     # Small enough for a 2-core CPU to finish the default workload in minutes.
     "tiny": dict(
-        hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+        max_position_embeddings=2048,
     ),
     "llama-3.2-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-        tie_word_embeddings=True, rope_theta=500000.0, head_dim=64,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        head_dim=64,
     ),
     "llama-3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
         rope_theta=500000.0,
     ),
 }
@@ -78,13 +95,18 @@ def sync(device: str) -> None:
 def run_ours(args, path: Path, requests) -> dict:
     engine = LLMEngine(
         EngineConfig(
-            model=str(path), dtype=args.dtype, device=args.device,
-            max_num_seqs=args.batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
+            model=str(path),
+            dtype=args.dtype,
+            device=args.device,
+            max_num_seqs=args.batch_size,
+            max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=False,
         )
     )
     # Warm up kernels and allocator on a short request.
-    list(engine.stream("warmup", requests[0][0][:16], SamplingParams(max_tokens=4, ignore_eos=True)))
+    list(
+        engine.stream("warmup", requests[0][0][:16], SamplingParams(max_tokens=4, ignore_eos=True))
+    )
     sync(args.device)
     start = time.perf_counter()
     for i, (prompt, out_len) in enumerate(requests):
@@ -99,15 +121,22 @@ def run_ours(args, path: Path, requests) -> dict:
     elapsed = time.perf_counter() - start
     stats = engine.stats()
     del engine
-    return {"seconds": elapsed, "output_tokens": produced, "tok_s": produced / elapsed,
-            "steps": stats.steps_total, "preemptions": stats.num_preemptions}
+    return {
+        "seconds": elapsed,
+        "output_tokens": produced,
+        "tok_s": produced / elapsed,
+        "steps": stats.steps_total,
+        "preemptions": stats.num_preemptions,
+    }
 
 
 def run_hf(args, path: Path, requests) -> dict:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype if args.dtype != "auto" else "float32"
     ]
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    model = (
+        transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    )
     useful = 0
     sync(args.device)
     start = time.perf_counter()
@@ -122,8 +151,12 @@ def run_hf(args, path: Path, requests) -> dict:
         longest = max(n for _, n in batch)
         with torch.inference_mode():
             model.generate(
-                ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=longest,
-                min_new_tokens=longest, do_sample=False, pad_token_id=0,
+                ids.to(args.device),
+                attention_mask=mask.to(args.device),
+                max_new_tokens=longest,
+                min_new_tokens=longest,
+                do_sample=False,
+                pad_token_id=0,
             )
         useful += sum(n for _, n in batch)
     sync(args.device)
@@ -134,8 +167,11 @@ def run_hf(args, path: Path, requests) -> dict:
 
 def decode_roofline(args, path: Path) -> dict:
     """Batch-1 decode tokens/s beside weight bytes over measured copy bandwidth."""
-    engine = LLMEngine(EngineConfig(model=str(path), dtype=args.dtype, device=args.device,
-                                    kv_cache_memory_bytes=2 << 30))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(path), dtype=args.dtype, device=args.device, kv_cache_memory_bytes=2 << 30
+        )
+    )
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=args.device)
     dst = torch.empty_like(buf)
@@ -164,9 +200,13 @@ def decode_roofline(args, path: Path) -> dict:
     decode_s = time.perf_counter() - first
     tok_s = (count - 1) / decode_s
     roofline = bandwidth / weight_bytes
-    return {"batch1_decode_tok_s": tok_s, "roofline_tok_s": roofline,
-            "fraction_of_roofline": tok_s / roofline, "weight_bytes": weight_bytes,
-            "copy_bandwidth_gb_s": bandwidth / 1e9}
+    return {
+        "batch1_decode_tok_s": tok_s,
+        "roofline_tok_s": roofline,
+        "fraction_of_roofline": tok_s / roofline,
+        "weight_bytes": weight_bytes,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+    }
 
 
 def main() -> None:
@@ -178,8 +218,12 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 1024))
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 512))
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="our max concurrent sequences and the reference's static batch")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="our max concurrent sequences and the reference's static batch",
+    )
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--roofline", action="store_true", help="also batch-1 decode (CUDA)")
@@ -193,7 +237,11 @@ def main() -> None:
             path = Path(args.model)
         else:
             path = Path(tmp) / args.preset
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+            dtype = {
+                "float32": torch.float32,
+                "bfloat16": torch.bfloat16,
+                "float16": torch.float16,
+            }[args.dtype]
             make_checkpoint(path, args.preset, dtype, args.device)
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         requests = workload(args.num_requests, vocab, args.prompt_len, args.output_len)
@@ -203,22 +251,33 @@ def main() -> None:
         roofline = decode_roofline(args, path) if args.roofline else None
 
     result = {
-        "machine": {"device": args.device, "platform": platform.platform(),
-                    "cpu_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
-        "preset": args.model or args.preset, "dtype": args.dtype,
-        "num_requests": args.num_requests, "batch_size": args.batch_size,
-        "prompt_len": list(args.prompt_len), "output_len": list(args.output_len),
-        "ours_tok_s": ours["tok_s"], "ours_seconds": ours["seconds"],
-        "ours_steps": ours["steps"], "ours_preemptions": ours["preemptions"],
-        "hf_tok_s": hf["tok_s"] if hf else None, "hf_seconds": hf["seconds"] if hf else None,
+        "machine": {
+            "device": args.device,
+            "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        },
+        "preset": args.model or args.preset,
+        "dtype": args.dtype,
+        "num_requests": args.num_requests,
+        "batch_size": args.batch_size,
+        "prompt_len": list(args.prompt_len),
+        "output_len": list(args.output_len),
+        "ours_tok_s": ours["tok_s"],
+        "ours_seconds": ours["seconds"],
+        "ours_steps": ours["steps"],
+        "ours_preemptions": ours["preemptions"],
+        "hf_tok_s": hf["tok_s"] if hf else None,
+        "hf_seconds": hf["seconds"] if hf else None,
         "ratio": ours["tok_s"] / hf["tok_s"] if hf else None,
     }
     if roofline:
         result.update(roofline)
 
-    rows = [("engine", "output tok/s", "seconds"),
-            ("switchyard", f"{ours['tok_s']:.1f}", f"{ours['seconds']:.1f}")]
+    rows = [
+        ("engine", "output tok/s", "seconds"),
+        ("switchyard", f"{ours['tok_s']:.1f}", f"{ours['seconds']:.1f}"),
+    ]
     if hf:
         rows.append(("transformers.generate", f"{hf['tok_s']:.1f}", f"{hf['seconds']:.1f}"))
     print(f"\n{result['preset']} {args.dtype} on {args.device}, {args.num_requests} requests")
@@ -227,8 +286,10 @@ def main() -> None:
     if hf:
         print(f"  ratio (ours / transformers): {result['ratio']:.2f}x")
     if roofline:
-        print(f"  batch-1 decode: {roofline['batch1_decode_tok_s']:.1f} tok/s; roofline "
-              f"{roofline['roofline_tok_s']:.1f} tok/s ({roofline['fraction_of_roofline']:.0%})")
+        print(
+            f"  batch-1 decode: {roofline['batch1_decode_tok_s']:.1f} tok/s; roofline "
+            f"{roofline['roofline_tok_s']:.1f} tok/s ({roofline['fraction_of_roofline']:.0%})"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

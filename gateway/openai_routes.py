@@ -300,24 +300,24 @@ class OpenAIRoutes:
     ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
         exclude = None if include_usage else {"usage"}
+        # Events that are ready together go out in one write: each write is a syscall and a
+        # wakeup of the client, which on a busy host costs more than building the events.
         async with aclosing(deltas):
             try:
-                for chunk in shape.opening_chunks():
-                    yield _sse(chunk, exclude)
-                for chunk in shape.chunks(first):
-                    yield _sse(chunk, exclude)
+                events = _sse_events([*shape.opening_chunks(), *shape.chunks(first)], exclude)
+                if events:
+                    yield events
                 async for delta in deltas:
-                    for chunk in shape.chunks(delta):
-                        yield _sse(chunk, exclude)
+                    events = _sse_events(shape.chunks(delta), exclude)
+                    if events:
+                        yield events
             except (NoReplicaAvailable, EngineError) as exc:
                 logger.warning("engine failed mid-stream", extra={"error": str(exc)})
-                yield f"data: {_json(openai_error_for(exc).body())}\n\n".encode()
-                yield b"data: [DONE]\n\n"
+                yield f"data: {_json(openai_error_for(exc).body())}\n\ndata: [DONE]\n\n".encode()
                 return
         usage = shape.usage(len(spec.prompt_token_ids))
-        if include_usage:
-            yield _sse(shape.usage_chunk(usage), None)
-        yield b"data: [DONE]\n\n"
+        tail = _sse(shape.usage_chunk(usage), None) if include_usage else b""
+        yield tail + b"data: [DONE]\n\n"
         self._log_finished(spec, usage, started)
 
     def _log_finished(self, spec: GenerationSpec, usage: Usage, started: float) -> None:
@@ -570,6 +570,10 @@ def _json(payload: dict[str, Any]) -> str:
 
 def _sse(chunk: BaseModel, exclude: set[str] | None) -> bytes:
     return b"data: " + chunk.model_dump_json(exclude=exclude).encode() + b"\n\n"
+
+
+def _sse_events(chunks: list[BaseModel], exclude: set[str] | None) -> bytes:
+    return b"".join(_sse(chunk, exclude) for chunk in chunks)
 
 
 def _chat_logprob(tokenizer: ModelTokenizer, entry: common_pb2.TokenLogprob) -> TokenLogprob:

@@ -87,6 +87,11 @@ class PrefixIndex:
                 else:
                     held.pop(block_hash, None)
 
+    def num_blocks(self, replica_id: str) -> int:
+        """How many blocks the replica holds (any tier); 0 for one the index does not know."""
+        blocks = self._replicas.get(replica_id)
+        return 0 if blocks is None else len(blocks.held)
+
     def note_routed(self, replica_id: str, token_ids: Sequence[int]) -> None:
         """The prompt is about to be computed on the replica: count its blocks as held there
         for a while."""

@@ -1,7 +1,9 @@
 """Prefix-cache-aware routing: send a request where its prompt's prefix is already cached.
 
 The replica holding the longest prefix of the prompt (per the :class:`PrefixIndex`) wins;
-ties, and prompts no replica holds, go to the least-loaded replica. Two guards:
+ties, and prompts no replica holds, go to the least-loaded replica, and among equally loaded
+ones to the one holding the fewest blocks, so that new prefixes (a new tenant's system
+prompt) spread over the replicas instead of piling onto the first. Two guards:
 
 - **Load guard.** A warm replica is not piled on: when the best prefix holder has more than
   ``load_guard`` requests above the least-loaded replica, the least-loaded one takes the
@@ -41,7 +43,15 @@ class PrefixAwarePolicy(RoutingPolicy):
         self._ring: list[tuple[int, str]] = []
 
     def select(self, replicas: Sequence[Replica], request_info: RequestInfo) -> Replica:
-        least = min(replicas, key=lambda r: (replica_load(r), r.kv_usage, r.replica_id))
+        least = min(
+            replicas,
+            key=lambda r: (
+                replica_load(r),
+                self._index.num_blocks(r.replica_id),
+                r.kv_usage,
+                r.replica_id,
+            ),
+        )
         if request_info.session_id:
             chosen = self._session_replica(replicas, request_info.session_id)
         else:

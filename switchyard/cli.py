@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from typing import IO
 import grpc
 import httpx
 
-from switchyard.settings import default_data_dir
+from switchyard.settings import CONFIG_ENV, GatewaySettings, default_data_dir
 from switchyard.v1 import common_pb2, controller_pb2, controller_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 DEFAULT_CONTROLLER_ADDRESS = "127.0.0.1:50051"
@@ -157,6 +158,18 @@ def _engine_args(args: argparse.Namespace) -> list[str]:
     return engine_args
 
 
+GATEWAY_KNOBS = ("routing_policy", "chat_format", "tool_call_parser")
+
+
+def _gateway_args(args: argparse.Namespace) -> list[str]:
+    gateway_args = []
+    for name in GATEWAY_KNOBS:
+        value = getattr(args, name)
+        if value is not None:
+            gateway_args += ["--" + name.replace("_", "-"), value]
+    return gateway_args
+
+
 def _resolve_model(args: argparse.Namespace, data_dir: Path) -> str:
     if args.model is None:
         from switchyard.demo import DEMO_MODEL_NAME, ensure_demo_model
@@ -211,6 +224,10 @@ def _stop_children(children: list[Child], up_id: str) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    config_file = Path(args.config).expanduser().resolve() if args.config else None
+    if config_file is not None and not config_file.is_file():
+        print(f"settings file {config_file} does not exist", file=sys.stderr)
+        return 1
     log_dir = data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     ports = [("gateway", args.port), ("controller", args.controller_port)]
@@ -237,6 +254,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     source_root = str(Path(__file__).resolve().parents[1])
     python_path = [source_root, *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, UP_ID_ENV: up_id, "PYTHONPATH": os.pathsep.join(python_path)}
+    if config_file is not None:  # every service, engines included, reads its own section
+        env[CONFIG_ENV] = str(config_file)
     controller_address = f"127.0.0.1:{args.controller_port}"
     # The engines learn the KV service's address from up, so a taken default port is no obstacle.
     kv_port = args.kv_port or _port_or_any("127.0.0.1", DEFAULT_KV_PORT)
@@ -271,6 +290,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--port", str(args.port),
         "--controller-address", controller_address,
         *(["--api-keys", ",".join(args.api_key)] if args.api_key else []),
+        *_gateway_args(args),
     ]  # fmt: skip
 
     children: list[Child] = []
@@ -420,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-store", help="memory, disk:PATH or redis://HOST:PORT (default: disk under data dir)"
     )
     up.add_argument("--log-level", default="INFO")
+    up.add_argument(
+        "--config",
+        help="YAML settings file with engine:, controller:, gateway: and kv: sections, read by "
+        "every service; the flags up passes win over it",
+    )
     up.add_argument("--startup-timeout", type=float, default=900.0, help="seconds")
     engine = up.add_argument_group("engine knobs (passed to every engine)")
     engine.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
@@ -430,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-seqs", type=int)
     engine.add_argument("--max-num-batched-tokens", type=int)
     engine.add_argument("--engine-args", default="", help="more engine flags, as one string")
+    gateway = up.add_argument_group("gateway knobs")
+    for name in GATEWAY_KNOBS:
+        field = GatewaySettings.model_fields[name]
+        gateway.add_argument(
+            "--" + name.replace("_", "-"),
+            choices=typing.get_args(field.annotation),
+            help=f"{field.description} (default: {field.default})",
+        )
     up.set_defaults(func=cmd_up)
 
     scale = sub.add_parser("scale", help="set the desired size of a pool")

@@ -185,6 +185,40 @@ class EngineSettings(ServiceSettings):
     enable_prefix_caching: bool = Field(
         default=True, description="reuse KV blocks of shared prompt prefixes"
     )
+    enable_chunked_prefill: bool = Field(
+        default=True,
+        description="split a prompt longer than the step's remaining token budget over steps; "
+        "off: it waits until it fits in one step",
+    )
+    long_prefill_token_threshold: int = Field(
+        default=0,
+        ge=0,
+        description="most prompt tokens of one request in one step, so several prompts share "
+        "a step; 0: no cap",
+    )
+    attention_backend: Literal["auto", "sdpa", "triton"] = Field(
+        default="auto",
+        description="attention kernels: sdpa (torch reference, any device), triton (CUDA "
+        "paged decode); auto: triton on CUDA when Triton is installed, else sdpa",
+    )
+    enable_cuda_graphs: bool = Field(
+        default=True,
+        description="replay CUDA graphs for all-decode steps (CUDA with the triton backend)",
+    )
+    cuda_graph_max_batch: int = Field(
+        default=128, ge=0, description="largest decode batch captured as a CUDA graph"
+    )
+    grammar_backend: Literal["llguidance", "xgrammar"] = Field(
+        default="llguidance",
+        description="grammar library for structured-output constraints that name no backend",
+    )
+    enable_jump_forward: bool = Field(
+        default=True,
+        description="append the tokens a grammar forces in one step instead of sampling them",
+    )
+    seed: int = Field(
+        default=0, description="seed of the engine's random state (requests without a seed)"
+    )
     kv_service_address: str = Field(
         default="", description="KV service host:port to offload blocks to; empty: none"
     )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass(slots=True)
@@ -124,9 +125,7 @@ class SdpaBackend(AttentionBackend):
                 # The whole context is in this step: attend to the fresh K/V directly.
                 keys = k[rows].transpose(0, 1).unsqueeze(0)
                 values = v[rows].transpose(0, 1).unsqueeze(0)
-                attn = F.scaled_dot_product_attention(
-                    query, keys, values, is_causal=True, scale=scale, enable_gqa=True
-                )
+                attn = _prefill_sdpa(query, keys, values, None, scale)
             else:
                 keys = key_cache[chunk.block_ids].flatten(0, 1)[: chunk.seq_len]
                 values = value_cache[chunk.block_ids].flatten(0, 1)[: chunk.seq_len]
@@ -137,11 +136,44 @@ class SdpaBackend(AttentionBackend):
                 mask = k_pos[None, :] <= q_pos[:, None]
                 if window is not None:
                     mask &= k_pos[None, :] > q_pos[:, None] - window
-                attn = F.scaled_dot_product_attention(
-                    query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-                )
+                attn = _prefill_sdpa(query, keys, values, mask, scale)
             out[rows] = attn.squeeze(0).transpose(0, 1)
         return out
+
+
+# cuDNN attention builds a plan for every new sequence length (tens of milliseconds each),
+# which prompts of ever-changing lengths keep paying; flash and memory-efficient need none.
+_CUDA_PREFILL_KERNELS = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def _prefill_sdpa(query, keys, values, mask, scale):
+    """Causal (``mask`` None) or masked attention of one prefill chunk.
+
+    On CUDA the KV heads are repeated up to the query heads first, since grouped-query
+    inputs would send SDPA to its slow math kernel, and cuDNN's kernel is skipped.
+    """
+    if not query.is_cuda:
+        return F.scaled_dot_product_attention(
+            query,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+    if keys.shape[1] != query.shape[1]:
+        group = query.shape[1] // keys.shape[1]
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    with sdpa_kernel(_CUDA_PREFILL_KERNELS, set_priority=True):
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale
+        )
 
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:

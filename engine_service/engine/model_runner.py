@@ -9,6 +9,16 @@ from engine_service.engine.scheduler import ScheduledBatch
 from engine_service.models.layers import CausalLM
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy step inputs without stalling the host: from pinned memory, asynchronously.
+
+    A copy from pageable memory would wait for every kernel already queued.
+    """
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
 class ModelRunner:
     """Owns the model and the KV cache tensor; one ``execute`` per engine step.
 
@@ -86,7 +96,7 @@ class ModelRunner:
         device = self.device
 
         def tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+            return to_device(torch.tensor(values, dtype=torch.long), device)
 
         width = max((len(t) for t in decode_tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in decode_tables]
@@ -94,9 +104,9 @@ class ModelRunner:
             slot_block=tensor(slot_block),
             slot_offset=tensor(slot_offset),
             decode_rows=tensor(decode_rows),
-            decode_block_tables=torch.tensor(padded, dtype=torch.long)
-            .reshape(len(padded), width)
-            .to(device),
+            decode_block_tables=to_device(
+                torch.tensor(padded, dtype=torch.long).reshape(len(padded), width), device
+            ),
             decode_seq_lens=tensor(decode_lens),
             num_decodes=len(decode_rows),
             prefills=[
@@ -167,7 +177,7 @@ class DecodeGraphs:
         padding = bucket - n
         for column, value in zip(columns, (0, 0, self.scratch_block, 0, 1)):
             column.extend([value] * padding)
-        rows = torch.tensor(columns, dtype=torch.long).to(self.kv_cache.device)
+        rows = to_device(torch.tensor(columns, dtype=torch.long), self.kv_cache.device)
         self.input_ids[:bucket].copy_(rows[0])
         self.positions[:bucket].copy_(rows[1])
         self.slot_block[:bucket].copy_(rows[2])
@@ -176,7 +186,9 @@ class DecodeGraphs:
         tables = [s.request.block_table[:width] for s in batch.sequences]
         tables += [[]] * padding
         tables = [t + [self.scratch_block] * (width - len(t)) for t in tables]
-        self.tables[:bucket, :width].copy_(torch.tensor(tables, dtype=torch.long))
+        self.tables[:bucket, :width].copy_(
+            to_device(torch.tensor(tables, dtype=torch.long), self.kv_cache.device)
+        )
         graph, hidden = self._graphs[bucket]
         graph.replay()
         return hidden[:n]

@@ -16,14 +16,27 @@ from engine_service.engine.attention import AttentionMetadata, SdpaBackend
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_ptr,
-    scale, window,
-    stride_q_tok, stride_q_head,
-    stride_k_block, stride_k_tok, stride_k_head,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    scale,
+    window,
+    stride_q_tok,
+    stride_q_head,
+    stride_k_block,
+    stride_k_tok,
+    stride_k_head,
     stride_table,
-    stride_o_tok, stride_o_head,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, USE_WINDOW: tl.constexpr,
+    stride_o_tok,
+    stride_o_head,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -35,7 +48,8 @@ def _paged_decode_kernel(
     q_heads = kv_head * GROUP + heads
     q = tl.load(
         q_ptr + seq * stride_q_tok + q_heads[:, None] * stride_q_head + dims[None, :],
-        mask=head_ok[:, None], other=0.0,
+        mask=head_ok[:, None],
+        other=0.0,
     )
     seq_len = tl.load(seq_lens_ptr + seq)
     first = 0
@@ -71,7 +85,8 @@ def _paged_decode_kernel(
     out = acc / running_sum[:, None]
     tl.store(
         out_ptr + seq * stride_o_tok + q_heads[:, None] * stride_o_head + dims[None, :],
-        out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None],
+        out.to(out_ptr.dtype.element_ty),
+        mask=head_ok[:, None],
     )
 
 
@@ -90,14 +105,27 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     _paged_decode_kernel[(num_seqs, num_kv_heads)](
-        q, key_cache, value_cache, block_tables, seq_lens, out,
-        scale, window or 0,
-        q.stride(0), q.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        q,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        out,
+        scale,
+        window or 0,
+        q.stride(0),
+        q.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, USE_WINDOW=window is not None,
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        USE_WINDOW=window is not None,
         IEEE=q.dtype == torch.float32,
     )
     return out
@@ -108,6 +136,11 @@ class TritonBackend(SdpaBackend):
 
     def _decode(self, q, key_cache, value_cache, meta: AttentionMetadata, scale, window):
         return paged_decode_attention(
-            q[meta.decode_rows], key_cache, value_cache,
-            meta.decode_block_tables, meta.decode_seq_lens, scale, window,
+            q[meta.decode_rows],
+            key_cache,
+            value_cache,
+            meta.decode_block_tables,
+            meta.decode_seq_lens,
+            scale,
+            window,
         )

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
-from tests.controller.fakes import FakeBackend, FakeClock
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.plan import RestartPolicy
@@ -17,6 +16,7 @@ from controller.registry import ReplicaRegistry
 from controller.server import SERVICE_NAME, ControllerServicer, RouteFeed
 from switchyard.grpc_utils import create_server, insecure_channel
 from switchyard.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from tests.controller.fakes import FakeBackend, FakeClock
 
 Stub = controller_pb2_grpc.ControllerServiceStub
 

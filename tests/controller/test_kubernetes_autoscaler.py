@@ -49,6 +49,8 @@ def test_the_bounds_hold_with_or_without_load() -> None:
 
 
 class StubPool:
+    """Test double of the engine pool: records every scale order and takes it at once."""
+
     def __init__(self, desired: int) -> None:
         self.desired = desired
         self.orders: list[int] = []

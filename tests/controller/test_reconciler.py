@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.controller.fakes import FakeBackend, FakeClock
-
 from controller.backend import Phase
 from controller.plan import RestartPolicy
 from controller.reconciler import Reconciler
 from controller.registry import ReplicaRegistry
 from switchyard.v1 import common_pb2
+from tests.controller.fakes import FakeBackend, FakeClock
 
 POLICY = RestartPolicy(backoff_initial_s=2.0, backoff_max_s=8.0, start_timeout_s=100.0)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tests.controller.fakes import FakeClock
 
 from controller.registry import ReplicaRegistry
 from switchyard.v1 import common_pb2
+from tests.controller.fakes import FakeClock
 
 READY = common_pb2.REPLICA_STATE_READY
 UNHEALTHY = common_pb2.REPLICA_STATE_UNHEALTHY

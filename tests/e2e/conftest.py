@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.e2e.stack import Stack, start_stack, stop_stack
 
 from switchyard.demo import make_test_checkpoint
+from tests.e2e.stack import Stack, start_stack, stop_stack
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import openai
 import pytest
+
 from tests.e2e.stack import (
     API_KEY,
     MODEL_NAME,

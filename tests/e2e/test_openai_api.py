@@ -13,8 +13,9 @@ import httpx
 import openai
 import pytest
 import torch
-from tests.e2e.stack import API_KEY, MAX_MODEL_LEN, MODEL_NAME, Stack, engine_stats, ready_replicas
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from tests.e2e.stack import API_KEY, MAX_MODEL_LEN, MODEL_NAME, Stack, engine_stats, ready_replicas
 
 MESSAGES = [{"role": "user", "content": "Tell me about the railway yard."}]
 PROMPT = "The switchyard at dawn"

@@ -38,7 +38,11 @@ FAMILIES = {
         ),
     ),
     # A window much shorter than the prompts, so that it matters.
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=12)),
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(sliding_window=12),
+    ),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict()),
     "qwen3": (
         transformers.Qwen3Config,
@@ -57,7 +61,11 @@ def make_checkpoint(path: Path, family: str, **overrides) -> transformers.PreTra
         # Random biases, so that a missing bias would change the output.
         with torch.no_grad():
             for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
                     proj.bias.normal_(0, 0.2)
     if family == "qwen3":
         with torch.no_grad():

@@ -44,7 +44,9 @@ def test_tied_embeddings_share_one_tensor(tmp_path):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-@pytest.mark.parametrize(("dtype", "expected"), [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+@pytest.mark.parametrize(
+    ("dtype", "expected"), [("bfloat16", torch.bfloat16), ("float16", torch.float16)]
+)
 def test_half_precision_loads_and_generates_close_to_fp32(tmp_path, dtype, expected):
     make_checkpoint(tmp_path, "llama")
     fp32 = LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32", num_kv_blocks=64))

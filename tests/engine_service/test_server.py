@@ -56,7 +56,8 @@ class BackgroundLoop:
 
 
 class FakeController(controller_pb2_grpc.ControllerServiceServicer):
-    """Records what engines tell it; ``forget_next_beat`` answers one heartbeat known=false."""
+    """Test double of the controller: records what engines tell it; ``forget_next_beat``
+    answers one heartbeat known=false."""
 
     def __init__(self) -> None:
         self.registered: list[common_pb2.Replica] = []

@@ -70,6 +70,19 @@ def test_without_any_cached_prefix_the_least_loaded_replica_wins():
     assert chosen.replica_id == "b"
 
 
+def test_new_prefixes_spread_over_equally_loaded_replicas():
+    # "a" sorts first and holds one prefix already; a prompt no replica holds goes to "b",
+    # the equally loaded replica holding fewer blocks, not to the first by name.
+    index = PrefixIndex()
+    for name in ("a", "b"):
+        index.reset(name, BLOCK)
+    index.apply("a", True, DEVICE, chained_block_hashes(list(range(100, 120)), BLOCK))
+    policy = PrefixAwarePolicy(index)
+    assert policy.select([replica("a"), replica("b")], info(PROMPT)).replica_id == "b"
+    # Load still comes first.
+    assert policy.select([replica("a"), replica("b", running=1)], info([5] * 20)).replica_id == "a"
+
+
 def test_a_burst_follows_the_first_request_before_events_confirm_it():
     policy = PrefixAwarePolicy(index_holding({"a": 0, "b": 0}), load_guard=8)
     first = policy.select([replica("a"), replica("b")], info(PROMPT))

@@ -13,7 +13,7 @@ INFO = RequestInfo(request_id="r", model="tiny")
 
 
 class FixedRoutes:
-    """A routes source holding a table set by the test."""
+    """Test double of a routes source: holds a table the test sets."""
 
     def __init__(self, replicas: Sequence[Replica]) -> None:
         self.table = list(replicas)

@@ -1,0 +1,42 @@
+"""``switchyard up`` turns its knobs into the flags of the services it starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from switchyard.cli import _engine_args, _gateway_args, build_parser, cmd_up
+
+
+def test_gateway_knobs_become_gateway_flags() -> None:
+    args = build_parser().parse_args(
+        ["up", "--routing-policy", "prefix", "--chat-format", "harmony", "--tool-call-parser",
+         "hermes"]
+    )  # fmt: skip
+    assert _gateway_args(args) == [
+        "--routing-policy", "prefix", "--chat-format", "harmony", "--tool-call-parser", "hermes"
+    ]  # fmt: skip
+
+
+def test_unset_gateway_knobs_pass_nothing() -> None:
+    assert _gateway_args(build_parser().parse_args(["up"])) == []
+
+
+def test_unknown_routing_policy_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--routing-policy", "random"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_engine_knobs_and_engine_args_reach_every_engine() -> None:
+    args = build_parser().parse_args(
+        ["up", "--device", "cpu", "--engine-args", "--grammar-backend xgrammar --seed 3"]
+    )
+    assert _engine_args(args) == ["--grammar-backend", "xgrammar", "--seed", "3", "--device", "cpu"]
+
+
+def test_up_refuses_a_missing_settings_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(
+        ["up", "--data-dir", str(tmp_path), "--config", str(tmp_path / "missing.yaml")]
+    )
+    assert cmd_up(args) == 1
+    assert "missing.yaml does not exist" in capsys.readouterr().err
