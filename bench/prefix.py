@@ -25,9 +25,9 @@ checkpoint (engines in-process; the KV service, when used, is the real one over 
 Parts and tiers are chosen with ``--parts`` and ``--tiers``; (b) and the disk and Redis tiers
 need grpcio (and the gateway's dependencies), the rest only torch and transformers::
 
-    python bench/prefix.py                                  # CPU, about 2 minutes
-    python bench/prefix.py --device cuda --preset llama-3.2-1b --parts a,c --tiers host \\
-        --json bench/results/prefix-h200.json               # 4096-token prompts
+    python bench/prefix.py                                  # CPU, about 90 seconds
+    python bench/prefix.py --device cuda --preset llama-3.1-8b --parts a,c --tiers host \\
+        --json bench/results/prefix-h200-8b.json            # 4096-token prompts
 """
 
 from __future__ import annotations
