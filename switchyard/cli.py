@@ -349,8 +349,15 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
-    """The replicas as an aligned text table, preceded by the desired pool sizes."""
-    header = ("ID", "ADDRESS", "STATE", "RUNNING", "WAITING", "KV USAGE", "PREFIX HIT")
+    """The replicas as an aligned text table, preceded by the desired pool sizes.
+
+    Hit rates are shares of the prompt tokens each replica was asked for: served from its
+    device prefix cache, restored from its host-memory tier, or fetched from the KV service.
+    """
+    header = (
+        "ID", "ADDRESS", "STATE", "RUNNING", "WAITING", "KV USAGE",
+        "PREFIX HIT", "HOST HIT", "REMOTE HIT",
+    )  # fmt: skip
     rows = [header]
     for replica in reply.replicas:
         state = common_pb2.ReplicaState.Name(replica.state).removeprefix("REPLICA_STATE_")
@@ -364,6 +371,8 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
                 str(load.num_waiting),
                 f"{100 * load.kv_usage:.1f}%",
                 f"{100 * load.prefix_hit_rate:.1f}%",
+                _share(load.host_hit_tokens, load.prefix_cache_queries),
+                _share(load.remote_hit_tokens, load.prefix_cache_queries),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -375,6 +384,10 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
               for row in rows]  # fmt: skip
     return "\n".join(lines)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "0.0%"
 
 
 def format_kv_stats(reply: kv_pb2.StatsResponse) -> str:

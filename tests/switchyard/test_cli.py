@@ -40,3 +40,25 @@ def test_up_refuses_a_missing_settings_file(tmp_path, capsys: pytest.CaptureFixt
     )
     assert cmd_up(args) == 1
     assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_status_shows_hit_rates_per_tier() -> None:
+    from switchyard.cli import format_status
+    from switchyard.v1 import common_pb2, controller_pb2
+
+    load = common_pb2.ReplicaLoad(
+        prefix_cache_queries=1000,
+        prefix_hit_rate=0.4,
+        host_hit_tokens=100,
+        remote_hit_tokens=250,
+    )
+    replica = common_pb2.Replica(
+        replica_id="engine-0",
+        address="127.0.0.1:50100",
+        state=common_pb2.REPLICA_STATE_READY,
+        load=load,
+    )
+    table = format_status(controller_pb2.ListReplicasResponse(replicas=[replica]))
+    header, row = table.splitlines()[-2:]
+    assert header.split()[-6:] == ["PREFIX", "HIT", "HOST", "HIT", "REMOTE", "HIT"]
+    assert row.split()[-3:] == ["40.0%", "10.0%", "25.0%"]
