@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import threading
 import time
@@ -54,7 +53,13 @@ from engine_service.engine.kv_events import KVEvent, KVTier
 from engine_service.engine.structured import GrammarSpec
 from engine_service.kv_connector import GrpcKVStore
 from switchyard.demo import resolve_model
-from switchyard.grpc_utils import GrpcServer, abort_with, create_server, insecure_channel
+from switchyard.grpc_utils import (
+    GrpcServer,
+    abort_with,
+    create_server,
+    insecure_channel,
+    serve_until_signalled,
+)
 from switchyard.log import request_id_var
 from switchyard.metrics import MetricsServer, start_metrics_server
 from switchyard.settings import EngineSettings
@@ -979,12 +984,4 @@ class EngineServer:
 async def serve(settings: EngineSettings) -> None:
     """Run a replica until SIGTERM or SIGINT, then shut it down gracefully."""
     server = EngineServer(settings)
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
-    try:
-        await server.start()
-        await stop_requested.wait()
-    finally:
-        await server.stop()
+    await serve_until_signalled(server.start, server.stop)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -28,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from kv_service.keys import CHECKSUM_BYTES, Block, BlockKey
 from kv_service.stores import KVStore, TierStats, open_store
-from switchyard.grpc_utils import GrpcServer, create_server
+from switchyard.grpc_utils import GrpcServer, create_server, serve_until_signalled
 from switchyard.metrics import MetricsServer, start_metrics_server
 from switchyard.settings import KVServiceSettings
 from switchyard.v1 import kv_pb2, kv_pb2_grpc
@@ -356,12 +355,4 @@ class KVServer:
 async def serve(settings: KVServiceSettings) -> None:
     """Run the service until SIGTERM or SIGINT, then stop it gracefully."""
     server = KVServer(settings)
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
-    try:
-        await server.start()
-        await stop_requested.wait()
-    finally:
-        await server.stop()
+    await serve_until_signalled(server.start, server.stop)

@@ -9,7 +9,10 @@ once it can take requests and :meth:`GrpcServer.stop` flips them back before it 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
 from typing import NoReturn
 
 import grpc
@@ -121,3 +124,30 @@ def create_server(host: str, port: int, service_names: Sequence[str] = ()) -> Gr
 def insecure_channel(address: str) -> grpc.aio.Channel:
     """An aio client channel to ``host:port`` with keepalive and 64 MiB message limits."""
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+async def serve_until_signalled(
+    start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``start``, serve until SIGTERM or SIGINT, then run ``stop``.
+
+    A signal that arrives while ``start`` is still running (an engine loading its weights)
+    ends the process at once: nothing has registered or taken traffic yet, and a load running
+    in a worker thread cannot be interrupted, so waiting for it would only delay the stop.
+    """
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    starting = asyncio.ensure_future(start())
+    signalled = asyncio.ensure_future(stop_requested.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        logging.getLogger(__name__).info("stop requested while starting; exiting")
+        os._exit(0)
+    try:
+        starting.result()
+        await signalled
+    finally:
+        signalled.cancel()
+        await stop()

@@ -57,3 +57,54 @@ def test_health_follows_set_serving_and_stop() -> None:
         status.SERVING,
         status.NOT_SERVING,
     ]
+
+
+_SERVE_SCRIPT = """
+import asyncio, sys, time
+from switchyard.grpc_utils import serve_until_signalled
+
+async def start():
+    print("starting", flush=True)
+    await asyncio.sleep(float(sys.argv[1]))
+    print("started", flush=True)
+
+async def stop():
+    print("stopped", flush=True)
+
+asyncio.run(serve_until_signalled(start, stop))
+"""
+
+
+def _run_and_signal(tmp_path, start_seconds: float, wait_for: str):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "serve.py"
+    script.write_text(_SERVE_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(start_seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    while wait_for not in proc.stdout.readline():
+        pass
+    signalled_at = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=20)
+    return proc.returncode, rest, time.monotonic() - signalled_at
+
+
+def test_a_signal_while_starting_ends_the_process_without_waiting_for_start(tmp_path):
+    code, rest, seconds = _run_and_signal(tmp_path, 60.0, "starting")
+    assert code == 0
+    assert "started" not in rest
+    assert seconds < 15
+
+
+def test_a_signal_after_start_runs_stop(tmp_path):
+    code, rest, _ = _run_and_signal(tmp_path, 0.0, "started")
+    assert code == 0
+    assert "stopped" in rest
