@@ -53,60 +53,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import PRESETS, make_checkpoint, sync
 
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 from switchyard.block_hash import chained_block_hashes
 
-PRESETS = {
-    # Small enough for a 2-core CPU to run everything in a couple of minutes.
-    "small": dict(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=8192,
-        max_position_embeddings=8192,
-    ),
-    "llama-3.2-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-        head_dim=64,
-    ),
-    "llama-3.1-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
-}
 BLOCK = 16
 SHARED_FRACTION = 0.9
-
-
-def make_checkpoint(path: Path, preset: str, dtype: str, device: str) -> None:
-    config = transformers.LlamaConfig(**PRESETS[preset], initializer_range=0.02, eos_token_id=2)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype))
-    model.save_pretrained(path)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def engine(path: Path, args, remote=None, **config) -> LLMEngine:
@@ -127,11 +83,6 @@ def step_budget(longest_prompt: int) -> int:
 
 def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 class Tokens:
@@ -755,7 +706,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         path = work / "model"
-        make_checkpoint(path, args.preset, args.dtype, args.device)
+        make_checkpoint(path, args.preset, getattr(torch, args.dtype), args.device)
         if "a" in parts:
             start = time.perf_counter()
             cache = bench_prefix_cache(path, args, tokens)

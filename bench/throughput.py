@@ -29,51 +29,9 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import PRESETS, make_checkpoint, sync
+
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
-
-PRESETS = {
-    # Small enough for a 2-core CPU to finish the default workload in minutes.
-    "tiny": dict(
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=4096,
-        max_position_embeddings=2048,
-    ),
-    "llama-3.2-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-        head_dim=64,
-    ),
-    "llama-3.1-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
-}
-
-
-def make_checkpoint(path: Path, preset: str, dtype: torch.dtype, device: str) -> None:
-    config = transformers.LlamaConfig(**PRESETS[preset], initializer_range=0.02, eos_token_id=2)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(path)
-    del model
 
 
 def workload(n: int, vocab: int, prompt_range, output_range, seed: int = 0):
@@ -85,11 +43,6 @@ def workload(n: int, vocab: int, prompt_range, output_range, seed: int = 0):
             ([rng.randrange(3, vocab) for _ in range(prompt_len)], rng.randint(*output_range))
         )
     return requests
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run_ours(args, path: Path, requests) -> dict:
