@@ -70,6 +70,23 @@ def read_config(path: Path) -> tuple[dict, ModelConfig, type[CausalLM]]:
     return raw, config, model_cls
 
 
+# Our stacked projections and the checkpoint tensors they are built from, in order.
+STACKED_PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def _checkpoint_name_of(name: str) -> tuple[str, int] | None:
+    """For a checkpoint tensor that goes into a stacked projection: (our name, its slot)."""
+    for stacked, parts in STACKED_PROJECTIONS.items():
+        for slot, part in enumerate(parts):
+            marker = f".{part}."
+            if marker in name:
+                return name.replace(marker, f".{stacked}."), slot
+    return None
+
+
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -98,12 +115,20 @@ def load_model(
 
     expected = set(net.state_dict().keys())
     state: dict[str, torch.Tensor] = {}
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
     load_device = "cpu" if device.type == "meta" else str(device)
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt", device=load_device) as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if name in expected:
+                stacked = _checkpoint_name_of(name)
+                if stacked is not None and stacked[0] in expected:
+                    pieces.setdefault(stacked[0], {})[stacked[1]] = f.get_tensor(name)
+                elif name in expected:
                     state[name] = f.get_tensor(name).to(torch_dtype)
+    for name, parts in pieces.items():
+        count = len(next(p for s, p in STACKED_PROJECTIONS.items() if f".{s}." in name))
+        if len(parts) == count:
+            state[name] = torch.cat([parts[i] for i in range(count)]).to(torch_dtype)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
