@@ -62,10 +62,18 @@ class LLMEngine:
                 f"max_model_len {config.max_model_len} exceeds the model's "
                 f"max_position_embeddings {limit}"
             )
-        self.max_model_len = config.max_model_len or limit
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 
         num_blocks = self._num_kv_blocks()
+        # A sequence longer than the whole pool could never be (re)admitted and would stall
+        # the queue behind it forever, so the pool bounds the context too.
+        pool_tokens = num_blocks * config.block_size
+        if config.max_model_len is not None and config.max_model_len > pool_tokens:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the KV pool's "
+                f"{pool_tokens} tokens ({num_blocks} blocks of {config.block_size})"
+            )
+        self.max_model_len = min(config.max_model_len or limit, pool_tokens)
         mc = self.model_config
         # One block more than the pool hands out: padding rows of captured CUDA graphs write
         # their throw-away K/V there.
@@ -155,6 +163,11 @@ class LLMEngine:
         if any(t < 0 or t >= vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         params.validate()
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(
+                f"n ({params.n}) exceeds the {self.config.max_num_seqs} sequences this "
+                "engine runs at once"
+            )
         grammar = None
         if params.structured is not None:
             # Loads the tokenizer on first use and compiles the grammar unless it is cached.

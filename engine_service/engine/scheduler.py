@@ -124,13 +124,11 @@ class Scheduler:
                 i += 1
 
         # New work waits while the pool is too tight to keep what already runs.
-        while (
-            self._waiting
-            and not batch.preempted
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
+        while self._waiting and not batch.preempted and budget > 0:
             request = self._waiting[0][1]
+            # Its pending samples join the running list when its prompt is done.
+            if len(self.running) + 1 + len(request.pending_forks) > self.config.max_num_seqs:
+                break
             computed_blocks: list[int] = []
             restores: list[Restore] = []
             if request.num_computed_tokens == 0 and not request.block_table:

@@ -412,3 +412,57 @@ def test_duplicate_request_id_raises_and_keeps_the_first(checkpoint):
     outputs = run_all(engine)
     assert list(outputs) == [("same", 0)]
     assert len(tokens_of(outputs[("same", 0)])) == 3
+
+
+# -- the pool bounds the context --------------------------------------------------------------
+
+
+def test_prompt_larger_than_the_whole_kv_pool_is_rejected(checkpoint):
+    # 6 blocks of 4 tokens: no prompt of 24 tokens or more can ever be admitted.
+    engine = make_engine(checkpoint, num_kv_blocks=6, block_size=4)
+
+    with pytest.raises(ValueError):
+        engine.add_request("huge", list(range(3, 33)), greedy(4))
+
+    assert not engine.has_unfinished()
+
+
+def test_generation_outgrowing_the_whole_kv_pool_finishes_with_length(checkpoint):
+    engine = make_engine(checkpoint, num_kv_blocks=6, block_size=4)
+    engine.add_request("grows", list(range(10, 18)), greedy(100, ignore_eos=True))
+
+    outputs = []
+    for _ in range(200):  # a request that can never be readmitted would spin forever
+        if not engine.has_unfinished():
+            break
+        outputs.extend(engine.step())
+
+    assert not engine.has_unfinished()
+    assert outputs[-1].finish_reason == "length"
+    assert 8 + len(tokens_of(outputs)) == 24
+    assert_pool_entirely_free(engine.kv_manager)
+
+
+# -- max_num_seqs counts every sample ---------------------------------------------------------
+
+
+def test_n_beyond_max_num_seqs_is_rejected(checkpoint):
+    engine = make_engine(checkpoint, max_num_seqs=4)
+
+    with pytest.raises(ValueError):
+        engine.add_request("wide", [5, 6, 7], SamplingParams(n=5, max_tokens=2))
+
+    assert not engine.has_unfinished()
+
+
+def test_samples_of_a_request_count_against_max_num_seqs(checkpoint):
+    engine = make_engine(checkpoint, max_num_seqs=4)
+    engine.add_request("one", [5, 6, 7], greedy(6, ignore_eos=True))
+    engine.add_request("four", [8, 9, 10], SamplingParams(n=4, max_tokens=3, ignore_eos=True))
+
+    most_running = 0
+    while engine.has_unfinished():
+        engine.step()
+        most_running = max(most_running, len(engine.scheduler.running))
+
+    assert most_running <= 4
