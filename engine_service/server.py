@@ -167,7 +167,13 @@ class EngineLoop:
                 try:
                     outputs = engine.step()
                 except Exception as exc:
-                    logger.exception("engine step failed")
+                    # Whatever the step left half-done, its requests cannot go on: end them
+                    # here, on the engine's own thread, so their blocks come back at once
+                    # instead of the same failing batch being retried until aborts arrive.
+                    logger.exception("engine step failed; ending the requests in flight")
+                    for request_id in engine.unfinished_request_ids():
+                        engine.abort(request_id)
+                    engine.discard_pending_outputs()
                     self._loop.call_soon_threadsafe(self._on_step_failed, exc)
             self.stats = engine.stats()
             if outputs:
@@ -617,6 +623,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def fail_all(self, exc: Exception) -> None:
         error = RuntimeError(f"engine step failed: {exc}")
         for stream in self._streams.values():
+            stream.done = True
             stream.queue.put_nowait(error)
 
     # RPCs.

@@ -198,6 +198,14 @@ class LLMEngine:
             self._pending_outputs.append(self._output(request))
         return True
 
+    def unfinished_request_ids(self) -> list[str]:
+        """Ids of the requests still queued or running."""
+        return list(self._samples)
+
+    def discard_pending_outputs(self) -> None:
+        """Drop outputs not yet returned by ``step`` (after the caller failed them itself)."""
+        self._pending_outputs = []
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending_outputs)
 

@@ -501,3 +501,27 @@ def test_module_entry_point_serves_and_stops_on_sigterm(checkpoint: Path) -> Non
     assert process.returncode == 0, stderr
     assert '"msg": "engine stopped"' in stderr
     assert '"service": "engine"' in stderr
+
+
+def test_a_failing_step_ends_its_requests_frees_their_blocks_and_keeps_serving(
+    engine: EngineServer, stub: engine_pb2_grpc.EngineServiceStub
+) -> None:
+    runner = engine._engine.runner
+    real_execute = runner.execute
+    failures = {"left": 1}
+
+    def execute_failing_once(batch):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("device fault")
+        return real_execute(batch)
+
+    runner.execute = execute_failing_once
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            generate(stub, PROMPT, max_tokens=5, ignore_eos=True)
+        assert "device fault" in (err.value.details() or "")
+        wait_until(lambda: all_blocks_free(stub))
+        assert len(tokens_of(generate(stub, PROMPT, max_tokens=3, ignore_eos=True))) == 3
+    finally:
+        runner.execute = real_execute
