@@ -86,6 +86,8 @@ class Autoscaler:
 
     def tick(self) -> int | None:
         """One decision; returns the size it ordered, or None when it ordered nothing."""
+        if not self._pool.desired_known:
+            return None  # scaling from a size not read yet would undo the real one
         now = self._clock()
         if self._last_change is not None and now - self._last_change < self._policy.cooldown_s:
             return None

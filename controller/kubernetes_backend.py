@@ -112,6 +112,7 @@ class KubernetesEnginePool:
         self._pods: dict[str, EnginePod] = {}
         self._resource_version: str | None = None  # None: list before watching
         self._desired = 0
+        self._desired_known = False  # until the scale subresource is read, or a scale order
         self._pending_scale: int | None = None
         self._scale_wake = asyncio.Event()
 
@@ -120,10 +121,15 @@ class KubernetesEnginePool:
         """The Deployment's replicas as last read, or as last ordered while that is pending."""
         return self._desired
 
+    @property
+    def desired_known(self) -> bool:
+        return self._desired_known
+
     def scale(self, replicas: int) -> int:
         if replicas < 0:
             raise ValueError("replicas must be >= 0")
         previous, self._desired = self._desired, replicas
+        self._desired_known = True
         self._pending_scale = replicas
         self._scale_wake.set()
         return previous
@@ -204,11 +210,10 @@ class KubernetesEnginePool:
             self._scale_wake.set()
         was_routable = before is not None and before.routable
         if pod.routable and not was_routable:
-            known = self._registry.get(name)
-            if known is not None and known.state == common_pb2.REPLICA_STATE_DRAINING:
-                self._registry.forget(name)  # ready again: lift the drain mark
-                known = None
-            if known is None:
+            # Ready again: lift the drain mark, which outlives the record when the engine
+            # deregistered (or went silent) meanwhile, as a restarted container does.
+            self._registry.lift_draining(name)
+            if self._registry.get(name) is None:
                 self._registry.register(
                     common_pb2.Replica(replica_id=name, address=pod.address, model=self._model)
                 )
@@ -247,3 +252,4 @@ class KubernetesEnginePool:
                 extra={"previous": self._desired, "desired": observed},
             )
             self._desired = observed
+        self._desired_known = True

@@ -156,12 +156,17 @@ class LocalProcessBackend(Backend):
             _signal_group(proc.popen.pid, signal.SIGTERM)
 
     async def close(self) -> None:
+        # Each engine leads its own process group (pgid == its pid).
+        groups = [process.popen.pid for process in self._processes.values()]
         for replica_id in list(self._processes):
             await self.stop(replica_id)
         while self._processes:
             await self.observe()  # reaps the exited, SIGKILLs past the deadline
             if self._processes:
                 await asyncio.sleep(0.1)
+        # An engine that exited may leave children still winding down: none outlives close.
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGKILL)
 
     def _spawn(self, replica_id: str, ordinal: int, failures: int) -> _Process:
         spec = self._spec

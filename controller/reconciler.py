@@ -59,6 +59,10 @@ class Reconciler:
     def desired(self) -> int:
         return self._desired
 
+    @property
+    def desired_known(self) -> bool:
+        return True  # the reconciler's own setting
+
     def scale(self, replicas: int) -> int:
         """Sets the desired size and wakes the loop; returns the previous size."""
         if replicas < 0:

@@ -6,7 +6,8 @@ Health follows heartbeats only::
 
     register ──▶ READY ──(silent unhealthy_after_s)──▶ UNHEALTHY ──(silent remove_after_s)──▶ gone
                    ▲  └────────── heartbeat ◀──────────────┘
-    mark_draining: READY ──▶ DRAINING (stays DRAINING across heartbeats and re-registration)
+    mark_draining: READY ──▶ DRAINING (stays DRAINING across heartbeats and re-registration,
+                   until lift_draining or forget)
 
 The routing table holds the READY and DRAINING replicas. Its ``version`` goes up exactly when
 its contents change (membership, address, state, load; heartbeat timestamps do not count), so
@@ -96,6 +97,14 @@ class ReplicaRegistry:
         record = self._records.get(replica_id)
         if record is not None and record.replica.state == common_pb2.REPLICA_STATE_READY:
             record.replica.state = common_pb2.REPLICA_STATE_DRAINING
+        self._after_change()
+
+    def lift_draining(self, replica_id: str) -> None:
+        """Undoes ``mark_draining``: the replica is routable again (READY if registered)."""
+        self._draining.discard(replica_id)
+        record = self._records.get(replica_id)
+        if record is not None and record.replica.state == common_pb2.REPLICA_STATE_DRAINING:
+            record.replica.state = common_pb2.REPLICA_STATE_READY
         self._after_change()
 
     def forget(self, replica_id: str) -> None:

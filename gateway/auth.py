@@ -18,13 +18,21 @@ from gateway.errors import OpenAIError
 
 
 def load_api_keys(keys: Iterable[str], key_file: Path | None) -> list[str]:
-    """The accepted keys from the settings' list and the optional key file."""
+    """The accepted keys from the settings' list and the optional key file.
+
+    A key file that holds no key raises ``ValueError``: asking for one means asking for
+    authentication, and an empty file (a secret that was not mounted) must not open the
+    gateway to everyone."""
     accepted = [key.strip() for key in keys if key.strip()]
     if key_file is not None:
-        for line in key_file.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                accepted.append(line)
+        from_file = [
+            line.strip()
+            for line in key_file.read_text().splitlines()
+            if line.strip() and not line.strip().startswith("#")
+        ]
+        if not from_file:
+            raise ValueError(f"the API key file {key_file} holds no API key")
+        accepted += from_file
     return accepted
 
 

@@ -1,6 +1,7 @@
 """Running a request on an engine replica over gRPC, with retries before the first token.
 
-One channel per replica address, reused by every request. A request that fails on a
+One channel per replica address, reused by every request; a channel whose replica left the
+routing table is closed once no request uses it. A request that fails on a
 replica before any response arrives (the replica is down, refuses, or is out of room) is
 retried on another replica; once a response has arrived, the client has seen output and a
 failure ends the request with an error instead. Leaving the iteration early, for any reason
@@ -44,6 +45,11 @@ class EngineClient:
         self._timeout_s = timeout_s
         self._stubs: dict[str, engine_pb2_grpc.EngineServiceStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._calls_by_address: dict[str, int] = {}
+
+    def channel_addresses(self) -> set[str]:
+        """The replica addresses this client holds an open channel to."""
+        return set(self._channels)
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -59,6 +65,20 @@ class EngineClient:
             stub = self._stubs[address] = engine_pb2_grpc.EngineServiceStub(channel)
         return stub
 
+    async def _close_departed(self) -> None:
+        """Closes the idle channels of replicas that are no longer in the routing table, so
+        that a fleet that churns through replicas does not leave sockets behind."""
+        listed = {replica.address for replica in self._router.source.replicas()}
+        departed = [
+            address
+            for address in self._channels
+            if address not in listed and not self._calls_by_address.get(address)
+        ]
+        for address in departed:
+            channel = self._channels.pop(address)
+            del self._stubs[address]
+            await channel.close()
+
     async def generate(
         self, request: engine_pb2.GenerateRequest, request_info: RequestInfo
     ) -> AsyncIterator[engine_pb2.GenerateResponse]:
@@ -66,6 +86,7 @@ class EngineClient:
 
         Close the iterator (``contextlib.aclosing``) to cancel the call early.
         """
+        await self._close_departed()
         tried: set[str] = set()
         last_error: grpc.aio.AioRpcError | None = None
         while True:
@@ -79,7 +100,9 @@ class EngineClient:
                 ) from None
             tried.add(replica.replica_id)
             started = False
-            call = self._stub(replica.address).Generate(request, timeout=self._timeout_s)
+            address = replica.address
+            call = self._stub(address).Generate(request, timeout=self._timeout_s)
+            self._calls_by_address[address] = self._calls_by_address.get(address, 0) + 1
             with self._router.track(replica):
                 try:
                     async for response in call:
@@ -97,3 +120,8 @@ class EngineClient:
                     )
                 finally:
                     call.cancel()
+                    remaining = self._calls_by_address[address] - 1
+                    if remaining:
+                        self._calls_by_address[address] = remaining
+                    else:
+                        del self._calls_by_address[address]

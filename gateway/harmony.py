@@ -24,6 +24,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,7 @@ from openai_harmony import (
     DeveloperContent,
     HarmonyEncoding,
     HarmonyEncodingName,
+    HarmonyError,
     Message,
     ReasoningEffort,
     Role,
@@ -45,6 +47,8 @@ from openai_harmony import (
 )
 
 from gateway.tool_calls import OutputParser, ParsedDelta, ToolCallDelta, ToolSpec, new_call_id
+
+logger = logging.getLogger(__name__)
 
 VOCAB_FILE = "o200k_base.tiktoken"
 VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -201,7 +205,11 @@ class HarmonyChat:
 
 
 class HarmonyOutputParser(OutputParser):
-    """Parses one sample's output tokens into reasoning, content and tool calls."""
+    """Parses one sample's output tokens into reasoning, content and tool calls.
+
+    Output that breaks the format (the model wrote a header Harmony cannot parse) does not
+    fail the request: from there on the sample's text is passed through as content.
+    """
 
     def __init__(self, encoding: HarmonyEncoding, *, id_prefix: str) -> None:
         self._parser = StreamableParser(encoding, Role.ASSISTANT)
@@ -209,6 +217,7 @@ class HarmonyOutputParser(OutputParser):
         self._num_calls = 0
         self._message_count = 0  # messages completed when the current call was announced
         self._calling = False
+        self._malformed = False
 
     @property
     def num_tool_calls(self) -> int:
@@ -216,8 +225,16 @@ class HarmonyOutputParser(OutputParser):
 
     def feed(self, text: str, token_ids: list[int]) -> ParsedDelta:
         out = ParsedDelta()
+        if self._malformed:
+            out.content = text
+            return out
         for token_id in token_ids:
-            self._parser.process(token_id)
+            try:
+                self._parser.process(token_id)
+            except HarmonyError as exc:
+                logger.warning("model output breaks the Harmony format: %s", exc)
+                self._malformed = True
+                return out
             self._route(out)
         return out
 

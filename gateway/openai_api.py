@@ -7,11 +7,16 @@ depend on the deployment (``n``, the context length) are checked where they are 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 # -- requests ------------------------------------------------------------------------------
+
+# The engine's wire types (SamplingParams) bound these; a value past them is the caller's error.
+_INT32_MAX = (1 << 31) - 1
+_UINT32_MAX = (1 << 32) - 1
+TokenId = Annotated[int, Field(ge=0, le=_UINT32_MAX)]
 
 
 class StreamOptions(BaseModel):
@@ -50,22 +55,22 @@ class SamplingRequest(BaseModel):
     model: str
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extensions, sent by OpenAI clients as extra body fields.
-    top_k: int = Field(default=0, ge=-1)
+    top_k: int = Field(default=0, ge=-1, le=_INT32_MAX)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    min_tokens: int = Field(default=0, ge=0, le=_UINT32_MAX)
+    stop_token_ids: list[TokenId] = Field(default_factory=list)
     # Output constraints: OpenAI's response_format, vLLM's structured_outputs, and the older
     # guided_* fields that vLLM still accepts.
     response_format: ResponseFormat | None = None
@@ -93,14 +98,32 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCallParam(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    arguments: str | dict[str, Any]  # JSON text, as OpenAI sends it; an object is taken too
+
+
+class ToolCallParam(BaseModel):
+    """A call an earlier assistant message made, as the client sends it back."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessage(BaseModel):
-    """One message; extra fields (tool_calls, tool_call_id) pass through to the template."""
+    """One message; extra fields (tool_call_id, ...) pass through to the template."""
 
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
 
 
 class FunctionDefinition(BaseModel):
@@ -130,7 +153,7 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     reasoning_effort: Literal["low", "medium", "high"] | None = None
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -149,7 +172,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=1, le=_UINT32_MAX)
 
 
 # -- responses -----------------------------------------------------------------------------

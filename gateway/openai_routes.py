@@ -195,6 +195,11 @@ class OpenAIRoutes:
             prompt_ids = await self.tokenizer.encode_prompt(prompt)
         else:
             prompt_ids = [int(token_id) for token_id in prompt]  # type: ignore[arg-type]
+            vocab_size = len(self.tokenizer.tokenizer)
+            if any(not 0 <= token_id < vocab_size for token_id in prompt_ids):
+                raise invalid_request(
+                    f"prompt token ids must be in 0..{vocab_size - 1}", param="prompt"
+                )
         if not prompt_ids:
             raise invalid_request("the prompt must not be empty", param="prompt")
         request_id = _new_id("cmpl")
@@ -211,11 +216,16 @@ class OpenAIRoutes:
             raise OpenAIError(
                 404,
                 f"The model `{body.model}` does not exist.",
+                type="invalid_request_error",
                 param="model",
                 code="model_not_found",
             )
         if body.n > self.max_n:
             raise invalid_request(f"n must be at most {self.max_n}, got {body.n}", param="n")
+        if body.stream_options is not None and not body.stream:
+            raise invalid_request(
+                "stream_options is only allowed when stream is true", param="stream_options"
+            )
 
     def _spec(
         self,
@@ -499,15 +509,18 @@ class _CompletionShape(_Shape):
         self.logprobs = [CompletionLogprobs() for _ in range(self.n)]
 
     def _logprobs(self, delta: SampleDelta, text_offset: int) -> CompletionLogprobs:
-        """The delta's tokens, placed at the sample's text length before the delta."""
+        """The delta's tokens, the first placed at ``text_offset`` (the sample's text length
+        before the delta) and each next one after the text of those before it."""
         logprobs = CompletionLogprobs()
         for entry in delta.logprobs:
-            logprobs.tokens.append(self.tokenizer.token_text(entry.token_id))
+            token = self.tokenizer.token_text(entry.token_id)
+            logprobs.tokens.append(token)
             logprobs.token_logprobs.append(entry.logprob)
             logprobs.top_logprobs.append(
                 {self.tokenizer.token_text(top.token_id): top.logprob for top in entry.top}
             )
             logprobs.text_offset.append(text_offset)
+            text_offset += len(token)
         return logprobs
 
     def accumulate(self, delta: SampleDelta) -> None:
@@ -730,15 +743,19 @@ def _template_message(message: ChatMessage, position: int) -> dict[str, Any]:
 
 
 async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
-    """Awaits ``awaitable`` unless the client goes away first (then it is cancelled)."""
+    """Awaits ``awaitable`` unless the client goes away first (then it is cancelled, and
+    has finished unwinding when this returns, so that the generator it was advancing can be
+    closed)."""
     work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
     watcher = asyncio.ensure_future(_disconnected(request.receive))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if not work.done():
-        work.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait({work})
+    if work.cancelled():
         raise OpenAIError(499, "the client closed the request", code="client_closed_request")
     return work.result()
 

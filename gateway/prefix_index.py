@@ -156,8 +156,12 @@ class KVEventFollower:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._task: asyncio.Task[None] | None = None
 
+    def channel_addresses(self) -> set[str]:
+        """The replica addresses this follower holds an open channel to."""
+        return set(self._channels)
+
     async def start(self) -> None:
-        self.sync()
+        await self.sync()
         self._task = asyncio.create_task(self._sync_forever(), name="kv-events-sync")
 
     async def close(self) -> None:
@@ -174,30 +178,39 @@ class KVEventFollower:
             await channel.close()
         self._channels.clear()
 
-    def sync(self) -> None:
-        """Start following new READY replicas and stop following those that left."""
+    async def sync(self) -> None:
+        """Start following new READY replicas and stop following those that left (closing
+        the channels no follower uses any more)."""
         ready = {r.replica_id: r.address for r in self._replicas() if r.ready}
+        stopped: list[asyncio.Task[None]] = []
         for replica_id, (address, task) in list(self._followers.items()):
             if ready.get(replica_id) != address:
                 task.cancel()
+                stopped.append(task)
                 del self._followers[replica_id]
                 self._index.drop(replica_id)
         for replica_id, address in ready.items():
             if replica_id not in self._followers:
+                channel = self._channels.get(address)
+                if channel is None:
+                    channel = self._channels[address] = insecure_channel(address)
                 task = asyncio.create_task(
-                    self._follow(replica_id, address), name=f"kv-events-{replica_id}"
+                    self._follow(replica_id, channel), name=f"kv-events-{replica_id}"
                 )
                 self._followers[replica_id] = (address, task)
+        for task in stopped:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        in_use = {address for address, _ in self._followers.values()}
+        for address in [address for address in self._channels if address not in in_use]:
+            await self._channels.pop(address).close()
 
     async def _sync_forever(self) -> None:
         while True:
             await asyncio.sleep(self._sync_interval_s)
-            self.sync()
+            await self.sync()
 
-    async def _follow(self, replica_id: str, address: str) -> None:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = insecure_channel(address)
+    async def _follow(self, replica_id: str, channel: grpc.aio.Channel) -> None:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         backoff = 0.2
         while True:

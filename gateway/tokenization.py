@@ -57,7 +57,10 @@ class ModelTokenizer:
         self, messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any]
     ) -> list[int]:
         """Renders the chat template with the generation prompt appended, then tokenizes."""
+        # Tool schemas and other template arguments are rendered too: count them.
         size = sum(len(str(message.get("content") or "")) for message in messages)
+        if chat_template_kwargs:
+            size += len(str(chat_template_kwargs))
         return await self._run(size, self._encode_chat_sync, messages, chat_template_kwargs)
 
     async def encode_prompt(self, prompt: str) -> list[int]:

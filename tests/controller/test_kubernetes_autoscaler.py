@@ -51,6 +51,8 @@ def test_the_bounds_hold_with_or_without_load() -> None:
 class StubPool:
     """Test double of the engine pool: records every scale order and takes it at once."""
 
+    desired_known = True
+
     def __init__(self, desired: int) -> None:
         self.desired = desired
         self.orders: list[int] = []
@@ -120,6 +122,41 @@ def test_its_order_reaches_the_deployment() -> None:
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            await api.aclose()
+            double.close()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=10))
+
+
+def test_a_starting_controller_does_not_scale_before_it_read_the_deployment() -> None:
+    async def main() -> None:
+        double = KubeApiDouble()
+        double.kubectl_scale(4)
+        api = KubeApi(double.url, token=TOKEN)
+        registry = ReplicaRegistry(60.0, 120.0)
+        pool = KubernetesEnginePool(
+            api, registry, namespace=NAMESPACE, deployment=DEPLOYMENT,
+            selector="app.kubernetes.io/component=engine", engine_port=50100, model="demo",
+            scale_poll_s=0.05,
+        )  # fmt: skip
+        # As the controller starts them: the autoscaler's first tick comes before the
+        # pool's first read of the Deployment's size.
+        tasks = [
+            asyncio.create_task(Autoscaler(pool, registry, POLICY, interval_s=0.01).run()),
+            asyncio.create_task(pool.run()),
+        ]
+        try:
+            for _ in range(500):
+                if pool.desired == 4:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert double.state.scale_patches == []
+            assert pool.desired == 4
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await api.aclose()
             double.close()
 

@@ -179,3 +179,13 @@ async def test_api_errors_are_retried(cluster: Cluster) -> None:
     await eventually(lambda: "engine-c" in cluster.routed())
     assert cluster.pool.scale(2) == 1
     await eventually(lambda: cluster.double.state.replicas == 2)
+
+
+async def test_a_restarted_container_that_deregistered_while_unready_is_routed_again(
+    cluster: Cluster,
+) -> None:
+    cluster.double.set_pod("engine-a", ready=False)
+    await eventually(lambda: cluster.routed().get("engine-a") == DRAINING)
+    cluster.registry.deregister("engine-a")  # the engine's own goodbye as its container stops
+    cluster.double.set_pod("engine-a", ready=True)  # the container restarted and passed its probe
+    await eventually(lambda: cluster.routed().get("engine-a") == READY)

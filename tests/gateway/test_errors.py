@@ -89,6 +89,13 @@ def test_no_keys_configured_means_open() -> None:
     auth.ApiKeyAuth([]).check(None)
 
 
+def test_a_key_file_without_keys_fails_closed(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("# the keys were never written here\n\n")
+    with pytest.raises(ValueError, match="no API key"):
+        auth.load_api_keys([], key_file)
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -236,3 +243,72 @@ def test_anthropic_invalid_json_is_400_in_anthropic_format(client: TestClient) -
     )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("token_id", [-1, 1 << 40])
+def test_completion_prompt_token_ids_outside_the_vocabulary_are_400(
+    client: TestClient, token_id: int
+) -> None:
+    body = {"model": MODEL_NAME, "prompt": [1, token_id], "max_tokens": 1}
+    response = client.post("/v1/completions", json=body, headers=HEADERS)
+    assert_openai_error(response, 400, param="prompt")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("stop_token_ids", [-1]),
+        ("seed", 1 << 64),
+        ("top_k", 1 << 31),
+        ("min_tokens", 1 << 32),
+    ],
+)
+def test_sampling_values_the_engine_cannot_take_are_400(
+    client: TestClient, field: str, value: Any
+) -> None:
+    response = client.post(CHAT, json=chat_body(**{field: value}), headers=HEADERS)
+    error = assert_openai_error(response, 400)
+    assert error["param"].split(".")[0] == field
+
+
+def test_anthropic_top_k_beyond_int32_is_400(client: TestClient) -> None:
+    body = {
+        "model": MODEL_NAME,
+        "max_tokens": 4,
+        "top_k": 1 << 31,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    response = client.post("/v1/messages", json=body, headers=HEADERS)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_model_error_has_openais_type(client: TestClient) -> None:
+    response = client.post(CHAT, json=chat_body(model="gpt-9"), headers=HEADERS)
+    # OpenAI answers a model that does not exist with an invalid_request_error (status 404).
+    assert assert_openai_error(response, 404)["type"] == "invalid_request_error"
+
+
+def test_stream_options_without_stream_is_400(client: TestClient) -> None:
+    body = chat_body(stream_options={"include_usage": True})
+    response = client.post(CHAT, json=body, headers=HEADERS)
+    assert_openai_error(response, 400, param="stream_options")
+
+
+@pytest.mark.parametrize(
+    "tool_calls",
+    [
+        "not a list",
+        [{"id": "call_1", "type": "function"}],
+        [{"id": "call_1", "type": "function", "function": {"arguments": "{}"}}],
+    ],
+)
+def test_malformed_assistant_tool_calls_are_400(client: TestClient, tool_calls: Any) -> None:
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": tool_calls},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    response = client.post(CHAT, json=chat_body(messages=messages), headers=HEADERS)
+    error = assert_openai_error(response, 400)
+    assert error["param"].startswith("messages.1.tool_calls")

@@ -139,3 +139,17 @@ def test_the_vocabulary_is_written_once(tmp_path: Path) -> None:
     written = (folder / VOCAB_FILE).stat().st_mtime_ns
     assert ensure_vocab_file(tmp_path) == folder
     assert (folder / VOCAB_FILE).stat().st_mtime_ns == written
+
+
+def test_malformed_output_is_returned_as_content_instead_of_failing(
+    encoding: HarmonyEncoding,
+) -> None:
+    parser = HarmonyChat(encoding).output_parser()
+    good = encoding.encode("<|channel|>final<|message|>Hi", allowed_special="all")
+    first = parser.feed("Hi", good)
+    bad = encoding.encode("<|end|><|start|>assistant<|channel|><|message|>", allowed_special="all")
+    later = parser.feed("", bad)
+    rest = parser.feed(" there", encoding.encode(" there"))
+    assert first.content == "Hi"
+    assert later.tool_calls == [] and rest.content == " there"
+    assert parser.finish() == ParsedDelta()

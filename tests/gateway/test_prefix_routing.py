@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,3 +201,22 @@ def test_the_gateway_sends_shared_prefix_requests_to_the_replica_holding_it(
         assert after[warm].prefix_cache_hits - before[warm].prefix_cache_hits > 0
     finally:
         gateway.close()
+
+
+def test_the_follower_closes_the_channel_of_a_replica_that_left(background):
+    def dead_address() -> str:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return f"127.0.0.1:{probe.getsockname()[1]}"
+
+    first, second = dead_address(), dead_address()
+    table = [Replica(replica_id="e0", address=first)]
+    follower = KVEventFollower(PrefixIndex(), lambda: table, sync_interval_s=3600)
+    background.run(follower.start())
+    try:
+        assert follower.channel_addresses() == {first}
+        table[:] = [Replica(replica_id="e1", address=second)]
+        background.run(follower.sync())
+        assert follower.channel_addresses() == {second}
+    finally:
+        background.run(follower.close())

@@ -1,0 +1,36 @@
+"""Prompt encoding stays off the event loop when the input is large."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.tokenization import ModelTokenizer
+
+
+def test_a_chat_with_large_tools_is_rendered_off_the_event_loop(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = ModelTokenizer(str(checkpoint))
+    threads: list[str] = []
+    render = tokenizer._encode_chat_sync
+
+    def recording(*args: Any) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return render(*args)
+
+    monkeypatch.setattr(tokenizer, "_encode_chat_sync", recording)
+    schema = {
+        "type": "object",
+        "properties": {f"field_{i}": {"type": "string"} for i in range(500)},
+    }
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    try:
+        asyncio.run(tokenizer.encode_chat([{"role": "user", "content": "hi"}], {"tools": tools}))
+    finally:
+        tokenizer.close()
+    assert threads and threads[0] != threading.main_thread().name
