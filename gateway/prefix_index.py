@@ -226,5 +226,10 @@ class KVEventFollower:
                     "KV event stream ended; retrying",
                     extra={"replica": replica_id, "code": exc.code().name},
                 )
+            except Exception:
+                # Not an RPC failure (a bug, a malformed batch): keep following, loudly.
+                logger.exception(
+                    "KV event follower failed; retrying", extra={"replica": replica_id}
+                )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff_s)

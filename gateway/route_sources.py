@@ -81,6 +81,13 @@ class ControllerRoutes:
                         "detail": exc.details(),
                     },
                 )
+            except Exception:
+                # Anything else (a malformed table, a bug) must not end the follower for
+                # good and leave routing silently stale.
+                logger.exception(
+                    "routing table follower failed; reconnecting",
+                    extra={"controller": self._address},
+                )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff_s)
 

@@ -98,3 +98,33 @@ def test_routes_keep_the_last_table_while_the_controller_is_down() -> None:
             await routes.close()
 
     asyncio.run(scenario())
+
+
+def test_routes_keep_following_after_an_unexpected_error() -> None:
+    async def scenario() -> None:
+        READY = common_pb2.REPLICA_STATE_READY
+        controller = ScriptedController([table(1, READY), table(2, READY, READY)])
+        server = grpc.aio.server()
+        port = server.add_insecure_port("127.0.0.1:0")
+        controller_pb2_grpc.add_ControllerServiceServicer_to_server(controller, server)
+        await server.start()
+        routes = ControllerRoutes(
+            f"127.0.0.1:{port}", "gw-1", initial_backoff_s=0.05, max_backoff_s=0.1
+        )
+        real_apply = routes._apply
+        failures = [RuntimeError("malformed table")]
+
+        def apply_failing_once(update: controller_pb2.RoutingTable) -> None:
+            if failures:
+                raise failures.pop()
+            real_apply(update)
+
+        routes._apply = apply_failing_once  # type: ignore[method-assign]
+        await routes.start()
+        try:
+            await wait_for(lambda: len(routes.replicas()) == 2)
+        finally:
+            await routes.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
