@@ -42,10 +42,10 @@ from gateway.anthropic_api import (
 from gateway.chat import ChatFormat, ToolChoice, check_tool_request
 from gateway.engine_client import EngineError
 from gateway.errors import OpenAIError, invalid_request
-from gateway.generation import ContextLengthError, GenerationSpec, Generator, SampleDelta
+from gateway.generation import GenerationSpec, Generator, SampleDelta
 from gateway.harmony import HarmonyInputError
 from gateway.metrics import GatewayMetrics
-from gateway.openai_routes import openai_error_for, until_disconnected
+from gateway.openai_routes import openai_error_for, start_generation, until_disconnected
 from gateway.routing import NoReplicaAvailable
 from gateway.structured import ConstraintError
 from gateway.tokenization import TemplateError
@@ -111,18 +111,9 @@ class AnthropicRoutes:
             len(prompt_ids),
         )
         request_id_var.set(request_id)
-        started = time.perf_counter()
-        deltas = self.generator.generate(spec)
-        try:
-            first = await until_disconnected(request, anext(deltas))
-        except (ContextLengthError, NoReplicaAvailable, EngineError) as exc:
-            await deltas.aclose()
-            raise openai_error_for(exc) from exc
-        except BaseException:
-            await deltas.aclose()
-            raise
-        self.metrics.time_to_first_token.labels(ENDPOINT).observe(time.perf_counter() - started)
-        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        first, deltas = await start_generation(
+            request, self.generator, spec, self.metrics, ENDPOINT, time.perf_counter()
+        )
         headers = {"x-request-id": request_id}
         if body.stream:
             return StreamingResponse(

@@ -272,17 +272,9 @@ class OpenAIRoutes:
     ) -> Response:
         request_id_var.set(spec.request_id)
         started = time.perf_counter()
-        deltas = self.generator.generate(spec)
-        try:
-            first = await until_disconnected(request, anext(deltas))
-        except (ContextLengthError, NoReplicaAvailable, EngineError) as exc:
-            await deltas.aclose()
-            raise openai_error_for(exc) from exc
-        except BaseException:
-            await deltas.aclose()
-            raise
-        self.metrics.time_to_first_token.labels(endpoint).observe(time.perf_counter() - started)
-        self.metrics.prompt_tokens.inc(len(spec.prompt_token_ids))
+        first, deltas = await start_generation(
+            request, self.generator, spec, self.metrics, endpoint, started
+        )
         headers = {"x-request-id": spec.request_id}
         if body.stream:
             events = self._stream_events(
@@ -740,6 +732,31 @@ def _template_message(message: ChatMessage, position: int) -> dict[str, Any]:
     elif message.content is None:
         rendered["content"] = ""
     return rendered
+
+
+async def start_generation(
+    request: Request,
+    generator: Generator,
+    spec: GenerationSpec,
+    metrics: GatewayMetrics,
+    endpoint: str,
+    started: float,
+) -> tuple[SampleDelta, AsyncIterator[SampleDelta]]:
+    """Start ``spec`` and wait for its first delta: the point up to which a failure is still
+    an error response (in the client's format) rather than a broken stream. ``started`` is
+    when the request arrived, for the time-to-first-token histogram."""
+    deltas = generator.generate(spec)
+    try:
+        first = await until_disconnected(request, anext(deltas))
+    except (ContextLengthError, NoReplicaAvailable, EngineError) as exc:
+        await deltas.aclose()
+        raise openai_error_for(exc) from exc
+    except BaseException:
+        await deltas.aclose()
+        raise
+    metrics.time_to_first_token.labels(endpoint).observe(time.perf_counter() - started)
+    metrics.prompt_tokens.inc(len(spec.prompt_token_ids))
+    return first, deltas
 
 
 async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
