@@ -3,15 +3,13 @@ through the generated stubs, with a fake controller to register with."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,28 +29,12 @@ from switchyard.v1 import (
     engine_pb2,
     engine_pb2_grpc,
 )
+from tests.support import BackgroundLoop
 
 T = TypeVar("T")
 MODEL_NAME = "test-model"
 MAX_MODEL_LEN = 256
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-class BackgroundLoop:
-    """An event loop on its own thread: servers run there, tests call them synchronously."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
 
 
 class FakeController(controller_pb2_grpc.ControllerServiceServicer):

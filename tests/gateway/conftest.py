@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,27 +19,12 @@ from gateway.app import create_app
 from gateway.routing import RoutesSource, RoutingPolicy
 from switchyard.demo import make_test_checkpoint
 from switchyard.settings import EngineSettings, GatewaySettings
+from tests.support import BackgroundLoop
 
 T = TypeVar("T")
 
 MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 256
-
-
-class BackgroundLoop:
-    """An event loop on a thread of its own, for servers that sync tests talk to."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
 
 
 class ServedApp:
