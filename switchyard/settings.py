@@ -203,10 +203,16 @@ class EngineSettings(ServiceSettings):
     )
     enable_cuda_graphs: bool = Field(
         default=True,
-        description="replay CUDA graphs for all-decode steps (CUDA with the triton backend)",
+        description="replay CUDA graphs for steps up to cuda_graph_max_batch tokens, decodes "
+        "and small extends alike (CUDA with the triton backend)",
     )
     cuda_graph_max_batch: int = Field(
-        default=128, ge=0, description="largest decode batch captured as a CUDA graph"
+        default=128, ge=0, description="largest step (in tokens) captured as a CUDA graph"
+    )
+    async_scheduling: bool = Field(
+        default=True,
+        description="schedule and prepare the next step while the device runs the current "
+        "one (vLLM's --async-scheduling, SGLang's overlap scheduler); same outputs",
     )
     grammar_backend: Literal["llguidance", "xgrammar"] = Field(
         default="llguidance",

@@ -30,6 +30,10 @@ class EngineConfig:
     the engine serves without it for ``kv_remote_retry_s``. ``enable_kv_events`` records which
     blocks the engine holds, for prefix-aware routing.
 
+    Scheduling: with ``async_scheduling`` the host schedules and prepares step N+1 while
+    the device runs step N (SGLang's overlap scheduler, vLLM's async scheduling); results
+    are identical, the outputs of a step arrive one step later.
+
     Structured output: ``grammar_backend`` compiles the constraints that name no backend
     (``"llguidance"`` or ``"xgrammar"``); ``enable_jump_forward`` appends the bytes a grammar
     forces in one step instead of sampling them token by token.
@@ -60,6 +64,7 @@ class EngineConfig:
     seed: int = 0
     grammar_backend: str = "llguidance"
     enable_jump_forward: bool = True
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

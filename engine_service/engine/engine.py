@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from engine_service.engine.attention import get_attention_backend
+from engine_service.engine.batch import SampledTokens, ScheduledBatch
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVEventLog, KVTier
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.offload import OffloadManager, RemoteKVStore, kv_fingerprint
 from engine_service.engine.outputs import EngineStats, RequestOutput
+from engine_service.engine.progress import TokenAcceptor
 from engine_service.engine.request import Request
-from engine_service.engine.sampler import Sampler
+from engine_service.engine.sampler import SamplerResult, SamplingMetadata, sample
 from engine_service.engine.sampling_params import SamplingParams
 from engine_service.engine.scheduler import Scheduler
 from engine_service.engine.structured import StructuredOutputManager
@@ -39,6 +43,21 @@ _FETCH_WAIT_S = 0.002
 def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     element = torch.empty((), dtype=dtype).element_size()
     return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * element
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step: its batch and, once done, its sampled tokens."""
+
+    batch: ScheduledBatch
+    result: SamplerResult | None = None
+    meta: SamplingMetadata | None = None
+    future: Future | None = None
+
+    def wait(self) -> None:
+        if self.future is not None:
+            self.result, self.meta = self.future.result()
+            self.future = None
 
 
 class LLMEngine:
@@ -98,23 +117,6 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(
             num_blocks, config.block_size, config.enable_prefix_caching, listeners
         )
-        self.scheduler = Scheduler(config, self.kv_manager, self.offload)
-        use_graphs = (
-            config.enable_cuda_graphs
-            and self.device.type == "cuda"
-            and type(backend).__name__ == "TritonBackend"
-        )
-        self.runner = ModelRunner(
-            self.model,
-            self.kv_cache,
-            config.block_size,
-            scratch_block=num_blocks,
-            max_blocks_per_seq=-(-self.max_model_len // config.block_size),
-            cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs)
-            if use_graphs
-            else 0,
-        )
-        self.sampler = Sampler(self.device, config.seed)
         self.structured = StructuredOutputManager(
             config.model,
             config.revision,
@@ -123,12 +125,40 @@ class LLMEngine:
             default_backend=config.grammar_backend,
             pin_memory=self.device.type == "cuda",
         )
+        self.acceptor = TokenAcceptor(
+            self.max_model_len, self.structured, config.enable_jump_forward
+        )
+        self.scheduler = Scheduler(config, self.kv_manager, self.offload, self.acceptor)
+        graphs_max_tokens = 0
+        if (
+            config.enable_cuda_graphs
+            and self.device.type == "cuda"
+            and backend.supports_cuda_graphs
+        ):
+            graphs_max_tokens = min(config.cuda_graph_max_batch, config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            self.model,
+            backend,
+            self.kv_cache,
+            config.block_size,
+            max_num_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_blocks_per_seq=-(-self.max_model_len // config.block_size),
+            scratch_block=num_blocks,
+            graphs_max_tokens=graphs_max_tokens,
+        )
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(config.seed)
+        # Overlapped steps on the CPU run the model on a worker thread (torch releases the
+        # GIL inside its kernels); on CUDA the stream itself runs ahead of the host.
+        self._worker: ThreadPoolExecutor | None = None
+        if config.async_scheduling and self.device.type == "cpu":
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-device")
+        self._in_flight: _InFlight | None = None
         self._samples: dict[str, list[Request]] = {}
         self._pending_outputs: list[RequestOutput] = []
         self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
         self.steps_total = 0
-        self.jump_forward_tokens = 0
         logger.info(
             "engine ready: %s, %s on %s, %d KV blocks of %d tokens",
             mc.architecture,
@@ -207,101 +237,98 @@ class LLMEngine:
         self._pending_outputs = []
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending_outputs)
+        return (
+            self.scheduler.has_unfinished()
+            or bool(self._pending_outputs)
+            or self._in_flight is not None
+        )
 
     # -- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return new tokens and finishes since the last step."""
+        """Run one scheduling step; return new tokens and finishes since the last step.
+
+        Synchronous: schedule, run, sample, commit. Overlapped (``async_scheduling``): the
+        step scheduled and prepared here runs while the previous step's results are read
+        back and committed, so the outputs returned are one step behind. Steps with a
+        sample that needs its newest token on the host (grammar, penalties) drain first.
+        """
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self._in_flight is not None and self._must_drain():
+            outputs.extend(self._resolve(self._in_flight))
+            self._in_flight = None
         batch = self.scheduler.schedule()
+        if not batch:
+            if self._in_flight is not None:
+                outputs.extend(self._resolve(self._in_flight))
+                self._in_flight = None
+            if self.offload is not None:
+                self.offload.apply_transfers()
+                if self.offload.fetches_in_flight:
+                    self.offload.wait(_FETCH_WAIT_S)
+            return outputs
+        self.steps_total += 1
+        # Grammar masks fill on their worker while the inputs are built and the model runs.
+        masks = self.structured.start_masks([r.grammar for _, r in batch.sample_rows])
+        inputs = self.runner.prepare(batch)
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            previous.wait()
         if self.offload is not None:
             # Saves of evicted blocks and restores, before the forward reuses any block.
             self.offload.apply_transfers()
-        if not batch:
-            if self.offload is not None and self.offload.fetches_in_flight:
-                self.offload.wait(_FETCH_WAIT_S)
-            return outputs
-        self.steps_total += 1
-
-        # Logits come one row per sampled sequence; a prompt finishing with pending forks
-        # feeds the same row to each of its n samples. Known before the forward pass, so
-        # that their grammar masks fill while it runs.
-        to_extend: list[Request] = []
-        rows: list[int] = []
-        for logits_row, seq in enumerate(s for s in batch.sequences if s.sample):
-            samples = [seq.request, *seq.request.pending_forks]
-            to_extend.extend(samples)
-            rows.extend([logits_row] * len(samples))
-        masks = self.structured.start_masks([r.grammar for r in to_extend])
-        try:
-            logits = self.runner.execute(batch)
-        finally:
-            grammar_bitmask = masks.result() if masks is not None else None
-
-        for seq in batch.sequences:
-            request = seq.request
-            request.num_computed_tokens += seq.num_tokens
-            self.kv_manager.commit_computed_blocks(request)
-            if seq.sample:
-                self.scheduler.start_forks(request)
-        if self.offload is not None:
-            self.offload.apply_transfers()  # write-through saves of the blocks just committed
-
-        if to_extend:
-            row_index = torch.tensor(rows, device=logits.device)
-            sampled = self.sampler.sample(logits[row_index], to_extend, grammar_bitmask)
-            for request, token_id, logprob in zip(to_extend, sampled.token_ids, sampled.logprobs):
-                request.append_token(token_id, logprob)
-                self.generation_tokens_total += 1
-                if request.grammar is not None:
-                    self._advance_grammar(request)
-                if (
-                    not request.is_finished
-                    and not request.check_stop()
-                    and request.num_tokens >= self.max_model_len
-                ):
-                    request.finish("length")
-                if request.is_finished:
-                    self.scheduler.finish(request)
-                outputs.append(self._output(request))
-                if request.is_finished:
-                    self._forget_if_done(request.request_id)
+        launched = self._launch(batch, inputs, masks, previous)
+        if self.config.async_scheduling:
+            self.scheduler.mark_in_flight(batch)
+            self._in_flight = launched
+            if previous is not None:
+                outputs.extend(self._resolve(previous))
+        else:
+            if previous is not None:
+                outputs.extend(self._resolve(previous))
+            outputs.extend(self._resolve(launched))
         return outputs
 
-    def _advance_grammar(self, request: Request) -> None:
-        """Feed the newest token to the sample's matcher; finish the sample when its grammar
-        is complete, else jump over the bytes the grammar forces next.
-
-        Jump-forward skips samples that report logprobs: forced tokens have none of their own.
-        """
-        matcher = request.grammar
-        assert matcher is not None
-        token_id = request.all_token_ids[-1]
-        if not matcher.accept_token(token_id):
-            # The mask allowed the token, so the backend contradicts itself.
-            logger.error("grammar matcher refused sampled token %d; aborting sample", token_id)
-            request.finish("abort")
-            return
-        if matcher.is_terminated():
-            stop = token_id if token_id in self.eos_token_ids else None
-            request.finish("stop", stop_token_id=stop)
-            return
-        if not self.config.enable_jump_forward or request.params.logprobs is not None:
-            return
-        # Room for the tokens that replace the newest one: max_tokens and the context.
-        room = min(
-            request.params.max_tokens - request.num_output_tokens,
-            self.max_model_len - request.num_tokens,
+    def _must_drain(self) -> bool:
+        return not self.config.async_scheduling or any(
+            r.needs_host_tokens for r in self.scheduler.running
         )
-        forced = self.structured.jump_forward(matcher, token_id, room + 1) if room > 0 else []
-        if not forced:
-            return
-        request.replace_newest_token(forced)
-        self.jump_forward_tokens += len(forced) - 1
-        self.generation_tokens_total += len(forced) - 1
-        if matcher.is_terminated():
-            request.finish("stop")
+
+    def _launch(self, batch, inputs, masks, previous: _InFlight | None) -> _InFlight:
+        """Start the forward pass and sampling of ``batch``: queued on the device stream
+        (CUDA), or on the device worker thread (CPU, overlapped)."""
+        prev_tokens = previous.result.token_ids if previous is not None else None
+
+        def run() -> tuple[SamplerResult, SamplingMetadata]:
+            try:
+                logits = self.runner.execute(batch, inputs, prev_tokens)
+            finally:
+                bitmask = masks.result() if masks is not None else None
+            meta = SamplingMetadata.build(
+                batch.sample_rows, self.model_config.vocab_size, self.device, bitmask
+            )
+            result = sample(logits, meta, self.generator)
+            result.start_host_copy()
+            return result, meta
+
+        if self._worker is not None:
+            return _InFlight(batch, future=self._worker.submit(run))
+        result, meta = run()
+        return _InFlight(batch, result=result, meta=meta)
+
+    def _resolve(self, flight: _InFlight) -> list[RequestOutput]:
+        """Read a launched step's tokens back and commit them (the scheduler's update)."""
+        flight.wait()
+        token_list, logprobs = flight.result.to_host(flight.meta)
+        touched = self.scheduler.update(
+            flight.batch, SampledTokens(flight.result.token_ids, token_list, logprobs)
+        )
+        outputs = []
+        for request in touched:
+            outputs.append(self._output(request))
+            if request.is_finished:
+                self._forget_if_done(request.request_id)
+        return outputs
 
     def _output(self, request: Request) -> RequestOutput:
         output = RequestOutput(
@@ -340,9 +367,9 @@ class LLMEngine:
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
-            generation_tokens_total=self.generation_tokens_total,
+            generation_tokens_total=self.acceptor.generation_tokens_total,
             steps_total=self.steps_total,
-            jump_forward_tokens=self.jump_forward_tokens,
+            jump_forward_tokens=self.acceptor.jump_forward_tokens,
             **self._offload_stats(),
         )
 
@@ -376,9 +403,12 @@ class LLMEngine:
         }
 
     def close(self) -> None:
-        """Stop background work (the offload worker); the engine is unusable afterwards."""
+        """Stop background work (offload and device workers); the engine is unusable
+        afterwards."""
         if self.offload is not None:
             self.offload.close()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
 
     def stream(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

@@ -163,8 +163,8 @@ class KVCacheManager:
         for block_id in computed_blocks:
             self.pool.incref(block_id)
         if computed_blocks or num_restored_blocks:
+            # The scheduler counts these tokens as computed once admission succeeds.
             request.block_table.extend(computed_blocks)
-            request.num_computed_tokens = num_computed
             request.num_committed_blocks = len(request.block_table)
         if needs_copy:
             shared = request.block_table[write_index]
@@ -190,14 +190,30 @@ class KVCacheManager:
             self.pool.incref(block_id)
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
-        child.num_computed_tokens = parent.num_computed_tokens
         child.num_committed_blocks = parent.num_committed_blocks
 
-    def commit_computed_blocks(self, request: Request) -> None:
-        """Offer the request's newly completed full blocks to the prefix cache."""
+    def truncate(self, request: Request, num_tokens: int) -> None:
+        """Keep the blocks that hold the first ``num_tokens`` tokens; free the rest, last
+        first (rejected draft tokens' slots). Blocks already in the prefix cache are full
+        and committed, so a truncation never reaches them::
+
+            block_table [ committed | kept partial | freed ........ ]
+                                    ^ num_tokens falls here
+        """
+        keep = self.blocks_needed(num_tokens)
+        assert keep >= request.num_committed_blocks, "truncating into committed blocks"
+        while len(request.block_table) > keep:
+            self.pool.decref(request.block_table.pop())
+
+    def commit_computed_blocks(self, request: Request, num_tokens: int | None = None) -> None:
+        """Offer the request's newly completed full blocks to the prefix cache: those within
+        its first ``num_tokens`` tokens (default: ``num_computed_tokens``), which must be
+        known tokens whose KV is written."""
         if self.prefix_cache is None:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        if num_tokens is None:
+            num_tokens = request.num_computed_tokens
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
         if num_full <= request.num_committed_blocks:
             return
         self._update_block_hashes(request)

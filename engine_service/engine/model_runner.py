@@ -1,224 +1,219 @@
-"""The model runner: turns a scheduled batch into flat tensors and runs the model once."""
+"""The model runner: turns a :class:`ScheduledBatch` into one ragged batch and runs the model.
+
+Inputs are built from numpy arrays in persistent buffers, with no Python loop over tokens:
+per sequence only its block table and its slice of token ids are copied. Two buffer sets
+alternate, so the inputs of step N+1 are written while step N (overlapped) still reads its
+own. On CUDA the host arrays go through pinned memory in one asynchronous copy each; steps
+whose shape fits a captured CUDA graph replay it (:mod:`engine_service.engine.cuda_graphs`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
 import torch
 
-from engine_service.engine.attention import AttentionMetadata, PrefillSlice
-from engine_service.engine.scheduler import ScheduledBatch
-from engine_service.models.layers import CausalLM
+from engine_service.engine.batch import ScheduledBatch
+from engine_service.layers.paged_attention import AttentionBackend, AttentionMetadata
 
 
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy step inputs without stalling the host: from pinned memory, asynchronously.
+@dataclass(slots=True)
+class StepInputs:
+    """A step's device inputs. ``pending_rows`` are query rows whose token id comes from
+    the previous step's sampled tokens (``pending_src`` indexes them)."""
 
-    A copy from pageable memory would wait for every kernel already queued.
-    """
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor
+    pending_rows: torch.Tensor | None
+    pending_src: torch.Tensor | None
+
+
+class _HostBuffers:
+    """One set of host arrays sized for the largest step (numpy views of torch tensors,
+    pinned on CUDA so that copies from them are asynchronous)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
+        def buffer(*shape: int, dtype=torch.int64) -> tuple[torch.Tensor, np.ndarray]:
+            t = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            return t, t.numpy()
+
+        self.token_ids_t, self.token_ids = buffer(max_tokens)
+        self.positions_t, self.positions = buffer(max_tokens)
+        self.slots_t, self.slots = buffer(max_tokens)
+        self.logits_t, self.logits = buffer(max_tokens)
+        self.query_start_t, self.query_start = buffer(max_seqs + 1, dtype=torch.int32)
+        self.seq_lens_t, self.seq_lens = buffer(max_seqs, dtype=torch.int32)
+        self.tables_t, self.tables = buffer(max_seqs, max_blocks, dtype=torch.int32)
 
 
 class ModelRunner:
-    """Owns the model and the KV cache tensor; one ``execute`` per engine step.
-
-    Inputs are built on the host as plain lists and moved to the device in one copy each.
-    With ``cuda_graph_max_batch > 0`` (CUDA and a gather-free decode backend), a step made
-    only of decodes replays a CUDA graph captured for the next batch size up: its inputs
-    are copied into static buffers, and padding rows point at ``scratch_block``.
-    """
+    """Owns the model, the KV cache tensor and the step inputs; one ``execute`` per step."""
 
     def __init__(
         self,
-        model: CausalLM,
+        model: torch.nn.Module,
+        backend: AttentionBackend,
         kv_cache: torch.Tensor,
         block_size: int,
-        scratch_block: int | None = None,
-        max_blocks_per_seq: int = 0,
-        cuda_graph_max_batch: int = 0,
+        max_num_tokens: int,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        scratch_block: int,
+        graphs_max_tokens: int = 0,
     ) -> None:
         self.model = model
+        self.backend = backend
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
-        self.graphs: DecodeGraphs | None = None
-        if cuda_graph_max_batch > 0:
-            assert scratch_block is not None
-            self.graphs = DecodeGraphs(
-                model, kv_cache, scratch_block, max_blocks_per_seq, cuda_graph_max_batch
-            )
+        self.scratch_block = scratch_block
+        self.max_blocks_per_seq = max_blocks_per_seq
+        pin = self.device.type == "cuda"
+        self._buffers = [
+            _HostBuffers(max_num_tokens, max_num_seqs, max_blocks_per_seq, pin) for _ in range(2)
+        ]
+        self._turn = 0
+        self.graphs = None
+        if graphs_max_tokens > 0:
+            from engine_service.engine.cuda_graphs import StepGraphs
 
-    @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run the batch; return fp32 logits for each sequence with ``sample`` set, in order."""
-        for src, dst in batch.block_copies:
-            self.kv_cache[dst].copy_(self.kv_cache[src])
+            self.graphs = StepGraphs(self, graphs_max_tokens, max_num_seqs)
 
-        if self.graphs is not None and self.graphs.fits(batch):
-            hidden = self.graphs.run(batch, self.block_size)
-            return self.model.compute_logits(hidden).float()
-        input_ids, positions, meta, logits_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        return self.model.compute_logits(hidden[logits_rows]).float()
+    # -- inputs ---------------------------------------------------------------------------
 
-    def _prepare(self, batch: ScheduledBatch):
-        size = self.block_size
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slot_block: list[int] = []
-        slot_offset: list[int] = []
-        logits_rows: list[int] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefill_specs: list[tuple[int, int, int, int, list[int]]] = []
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """Build the step's device inputs from the batch (host work, no device sync)."""
+        buf = self._buffers[self._turn]
+        self._turn ^= 1
+        seqs = batch.sequences
+        num_seqs, num_tokens, size = len(seqs), batch.num_tokens, self.block_size
 
-        for seq in batch.sequences:
-            request = seq.request
-            start, end = seq.start, seq.start + seq.num_tokens
-            table = request.block_table
-            row = len(token_ids)
-            token_ids.extend(request.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            for pos in range(start, end):
-                slot_block.append(table[pos // size])
-                slot_offset.append(pos % size)
-            if seq.sample:
-                logits_rows.append(row + seq.num_tokens - 1)
-            num_blocks = -(-end // size)
-            if seq.num_tokens == 1:
-                decode_rows.append(row)
-                decode_tables.append(table[:num_blocks])
-                decode_lens.append(end)
-            else:
-                prefill_specs.append((row, row + seq.num_tokens, start, end, table[:num_blocks]))
+        q_lens = np.fromiter((s.num_tokens for s in seqs), np.int64, num_seqs)
+        starts = np.fromiter((s.start for s in seqs), np.int64, num_seqs)
+        query_start = buf.query_start[: num_seqs + 1]
+        query_start[0] = 0
+        np.cumsum(q_lens, out=query_start[1:])
+        seq_lens = starts + q_lens
+        buf.seq_lens[:num_seqs] = seq_lens
+
+        # Token ids: each sequence's slice of known tokens, then its drafts; a token still
+        # being sampled by the step in flight is a placeholder filled on the device.
+        pieces = []
+        pending_rows: list[int] = []
+        pending_src: list[int] = []
+        for i, s in enumerate(seqs):
+            known = s.request.all_token_ids[s.start : s.start + s.num_known_tokens]
+            pieces.append(known)
+            if s.pending_row >= 0:
+                pieces.append((0,))
+                pending_rows.append(int(query_start[i]) + s.num_known_tokens - 1)
+                pending_src.append(s.pending_row)
+            if s.draft_token_ids:
+                pieces.append(s.draft_token_ids)
+        token_ids = buf.token_ids[:num_tokens]
+        token_ids[:] = np.fromiter(chain.from_iterable(pieces), np.int64, num_tokens)
+
+        # Positions: each token's cache index (plus tree offsets); slots through the tables.
+        seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
+        positions = buf.positions[:num_tokens]
+        np.add(np.arange(num_tokens), np.repeat(starts - query_start[:-1], q_lens), out=positions)
+        width = int(-(-seq_lens.max() // size))
+        tables = buf.tables
+        for i, s in enumerate(seqs):
+            table = s.request.block_table
+            tables[i, : len(table)] = table[:width]
+        blocks = tables[seq_of_token, positions // size]
+        np.add(blocks * size, positions % size, out=buf.slots[:num_tokens])
+        for i, s in enumerate(seqs):
+            if s.position_offsets is not None:
+                q0 = int(query_start[i])
+                positions[q0 : q0 + s.num_tokens] += np.asarray(s.position_offsets)
+
+        num_logits = np.fromiter((s.num_logits for s in seqs), np.int64, num_seqs)
+        total_logits = int(num_logits.sum())
+        firsts = np.repeat(query_start[1:] - num_logits, num_logits)
+        within = np.arange(total_logits) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits)
+        np.add(firsts, within, out=buf.logits[:total_logits])
+
+        custom_mask = offsets = None
+        if any(s.custom_mask is not None for s in seqs):
+            custom_mask, offsets = self._custom_masks(batch)
 
         device = self.device
-
-        def tensor(values: list[int]) -> torch.Tensor:
-            return to_device(torch.tensor(values, dtype=torch.long), device)
-
-        width = max((len(t) for t in decode_tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in decode_tables]
+        to = self._to_device
         meta = AttentionMetadata(
-            slot_block=tensor(slot_block),
-            slot_offset=tensor(slot_offset),
-            decode_rows=tensor(decode_rows),
-            decode_block_tables=to_device(
-                torch.tensor(padded, dtype=torch.long).reshape(len(padded), width), device
-            ),
-            decode_seq_lens=tensor(decode_lens),
-            num_decodes=len(decode_rows),
-            prefills=[
-                PrefillSlice(q0, q1, start, seq_len, tensor(blocks))
-                for q0, q1, start, seq_len, blocks in prefill_specs
-            ],
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc=to(buf.query_start_t[: num_seqs + 1]),
+            seq_lens=to(buf.seq_lens_t[:num_seqs]),
+            positions=to(buf.positions_t[:num_tokens]),
+            slot_mapping=to(buf.slots_t[:num_tokens]),
+            block_tables=to(buf.tables_t[:num_seqs, :width]),
+            query_start_loc_host=buf.query_start_t[: num_seqs + 1],
+            seq_lens_host=buf.seq_lens_t[:num_seqs],
+            custom_mask=custom_mask,
+            custom_mask_offsets=offsets,
         )
-        return tensor(token_ids), tensor(positions), meta, tensor(logits_rows)
-
-
-class DecodeGraphs:
-    """CUDA graphs of the decode forward pass, one per batch-size bucket.
-
-    Shapes are static per bucket; everything that varies (token ids, positions, slots,
-    block tables, context lengths) lives in device buffers that the graph reads. The decode
-    kernel loops to each sequence's own length, so one block-table width serves every
-    context length.
-    """
-
-    def __init__(
-        self,
-        model: CausalLM,
-        kv_cache: torch.Tensor,
-        scratch_block: int,
-        max_blocks_per_seq: int,
-        max_batch: int,
-    ) -> None:
-        self.model = model
-        self.kv_cache = kv_cache
-        self.scratch_block = scratch_block
-        self.max_batch = max_batch
-        self.buckets = sorted(
-            {b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b < max_batch}
-            | {max_batch}
-        )
-        device = kv_cache.device
-        long = dict(dtype=torch.long, device=device)
-        self.input_ids = torch.zeros(max_batch, **long)
-        self.positions = torch.zeros(max_batch, **long)
-        self.slot_block = torch.full((max_batch,), scratch_block, **long)
-        self.slot_offset = torch.zeros(max_batch, **long)
-        self.rows = torch.arange(max_batch, **long)
-        self.tables = torch.full((max_batch, max_blocks_per_seq), scratch_block, **long)
-        self.seq_lens = torch.ones(max_batch, **long)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._capture_all()
-
-    def fits(self, batch: ScheduledBatch) -> bool:
-        return len(batch.sequences) <= self.max_batch and all(
-            s.num_tokens == 1 for s in batch.sequences
+        return StepInputs(
+            input_ids=to(buf.token_ids_t[:num_tokens]),
+            positions=meta.positions,
+            meta=meta,
+            logits_indices=to(buf.logits_t[:total_logits]),
+            pending_rows=torch.tensor(pending_rows, device=device) if pending_rows else None,
+            pending_src=torch.tensor(pending_src, device=device) if pending_src else None,
         )
 
-    def run(self, batch: ScheduledBatch, block_size: int) -> torch.Tensor:
-        """Hidden states ``[len(batch.sequences), hidden]`` of a decode-only batch."""
-        n = len(batch.sequences)
-        bucket = next(b for b in self.buckets if b >= n)
-        width = 0
-        columns: list[list[int]] = [[], [], [], [], []]
-        for seq in batch.sequences:
-            request, pos = seq.request, seq.start
-            columns[0].append(request.all_token_ids[pos])
-            columns[1].append(pos)
-            columns[2].append(request.block_table[pos // block_size])
-            columns[3].append(pos % block_size)
-            columns[4].append(pos + 1)
-            width = max(width, pos // block_size + 1)
-        # Padding rows attend to one scratch slot and write their K/V there.
-        padding = bucket - n
-        for column, value in zip(columns, (0, 0, self.scratch_block, 0, 1)):
-            column.extend([value] * padding)
-        rows = to_device(torch.tensor(columns, dtype=torch.long), self.kv_cache.device)
-        self.input_ids[:bucket].copy_(rows[0])
-        self.positions[:bucket].copy_(rows[1])
-        self.slot_block[:bucket].copy_(rows[2])
-        self.slot_offset[:bucket].copy_(rows[3])
-        self.seq_lens[:bucket].copy_(rows[4])
-        tables = [s.request.block_table[:width] for s in batch.sequences]
-        tables += [[]] * padding
-        tables = [t + [self.scratch_block] * (width - len(t)) for t in tables]
-        self.tables[:bucket, :width].copy_(
-            to_device(torch.tensor(tables, dtype=torch.long), self.kv_cache.device)
-        )
-        graph, hidden = self._graphs[bucket]
-        graph.replay()
-        return hidden[:n]
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return host
+        return host.to(self.device, non_blocking=True)
 
-    def _meta(self, bucket: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_block=self.slot_block[:bucket],
-            slot_offset=self.slot_offset[:bucket],
-            decode_rows=self.rows[:bucket],
-            decode_block_tables=self.tables[:bucket],
-            decode_seq_lens=self.seq_lens[:bucket],
-            num_decodes=bucket,
-            prefills=[],
+    def _custom_masks(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The contract's flat tree masks: each sequence's own, or its causal triangle."""
+        flat, offsets, offset = [], [], 0
+        for s in batch.sequences:
+            n = s.num_tokens
+            mask = s.custom_mask
+            if mask is None:
+                mask = torch.ones(n, n, dtype=torch.bool).tril()
+            flat.append(mask.reshape(-1).cpu())
+            offsets.append(offset)
+            offset += n * n
+        offsets.append(offset)
+        return (
+            torch.cat(flat).to(self.device),
+            torch.tensor(offsets, dtype=torch.int64, device=self.device),
         )
+
+    # -- execution ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _capture_all(self) -> None:
-        pool = None
-        for bucket in reversed(self.buckets):
-            meta = self._meta(bucket)
-            args = (self.input_ids[:bucket], self.positions[:bucket], self.kv_cache, meta)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.model(*args)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self.model(*args)
-            pool = graph.pool()
-            self._graphs[bucket] = (graph, hidden)
-        torch.cuda.synchronize()
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        inputs: StepInputs,
+        prev_sampled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the step; return fp32 logits ``[batch.num_logits, vocab]``.
+
+        ``prev_sampled`` is the previous step's sampled tokens, read by pending rows.
+        """
+        for src, dst in batch.block_copies:
+            self.kv_cache[dst].copy_(self.kv_cache[src])
+        input_ids = inputs.input_ids
+        if inputs.pending_rows is not None:
+            assert prev_sampled is not None, "pending tokens need the previous step's tokens"
+            input_ids = input_ids.clone()
+            input_ids[inputs.pending_rows] = prev_sampled[inputs.pending_src]
+        if self.graphs is not None and self.graphs.fits(inputs):
+            hidden = self.graphs.replay(input_ids, inputs)
+        else:
+            self.backend.prepare(inputs.meta, self.block_size)
+            hidden = self.model(input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        return self.model.compute_logits(hidden[inputs.logits_indices]).float()

@@ -33,6 +33,12 @@ class Request:
     written by the next step (after a jump-forward, several tokens wait for their KV).
     ``grammar`` is the sample's own structured-output matcher, if it is constrained.
 
+    Only :meth:`Scheduler.update <engine_service.engine.scheduler.Scheduler.update>` (and
+    the scheduler's admission and preemption) change a request's progress; the KV manager
+    owns ``block_table`` and the block hashes. With overlapped scheduling one sampled token
+    may be in flight: ``num_pending_tokens`` counts it until the step's results come back,
+    and ``pending_row`` is its row in that step's sampled-token tensor.
+
     Fields marked *room* are not used by the core yet; later capabilities fill them
     (LoRA, speculative decoding, multimodal inputs, KV offload tiers).
     """
@@ -61,6 +67,10 @@ class Request:
     unreported_token_ids: list[int] = field(default_factory=list)
     unreported_logprobs: list[TokenLogprob] = field(default_factory=list)
     grammar: GrammarMatcher | None = None
+    num_pending_tokens: int = 0
+    pending_row: int = -1
+    # How often the sequence was preempted: steps in flight across a preemption are stale.
+    num_preemptions: int = 0
     # room: LoRA adapter; proposed speculative tokens; multimodal embeddings with their
     # placeholder ranges; extra keys for block hashes (adapter id, image hashes); where
     # offloaded prefix blocks are being fetched from.
@@ -83,6 +93,17 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        """Known tokens plus the one a step in flight is sampling."""
+        return len(self.all_token_ids) + self.num_pending_tokens
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Whether sampling the next token needs the newest token on the host first
+        (grammar matchers and penalties read it), so no step may run ahead of it."""
+        return self.grammar is not None or self.params.needs_penalties
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,4 +1,4 @@
-"""The sampler: one vectorized pass over the batch's logits per step.
+"""Sampling as tensor functions: one :class:`SamplingMetadata` per step, then :func:`sample`.
 
 Order of operations (each only when some row asks for it): raw logprobs for reporting →
 repetition, frequency and presence penalties → the structured-output grammar bitmask →
@@ -6,13 +6,18 @@ min_tokens stop-token masking → greedy argmax for greedy rows; temperature, to
 min-p and a draw for the others. Reported logprobs are therefore the model's own, unmasked.
 
 The draw is an exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` per token picks token
-``i`` with probability ``p_i``. A seeded row draws its ``E`` from its own generator, so its
-tokens depend on its seed alone, not on what else is in the batch.
+``i`` with probability ``p_i``. Unseeded rows take ``E`` from the engine's generator; a seeded
+row draws its ``E`` from its own generator (seeded with seed + sample index), one draw per
+token, so its tokens depend on its seed alone: not on the batch, the step, or a preemption.
+
+Everything below runs on the logits' device without a loop over rows; the host builds the
+metadata once per step and reads back one tensor of token ids (and logprobs if asked).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -22,141 +27,258 @@ from engine_service.engine.structured import apply_bitmask
 
 
 @dataclass(slots=True)
-class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[TokenLogprob | None]
+class SamplingMetadata:
+    """Per-row sampling state for one step, as device tensors (``None``: nobody needs it)."""
 
+    logits_rows: torch.Tensor | None  # which logits row each sample row reads (None: identity)
+    all_greedy: bool
+    greedy: torch.Tensor | None
+    temperature: torch.Tensor | None
+    top_k: torch.Tensor | None
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
+    # Penalties: output-token counts [R, V] and the rows' prompt-token mask for repetition.
+    output_counts: torch.Tensor | None
+    prompt_seen: torch.Tensor | None
+    repetition: torch.Tensor | None
+    frequency: torch.Tensor | None
+    presence: torch.Tensor | None
+    # (row, token) pairs that min_tokens forbids this step, and rows with a grammar.
+    early_stop_rows: torch.Tensor | None
+    early_stop_tokens: torch.Tensor | None
+    grammar_rows: torch.Tensor | None
+    grammar_bitmask: torch.Tensor | None
+    # Seeded rows and their exponential noise, drawn from each sample's own generator.
+    seeded_rows: torch.Tensor | None
+    seeded_noise: torch.Tensor | None
+    max_num_logprobs: int | None
+    logprob_rows: list[int]
 
-class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0) -> None:
-        self.device = device
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-
-    @torch.inference_mode()
-    def sample(
-        self,
-        logits: torch.Tensor,
-        requests: list[Request],
+    @classmethod
+    def build(
+        cls,
+        sample_rows: list[tuple[int, Request]],
+        vocab_size: int,
+        device: torch.device,
         grammar_bitmask: torch.Tensor | None = None,
-    ) -> SamplerOutput:
-        """``logits``: fp32 ``[len(requests), vocab]``, one row per sequence to extend;
-        ``grammar_bitmask``: the host bitmask of allowed tokens, one row per sequence."""
-        num_rows, vocab = logits.shape
+    ) -> SamplingMetadata:
+        requests = [r for _, r in sample_rows]
+        rows = [row for row, _ in sample_rows]
         params = [r.params for r in requests]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        num = len(requests)
 
+        def tensor(values, dtype=torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        identity = rows == list(range(num))
+        greedy_list = [p.greedy for p in params]
+        all_greedy = all(greedy_list)
+        temperature = top_k = top_p = min_p = greedy = None
+        if not all_greedy:
+            greedy = tensor(greedy_list, torch.bool)
+            temperature = tensor([max(p.temperature, 1e-5) for p in params])
+            if any(p.top_k > 0 for p in params):
+                top_k = tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.long)
+            if any(p.top_p < 1.0 for p in params):
+                top_p = tensor([p.top_p for p in params])
+            if any(p.min_p > 0.0 for p in params):
+                min_p = tensor([p.min_p for p in params])
+
+        output_counts = prompt_seen = repetition = frequency = presence = None
         if any(p.needs_penalties for p in params):
-            logits = self._apply_penalties(logits.clone(), requests, vocab)
-        if grammar_bitmask is not None:
-            logits = apply_bitmask(logits, grammar_bitmask)
-        logits = self._mask_early_stops(logits, requests)
+            output_counts = _token_counts([r.output_token_ids for r in requests], vocab_size)
+            output_counts = output_counts.to(device)
+            repetition = tensor([p.repetition_penalty for p in params])
+            frequency = tensor([p.frequency_penalty for p in params])
+            presence = tensor([p.presence_penalty for p in params])
+            if any(p.repetition_penalty != 1.0 for p in params):
+                prompts = [
+                    r.prompt_token_ids if r.params.repetition_penalty != 1.0 else []
+                    for r in requests
+                ]
+                prompt_seen = (_token_counts(prompts, vocab_size) > 0).to(device)
 
-        greedy = [p.greedy for p in params]
-        token_ids = logits.argmax(dim=-1)
-        if not all(greedy):
-            sampled = self._draw(logits, requests)
-            is_greedy = torch.tensor(greedy, device=logits.device)
-            token_ids = torch.where(is_greedy, token_ids, sampled)
-
-        token_list = token_ids.tolist()
-        logprobs: list[TokenLogprob | None] = [None] * num_rows
-        if raw_logprobs is not None:
-            max_top = max((p.logprobs or 0) for p in params)
-            chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
-            top_vals = top_ids = None
-            if max_top > 0:
-                top = raw_logprobs.topk(max_top, dim=-1)
-                top_vals, top_ids = top.values.tolist(), top.indices.tolist()
-            for row, p in enumerate(params):
-                if p.logprobs is None:
-                    continue
-                k = p.logprobs
-                alternatives = (
-                    list(zip(top_ids[row][:k], top_vals[row][:k])) if k and top_ids else []
-                )
-                logprobs[row] = TokenLogprob(token_list[row], chosen[row], alternatives)
-        return SamplerOutput(token_list, logprobs)
-
-    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request], vocab: int):
-        device = logits.device
-        rows = [r for r in requests]
-        max_out = max(1, max(r.num_output_tokens for r in rows))
-        out_ids = torch.full((len(rows), max_out), vocab, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids = r.output_token_ids
-            if ids:
-                out_ids[i, : len(ids)] = torch.tensor(ids)
-        out_ids = out_ids.to(device)
-        counts = torch.zeros(len(rows), vocab + 1, device=device)
-        counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=counts.dtype))
-        counts = counts[:, :vocab]
-
-        rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device)[:, None]
-        if (rep != 1.0).any():
-            seen = counts > 0
-            for i, r in enumerate(rows):
-                if r.params.repetition_penalty != 1.0:
-                    seen[i, torch.tensor(r.prompt_token_ids, device=device)] = True
-            penalised = torch.where(logits > 0, logits / rep, logits * rep)
-            logits = torch.where(seen, penalised, logits)
-        freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device)[:, None]
-        pres = torch.tensor([r.params.presence_penalty for r in rows], device=device)[:, None]
-        return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
-
-    def _mask_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Before min_tokens are out, EOS and stop tokens cannot be chosen, unless a grammar
-        admits nothing else."""
-        masked = False
-        for row, r in enumerate(requests):
-            if r.num_output_tokens < r.params.min_tokens:
+        stop_rows: list[int] = []
+        stop_tokens: list[int] = []
+        grammar_rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        for i, r in enumerate(requests):
+            if r.num_output_tokens + r.num_pending_tokens < r.params.min_tokens:
                 stops = set(r.params.stop_token_ids)
                 if not r.params.ignore_eos:
                     stops |= r.eos_token_ids
-                if stops:
-                    if not masked:
-                        logits, masked = logits.clone(), True
-                    unmasked = logits[row].clone() if r.grammar is not None else None
-                    logits[row, list(stops)] = float("-inf")
-                    if unmasked is not None and not torch.isfinite(logits[row]).any():
-                        logits[row] = unmasked
-        return logits
+                stop_rows.extend([i] * len(stops))
+                stop_tokens.extend(stops)
 
-    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        device = logits.device
-        params = [r.params for r in requests]
-        temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)
-        logits = logits / temps[:, None]
+        seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        return cls(
+            logits_rows=None if identity else tensor(rows, torch.long),
+            all_greedy=all_greedy,
+            greedy=greedy,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            output_counts=output_counts,
+            prompt_seen=prompt_seen,
+            repetition=repetition,
+            frequency=frequency,
+            presence=presence,
+            early_stop_rows=tensor(stop_rows, torch.long) if stop_rows else None,
+            early_stop_tokens=tensor(stop_tokens, torch.long) if stop_rows else None,
+            grammar_rows=tensor(grammar_rows, torch.long) if grammar_rows else None,
+            grammar_bitmask=grammar_bitmask,
+            seeded_rows=tensor(seeded, torch.long) if seeded else None,
+            seeded_noise=torch.stack(
+                [
+                    torch.empty(vocab_size).exponential_(generator=requests[i].generator)
+                    for i in seeded
+                ]
+            ).to(device)
+            if seeded
+            else None,
+            max_num_logprobs=max((params[i].logprobs for i in want), default=None),
+            logprob_rows=want,
+        )
 
-        top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
-        top_p = [p.top_p for p in params]
-        if any(top_k) or any(p < 1.0 for p in top_p):
-            sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-            vocab = logits.shape[-1]
-            ranks = torch.arange(vocab, device=device)[None, :]
-            k = torch.tensor([k or vocab for k in top_k], device=device)[:, None]
-            drop = ranks >= k
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+
+@dataclass(slots=True)
+class SamplerResult:
+    """Sampled token ids on the device, and what logprob reporting needs (device too)."""
+
+    token_ids: torch.Tensor
+    chosen_logprobs: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+
+    _host: tuple[torch.Tensor | None, ...] | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def start_host_copy(self) -> None:
+        """Queue the copies to the host behind the step's kernels; :meth:`to_host` then waits
+        for this step alone, not for steps queued after it (overlapped scheduling)."""
+        tensors = (self.token_ids, self.chosen_logprobs, self.top_logprobs, self.top_ids)
+        if not self.token_ids.is_cuda:
+            self._host = tensors
+            return
+        self._host = tuple(
+            t.to("cpu", non_blocking=True) if t is not None else None for t in tensors
+        )
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+
+    def to_host(self, meta: SamplingMetadata) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Token ids and per-row logprobs as Python values (the step's one sync)."""
+        if self._host is None:
+            self.start_host_copy()
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_ids, chosen_lp, top_lp, top_ids_t = self._host
+        token_list = token_ids.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(token_list)
+        if chosen_lp is not None:
+            chosen = chosen_lp.tolist()
+            top_vals = top_lp.tolist() if top_lp is not None else None
+            top_ids = top_ids_t.tolist() if top_ids_t is not None else None
+            for j, row in enumerate(meta.logprob_rows):
+                alternatives = list(zip(top_ids[j], top_vals[j])) if top_ids else []
+                logprobs[row] = TokenLogprob(token_list[row], chosen[j], alternatives)
+        return token_list, logprobs
+
+
+@torch.inference_mode()
+def sample(
+    logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generator
+) -> SamplerResult:
+    """``logits``: fp32 ``[num_logits_rows, vocab]``; one token per sample row."""
+    if meta.logits_rows is not None:
+        logits = logits[meta.logits_rows]
+    raw_logprobs = None
+    if meta.logprob_rows:
+        rows = torch.tensor(meta.logprob_rows, device=logits.device)
+        raw_logprobs = torch.log_softmax(logits[rows], dim=-1)
+
+    if meta.output_counts is not None:
+        logits = apply_penalties(logits, meta)
+    if meta.grammar_bitmask is not None:
+        logits = apply_bitmask(logits, meta.grammar_bitmask)
+    if meta.early_stop_rows is not None:
+        before = logits
+        minus_inf = torch.tensor(float("-inf"), device=logits.device)
+        logits = logits.index_put((meta.early_stop_rows, meta.early_stop_tokens), minus_inf)
+        if meta.grammar_rows is not None:
+            # A grammar that admits only stop tokens wins over min_tokens.
+            is_grammar = torch.zeros(logits.shape[0], 1, dtype=torch.bool, device=logits.device)
+            is_grammar[meta.grammar_rows] = True
+            dead = is_grammar & ~torch.isfinite(logits).any(dim=-1, keepdim=True)
+            logits = torch.where(dead, before, logits)
+
+    token_ids = logits.argmax(dim=-1)
+    if not meta.all_greedy:
+        drawn = draw(logits, meta, generator)
+        token_ids = torch.where(meta.greedy, token_ids, drawn)
+
+    result = SamplerResult(token_ids)
+    if raw_logprobs is not None:
+        chosen_ids = token_ids[torch.tensor(meta.logprob_rows, device=logits.device)]
+        result.chosen_logprobs = raw_logprobs.gather(1, chosen_ids[:, None]).squeeze(1)
+        if meta.max_num_logprobs:
+            top = raw_logprobs.topk(meta.max_num_logprobs, dim=-1)
+            result.top_logprobs, result.top_ids = top.values, top.indices
+    return result
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Repetition (CTRL: divide positive logits, multiply negative ones, for every token
+    seen in the prompt or output), then OpenAI's frequency and presence penalties."""
+    counts = meta.output_counts
+    assert counts is not None and meta.repetition is not None
+    if meta.prompt_seen is not None:
+        seen = meta.prompt_seen | (counts > 0)
+        rep = meta.repetition[:, None]
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+    return (
+        logits
+        - meta.frequency[:, None] * counts
+        - meta.presence[:, None] * (counts > 0).to(logits.dtype)
+    )
+
+
+def draw(logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generator) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p, then one exponential race per row."""
+    assert meta.temperature is not None
+    logits = logits / meta.temperature[:, None]
+    if meta.top_k is not None or meta.top_p is not None:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        if meta.top_k is not None:
+            ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+            sorted_logits = sorted_logits.masked_fill(ranks >= meta.top_k[:, None], float("-inf"))
+        if meta.top_p is not None:
             probs = sorted_logits.softmax(dim=-1)
             # Keep the smallest head whose mass reaches top_p (always the first token).
             mass_before = probs.cumsum(dim=-1) - probs
-            p = torch.tensor(top_p, device=device)[:, None]
-            sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
-
-        probs = logits.softmax(dim=-1)
-        min_p = [p.min_p for p in params]
-        if any(min_p):
-            threshold = (
-                torch.tensor(min_p, device=device)[:, None] * probs.max(-1, keepdim=True).values
+            sorted_logits = sorted_logits.masked_fill(
+                mass_before >= meta.top_p[:, None], float("-inf")
             )
-            probs = probs.masked_fill(probs < threshold, 0.0)
+        logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    if meta.min_p is not None:
+        threshold = meta.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
 
-        noise = torch.empty_like(probs)
-        noise.exponential_(generator=self.generator)
-        for row, r in enumerate(requests):
-            if r.generator is not None:
-                row_noise = torch.empty(probs.shape[1]).exponential_(generator=r.generator)
-                noise[row] = row_noise.to(device)
-        return (probs / noise).argmax(dim=-1)
+    noise = torch.empty_like(probs)
+    noise.exponential_(generator=generator)
+    if meta.seeded_rows is not None:
+        noise[meta.seeded_rows] = meta.seeded_noise
+    return (probs / noise).argmax(dim=-1)
+
+
+def _token_counts(token_lists: list[list[int]], vocab_size: int) -> torch.Tensor:
+    """``[len(token_lists), vocab]`` float counts, built with one scatter (no row loop)."""
+    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+    flat = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
+    counts = torch.zeros(len(token_lists), vocab_size)
+    counts.index_put_((rows, flat), torch.ones(len(flat)), accumulate=True)
+    return counts

@@ -1,4 +1,5 @@
-"""The scheduler: which sequences run this step and how many of their tokens.
+"""The scheduler: which sequences run this step and how many of their tokens, and the one
+place where a step's results become request progress (:meth:`Scheduler.update`).
 
 There are no separate prefill and decode phases. Every sequence has tokens it still has to
 compute (a whole prompt, a chunk of one, or the one newest sampled token), and a step hands
@@ -11,51 +12,23 @@ A new sequence starts from the longest prefix it finds cached: in the device pre
 then in the offload tiers (:mod:`engine_service.engine.offload`). A sequence whose prefix
 is being fetched from the remote store waits aside in ``loading`` and rejoins the waiting
 queue, in its old place, once the fetch is done; the steps go on meanwhile.
+
+With overlapped scheduling the engine schedules step N+1 while step N is still running: a
+sequence whose newest token step N is sampling counts that token as known
+(``num_pending_tokens``) and computes it in N+1, reading its id from N's device tensor.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
 
+from engine_service.engine.batch import SampledTokens, ScheduledBatch, ScheduledSequence
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVTier
 from engine_service.engine.offload import OffloadManager, Restore
+from engine_service.engine.progress import TokenAcceptor
 from engine_service.engine.request import Request, RequestStatus
-
-
-@dataclass(slots=True)
-class ScheduledSequence:
-    """One sequence in a step: compute tokens ``[start, start + num_tokens)``."""
-
-    request: Request
-    start: int
-    num_tokens: int
-    # True when the step reaches the end of the sequence's known tokens, so its last
-    # position yields the next token.
-    sample: bool
-
-
-@dataclass(slots=True)
-class ScheduledBatch:
-    """What the model runner executes this step.
-
-    Room for what comes next: speculative tokens to verify ride on each request
-    (``spec_token_ids``), adapters on ``adapter_id``, multimodal embeddings on ``mm_inputs``;
-    ``block_copies`` carries copy-on-write block copies to do before the forward pass.
-    """
-
-    sequences: list[ScheduledSequence] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.sequences)
-
-    def __bool__(self) -> bool:
-        return bool(self.sequences)
 
 
 class Scheduler:
@@ -66,10 +39,12 @@ class Scheduler:
         config: EngineConfig,
         kv_manager: KVCacheManager,
         offload: OffloadManager | None = None,
+        acceptor: TokenAcceptor | None = None,
     ) -> None:
         self.config = config
         self.kv = kv_manager
         self.offload = offload
+        self.acceptor = acceptor or TokenAcceptor(max_model_len=1 << 62)
         self._waiting: list[tuple[tuple[int, int, int], Request]] = []
         self.running: list[Request] = []
         self.loading: list[Request] = []
@@ -88,11 +63,12 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
-        key = (*request.sort_key, request.index)
-        heapq.heappush(self._waiting, (key, request))
+        self._push_waiting(request)
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self.running or self.loading)
+
+    # -- schedule -------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -108,7 +84,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = self._chunk(request, request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._chunk(request, self._num_remaining(request), budget)
             if num_new == 0:
                 i += 1
                 continue
@@ -119,13 +95,15 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                batch.sequences.append(self._sequence(request, num_new))
+                self._add_sequence(batch, request, num_new)
                 budget -= num_new
                 i += 1
 
         # New work waits while the pool is too tight to keep what already runs.
         while self._waiting and not batch.preempted and budget > 0:
             request = self._waiting[0][1]
+            if request.num_pending_tokens:
+                break  # preempted while its token was in flight: admit once it is known
             # Its pending samples join the running list when its prompt is done.
             if len(self.running) + 1 + len(request.pending_forks) > self.config.max_num_seqs:
                 break
@@ -149,6 +127,8 @@ class Scheduler:
             if not self.kv.allocate_slots(request, num_new, computed_blocks, len(restores)):
                 break
             heapq.heappop(self._waiting)
+            if num_cached:
+                request.num_computed_tokens = num_cached
             if restores:
                 assert self.offload is not None
                 first = len(computed_blocks)
@@ -164,11 +144,88 @@ class Scheduler:
                 self.remote_hit_tokens += (len(restores) - from_host) * size
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            batch.sequences.append(self._sequence(request, num_new))
+            self._add_sequence(batch, request, num_new)
             budget -= num_new
 
         batch.block_copies = self.kv.take_block_copies()
         return batch
+
+    def _num_remaining(self, request: Request) -> int:
+        """Tokens a running sequence still has to compute; 0 when the token in flight will
+        end it anyway (its length limit), so no step is spent past the end."""
+        if request.num_pending_tokens:
+            if request.needs_host_tokens:
+                return 0
+            done = request.num_output_tokens + request.num_pending_tokens
+            if (
+                done >= request.params.max_tokens
+                or request.num_tokens_with_pending >= self.acceptor.max_model_len
+            ):
+                return 0
+        return request.num_tokens_with_pending - request.num_computed_tokens
+
+    def _add_sequence(self, batch: ScheduledBatch, request: Request, num_new: int) -> None:
+        start = request.num_computed_tokens
+        end = start + num_new
+        reaches_end = end == request.num_tokens_with_pending
+        seq = ScheduledSequence(
+            request=request,
+            start=start,
+            num_tokens=num_new,
+            num_logits=1 if reaches_end else 0,
+            epoch=request.num_preemptions,
+            pending_row=request.pending_row if reaches_end and request.num_pending_tokens else -1,
+        )
+        batch.sequences.append(seq)
+        batch.num_tokens += num_new
+        # Counted at once, so that the next step (scheduled while this one may still run)
+        # starts after it; draft tokens only count once accepted.
+        request.num_computed_tokens = start + seq.num_known_tokens
+        if seq.num_logits:
+            row = batch.num_logits
+            batch.num_logits += seq.num_logits
+            for sample in (request, *request.pending_forks):
+                batch.sample_rows.append((row, sample))
+
+    def mark_in_flight(self, batch: ScheduledBatch) -> None:
+        """The batch's samples are being drawn by a step still running (overlap): count
+        each one's token as pending until :meth:`update` commits it."""
+        for row, (_, request) in enumerate(batch.sample_rows):
+            request.num_pending_tokens = 1
+            request.pending_row = row
+
+    # -- update ---------------------------------------------------------------------------
+
+    def update(self, batch: ScheduledBatch, sampled: SampledTokens) -> list[Request]:
+        """Commit a finished step: progress, accepted tokens, prefix-cache blocks, finishes.
+
+        Returns every sample that received tokens or finished, in batch order. A sequence
+        aborted while the step ran is skipped; one preempted meanwhile keeps its sampled
+        token (it is valid) but none of the step's computed KV, which was freed.
+        """
+        for seq in batch.sequences:
+            request = seq.request
+            if request.is_finished or seq.epoch != request.num_preemptions:
+                continue
+            done = seq.start + seq.num_known_tokens
+            # Only now, with the step's KV written, do its full blocks enter the cache.
+            self.kv.commit_computed_blocks(request, done)
+            if request.pending_forks and seq.num_logits:
+                self.start_forks(request, done)
+
+        touched: list[Request] = []
+        for index, (_, request) in enumerate(batch.sample_rows):
+            request.num_pending_tokens = 0
+            request.pending_row = -1
+            if request.is_finished:
+                continue
+            self.acceptor.accept(request, sampled.token_list[index], sampled.logprobs[index])
+            if request.is_finished:
+                self.finish(request)
+            touched.append(request)
+        return touched
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     def finish(self, request: Request) -> None:
         """Drop a finished or aborted sequence and free its blocks."""
@@ -184,16 +241,25 @@ class Scheduler:
             self.kv.free(fork)
         request.pending_forks = []
 
-    def start_forks(self, parent: Request) -> list[Request]:
-        """Turn the parent's pending samples into running sequences sharing its blocks."""
+    def start_forks(self, parent: Request, num_computed: int) -> list[Request]:
+        """Turn the parent's pending samples into running sequences sharing its blocks;
+        ``num_computed``: the prompt tokens whose KV they share."""
         children = parent.pending_forks
         parent.pending_forks = []
         for child in children:
             self.kv.fork(parent, child)
+            child.num_computed_tokens = num_computed
             child.num_cached_tokens = parent.num_cached_tokens
             child.status = RequestStatus.RUNNING
             self.running.append(child)
         return children
+
+    def truncate(self, request: Request, num_tokens: int) -> None:
+        """Drop a sequence's tail past ``num_tokens`` (rejected draft tokens): its tokens,
+        its computed count and the blocks beyond; cached blocks are untouched."""
+        del request.all_token_ids[num_tokens:]
+        request.num_computed_tokens = min(request.num_computed_tokens, num_tokens)
+        self.kv.truncate(request, request.num_computed_tokens)
 
     def _chunk(self, request: Request, num_remaining: int, budget: int) -> int:
         num_new = num_remaining
@@ -205,15 +271,6 @@ class Scheduler:
             num_new = budget if self.config.enable_chunked_prefill else 0
         return num_new
 
-    def _sequence(self, request: Request, num_new: int) -> ScheduledSequence:
-        start = request.num_computed_tokens
-        return ScheduledSequence(
-            request=request,
-            start=start,
-            num_tokens=num_new,
-            sample=start + num_new == request.num_tokens,
-        )
-
     def _pick_victim(self, current: int) -> Request:
         """The lowest-priority, latest-arrived running sequence not yet scheduled this step."""
         candidates = self.running[current:]
@@ -223,6 +280,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
         self._push_waiting(request)

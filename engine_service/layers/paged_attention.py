@@ -13,8 +13,9 @@ copy)::
     cache index      0 ...                        c_i-1   c_i ...          seq_lens[i]-1
     through          block_tables[i, idx // block_size], offset idx % block_size
 
-Token ``t`` writes its K/V to slot ``slot_mapping[t]`` (``block_id * block_size + offset``);
-a negative slot writes nothing (padding rows of a captured graph).
+Token ``t`` writes its K/V to slot ``slot_mapping[t]`` (``block_id * block_size + offset``).
+Padding rows of a captured graph write into a scratch block that the pool never hands out,
+and padding sequences have no query rows and a context of zero.
 
 Masking. Query ``j`` of sequence ``i`` (cache index ``c_i + j``, rotary position
 ``positions[t]``) sees every cached key ``< c_i`` and, among the step's own keys, key ``k``

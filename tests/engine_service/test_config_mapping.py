@@ -33,6 +33,7 @@ NON_DEFAULT = {
     "seed": 7,
     "grammar_backend": "xgrammar",
     "enable_jump_forward": False,
+    "async_scheduling": False,
 }
 
 

@@ -1,7 +1,7 @@
 """The KV block pool, the radix prefix cache and the KV manager, driven by hand-made requests.
 
-A "step" here is what the scheduler and engine do to a sequence: ``allocate_slots`` for the
-tokens to compute, count them computed, then ``commit_computed_blocks``.
+A "step" here is what the scheduler does to a sequence: ``allocate_slots`` for the tokens to
+compute, count them computed (the scheduler owns that count), then ``commit_computed_blocks``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def admit(kv: KVCacheManager, request: Request) -> list[int]:
     cached = kv.get_computed_blocks(request)
     num_new = request.num_tokens - len(cached) * B
     assert kv.allocate_slots(request, num_new, cached)
-    request.num_computed_tokens += num_new
+    request.num_computed_tokens = len(cached) * B + num_new
     kv.commit_computed_blocks(request)
     return cached
 
@@ -70,7 +70,7 @@ def test_same_prompt_shares_committed_full_blocks_by_reference_count():
     assert kv.pool.ref_counts[second.block_table[2]] == 1
 
 
-def test_matched_blocks_count_as_computed_tokens():
+def test_matched_blocks_lead_the_table_and_count_as_committed():
     kv = KVCacheManager(num_blocks=16, block_size=B, enable_prefix_caching=True)
     admit(kv, make_request("a", prompt(10)))
     second = make_request("b", prompt(10))
@@ -78,7 +78,8 @@ def test_matched_blocks_count_as_computed_tokens():
     cached = kv.get_computed_blocks(second)
     assert kv.allocate_slots(second, 2, cached)
 
-    assert second.num_computed_tokens == 8
+    assert second.block_table[:2] == cached
+    assert second.num_committed_blocks == 2
     assert len(second.block_table) == 3
 
 
@@ -150,6 +151,7 @@ def forked_pair(kv: KVCacheManager, num_prompt_tokens: int) -> tuple[Request, Re
     admit(kv, parent)
     child = parent.fork(1)
     kv.fork(parent, child)
+    child.num_computed_tokens = parent.num_computed_tokens  # the scheduler's part of a fork
     return parent, child
 
 
@@ -158,7 +160,7 @@ def test_fork_shares_every_block_by_reference():
     parent, child = forked_pair(kv, 6)
 
     assert child.block_table == parent.block_table
-    assert child.num_computed_tokens == parent.num_computed_tokens == 6
+    assert child.block_hashes == parent.block_hashes
     assert all(kv.pool.ref_counts[b] == 2 for b in parent.block_table)
 
 

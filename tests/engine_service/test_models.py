@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
-from engine_service.engine.attention import SdpaBackend
+from engine_service.engine.attention.sdpa import SdpaBackend
 from engine_service.models import SUPPORTED_ARCHITECTURES, load_model
 from engine_service.models.loader import STACKED_PROJECTIONS
 from tests.engine_service.conftest import make_checkpoint

@@ -36,11 +36,11 @@ def record_steps(engine: LLMEngine) -> list[dict[tuple[str, int], int]]:
     steps: list[dict[tuple[str, int], int]] = []
     execute = engine.runner.execute
 
-    def recording(batch):
+    def recording(batch, *args):
         steps.append(
             {(s.request.request_id, s.request.index): s.num_tokens for s in batch.sequences}
         )
-        return execute(batch)
+        return execute(batch, *args)
 
     engine.runner.execute = recording
     return steps
@@ -67,7 +67,8 @@ def test_step_token_budget_is_never_exceeded(checkpoint):
 
 
 def test_long_prompt_is_chunked_while_a_running_decode_gets_a_token_every_step(checkpoint):
-    engine = make_engine(checkpoint, max_num_batched_tokens=8)
+    # Synchronous steps: each step's outputs are known before the next is scheduled.
+    engine = make_engine(checkpoint, max_num_batched_tokens=8, async_scheduling=False)
     steps = record_steps(engine)
     rng = random.Random(1)
     engine.add_request("decode", random_prompt(rng, 3), greedy(12, ignore_eos=True))
@@ -129,7 +130,7 @@ def test_without_chunked_prefill_a_prompt_waits_until_it_fits_in_one_step(checkp
 
 
 def test_request_is_admitted_only_when_its_blocks_are_available(checkpoint):
-    engine = make_engine(checkpoint, num_kv_blocks=6, block_size=4)
+    engine = make_engine(checkpoint, num_kv_blocks=6, block_size=4, async_scheduling=False)
     steps = record_steps(engine)
     rng = random.Random(4)
     engine.add_request("big", random_prompt(rng, 16), greedy(3, ignore_eos=True))

@@ -492,11 +492,11 @@ def test_a_failing_step_ends_its_requests_frees_their_blocks_and_keeps_serving(
     real_execute = runner.execute
     failures = {"left": 1}
 
-    def execute_failing_once(batch):
+    def execute_failing_once(batch, *args):
         if failures["left"]:
             failures["left"] -= 1
             raise RuntimeError("device fault")
-        return real_execute(batch)
+        return real_execute(batch, *args)
 
     runner.execute = execute_failing_once
     try:

@@ -1,8 +1,6 @@
-"""A Triton backend: decodes read K/V straight from the paged cache, one program per
-(sequence, KV head), with no gather and no padding to the longest context.
-
-Prefill chunks still go through the SDPA reference path. Triton and a CUDA device are needed;
-on a CPU the engine picks the SDPA backend instead.
+"""The paged decode kernel: one query token per sequence reads K/V straight from the paged
+cache, one program per (sequence, KV head), with no gather and no padding to the longest
+context. The GQA group of query heads shares each K/V load.
 """
 
 from __future__ import annotations
@@ -10,8 +8,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from engine_service.engine.attention import AttentionMetadata, SdpaBackend
 
 
 @triton.jit
@@ -129,18 +125,3 @@ def paged_decode_attention(
         IEEE=q.dtype == torch.float32,
     )
     return out
-
-
-class TritonBackend(SdpaBackend):
-    """Decodes through the paged Triton kernel; prefill chunks through SDPA."""
-
-    def _decode(self, q, key_cache, value_cache, meta: AttentionMetadata, scale, window):
-        return paged_decode_attention(
-            q[meta.decode_rows],
-            key_cache,
-            value_cache,
-            meta.decode_block_tables,
-            meta.decode_seq_lens,
-            scale,
-            window,
-        )

@@ -1,0 +1,92 @@
+"""The step contract: what the scheduler hands the model runner, and what comes back.
+
+A :class:`ScheduledBatch` is the runner's only input. Each :class:`ScheduledSequence` says
+which of a sequence's tokens run this step and which of its rows produce logits::
+
+    request.all_token_ids  [ computed (KV cached) | known, not computed | ]  + draft tokens
+    query rows this step           [start ........................ start + num_tokens)
+                                    └ known tokens ┘└ draft_token_ids ┘
+    logits rows                                     the last ``num_logits`` query rows
+
+A prefill chunk that stops short of the sequence's end has ``num_logits == 0``; a step that
+reaches the end has 1; verifying ``k`` draft tokens has ``k + 1``. After the forward pass the
+sampler produces tokens for the :attr:`ScheduledBatch.sample_rows` and
+:meth:`Scheduler.update <engine_service.engine.scheduler.Scheduler.update>` commits them:
+nothing else writes a request's progress.
+
+Fields for later capabilities are carried end to end already: ``adapter_slot`` (multi-LoRA:
+the adapter of every token of the sequence), ``mm_spans`` (multimodal embeddings to splice in
+this chunk), ``custom_mask`` and ``position_offsets`` (a token tree to verify).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine_service.engine.request import Request
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One sequence in a step: query tokens at cache indices ``[start, start + num_tokens)``."""
+
+    request: Request
+    start: int
+    num_tokens: int
+    num_logits: int
+    draft_token_ids: list[int] = field(default_factory=list)
+    # Which adapter slot the sequence's tokens use (0: none).
+    adapter_slot: int = 0
+    # Multimodal spans (placeholder ranges with their embeddings) inside this chunk.
+    mm_spans: list[Any] = field(default_factory=list)
+    # A token tree: the [num_tokens, num_tokens] mask among the query tokens, and each
+    # query token's rotary position minus its cache index (depth-based positions).
+    custom_mask: torch.Tensor | None = None
+    position_offsets: list[int] | None = None
+    # The tokens of this step whose ids are not known yet: the newest token is still being
+    # sampled by the step in flight (overlapped scheduling). Its id comes from that step's
+    # device tensor, row ``pending_row``.
+    pending_row: int = -1
+    # The request's preemption count when scheduled: a sequence preempted while this step
+    # was in flight must not have its progress committed by this step.
+    epoch: int = 0
+
+    @property
+    def num_known_tokens(self) -> int:
+        return self.num_tokens - len(self.draft_token_ids)
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """Everything about one step: its sequences, block copies to do first, who was preempted.
+
+    ``sample_rows`` lists, for every sample to draw, (the logits row it draws from, the
+    request it extends): a prompt finishing with pending forks (``n > 1``) feeds its one row
+    to each of its samples. Logits rows are numbered over the batch in sequence order.
+    """
+
+    sequences: list[ScheduledSequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    sample_rows: list[tuple[int, Request]] = field(default_factory=list)
+    num_tokens: int = 0
+    num_logits: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.sequences)
+
+
+@dataclass(slots=True)
+class SampledTokens:
+    """What the sampler returns for a batch: one token (and optional logprob) per sample row.
+
+    ``token_ids`` stays on the device for the next overlapped step to read; ``token_list``
+    and ``logprobs`` are the host copies :meth:`Scheduler.update` commits.
+    """
+
+    token_ids: torch.Tensor
+    token_list: list[int]
+    logprobs: list[Any]
