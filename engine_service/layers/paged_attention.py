@@ -81,6 +81,7 @@ class AttentionBackend(abc.ABC):
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         """Attach backend-specific extras to ``meta.backend_data`` (default: none)."""
+        meta.backend_data = None
 
     def prepare_for_capture(self, meta: AttentionMetadata, block_size: int) -> None:
         """Like :meth:`prepare` for a graph being captured: whatever it attaches must be
@@ -91,6 +92,7 @@ class AttentionBackend(abc.ABC):
         self, captured: AttentionMetadata, live: AttentionMetadata, block_size: int
     ) -> None:
         """Refresh the captured graph's backend buffers from ``live`` (default: none)."""
+        return None
 
     @abc.abstractmethod
     def forward(
