@@ -184,14 +184,17 @@ class Scheduler:
         if seq.num_logits:
             row = batch.num_logits
             batch.num_logits += seq.num_logits
-            for sample in (request, *request.pending_forks):
+            # A prompt finishing with pending samples (n > 1) forks them now: they share its
+            # blocks (computed by this very step) and draw their first token from its row.
+            forks = self.start_forks(request, end) if request.pending_forks else []
+            for sample in (request, *forks):
                 batch.sample_rows.append((row, sample))
 
     def mark_in_flight(self, batch: ScheduledBatch) -> None:
         """The batch's samples are being drawn by a step still running (overlap): count
         each one's token as pending until :meth:`update` commits it."""
         for row, (_, request) in enumerate(batch.sample_rows):
-            request.num_pending_tokens = 1
+            request.num_pending_tokens += 1
             request.pending_row = row
 
     # -- update ---------------------------------------------------------------------------
@@ -207,16 +210,16 @@ class Scheduler:
             request = seq.request
             if request.is_finished or seq.epoch != request.num_preemptions:
                 continue
-            done = seq.start + seq.num_known_tokens
             # Only now, with the step's KV written, do its full blocks enter the cache.
-            self.kv.commit_computed_blocks(request, done)
-            if request.pending_forks and seq.num_logits:
-                self.start_forks(request, done)
+            self.kv.commit_computed_blocks(request, seq.start + seq.num_known_tokens)
 
         touched: list[Request] = []
         for index, (_, request) in enumerate(batch.sample_rows):
-            request.num_pending_tokens = 0
-            request.pending_row = -1
+            if request.num_pending_tokens:
+                # The step after this one may already be in flight with its own token.
+                request.num_pending_tokens -= 1
+                if not request.num_pending_tokens:
+                    request.pending_row = -1
             if request.is_finished:
                 continue
             self.acceptor.accept(request, sampled.token_list[index], sampled.logprobs[index])
@@ -243,7 +246,9 @@ class Scheduler:
 
     def start_forks(self, parent: Request, num_computed: int) -> list[Request]:
         """Turn the parent's pending samples into running sequences sharing its blocks;
-        ``num_computed``: the prompt tokens whose KV they share."""
+        ``num_computed``: the prompt tokens whose KV they share (once the step that
+        computes the prompt's end has run). They join the running list after the parent,
+        with nothing to compute until their first token is sampled."""
         children = parent.pending_forks
         parent.pending_forks = []
         for child in children:
