@@ -92,6 +92,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int
+    cache_salt: str = ""
 
 
 @dataclass(slots=True)
@@ -189,7 +190,11 @@ class EngineLoop:
             return
         try:
             self._engine.add_request(
-                command.request_id, command.prompt_token_ids, command.params, command.priority
+                command.request_id,
+                command.prompt_token_ids,
+                command.params,
+                command.priority,
+                command.cache_salt,
             )
         except Exception as exc:
             self._loop.call_soon_threadsafe(self._on_rejected, command.request_id, exc)
@@ -653,7 +658,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             await abort_with(context, exc)
         stream = _Stream(n=params.n)
         self._streams[request_id] = stream
-        self.engine_loop.add(_Add(request_id, prompt, params, request.priority))
+        self.engine_loop.add(_Add(request_id, prompt, params, request.priority, request.cache_salt))
         logger.info(
             "request queued",
             extra={

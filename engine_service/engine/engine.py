@@ -176,8 +176,10 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
-        """Queue a request; raises ``ValueError`` for input the engine cannot serve."""
+        """Queue a request; raises ``ValueError`` for input the engine cannot serve. Only
+        requests with the same ``cache_salt`` share prefix-cache blocks."""
         if request_id in self._samples:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -209,6 +211,7 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             priority=priority,
             grammar=grammar,
+            cache_salt=cache_salt or None,
         )
         first.pending_forks = [first.fork(i) for i in range(1, params.n)]
         self._samples[request_id] = [first, *first.pending_forks]
