@@ -2,7 +2,7 @@
 
 API (async, :class:`KVClient`; one per engine, on the engine service's event loop)::
 
-    fp = block_fingerprint(model, adapter, dtype, (num_layers, 2, block_size, kv_heads, head_dim))
+    fp = kv_fingerprint(model, dtype, (num_layers, 2, block_size, kv_heads, head_dim))
     client = KVClient("127.0.0.1:50060", timeout_s=2.0)
     stored  = await client.put_blocks(fp, [(block_hash, payload), ...])   # list[bool]
     n       = await client.lookup(fp, chain_hashes)        # leading hashes stored: int
@@ -20,7 +20,7 @@ returns a ``concurrent.futures.Future`` at once, for I/O that must not stall the
     future = kv.submit(kv.client.get_blocks(fp, hashes))   # poll future.done() later
     kv.close()
 
-Keys: ``fp`` is 16 bytes (:func:`block_fingerprint`); each block hash is 16 bytes
+Keys: ``fp`` is 16 bytes (:func:`switchyard.fingerprint.kv_fingerprint`); each block hash is 16 bytes
 (``engine_service.engine.kv_cache.hash_block``). A payload is any non-empty bytes-like object
 (for a block, all its layers' K and V as one contiguous buffer); the service treats it as
 opaque. Wrong key lengths or an empty payload raise ``ValueError`` before anything is sent;
@@ -51,13 +51,12 @@ import grpc
 from kv_service.keys import (
     BLOCK_HASH_BYTES,
     FINGERPRINT_BYTES,
-    block_fingerprint,
     payload_checksum,
 )
 from switchyard.grpc_utils import CHANNEL_OPTIONS
 from switchyard.v1 import kv_pb2, kv_pb2_grpc
 
-__all__ = ["KVClient", "KVClientSync", "block_fingerprint"]
+__all__ = ["KVClient", "KVClientSync"]
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVEventLog, KVTier
 from engine_service.engine.model_runner import ModelRunner
-from engine_service.engine.offload import OffloadManager, RemoteKVStore, kv_fingerprint
+from engine_service.engine.offload import OffloadManager, RemoteKVStore
 from engine_service.engine.outputs import EngineStats, RequestOutput
 from engine_service.engine.progress import TokenAcceptor
 from engine_service.engine.request import Request
@@ -32,6 +32,7 @@ from engine_service.engine.scheduler import Scheduler
 from engine_service.engine.structured import StructuredOutputManager
 from engine_service.models.config import ModelConfig
 from engine_service.models.loader import load_model
+from switchyard.fingerprint import checkpoint_id, kv_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ class LLMEngine:
                 self.kv_cache,
                 config.kv_offload_host_bytes,
                 remote_kv_store,
-                kv_fingerprint(config.model, self.dtype, tuple(self.kv_cache.shape[1:])),
+                kv_fingerprint(
+                    checkpoint_id(config.model), self.dtype, tuple(self.kv_cache.shape[1:])
+                ),
                 write_through=config.kv_write_through,
                 events=self.kv_events,
                 remote_retry_s=config.kv_remote_retry_s,
