@@ -51,7 +51,7 @@ from engine_service.engine import (
 )
 from engine_service.engine.kv_events import KVEvent, KVTier
 from engine_service.engine.structured import GrammarSpec
-from engine_service.kv_connector import GrpcKVStore
+from engine_service.kv_connector import KVServiceStore
 from switchyard.demo import resolve_model
 from switchyard.grpc_utils import (
     GrpcServer,
@@ -882,7 +882,7 @@ class EngineServer:
         self.metrics_port = 0
         self.replica_id = settings.replica_id
         self._engine: LLMEngine | None = None
-        self._kv_store: GrpcKVStore | None = None
+        self._kv_store: KVServiceStore | None = None
         self._engine_loop: EngineLoop | None = None
         self._max_model_len = 0
         self._grpc: GrpcServer | None = None
@@ -896,7 +896,7 @@ class EngineServer:
         config = engine_config_from_settings(settings, model_path)
         logger.info("loading model %s on %s", model_path, config.device)
         if settings.kv_service_address:
-            self._kv_store = GrpcKVStore(settings.kv_service_address)
+            self._kv_store = KVServiceStore(settings.kv_service_address)
         engine = await asyncio.to_thread(LLMEngine, config, self._kv_store)
         self._engine = engine
 

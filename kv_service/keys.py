@@ -6,24 +6,27 @@ block shape; the block hash (:func:`switchyard.block_hash.hash_block`) is the ch
 the tokens and the request's extra keys (adapter, cache salt, media:
 :func:`switchyard.block_hash.block_extra_keys`). Two models never share a fingerprint, so a
 lookup under one model's fingerprint never finds another model's block, and two adapters or
-salts never share a block hash. The payload carries a blake2b-128 checksum computed by the
-writer and verified on every read.
+salts never share a block hash. The payload carries a blake2b-128 checksum
+(:func:`switchyard.kv_client.payload_checksum`) computed by the writer and verified on every
+read.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from switchyard.block_hash import BLOCK_HASH_BYTES
 from switchyard.fingerprint import FINGERPRINT_BYTES
+from switchyard.kv_client import CHECKSUM_BYTES, payload_checksum
 
-CHECKSUM_BYTES = 16
-
-
-def payload_checksum(payload: bytes | bytearray | memoryview) -> bytes:
-    """blake2b with a 16-byte digest of a block's payload."""
-    return hashlib.blake2b(payload, digest_size=CHECKSUM_BYTES).digest()
+__all__ = [
+    "BLOCK_HASH_BYTES",
+    "CHECKSUM_BYTES",
+    "FINGERPRINT_BYTES",
+    "Block",
+    "BlockKey",
+    "payload_checksum",
+]
 
 
 @dataclass(frozen=True, slots=True)
