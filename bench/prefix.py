@@ -539,7 +539,7 @@ def bench_restore(path: Path, args, tokens: Tokens, work: Path, skipped: dict) -
     with contextlib.ExitStack() as stack:
         remote_tiers = [t for t in ("disk", "redis") if t in args.tiers]
         if remote_tiers:
-            from engine_service.kv_connector import GrpcKVStore
+            from engine_service.kv_connector import KVServiceStore
 
             stores = {"disk": f"disk:{work / 'kv'}"}
             if "redis" in remote_tiers:
@@ -556,7 +556,7 @@ def bench_restore(path: Path, args, tokens: Tokens, work: Path, skipped: dict) -
                 writer = engine(
                     path,
                     args,
-                    GrpcKVStore(service.address),
+                    KVServiceStore(service.address),
                     enable_kv_offload=True,
                     kv_offload_host_bytes=4 << 30,
                     **config,
@@ -571,7 +571,7 @@ def bench_restore(path: Path, args, tokens: Tokens, work: Path, skipped: dict) -
                 reader = engine(
                     path,
                     args,
-                    GrpcKVStore(service.address),
+                    KVServiceStore(service.address),
                     enable_kv_offload=True,
                     kv_offload_host_bytes=0,
                     **config,

@@ -53,7 +53,7 @@ class ReplicaRegistry:
         self._records: dict[str, _Record] = {}
         self._draining: set[str] = set()
         self._version = 1  # 0 is left for "no table seen yet"
-        self._fingerprint = self._table_fingerprint()
+        self._contents = self._table_contents()
 
     @property
     def version(self) -> int:
@@ -142,21 +142,23 @@ class ReplicaRegistry:
             return common_pb2.REPLICA_STATE_DRAINING
         return common_pb2.REPLICA_STATE_READY
 
-    def _table_fingerprint(self) -> tuple[bytes, ...]:
-        fingerprint = []
+    def _table_contents(self) -> tuple[bytes, ...]:
+        """The routable replicas as comparable bytes, heartbeat times left out: the version
+        goes up when these change."""
+        contents = []
         for replica in self.replicas():
             if replica.state not in ROUTABLE_STATES:
                 continue
             comparable = common_pb2.Replica()
             comparable.CopyFrom(replica)
             comparable.ClearField("last_heartbeat_unix")
-            fingerprint.append(comparable.SerializeToString(deterministic=True))
-        return tuple(fingerprint)
+            contents.append(comparable.SerializeToString(deterministic=True))
+        return tuple(contents)
 
     def _after_change(self) -> None:
-        fingerprint = self._table_fingerprint()
-        if fingerprint != self._fingerprint:
-            self._fingerprint = fingerprint
+        contents = self._table_contents()
+        if contents != self._contents:
+            self._contents = contents
             self._version += 1
             if self._on_change is not None:
                 self._on_change()

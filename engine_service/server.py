@@ -51,7 +51,7 @@ from engine_service.engine import (
 )
 from engine_service.engine.kv_events import KVEvent, KVTier
 from engine_service.engine.structured import GrammarSpec
-from engine_service.kv_connector import GrpcKVStore
+from engine_service.kv_connector import KVServiceStore
 from switchyard.demo import resolve_model
 from switchyard.grpc_utils import (
     GrpcServer,
@@ -92,6 +92,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int
+    cache_salt: str = ""
 
 
 @dataclass(slots=True)
@@ -189,7 +190,11 @@ class EngineLoop:
             return
         try:
             self._engine.add_request(
-                command.request_id, command.prompt_token_ids, command.params, command.priority
+                command.request_id,
+                command.prompt_token_ids,
+                command.params,
+                command.priority,
+                command.cache_salt,
             )
         except Exception as exc:
             self._loop.call_soon_threadsafe(self._on_rejected, command.request_id, exc)
@@ -653,7 +658,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             await abort_with(context, exc)
         stream = _Stream(n=params.n)
         self._streams[request_id] = stream
-        self.engine_loop.add(_Add(request_id, prompt, params, request.priority))
+        self.engine_loop.add(_Add(request_id, prompt, params, request.priority, request.cache_salt))
         logger.info(
             "request queued",
             extra={
@@ -877,7 +882,7 @@ class EngineServer:
         self.metrics_port = 0
         self.replica_id = settings.replica_id
         self._engine: LLMEngine | None = None
-        self._kv_store: GrpcKVStore | None = None
+        self._kv_store: KVServiceStore | None = None
         self._engine_loop: EngineLoop | None = None
         self._max_model_len = 0
         self._grpc: GrpcServer | None = None
@@ -891,7 +896,7 @@ class EngineServer:
         config = engine_config_from_settings(settings, model_path)
         logger.info("loading model %s on %s", model_path, config.device)
         if settings.kv_service_address:
-            self._kv_store = GrpcKVStore(settings.kv_service_address)
+            self._kv_store = KVServiceStore(settings.kv_service_address)
         engine = await asyncio.to_thread(LLMEngine, config, self._kv_store)
         self._engine = engine
 

@@ -38,6 +38,8 @@ class GenerationSpec:
     max_tokens: int | None
     stop: list[str] = field(default_factory=list)
     structured: common_pb2.StructuredOutput | None = None
+    adapter: str = ""  # the LoRA adapter ``model`` resolved to; "" for the base model
+    cache_salt: str = ""  # the client's prefix-cache isolation key; "" for none
 
 
 @dataclass(slots=True)
@@ -108,9 +110,15 @@ class Generator:
             prompt_token_ids=spec.prompt_token_ids,
             sampling=spec.sampling,
             structured=spec.structured,
+            adapter=spec.adapter,
+            cache_salt=spec.cache_salt,
         )
         info = RequestInfo(
-            request_id=spec.request_id, model=spec.model, prompt_token_ids=spec.prompt_token_ids
+            request_id=spec.request_id,
+            model=spec.model,
+            prompt_token_ids=spec.prompt_token_ids,
+            adapter=spec.adapter,
+            cache_salt=spec.cache_salt,
         )
         samples = [
             _Sample(

@@ -71,6 +71,8 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, le=_UINT32_MAX)
     stop_token_ids: list[TokenId] = Field(default_factory=list)
+    # Only requests with the same salt share cached prompt prefixes (one per tenant or user).
+    cache_salt: str | None = Field(default=None, min_length=1)
     # Output constraints: OpenAI's response_format, vLLM's structured_outputs, and the older
     # guided_* fields that vLLM still accepts.
     response_format: ResponseFormat | None = None

@@ -260,6 +260,7 @@ class OpenAIRoutes:
             max_tokens=max_tokens,
             stop=body.stop_strings,
             structured=_output_constraint(body),
+            cache_salt=body.cache_salt or "",
         )
 
     async def _respond(

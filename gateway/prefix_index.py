@@ -4,7 +4,8 @@ Every engine streams the blocks it stores and drops (``WatchKVEvents``: a snapsh
 batches). :class:`KVEventFollower` keeps one such stream per READY replica and applies it to
 a :class:`PrefixIndex`, which answers "how many leading blocks of this prompt does replica R
 hold?" by hashing the prompt the way the engines do (:mod:`switchyard.block_hash`, with the
-block size each replica announced)::
+block size each replica announced, and the request's
+:func:`~switchyard.block_hash.block_extra_keys`: its adapter and cache salt)::
 
     prompt      [ block 0 | block 1 | block 2 | block 3 | tail ]
     replica a     held      held      held      -              -> 3 blocks
@@ -92,25 +93,32 @@ class PrefixIndex:
         blocks = self._replicas.get(replica_id)
         return 0 if blocks is None else len(blocks.held)
 
-    def note_routed(self, replica_id: str, token_ids: Sequence[int]) -> None:
+    def note_routed(
+        self, replica_id: str, token_ids: Sequence[int], extra_keys: tuple[str, ...] = ()
+    ) -> None:
         """The prompt is about to be computed on the replica: count its blocks as held there
-        for a while."""
+        for a while. ``extra_keys`` as for :meth:`matched_blocks`."""
         blocks = self._replicas.get(replica_id)
         if blocks is None:
             return
         now = self._clock()
         expiry = now + PENDING_TTL_S
         pending = blocks.pending
-        for block_hash in chained_block_hashes(token_ids, blocks.block_size):
+        for block_hash in chained_block_hashes(token_ids, blocks.block_size, extra_keys):
             if block_hash not in blocks.held:
                 pending[block_hash] = expiry
         if len(pending) > 4 * len(blocks.held) + 1024:
             blocks.pending = {h: t for h, t in pending.items() if t > now}
 
     def matched_blocks(
-        self, replica_ids: Sequence[str], token_ids: Sequence[int]
+        self,
+        replica_ids: Sequence[str],
+        token_ids: Sequence[int],
+        extra_keys: tuple[str, ...] = (),
     ) -> dict[str, int]:
-        """For each replica, how many leading full blocks of ``token_ids`` it holds."""
+        """For each replica, how many leading full blocks of ``token_ids`` it holds, the
+        blocks hashed with ``extra_keys`` (:func:`~switchyard.block_hash.block_extra_keys` of
+        the request's adapter and cache salt, as the engine hashes them)."""
         now = self._clock()
         hashes_by_size: dict[int, list[bytes]] = {}
         matched: dict[str, int] = {}
@@ -121,7 +129,7 @@ class PrefixIndex:
                 continue
             hashes = hashes_by_size.get(blocks.block_size)
             if hashes is None:
-                hashes = chained_block_hashes(token_ids, blocks.block_size)
+                hashes = chained_block_hashes(token_ids, blocks.block_size, extra_keys)
                 hashes_by_size[blocks.block_size] = hashes
             count = 0
             for block_hash in hashes:

@@ -1,6 +1,7 @@
 """Prefix-cache-aware routing: send a request where its prompt's prefix is already cached.
 
-The replica holding the longest prefix of the prompt (per the :class:`PrefixIndex`) wins;
+The replica holding the longest prefix of the prompt (per the :class:`PrefixIndex`, hashed
+with the request's adapter and cache salt as the engines hash it) wins;
 ties, and prompts no replica holds, go to the least-loaded replica, and among equally loaded
 ones to the one holding the fewest blocks, so that new prefixes (a new tenant's system
 prompt) spread over the replicas instead of piling onto the first. Two guards:
@@ -24,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.prefix_index import PrefixIndex
 from gateway.routing import Replica, RequestInfo, RoutingPolicy, replica_load, session_id_var
+from switchyard.block_hash import block_extra_keys
 
 # Points per replica on the hash ring; more points spread sessions more evenly.
 _RING_POINTS = 64
@@ -52,11 +54,12 @@ class PrefixAwarePolicy(RoutingPolicy):
                 r.replica_id,
             ),
         )
+        extra_keys = block_extra_keys(request_info.adapter, request_info.cache_salt)
         if request_info.session_id:
             chosen = self._session_replica(replicas, request_info.session_id)
         else:
             matched = self._index.matched_blocks(
-                [r.replica_id for r in replicas], request_info.prompt_token_ids
+                [r.replica_id for r in replicas], request_info.prompt_token_ids, extra_keys
             )
             chosen = max(
                 replicas,
@@ -71,7 +74,7 @@ class PrefixAwarePolicy(RoutingPolicy):
                 chosen = least
         if replica_load(chosen) - replica_load(least) > self._load_guard:
             chosen = least
-        self._index.note_routed(chosen.replica_id, request_info.prompt_token_ids)
+        self._index.note_routed(chosen.replica_id, request_info.prompt_token_ids, extra_keys)
         return chosen
 
     def _session_replica(self, replicas: Sequence[Replica], session_id: str) -> Replica:

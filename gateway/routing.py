@@ -68,6 +68,8 @@ class RequestInfo:
     model: str
     prompt_token_ids: Sequence[int] = field(default_factory=list)
     session_id: str = ""
+    adapter: str = ""  # the LoRA adapter the request runs with; "" for the base model
+    cache_salt: str = ""  # isolates the request's prefix cache (vLLM's ``cache_salt``)
 
 
 class RoutesSource(Protocol):

@@ -2,6 +2,6 @@
 
 ``kv_service.keys`` defines how a block is addressed and checked, ``kv_service.stores`` the
 storage backends (memory, disk, Redis, and a tiered composition), ``kv_service.server`` the
-gRPC service, and ``kv_service.client`` the client engines use. ``python -m kv_service``
-runs the service.
+gRPC service. Its one client, which engines, tools and tests use, is
+:mod:`switchyard.kv_client`. ``python -m kv_service`` runs the service.
 """

@@ -1,38 +1,32 @@
-"""How a KV block is addressed and checked, shared by the service, its stores and its client.
+"""How a KV block is addressed and checked, shared by the service and its stores.
 
-A block's key is ``fingerprint + block_hash`` (16 + 16 bytes). The fingerprint names what the
-bytes mean (model, adapter, dtype, KV layout); the block hash is the engine's chained hash of
-the tokens (``engine_service.engine.kv_cache.hash_block``). Two models never share a
-fingerprint, so a lookup under one model's fingerprint never finds another model's block.
-The payload carries a blake2b-128 checksum computed by the writer and verified on every read.
+A block's key is ``fingerprint + block_hash`` (16 + 16 bytes). The fingerprint
+(:func:`switchyard.fingerprint.kv_fingerprint`) names what the bytes mean: model, dtype, KV
+block shape; the block hash (:func:`switchyard.block_hash.hash_block`) is the chained hash of
+the tokens and the request's extra keys (adapter, cache salt, media:
+:func:`switchyard.block_hash.block_extra_keys`). Two models never share a fingerprint, so a
+lookup under one model's fingerprint never finds another model's block, and two adapters or
+salts never share a block hash. The payload carries a blake2b-128 checksum
+(:func:`switchyard.kv_client.payload_checksum`) computed by the writer and verified on every
+read.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-FINGERPRINT_BYTES = 16
-BLOCK_HASH_BYTES = 16
-CHECKSUM_BYTES = 16
+from switchyard.block_hash import BLOCK_HASH_BYTES
+from switchyard.fingerprint import FINGERPRINT_BYTES
+from switchyard.kv_client import CHECKSUM_BYTES, payload_checksum
 
-
-def block_fingerprint(model: str, adapter: str, dtype: str, layout: Sequence[int]) -> bytes:
-    """The 16-byte fingerprint of blocks written by ``model`` (plus LoRA ``adapter``, empty for
-    none) in ``dtype`` with one block shaped ``layout``, e.g.
-    ``(num_layers, 2, block_size, num_kv_heads, head_dim)``."""
-    digest = hashlib.blake2b(digest_size=FINGERPRINT_BYTES, person=b"switchyard-kvfp")
-    for part in (model, adapter, dtype, ",".join(str(int(d)) for d in layout)):
-        encoded = part.encode()
-        digest.update(len(encoded).to_bytes(4, "little"))
-        digest.update(encoded)
-    return digest.digest()
-
-
-def payload_checksum(payload: bytes | bytearray | memoryview) -> bytes:
-    """blake2b with a 16-byte digest of a block's payload."""
-    return hashlib.blake2b(payload, digest_size=CHECKSUM_BYTES).digest()
+__all__ = [
+    "BLOCK_HASH_BYTES",
+    "CHECKSUM_BYTES",
+    "FINGERPRINT_BYTES",
+    "Block",
+    "BlockKey",
+    "payload_checksum",
+]
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,12 @@ prompt to ask "which replica holds the longest prefix of this?", so the function
 where every part may import it::
 
     tokens  [t0 .. t15][t16 .. t31][t32 .. t40]
-    hashes  h0 = H(None, t0..t15)
-            h1 = H(h0, t16..t31)          the partial block at the end has no hash
+    hashes  h0 = H(None, t0..t15, extra)
+            h1 = H(h0, t16..t31, extra)   the partial block at the end has no hash
+
+``extra`` is :func:`block_extra_keys` of the request: what besides the tokens decides a
+block's KV (a LoRA adapter, a cache salt, the images it shows). Every part builds it with
+that one function, so a gateway and an engine agree on the hashes of any request.
 """
 
 from __future__ import annotations
@@ -16,12 +20,27 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
+BLOCK_HASH_BYTES = 16
+
+
+def block_extra_keys(
+    adapter: str | None = None, cache_salt: str | None = None, mm_hashes: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """The extra keys every block of a request is hashed with: ``()`` for a plain request
+    (so its hashes are the tokens' alone), else ``(adapter, cache_salt, *mm_hashes)`` with
+    ``""`` standing for an absent adapter or salt (``None`` and ``""`` mean the same, as in
+    protobuf). Requests differing in any of these never share a block."""
+    if not (adapter or cache_salt or mm_hashes):
+        return ()
+    return (adapter or "", cache_salt or "", *mm_hashes)
+
 
 def hash_block(
-    parent_hash: bytes | None, token_ids: Sequence[int], extra_keys: tuple = ()
+    parent_hash: bytes | None, token_ids: Sequence[int], extra_keys: tuple[str, ...] = ()
 ) -> bytes:
-    """A block's identity: stable across processes, so replicas and the KV store agree."""
-    digest = hashlib.blake2b(digest_size=16)
+    """A block's identity (``BLOCK_HASH_BYTES`` bytes): stable across processes, so replicas
+    and the KV store agree. ``extra_keys`` comes from :func:`block_extra_keys`."""
+    digest = hashlib.blake2b(digest_size=BLOCK_HASH_BYTES)
     digest.update(parent_hash or b"\x00")
     digest.update(array("q", token_ids).tobytes())
     if extra_keys:
@@ -30,7 +49,7 @@ def hash_block(
 
 
 def chained_block_hashes(
-    token_ids: Sequence[int], block_size: int, extra_keys: tuple = ()
+    token_ids: Sequence[int], block_size: int, extra_keys: tuple[str, ...] = ()
 ) -> list[bytes]:
     """The hashes of every full block of ``token_ids``, first block first."""
     hashes: list[bytes] = []

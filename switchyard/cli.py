@@ -37,8 +37,9 @@ from typing import IO
 import grpc
 import httpx
 
+from switchyard.kv_client import KVClientSync
 from switchyard.settings import CONFIG_ENV, GatewaySettings, default_data_dir
-from switchyard.v1 import common_pb2, controller_pb2, controller_pb2_grpc, kv_pb2, kv_pb2_grpc
+from switchyard.v1 import common_pb2, controller_pb2, controller_pb2_grpc, kv_pb2
 
 DEFAULT_CONTROLLER_ADDRESS = "127.0.0.1:50051"
 DEFAULT_KV_PORT = 50060
@@ -409,11 +410,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         controller_pb2.ListReplicasRequest(), timeout=10
     )
     print(format_status(reply))
-    kv_stub = kv_pb2_grpc.KVServiceStub(grpc.insecure_channel(args.kv))
+    kv = KVClientSync(args.kv, timeout_s=2.0)
     try:
-        kv_stats = kv_stub.Stats(kv_pb2.StatsRequest(), timeout=2)
-    except grpc.RpcError:
-        print(f"KV service at {args.kv}: not reachable")
+        kv_stats = kv.stats()
+    finally:
+        kv.close()
+    if kv_stats is None:
+        print(f"KV service at {args.kv}: not reachable ({kv.client.last_error or 'no answer'})")
         return 0
     print(format_kv_stats(kv_stats))
     return 0

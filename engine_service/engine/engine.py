@@ -22,7 +22,7 @@ from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVEventLog, KVTier
 from engine_service.engine.model_runner import ModelRunner
-from engine_service.engine.offload import OffloadManager, RemoteKVStore, kv_fingerprint
+from engine_service.engine.offload import OffloadManager, RemoteKVStore
 from engine_service.engine.outputs import EngineStats, RequestOutput
 from engine_service.engine.progress import TokenAcceptor
 from engine_service.engine.request import Request
@@ -32,6 +32,7 @@ from engine_service.engine.scheduler import Scheduler
 from engine_service.engine.structured import StructuredOutputManager
 from engine_service.models.config import ModelConfig
 from engine_service.models.loader import load_model
+from switchyard.fingerprint import checkpoint_id, kv_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ class LLMEngine:
                 self.kv_cache,
                 config.kv_offload_host_bytes,
                 remote_kv_store,
-                kv_fingerprint(config.model, self.dtype, tuple(self.kv_cache.shape[1:])),
+                kv_fingerprint(
+                    checkpoint_id(config.model), self.dtype, tuple(self.kv_cache.shape[1:])
+                ),
                 write_through=config.kv_write_through,
                 events=self.kv_events,
                 remote_retry_s=config.kv_remote_retry_s,
@@ -176,8 +179,10 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
-        """Queue a request; raises ``ValueError`` for input the engine cannot serve."""
+        """Queue a request; raises ``ValueError`` for input the engine cannot serve. Only
+        requests with the same ``cache_salt`` share prefix-cache blocks."""
         if request_id in self._samples:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -209,6 +214,7 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             priority=priority,
             grammar=grammar,
+            cache_salt=cache_salt or None,
         )
         first.pending_forks = [first.fork(i) for i in range(1, params.n)]
         self._samples[request_id] = [first, *first.pending_forks]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from engine_service.engine.prefix_cache import PrefixCacheListener, RadixPrefixCache
 from engine_service.engine.request import Request
-from switchyard.block_hash import hash_block
+from switchyard.block_hash import block_extra_keys, hash_block
 
 __all__ = ["BlockPool", "KVCacheManager", "hash_block"]
 
@@ -243,11 +243,7 @@ class KVCacheManager:
     def _update_block_hashes(self, request: Request) -> None:
         hashes = request.block_hashes
         size = self.block_size
-        extra = (
-            (request.adapter_id, request.cache_salt)
-            if (request.adapter_id or request.cache_salt)
-            else ()
-        )
+        extra = block_extra_keys(request.adapter_id, request.cache_salt)
         tokens = request.all_token_ids
         for i in range(len(hashes), len(tokens) // size):
             parent = hashes[i - 1] if i > 0 else None

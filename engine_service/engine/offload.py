@@ -29,14 +29,12 @@ forward pass writes into a block. Everything but the worker runs on the engine t
 from __future__ import annotations
 
 import abc
-import hashlib
 import logging
 import queue
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -73,30 +71,6 @@ class RemoteKVStore(abc.ABC):
     @abc.abstractmethod
     def put(self, fingerprint: bytes, blocks: list[tuple[bytes, bytes]]) -> int:
         """Store ``(block_hash, payload)`` pairs; return how many the store accepted."""
-
-
-def kv_fingerprint(model_dir: str, dtype: torch.dtype, block_shape: tuple[int, ...]) -> bytes:
-    """16 bytes naming what a block's bytes mean: the checkpoint, dtype and block layout.
-
-    The checkpoint is identified by its ``config.json`` and, for every weight file, its
-    name, size and first and last 64 KiB, which tells fine-tunes of one architecture apart
-    without reading whole files. Replicas loading the same checkpoint agree.
-    """
-    digest = hashlib.blake2b(digest_size=16, person=b"switchyard-kv")
-    root = Path(model_dir)
-    config = root / "config.json"
-    if config.is_file():
-        digest.update(config.read_bytes())
-    for weights in sorted(root.glob("*.safetensors")):
-        size = weights.stat().st_size
-        digest.update(f"{weights.name}:{size}".encode())
-        with weights.open("rb") as f:
-            digest.update(f.read(1 << 16))
-            f.seek(max(0, size - (1 << 16)))
-            digest.update(f.read(1 << 16))
-    digest.update(str(dtype).encode())
-    digest.update(",".join(map(str, block_shape)).encode())
-    return digest.digest()
 
 
 class HostTier:

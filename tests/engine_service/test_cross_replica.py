@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from engine_service.engine import EngineConfig, LLMEngine
-from engine_service.kv_connector import GrpcKVStore
+from engine_service.engine.offload import RemoteUnavailable
+from engine_service.kv_connector import KVServiceStore
 from kv_service.server import KVServer
 from switchyard.settings import KVServiceSettings
 from tests.engine_service.helpers import greedy, make_engine, make_llama_checkpoint
@@ -95,7 +96,7 @@ def remote_engine(checkpoint: Path, port: int, **config: object) -> LLMEngine:
         **config,
     }
     engine_config = EngineConfig(model=str(checkpoint), dtype="float32", **settings)  # type: ignore[arg-type]
-    return LLMEngine(engine_config, GrpcKVStore(f"127.0.0.1:{port}", timeout_s=1.0))
+    return LLMEngine(engine_config, KVServiceStore(f"127.0.0.1:{port}", timeout_s=1.0))
 
 
 def wait_for(condition, timeout_s: float = 10.0) -> None:
@@ -179,7 +180,8 @@ def test_engines_serve_through_a_kv_service_outage_and_resume_after_it(
     checkpoint, expected, kv_service, tmp_path
 ):
     port = free_port()  # nothing listens yet
-    engine = remote_engine(checkpoint, port, kv_remote_retry_s=0.2)
+    # A retry interval long enough that a loaded machine still sees the outage window.
+    engine = remote_engine(checkpoint, port, kv_remote_retry_s=1.0)
     try:
         assert engine.generate([PROMPT_A], greedy(8))[0][0] == expected["a"]
         wait_for(lambda: engine.stats().remote_errors > 0)
@@ -187,10 +189,39 @@ def test_engines_serve_through_a_kv_service_outage_and_resume_after_it(
         assert engine.generate([PROMPT_B], greedy(8))[0][0] == expected["b"]
 
         kv_service.start("memory", port, tmp_path)
-        time.sleep(0.3)
+        time.sleep(1.1)  # past the retry interval: the next put reaches the service
         other = [rng.randrange(3, 300) for _ in range(21)]
         engine.generate([other], greedy(2))
         wait_for(lambda: engine.stats().remote_put_blocks >= len(other) // 4)
         assert engine.stats().remote_available
     finally:
         engine.close()
+
+
+def test_the_engines_store_turns_the_clients_misses_into_remote_unavailable(kv_service, tmp_path):
+    """The adapter of the shared client: a real answer passes through; a miss the client
+    gave because the service did not answer raises RemoteUnavailable, so that the offload
+    manager backs off."""
+    port = free_port()
+    store = KVServiceStore(f"127.0.0.1:{port}", timeout_s=1.0)
+    try:
+        fingerprint, block_hash = bytes(16), bytes(range(16))
+        with pytest.raises(RemoteUnavailable, match="Lookup"):
+            store.lookup(fingerprint, [block_hash])
+        with pytest.raises(RemoteUnavailable, match="Put"):
+            store.put(fingerprint, [(block_hash, b"kv")])
+        kv_service.start("memory", port, tmp_path)
+        wait_for(lambda: _answers(store, fingerprint, block_hash))
+        assert store.put(fingerprint, [(block_hash, b"kv")]) == 1
+        assert store.lookup(fingerprint, [block_hash, bytes(16)]) == 1
+        assert store.get(fingerprint, [block_hash, bytes(16)]) == [b"kv", None]
+    finally:
+        store.close()
+
+
+def _answers(store: KVServiceStore, fingerprint: bytes, block_hash: bytes) -> bool:
+    try:
+        store.lookup(fingerprint, [block_hash])
+    except RemoteUnavailable:
+        return False
+    return True

@@ -10,12 +10,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine_service.engine.kv_cache import KVCacheManager
+from engine_service.engine.kv_events import KVEventLog
+from engine_service.engine.request import Request
+from engine_service.engine.sampling_params import SamplingParams
 from engine_service.server import EngineServer
 from gateway.prefix_index import KVEventFollower, PrefixIndex
 from gateway.prefix_policy import PrefixAwarePolicy
 from gateway.route_sources import StaticRoutes
 from gateway.routing import Replica, RequestInfo, RoundRobinPolicy
-from switchyard.block_hash import chained_block_hashes
+from switchyard.block_hash import block_extra_keys, chained_block_hashes
 from switchyard.grpc_utils import insecure_channel
 from switchyard.settings import EngineSettings
 from switchyard.v1 import common_pb2, engine_pb2, engine_pb2_grpc
@@ -30,8 +34,10 @@ def replica(name: str, running: int = 0) -> Replica:
     return Replica(replica_id=name, address=f"{name}:1", num_running=running)
 
 
-def info(prompt: list[int], session_id: str = "") -> RequestInfo:
-    return RequestInfo(request_id="r", model="m", prompt_token_ids=prompt, session_id=session_id)
+def info(prompt: list[int], session_id: str = "", **keys: str) -> RequestInfo:
+    return RequestInfo(
+        request_id="r", model="m", prompt_token_ids=prompt, session_id=session_id, **keys
+    )
 
 
 def index_holding(holdings: dict[str, int]) -> PrefixIndex:
@@ -106,6 +112,76 @@ def test_a_session_sticks_to_one_replica_and_moves_only_with_its_replica():
     assert moved == {s for s in sessions if placed[s] == "d"}
 
 
+# -- the gateway hashes a request's blocks as the engine does -----------------------------------
+
+
+def engine_cached_hashes(prompt: list[int], **request_fields: str) -> list[bytes]:
+    """The block hashes the engine's KV manager announces (KV events) after caching
+    ``prompt`` for a request with ``request_fields`` (adapter_id, cache_salt)."""
+    events = KVEventLog()
+    kv = KVCacheManager(
+        num_blocks=16, block_size=BLOCK, enable_prefix_caching=True, listeners=[events]
+    )
+    request = Request("r", list(prompt), SamplingParams(), frozenset({0}), **request_fields)
+    assert kv.allocate_slots(request, request.num_tokens, kv.get_computed_blocks(request))
+    request.num_computed_tokens = request.num_tokens
+    kv.commit_computed_blocks(request)
+    return [h for event in events.drain() if event.stored for h in event.block_hashes]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "cache_salt"),
+    [("", ""), ("", "tenant-1"), ("sql-lora", ""), ("sql-lora", "tenant-1")],
+    ids=["plain", "salt", "adapter", "adapter+salt"],
+)
+def test_the_index_hashes_a_request_as_the_engine_does(adapter, cache_salt):
+    engine_hashes = engine_cached_hashes(
+        PROMPT, adapter_id=adapter or None, cache_salt=cache_salt or None
+    )
+    keys = block_extra_keys(adapter, cache_salt)
+    assert engine_hashes == chained_block_hashes(PROMPT, BLOCK, keys)
+    index = PrefixIndex()
+    index.reset("a", BLOCK)
+    index.apply("a", True, DEVICE, engine_hashes)
+    assert index.matched_blocks(["a"], PROMPT, keys) == {"a": len(PROMPT) // BLOCK}
+
+
+@pytest.mark.parametrize(
+    ("cached_with", "asked_with"),
+    [
+        ({"cache_salt": "tenant-1"}, {"cache_salt": "tenant-2"}),
+        ({"cache_salt": "tenant-1"}, {}),
+        ({}, {"cache_salt": "tenant-1"}),
+        ({"adapter": "sql-lora"}, {"adapter": "chat-lora"}),
+        ({"adapter": "x"}, {"cache_salt": "x"}),
+    ],
+)
+def test_requests_differing_only_in_salt_or_adapter_share_no_block(cached_with, asked_with):
+    engine_fields = {
+        "adapter_id": cached_with.get("adapter"),
+        "cache_salt": cached_with.get("cache_salt"),
+    }
+    engine_hashes = engine_cached_hashes(PROMPT, **engine_fields)
+    asked = block_extra_keys(**asked_with)
+    assert not set(engine_hashes) & set(chained_block_hashes(PROMPT, BLOCK, asked))
+    index = PrefixIndex()
+    index.reset("a", BLOCK)
+    index.apply("a", True, DEVICE, engine_hashes)
+    assert index.matched_blocks(["a"], PROMPT, asked) == {"a": 0}
+
+
+def test_a_salted_request_goes_to_the_replica_holding_its_salted_prefix():
+    index = PrefixIndex()
+    for name in ("a", "b"):
+        index.reset(name, BLOCK)
+    index.apply("a", True, DEVICE, chained_block_hashes(PROMPT, BLOCK))
+    index.apply("b", True, DEVICE, engine_cached_hashes(PROMPT, cache_salt="tenant-1"))
+    policy = PrefixAwarePolicy(index)
+    replicas = [replica("a"), replica("b")]
+    assert policy.select(replicas, info(PROMPT, cache_salt="tenant-1")).replica_id == "b"
+    assert policy.select(replicas, info(PROMPT)).replica_id == "a"
+
+
 def test_round_robin_takes_each_replica_in_turn():
     policy = RoundRobinPolicy()
     replicas = [replica("b"), replica("a")]
@@ -176,6 +252,73 @@ def test_the_index_follows_an_engines_kv_events(engines, background):
         wait_until(lambda: index.matched_blocks(["e0"], prompt)["e0"] == len(hashes))
     finally:
         background.run(follower.close())
+
+
+def test_a_salted_requests_blocks_reach_the_index_under_its_salt(engines, background):
+    address = f"127.0.0.1:{engines[1].port}"
+    index = PrefixIndex()
+    follower = KVEventFollower(index, lambda: [Replica(replica_id="e1", address=address)])
+    background.run(follower.start())
+    try:
+        prompt = list(range(7, 60))
+        salted = block_extra_keys(cache_salt="tenant-7")
+        num_blocks = len(prompt) // 16
+        wait_until(lambda: "e1" in index.replica_ids())
+
+        async def generate() -> None:
+            async with insecure_channel(address) as channel:
+                stub = engine_pb2_grpc.EngineServiceStub(channel)
+                request = engine_pb2.GenerateRequest(
+                    request_id="salted-kv-events",
+                    prompt_token_ids=prompt,
+                    sampling=common_pb2.SamplingParams(max_tokens=2),
+                    cache_salt="tenant-7",
+                )
+                async for _ in stub.Generate(request):
+                    pass
+
+        background.run(generate())
+        wait_until(lambda: index.matched_blocks(["e1"], prompt, salted)["e1"] == num_blocks)
+        assert index.matched_blocks(["e1"], prompt) == {"e1": 0}
+        other = block_extra_keys(cache_salt="tenant-8")
+        assert index.matched_blocks(["e1"], prompt, other) == {"e1": 0}
+    finally:
+        background.run(follower.close())
+
+
+def test_the_cache_salt_of_an_http_request_isolates_its_prefix_in_the_engine(
+    engines, background, checkpoint
+):
+    # One replica, so that every request meets the blocks of the ones before it.
+    engine = engines[0]
+    routes = StaticRoutes([f"127.0.0.1:{engine.port}"], poll_interval_s=0.2)
+    gateway = serve_gateway(background, checkpoint, routes, routing_policy="prefix")
+    prompt = "Signals and points on the branch line, listed in order from the junction. " * 4
+
+    def hits_after(cache_salt: str) -> int:
+        before = engine._current_stats().prefix_cache_hits
+        response = httpx.post(
+            f"{gateway.base_url}/v1/completions",
+            json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1, "cache_salt": cache_salt},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        time.sleep(0.2)  # the engine publishes its stats after the step
+        return engine._current_stats().prefix_cache_hits - before
+
+    try:
+        hits_after("tenant-a")
+        assert hits_after("tenant-b") == 0
+        assert hits_after("tenant-a") > 0
+        response = httpx.post(
+            f"{gateway.base_url}/v1/completions",
+            json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1, "cache_salt": ""},
+            timeout=60,
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "cache_salt"
+    finally:
+        gateway.close()
 
 
 def test_the_gateway_sends_shared_prefix_requests_to_the_replica_holding_it(

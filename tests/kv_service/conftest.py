@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from kv_service.keys import Block, BlockKey, block_fingerprint
+from kv_service.keys import Block, BlockKey
+from switchyard.fingerprint import kv_fingerprint
 
-FINGERPRINT = block_fingerprint("llama-test", "", "float16", (2, 2, 16, 2, 8))
-OTHER_FINGERPRINT = block_fingerprint("qwen-test", "", "float16", (2, 2, 16, 2, 8))
+FINGERPRINT = kv_fingerprint("llama-test", "float16", (2, 2, 16, 2, 8))
+OTHER_FINGERPRINT = kv_fingerprint("qwen-test", "float16", (2, 2, 16, 2, 8))
 
 
 def make_block(i: int, size: int = 1024, fingerprint: bytes = FINGERPRINT) -> Block:

@@ -16,9 +16,9 @@ import httpx
 import pytest
 import redis
 
-from kv_service.client import KVClient, KVClientSync
 from kv_service.keys import payload_checksum
 from kv_service.server import KVServer
+from switchyard.kv_client import KVClient, KVClientSync
 from switchyard.settings import KVServiceSettings
 from switchyard.v1 import kv_pb2, kv_pb2_grpc
 from tests.kv_service.conftest import FINGERPRINT, OTHER_FINGERPRINT, StartRedis, free_port
@@ -245,6 +245,7 @@ def test_a_client_of_a_service_that_is_down_misses_fast() -> None:
         assert time.monotonic() - started < 1.0
         assert not client.available
         assert client.num_failures == 1  # after the first failure it stops calling
+        assert client.last_error is not None and client.last_error.startswith("Lookup: ")
         await client.close()
 
     asyncio.run(scenario())

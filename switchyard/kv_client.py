@@ -1,8 +1,13 @@
-"""The KV service's client, for engines: store, find and fetch KV blocks by chained hash.
+"""The one client of the KV service (``kv.proto``): store, find and fetch KV blocks by key.
 
-API (async, :class:`KVClient`; one per engine, on the engine service's event loop)::
+Engines (through ``engine_service.kv_connector``, which adapts it to the engine core's
+``RemoteKVStore``), tests, benchmarks and the KV service's own tools all use this module;
+nothing else speaks the protocol. Put streams each block as a header chunk (fingerprint,
+hash, size, checksum) followed by data chunks; Get streams them back the same way.
 
-    fp = block_fingerprint(model, adapter, dtype, (num_layers, 2, block_size, kv_heads, head_dim))
+API (async, :class:`KVClient`; create and use it on one event loop)::
+
+    fp = kv_fingerprint(model, dtype, (num_layers, 2, block_size, kv_heads, head_dim))
     client = KVClient("127.0.0.1:50060", timeout_s=2.0)
     stored  = await client.put_blocks(fp, [(block_hash, payload), ...])   # list[bool]
     n       = await client.lookup(fp, chain_hashes)        # leading hashes stored: int
@@ -12,7 +17,7 @@ API (async, :class:`KVClient`; one per engine, on the engine service's event loo
     stats   = await client.stats()                          # kv_pb2.StatsResponse | None
     await client.close()
 
-From a thread that is not running an event loop (the engine's worker thread),
+From a thread that is not running an event loop (the engine's offload worker thread),
 :class:`KVClientSync` offers the same methods, blocking, and ``submit(coroutine)``, which
 returns a ``concurrent.futures.Future`` at once, for I/O that must not stall the caller::
 
@@ -20,8 +25,8 @@ returns a ``concurrent.futures.Future`` at once, for I/O that must not stall the
     future = kv.submit(kv.client.get_blocks(fp, hashes))   # poll future.done() later
     kv.close()
 
-Keys: ``fp`` is 16 bytes (:func:`block_fingerprint`); each block hash is 16 bytes
-(``engine_service.engine.kv_cache.hash_block``). A payload is any non-empty bytes-like object
+Keys: ``fp`` is 16 bytes (:func:`switchyard.fingerprint.kv_fingerprint`); each block hash is
+16 bytes (:func:`switchyard.block_hash.hash_block`). A payload is any non-empty bytes-like object
 (for a block, all its layers' K and V as one contiguous buffer); the service treats it as
 opaque. Wrong key lengths or an empty payload raise ``ValueError`` before anything is sent;
 that is the only exception the methods raise.
@@ -31,8 +36,8 @@ Failures never reach the caller as exceptions and never hang it: every call has 
 answers all ``False``, ``lookup`` 0, ``get_blocks`` all ``None``, ``delete_blocks`` 0 and
 ``stats`` ``None``, and the client logs it once. After a failure the client does not call the
 service for ``retry_after_s`` (calls return the same misses at once), then tries again and
-logs once when it answers. :attr:`KVClient.available` and :attr:`KVClient.num_failures`
-tell the engine's metrics. Payloads are checked against their checksum on arrival; one that
+logs once when it answers. :attr:`KVClient.available`, :attr:`KVClient.last_error` and
+:attr:`KVClient.num_failures` tell a caller whether its last answer was a real one. Payloads are checked against their checksum on arrival; one that
 fails is a miss.
 """
 
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import threading
 import time
@@ -48,21 +54,19 @@ from typing import Any, TypeVar
 
 import grpc
 
-from kv_service.keys import (
-    BLOCK_HASH_BYTES,
-    FINGERPRINT_BYTES,
-    block_fingerprint,
-    payload_checksum,
-)
+from switchyard.block_hash import BLOCK_HASH_BYTES
+from switchyard.fingerprint import FINGERPRINT_BYTES
 from switchyard.grpc_utils import CHANNEL_OPTIONS
 from switchyard.v1 import kv_pb2, kv_pb2_grpc
 
-__all__ = ["KVClient", "KVClientSync", "block_fingerprint"]
+__all__ = ["CHECKSUM_BYTES", "KVClient", "KVClientSync", "payload_checksum"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Payload = bytes | bytearray | memoryview
+
+CHECKSUM_BYTES = 16
 
 # Reconnect quickly once the service is back (gRPC's default backoff grows to 120 s).
 _CLIENT_CHANNEL_OPTIONS = [
@@ -71,6 +75,12 @@ _CLIENT_CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+
+
+def payload_checksum(payload: Payload) -> bytes:
+    """The protocol's checksum of a block's payload: blake2b with a 16-byte digest, computed
+    by the writer and verified by the service and by readers."""
+    return hashlib.blake2b(payload, digest_size=CHECKSUM_BYTES).digest()
 
 
 def _check_keys(fingerprint: bytes, block_hashes: Sequence[bytes]) -> None:
@@ -98,6 +108,7 @@ class KVClient:
         self.retry_after_s = retry_after_s
         self.chunk_bytes = chunk_bytes
         self.num_failures = 0
+        self.last_error: str | None = None  # the latest failure, "Method: CODE details"
         self._channel = grpc.aio.insecure_channel(address, options=_CLIENT_CHANNEL_OPTIONS)
         self._stub = kv_pb2_grpc.KVServiceStub(self._channel)
         self._down_since: float | None = None
@@ -111,17 +122,18 @@ class KVClient:
     def _skip(self) -> bool:
         return self._down_since is not None and time.monotonic() < self._retry_at
 
-    def _failed(self, method: str, exc: grpc.aio.AioRpcError) -> None:
+    def _failed(self, method: str, exc: grpc.aio.AioRpcError | str) -> None:
+        reason = exc if isinstance(exc, str) else f"{exc.code().name} {exc.details()}"
         self.num_failures += 1
+        self.last_error = f"{method}: {reason}"
         self._retry_at = time.monotonic() + self.retry_after_s
         if self._down_since is None:
             self._down_since = time.monotonic()
             logger.warning(
-                "KV service %s failed %s (%s: %s); answering misses, retrying every %.1fs",
+                "KV service %s failed %s (%s); answering misses, retrying every %.1fs",
                 self.address,
                 method,
-                exc.code().name,
-                exc.details(),
+                reason,
                 self.retry_after_s,
             )
 
@@ -286,10 +298,14 @@ class KVClientSync:
         self, coroutine: Coroutine[Any, Any, T], miss: T, timeout_s: float | None = None
     ) -> T:
         future = self.submit(coroutine)
+        limit_s = (timeout_s or self.client.timeout_s) + 1.0
         try:
-            return future.result(timeout=(timeout_s or self.client.timeout_s) + 1.0)
+            return future.result(timeout=limit_s)
         except concurrent.futures.TimeoutError:
             future.cancel()
+            # The call's own deadline did not fire: the client's loop is stuck. Count it as
+            # a failure, so that ``available`` tells the caller this answer is a miss.
+            self.client._failed(coroutine.__qualname__, f"no answer within {limit_s:.1f}s")
             return miss
 
     def put_blocks(
