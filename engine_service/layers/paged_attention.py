@@ -71,13 +71,16 @@ class AttentionBackend(abc.ABC):
     ``[T, q_heads, head_dim]`` under the masking rules of this module's docstring.
 
     Capability flags say what the engine may ask of a backend: ``supports_custom_mask``
-    (token trees), ``supports_cuda_graphs`` (``forward`` captures into a CUDA graph once the
-    metadata's tensors are static buffers, see :meth:`prepare_for_capture`).
+    (token trees), ``supports_cuda_graphs`` (``forward`` of decode-only steps captures into a
+    CUDA graph once the metadata's tensors are static buffers, see
+    :meth:`prepare_for_capture`), ``supports_mixed_graphs`` (so do steps mixing decodes with
+    extends, given ``max_query_len`` as an upper bound).
     """
 
     name: ClassVar[str]
     supports_custom_mask: ClassVar[bool] = False
     supports_cuda_graphs: ClassVar[bool] = False
+    supports_mixed_graphs: ClassVar[bool] = False
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         """Attach backend-specific extras to ``meta.backend_data`` (default: none)."""

@@ -29,6 +29,7 @@ class TritonBackend(SdpaBackend):
     name = "triton"
     supports_custom_mask = True
     supports_cuda_graphs = True
+    supports_mixed_graphs = paged_extend_attention is not None
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         decode_only = meta.max_query_len == 1 and meta.custom_mask is None

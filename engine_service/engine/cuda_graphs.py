@@ -1,0 +1,196 @@
+"""CUDA graphs of the whole forward pass, for decode steps and for mixed steps alike.
+
+Graphs are captured at start for token-count buckets up to ``max_tokens``. Two kinds per
+bucket ``T``:
+
+- *decode*: ``T`` sequences of one query token each (the paged decode kernel);
+- *mixed*: up to ``min(T, max_seqs)`` sequences sharing ``T`` query tokens in any split:
+  decodes beside small prefill chunks and extends over cached prefixes (the extend kernel).
+
+A live step is copied into the static input buffers of the smallest bucket that holds it
+and padded: padding tokens write their K/V into the scratch block the pool never hands out,
+padding sequences have no query rows (mixed) or one row over the scratch block (decode).
+The rows past the live ones compute garbage that nothing reads. Only backends that declare
+``supports_cuda_graphs`` are captured; the capture goes through the backend's
+``prepare_for_capture`` / ``prepare_for_replay`` hooks, never its class name.
+
+With ``capture=False`` nothing is captured and a "replay" runs the model eagerly on the same
+static, padded buffers: the CPU twin that tests the bucketing and padding without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine_service.layers.paged_attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from engine_service.engine.model_runner import ModelRunner, StepInputs
+
+_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class StepGraphs:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_tokens: int,
+        max_seqs: int,
+        capture: bool = True,
+        mixed: bool | None = None,
+    ) -> None:
+        self.runner = runner
+        self.max_tokens = max_tokens
+        self.max_seqs = max_seqs
+        self.capture = capture
+        self.buckets = sorted({b for b in _BUCKETS if b < max_tokens} | {max_tokens})
+        self.mixed_ok = runner.backend.supports_mixed_graphs if mixed is None else mixed
+        device = runner.device
+        size = runner.block_size
+        int32 = dict(dtype=torch.int32, device=device)
+        int64 = dict(dtype=torch.int64, device=device)
+        seqs = max_tokens
+        self.scratch_slot = runner.scratch_block * size
+        self.input_ids = torch.zeros(max_tokens, **int64)
+        self.positions = torch.zeros(max_tokens, **int64)
+        self.slots = torch.full((max_tokens,), self.scratch_slot, **int64)
+        self.query_start = torch.zeros(seqs + 1, **int32)
+        self.seq_lens = torch.zeros(seqs, **int32)
+        self.tables = torch.full((seqs, runner.max_blocks_per_seq), runner.scratch_block, **int32)
+        self._graphs: dict[
+            tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]
+        ] = {}
+        self._capture_all()
+
+    # -- choosing -------------------------------------------------------------------------
+
+    def _kind(self, inputs: StepInputs) -> str | None:
+        meta = inputs.meta
+        if meta.custom_mask is not None or meta.num_tokens > self.max_tokens:
+            return None
+        if meta.max_query_len == 1:
+            return "decode"
+        if self.mixed_ok and meta.num_seqs <= min(self._bucket(meta.num_tokens), self.max_seqs):
+            return "mixed"
+        return None
+
+    def _bucket(self, num_tokens: int) -> int:
+        return next(b for b in self.buckets if b >= num_tokens)
+
+    def fits(self, inputs: StepInputs) -> bool:
+        return self._kind(inputs) is not None
+
+    # -- replay ---------------------------------------------------------------------------
+
+    def replay(self, input_ids: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` of the live step, from its graph."""
+        kind = self._kind(inputs)
+        assert kind is not None
+        meta = inputs.meta
+        n, b = meta.num_tokens, meta.num_seqs
+        bucket = self._bucket(n)
+        graph, hidden, captured = self._graphs[(kind, bucket)]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(inputs.positions)
+        self.slots[:n].copy_(meta.slot_mapping)
+        self.slots[n:bucket].fill_(self.scratch_slot)
+        width = meta.block_tables.shape[1]
+        self.tables[:b, :width].copy_(meta.block_tables)
+        self.query_start[: b + 1].copy_(meta.query_start_loc)
+        self.seq_lens[:b].copy_(meta.seq_lens)
+        num_seqs = captured.num_seqs
+        if kind == "decode":
+            # Padding sequences: one row each over the scratch block.
+            self.query_start[b + 1 : num_seqs + 1].copy_(
+                torch.arange(b + 1, num_seqs + 1, device=self.query_start.device)
+            )
+            self.seq_lens[b:num_seqs].fill_(1)
+            self.tables[b:num_seqs, 0].fill_(self.runner.scratch_block)
+        else:
+            self.query_start[b + 1 : num_seqs + 1].fill_(n)
+            self.seq_lens[b:num_seqs].fill_(0)
+        if not self.capture:
+            return self._eager(captured)[:n]
+        self.runner.backend.prepare_for_replay(captured, meta, self.runner.block_size)
+        graph.replay()
+        return hidden[:n]
+
+    def _eager(self, meta: AttentionMetadata) -> torch.Tensor:
+        runner = self.runner
+        runner.backend.prepare(meta, runner.block_size)
+        return runner.model(
+            self.input_ids[: meta.num_tokens], meta.positions, runner.kv_cache, meta
+        )
+
+    # -- capture --------------------------------------------------------------------------
+
+    def _meta(self, kind: str, bucket: int) -> AttentionMetadata:
+        num_seqs = bucket if kind == "decode" else min(bucket, self.max_seqs)
+        return AttentionMetadata(
+            num_tokens=bucket,
+            num_seqs=num_seqs,
+            max_query_len=1 if kind == "decode" else bucket,
+            max_seq_len=self.runner.max_blocks_per_seq * self.runner.block_size,
+            query_start_loc=self.query_start[: num_seqs + 1],
+            seq_lens=self.seq_lens[:num_seqs],
+            positions=self.positions[:bucket],
+            slot_mapping=self.slots[:bucket],
+            block_tables=self.tables[:num_seqs],
+            # Graphs read no host twins; the eager CPU twin's buffers are host tensors.
+            query_start_loc_host=self.query_start[: num_seqs + 1]
+            if not self.capture
+            else torch.zeros(num_seqs + 1, dtype=torch.int32),
+            seq_lens_host=self.seq_lens[:num_seqs]
+            if not self.capture
+            else torch.zeros(num_seqs, dtype=torch.int32),
+        )
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        model, runner = self.runner.model, self.runner
+        if not self.capture:
+            for bucket in self.buckets:
+                self._graphs[("decode", bucket)] = (None, None, self._meta("decode", bucket))
+                if self.mixed_ok and bucket > 1:
+                    self._graphs[("mixed", bucket)] = (None, None, self._meta("mixed", bucket))
+            return
+        pool = None
+        kinds = ["decode", "mixed"] if self.mixed_ok else ["decode"]
+        for bucket in reversed(self.buckets):
+            for kind in kinds:
+                if kind == "mixed" and bucket == 1:
+                    continue
+                meta = self._meta(kind, bucket)
+                # A valid layout to warm up and capture with: one token per sequence (decode)
+                # or every token in the first sequence (mixed), all over the scratch block.
+                if kind == "decode":
+                    self.query_start[: meta.num_seqs + 1].copy_(
+                        torch.arange(meta.num_seqs + 1, device=self.query_start.device)
+                    )
+                    self.seq_lens[: meta.num_seqs].fill_(1)
+                else:
+                    self.query_start[0] = 0
+                    self.query_start[1 : meta.num_seqs + 1].fill_(bucket)
+                    self.seq_lens[0] = bucket
+                    self.seq_lens[1 : meta.num_seqs].fill_(0)
+                self.positions[:bucket].copy_(
+                    torch.arange(bucket, device=self.positions.device) % runner.block_size
+                    if kind == "decode"
+                    else torch.arange(bucket, device=self.positions.device)
+                )
+                runner.backend.prepare_for_capture(meta, runner.block_size)
+                args = (self.input_ids[:bucket], self.positions[:bucket], runner.kv_cache, meta)
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        model(*args)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = model(*args)
+                pool = graph.pool()
+                self._graphs[(kind, bucket)] = (graph, hidden, meta)
+        torch.cuda.synchronize()
