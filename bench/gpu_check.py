@@ -1,8 +1,10 @@
-"""GPU check of the Triton decode kernel and CUDA graphs against the SDPA reference path.
+"""GPU check of the Triton kernels and CUDA graphs against the SDPA reference path.
 
-Runs on a CUDA machine (CI has none): the same greedy requests, with sliding windows, GQA
-and prefix sharing, through `attention_backend="sdpa"` (eager) and `"triton"` with CUDA
-graphs; tokens must agree and logprobs stay close. Exit status 1 on a mismatch.
+Runs on a CUDA machine (CI has none): the same greedy requests, with sliding windows, GQA,
+prefix sharing and a small token budget (so prompts are chunked and ride beside decodes),
+through `attention_backend="sdpa"` (eager, synchronous) and `"triton"` eager and with CUDA
+graphs for decode and mixed steps, synchronous and overlapped; tokens must agree and
+logprobs stay close. Exit status 1 on a mismatch.
 
     python bench/gpu_check.py
 """
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 
 
-def run(path: Path, backend: str, graphs: bool, prompts):
+def run(path: Path, backend: str, graphs: bool, prompts, overlap: bool = False):
     engine = LLMEngine(
         EngineConfig(
             model=str(path),
@@ -31,9 +33,24 @@ def run(path: Path, backend: str, graphs: bool, prompts):
             attention_backend=backend,
             enable_cuda_graphs=graphs,
             num_kv_blocks=512,
-            cuda_graph_max_batch=16,
+            max_num_batched_tokens=48,
+            cuda_graph_max_batch=48,
+            async_scheduling=overlap,
         )
     )
+    replays: dict[str, int] = {}
+    if engine.runner.graphs is not None:
+        step_graphs = engine.runner.graphs
+        fits = step_graphs.fits
+
+        def counting(inputs):
+            kind = step_graphs._kind(inputs)
+            if kind is not None:
+                replays[kind] = replays.get(kind, 0) + 1
+            return fits(inputs)
+
+        step_graphs.fits = counting
+    run.replays = replays
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=0)
     tokens = {i: [] for i in range(len(prompts))}
     logprobs = {i: [] for i in range(len(prompts))}
@@ -71,14 +88,21 @@ def main() -> int:
             prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 7, 33, 100, 250)]
             prompts += [shared + [rng.randrange(3, 512) for _ in range(n)] for n in (3, 20)]
             ref_tokens, ref_lp = run(Path(tmp), "sdpa", False, prompts)
-            for backend, graphs in (("triton", False), ("triton", True)):
-                tokens, lp = run(Path(tmp), backend, graphs, prompts)
+            for backend, graphs, overlap in (
+                ("triton", False, False),
+                ("triton", True, False),
+                ("triton", True, True),
+            ):
+                tokens, lp = run(Path(tmp), backend, graphs, prompts, overlap)
                 same = tokens == ref_tokens
                 diff = max(abs(a - b) for i in lp for a, b in zip(lp[i], ref_lp[i]))
                 ok = same and diff < 2e-3
+                if graphs and not run.replays.get("mixed"):
+                    ok = False  # the mixed-step graphs must have been exercised
                 failures += not ok
                 print(
-                    f"{name:16} {backend:7} graphs={graphs!s:5} tokens_equal={same} "
+                    f"{name:16} {backend:7} graphs={graphs!s:5} overlap={overlap!s:5} "
+                    f"replays={run.replays} tokens_equal={same} "
                     f"max_logprob_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}"
                 )
     return 1 if failures else 0
