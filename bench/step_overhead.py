@@ -131,8 +131,16 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (on a shared 2-core machine two threads make steps swing)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
 
     results: dict = {
@@ -142,6 +150,7 @@ def main() -> None:
         "torch": torch.__version__,
         "preset": args.preset,
         "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
         "runs": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
