@@ -1,13 +1,32 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md in one go: throughput against transformers and
-# batch-1 decode beside the HBM roofline, for Llama-3.2-1B- and Llama-3.1-8B-shaped random
-# bf16 checkpoints. Usage: bench/gpu_suite.sh OUT_DIR [PRESET ...]
+# The GPU figures of docs/benchmarks.md in one go, on one machine:
+#   check       bench/gpu_check.py: kernels, mixed-step graphs and overlap equal the SDPA reference
+#   overhead    bench/step_overhead.py: host share of a step, tiny model, batch 1 and 64
+#   throughput  bench/throughput.py --roofline: against transformers, and batch-1 decode
+#               beside the HBM roofline, for each preset
+#   prefix      bench/prefix.py parts a,c (host tier) on the 8B shape: TTFT cache on/off
+# Usage: bench/gpu_suite.sh OUT_DIR [PRESET ...]; PARTS=check,overhead,... picks parts.
 set -euo pipefail
 out=${1:-bench/results}; shift || true
 presets=${*:-llama-3.2-1b llama-3.1-8b}
+parts=${PARTS:-check,overhead,throughput,prefix}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-for preset in $presets; do
-  python3 bench/throughput.py --device cuda --preset "$preset" --roofline \
-    --json "$out/throughput-$preset.json" 2>&1 | grep -v -E "Warning|warn|Loading|Writing"
-done
+quiet() { grep -v -E "Warning|warn|Loading|Writing" || true; }
+if [[ $parts == *check* ]]; then
+  python3 bench/gpu_check.py 2>&1 | quiet | tee "$out/gpu_check.txt"
+fi
+if [[ $parts == *overhead* ]]; then
+  python3 bench/step_overhead.py --device cuda --dtype bfloat16 \
+    --json "$out/step_overhead-cuda.json" 2>&1 | quiet
+fi
+if [[ $parts == *throughput* ]]; then
+  for preset in $presets; do
+    python3 bench/throughput.py --device cuda --preset "$preset" --roofline \
+      --json "$out/throughput-$preset.json" 2>&1 | quiet
+  done
+fi
+if [[ $parts == *prefix* ]]; then
+  python3 bench/prefix.py --device cuda --dtype bfloat16 --preset llama-3.1-8b --parts a,c \
+    --tiers host --json "$out/prefix-h200-8b.json" 2>&1 | quiet
+fi
