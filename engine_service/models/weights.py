@@ -76,7 +76,10 @@ def load_weights(net: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], so
     for name, param in params.items():
         wanted = getattr(param, "shard_ids", (None,))
         absent = [s for s in wanted if s not in loaded.get(name, ())]
-        if absent:
-            missing.append(name if absent == [None] else f"{name} (shards {absent[:4]})")
+        if absent == [None]:
+            missing.append(name)
+        elif absent:
+            missing.append(f"{name} (shards {', '.join(map(repr, absent[:4]))})")
     if missing:
-        raise ValueError(f"checkpoint {source} lacks weights: {missing[:8]}")
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(f"checkpoint {source} lacks weights: {'; '.join(missing[:8])}{more}")
