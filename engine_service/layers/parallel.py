@@ -37,9 +37,14 @@ class TensorParallel:
         """Concatenate every rank's ``x`` along the last dimension, in rank order."""
         if self.size == 1:
             return x
-        gathered = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(gathered, x.contiguous(), group=self.group)
-        return torch.cat(gathered.unbind(0), dim=-1)
+        # Gathered along the first dimension (the layout every backend, gloo included,
+        # supports), then the ranks' pieces laid side by side.
+        x = x.contiguous()
+        gathered = torch.empty(
+            (self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device
+        )
+        dist.all_gather_single(gathered, x, group=self.group)
+        return torch.cat(gathered.chunk(self.size, dim=0), dim=-1)
 
 
 SINGLE = TensorParallel()

@@ -13,6 +13,8 @@ from typing import ClassVar
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -24,8 +26,11 @@ from engine_service.layers.linear import (
 )
 from engine_service.layers.lora import LoRASlots, TorchLoRA
 from engine_service.layers.moe import FusedMoE, expert_weight_mapping, select_experts
+from engine_service.layers.paged_attention import AttentionBackend
 from engine_service.layers.parallel import TensorParallel
+from engine_service.models import load_model
 from engine_service.models.weights import load_weights
+from tests.engine_service.conftest import make_checkpoint
 
 HIDDEN, HEAD_DIM = 32, 8
 
@@ -371,3 +376,59 @@ def test_models_and_layers_import_nothing_from_the_engine():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+# --- a whole model under tensor parallelism, with real collectives -------------------------
+
+
+class _CausalPrefill(AttentionBackend):
+    """Attention for one sequence computed whole in one step (no KV cache): enough to run a
+    model end to end across processes without the engine. The engine's backends are tested
+    against ``transformers`` in test_parity.py; this stand-in only carries the heads."""
+
+    name = "causal-prefill"
+
+    def forward(self, q, k, v, kv_cache, layer, meta, scale, window):
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out.transpose(0, 1)
+
+
+def _tp_worker(rank: int, size: int, init_file: str, ckpt: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        tp = TensorParallel(rank, size)
+        net, _, _ = load_model(ckpt, _CausalPrefill(), "float32", "cpu", tp=tp)
+        ids = torch.tensor([5, 17, 99, 140, 33, 8, 250])
+        with torch.no_grad():
+            logits = net.compute_logits(net(ids, torch.arange(len(ids)), torch.empty(0), None))
+            head = ColumnParallelLinear(HIDDEN, 48, tp=tp, gather_output=True)
+            _load(head, {None: torch.arange(48 * HIDDEN, dtype=torch.float32).reshape(48, HIDDEN)})
+            gathered = head(torch.ones(2, HIDDEN))
+        torch.save({"logits": logits, "gathered": gathered}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_model_split_over_two_processes_gives_the_single_process_logits(tmp_path):
+    make_checkpoint(tmp_path / "ckpt", "qwen2")  # biases on q/k/v, GQA: 4 heads, 2 KV heads
+    mp.spawn(
+        _tp_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path / "ckpt"), str(tmp_path)),
+        nprocs=2,
+    )
+    single, _, _ = load_model(str(tmp_path / "ckpt"), _CausalPrefill(), "float32", "cpu")
+    ids = torch.tensor([5, 17, 99, 140, 33, 8, 250])
+    with torch.no_grad():
+        expected = single.compute_logits(single(ids, torch.arange(len(ids)), torch.empty(0), None))
+    full_head = torch.arange(48 * HIDDEN, dtype=torch.float32).reshape(48, HIDDEN)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["logits"], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(result["gathered"], torch.ones(2, HIDDEN) @ full_head.T)
