@@ -19,16 +19,19 @@ sliced like the weight, the row case sums like the weight.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_service.layers.lora import LoRADelta
 from engine_service.layers.parallel import SINGLE, TensorParallel, divide
+
+if TYPE_CHECKING:
+    from engine_service.layers.lora import LoRADelta
 
 ShardId = Any  # None (whole tensor), an int (merged piece), "q"/"k"/"v", (expert, piece)
 
@@ -63,7 +66,7 @@ class OutputShard:
     source_size: int
 
 
-class LinearBase(nn.Module):
+class LinearBase(nn.Module, abc.ABC):
     """``y = x W^T (+ b)`` with a weight loader per parameter and a LoRA hook.
 
     ``lora``, when set, adds its delta to the local result of :meth:`local_forward`.
@@ -86,15 +89,21 @@ class LinearBase(nn.Module):
     def _local_bias(self) -> torch.Tensor | None:
         return self.bias
 
+    @abc.abstractmethod
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None
+    ) -> None:
+        """Copy this rank's part of the full checkpoint tensor ``loaded`` into ``param``."""
+
+    @abc.abstractmethod
     def lora_output_slices(self) -> list[tuple[ShardId, int]]:
         """The output pieces (shard id, local width) that each get their own LoRA pair."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def shard_lora(
         self, lora_a: torch.Tensor, lora_b: torch.Tensor, shard_id: ShardId = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's part of a full LoRA pair ``A [r, in]``, ``B [out_piece, r]``."""
-        raise NotImplementedError
 
 
 class ColumnParallelLinear(LinearBase):

@@ -15,12 +15,13 @@ replace :class:`TorchLoRA` behind the same two methods.
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from engine_service.layers.linear import LinearBase
+from engine_service.layers.linear import LinearBase
 
 NO_ADAPTER = -1
 
@@ -111,3 +112,20 @@ class TorchLoRA(LoRADelta):
                 delta = (x_rows @ a[adapter].T) @ b[adapter].T
                 y[:, offset : offset + width].index_add_(0, rows, delta)
                 offset += width
+
+
+def attach_lora(
+    net: nn.Module, target_modules: Iterable[str], max_adapters: int, max_rank: int
+) -> tuple[LoRASlots, dict[str, TorchLoRA]]:
+    """Give every linear layer of ``net`` whose name ends in one of ``target_modules``
+    (``"qkv_proj"``, ``"down_proj"``, ...) a :class:`TorchLoRA`, all reading one
+    :class:`LoRASlots`; returns the slots and the deltas by module name."""
+    targets = tuple(target_modules)
+    slots = LoRASlots()
+    deltas: dict[str, TorchLoRA] = {}
+    for name, module in net.named_modules():
+        if isinstance(module, LinearBase) and name.rsplit(".", 1)[-1] in targets:
+            module.lora = deltas[name] = TorchLoRA(module, slots, max_adapters, max_rank)
+    if not deltas:
+        raise ValueError(f"no linear layer of the model is named any of {list(targets)}")
+    return slots, deltas

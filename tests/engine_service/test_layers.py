@@ -24,7 +24,7 @@ from engine_service.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from engine_service.layers.lora import LoRASlots, TorchLoRA
+from engine_service.layers.lora import LoRASlots, TorchLoRA, attach_lora
 from engine_service.layers.moe import FusedMoE, expert_weight_mapping, select_experts
 from engine_service.layers.paged_attention import AttentionBackend
 from engine_service.layers.parallel import TensorParallel
@@ -432,3 +432,33 @@ def test_a_model_split_over_two_processes_gives_the_single_process_logits(tmp_pa
         result = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(result["logits"], expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(result["gathered"], torch.ones(2, HIDDEN) @ full_head.T)
+
+
+def _forward(net, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return net(ids, torch.arange(len(ids)), torch.empty(0), None)
+
+
+def test_a_models_lora_adapter_equals_its_weights_merged_into_the_base(tmp_path):
+    make_checkpoint(tmp_path, "llama")  # hidden 64, 4 heads of 16, 2 KV heads
+    net, _, _ = load_model(str(tmp_path), _CausalPrefill(), "float32", "cpu")
+    merged, _, _ = load_model(str(tmp_path), _CausalPrefill(), "float32", "cpu")
+    slots, deltas = attach_lora(net, ["qkv_proj", "down_proj"], max_adapters=2, max_rank=4)
+    assert sorted(deltas) == [
+        f"model.layers.{i}.{m}" for i in range(3) for m in ("mlp.down_proj", "self_attn.qkv_proj")
+    ]
+    v_a, v_b = _adapter(4, 64, 32)
+    down_a, down_b = _adapter(2, 128, 64)
+    deltas["model.layers.1.self_attn.qkv_proj"].set_adapter(1, "v", v_a, v_b, scaling=0.25)
+    deltas["model.layers.0.mlp.down_proj"].set_adapter(1, None, down_a, down_b, scaling=0.5)
+    with torch.no_grad():
+        merged.model.layers[1].self_attn.qkv_proj.weight[96:] += 0.25 * v_b @ v_a
+        merged.model.layers[0].mlp.down_proj.weight += 0.5 * down_b @ down_a
+
+    ids = torch.tensor([5, 17, 99, 140, 33, 8])
+    base = _forward(net, ids)
+    slots.set(torch.full((6,), 1))
+    torch.testing.assert_close(_forward(net, ids), _forward(merged, ids))
+    assert not torch.allclose(_forward(net, ids), base)
+    slots.set(torch.full((6,), -1))
+    assert torch.equal(_forward(net, ids), base)
