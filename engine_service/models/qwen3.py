@@ -29,6 +29,8 @@ QWEN3_WEIGHT_MAPPING: WeightMapping = {
 
 
 class Qwen3DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention with per-head q/k norm, then the gated MLP."""
+
     def __init__(
         self, config: ModelConfig, layer: int, backend: AttentionBackend, tp: TensorParallel
     ) -> None:
@@ -52,7 +54,13 @@ class Qwen3DecoderLayer(nn.Module):
             config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, tp
         )
 
-    def forward(self, hidden, cos_sin, kv_cache, meta):
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
@@ -69,7 +77,13 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
-    def forward(self, input_ids, positions, kv_cache, meta):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
         for layer in self.layers:
