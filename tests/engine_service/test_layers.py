@@ -2,7 +2,10 @@
 
 Tensor-parallel layers are checked without a process group: every rank's layer is built and
 loaded from the same full checkpoint tensors, and the ranks' local results (what each rank
-holds before its collective) are combined by hand and compared with the unsharded layer.
+holds before its collective) are combined by hand and compared with the unsharded layer. One
+test runs a whole model split over two gloo processes, with real collectives; it and the
+model-level LoRA test use a small stand-in attention backend (one sequence, whole prompt, no
+KV cache) so that they exercise the layers without the engine.
 """
 
 from __future__ import annotations
@@ -355,6 +358,30 @@ def test_moe_tensor_parallel_ranks_sum_to_the_full_output():
         assert net.moe.experts.w2.shape == (EXPERTS, HIDDEN, INNER // 2)
         total += net.moe.experts.local_forward(x, router_logits)
     torch.testing.assert_close(total, _dense_moe(x, router_logits, ckpt, True))
+
+
+def test_moe_equals_transformers_mixtral_sparse_block():
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = transformers.MixtralConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INNER,
+        num_local_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+    )
+    block = MixtralSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.3)
+    ours = FusedMoE(EXPERTS, TOP_K, HIDDEN, INNER, renormalize=True)
+    ours.w13.data.copy_(block.experts.gate_up_proj)
+    ours.w2.data.copy_(block.experts.down_proj)
+    x = torch.randn(13, HIDDEN)
+    with torch.no_grad():
+        expected = block(x[None])[0]
+        router_logits = x @ block.gate.weight.T
+    torch.testing.assert_close(ours(x, router_logits), expected)
 
 
 def test_moe_missing_an_experts_piece_is_an_error():
