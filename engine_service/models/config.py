@@ -27,7 +27,6 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False
     # Per layer: None for full attention, else the number of most recent keys attended to.
     sliding_windows: list[int | None] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
@@ -35,7 +34,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any], architecture: str) -> ModelConfig:
-        """Common fields; family classes adjust their own flags afterwards."""
+        """Common fields; a family's ``parse_config`` adjusts its own afterwards."""
         num_heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
         rope_params = dict(raw.get("rope_parameters") or {})

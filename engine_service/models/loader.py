@@ -1,21 +1,25 @@
 """Loads a Hugging Face checkpoint (local folder or hub id) into one of our model classes.
 
-The model is built on the meta device and the checkpoint's tensors are assigned straight in,
-so no memory is spent initialising weights that are overwritten at once.
+The model is built on the meta device, then its parameters get uninitialised storage in the
+target dtype and device, which each parameter's weight loader fills from the checkpoint (see
+``weights.py``): no memory is spent initialising weights that are overwritten at once.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from engine_service.engine.attention import AttentionBackend
+from engine_service.layers.paged_attention import AttentionBackend
+from engine_service.layers.parallel import SINGLE, TensorParallel
+from engine_service.models.causal_lm import CausalLM
 from engine_service.models.config import ModelConfig
-from engine_service.models.layers import CausalLM
 from engine_service.models.registry import resolve_architecture
+from engine_service.models.weights import load_weights, materialize
 
 _DTYPES = {
     "float32": torch.float32,
@@ -70,23 +74,6 @@ def read_config(path: Path) -> tuple[dict, ModelConfig, type[CausalLM]]:
     return raw, config, model_cls
 
 
-# Our stacked projections and the checkpoint tensors they are built from, in order.
-STACKED_PROJECTIONS = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
-
-
-def _checkpoint_name_of(name: str) -> tuple[str, int] | None:
-    """For a checkpoint tensor that goes into a stacked projection: (our name, its slot)."""
-    for stacked, parts in STACKED_PROJECTIONS.items():
-        for slot, part in enumerate(parts):
-            marker = f".{part}."
-            if marker in name:
-                return name.replace(marker, f".{stacked}."), slot
-    return None
-
-
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -98,45 +85,33 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _checkpoint_tensors(files: list[Path], device: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, one at a time, on ``device``."""
+    for file in files:
+        with safe_open(str(file), framework="pt", device=device) as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield name, f.get_tensor(name)
+
+
 def load_model(
     model: str,
     backend: AttentionBackend,
     dtype: str = "auto",
     device: str | torch.device = "cpu",
     revision: str | None = None,
+    tp: TensorParallel = SINGLE,
 ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
-    """Build our implementation of the checkpoint's architecture with its weights loaded."""
+    """Build our implementation of the checkpoint's architecture with its weights loaded
+    (this rank's shards of them under tensor parallelism ``tp``)."""
     path = resolve_model_path(model, revision)
     _, config, model_cls = read_config(path)
     torch_dtype = resolve_dtype(dtype, config.torch_dtype)
     device = torch.device(device)
     with torch.device("meta"):
-        net = model_cls(config, backend)
-
-    expected = set(net.state_dict().keys())
-    state: dict[str, torch.Tensor] = {}
-    pieces: dict[str, dict[int, torch.Tensor]] = {}
-    load_device = "cpu" if device.type == "meta" else str(device)
-    for file in _weight_files(path):
-        with safe_open(str(file), framework="pt", device=load_device) as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                stacked = _checkpoint_name_of(name)
-                if stacked is not None and stacked[0] in expected:
-                    pieces.setdefault(stacked[0], {})[stacked[1]] = f.get_tensor(name)
-                elif name in expected:
-                    state[name] = f.get_tensor(name).to(torch_dtype)
-    for name, parts in pieces.items():
-        count = len(next(p for s, p in STACKED_PROJECTIONS.items() if f".{s}." in name))
-        if len(parts) == count:
-            state[name] = torch.cat([parts[i] for i in range(count)]).to(torch_dtype)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-        expected.discard("lm_head.weight")
-    missing = expected - state.keys()
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks weights: {sorted(missing)[:8]}")
-    net.load_state_dict(state, strict=False, assign=True)
-    net.tie_weights()
+        net = model_cls(config, backend, tp)
+    load_device = torch.device("cpu") if device.type == "meta" else device
+    materialize(net, load_device, torch_dtype)
+    load_weights(net, _checkpoint_tensors(_weight_files(path), str(load_device)), str(path))
     # Buffers built at construction (rotary frequencies) still live on the CPU.
     net.to(device)
     net.eval()

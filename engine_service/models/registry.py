@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from engine_service.models.layers import CausalLM
+from engine_service.models.causal_lm import CausalLM
 from engine_service.models.llama import LlamaForCausalLM
 from engine_service.models.mistral import MistralForCausalLM
 from engine_service.models.qwen2 import Qwen2ForCausalLM
 from engine_service.models.qwen3 import Qwen3ForCausalLM
 
-_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,

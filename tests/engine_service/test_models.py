@@ -10,8 +10,13 @@ import torch
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 from engine_service.engine.attention.sdpa import SdpaBackend
 from engine_service.models import SUPPORTED_ARCHITECTURES, load_model
-from engine_service.models.loader import STACKED_PROJECTIONS
 from tests.engine_service.conftest import make_checkpoint
+
+# Our stacked projections and the checkpoint tensors they are built from, in order.
+STACKED_PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 
 def test_unsupported_architecture_names_what_is_supported(tmp_path):

@@ -1,0 +1,131 @@
+"""LoRA deltas on linear layers: the hook every linear layer calls, and the torch reference.
+
+A linear layer whose ``lora`` is set computes its base result ``y = x W^T`` and then calls
+``lora.add_delta(x, y)``, which adds, for every token ``t`` whose adapter slot
+``a = slots[t]`` is not negative, ``B_a A_a x_t`` to each output piece of ``y[t]`` (a stacked
+qkv projection has three pieces, each with its own pair; ``alpha / r`` is folded into ``B``).
+
+Which adapter each token uses is step data: the runner writes the step's per-token slots
+into the model's one :class:`LoRASlots` before the forward pass, and every delta of the model
+reads it there. Keeping the slots in one persistent tensor lets a CUDA graph capture the
+deltas, and lets a batched kernel (punica/SGMV-style ``y += B_a(A_a(x))`` over token groups)
+replace :class:`TorchLoRA` behind the same two methods.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine_service.layers.linear import LinearBase
+
+NO_ADAPTER = -1
+
+
+class LoRASlots:
+    """The step's adapter slot per token (``[T]`` int64, ``-1`` for the base model), shared
+    by every LoRA delta of one model. ``None`` means no token of the step uses an adapter."""
+
+    def __init__(self) -> None:
+        self.token_slots: torch.Tensor | None = None
+
+    def set(self, token_slots: torch.Tensor | None) -> None:
+        self.token_slots = token_slots
+
+
+class LoRADelta(abc.ABC):
+    """Adds low-rank adapter deltas to one linear layer's rank-local output, in place.
+
+    Contract: ``add_delta(x, y)`` with ``x [T, in_local]`` and ``y [T, out_local]`` leaves
+    rows of tokens without an adapter untouched.
+    """
+
+    @abc.abstractmethod
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> None: ...
+
+
+class TorchLoRA(LoRADelta):
+    """The reference: adapters in fixed slots, zero-padded to ``max_rank``; each step runs
+    one pair of matmuls per (adapter in use, output piece) over that adapter's tokens.
+
+    It reads the step's adapters on the host (``torch.unique``), so it is for CPU, tests and
+    checking kernels against, not for graph capture.
+    """
+
+    def __init__(
+        self, layer: LinearBase, slots: LoRASlots, max_adapters: int, max_rank: int
+    ) -> None:
+        self.layer = layer
+        self.slots = slots
+        self.max_rank = max_rank
+        weight = layer.weight
+        self.pieces = layer.lora_output_slices()
+        self.lora_a = [
+            torch.zeros(
+                max_adapters, max_rank, layer.input_size, dtype=weight.dtype, device=weight.device
+            )
+            for _ in self.pieces
+        ]
+        self.lora_b = [
+            torch.zeros(max_adapters, width, max_rank, dtype=weight.dtype, device=weight.device)
+            for _, width in self.pieces
+        ]
+
+    def set_adapter(
+        self,
+        slot: int,
+        shard_id: Any,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+    ) -> None:
+        """Load one output piece's full (unsharded) pair ``A [r, in]``, ``B [out, r]`` into
+        ``slot``; this rank keeps its part, as the layer's weights do."""
+        index = [shard for shard, _ in self.pieces].index(shard_id)
+        rank = lora_a.shape[0]
+        if rank > self.max_rank:
+            raise ValueError(f"LoRA rank {rank} exceeds max_rank {self.max_rank}")
+        a, b = self.layer.shard_lora(lora_a, lora_b, shard_id)
+        self.lora_a[index][slot].zero_()
+        self.lora_b[index][slot].zero_()
+        self.lora_a[index][slot, :rank].copy_(a)
+        self.lora_b[index][slot, :, :rank].copy_(b * scaling)
+
+    def clear_adapter(self, slot: int) -> None:
+        for a, b in zip(self.lora_a, self.lora_b):
+            a[slot].zero_()
+            b[slot].zero_()
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        slots = self.slots.token_slots
+        if slots is None:
+            return
+        for adapter in torch.unique(slots[slots != NO_ADAPTER]).tolist():
+            rows = (slots == adapter).nonzero().squeeze(1)
+            x_rows = x.index_select(0, rows)
+            offset = 0
+            for a, b, (_, width) in zip(self.lora_a, self.lora_b, self.pieces):
+                delta = (x_rows @ a[adapter].T) @ b[adapter].T
+                y[:, offset : offset + width].index_add_(0, rows, delta)
+                offset += width
+
+
+def attach_lora(
+    net: nn.Module, target_modules: Iterable[str], max_adapters: int, max_rank: int
+) -> tuple[LoRASlots, dict[str, TorchLoRA]]:
+    """Give every linear layer of ``net`` whose name ends in one of ``target_modules``
+    (``"qkv_proj"``, ``"down_proj"``, ...) a :class:`TorchLoRA`, all reading one
+    :class:`LoRASlots`; returns the slots and the deltas by module name."""
+    targets = tuple(target_modules)
+    slots = LoRASlots()
+    deltas: dict[str, TorchLoRA] = {}
+    for name, module in net.named_modules():
+        if isinstance(module, LinearBase) and name.rsplit(".", 1)[-1] in targets:
+            module.lora = deltas[name] = TorchLoRA(module, slots, max_adapters, max_rank)
+    if not deltas:
+        raise ValueError(f"no linear layer of the model is named any of {list(targets)}")
+    return slots, deltas
