@@ -143,6 +143,16 @@ class KVCacheManager:
             block_table [ computed (shared) | restored (fresh) | new (fresh)      ]
             tokens      [ counted as computed at once           | this step's work ]
         """
+        if not computed_blocks and not num_restored_blocks:
+            # The common decode: the tokens fit in blocks the request already owns alone.
+            table = request.block_table
+            start = request.num_computed_tokens
+            if (
+                0 < num_new_tokens
+                and start + num_new_tokens <= len(table) * self.block_size
+                and (self.pool.ref_counts[table[start // self.block_size]] == 1)
+            ):
+                return True
         computed_blocks = computed_blocks or []
         num_computed = (
             request.num_computed_tokens
