@@ -21,6 +21,7 @@ from engine_service.engine.batch import SampledTokens, ScheduledBatch
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVEventLog, KVTier
+from engine_service.engine.memory import num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.offload import OffloadManager, RemoteKVStore
 from engine_service.engine.outputs import EngineStats, RequestOutput
@@ -30,20 +31,13 @@ from engine_service.engine.sampler import SamplerResult, SamplingMetadata, sampl
 from engine_service.engine.sampling_params import SamplingParams
 from engine_service.engine.scheduler import Scheduler
 from engine_service.engine.structured import StructuredOutputManager
-from engine_service.models.config import ModelConfig
 from engine_service.models.loader import load_model
 from switchyard.fingerprint import checkpoint_id, kv_fingerprint
 
 logger = logging.getLogger(__name__)
 
-_CPU_KV_BUDGET = 1 << 30
 # How long an engine with nothing to run but remote fetches in flight waits for one.
 _FETCH_WAIT_S = 0.002
-
-
-def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    element = torch.empty((), dtype=dtype).element_size()
-    return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * element
 
 
 @dataclass(slots=True)
@@ -84,7 +78,7 @@ class LLMEngine:
             )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 
-        num_blocks = self._num_kv_blocks()
+        num_blocks = num_kv_blocks(config, self.model_config, self.dtype, self.device)
         # A sequence longer than the whole pool could never be (re)admitted and would stall
         # the queue behind it forever, so the pool bounds the context too.
         pool_tokens = num_blocks * config.block_size
@@ -445,43 +439,3 @@ class LLMEngine:
                 if output.request_id in results:
                     results[output.request_id][output.index].extend(output.new_token_ids)
         return [results[rid] for rid in ids]
-
-    def _num_kv_blocks(self) -> int:
-        config = self.config
-        if config.num_kv_blocks is not None:
-            return config.num_kv_blocks
-        per_block = kv_block_bytes(self.model_config, config.block_size, self.dtype)
-        if config.kv_cache_memory_bytes is not None:
-            budget = config.kv_cache_memory_bytes
-        elif self.device.type == "cuda":
-            budget = self._gpu_kv_budget()
-        else:
-            budget = _CPU_KV_BUDGET
-        num_blocks = budget // per_block
-        if num_blocks < 2:
-            raise ValueError(
-                f"the KV memory budget ({budget} bytes) holds fewer than 2 blocks of "
-                f"{per_block} bytes"
-            )
-        return int(num_blocks)
-
-    def _gpu_kv_budget(self) -> int:
-        """What is left of ``gpu_memory_utilization`` of the device after the weights and
-        a reserve for the largest step's activations and logits."""
-        free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
-        mc, config = self.model_config, self.config
-        element = torch.empty((), dtype=self.dtype).element_size()
-        activations = (
-            config.max_num_batched_tokens
-            * (
-                4 * mc.hidden_size
-                + 3 * mc.intermediate_size
-                + (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
-            )
-            * element
-            * 2
-        )
-        logits = config.max_num_seqs * mc.vocab_size * 4 * 4
-        budget = int(total * config.gpu_memory_utilization) - used_by_others
-        return budget - torch.cuda.memory_allocated(self.device) - activations - logits

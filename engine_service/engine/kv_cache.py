@@ -148,7 +148,7 @@ class KVCacheManager:
             table = request.block_table
             start = request.num_computed_tokens
             if (
-                0 < num_new_tokens
+                num_new_tokens > 0
                 and start + num_new_tokens <= len(table) * self.block_size
                 and (self.pool.ref_counts[table[start // self.block_size]] == 1)
             ):

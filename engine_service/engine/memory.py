@@ -1,0 +1,62 @@
+"""How many KV blocks an engine's pool gets, from its budgets and the device's memory."""
+
+from __future__ import annotations
+
+import torch
+
+from engine_service.engine.config import EngineConfig
+from engine_service.models.config import ModelConfig
+
+_CPU_KV_BUDGET = 1 << 30
+
+
+def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block: keys and values of every layer for ``block_size`` tokens."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * element
+
+
+def num_kv_blocks(
+    config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> int:
+    """``num_kv_blocks`` when given; else ``kv_cache_memory_bytes`` worth; else, on a GPU,
+    what is left of ``gpu_memory_utilization`` after the weights and a step's reserve; on
+    the CPU, 1 GiB worth."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = kv_block_bytes(model, config.block_size, dtype)
+    if config.kv_cache_memory_bytes is not None:
+        budget = config.kv_cache_memory_bytes
+    elif device.type == "cuda":
+        budget = _gpu_kv_budget(config, model, dtype, device)
+    else:
+        budget = _CPU_KV_BUDGET
+    num_blocks = budget // per_block
+    if num_blocks < 2:
+        raise ValueError(
+            f"the KV memory budget ({budget} bytes) holds fewer than 2 blocks of {per_block} bytes"
+        )
+    return int(num_blocks)
+
+
+def _gpu_kv_budget(
+    config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> int:
+    """What is left of ``gpu_memory_utilization`` of the device after the weights and
+    a reserve for the largest step's activations and logits."""
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = total - free - torch.cuda.memory_allocated(device)
+    element = torch.empty((), dtype=dtype).element_size()
+    activations = (
+        config.max_num_batched_tokens
+        * (
+            4 * mc.hidden_size
+            + 3 * mc.intermediate_size
+            + (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+        )
+        * element
+        * 2
+    )
+    logits = config.max_num_seqs * mc.vocab_size * 4 * 4
+    budget = int(total * config.gpu_memory_utilization) - used_by_others
+    return budget - torch.cuda.memory_allocated(device) - activations - logits
