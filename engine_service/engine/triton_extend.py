@@ -1,0 +1,420 @@
+"""Paged extend attention: one Triton kernel for decodes, chunks over cached prefixes, prompts
+and token trees, reading K/V in place through the block table.
+
+It implements the contract of :mod:`engine_service.layers.paged_attention` (ragged batch,
+block-major cache, causal / sliding-window / custom masking); the caller has already written
+this step's K/V into the cache. Nothing is gathered, GQA heads are not repeated and no mask is
+materialized except the caller's own ``custom_mask``.
+
+Work split. One program per (query tile, KV head, sequence). A query tile is ``BLOCK_M``
+consecutive query tokens of one sequence; its rows are those tokens times the ``GROUP`` query
+heads that share the KV head, so one ``tl.dot`` serves the whole group (GQA without repeats)::
+
+    rows of a program (GROUP_PAD = next power of two >= GROUP)
+    row r  ->  query token  q_start + tile * BLOCK_M + r // GROUP_PAD
+               query head   kv_head * GROUP + r % GROUP_PAD     (r % GROUP_PAD >= GROUP: padding)
+
+Key tiles of ``BLOCK_N`` cache indices are loaded through the block table (a tile spans
+``BLOCK_N / block_size`` pages). For a query tile with rows ``j0 .. j1-1`` (cache indices
+``c + j``) and positions ``p_min .. p_max``, the key range splits into::
+
+    cache index   0 ..... lo ........ full_lo ............ full_hi .......... hi
+                  |skipped| masked    | unmasked (no mask  | masked (causal    |
+                  (window)| (window   | work at all)       | diagonal, tree,   |
+                          | edge)     |                    | sequence end)     |
+
+    lo      = p_min - window + 1          (0 without a window)
+    full_lo = p_max - window + 1          (0 without a window)
+    full_hi = c + j0 + 1                  (c with a custom mask: the tree decides the rest)
+    hi      = c + j1                      (seq_len with a custom mask)
+
+Tiles outside ``[lo, hi)`` are never loaded; tiles wholly inside ``[full_lo, full_hi)`` skip
+the mask. Softmax is online (running max and sum, as in FlashAttention), in fp32 with
+``exp2``; fp32 inputs use IEEE-precision dots (no TF32), bf16/fp16 inputs tensor-core dots.
+
+Decode is the ``q_i = 1`` case with a small query tile (16 rows: the group, padded). By the
+H200 measurement in ``bench/extend_kernel.py`` (see ``docs/benchmarks.md``), the separate
+decode kernel of :mod:`engine_service.engine.triton_attention` is not needed for speed: this
+kernel's decode is as fast or faster, because each step loads ``BLOCK_N`` keys (several pages)
+rather than one page. Neither kernel splits a long context across programs (flash-decoding),
+so batch-1 decode of very long contexts leaves most SMs idle in both.
+
+Rows of ``q`` past ``query_start_loc[B]`` (graph padding) are left unwritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from engine_service.layers.paged_attention import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_key_tile(
+    acc,
+    row_max,
+    row_sum,
+    q,
+    k_ptr,
+    v_ptr,
+    tables_ptr,
+    mask_ptr,
+    start,
+    seq,
+    kv_head,
+    context_len,
+    seq_len,
+    query_len,
+    mask_offset,
+    row_query,
+    row_pos,
+    qk_scale,
+    window,
+    stride_table,
+    stride_k_block,
+    stride_k_tok,
+    stride_k_head,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    CUSTOM_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Folds the keys ``start .. start+BLOCK_N-1`` into the running softmax of the rows."""
+    key_idx = start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    if MASKED:
+        # Only this kind of tile can run past the sequence's end, where the block table holds
+        # anything: keep those addresses out of the loads.
+        in_seq = key_idx < seq_len
+        block = tl.load(
+            tables_ptr + seq * stride_table + key_idx // BLOCK_SIZE, mask=in_seq, other=0
+        )
+    else:
+        block = tl.load(tables_ptr + seq * stride_table + key_idx // BLOCK_SIZE)
+    tok_offset = (
+        block.to(tl.int64) * stride_k_block
+        + (key_idx % BLOCK_SIZE) * stride_k_tok
+        + kv_head * stride_k_head
+    )
+    kv_offsets = tok_offset[:, None] + dims[None, :]
+    if MASKED:
+        load_mask = in_seq[:, None] & (dims < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + kv_offsets, mask=load_mask, other=0.0)
+        v = tl.load(v_ptr + kv_offsets, mask=load_mask, other=0.0)
+    elif HEAD_DIM_PAD != HEAD_DIM:
+        load_mask = (tl.arange(0, BLOCK_N) >= 0)[:, None] & (dims < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + kv_offsets, mask=load_mask, other=0.0)
+        v = tl.load(v_ptr + kv_offsets, mask=load_mask, other=0.0)
+    else:
+        k = tl.load(k_ptr + kv_offsets)
+        v = tl.load(v_ptr + kv_offsets)
+
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = scores * qk_scale
+
+    if MASKED:
+        fresh = key_idx - context_len  # index among this step's keys; < 0 for cached ones
+        if CUSTOM_MASK:
+            in_tree = (
+                (fresh[None, :] >= 0)
+                & (fresh[None, :] < query_len)
+                & (row_query[:, None] < query_len)
+            )
+            tree = tl.load(
+                mask_ptr + mask_offset + row_query[:, None] * query_len + fresh[None, :],
+                mask=in_tree,
+                other=0,
+            )
+            visible = (fresh[None, :] < 0) | (tree != 0)
+        else:
+            visible = fresh[None, :] <= row_query[:, None]
+        visible = visible & in_seq[None, :]
+        if USE_WINDOW:
+            visible = visible & (key_idx[None, :].to(tl.int64) > row_pos[:, None] - window)
+        scores = tl.where(visible, scores, float("-inf"))
+
+    # Running max starts at a finite floor so that a row with nothing visible yet keeps
+    # exp2(-inf - floor) = 0 instead of NaN.
+    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    correction = tl.exp2(row_max - new_max)
+    probs = tl.exp2(scores - new_max[:, None])
+    row_sum = row_sum * correction + tl.sum(probs, 1)
+    acc = acc * correction[:, None]
+    if IEEE:
+        acc = tl.dot(probs, v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(probs.to(v.dtype), v, acc)
+    return acc, new_max, row_sum
+
+
+@triton.jit
+def _paged_extend_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    query_start_ptr,
+    seq_lens_ptr,
+    tables_ptr,
+    positions_ptr,
+    mask_ptr,
+    mask_offsets_ptr,
+    qk_scale,
+    window,
+    num_query_tiles,
+    stride_q_tok,
+    stride_q_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_table,
+    stride_k_block,
+    stride_k_tok,
+    stride_k_head,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    CUSTOM_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # The last query tiles see the most keys: start them first.
+    tile = num_query_tiles - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    query_start = tl.load(query_start_ptr + seq)
+    query_len = tl.load(query_start_ptr + seq + 1) - query_start
+    first_query = tile * BLOCK_M
+    if first_query >= query_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - query_len
+    last_query = tl.minimum(first_query + BLOCK_M, query_len)  # exclusive
+
+    ROWS: tl.constexpr = BLOCK_M * GROUP_PAD
+    rows = tl.arange(0, ROWS)
+    row_query = first_query + rows // GROUP_PAD
+    row_head = kv_head * GROUP + rows % GROUP_PAD
+    row_ok = (row_query < query_len) & (rows % GROUP_PAD < GROUP)
+    row_token = (query_start + row_query).to(tl.int64)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    io_mask = row_ok[:, None]
+    if HEAD_DIM_PAD != HEAD_DIM:
+        io_mask = io_mask & (dims < HEAD_DIM)[None, :]
+    q = tl.load(
+        q_ptr
+        + row_token[:, None] * stride_q_tok
+        + row_head[:, None] * stride_q_head
+        + dims[None, :],
+        mask=io_mask,
+        other=0.0,
+    )
+
+    row_pos = tl.zeros([ROWS], tl.int64)
+    lo = 0
+    full_lo = 0
+    if USE_WINDOW:
+        row_pos = tl.load(positions_ptr + row_token, mask=row_ok, other=0)
+        lo = tl.maximum(tl.min(tl.where(row_ok, row_pos, 2**62)) - window + 1, 0).to(tl.int32)
+        full_lo = tl.maximum(tl.max(tl.where(row_ok, row_pos, -1)) - window + 1, 0).to(tl.int32)
+    mask_offset = 0
+    if CUSTOM_MASK:
+        mask_offset = tl.load(mask_offsets_ptr + seq).to(tl.int64)
+        full_hi = context_len
+        hi = seq_len
+    else:
+        full_hi = context_len + first_query + 1
+        hi = context_len + last_query
+
+    # Key tiles: [lo_tile, full_lo_tile) and [full_hi_tile, hi_tile) masked, the rest not.
+    lo_tile = lo // BLOCK_N
+    hi_tile = tl.cdiv(hi, BLOCK_N)
+    full_lo_tile = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N), lo_tile), hi_tile)
+    full_hi_tile = tl.minimum(tl.maximum(full_hi // BLOCK_N, full_lo_tile), hi_tile)
+
+    row_max = tl.full([ROWS], -1.0e30, tl.float32)
+    row_sum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32)
+    for key_tile in range(full_lo_tile, full_hi_tile):
+        acc, row_max, row_sum = _attend_key_tile(
+            acc, row_max, row_sum, q, k_ptr, v_ptr, tables_ptr, mask_ptr,
+            key_tile * BLOCK_N, seq, kv_head, context_len, seq_len, query_len, mask_offset,
+            row_query, row_pos, qk_scale, window,
+            stride_table, stride_k_block, stride_k_tok, stride_k_head,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, False, USE_WINDOW, CUSTOM_MASK, IEEE,
+        )  # fmt: skip
+    for key_tile in range(lo_tile, full_lo_tile):
+        acc, row_max, row_sum = _attend_key_tile(
+            acc, row_max, row_sum, q, k_ptr, v_ptr, tables_ptr, mask_ptr,
+            key_tile * BLOCK_N, seq, kv_head, context_len, seq_len, query_len, mask_offset,
+            row_query, row_pos, qk_scale, window,
+            stride_table, stride_k_block, stride_k_tok, stride_k_head,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, True, USE_WINDOW, CUSTOM_MASK, IEEE,
+        )  # fmt: skip
+    for key_tile in range(full_hi_tile, hi_tile):
+        acc, row_max, row_sum = _attend_key_tile(
+            acc, row_max, row_sum, q, k_ptr, v_ptr, tables_ptr, mask_ptr,
+            key_tile * BLOCK_N, seq, kv_head, context_len, seq_len, query_len, mask_offset,
+            row_query, row_pos, qk_scale, window,
+            stride_table, stride_k_block, stride_k_tok, stride_k_head,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, True, USE_WINDOW, CUSTOM_MASK, IEEE,
+        )  # fmt: skip
+
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    tl.store(
+        out_ptr
+        + row_token[:, None] * stride_o_tok
+        + row_head[:, None] * stride_o_head
+        + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=io_mask,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendConfig:
+    """Tile shape and launch parameters: ``rows`` = query tokens x padded GQA group per
+    program (16 .. 128, a power of two), ``block_n`` keys per step (a multiple of the cache's
+    block size)."""
+
+    rows: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def pick_config(
+    max_query_len: int,
+    group_pad: int,
+    head_dim_pad: int,
+    dtype: torch.dtype,
+    custom_mask: bool = False,
+) -> ExtendConfig:
+    """The launch shape for a batch whose longest query run is ``max_query_len``.
+
+    Shapes were chosen so that sm_90 builds do not spill registers (a [rows, block_n] tree
+    mask tile costs a pointer per element, hence fewer rows with a custom mask)."""
+    wanted = max(16, triton.next_power_of_2(max_query_len) * group_pad)
+    if dtype == torch.float32:
+        # Correctness path (IEEE dots): small tiles keep fp32 operands in registers.
+        return ExtendConfig(rows=min(wanted, 32), block_n=32, num_warps=4, num_stages=2)
+    if wanted <= 16:  # decode-like: memory-bound, long key steps
+        return ExtendConfig(
+            rows=16, block_n=128 if head_dim_pad <= 128 else 64, num_warps=8, num_stages=3
+        )
+    cap = 64 if custom_mask or head_dim_pad > 128 else 128
+    return ExtendConfig(rows=min(wanted, cap), block_n=64, num_warps=8, num_stages=3)
+
+
+def paged_extend_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+    config: ExtendConfig | None = None,
+) -> torch.Tensor:
+    """Attention of a ragged batch over the paged cache: ``q`` ``[T, q_heads, head_dim]`` to
+    ``[T, q_heads, head_dim]`` in ``q``'s dtype, under the masking rules of
+    :mod:`engine_service.layers.paged_attention` (``window`` None: no sliding window).
+
+    Reads ``meta.query_start_loc``, ``seq_lens``, ``block_tables``, ``positions`` (only with a
+    window), ``custom_mask`` and ``custom_mask_offsets`` (when a mask is given) and
+    ``max_query_len``; this step's K/V must already be in ``kv_cache[:, layer]``. ``config``
+    overrides the tile shape (benchmarks); by default :func:`pick_config` chooses it.
+    """
+    if kv_cache.dim() != 6 or kv_cache.shape[2] != 2:
+        raise ValueError(
+            "kv_cache must be [num_blocks, num_layers, 2, block_size, kv_heads, head_dim], "
+            f"got {tuple(kv_cache.shape)}"
+        )
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[3], kv_cache.shape[4]
+    if kv_cache.shape[5] != head_dim or num_heads % num_kv_heads:
+        raise ValueError(
+            f"q {tuple(q.shape)} does not fit a cache of {num_kv_heads} KV heads x {kv_cache.shape[5]}"
+        )
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q is {q.dtype} but the cache is {kv_cache.dtype}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q)
+    if meta.num_seqs == 0 or num_tokens == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    config = config or pick_config(
+        meta.max_query_len, group_pad, head_dim_pad, q.dtype, meta.custom_mask is not None
+    )
+    if config.rows < group_pad or config.rows % group_pad or config.block_n < 16:
+        raise ValueError(f"{config} does not fit a GQA group of {group}")
+    block_m = config.rows // group_pad
+    num_query_tiles = triton.cdiv(max(meta.max_query_len, 1), block_m)
+
+    keys = kv_cache[:, layer, 0]
+    values = kv_cache[:, layer, 1]
+    custom = meta.custom_mask is not None
+    if custom and meta.custom_mask_offsets is None:
+        raise ValueError("custom_mask needs custom_mask_offsets")
+    mask = meta.custom_mask.view(torch.uint8) if custom else meta.seq_lens  # any pointer
+    mask_offsets = meta.custom_mask_offsets if custom else meta.seq_lens
+    tables = meta.block_tables
+    grid = (num_query_tiles, num_kv_heads, meta.num_seqs)
+    _paged_extend_kernel[grid](
+        q,
+        keys,
+        values,
+        out,
+        meta.query_start_loc,
+        meta.seq_lens,
+        tables,
+        meta.positions,
+        mask,
+        mask_offsets,
+        scale * _LOG2E,
+        window or 0,
+        num_query_tiles,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        tables.stride(0),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_M=block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        USE_WINDOW=window is not None,
+        CUSTOM_MASK=custom,
+        IEEE=q.dtype == torch.float32,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
