@@ -44,6 +44,7 @@ Rows of ``q`` past ``query_start_loc[B]`` (graph padding) are left unwritten.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -166,6 +167,8 @@ def _paged_extend_kernel(
     k_ptr,
     v_ptr,
     out_ptr,
+    partial_ptr,
+    lse_ptr,
     query_start_ptr,
     seq_lens_ptr,
     tables_ptr,
@@ -175,6 +178,7 @@ def _paged_extend_kernel(
     qk_scale,
     window,
     num_query_tiles,
+    num_tokens,
     stride_q_tok,
     stride_q_head,
     stride_o_tok,
@@ -185,6 +189,7 @@ def _paged_extend_kernel(
     stride_k_head,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -195,7 +200,8 @@ def _paged_extend_kernel(
     IEEE: tl.constexpr,
 ):
     # The last query tiles see the most keys: start them first.
-    tile = num_query_tiles - 1 - tl.program_id(0)
+    tile = num_query_tiles - 1 - tl.program_id(0) // NUM_SPLITS
+    split = tl.program_id(0) % NUM_SPLITS
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
 
@@ -208,8 +214,7 @@ def _paged_extend_kernel(
     context_len = seq_len - query_len
     last_query = tl.minimum(first_query + BLOCK_M, query_len)  # exclusive
 
-    ROWS: tl.constexpr = BLOCK_M * GROUP_PAD
-    rows = tl.arange(0, ROWS)
+    rows = tl.arange(0, BLOCK_M * GROUP_PAD)
     row_query = first_query + rows // GROUP_PAD
     row_head = kv_head * GROUP + rows % GROUP_PAD
     row_ok = (row_query < query_len) & (rows % GROUP_PAD < GROUP)
@@ -227,7 +232,7 @@ def _paged_extend_kernel(
         other=0.0,
     )
 
-    row_pos = tl.zeros([ROWS], tl.int64)
+    row_pos = tl.zeros([BLOCK_M * GROUP_PAD], tl.int64)
     lo = 0
     full_lo = 0
     if USE_WINDOW:
@@ -248,10 +253,19 @@ def _paged_extend_kernel(
     hi_tile = tl.cdiv(hi, BLOCK_N)
     full_lo_tile = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N), lo_tile), hi_tile)
     full_hi_tile = tl.minimum(tl.maximum(full_hi // BLOCK_N, full_lo_tile), hi_tile)
+    if NUM_SPLITS > 1:
+        # This program's share of the key tiles; the three ranges are clipped to it.
+        per_split = tl.cdiv(hi_tile - lo_tile, NUM_SPLITS)
+        split_lo = lo_tile + split * per_split
+        split_hi = tl.minimum(split_lo + per_split, hi_tile)
+        lo_tile = tl.maximum(lo_tile, split_lo)
+        full_lo_tile = tl.minimum(tl.maximum(full_lo_tile, split_lo), split_hi)
+        full_hi_tile = tl.minimum(tl.maximum(full_hi_tile, split_lo), split_hi)
+        hi_tile = tl.minimum(hi_tile, split_hi)
 
-    row_max = tl.full([ROWS], -1.0e30, tl.float32)
-    row_sum = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32)
+    row_max = tl.full([BLOCK_M * GROUP_PAD], -1.0e30, tl.float32)
+    row_sum = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     for key_tile in range(full_lo_tile, full_hi_tile):
         acc, row_max, row_sum = _attend_key_tile(
             acc, row_max, row_sum, q, k_ptr, v_ptr, tables_ptr, mask_ptr,
@@ -278,6 +292,19 @@ def _paged_extend_kernel(
         )  # fmt: skip
 
     out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    if NUM_SPLITS > 1:
+        # Partial result and its log2-sum-exp2 (-inf for a split with no visible key), in
+        # fp32 at [split, token, head]; _combine_splits_kernel merges them.
+        lse = tl.where(row_sum > 0, row_max + tl.log2(row_sum), float("-inf"))
+        num_heads = tl.num_programs(1) * GROUP
+        row_slot = (split * num_tokens + row_token) * num_heads + row_head
+        tl.store(lse_ptr + row_slot, lse, mask=row_ok)
+        tl.store(
+            partial_ptr + row_slot[:, None] * HEAD_DIM_PAD + dims[None, :],
+            out,
+            mask=row_ok[:, None],
+        )
+        return
     tl.store(
         out_ptr
         + row_token[:, None] * stride_o_tok
@@ -288,16 +315,51 @@ def _paged_extend_kernel(
     )
 
 
+@triton.jit
+def _combine_splits_kernel(
+    partial_ptr,
+    lse_ptr,
+    out_ptr,
+    num_rows,
+    stride_o_tok,
+    stride_o_head,
+    num_heads,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """out[t, h] = sum over splits of partial * 2^(lse - max lse), normalized."""
+    row = tl.program_id(0)  # token * num_heads + head
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    lse = tl.load(lse_ptr + splits * num_rows + row)
+    weight = tl.exp2(lse - tl.max(lse, 0))
+    weight = tl.where(lse == float("-inf"), 0.0, weight)
+    partial = tl.load(
+        partial_ptr + (splits[:, None] * num_rows + row) * HEAD_DIM_PAD + dims[None, :]
+    )
+    out = tl.sum(partial * weight[:, None], 0) / tl.maximum(tl.sum(weight, 0), 1e-30)
+    token = row // num_heads
+    head = row % num_heads
+    tl.store(
+        out_ptr + token.to(tl.int64) * stride_o_tok + head * stride_o_head + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ExtendConfig:
     """Tile shape and launch parameters: ``rows`` = query tokens x padded GQA group per
-    program (16 .. 128, a power of two), ``block_n`` keys per step (a multiple of the cache's
-    block size)."""
+    program (16 .. 128, a power of two), ``block_n`` keys per step (16 or more), and
+    ``num_splits`` programs sharing one query tile's keys (a power of two; None: chosen from
+    the batch so that short batches of long contexts fill the GPU, flash-decoding style)."""
 
     rows: int
     block_n: int
     num_warps: int
     num_stages: int
+    num_splits: int | None = None
 
 
 def pick_config(
@@ -372,6 +434,18 @@ def paged_extend_attention(
         raise ValueError(f"{config} does not fit a GQA group of {group}")
     block_m = config.rows // group_pad
     num_query_tiles = triton.cdiv(max(meta.max_query_len, 1), block_m)
+    num_splits = config.num_splits or _auto_splits(
+        num_query_tiles * num_kv_heads * meta.num_seqs, meta.max_seq_len, config.block_n, q.device
+    )
+    if num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+    if num_splits > 1:
+        partial = torch.empty(
+            num_splits, num_tokens, num_heads, head_dim_pad, dtype=torch.float32, device=q.device
+        )
+        lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    else:
+        partial = lse = out  # unused
 
     keys = kv_cache[:, layer, 0]
     values = kv_cache[:, layer, 1]
@@ -381,12 +455,14 @@ def paged_extend_attention(
     mask = meta.custom_mask.view(torch.uint8) if custom else meta.seq_lens  # any pointer
     mask_offsets = meta.custom_mask_offsets if custom else meta.seq_lens
     tables = meta.block_tables
-    grid = (num_query_tiles, num_kv_heads, meta.num_seqs)
+    grid = (num_query_tiles * num_splits, num_kv_heads, meta.num_seqs)
     _paged_extend_kernel[grid](
         q,
         keys,
         values,
         out,
+        partial,
+        lse,
         meta.query_start_loc,
         meta.seq_lens,
         tables,
@@ -396,6 +472,7 @@ def paged_extend_attention(
         scale * _LOG2E,
         window or 0,
         num_query_tiles,
+        num_tokens,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -406,6 +483,7 @@ def paged_extend_attention(
         keys.stride(2),
         GROUP=group,
         GROUP_PAD=group_pad,
+        NUM_SPLITS=num_splits,
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_SIZE=block_size,
@@ -417,4 +495,38 @@ def paged_extend_attention(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_tokens * num_heads,)](
+            partial,
+            lse,
+            out,
+            num_tokens * num_heads,
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            NUM_SPLITS=num_splits,
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+        )
     return out
+
+
+# A split should stream at least this many keys, or its fixed costs (q load, partial write,
+# the combine) outweigh the parallelism it buys.
+_MIN_KEYS_PER_SPLIT = 512
+
+
+def _auto_splits(programs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
+    """Splits that bring a small grid to about two programs per SM (1 off CUDA)."""
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device)
+    if programs >= sms:
+        return 1
+    splits = min(triton.cdiv(2 * sms, programs), max_seq_len // _MIN_KEYS_PER_SPLIT, 16)
+    return 1 if splits < 2 else 1 << (splits.bit_length() - 1)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

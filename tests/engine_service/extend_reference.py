@@ -97,11 +97,14 @@ def build_case(
     custom_mask: bool | None = None,
     spare_blocks: int = 2,
 ) -> ExtendCase:
-    assert spare_blocks >= 1
-    """A step of ``specs`` with random q and cache contents; ``custom_mask`` None means
-    "only when some sequence is a tree" (True forces one for plain sequences too)."""
+    """A step of ``specs`` with random q and cache contents, built on ``device``;
+    ``custom_mask`` None means "only when some sequence is a tree" (True forces one for plain
+    sequences too)."""
+    if spare_blocks < 1:
+        raise ValueError("the unused table columns need a spare block")
+    device = torch.device(device)
     rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     seq_lens = [s.context_len + s.query_len for s in specs]
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(blocks_per_seq) + spare_blocks
@@ -110,20 +113,18 @@ def build_case(
     width = max(blocks_per_seq) + 2
     # Spare blocks stay NaN; unused table columns point at one of them.
     tables = torch.full((len(specs), width), order[-1], dtype=torch.int32)
-    num_layers, layer = 2, 1
-    cache = torch.full(
-        (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim), float("nan")
-    )
+    owned = torch.zeros(num_blocks, block_size, dtype=torch.bool)
     taken = 0
     for i, n in enumerate(seq_lens):
         ids = order[taken : taken + blocks_per_seq[i]]
         taken += blocks_per_seq[i]
         tables[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
         idx = torch.arange(n)
-        blocks, offsets = tables[i, idx // block_size].long(), idx % block_size
-        cache[blocks, :, :, offsets] = torch.randn(
-            n, num_layers, 2, num_kv_heads, head_dim, generator=gen
-        )
+        owned[tables[i, idx // block_size].long(), idx % block_size] = True
+    num_layers, layer = 2, 1
+    shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
+    cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    cache.masked_fill_(~owned.to(device)[:, None, None, :, None, None], float("nan"))
 
     positions, masks, mask_offsets = [], [], []
     mask_start = 0
@@ -146,9 +147,8 @@ def build_case(
     query_start[1:] = query_lens.cumsum(0)
     num_tokens = int(query_start[-1])
     num_heads = num_kv_heads * group
-    q = torch.randn(num_tokens, num_heads, head_dim, generator=gen)
+    q = torch.randn(num_tokens, num_heads, head_dim, generator=gen, device=device, dtype=dtype)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
-    device = torch.device(device)
     meta = AttentionMetadata(
         num_tokens=num_tokens,
         num_seqs=len(specs),

@@ -22,7 +22,7 @@ from tests.engine_service.extend_reference import (
 )
 from tests.engine_service.triton_interpreter import InterpretedTriton
 
-pytest.importorskip("triton")
+ExtendConfig = pytest.importorskip("engine_service.engine.triton_extend").ExtendConfig
 
 SCALE = 0.3
 
@@ -120,6 +120,18 @@ def test_causal_triangle_as_custom_mask_equals_plain_causal(extend_attention):
 def test_group_and_head_dim_that_are_not_powers_of_two(extend_attention):
     specs = mixed_specs(random.Random(6), num_seqs=4, max_context=20, max_query=10)
     out, ref = run_both(extend_attention, small_case(specs, group=3, head_dim=24, seed=6), window=9)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("trees", "window"), [(False, None), (False, 7), (True, None)])
+def test_keys_split_across_programs_combine_exactly(extend_attention, trees, window):
+    # Flash-decoding: 4 programs share each query tile's key tiles of 16, some get none.
+    specs = mixed_specs(random.Random(8), num_seqs=5, max_context=70, max_query=12, trees=trees)
+    specs.append(SequenceSpec(1, 1))
+    case = small_case(specs, seed=8)
+    split = ExtendConfig(rows=32, block_n=16, num_warps=4, num_stages=1, num_splits=4)
+    out = extend_attention(case.q, case.kv_cache, case.layer, case.meta, SCALE, window, split)
+    ref = dense_reference(case.q, case.kv_cache, case.layer, case.meta, SCALE, window)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
