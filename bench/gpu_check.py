@@ -1,12 +1,18 @@
 """GPU check of the Triton kernels and CUDA graphs against the SDPA reference path.
 
-Runs on a CUDA machine (CI has none): the same greedy requests, with sliding windows, GQA,
-prefix sharing and a small token budget (so prompts are chunked and ride beside decodes),
-through `attention_backend="sdpa"` (eager, synchronous) and `"triton"` eager and with CUDA
-graphs for decode and mixed steps, synchronous and overlapped; tokens must agree and
-logprobs stay close. Exit status 1 on a mismatch.
+Runs on a CUDA machine (CI has none), in two parts; exit status 1 on any mismatch.
 
-    python bench/gpu_check.py
+- Kernel: the paged extend attention kernel (`triton_extend.py`) on random ragged batches
+  (decodes, chunks over cached prefixes, prompts, token trees; GQA groups of 4 and 8; head
+  dims 64 and 128; sliding windows; keys split across programs) in bf16 and fp32, against the
+  dense-mask SDPA reference of `tests/engine_service/extend_reference.py`.
+- Engine: the same greedy requests, with sliding windows, GQA, prefix sharing and a small
+  token budget (so prompts are chunked and ride beside decodes), through
+  `attention_backend="sdpa"` (eager, synchronous) and `"triton"` eager and with CUDA graphs
+  for decode and mixed steps, synchronous and overlapped; tokens must agree and logprobs stay
+  close.
+
+    python bench/gpu_check.py [--kernel-only]
 """
 
 from __future__ import annotations
@@ -22,6 +28,59 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
+from engine_service.engine.triton_extend import ExtendConfig, paged_extend_attention
+from tests.engine_service.extend_reference import (
+    SequenceSpec,
+    build_case,
+    dense_reference,
+    mixed_specs,
+)
+
+# Largest |kernel - reference| allowed, by dtype (outputs are O(1): averages of N(0, 1) values).
+KERNEL_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def check_extend_kernel(device: str = "cuda") -> int:
+    """Random ragged batches through the extend kernel; returns the number of mismatches."""
+    failures = 0
+    rng = random.Random(0)
+    split = ExtendConfig(rows=16, block_n=32, num_warps=4, num_stages=2, num_splits=4)
+    cases = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for head_dim, group in ((64, 4), (128, 4), (128, 8)):
+            for trees in (False, True):
+                for window in (None, 100):
+                    cases.append((dtype, head_dim, group, trees, window, None))
+        cases.append((dtype, 128, 4, True, 60, split))
+        cases.append((dtype, 64, 8, False, None, split))
+    for seed, (dtype, head_dim, group, trees, window, config) in enumerate(cases):
+        specs = mixed_specs(rng, num_seqs=12, max_context=700, max_query=300, trees=trees)
+        specs += [SequenceSpec(3000, 1), SequenceSpec(0, 1), SequenceSpec(1, 1)]
+        case = build_case(
+            specs,
+            num_kv_heads=2,
+            group=group,
+            head_dim=head_dim,
+            block_size=16,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+        )
+        scale = head_dim**-0.5
+        out = paged_extend_attention(
+            case.q, case.kv_cache, case.layer, case.meta, scale, window, config
+        )
+        ref = dense_reference(case.q, case.kv_cache, case.layer, case.meta, scale, window)
+        diff = (out.float() - ref.float()).abs().max().item()  # NaN (a stray read) fails too
+        ok = diff <= KERNEL_TOLERANCE[dtype]
+        failures += not ok
+        print(
+            f"extend {str(dtype)[6:]:8} d={head_dim:3} group={group} trees={trees!s:5} "
+            f"window={window!s:4} splits={config.num_splits if config else 'auto'} "
+            f"max_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}",
+            flush=True,
+        )
+    return failures
 
 
 def run(path: Path, backend: str, graphs: bool, prompts, overlap: bool = False):
@@ -64,7 +123,9 @@ def run(path: Path, backend: str, graphs: bool, prompts, overlap: bool = False):
 
 
 def main() -> int:
-    failures = 0
+    failures = check_extend_kernel()
+    if "--kernel-only" in sys.argv[1:]:
+        return 1 if failures else 0
     rng = random.Random(0)
     for name, cls, extra in [
         ("llama", transformers.LlamaConfig, {}),
