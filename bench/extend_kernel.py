@@ -14,7 +14,8 @@ Prints one row per (model shape, scenario): kernel and SDPA milliseconds, their 
 (`sdpa_ms / kernel_ms`, > 1 means the kernel is faster), the decode kernel's time, and the
 largest difference between the two outputs. The JSON's `ratio` is the geometric mean of the
 per-case ratios; `ratio_prefill` and `ratio_decode` split it. `--sweep` also times a few
-tile shapes per case and reports the fastest (for tuning `pick_config`).
+tile shapes (and, for decodes, key splits) per case and reports the fastest, for tuning
+`pick_config`.
 """
 
 from __future__ import annotations
@@ -181,24 +182,30 @@ def decode_kernel(case, scale, window):
     )
 
 
-SWEEP = [
-    ExtendConfig(rows=128, block_n=64, num_warps=8, num_stages=3),
-    ExtendConfig(rows=128, block_n=32, num_warps=8, num_stages=3),
-    ExtendConfig(rows=128, block_n=64, num_warps=8, num_stages=2),
-    ExtendConfig(rows=64, block_n=64, num_warps=4, num_stages=3),
-    ExtendConfig(rows=64, block_n=64, num_warps=8, num_stages=3),
-    ExtendConfig(rows=16, block_n=128, num_warps=8, num_stages=3),
-    ExtendConfig(rows=16, block_n=64, num_warps=4, num_stages=3),
-    ExtendConfig(rows=16, block_n=64, num_warps=8, num_stages=4),
-    ExtendConfig(rows=16, block_n=128, num_warps=4, num_stages=3),
-    ExtendConfig(rows=16, block_n=256, num_warps=8, num_stages=2),
-]
+# Tile shapes tried by --sweep, by scenario kind; decodes also try key splits.
+SWEEP = {
+    "prefill": [
+        ExtendConfig(rows=64, block_n=64, num_warps=4, num_stages=3),
+        ExtendConfig(rows=128, block_n=64, num_warps=8, num_stages=3),
+        ExtendConfig(rows=64, block_n=32, num_warps=4, num_stages=3),
+        ExtendConfig(rows=64, block_n=64, num_warps=4, num_stages=4),
+        ExtendConfig(rows=32, block_n=64, num_warps=4, num_stages=3),
+    ],
+    "decode": [
+        ExtendConfig(rows=16, block_n=128, num_warps=4, num_stages=3, num_splits=splits)
+        for splits in (None, 1, 4, 16, 32)
+    ]
+    + [
+        ExtendConfig(rows=64, block_n=64, num_warps=4, num_stages=3, num_splits=splits)
+        for splits in (None, 1, 4, 16, 32)
+    ],
+}
 
 
 def bench_ms(fn) -> float:
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=60, return_mode="median")
 
 
 def measure(shape: str, sc: Scenario, sweep: bool) -> tuple[dict, dict | None]:
@@ -255,13 +262,11 @@ def measure(shape: str, sc: Scenario, sweep: bool) -> tuple[dict, dict | None]:
     if not sweep:
         return row, None
     timed = []
-    for base in SWEEP:
-        for splits in (None, 1) if sc.kind == "decode" else (None,):
-            config = ExtendConfig(**{**asdict(base), "num_splits": splits})
-            try:
-                timed.append((bench_ms(lambda config=config: kernel(config)), config))
-            except Exception as error:  # a shape that does not fit this case
-                print(f"      sweep {config}: {type(error).__name__}", flush=True)
+    for config in SWEEP[sc.kind]:
+        try:
+            timed.append((bench_ms(lambda config=config: kernel(config)), config))
+        except Exception as error:  # a shape that does not fit this case
+            print(f"      sweep {config}: {type(error).__name__}", flush=True)
     timed.sort(key=lambda t: t[0])
     for ms, config in timed[:3]:
         print(f"      sweep {ms:8.4f} ms  {config}", flush=True)
@@ -279,6 +284,9 @@ def main() -> int:
     )
     parser.add_argument("--sweep", action="store_true", help="also time the SWEEP tile shapes")
     parser.add_argument("--sweep-shapes", default="8b", help="shapes to sweep (default 8b)")
+    parser.add_argument(
+        "--sweep-kinds", default="prefill,decode", help="scenario kinds to sweep (default both)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -291,7 +299,11 @@ def main() -> int:
     )
     for shape in args.shapes.split(","):
         for sc in scenarios():
-            sweep = args.sweep and shape in args.sweep_shapes.split(",")
+            sweep = (
+                args.sweep
+                and shape in args.sweep_shapes.split(",")
+                and sc.kind in args.sweep_kinds.split(",")
+            )
             row, swept = measure(shape, sc, sweep)
             rows.append(row)
             if swept:
