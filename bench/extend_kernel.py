@@ -5,8 +5,8 @@ sequence at a time (gather its keys through the block table, repeat the KV heads
 query heads, flash / memory-efficient SDPA with a causal or dense mask), decodes in one padded
 batched call (gather every decode's blocks, dense length/window mask). Its plan (slices, block
 ids, decode tables and masks) is built outside the timed region, as the old metadata did.
-For decode batches the separate paged decode kernel (`triton_attention.paged_decode_attention`)
-is timed too, when that module is present.
+For decode batches the separate paged decode kernel (`attention/triton_decode.py`) is timed
+too, when that module is present.
 
     python bench/extend_kernel.py --json bench/results/extend_kernel.json [--sweep]
 
@@ -173,7 +173,7 @@ class SdpaPath:
 def decode_kernel(case, scale, window):
     """The separate paged decode kernel on a pure-decode case, or None without it."""
     try:
-        from engine_service.engine.triton_attention import paged_decode_attention
+        from engine_service.engine.attention.triton_decode import paged_decode_attention
     except ImportError:
         return None
     cache = case.kv_cache[:, case.layer]

@@ -41,7 +41,7 @@ stays valid when they change.
 
 Measured on an H200 (``bench/extend_kernel.py``, bf16, Llama-1B/8B shapes and a GQA group of
 8; ``docs/benchmarks.md``): the separate decode kernel of
-:mod:`engine_service.engine.triton_attention` is slower than this kernel in every decode case
+:mod:`engine_service.engine.attention.triton_decode` is slower than this kernel in every decode case
 (1.1x slower for 64 windowed decodes, 1.3x for 64 at 2048 tokens, up to 10x for one sequence
 at 8192 thanks to the splits), so decodes need no kernel of their own. Batch-1 decode of a
 long context still reads K/V at only 0.1-0.6 TB/s (against 3.2-3.9 TB/s for batches of 16

@@ -188,6 +188,8 @@ def dense_reference(
     for i, seq_len in enumerate(meta.seq_lens.tolist()):
         start, end = query_start[i], query_start[i + 1]
         query_len = end - start
+        if query_len == 0:  # a padding sequence of a captured graph
+            continue
         context_len = seq_len - query_len
         idx = torch.arange(seq_len, device=q.device)
         blocks = meta.block_tables[i, idx // block_size].long()

@@ -69,6 +69,13 @@ def test_decode_only_batch_matches_reference(extend_attention):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_padding_sequences_without_rows_are_skipped(extend_attention):
+    # Captured graphs pad the batch with sequences of no query rows and no context.
+    specs = [SequenceSpec(10, 3), SequenceSpec(0, 0), SequenceSpec(5, 1), SequenceSpec(0, 0)]
+    out, ref = run_both(extend_attention, small_case(specs))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 # Tiles of 8 queries (x 4 heads) and 32 keys. The lengths put key-tile edges where an
 # off-by-one in the mask-free range shows: at the causal diagonal (c + j0 + 2 = 96 and 32)
 # and, with the window of 40, one tile past what the latest row of a query tile may see.
