@@ -339,7 +339,7 @@ def _combine_splits_kernel(
     HEAD_DIM_PAD: tl.constexpr,
 ):
     """out[t, h] = sum over splits of partial * 2^(lse - max lse), normalized."""
-    row = tl.program_id(0)  # token * num_heads + head
+    row = tl.program_id(0).to(tl.int64)  # token * num_heads + head
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, HEAD_DIM_PAD)
     lse = tl.load(lse_ptr + splits * num_rows + row)
@@ -352,7 +352,7 @@ def _combine_splits_kernel(
     token = row // num_heads
     head = row % num_heads
     tl.store(
-        out_ptr + token.to(tl.int64) * stride_o_tok + head * stride_o_head + dims,
+        out_ptr + token * stride_o_tok + head * stride_o_head + dims,
         out.to(out_ptr.dtype.element_ty),
         mask=dims < HEAD_DIM,
     )
