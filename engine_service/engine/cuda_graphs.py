@@ -3,9 +3,12 @@
 Graphs are captured at start for token-count buckets up to ``max_tokens``. Two kinds per
 bucket ``T``:
 
-- *decode*: ``T`` sequences of one query token each (the paged decode kernel);
+- *decode*: ``T`` sequences of one query token each;
 - *mixed*: up to ``min(T, max_seqs)`` sequences sharing ``T`` query tokens in any split:
-  decodes beside small prefill chunks and extends over cached prefixes (the extend kernel).
+  decodes beside small prefill chunks and extends over cached prefixes.
+
+The two differ in the attention launch the backend picks (tile shapes for one query row
+against tiles for longer runs), which is fixed at capture.
 
 A live step is copied into the static input buffers of the smallest bucket that holds it
 and padded: padding tokens write their K/V into the scratch block the pool never hands out,
