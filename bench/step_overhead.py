@@ -1,8 +1,9 @@
 """Host overhead of an engine step: the share of step time spent outside the model's forward.
 
 A decode batch of B sequences (B = 1 and 64 by default) runs on a tiny random Llama; every
-step's wall time and the model's own forward time (embedding to logits, timed with device
-events on CUDA) are measured in the same run, after warm-up:
+step's wall time and the model's own forward time (the runner's execute: embedding to logits,
+eager or a graph replay, timed with device events on CUDA) are measured in the same run,
+after warm-up:
 
     host_overhead_fraction = (step time - forward time) / step time
 
@@ -35,27 +36,23 @@ from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 
 
 class ForwardTimer:
-    """Wraps the model's forward and logits projection; sums their time per step."""
+    """Wraps the runner's ``execute`` (the forward pass, eager or a graph replay, and the
+    logits projection); sums its time per step, from device events on CUDA."""
 
-    def __init__(self, model: torch.nn.Module, device: str) -> None:
+    def __init__(self, runner, device: str) -> None:
         self.cuda = device.startswith("cuda")
         self.events: list[tuple] = []
         self.seconds = 0.0
         self._lock = threading.Lock()
-        forward, logits = model.forward, model.compute_logits
-        state = {}
+        execute = runner.execute
 
-        def timed_forward(*args, **kwargs):
-            state["start"] = self._mark()
-            return forward(*args, **kwargs)
-
-        def timed_logits(hidden):
-            out = logits(hidden)
-            self._add(state.pop("start"), self._mark())
+        def timed_execute(*args, **kwargs):
+            start = self._mark()
+            out = execute(*args, **kwargs)
+            self._add(start, self._mark())
             return out
 
-        model.forward = timed_forward
-        model.compute_logits = timed_logits
+        runner.execute = timed_execute
 
     def _mark(self):
         if self.cuda:
@@ -96,7 +93,7 @@ def measure(args, path: Path, batch: int, overlapped: bool) -> dict:
             cuda_graph_max_batch=max(batch, 1),
         )
     )
-    timer = ForwardTimer(engine.model, args.device)
+    timer = ForwardTimer(engine.runner, args.device)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.steps * 2 + 32, ignore_eos=True)
     for i in range(batch):
