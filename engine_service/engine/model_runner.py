@@ -47,7 +47,12 @@ class _HostBuffers:
         self.logits_t, self.logits = buffer(max_tokens)
         self.query_start_t, self.query_start = buffer(max_seqs + 1, dtype=torch.int32)
         self.seq_lens_t, self.seq_lens = buffer(max_seqs, dtype=torch.int32)
-        self.tables_t, self.tables = buffer(max_seqs, max_blocks, dtype=torch.int32)
+        # Tables are built full width, then packed to the step's width in one contiguous run
+        # (a strided slice would be staged through pageable memory, which syncs the stream).
+        self.tables = np.zeros((max_seqs, max_blocks), dtype=np.int32)
+        self.packed_tables_t, self.packed_tables = buffer(max_seqs * max_blocks, dtype=torch.int32)
+        self.pending_rows_t, self.pending_rows = buffer(max_seqs)
+        self.pending_src_t, self.pending_src = buffer(max_seqs)
 
 
 class ModelRunner:
@@ -103,15 +108,15 @@ class ModelRunner:
         # Token ids: each sequence's slice of known tokens, then its drafts; a token still
         # being sampled by the step in flight is a placeholder filled on the device.
         pieces = []
-        pending_rows: list[int] = []
-        pending_src: list[int] = []
+        num_pending = 0
         for i, s in enumerate(seqs):
             known = s.request.all_token_ids[s.start : s.start + s.num_known_tokens]
             pieces.append(known)
             if s.pending_row >= 0:
                 pieces.append((0,))
-                pending_rows.append(int(query_start[i]) + s.num_known_tokens - 1)
-                pending_src.append(s.pending_row)
+                buf.pending_rows[num_pending] = int(query_start[i]) + s.num_known_tokens - 1
+                buf.pending_src[num_pending] = s.pending_row
+                num_pending += 1
             if s.draft_token_ids:
                 pieces.append(s.draft_token_ids)
         token_ids = buf.token_ids[:num_tokens]
@@ -143,7 +148,8 @@ class ModelRunner:
         if any(s.custom_mask is not None for s in seqs):
             custom_mask, offsets = self._custom_masks(batch)
 
-        device = self.device
+        packed = buf.packed_tables[: num_seqs * width].reshape(num_seqs, width)
+        packed[:] = tables[:num_seqs, :width]
         to = self._to_device
         meta = AttentionMetadata(
             num_tokens=num_tokens,
@@ -154,7 +160,7 @@ class ModelRunner:
             seq_lens=to(buf.seq_lens_t[:num_seqs]),
             positions=to(buf.positions_t[:num_tokens]),
             slot_mapping=to(buf.slots_t[:num_tokens]),
-            block_tables=to(buf.tables_t[:num_seqs, :width]),
+            block_tables=to(buf.packed_tables_t[: num_seqs * width].view(num_seqs, width)),
             query_start_loc_host=buf.query_start_t[: num_seqs + 1],
             seq_lens_host=buf.seq_lens_t[:num_seqs],
             custom_mask=custom_mask,
@@ -165,8 +171,8 @@ class ModelRunner:
             positions=meta.positions,
             meta=meta,
             logits_indices=to(buf.logits_t[:total_logits]),
-            pending_rows=torch.tensor(pending_rows, device=device) if pending_rows else None,
-            pending_src=torch.tensor(pending_src, device=device) if pending_src else None,
+            pending_rows=to(buf.pending_rows_t[:num_pending]) if num_pending else None,
+            pending_src=to(buf.pending_src_t[:num_pending]) if num_pending else None,
         )
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ class SamplingMetadata:
     seeded_noise: torch.Tensor | None
     max_num_logprobs: int | None
     logprob_rows: list[int]
+    logprob_index: torch.Tensor | None
 
     @classmethod
     def build(
@@ -67,8 +68,12 @@ class SamplingMetadata:
         params = [r.params for r in requests]
         num = len(requests)
 
+        pin = device.type == "cuda"
+
         def tensor(values, dtype=torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            # From pinned memory: a copy from pageable memory would wait for the stream.
+            host = torch.tensor(values, dtype=dtype)
+            return host.pin_memory().to(device, non_blocking=True) if pin else host
 
         identity = rows == list(range(num))
         greedy_list = [p.greedy for p in params]
@@ -87,7 +92,7 @@ class SamplingMetadata:
         output_counts = prompt_seen = repetition = frequency = presence = None
         if any(p.needs_penalties for p in params):
             output_counts = _token_counts([r.output_token_ids for r in requests], vocab_size)
-            output_counts = output_counts.to(device)
+            output_counts = _pinned_to(output_counts, device)
             repetition = tensor([p.repetition_penalty for p in params])
             frequency = tensor([p.frequency_penalty for p in params])
             presence = tensor([p.presence_penalty for p in params])
@@ -96,7 +101,7 @@ class SamplingMetadata:
                     r.prompt_token_ids if r.params.repetition_penalty != 1.0 else []
                     for r in requests
                 ]
-                prompt_seen = (_token_counts(prompts, vocab_size) > 0).to(device)
+                prompt_seen = _pinned_to(_token_counts(prompts, vocab_size) > 0, device)
 
         stop_rows: list[int] = []
         stop_tokens: list[int] = []
@@ -129,16 +134,20 @@ class SamplingMetadata:
             grammar_rows=tensor(grammar_rows, torch.long) if grammar_rows else None,
             grammar_bitmask=grammar_bitmask,
             seeded_rows=tensor(seeded, torch.long) if seeded else None,
-            seeded_noise=torch.stack(
-                [
-                    torch.empty(vocab_size).exponential_(generator=requests[i].generator)
-                    for i in seeded
-                ]
-            ).to(device)
+            seeded_noise=_pinned_to(
+                torch.stack(
+                    [
+                        torch.empty(vocab_size).exponential_(generator=requests[i].generator)
+                        for i in seeded
+                    ]
+                ),
+                device,
+            )
             if seeded
             else None,
             max_num_logprobs=max((params[i].logprobs for i in want), default=None),
             logprob_rows=want,
+            logprob_index=tensor(want, torch.long) if want else None,
         )
 
 
@@ -194,9 +203,8 @@ def sample(
     if meta.logits_rows is not None:
         logits = logits[meta.logits_rows]
     raw_logprobs = None
-    if meta.logprob_rows:
-        rows = torch.tensor(meta.logprob_rows, device=logits.device)
-        raw_logprobs = torch.log_softmax(logits[rows], dim=-1)
+    if meta.logprob_index is not None:
+        raw_logprobs = torch.log_softmax(logits[meta.logprob_index], dim=-1)
 
     if meta.output_counts is not None:
         logits = apply_penalties(logits, meta)
@@ -220,7 +228,7 @@ def sample(
 
     result = SamplerResult(token_ids)
     if raw_logprobs is not None:
-        chosen_ids = token_ids[torch.tensor(meta.logprob_rows, device=logits.device)]
+        chosen_ids = token_ids[meta.logprob_index]
         result.chosen_logprobs = raw_logprobs.gather(1, chosen_ids[:, None]).squeeze(1)
         if meta.max_num_logprobs:
             top = raw_logprobs.topk(meta.max_num_logprobs, dim=-1)
@@ -272,6 +280,12 @@ def draw(logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generato
     if meta.seeded_rows is not None:
         noise[meta.seeded_rows] = meta.seeded_noise
     return (probs / noise).argmax(dim=-1)
+
+
+def _pinned_to(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _token_counts(token_lists: list[list[int]], vocab_size: int) -> torch.Tensor:
