@@ -5,6 +5,11 @@ two views (a replica whose process is gone leaves the registry; one being stoppe
 DRAINING), computes a :class:`~controller.plan.PoolPlan` against the desired size and applies
 it. Every action is idempotent and nothing is assumed to have worked: the next tick observes
 again. Ticks run every ``interval_s`` and at once after a scale order.
+
+One thing ends the loop instead of being retried: a replica whose backend reports that it
+cannot start (``Instance.cannot_start``: a bad flag, an unsupported model, missing files).
+Every restart would fail the same way, so :meth:`Reconciler.run` raises
+:class:`EngineCannotStart` with the replica's own message and the process decides what to do.
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ _UNREGISTERED_STATE = {
     Phase.EXITED: common_pb2.REPLICA_STATE_UNHEALTHY,
     Phase.STOPPING: common_pb2.REPLICA_STATE_DRAINING,
 }
+
+
+class EngineCannotStart(Exception):
+    """A replica failed at start in a way no restart fixes; ``message`` is its own words."""
+
+    def __init__(self, replica_id: str, message: str) -> None:
+        super().__init__(f"{replica_id} cannot start: {message}")
+        self.replica_id = replica_id
+        self.message = message
 
 
 class Reconciler:
@@ -80,6 +94,10 @@ class Reconciler:
         self._registry.sweep()
         instances = await self._observe()
         self._sync_registry(instances)
+        for instance in instances:
+            if instance.cannot_start:
+                self._instances = instances
+                raise EngineCannotStart(instance.replica_id, instance.cannot_start)
         plan = plan_pool(
             ENGINE_POOL,
             self._desired,
@@ -119,10 +137,13 @@ class Reconciler:
         return instances
 
     async def run(self) -> None:
-        """Ticks until cancelled; a failing tick is logged and the next one tries again."""
+        """Ticks until cancelled; a failing tick is logged and the next one tries again,
+        except :class:`EngineCannotStart`, which ends the loop."""
         while True:
             try:
                 await self.reconcile_once()
+            except EngineCannotStart:
+                raise
             except Exception:
                 log.exception("reconcile tick failed")
             self._wake.clear()

@@ -11,12 +11,16 @@ With ``backend=kubernetes`` the pool is a :class:`~controller.kubernetes_backend
 the process first waits for the controller Lease: meanwhile its overall health is SERVING (it
 is alive) and ControllerService's NOT_SERVING (not ready, so its Service sends it nothing). A
 leader that loses the Lease exits with status 1 and comes back as a candidate.
+
+With the local backend, an engine that cannot start (it exited with
+:data:`~switchyard.exit_codes.CANNOT_START`: a bad flag, an unsupported model, missing files)
+stops the controller, which logs the engine's own message and exits with that same status,
+so that ``switchyard up`` ends with the message instead of watching a restart loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
@@ -35,8 +39,9 @@ from controller.kubernetes_backend import KubernetesEnginePool
 from controller.leader import LeadershipLost, LeaseElector
 from controller.local_backend import LocalEngineSpec, LocalProcessBackend
 from controller.plan import RestartPolicy
-from controller.reconciler import ENGINE_POOL, Reconciler
+from controller.reconciler import ENGINE_POOL, EngineCannotStart, Reconciler
 from controller.registry import ReplicaRegistry
+from switchyard.exit_codes import CANNOT_START
 from switchyard.grpc_utils import GrpcServer, create_server
 from switchyard.log import setup_logging
 from switchyard.settings import ControllerSettings, load_settings
@@ -182,6 +187,7 @@ def make_backend(settings: ControllerSettings, controller_address: str) -> Backe
         served_model_name=settings.served_model_name,
         extra_args=tuple(settings.engine_args),
         log_level=settings.log_level,
+        run_dir=settings.run_dir.expanduser() if settings.run_dir else None,
     )
     return LocalProcessBackend(spec)
 
@@ -236,9 +242,18 @@ async def _hold(elector: LeaseElector, lost: list[LeadershipLost], stop: asyncio
         stop.set()
 
 
+def _stop_when_failed(
+    task: asyncio.Task[None], failures: list[BaseException], stop: asyncio.Event
+) -> None:
+    """Done-callback of a background task: one that ended with an error stops the process."""
+    if not task.cancelled() and task.exception() is not None:
+        failures.append(task.exception())  # type: ignore[arg-type]
+        stop.set()
+
+
 async def serve(settings: ControllerSettings) -> None:
     """Runs the controller until SIGTERM or SIGINT; raises :class:`LeadershipLost` when it
-    led and lost the Lease."""
+    led and lost the Lease, and :class:`EngineCannotStart` when an engine cannot start."""
     if settings.leader_election and settings.backend != "kubernetes":
         raise NotImplementedError("leader_election needs backend=kubernetes")
     feed = RouteFeed()
@@ -293,11 +308,14 @@ async def serve(settings: ControllerSettings) -> None:
         )
         leading = await _lead_or_stop(elector, server, stop)
     lost: list[LeadershipLost] = []
+    failures: list[BaseException] = []
     tasks: list[asyncio.Task[None]] = []
     if leading:
         if elector is not None:
             background.append(_hold(elector, lost, stop))
         tasks = [asyncio.create_task(work) for work in background]
+        for task in tasks:
+            task.add_done_callback(lambda done: _stop_when_failed(done, failures, stop))
         await server.set_serving(True)
         log.info(
             "controller serving",
@@ -310,9 +328,8 @@ async def serve(settings: ControllerSettings) -> None:
     log.info("controller stopping")
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # Their failures, if any, are in ``failures`` already (the done-callback).
+    await asyncio.gather(*tasks, return_exceptions=True)
     if backend is not None:
         await backend.close()  # engines deregister while the server still answers
     if elector is not None and not lost:
@@ -323,6 +340,8 @@ async def serve(settings: ControllerSettings) -> None:
     log.info("controller stopped")
     if lost:
         raise lost[0]
+    if failures:
+        raise failures[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,6 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     except LeadershipLost as exc:
         log.error("lost leadership; exiting to start again as a candidate: %s", exc)
         return 1
+    except EngineCannotStart as exc:
+        log.error(
+            "engine cannot start; stopping instead of restarting it: %s",
+            exc.message,
+            extra={"replica_id": exc.replica_id},
+        )
+        # Plain text too: ``switchyard up`` shows the end of this log to the user.
+        print(f"{exc.replica_id} cannot start: {exc.message}", file=sys.stderr, flush=True)
+        return CANNOT_START
     return 0
 
 

@@ -286,6 +286,11 @@ class ControllerSettings(ServiceSettings):
     engine_host: str = Field(
         default="127.0.0.1", description="address local engines bind and advertise"
     )
+    run_dir: Path | None = Field(
+        default=None,
+        description="local backend: folder for engine logs and the record of running engines "
+        "(a restarted controller adopts them); empty: data_dir",
+    )
     engine_base_port: int = Field(
         default=50100, ge=1, le=65535, description="gRPC port of the first local engine"
     )
