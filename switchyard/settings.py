@@ -373,6 +373,13 @@ class GatewaySettings(ServiceSettings):
     request_timeout_s: float = Field(
         default=600.0, gt=0, description="longest a request may take end to end"
     )
+    failover_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="how long a request that has produced nothing waits for a replica to "
+        "serve it when the replicas it tried were unavailable (a crashed engine's restart); "
+        "0: fail at once",
+    )
     max_n: int = Field(default=16, ge=1, description="largest `n` (samples per request) accepted")
     routing_policy: Literal["least_load", "prefix", "round_robin"] = Field(
         default="least_load",
