@@ -10,6 +10,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
@@ -18,7 +19,7 @@ from gateway.engine_client import EngineClient, EngineError
 from gateway.routing import LeastLoadPolicy, Replica, RequestInfo, Router
 from switchyard.settings import EngineSettings
 from switchyard.v1 import common_pb2, engine_pb2
-from tests.gateway.conftest import MAX_MODEL_LEN, MODEL_NAME, BackgroundLoop
+from tests.gateway.conftest import MAX_MODEL_LEN, MODEL_NAME, BackgroundLoop, serve_gateway
 
 
 class MutableRoutes:
@@ -180,3 +181,24 @@ def test_a_request_that_waited_in_vain_fails_without_internal_addresses(
 
 async def _collect(client: EngineClient) -> list[engine_pb2.GenerateResponse]:
     return [response async for response in client.generate(*request())]
+
+
+def test_health_says_whether_the_gateway_can_serve_and_live_that_it_answers(
+    background: BackgroundLoop, checkpoint: Path
+) -> None:
+    """The routing table still lists the replica as READY (the controller has not noticed),
+    but its connection failed: /health turns 503 at once; /live stays 200."""
+    routes = MutableRoutes([Replica("engine-0", f"127.0.0.1:{free_port()}", model=MODEL_NAME)])
+    gateway = serve_gateway(background, checkpoint, routes, failover_wait_s=0, request_timeout_s=30)
+    try:
+        assert httpx.get(f"{gateway.base_url}/health").status_code == 200
+        body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 2}
+        failed = httpx.post(f"{gateway.base_url}/v1/completions", json=body, timeout=30)
+        assert failed.status_code == 503
+        assert "127.0.0.1" not in failed.text
+        health = httpx.get(f"{gateway.base_url}/health")
+        assert health.status_code == 503
+        assert health.json()["ready_replicas"] == 0
+        assert httpx.get(f"{gateway.base_url}/live").status_code == 200
+    finally:
+        gateway.close()
