@@ -122,7 +122,7 @@ def cannot_start_message(log_path: Path, max_bytes: int = 65536) -> str:
             plain = plain or line
             continue
         if isinstance(record, dict) and record.get("level") in ("ERROR", "CRITICAL"):
-            return str(record.get("msg", line))
+            return str(record.get("msg", line)).removeprefix("engine cannot start: ")
     return plain or "(no output)"
 
 

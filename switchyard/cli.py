@@ -265,7 +265,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     supervisor = Supervisor(log_dir, env, report=report)
     try:
-        supervisor.start("kv", kv_argv)
+        supervisor.start("kv", kv_argv, label="KV service")
         supervisor.start("controller", controller_argv)
         supervisor.start("gateway", gateway_argv)
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
@@ -299,11 +299,11 @@ def _supervise(
             failed = supervisor.poll()
             if failed is not None:
                 print(
-                    f"the {failed.name} cannot start ({describe_status(failed.returncode)}); "
-                    "its log ends with:",
+                    f"the {failed.name} cannot go on ({describe_status(failed.returncode)}; "
+                    f"log: {failed.log_path}):",
                     file=sys.stderr,
                 )
-                print(failed.log_tail, file=sys.stderr, flush=True)
+                print(failed.reason(), file=sys.stderr, flush=True)
                 return 1
             if ready:
                 continue

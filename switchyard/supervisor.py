@@ -50,12 +50,17 @@ class Service:
     popen: subprocess.Popen[bytes]
     log_file: IO[bytes]
     started_at: float
+    label: str = ""  # how messages name it; "" means its name
     restarts: int = 0
     failures: int = 0  # consecutive runs shorter than stable_after_s
     restart_at: float | None = None  # set while it waits for its backoff
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.name
 
     def signal_group(self, signum: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -81,6 +86,15 @@ class ServiceFailed:
     name: str
     returncode: int
     log_tail: str
+    log_path: Path
+
+    def reason(self) -> str:
+        """Its own last words when it ended with one plain line (as the controller does for an
+        engine that cannot start), else the end of its log."""
+        lines = [line for line in self.log_tail.splitlines() if line.strip()]
+        if lines and not lines[-1].lstrip().startswith(("{", " ", "Traceback")):
+            return lines[-1]
+        return self.log_tail
 
 
 class Supervisor:
@@ -106,11 +120,12 @@ class Supervisor:
         self._clock = clock
         self.services: list[Service] = []
 
-    def start(self, name: str, argv: list[str]) -> Service:
-        """Starts ``argv`` as service ``name``; it is supervised from now on."""
+    def start(self, name: str, argv: list[str], label: str = "") -> Service:
+        """Starts ``argv`` as service ``name`` (its log is ``<name>.log``; messages call it
+        ``label`` when given); it is supervised from now on."""
         log_path = self._log_dir / f"{name}.log"
         popen, log_file = self._spawn(argv, log_path)
-        service = Service(name, argv, log_path, popen, log_file, self._clock())
+        service = Service(name, argv, log_path, popen, log_file, self._clock(), label)
         self.services.append(service)
         return service
 
@@ -139,7 +154,9 @@ class Supervisor:
             returncode = service.popen.returncode
             if service.restart_at is None:
                 if returncode in GIVE_UP_STATUSES:
-                    return ServiceFailed(service.name, returncode, service.log_tail())
+                    return ServiceFailed(
+                        service.shown, returncode, service.log_tail(), service.log_path
+                    )
                 ran_s = now - service.started_at
                 service.failures = 1 if ran_s >= self._stable_after_s else service.failures + 1
                 backoff = min(
@@ -147,7 +164,7 @@ class Supervisor:
                 )
                 service.restart_at = now + backoff
                 self._report(
-                    f"the {service.name} exited ({describe_status(returncode)}); restarting it "
+                    f"the {service.shown} exited ({describe_status(returncode)}); restarting it "
                     f"in {backoff:.1f} s; its log: {service.log_path}"
                 )
                 service.signal_group(signal.SIGKILL)  # whatever it left in its group
@@ -157,7 +174,7 @@ class Supervisor:
                 service.started_at = now
                 service.restart_at = None
                 service.restarts += 1
-                self._report(f"restarted the {service.name} (pid {service.popen.pid})")
+                self._report(f"restarted the {service.shown} (pid {service.popen.pid})")
         return None
 
     def stop(self, timeouts_s: dict[str, float], default_timeout_s: float) -> list[str]:
@@ -168,7 +185,7 @@ class Supervisor:
         killed = []
         for service in self.services:
             if not service.wait(timeouts_s.get(service.name, default_timeout_s)):
-                killed.append(service.name)
+                killed.append(service.shown)
             service.signal_group(signal.SIGKILL)  # its group: whatever it left behind
             service.wait(5.0)
             service.log_file.close()

@@ -41,6 +41,8 @@ def test_serving_continues_and_the_kv_service_comes_back(chaos_stack: Stack) -> 
 
     wait_until(lambda: new_pid(chaos_stack, "kv_service", old), 30, "a new KV service")
     wait_until(lambda: kv_answers(chaos_stack.kv), 30, "the KV service to answer")
-    assert "the kv exited (killed by SIGKILL); restarting it" in chaos_stack.output.read_text()
+    assert (
+        "the KV service exited (killed by SIGKILL); restarting it" in chaos_stack.output.read_text()
+    )
     assert complete(chaos_stack, prompt="after the KV service came back").status_code == 200
     assert_idle(chaos_stack)

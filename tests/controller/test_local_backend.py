@@ -265,7 +265,7 @@ def test_an_engine_that_cannot_start_is_reported_with_its_own_message(tmp_path: 
         asyncio.run(backend.start("engine-0", 0))
         wait_for(lambda: observe(backend)[0].phase is Phase.EXITED)
         [instance] = observe(backend)
-        assert instance.cannot_start == "engine cannot start: architecture Foo is not supported"
+        assert instance.cannot_start == "architecture Foo is not supported"
     finally:
         asyncio.run(backend.close())
 

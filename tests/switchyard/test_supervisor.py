@@ -46,7 +46,9 @@ def test_a_killed_service_is_restarted_with_the_same_command_and_log(
     supervisor: tuple[Supervisor, list[str]],
 ) -> None:
     sup, reports = supervisor
-    service = sup.start("kv", [sys.executable, "-c", SERVICE, "--port", "50060"])
+    service = sup.start(
+        "kv", [sys.executable, "-c", SERVICE, "--port", "50060"], label="KV service"
+    )
     wait_for(lambda: started(service.log_path))
     first_pid = service.popen.pid
     os.kill(first_pid, signal.SIGKILL)
@@ -55,7 +57,8 @@ def test_a_killed_service_is_restarted_with_the_same_command_and_log(
     second = started(service.log_path)[1]
     assert service.popen.pid != first_pid
     assert "'--port', '50060'" in second
-    assert any("the kv exited (killed by SIGKILL); restarting it" in r for r in reports)
+    assert service.log_path.name == "kv.log"
+    assert any("the KV service exited (killed by SIGKILL); restarting it" in r for r in reports)
 
 
 def test_quick_repeated_crashes_back_off(supervisor: tuple[Supervisor, list[str]]) -> None:
@@ -78,6 +81,7 @@ def test_a_service_that_cannot_start_is_not_restarted(
     assert failed is not None
     assert (failed.name, failed.returncode) == ("controller", status)
     assert "engine-0 cannot start: unsupported architecture" in failed.log_tail
+    assert failed.reason() == "engine-0 cannot start: unsupported architecture"
     assert service.restarts == 0
 
 
