@@ -8,9 +8,10 @@ Each replica runs ``engine_command + engine_args`` plus the flags that make it i
 those are free, otherwise on ports the OS picks.
 
 The backend survives its own controller: it records the engines it runs in
-``<run_dir>/engines.json`` (pid, process start time, ordinal, address), and a controller that
-starts over the same ``run_dir`` adopts the engines that still run instead of starting
-duplicates. An adopted engine is no child of the new controller; it is watched through
+``<run_dir>/engines.json`` (pid, process start time, ordinal, address, and the pool's desired
+size), and a controller that starts over the same ``run_dir`` adopts the engines that still
+run instead of starting duplicates, and with them the desired size (``adopted_desired``), so
+that a ``switchyard scale`` survives the controller's restart. An adopted engine is no child of the new controller; it is watched through
 ``/proc`` (the start time guards against a reused pid) and stopped by signalling its process
 group all the same. The engines re-register with the new controller on their own.
 
@@ -158,7 +159,14 @@ class LocalProcessBackend(Backend):
         run_dir = spec.run_dir or spec.data_dir
         self._log_dir = run_dir / "logs"
         self._state_path = run_dir / "engines.json"
+        self._desired: int | None = None
+        self.adopted_desired: int | None = None  # set when engines were adopted
         self._adopt()
+
+    def record_desired(self, desired: int) -> None:
+        """Remembers the pool's desired size for a controller that may follow this one."""
+        self._desired = desired
+        self._save()
 
     def log_path(self, replica_id: str) -> Path:
         return self._log_dir / f"{replica_id}.log"
@@ -166,7 +174,8 @@ class LocalProcessBackend(Backend):
     def _adopt(self) -> None:
         """Takes over the engines a previous controller recorded and that still run."""
         try:
-            recorded = json.loads(self._state_path.read_text())["engines"]
+            state = json.loads(self._state_path.read_text())
+            recorded = state["engines"]
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -196,6 +205,9 @@ class LocalProcessBackend(Backend):
                 "adopted running engine",
                 extra={"replica_id": replica_id, "pid": pid, "address": address},
             )
+        desired = state.get("desired")
+        if self._processes and isinstance(desired, int) and desired >= 0:
+            self.adopted_desired = self._desired = desired
         self._save()
 
     def _save(self) -> None:
@@ -213,7 +225,7 @@ class LocalProcessBackend(Backend):
         ]
         self._state_path.parent.mkdir(parents=True, exist_ok=True)
         partial = self._state_path.with_suffix(".json.partial")
-        partial.write_text(json.dumps({"engines": engines}, indent=1))
+        partial.write_text(json.dumps({"desired": self._desired, "engines": engines}, indent=1))
         partial.replace(self._state_path)
 
     async def observe(self) -> list[Instance]:

@@ -56,7 +56,10 @@ class Reconciler:
         policy: RestartPolicy,
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        on_scale: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_scale`` hears every desired size, the first one included (the local backend
+        records it for a controller that may follow)."""
         if desired < 0:
             raise ValueError("desired must be >= 0")
         self._registry = registry
@@ -68,6 +71,9 @@ class Reconciler:
         self._instances: list[Instance] = []
         self._next_ordinal = 0
         self._wake = asyncio.Event()
+        self._on_scale = on_scale
+        if on_scale is not None:
+            on_scale(desired)
 
     @property
     def desired(self) -> int:
@@ -82,6 +88,8 @@ class Reconciler:
         if replicas < 0:
             raise ValueError("replicas must be >= 0")
         previous, self._desired = self._desired, replicas
+        if self._on_scale is not None:
+            self._on_scale(replicas)
         self._wake.set()
         return previous
 

@@ -33,7 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from controller.autoscaler import AutoscalePolicy, Autoscaler
-from controller.backend import Backend, EnginePool
+from controller.backend import EnginePool
 from controller.kube_api import KubeApi, current_namespace
 from controller.kubernetes_backend import KubernetesEnginePool
 from controller.leader import LeadershipLost, LeaseElector
@@ -172,7 +172,9 @@ def reachable_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def make_backend(settings: ControllerSettings, controller_address: str) -> Backend | None:
+def make_backend(
+    settings: ControllerSettings, controller_address: str
+) -> LocalProcessBackend | None:
     """The local backend, or None for ``none`` (``kubernetes``: see :func:`kubernetes_parts`)."""
     if settings.backend != "local":
         return None
@@ -265,7 +267,7 @@ async def serve(settings: ControllerSettings) -> None:
     server = create_server(settings.host, settings.port, [SERVICE_NAME])
     background: list[Coroutine[Any, Any, None]] = []
     api: KubeApi | None = None
-    backend: Backend | None = None
+    backend: LocalProcessBackend | None = None
     pool: EnginePool | None
     if settings.backend == "kubernetes":
         api, kubernetes_pool, autoscaler = kubernetes_parts(settings, registry)
@@ -275,13 +277,20 @@ async def serve(settings: ControllerSettings) -> None:
             background.append(autoscaler.run())
     else:
         backend = make_backend(settings, reachable_address(settings.host, server.port))
-        reconciler = (
-            None
-            if backend is None
-            else Reconciler(
-                registry, backend, settings.engines, RestartPolicy(), RECONCILE_INTERVAL_S
+        reconciler = None
+        if backend is not None:
+            # A controller restarted within a running stack keeps the size it was scaled to.
+            desired = settings.engines
+            if backend.adopted_desired is not None:
+                desired = backend.adopted_desired
+            reconciler = Reconciler(
+                registry,
+                backend,
+                desired,
+                RestartPolicy(),
+                RECONCILE_INTERVAL_S,
+                on_scale=backend.record_desired,
             )
-        )
         pool = reconciler
         if reconciler is not None:
             background.append(reconciler.run())

@@ -298,3 +298,23 @@ def test_a_crash_that_is_not_a_start_failure_is_restarted(tmp_path: Path) -> Non
         assert observe(backend)[0].cannot_start == ""
     finally:
         asyncio.run(backend.close())
+
+
+def test_the_desired_size_survives_with_the_adopted_engines(tmp_path: Path) -> None:
+    """After ``switchyard scale``, a restarted controller keeps the scaled size rather than
+    its ``--engines`` flag, which would stop (or double) the engines it adopts."""
+    first = make_backend(tmp_path)
+    reconciler = Reconciler(
+        ReplicaRegistry(6.0, 30.0), first, 1, RestartPolicy(), on_scale=first.record_desired
+    )
+    reconciler.scale(2)
+    asyncio.run(first.start("engine-0", 0))
+    wait_for(lambda: started_lines(first, "engine-0"))
+    second = make_backend(tmp_path)
+    try:
+        assert second.adopted_desired == 2
+    finally:
+        asyncio.run(second.close())
+        asyncio.run(first.close())
+    # Nothing ran any more: a fresh stack starts from its own flag.
+    assert make_backend(tmp_path).adopted_desired is None
