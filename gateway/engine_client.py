@@ -9,7 +9,9 @@ or is out of room) is retried on another replica. A replica that was unreachable
 marked so (:meth:`Router.mark_unreachable`), so that other requests avoid it at once. When
 every replica has been tried and the last failure was UNAVAILABLE, the request waits up to
 ``failover_wait_s`` for a replica to become routable again (the crashed engine's restart, or
-a new replica) and tries that; only then does it fail. Once a response has arrived, the client
+a new replica) and tries that; only then does it fail. A request is tried at most
+:data:`MAX_ATTEMPTS` times in all, so that one that itself brings engines down (a query of
+death) cannot take the fleet down over and over. Once a response has arrived, the client
 may have seen output and a failure ends the request with an error instead. Leaving the
 iteration early, for any reason (a stop string, a client that went away), cancels the call,
 which aborts the request on the engine and frees its KV blocks.
@@ -40,6 +42,8 @@ _ENGINE_CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+# Tries of one request, the first included.
+MAX_ATTEMPTS = 5
 # How often a request waiting for failover looks for a routable replica.
 _FAILOVER_POLL_S = 0.1
 
@@ -136,7 +140,7 @@ class EngineClient:
         tried: set[str] = set()
         last_error: grpc.aio.AioRpcError | None = None
         wait_until: float | None = None
-        while True:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
             await self._close_departed()
             replica = await self._select(request_info, tried, last_error, wait_until)
             tried.add(replica.replica_id)
@@ -155,7 +159,7 @@ class EngineClient:
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() == grpc.StatusCode.UNAVAILABLE:
                         self._router.mark_unreachable(replica)
-                    if started or exc.code() not in _RETRYABLE:
+                    if started or exc.code() not in _RETRYABLE or attempt == MAX_ATTEMPTS:
                         raise EngineError(exc.code(), _failure_message(exc)) from None
                     last_error = exc
                     if exc.code() == grpc.StatusCode.UNAVAILABLE and wait_until is None:

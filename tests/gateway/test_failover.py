@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from engine_service.server import EngineServer
-from gateway.engine_client import EngineClient, EngineError
+from gateway.engine_client import MAX_ATTEMPTS, EngineClient, EngineError
 from gateway.routing import LeastLoadPolicy, Replica, RequestInfo, Router
 from switchyard.settings import EngineSettings
 from switchyard.v1 import common_pb2, engine_pb2
@@ -60,8 +60,10 @@ def request(request_id: str = "r") -> tuple[engine_pb2.GenerateRequest, RequestI
     )
 
 
-def new_client(router: Router, failover_wait_s: float) -> EngineClient:
-    retries = Counter("retries", "", registry=CollectorRegistry())
+def new_client(
+    router: Router, failover_wait_s: float, retries: Counter | None = None
+) -> EngineClient:
+    retries = retries or Counter("retries", "", registry=CollectorRegistry())
     return EngineClient(router, retries, timeout_s=30, failover_wait_s=failover_wait_s)
 
 
@@ -202,3 +204,23 @@ def test_health_says_whether_the_gateway_can_serve_and_live_that_it_answers(
         assert httpx.get(f"{gateway.base_url}/live").status_code == 200
     finally:
         gateway.close()
+
+
+def test_a_request_is_tried_a_bounded_number_of_times(background: BackgroundLoop) -> None:
+    """However long the failover wait, a request that keeps failing (one that brings every
+    engine down, say) stops after MAX_ATTEMPTS tries."""
+    replica = Replica("engine-0", f"127.0.0.1:{free_port()}")
+    registry = CollectorRegistry()
+    retries = Counter("retries", "", registry=registry)
+
+    async def scenario() -> None:
+        router = Router(MutableRoutes([replica]), LeastLoadPolicy(), unreachable_for_s=0.05)
+        client = new_client(router, failover_wait_s=300.0, retries=retries)
+        try:
+            with pytest.raises(EngineError):
+                await asyncio.wait_for(_collect(client), timeout=60)
+        finally:
+            await client.close()
+
+    background.run(scenario())
+    assert registry.get_sample_value("retries_total") == MAX_ATTEMPTS - 1
