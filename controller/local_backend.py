@@ -11,9 +11,10 @@ The backend survives its own controller: it records the engines it runs in
 ``<run_dir>/engines.json`` (pid, process start time, ordinal, address, and the pool's desired
 size), and a controller that starts over the same ``run_dir`` adopts the engines that still
 run instead of starting duplicates, and with them the desired size (``adopted_desired``), so
-that a ``switchyard scale`` survives the controller's restart. An adopted engine is no child of the new controller; it is watched through
-``/proc`` (the start time guards against a reused pid) and stopped by signalling its process
-group all the same. The engines re-register with the new controller on their own.
+that a ``switchyard scale`` survives the controller's restart. An adopted engine is no child
+of the new controller; it is watched through ``/proc`` (the start time guards against a
+reused pid) and stopped by signalling its process group all the same. The engines register
+again with the new controller on their own.
 
 An engine that exits with :data:`~switchyard.exit_codes.CANNOT_START` shows as EXITED with
 ``cannot_start`` set to its own message (the last error line of its log), so that the
