@@ -25,6 +25,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -54,10 +55,17 @@ RECONCILE_INTERVAL_S = 1.0
 
 
 class RouteFeed:
-    """Wakes every WatchRoutes stream when the registry's routing table changes."""
+    """Wakes every WatchRoutes stream when the registry's routing table changes.
 
-    def __init__(self) -> None:
+    ``settle_s``: a controller that has just started has not heard from the engines that were
+    already serving (it restarted; they register again at their next heartbeat), so its table
+    is empty or partial. Streams get their first table only ``settle_s`` after the feed was
+    made, so that gateways keep routing on the table they had instead of an empty one.
+    """
+
+    def __init__(self, settle_s: float = 0.0) -> None:
         self._waiters: set[asyncio.Event] = set()
+        self._settled_at = time.monotonic() + settle_s
 
     def notify(self) -> None:
         for waiter in self._waiters:
@@ -65,6 +73,9 @@ class RouteFeed:
 
     async def follow(self, registry: ReplicaRegistry) -> AsyncIterator[controller_pb2.RoutingTable]:
         """The current table, then every newer one; versions seen in between are skipped."""
+        settling = self._settled_at - time.monotonic()
+        if settling > 0:
+            await asyncio.sleep(settling)
         waiter = asyncio.Event()
         self._waiters.add(waiter)
         try:
@@ -258,7 +269,8 @@ async def serve(settings: ControllerSettings) -> None:
     led and lost the Lease, and :class:`EngineCannotStart` when an engine cannot start."""
     if settings.leader_election and settings.backend != "kubernetes":
         raise NotImplementedError("leader_election needs backend=kubernetes")
-    feed = RouteFeed()
+    # Two heartbeats: every engine that outlived a previous controller has registered again.
+    feed = RouteFeed(settle_s=2 * settings.heartbeat_interval_s)
     registry = ReplicaRegistry(
         unhealthy_after_s=settings.unhealthy_after_s,
         remove_after_s=settings.remove_after_s,
