@@ -304,6 +304,15 @@ class LocalProcessBackend(Backend):
         spec = self._spec
         port = _port_or_free(spec.host, spec.base_port + ordinal)
         metrics_port = _port_or_free(spec.host, spec.base_metrics_port + ordinal)
+        for preferred, chosen in (
+            (spec.base_port + ordinal, port),
+            (spec.base_metrics_port + ordinal, metrics_port),
+        ):
+            if chosen != preferred:
+                log.info(
+                    "engine port taken; using another",
+                    extra={"replica_id": replica_id, "taken": preferred, "chosen": chosen},
+                )
         argv = [
             *spec.command,
             "--model", spec.model,

@@ -35,7 +35,7 @@ import grpc
 import httpx
 
 from switchyard.kv_client import KVClientSync
-from switchyard.ports import PortTaken, choose_port, port_is_free
+from switchyard.ports import PortChoice, PortTaken, choose_port, port_is_free
 from switchyard.settings import CONFIG_ENV, GatewaySettings, default_data_dir
 from switchyard.supervisor import Supervisor, describe_status
 from switchyard.v1 import common_pb2, controller_pb2, controller_pb2_grpc, kv_pb2
@@ -149,13 +149,16 @@ def choose_stack_ports(args: argparse.Namespace) -> StackPorts:
     note). Raises :class:`PortTaken` naming the flag."""
     local = "127.0.0.1"
     gateway = choose_port(args.host, "the gateway", "--port", args.port, 8000, fallback=False)
-    internal = [
-        choose_port(local, "the controller", "--controller-port", args.controller_port,
-                    DEFAULT_CONTROLLER_PORT),
-        choose_port(local, "the KV service", "--kv-port", args.kv_port, DEFAULT_KV_PORT),
-        choose_port(local, "the KV service's metrics", "--kv-metrics-port",
-                    args.kv_metrics_port, DEFAULT_KV_METRICS_PORT),
-    ]  # fmt: skip
+    wanted = (
+        ("the controller", "--controller-port", args.controller_port, DEFAULT_CONTROLLER_PORT),
+        ("the KV service", "--kv-port", args.kv_port, DEFAULT_KV_PORT),
+        ("the KV service's metrics", "--kv-metrics-port", args.kv_metrics_port,
+         DEFAULT_KV_METRICS_PORT),
+    )  # fmt: skip
+    internal: list[PortChoice] = []
+    for what, flag, given, default in wanted:
+        chosen = {gateway.port, *(choice.port for choice in internal)}
+        internal.append(choose_port(local, what, flag, given, default, avoid=chosen))
     # Engines fall back port by port themselves (the controller's local backend); a base
     # given explicitly must be free to begin with.
     for flag, given in (

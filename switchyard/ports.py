@@ -11,6 +11,7 @@ a default port that is taken is replaced by one the OS picks, and the choice is 
 from __future__ import annotations
 
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass
 
 
@@ -43,18 +44,28 @@ class PortChoice:
 
 
 def choose_port(
-    host: str, what: str, flag: str, given: int | None, default: int, *, fallback: bool = True
+    host: str,
+    what: str,
+    flag: str,
+    given: int | None,
+    default: int,
+    *,
+    fallback: bool = True,
+    avoid: Collection[int] = (),
 ) -> PortChoice:
     """The port for ``what`` (e.g. "the controller"): ``given`` when the user passed ``flag``,
     which must be free; else ``default`` when free; else (``fallback``) a free one, with a note
-    saying so. Raises :class:`PortTaken` naming the flag otherwise."""
+    saying so. Raises :class:`PortTaken` naming the flag otherwise. ``avoid`` holds ports
+    already chosen for other services (free now, but not for long): they count as taken."""
     if given is not None:
-        if not port_is_free(host, given):
+        if given in avoid or not port_is_free(host, given):
             raise PortTaken(f"port {given} for {what} ({flag} {given}) is taken; choose another")
         return PortChoice(given)
-    if port_is_free(host, default):
+    if default not in avoid and port_is_free(host, default):
         return PortChoice(default)
     if not fallback:
         raise PortTaken(f"port {default} for {what} is taken; choose another with {flag}")
     port = any_free_port(host)
+    while port in avoid:
+        port = any_free_port(host)
     return PortChoice(port, f"port {default} for {what} is taken; using {port} ({flag} sets it)")

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from switchyard.cli import _engine_args, _gateway_args, build_parser, cmd_up, stack_dir
-from switchyard.ports import any_free_port
+from switchyard.cli import (
+    _engine_args,
+    _gateway_args,
+    build_parser,
+    choose_stack_ports,
+    cmd_up,
+    stack_dir,
+)
+from switchyard.ports import PortTaken, any_free_port
 
 
 @pytest.fixture
@@ -105,3 +112,17 @@ def test_status_shows_hit_rates_per_tier() -> None:
     header, row = table.splitlines()[-2:]
     assert header.split()[-6:] == ["PREFIX", "HIT", "HOST", "HIT", "REMOTE", "HIT"]
     assert row.split()[-3:] == ["40.0%", "10.0%", "25.0%"]
+
+
+def test_internal_ports_never_repeat_the_gateway_port() -> None:
+    """``--port 50051``: the controller's default is free until the gateway binds it."""
+    gateway_port = any_free_port("127.0.0.1")
+    args = build_parser().parse_args(
+        ["up", "--port", str(gateway_port), "--controller-port", str(gateway_port)]
+    )
+    with pytest.raises(PortTaken, match="--controller-port"):
+        choose_stack_ports(args)
+    args = build_parser().parse_args(["up", "--port", str(gateway_port)])
+    ports = choose_stack_ports(args)
+    chosen = [ports.gateway, ports.controller, ports.kv, ports.kv_metrics]
+    assert len(set(chosen)) == 4

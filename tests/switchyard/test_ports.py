@@ -75,3 +75,11 @@ def test_a_free_default_is_kept_without_a_note(listener: int) -> None:
 def test_a_port_without_fallback_fails_naming_the_flag(listener: int) -> None:
     with pytest.raises(PortTaken, match="choose another with --port"):
         choose_port(HOST, "the gateway", "--port", None, listener, fallback=False)
+
+
+def test_a_port_chosen_for_another_service_counts_as_taken() -> None:
+    free = port_in_time_wait()
+    choice = choose_port(HOST, "the controller", "--controller-port", None, free, avoid={free})
+    assert choice.port != free and choice.note
+    with pytest.raises(PortTaken, match="--kv-port"):
+        choose_port(HOST, "the KV service", "--kv-port", free, 50060, avoid={free})
