@@ -81,7 +81,8 @@ def start_stream(stack: Stack, prompt: str, max_tokens: int) -> StreamResult:
 
 
 def complete(stack: Stack, prompt: str = "Hello", max_tokens: int = 4) -> httpx.Response:
-    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens}
+    """One completion, ``max_tokens`` long (EOS ignored), not streamed."""
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
     return httpx.post(f"{stack.url}/v1/completions", json=body, headers=HEADERS, timeout=120)
 
 

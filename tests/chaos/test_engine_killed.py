@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -33,7 +34,12 @@ def test_killing_the_engine_mid_stream(chaos_stack: Stack) -> None:
     running = start_stream(chaos_stack, "the running one", 1900)
     assert running.first_chunk.wait(30)
     waiting = [start_stream(chaos_stack, f"waiting {i}", 6) for i in range(2)]
-    wait_until(lambda: engine_stats(address).load.num_waiting == 2, 15, "two waiting requests")
+    plain: list[httpx.Response] = []  # and one that does not stream
+    plain_thread = threading.Thread(
+        target=lambda: plain.append(complete(chaos_stack, prompt="waiting plain", max_tokens=6))
+    )
+    plain_thread.start()
+    wait_until(lambda: engine_stats(address).load.num_waiting == 3, 15, "three waiting requests")
 
     victim = engine_pid(chaos_stack, "engine-0")
     os.kill(victim, signal.SIGKILL)
@@ -52,7 +58,11 @@ def test_killing_the_engine_mid_stream(chaos_stack: Stack) -> None:
         assert stream.finished.wait(150), "a waiting request hung"
         assert stream.failure is None and stream.error is None, stream.error
         assert stream.done and stream.finish_reason == "length"
-    assert retries(chaos_stack) >= retries_before + 2
+    plain_thread.join(150)
+    [reply] = plain
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["finish_reason"] == "length"
+    assert retries(chaos_stack) >= retries_before + 3
 
     def restarted() -> bool:
         try:
