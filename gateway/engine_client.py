@@ -116,7 +116,8 @@ class EngineClient:
         wait_until: float | None,
     ) -> Replica:
         """The next replica to try: an untried one; else, once an attempt failed UNAVAILABLE
-        and until ``wait_until``, any routable one as soon as there is one."""
+        and until ``wait_until``, any routable one as soon as there is one. Failing that, the
+        error to report is ``last_error`` (RESOURCE_EXHAUSTED when any replica was full)."""
         try:
             return self._router.select(request_info, exclude=frozenset(tried))
         except NoReplicaAvailable:
@@ -161,7 +162,9 @@ class EngineClient:
                         self._router.mark_unreachable(replica)
                     if started or exc.code() not in _RETRYABLE or attempt == MAX_ATTEMPTS:
                         raise EngineError(exc.code(), _failure_message(exc)) from None
-                    last_error = exc
+                    # A full queue anywhere says "busy, retry soon" rather than "down".
+                    if last_error is None or exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        last_error = exc
                     if exc.code() == grpc.StatusCode.UNAVAILABLE and wait_until is None:
                         wait_until = time.monotonic() + self._failover_wait_s
                     self._retries.inc()
