@@ -22,8 +22,8 @@ def run_engine(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def test_an_unsupported_architecture_cannot_start(tmp_path: Path) -> None:
-    checkpoint = make_test_checkpoint(
+def small_checkpoint(tmp_path: Path) -> Path:
+    return make_test_checkpoint(
         tmp_path / "ckpt",
         hidden_size=32,
         num_hidden_layers=1,
@@ -32,14 +32,37 @@ def test_an_unsupported_architecture_cannot_start(tmp_path: Path) -> None:
         intermediate_size=64,
         max_position_embeddings=128,
     )
+
+
+def cannot_start_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == CANNOT_START, result.stderr[-2000:]
+    [line] = [json.loads(x) for x in result.stderr.splitlines() if "cannot start" in x]
+    assert line["level"] == "ERROR"
+    return str(line["msg"])
+
+
+def test_an_unsupported_architecture_cannot_start(tmp_path: Path) -> None:
+    checkpoint = small_checkpoint(tmp_path)
     config = json.loads((checkpoint / "config.json").read_text())
     config["architectures"] = ["FooForCausalLM"]
     (checkpoint / "config.json").write_text(json.dumps(config))
-    result = run_engine("--model", str(checkpoint), "--data-dir", str(tmp_path))
-    assert result.returncode == CANNOT_START
-    [line] = [json.loads(x) for x in result.stderr.splitlines() if "cannot start" in x]
-    assert line["level"] == "ERROR"
-    assert "FooForCausalLM" in line["msg"] and "is not supported" in line["msg"]
+    message = cannot_start_line(run_engine("--model", str(checkpoint), "--data-dir", str(tmp_path)))
+    assert "FooForCausalLM" in message and "is not supported" in message
+
+
+def test_missing_weights_cannot_start(tmp_path: Path) -> None:
+    checkpoint = small_checkpoint(tmp_path)
+    for weights in checkpoint.glob("*.safetensors"):
+        weights.unlink()
+    message = cannot_start_line(run_engine("--model", str(checkpoint), "--data-dir", str(tmp_path)))
+    assert "safetensors" in message
+
+
+def test_a_missing_model_folder_cannot_start(tmp_path: Path) -> None:
+    message = cannot_start_line(
+        run_engine("--model", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path))
+    )
+    assert "nowhere" in message
 
 
 @pytest.mark.parametrize("args", [["--no-such-flag"], ["--max-num-seqs", "many"]])
