@@ -35,6 +35,9 @@ class Instance:
     exited_at: float | None  # set in phase EXITED
     failures: int  # consecutive crashes; reset by a run that lasted long enough
     address: str  # host:port its engine serves on; "" when unknown
+    # Set in phase EXITED when the process said a restart cannot help (a bad flag, an
+    # unsupported model, missing files): the replica's own message.
+    cannot_start: str = ""
 
 
 class Backend(ABC):

@@ -3,9 +3,22 @@
 Each replica runs ``engine_command + engine_args`` plus the flags that make it itself
 (``--model``, ``--port``, ``--metrics-port``, ``--controller-address``, ``--replica-id``,
 ``--data-dir``) in its own process group, with stdout and stderr appended to
-``<data_dir>/logs/<replica_id>.log``. Replica ``engine-k`` listens on
-``engine_base_port + k`` and ``engine_base_metrics_port + k`` when those are free, otherwise on
-ports the OS picks.
+``<run_dir>/logs/<replica_id>.log`` (``run_dir`` defaults to ``data_dir``). Replica
+``engine-k`` listens on ``engine_base_port + k`` and ``engine_base_metrics_port + k`` when
+those are free, otherwise on ports the OS picks.
+
+The backend survives its own controller: it records the engines it runs in
+``<run_dir>/engines.json`` (pid, process start time, ordinal, address, and the pool's desired
+size), and a controller that starts over the same ``run_dir`` adopts the engines that still
+run instead of starting duplicates, and with them the desired size (``adopted_desired``), so
+that a ``switchyard scale`` survives the controller's restart. An adopted engine is no child
+of the new controller; it is watched through ``/proc`` (the start time guards against a
+reused pid) and stopped by signalling its process group all the same. The engines register
+again with the new controller on their own.
+
+An engine that exits with :data:`~switchyard.exit_codes.CANNOT_START` shows as EXITED with
+``cannot_start`` set to its own message (the last error line of its log), so that the
+reconcile loop can give up instead of restarting it in a loop.
 
 A stop sends SIGTERM to the replica's process group and SIGKILL once ``stop_grace_s`` has
 passed; ``observe`` is where the deadline is enforced, so the reconcile loop's ticks drive it.
@@ -17,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -28,6 +42,7 @@ from pathlib import Path
 from typing import IO
 
 from controller.backend import Backend, Instance, Phase
+from switchyard.exit_codes import CANNOT_START
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +61,71 @@ class LocalEngineSpec:
     served_model_name: str = ""
     extra_args: tuple[str, ...] = ()
     log_level: str = "INFO"
+    run_dir: Path | None = None  # logs and engines.json; None: data_dir
 
 
 @dataclass(slots=True)
 class _Process:
+    """One engine process: a child (``popen``) or adopted from a previous controller."""
+
     replica_id: str
     ordinal: int
-    popen: subprocess.Popen[bytes]
-    log_file: IO[bytes]
+    pid: int
+    popen: subprocess.Popen[bytes] | None  # None when adopted
+    log_file: IO[bytes] | None
     address: str
     started_at: float
+    start_ticks: int  # /proc start time, which tells this process from a later one of its pid
     failures: int = 0
     exited_at: float | None = None
     stop_deadline: float | None = None  # set once a stop was ordered
     reaped: bool = False
+    cannot_start: str = ""
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return _start_ticks(self.pid) == self.start_ticks
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status; None while it runs, and for an adopted process (not our child)."""
+        return None if self.popen is None else self.popen.returncode
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The start time of live, non-zombie process ``pid`` in clock ticks; None if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])  # field 22 of stat; fields[0] is field 3
+
+
+def cannot_start_message(log_path: Path, max_bytes: int = 65536) -> str:
+    """The reason an engine gave for not starting: the ``msg`` of its last ERROR log line, or
+    else its last non-empty output line (argparse prints a usage error as plain text)."""
+    try:
+        with log_path.open("rb") as log_file:
+            log_file.seek(max(log_path.stat().st_size - max_bytes, 0))
+            lines = log_file.read().decode(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    plain = ""
+    for line in reversed(lines):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            plain = plain or line
+            continue
+        if isinstance(record, dict) and record.get("level") in ("ERROR", "CRITICAL"):
+            return str(record.get("msg", line)).removeprefix("engine cannot start: ")
+    return plain or "(no output)"
 
 
 def _port_or_free(host: str, preferred: int) -> int:
@@ -94,10 +157,77 @@ class LocalProcessBackend(Backend):
         self._stop_grace_s = stop_grace_s
         self._stable_after_s = stable_after_s
         self._processes: dict[str, _Process] = {}
-        self._log_dir = spec.data_dir / "logs"
+        run_dir = spec.run_dir or spec.data_dir
+        self._log_dir = run_dir / "logs"
+        self._state_path = run_dir / "engines.json"
+        self._desired: int | None = None
+        self.adopted_desired: int | None = None  # set when engines were adopted
+        self._adopt()
+
+    def record_desired(self, desired: int) -> None:
+        """Remembers the pool's desired size for a controller that may follow this one."""
+        self._desired = desired
+        self._save()
 
     def log_path(self, replica_id: str) -> Path:
         return self._log_dir / f"{replica_id}.log"
+
+    def _adopt(self) -> None:
+        """Takes over the engines a previous controller recorded and that still run."""
+        try:
+            state = json.loads(self._state_path.read_text())
+            recorded = state["engines"]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable engine state", extra={"error": str(exc)})
+            return
+        now = time.monotonic()
+        for entry in recorded:
+            try:
+                pid, ticks = int(entry["pid"]), int(entry["start_ticks"])
+                replica_id, ordinal = str(entry["replica_id"]), int(entry["ordinal"])
+                address = str(entry["address"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if _start_ticks(pid) != ticks:
+                continue  # gone (or the pid now belongs to someone else)
+            self._processes[replica_id] = _Process(
+                replica_id=replica_id,
+                ordinal=ordinal,
+                pid=pid,
+                popen=None,
+                log_file=None,
+                address=address,
+                started_at=now,
+                start_ticks=ticks,
+            )
+            log.info(
+                "adopted running engine",
+                extra={"replica_id": replica_id, "pid": pid, "address": address},
+            )
+        desired = state.get("desired")
+        if self._processes and isinstance(desired, int) and desired >= 0:
+            self.adopted_desired = self._desired = desired
+        self._save()
+
+    def _save(self) -> None:
+        """Records the live engines for a controller that may follow this one."""
+        engines = [
+            {
+                "replica_id": proc.replica_id,
+                "ordinal": proc.ordinal,
+                "pid": proc.pid,
+                "start_ticks": proc.start_ticks,
+                "address": proc.address,
+            }
+            for proc in self._processes.values()
+            if not proc.reaped
+        ]
+        self._state_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self._state_path.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"desired": self._desired, "engines": engines}, indent=1))
+        partial.replace(self._state_path)
 
     async def observe(self) -> list[Instance]:
         now = time.monotonic()
@@ -112,9 +242,9 @@ class LocalProcessBackend(Backend):
                 if now >= proc.stop_deadline:
                     log.warning(
                         "engine outlived its stop grace period; killing it",
-                        extra={"replica_id": replica_id, "pid": proc.popen.pid},
+                        extra={"replica_id": replica_id, "pid": proc.pid},
                     )
-                    _signal_group(proc.popen.pid, signal.SIGKILL)
+                    _signal_group(proc.pid, signal.SIGKILL)
                 phase = Phase.STOPPING
             elif alive:
                 phase = Phase.RUNNING
@@ -131,6 +261,7 @@ class LocalProcessBackend(Backend):
                     exited_at=proc.exited_at,
                     failures=proc.failures,
                     address=proc.address,
+                    cannot_start=proc.cannot_start if phase is Phase.EXITED else "",
                 )
             )
         return sorted(instances, key=lambda i: i.ordinal)
@@ -145,6 +276,7 @@ class LocalProcessBackend(Backend):
                 self._on_crash(proc, time.monotonic())
             failures = proc.failures
         self._processes[replica_id] = self._spawn(replica_id, ordinal, failures)
+        self._save()
 
     async def stop(self, replica_id: str) -> None:
         proc = self._processes.get(replica_id)
@@ -152,12 +284,12 @@ class LocalProcessBackend(Backend):
             return
         proc.stop_deadline = time.monotonic() + self._stop_grace_s
         if proc.alive():
-            log.info("stopping engine", extra={"replica_id": replica_id, "pid": proc.popen.pid})
-            _signal_group(proc.popen.pid, signal.SIGTERM)
+            log.info("stopping engine", extra={"replica_id": replica_id, "pid": proc.pid})
+            _signal_group(proc.pid, signal.SIGTERM)
 
     async def close(self) -> None:
         # Each engine leads its own process group (pgid == its pid).
-        groups = [process.popen.pid for process in self._processes.values()]
+        groups = [process.pid for process in self._processes.values()]
         for replica_id in list(self._processes):
             await self.stop(replica_id)
         while self._processes:
@@ -172,6 +304,15 @@ class LocalProcessBackend(Backend):
         spec = self._spec
         port = _port_or_free(spec.host, spec.base_port + ordinal)
         metrics_port = _port_or_free(spec.host, spec.base_metrics_port + ordinal)
+        for preferred, chosen in (
+            (spec.base_port + ordinal, port),
+            (spec.base_metrics_port + ordinal, metrics_port),
+        ):
+            if chosen != preferred:
+                log.info(
+                    "engine port taken; using another",
+                    extra={"replica_id": replica_id, "taken": preferred, "chosen": chosen},
+                )
         argv = [
             *spec.command,
             "--model", spec.model,
@@ -214,10 +355,12 @@ class LocalProcessBackend(Backend):
         return _Process(
             replica_id=replica_id,
             ordinal=ordinal,
+            pid=popen.pid,
             popen=popen,
             log_file=log_file,
             address=f"{spec.host}:{port}",
             started_at=time.monotonic(),
+            start_ticks=_start_ticks(popen.pid) or 0,
             failures=failures,
         )
 
@@ -225,12 +368,14 @@ class LocalProcessBackend(Backend):
         ran_s = now - proc.started_at
         proc.failures = 1 if ran_s >= self._stable_after_s else proc.failures + 1
         proc.exited_at = now
+        if proc.returncode == CANNOT_START:
+            proc.cannot_start = cannot_start_message(self.log_path(proc.replica_id))
         log.error(
             "engine exited on its own",
             extra={
                 "replica_id": proc.replica_id,
-                "pid": proc.popen.pid,
-                "returncode": proc.popen.returncode,
+                "pid": proc.pid,
+                "returncode": proc.returncode,
                 "ran_s": round(ran_s, 1),
                 "failures": proc.failures,
                 "log": str(self.log_path(proc.replica_id)),
@@ -243,5 +388,7 @@ class LocalProcessBackend(Backend):
             return
         proc.reaped = True
         # The leader is gone; anything it left in its group goes with it.
-        _signal_group(proc.popen.pid, signal.SIGKILL)
-        proc.log_file.close()
+        _signal_group(proc.pid, signal.SIGKILL)
+        if proc.log_file is not None:
+            proc.log_file.close()
+        self._save()

@@ -5,6 +5,11 @@ two views (a replica whose process is gone leaves the registry; one being stoppe
 DRAINING), computes a :class:`~controller.plan.PoolPlan` against the desired size and applies
 it. Every action is idempotent and nothing is assumed to have worked: the next tick observes
 again. Ticks run every ``interval_s`` and at once after a scale order.
+
+One thing ends the loop instead of being retried: a replica whose backend reports that it
+cannot start (``Instance.cannot_start``: a bad flag, an unsupported model, missing files).
+Every restart would fail the same way, so :meth:`Reconciler.run` raises
+:class:`EngineCannotStart` with the replica's own message and the process decides what to do.
 """
 
 from __future__ import annotations
@@ -31,6 +36,15 @@ _UNREGISTERED_STATE = {
 }
 
 
+class EngineCannotStart(Exception):
+    """A replica failed at start in a way no restart fixes; ``message`` is its own words."""
+
+    def __init__(self, replica_id: str, message: str) -> None:
+        super().__init__(f"{replica_id} cannot start: {message}")
+        self.replica_id = replica_id
+        self.message = message
+
+
 class Reconciler:
     """Keeps the engine pool at its desired size (see the module docstring)."""
 
@@ -42,7 +56,10 @@ class Reconciler:
         policy: RestartPolicy,
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        on_scale: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_scale`` hears every desired size, the first one included (the local backend
+        records it for a controller that may follow)."""
         if desired < 0:
             raise ValueError("desired must be >= 0")
         self._registry = registry
@@ -54,6 +71,9 @@ class Reconciler:
         self._instances: list[Instance] = []
         self._next_ordinal = 0
         self._wake = asyncio.Event()
+        self._on_scale = on_scale
+        if on_scale is not None:
+            on_scale(desired)
 
     @property
     def desired(self) -> int:
@@ -68,6 +88,8 @@ class Reconciler:
         if replicas < 0:
             raise ValueError("replicas must be >= 0")
         previous, self._desired = self._desired, replicas
+        if self._on_scale is not None:
+            self._on_scale(replicas)
         self._wake.set()
         return previous
 
@@ -80,6 +102,10 @@ class Reconciler:
         self._registry.sweep()
         instances = await self._observe()
         self._sync_registry(instances)
+        for instance in instances:
+            if instance.cannot_start:
+                self._instances = instances
+                raise EngineCannotStart(instance.replica_id, instance.cannot_start)
         plan = plan_pool(
             ENGINE_POOL,
             self._desired,
@@ -119,10 +145,13 @@ class Reconciler:
         return instances
 
     async def run(self) -> None:
-        """Ticks until cancelled; a failing tick is logged and the next one tries again."""
+        """Ticks until cancelled; a failing tick is logged and the next one tries again,
+        except :class:`EngineCannotStart`, which ends the loop."""
         while True:
             try:
                 await self.reconcile_once()
+            except EngineCannotStart:
+                raise
             except Exception:
                 log.exception("reconcile tick failed")
             self._wake.clear()

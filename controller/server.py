@@ -11,16 +11,21 @@ With ``backend=kubernetes`` the pool is a :class:`~controller.kubernetes_backend
 the process first waits for the controller Lease: meanwhile its overall health is SERVING (it
 is alive) and ControllerService's NOT_SERVING (not ready, so its Service sends it nothing). A
 leader that loses the Lease exits with status 1 and comes back as a candidate.
+
+With the local backend, an engine that cannot start (it exited with
+:data:`~switchyard.exit_codes.CANNOT_START`: a bad flag, an unsupported model, missing files)
+stops the controller, which logs the engine's own message and exits with that same status,
+so that ``switchyard up`` ends with the message instead of watching a restart loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -29,14 +34,15 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from controller.autoscaler import AutoscalePolicy, Autoscaler
-from controller.backend import Backend, EnginePool
+from controller.backend import EnginePool
 from controller.kube_api import KubeApi, current_namespace
 from controller.kubernetes_backend import KubernetesEnginePool
 from controller.leader import LeadershipLost, LeaseElector
 from controller.local_backend import LocalEngineSpec, LocalProcessBackend
 from controller.plan import RestartPolicy
-from controller.reconciler import ENGINE_POOL, Reconciler
+from controller.reconciler import ENGINE_POOL, EngineCannotStart, Reconciler
 from controller.registry import ReplicaRegistry
+from switchyard.exit_codes import CANNOT_START
 from switchyard.grpc_utils import GrpcServer, create_server
 from switchyard.log import setup_logging
 from switchyard.settings import ControllerSettings, load_settings
@@ -49,10 +55,17 @@ RECONCILE_INTERVAL_S = 1.0
 
 
 class RouteFeed:
-    """Wakes every WatchRoutes stream when the registry's routing table changes."""
+    """Wakes every WatchRoutes stream when the registry's routing table changes.
 
-    def __init__(self) -> None:
+    ``settle_s``: a controller that has just started has not heard from the engines that were
+    already serving (it restarted; they register again at their next heartbeat), so its table
+    is empty or partial. Streams get their first table only ``settle_s`` after the feed was
+    made, so that gateways keep routing on the table they had instead of an empty one.
+    """
+
+    def __init__(self, settle_s: float = 0.0) -> None:
         self._waiters: set[asyncio.Event] = set()
+        self._settled_at = time.monotonic() + settle_s
 
     def notify(self) -> None:
         for waiter in self._waiters:
@@ -60,6 +73,9 @@ class RouteFeed:
 
     async def follow(self, registry: ReplicaRegistry) -> AsyncIterator[controller_pb2.RoutingTable]:
         """The current table, then every newer one; versions seen in between are skipped."""
+        settling = self._settled_at - time.monotonic()
+        if settling > 0:
+            await asyncio.sleep(settling)
         waiter = asyncio.Event()
         self._waiters.add(waiter)
         try:
@@ -167,7 +183,9 @@ def reachable_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def make_backend(settings: ControllerSettings, controller_address: str) -> Backend | None:
+def make_backend(
+    settings: ControllerSettings, controller_address: str
+) -> LocalProcessBackend | None:
     """The local backend, or None for ``none`` (``kubernetes``: see :func:`kubernetes_parts`)."""
     if settings.backend != "local":
         return None
@@ -182,6 +200,7 @@ def make_backend(settings: ControllerSettings, controller_address: str) -> Backe
         served_model_name=settings.served_model_name,
         extra_args=tuple(settings.engine_args),
         log_level=settings.log_level,
+        run_dir=settings.run_dir.expanduser() if settings.run_dir else None,
     )
     return LocalProcessBackend(spec)
 
@@ -236,12 +255,22 @@ async def _hold(elector: LeaseElector, lost: list[LeadershipLost], stop: asyncio
         stop.set()
 
 
+def _stop_when_failed(
+    task: asyncio.Task[None], failures: list[BaseException], stop: asyncio.Event
+) -> None:
+    """Done-callback of a background task: one that ended with an error stops the process."""
+    if not task.cancelled() and task.exception() is not None:
+        failures.append(task.exception())  # type: ignore[arg-type]
+        stop.set()
+
+
 async def serve(settings: ControllerSettings) -> None:
     """Runs the controller until SIGTERM or SIGINT; raises :class:`LeadershipLost` when it
-    led and lost the Lease."""
+    led and lost the Lease, and :class:`EngineCannotStart` when an engine cannot start."""
     if settings.leader_election and settings.backend != "kubernetes":
         raise NotImplementedError("leader_election needs backend=kubernetes")
-    feed = RouteFeed()
+    # Two heartbeats: every engine that outlived a previous controller has registered again.
+    feed = RouteFeed(settle_s=2 * settings.heartbeat_interval_s)
     registry = ReplicaRegistry(
         unhealthy_after_s=settings.unhealthy_after_s,
         remove_after_s=settings.remove_after_s,
@@ -250,7 +279,7 @@ async def serve(settings: ControllerSettings) -> None:
     server = create_server(settings.host, settings.port, [SERVICE_NAME])
     background: list[Coroutine[Any, Any, None]] = []
     api: KubeApi | None = None
-    backend: Backend | None = None
+    backend: LocalProcessBackend | None = None
     pool: EnginePool | None
     if settings.backend == "kubernetes":
         api, kubernetes_pool, autoscaler = kubernetes_parts(settings, registry)
@@ -260,13 +289,20 @@ async def serve(settings: ControllerSettings) -> None:
             background.append(autoscaler.run())
     else:
         backend = make_backend(settings, reachable_address(settings.host, server.port))
-        reconciler = (
-            None
-            if backend is None
-            else Reconciler(
-                registry, backend, settings.engines, RestartPolicy(), RECONCILE_INTERVAL_S
+        reconciler = None
+        if backend is not None:
+            # A controller restarted within a running stack keeps the size it was scaled to.
+            desired = settings.engines
+            if backend.adopted_desired is not None:
+                desired = backend.adopted_desired
+            reconciler = Reconciler(
+                registry,
+                backend,
+                desired,
+                RestartPolicy(),
+                RECONCILE_INTERVAL_S,
+                on_scale=backend.record_desired,
             )
-        )
         pool = reconciler
         if reconciler is not None:
             background.append(reconciler.run())
@@ -293,11 +329,14 @@ async def serve(settings: ControllerSettings) -> None:
         )
         leading = await _lead_or_stop(elector, server, stop)
     lost: list[LeadershipLost] = []
+    failures: list[BaseException] = []
     tasks: list[asyncio.Task[None]] = []
     if leading:
         if elector is not None:
             background.append(_hold(elector, lost, stop))
         tasks = [asyncio.create_task(work) for work in background]
+        for task in tasks:
+            task.add_done_callback(lambda done: _stop_when_failed(done, failures, stop))
         await server.set_serving(True)
         log.info(
             "controller serving",
@@ -310,9 +349,8 @@ async def serve(settings: ControllerSettings) -> None:
     log.info("controller stopping")
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # Their failures, if any, are in ``failures`` already (the done-callback).
+    await asyncio.gather(*tasks, return_exceptions=True)
     if backend is not None:
         await backend.close()  # engines deregister while the server still answers
     if elector is not None and not lost:
@@ -323,6 +361,8 @@ async def serve(settings: ControllerSettings) -> None:
     log.info("controller stopped")
     if lost:
         raise lost[0]
+    if failures:
+        raise failures[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,6 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     except LeadershipLost as exc:
         log.error("lost leadership; exiting to start again as a candidate: %s", exc)
         return 1
+    except EngineCannotStart as exc:
+        log.error(
+            "engine cannot start; stopping instead of restarting it: %s",
+            exc.message,
+            extra={"replica_id": exc.replica_id},
+        )
+        # Plain text too: ``switchyard up`` shows the end of this log to the user.
+        print(f"{exc.replica_id} cannot start: {exc.message}", file=sys.stderr, flush=True)
+        return CANNOT_START
     return 0
 
 

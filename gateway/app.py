@@ -3,8 +3,10 @@
 ``create_app(settings)`` loads the model's tokenizer and chat format, follows the
 controller's routing table (or a ``routes_source`` given by the caller, such as
 :class:`StaticRoutes`), and mounts the OpenAI API and the Anthropic Messages API
-(``/v1/messages``) under ``/v1``. ``/health`` answers 200 once an engine replica is READY
-and 503 before; ``/metrics`` serves the gateway's Prometheus registry.
+(``/v1/messages``) under ``/v1``. ``/health`` is readiness: 200 while a replica can take a
+request (READY in the routing table and not found unreachable), 503 otherwise. ``/live`` is
+liveness: 200 whenever the process answers, engines or not. ``/metrics`` serves the gateway's
+Prometheus registry.
 """
 
 from __future__ import annotations
@@ -67,7 +69,12 @@ def create_app(
         else:
             policy = LeastLoadPolicy()
     router = Router(source, policy)
-    engines = EngineClient(router, metrics.engine_retries, timeout_s=settings.request_timeout_s)
+    engines = EngineClient(
+        router,
+        metrics.engine_retries,
+        timeout_s=settings.request_timeout_s,
+        failover_wait_s=settings.failover_wait_s,
+    )
     tokenizer = ModelTokenizer(model_path)
     chat = ChatFormat(
         tokenizer,
@@ -116,6 +123,10 @@ def create_app(
             status_code=200 if ready else 503,
         )
 
+    @app.get("/live")
+    async def live() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -124,6 +135,7 @@ def create_app(
         *(getattr(route, "path", "") for route in openai_router.routes),
         *(getattr(route, "path", "") for route in anthropic_router.routes),
         "/health",
+        "/live",
         "/metrics",
     ]
     app.add_middleware(ApiKeyMiddleware, auth=auth, prefix="/v1/")

@@ -1,30 +1,51 @@
-"""Running a request on an engine replica over gRPC, with retries before the first token.
+"""Running a request on an engine replica over gRPC, with failover before the first response.
 
 One channel per replica address, reused by every request; a channel whose replica left the
-routing table is closed once no request uses it. A request that fails on a
-replica before any response arrives (the replica is down, refuses, or is out of room) is
-retried on another replica; once a response has arrived, the client has seen output and a
-failure ends the request with an error instead. Leaving the iteration early, for any reason
-(a stop string, a client that went away), cancels the call, which aborts the request on the
-engine and frees its KV blocks.
+routing table is closed once no request uses it. Channels reconnect quickly (within about a
+second of an engine listening again) rather than with gRPC's default backoff of up to minutes.
+
+A request that fails on a replica before any response arrives (the replica is down, refuses,
+or is out of room) is retried on another replica. A replica that was unreachable is also
+marked so (:meth:`Router.mark_unreachable`), so that other requests avoid it at once. When
+every replica has been tried and the last failure was UNAVAILABLE, the request waits up to
+``failover_wait_s`` for a replica to become routable again (the crashed engine's restart, or
+a new replica) and tries that; only then does it fail. A request is tried at most
+:data:`MAX_ATTEMPTS` times in all, so that one that itself brings engines down (a query of
+death) cannot take the fleet down over and over. Once a response has arrived, the client
+may have seen output and a failure ends the request with an error instead. Leaving the
+iteration early, for any reason (a stop string, a client that went away), cancels the call,
+which aborts the request on the engine and frees its KV blocks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 from prometheus_client import Counter
 
-from gateway.routing import NoReplicaAvailable, RequestInfo, Router
-from switchyard.grpc_utils import insecure_channel
+from gateway.routing import NoReplicaAvailable, Replica, RequestInfo, Router
+from switchyard.grpc_utils import CHANNEL_OPTIONS
 from switchyard.v1 import engine_pb2, engine_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 # Failures that say "not here, not now" rather than "this request is wrong".
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# A replica that went away comes back (restarted) on the same address: reconnect promptly.
+_ENGINE_CHANNEL_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+# Tries of one request, the first included.
+MAX_ATTEMPTS = 5
+# How often a request waiting for failover looks for a routable replica.
+_FAILOVER_POLL_S = 0.1
 
 
 class EngineError(Exception):
@@ -39,10 +60,18 @@ class EngineError(Exception):
 class EngineClient:
     """Streams ``Generate`` calls to replicas the router selects."""
 
-    def __init__(self, router: Router, retries: Counter, *, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        retries: Counter,
+        *,
+        timeout_s: float | None = None,
+        failover_wait_s: float = 0.0,
+    ) -> None:
         self._router = router
         self._retries = retries
         self._timeout_s = timeout_s
+        self._failover_wait_s = failover_wait_s
         self._stubs: dict[str, engine_pb2_grpc.EngineServiceStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls_by_address: dict[str, int] = {}
@@ -60,7 +89,7 @@ class EngineClient:
     def _stub(self, address: str) -> engine_pb2_grpc.EngineServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = insecure_channel(address)
+            channel = grpc.aio.insecure_channel(address, options=_ENGINE_CHANNEL_OPTIONS)
             self._channels[address] = channel
             stub = self._stubs[address] = engine_pb2_grpc.EngineServiceStub(channel)
         return stub
@@ -79,6 +108,29 @@ class EngineClient:
             del self._stubs[address]
             await channel.close()
 
+    async def _select(
+        self,
+        request_info: RequestInfo,
+        tried: set[str],
+        last_error: grpc.aio.AioRpcError | None,
+        wait_until: float | None,
+    ) -> Replica:
+        """The next replica to try: an untried one; else, once an attempt failed UNAVAILABLE
+        and until ``wait_until``, any routable one as soon as there is one. Failing that, the
+        error to report is ``last_error`` (RESOURCE_EXHAUSTED when any replica was full)."""
+        try:
+            return self._router.select(request_info, exclude=frozenset(tried))
+        except NoReplicaAvailable:
+            if last_error is None:
+                raise
+        while wait_until is not None and time.monotonic() < wait_until:
+            await asyncio.sleep(_FAILOVER_POLL_S)
+            if self._router.ready_replicas():
+                # Marks have lapsed or a replica (re)joined: try again from scratch.
+                tried.clear()
+                return self._router.select(request_info)
+        raise EngineError(last_error.code(), _failure_message(last_error)) from None
+
     async def generate(
         self, request: engine_pb2.GenerateRequest, request_info: RequestInfo
     ) -> AsyncIterator[engine_pb2.GenerateResponse]:
@@ -86,18 +138,12 @@ class EngineClient:
 
         Close the iterator (``contextlib.aclosing``) to cancel the call early.
         """
-        await self._close_departed()
         tried: set[str] = set()
         last_error: grpc.aio.AioRpcError | None = None
-        while True:
-            try:
-                replica = self._router.select(request_info, exclude=frozenset(tried))
-            except NoReplicaAvailable:
-                if last_error is None:
-                    raise
-                raise EngineError(
-                    last_error.code(), last_error.details() or "engine unavailable"
-                ) from None
+        wait_until: float | None = None
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            await self._close_departed()
+            replica = await self._select(request_info, tried, last_error, wait_until)
             tried.add(replica.replica_id)
             started = False
             address = replica.address
@@ -106,16 +152,24 @@ class EngineClient:
             with self._router.track(replica):
                 try:
                     async for response in call:
-                        started = True
+                        if not started:
+                            started = True
+                            self._router.mark_reachable(replica)
                         yield response
                     return
                 except grpc.aio.AioRpcError as exc:
-                    if started or exc.code() not in _RETRYABLE:
-                        raise EngineError(exc.code(), exc.details() or "") from None
-                    last_error = exc
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        self._router.mark_unreachable(replica)
+                    if started or exc.code() not in _RETRYABLE or attempt == MAX_ATTEMPTS:
+                        raise EngineError(exc.code(), _failure_message(exc)) from None
+                    # A full queue anywhere says "busy, retry soon" rather than "down".
+                    if last_error is None or exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        last_error = exc
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE and wait_until is None:
+                        wait_until = time.monotonic() + self._failover_wait_s
                     self._retries.inc()
                     logger.warning(
-                        "engine failed before the first token; retrying on another replica",
+                        "engine failed before the first response; retrying",
                         extra={"replica": replica.replica_id, "code": exc.code().name},
                     )
                 finally:
@@ -125,3 +179,11 @@ class EngineClient:
                         self._calls_by_address[address] = remaining
                     else:
                         del self._calls_by_address[address]
+
+
+def _failure_message(exc: grpc.aio.AioRpcError) -> str:
+    """What the client is told: the engine's own words, except for a lost connection, whose
+    details name internal addresses."""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return "the engine replica serving the request is unavailable"
+    return exc.details() or exc.code().name.lower()

@@ -8,13 +8,20 @@ finish, so a burst spreads out before the next heartbeat reports it.
 
 A request's session id (the header named by ``GatewaySettings.session_header``) reaches the
 policy through :data:`session_id_var`, which the gateway's middleware sets per request.
+
+Passive health: a replica whose connection failed (the engine client reports it through
+:meth:`Router.mark_unreachable`) is left out for ``unreachable_for_s`` without waiting for the
+controller to notice; after that one request may find out again whether it answers. A
+response from it (:meth:`Router.mark_reachable`) or its leaving the routing table clears the
+mark. ``/health`` counts only replicas that are READY and not marked.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -131,15 +138,49 @@ class NoReplicaAvailable(Exception):
 
 
 class Router:
-    """Selects replicas through a policy and keeps this gateway's in-flight counts."""
+    """Selects replicas through a policy and keeps this gateway's in-flight counts and its
+    marks on unreachable replicas (see the module docstring)."""
 
-    def __init__(self, source: RoutesSource, policy: RoutingPolicy) -> None:
+    def __init__(
+        self,
+        source: RoutesSource,
+        policy: RoutingPolicy,
+        *,
+        unreachable_for_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.source = source
         self.policy = policy
         self._in_flight: dict[str, int] = {}
+        self._unreachable_for_s = unreachable_for_s
+        self._clock = clock
+        self._unreachable_until: dict[str, float] = {}  # replica id -> end of its mark
+
+    def mark_unreachable(self, replica: Replica) -> None:
+        """The connection to ``replica`` failed: route nothing to it for a while."""
+        self._unreachable_until[replica.replica_id] = self._clock() + self._unreachable_for_s
+
+    def mark_reachable(self, replica: Replica) -> None:
+        """``replica`` answered: it is routable again at once."""
+        self._unreachable_until.pop(replica.replica_id, None)
 
     def ready_replicas(self) -> list[Replica]:
-        return [replica for replica in self.source.replicas() if replica.ready]
+        """READY replicas of the routing table that are not marked unreachable."""
+        replicas = self.source.replicas()
+        if self._unreachable_until:
+            self._expire_marks(replicas)
+        return [
+            replica
+            for replica in replicas
+            if replica.ready and replica.replica_id not in self._unreachable_until
+        ]
+
+    def _expire_marks(self, replicas: Sequence[Replica]) -> None:
+        now = self._clock()
+        listed = {replica.replica_id for replica in replicas}
+        for replica_id, until in list(self._unreachable_until.items()):
+            if until <= now or replica_id not in listed:
+                del self._unreachable_until[replica_id]
 
     def max_model_len(self) -> int | None:
         """The smallest context any READY replica reports (None when none reports one)."""

@@ -22,8 +22,6 @@ import contextlib
 import os
 import shlex
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -32,18 +30,22 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import grpc
 import httpx
 
 from switchyard.kv_client import KVClientSync
+from switchyard.ports import PortChoice, PortTaken, choose_port, port_is_free
 from switchyard.settings import CONFIG_ENV, GatewaySettings, default_data_dir
+from switchyard.supervisor import Supervisor, describe_status
 from switchyard.v1 import common_pb2, controller_pb2, controller_pb2_grpc, kv_pb2
 
-DEFAULT_CONTROLLER_ADDRESS = "127.0.0.1:50051"
+DEFAULT_CONTROLLER_PORT = 50051
+DEFAULT_CONTROLLER_ADDRESS = f"127.0.0.1:{DEFAULT_CONTROLLER_PORT}"
 DEFAULT_KV_PORT = 50060
 DEFAULT_KV_METRICS_PORT = 9060
+DEFAULT_ENGINE_BASE_PORT = 50100
+DEFAULT_ENGINE_BASE_METRICS_PORT = 9100
 DEFAULT_KV_ADDRESS = f"127.0.0.1:{DEFAULT_KV_PORT}"
 UP_ID_ENV = "SWITCHYARD_UP_ID"
 # The controller gives each engine 20 s to stop before SIGKILL; it needs a little beyond that.
@@ -54,66 +56,6 @@ SERVICES = ("controller", "engine", "gateway", "kv")
 
 # ---------------------------------------------------------------------------------------------
 # switchyard up
-
-
-@dataclass(slots=True)
-class Child:
-    """One service process that ``up`` started, in its own process group."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes]
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def signal_group(self, signum: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signum)
-
-    def wait(self, timeout_s: float) -> bool:
-        try:
-            self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
-
-    def log_tail(self, lines: int = 20) -> str:
-        self.log_file.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _port_or_any(host: str, preferred: int) -> int:
-    """``preferred`` when it is free, else a port the OS picks now."""
-    if _port_is_free(host, preferred):
-        return preferred
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> Child:
-    log_path = log_dir / f"{name}.log"
-    log_file = log_path.open("ab")
-    popen = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    return Child(name, popen, log_path, log_file)
 
 
 def _processes_marked(up_id: str) -> list[int]:
@@ -188,39 +130,66 @@ def _resolve_model(args: argparse.Namespace, data_dir: Path) -> str:
     return str(args.model)  # a hub id: engines and gateway download it through huggingface_hub
 
 
-def _wait_for_health(
-    url: str, children: list[Child], stop: threading.Event, timeout_s: float
-) -> str:
-    """Polls ``url`` until 200; returns "ready", "stopped" (a signal came) or "child:<name>"
-    (a service exited); raises TimeoutError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if stop.is_set():
-                return "stopped"
-            for child in children:
-                if not child.alive():
-                    return f"child:{child.name}"
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(url).status_code == 200:
-                    return "ready"
-            stop.wait(0.5)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+@dataclass(frozen=True, slots=True)
+class StackPorts:
+    """Where one local stack listens; see :func:`choose_stack_ports`."""
+
+    gateway: int
+    controller: int
+    kv: int
+    kv_metrics: int
+    engine_base: int
+    engine_base_metrics: int
+    notes: tuple[str, ...]
 
 
-def _stop_children(children: list[Child], up_id: str) -> None:
-    for child in children:
-        child.signal_group(signal.SIGTERM)
-    timeouts = {"controller": CONTROLLER_STOP_TIMEOUT_S, "gateway": GATEWAY_STOP_TIMEOUT_S}
-    for child in children:
-        if not child.wait(timeouts.get(child.name, GATEWAY_STOP_TIMEOUT_S)):
-            print(f"{child.name} did not stop in time; killing it", file=sys.stderr)
-        child.signal_group(signal.SIGKILL)  # its group: whatever it left behind
-        child.wait(5.0)
-        child.log_file.close()
-    stragglers = _kill_stragglers(up_id)
-    if stragglers:
-        print(f"killed leftover processes {stragglers}", file=sys.stderr)
+def choose_stack_ports(args: argparse.Namespace) -> StackPorts:
+    """The gateway's port must be free (``--port``, default 8000); every internal port takes
+    its flag's value, which must be free, or else its default, or else a free port (with a
+    note). Raises :class:`PortTaken` naming the flag."""
+    local = "127.0.0.1"
+    gateway = choose_port(args.host, "the gateway", "--port", args.port, 8000, fallback=False)
+    wanted = (
+        ("the controller", "--controller-port", args.controller_port, DEFAULT_CONTROLLER_PORT),
+        ("the KV service", "--kv-port", args.kv_port, DEFAULT_KV_PORT),
+        ("the KV service's metrics", "--kv-metrics-port", args.kv_metrics_port,
+         DEFAULT_KV_METRICS_PORT),
+    )  # fmt: skip
+    internal: list[PortChoice] = []
+    for what, flag, given, default in wanted:
+        chosen = {gateway.port, *(choice.port for choice in internal)}
+        internal.append(choose_port(local, what, flag, given, default, avoid=chosen))
+    # Engines fall back port by port themselves (the controller's local backend); a base
+    # given explicitly must be free to begin with.
+    for flag, given in (
+        ("--engine-base-port", args.engine_base_port),
+        ("--engine-base-metrics-port", args.engine_base_metrics_port),
+    ):
+        if given is not None and not port_is_free(local, given):
+            raise PortTaken(f"port {given} for the first engine ({flag} {given}) is taken")
+    controller, kv, kv_metrics = (choice.port for choice in internal)
+    return StackPorts(
+        gateway=gateway.port,
+        controller=controller,
+        kv=kv,
+        kv_metrics=kv_metrics,
+        engine_base=args.engine_base_port or DEFAULT_ENGINE_BASE_PORT,
+        engine_base_metrics=args.engine_base_metrics_port or DEFAULT_ENGINE_BASE_METRICS_PORT,
+        notes=tuple(choice.note for choice in internal if choice.note),
+    )
+
+
+def stack_dir(data_dir: Path, gateway_port: int) -> Path:
+    """The folder of the stack whose gateway listens on ``gateway_port``: its logs, the KV
+    service's disk store, the controller's record of its engines. Two stacks on one machine
+    differ by gateway port, so they never share one; the model cache stays shared."""
+    return data_dir / "stacks" / f"port-{gateway_port}"
+
+
+def _wait_ready(url: str, client: httpx.Client) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return client.get(url).status_code == 200
+    return False
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -229,15 +198,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     if config_file is not None and not config_file.is_file():
         print(f"settings file {config_file} does not exist", file=sys.stderr)
         return 1
-    log_dir = data_dir / "logs"
+    try:
+        ports = choose_stack_ports(args)
+    except PortTaken as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    for note in ports.notes:
+        print(note, flush=True)
+    run_dir = stack_dir(data_dir, ports.gateway)
+    log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    ports = [("gateway", args.port), ("controller", args.controller_port)]
-    if args.kv_port is not None:
-        ports.append(("KV service", args.kv_port))
-    for name, port in ports:
-        if not _port_is_free(args.host if name == "gateway" else "127.0.0.1", port):
-            print(f"port {port} for the {name} is taken; choose another", file=sys.stderr)
-            return 1
 
     stop = threading.Event()
 
@@ -257,10 +227,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     env = {**os.environ, UP_ID_ENV: up_id, "PYTHONPATH": os.pathsep.join(python_path)}
     if config_file is not None:  # every service, engines included, reads its own section
         env[CONFIG_ENV] = str(config_file)
-    controller_address = f"127.0.0.1:{args.controller_port}"
-    # The engines learn the KV service's address from up, so a taken default port is no obstacle.
-    kv_port = args.kv_port or _port_or_any("127.0.0.1", DEFAULT_KV_PORT)
-    kv_address = f"127.0.0.1:{kv_port}"
+    controller_address = f"127.0.0.1:{ports.controller}"
+    kv_address = f"127.0.0.1:{ports.kv}"
     engine_args = [*_engine_args(args), "--kv-service-address", kv_address]
     common = ["--data-dir", str(data_dir), "--log-level", args.log_level, "--model", model]
     if args.served_model_name:
@@ -268,11 +236,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     controller_argv = [
         sys.executable, "-m", "controller",
         *common,
+        "--run-dir", str(run_dir),
         "--host", "127.0.0.1",
-        "--port", str(args.controller_port),
+        "--port", str(ports.controller),
         "--engines", str(args.engines),
-        "--engine-base-port", str(args.engine_base_port),
-        "--engine-base-metrics-port", str(args.engine_base_metrics_port),
+        "--engine-base-port", str(ports.engine_base),
+        "--engine-base-metrics-port", str(ports.engine_base_metrics),
         f"--engine-args={shlex.join(engine_args)}",
     ]  # fmt: skip
     kv_argv = [
@@ -280,57 +249,80 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--data-dir", str(data_dir),
         "--log-level", args.log_level,
         "--host", "127.0.0.1",
-        "--port", str(kv_port),
-        "--metrics-port", str(_port_or_any("127.0.0.1", DEFAULT_KV_METRICS_PORT)),
-        *(["--kv-store", args.kv_store] if args.kv_store else []),
+        "--port", str(ports.kv),
+        "--metrics-port", str(ports.kv_metrics),
+        "--kv-store", args.kv_store or f"disk:{run_dir / 'kv'}",
     ]  # fmt: skip
     gateway_argv = [
         sys.executable, "-m", "gateway",
         *common,
         "--host", args.host,
-        "--port", str(args.port),
+        "--port", str(ports.gateway),
         "--controller-address", controller_address,
         *(["--api-keys", ",".join(args.api_key)] if args.api_key else []),
         *_gateway_args(args),
     ]  # fmt: skip
 
-    children: list[Child] = []
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    supervisor = Supervisor(log_dir, env, report=report)
     try:
-        children.append(_spawn("kv", kv_argv, log_dir, env))
-        children.append(_spawn("controller", controller_argv, log_dir, env))
-        children.append(_spawn("gateway", gateway_argv, log_dir, env))
+        supervisor.start("kv", kv_argv, label="KV service")
+        supervisor.start("controller", controller_argv)
+        supervisor.start("gateway", gateway_argv)
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-        url = f"http://{shown_host}:{args.port}"
+        url = f"http://{shown_host}:{ports.gateway}"
         print(
             f"Starting {args.engines} engine(s), the controller ({controller_address}), the KV "
             f"service ({kv_address}) and the gateway; logs in {log_dir}",
             flush=True,
         )
-        outcome = _wait_for_health(f"{url}/health", children, stop, args.startup_timeout)
-        if outcome.startswith("child:"):
-            failed = next(c for c in children if c.name == outcome.removeprefix("child:"))
-            print(f"the {failed.name} exited during startup; its log ends with:", file=sys.stderr)
-            print(failed.log_tail(), file=sys.stderr)
-            return 1
-        if outcome == "ready":
-            print(f"Switchyard is serving {model} at {url}  (OpenAI base URL: {url}/v1)")
-            if args.model is None:
-                print("This is the demo model: random weights, random text.")
-            print("Ctrl-C stops everything.", flush=True)
-            while not stop.wait(0.5):
-                exited = [c for c in children if not c.alive()]
-                if exited:
-                    print(f"the {exited[0].name} exited; its log ends with:", file=sys.stderr)
-                    print(exited[0].log_tail(), file=sys.stderr)
-                    return 1
-        return 0
-    except TimeoutError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
+        return _supervise(args, supervisor, url, model, stop)
     finally:
         print("Stopping...", flush=True)
-        _stop_children(children, up_id)
+        timeouts = {"controller": CONTROLLER_STOP_TIMEOUT_S}
+        for name in supervisor.stop(timeouts, GATEWAY_STOP_TIMEOUT_S):
+            print(f"{name} did not stop in time; killed it", file=sys.stderr)
+        stragglers = _kill_stragglers(up_id)
+        if stragglers:
+            print(f"killed leftover processes {stragglers}", file=sys.stderr)
         print("Stopped.", flush=True)
+
+
+def _supervise(
+    args: argparse.Namespace, supervisor: Supervisor, url: str, model: str, stop: threading.Event
+) -> int:
+    """Waits for the gateway to serve, then keeps the services running until a signal; 0 on
+    a signal, 1 when a service cannot start or the stack does not come up in time."""
+    deadline = time.monotonic() + args.startup_timeout
+    ready = False
+    with httpx.Client(timeout=2.0) as client:
+        while not stop.wait(0.25):
+            failed = supervisor.poll()
+            if failed is not None:
+                print(
+                    f"the {failed.name} cannot go on ({describe_status(failed.returncode)}; "
+                    f"log: {failed.log_path}):",
+                    file=sys.stderr,
+                )
+                print(failed.reason(), file=sys.stderr, flush=True)
+                return 1
+            if ready:
+                continue
+            if _wait_ready(f"{url}/health", client):
+                ready = True
+                print(f"Switchyard is serving {model} at {url}  (OpenAI base URL: {url}/v1)")
+                if args.model is None:
+                    print("This is the demo model: random weights, random text.")
+                print("Ctrl-C stops everything.", flush=True)
+            elif time.monotonic() > deadline:
+                print(
+                    f"{url}/health did not answer 200 within {args.startup_timeout:.0f} s",
+                    file=sys.stderr,
+                )
+                return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,16 +434,29 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="local HF checkpoint folder or hub id (default: the demo)")
     up.add_argument("--served-model-name", default="", help="name clients use (default: model)")
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
-    up.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
+    up.add_argument("--port", type=int, help="gateway HTTP port (default: 8000)")
     up.add_argument("--engines", type=_positive_int, default=1, help="engine replicas")
     up.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
-    up.add_argument("--data-dir", help="models, logs and state (default: ~/.cache/switchyard)")
-    up.add_argument("--controller-port", type=int, default=50051)
-    up.add_argument("--engine-base-port", type=int, default=50100)
-    up.add_argument("--engine-base-metrics-port", type=int, default=9100)
     up.add_argument(
-        "--kv-port", type=int, help=f"KV service gRPC port (default: {DEFAULT_KV_PORT} if free)"
+        "--data-dir",
+        help="model cache, and each stack's logs and state under stacks/port-PORT "
+        "(default: ~/.cache/switchyard)",
     )
+    internal_ports = (
+        ("--controller-port", "controller gRPC port", DEFAULT_CONTROLLER_PORT),
+        ("--kv-port", "KV service gRPC port", DEFAULT_KV_PORT),
+        ("--kv-metrics-port", "KV service metrics port", DEFAULT_KV_METRICS_PORT),
+        ("--engine-base-port", "gRPC port of engine-0 (engine-k: +k)", DEFAULT_ENGINE_BASE_PORT),
+        (
+            "--engine-base-metrics-port",
+            "metrics port of engine-0 (engine-k: +k)",
+            DEFAULT_ENGINE_BASE_METRICS_PORT,
+        ),
+    )
+    for flag, text, default in internal_ports:
+        up.add_argument(
+            flag, type=int, help=f"{text} (default: {default}, or a free port if it is taken)"
+        )
     up.add_argument(
         "--kv-store", help="memory, disk:PATH or redis://HOST:PORT (default: disk under data dir)"
     )

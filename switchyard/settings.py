@@ -286,6 +286,11 @@ class ControllerSettings(ServiceSettings):
     engine_host: str = Field(
         default="127.0.0.1", description="address local engines bind and advertise"
     )
+    run_dir: Path | None = Field(
+        default=None,
+        description="local backend: folder for engine logs and the record of running engines "
+        "(a restarted controller adopts them); empty: data_dir",
+    )
     engine_base_port: int = Field(
         default=50100, ge=1, le=65535, description="gRPC port of the first local engine"
     )
@@ -367,6 +372,13 @@ class GatewaySettings(ServiceSettings):
     )
     request_timeout_s: float = Field(
         default=600.0, gt=0, description="longest a request may take end to end"
+    )
+    failover_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="how long a request that has produced nothing waits for a replica to "
+        "serve it when the replicas it tried were unavailable (a crashed engine's restart); "
+        "0: fail at once",
     )
     max_n: int = Field(default=16, ge=1, description="largest `n` (samples per request) accepted")
     routing_policy: Literal["least_load", "prefix", "round_robin"] = Field(

@@ -182,3 +182,22 @@ def test_list_replicas_shows_every_state() -> None:
         ]
 
     run_with_controller(body, with_backend=False)
+
+
+def test_a_fresh_controller_holds_its_first_table_until_engines_had_time_to_register() -> None:
+    """After a controller restart its registry is empty until the engines that kept serving
+    beat again; gateways must not get that empty table, which would stop all traffic."""
+
+    async def main() -> None:
+        feed = RouteFeed(settle_s=0.5)
+        registry = ReplicaRegistry(6.0, 30.0, on_change=feed.notify)
+        follower = feed.follow(registry)
+        first = asyncio.ensure_future(anext(follower))
+        await asyncio.sleep(0.2)
+        assert not first.done()
+        registry.register(replica("engine-0", 50100))  # its first heartbeat to the new one
+        table = await asyncio.wait_for(first, timeout=5)
+        assert [r.replica_id for r in table.replicas] == ["engine-0"]
+        await follower.aclose()
+
+    asyncio.run(main())

@@ -16,8 +16,9 @@ import pytest
 from controller.backend import Instance, Phase
 from controller.local_backend import LocalEngineSpec, LocalProcessBackend
 from controller.plan import RestartPolicy
-from controller.reconciler import Reconciler
+from controller.reconciler import EngineCannotStart, Reconciler
 from controller.registry import ReplicaRegistry
+from switchyard.exit_codes import CANNOT_START
 
 FAKE_ENGINE = """
 import os, signal, subprocess, sys, time
@@ -29,9 +30,20 @@ time.sleep(600)
 """
 
 
-def make_backend(data_dir: Path, stop_grace_s: float = 5.0) -> LocalProcessBackend:
+# An engine that finds its configuration unusable: it logs why (as the real one does, one
+# JSON line) and exits with the status that says a restart cannot help.
+UNSTARTABLE_ENGINE = f"""
+import json, sys
+print(json.dumps({{"level": "ERROR", "msg": "engine cannot start: architecture Foo is not supported"}}))
+sys.exit({CANNOT_START})
+"""
+
+
+def make_backend(
+    data_dir: Path, stop_grace_s: float = 5.0, engine: str = FAKE_ENGINE
+) -> LocalProcessBackend:
     spec = LocalEngineSpec(
-        command=[sys.executable, "-c", FAKE_ENGINE],
+        command=[sys.executable, "-c", engine],
         model="/models/tiny",
         controller_address="127.0.0.1:1",
         data_dir=data_dir,
@@ -186,3 +198,123 @@ def test_close_stops_every_engine(tmp_path: Path) -> None:
     assert observe(backend) == []
     # SIGKILL is delivered asynchronously; it lands within moments.
     wait_for(lambda: not any(alive(pid) for pid in everyone), timeout_s=5)
+
+
+def test_a_new_backend_adopts_the_engines_a_previous_one_left_running(tmp_path: Path) -> None:
+    """A controller killed with SIGKILL leaves its engines serving; the next one over the same
+    run_dir takes them over (same pid, same address) instead of starting duplicates."""
+    first = make_backend(tmp_path)
+    asyncio.run(first.start("engine-0", 0))
+    wait_for(lambda: started_lines(first, "engine-0"))
+    pid, child = pids(started_lines(first, "engine-0")[0])
+    [before] = observe(first)
+
+    second = make_backend(tmp_path)  # the first is abandoned, as a killed controller's is
+    try:
+        [adopted] = observe(second)
+        assert adopted.phase is Phase.RUNNING
+        assert (adopted.replica_id, adopted.ordinal) == ("engine-0", 0)
+        assert adopted.address == before.address
+        asyncio.run(second.start("engine-0", 0))  # already running: no second process
+        time.sleep(0.3)
+        assert len(started_lines(second, "engine-0")) == 1
+
+        asyncio.run(second.stop("engine-0"))
+        wait_for(lambda: observe(second) == [])
+        assert not alive(pid)
+        assert not alive(child)
+    finally:
+        asyncio.run(second.close())
+        asyncio.run(first.close())
+
+
+def test_an_adopted_engine_that_dies_shows_exited_and_restarts(tmp_path: Path) -> None:
+    first = make_backend(tmp_path)
+    asyncio.run(first.start("engine-0", 0))
+    wait_for(lambda: started_lines(first, "engine-0"))
+    pid, _ = pids(started_lines(first, "engine-0")[0])
+    second = make_backend(tmp_path)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: observe(second)[0].phase is Phase.EXITED)
+        asyncio.run(second.start("engine-0", 0))
+        wait_for(lambda: len(started_lines(second, "engine-0")) == 2)
+        [restarted] = observe(second)
+        assert restarted.phase is Phase.RUNNING
+    finally:
+        asyncio.run(second.close())
+        asyncio.run(first.close())
+
+
+def test_a_dead_recorded_engine_is_not_adopted(tmp_path: Path) -> None:
+    first = make_backend(tmp_path)
+    asyncio.run(first.start("engine-0", 0))
+    wait_for(lambda: started_lines(first, "engine-0"))
+    pid, _ = pids(started_lines(first, "engine-0")[0])
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not alive(pid))
+    try:
+        assert observe(make_backend(tmp_path)) == []
+    finally:
+        asyncio.run(first.close())
+
+
+def test_an_engine_that_cannot_start_is_reported_with_its_own_message(tmp_path: Path) -> None:
+    backend = make_backend(tmp_path, engine=UNSTARTABLE_ENGINE)
+    try:
+        asyncio.run(backend.start("engine-0", 0))
+        wait_for(lambda: observe(backend)[0].phase is Phase.EXITED)
+        [instance] = observe(backend)
+        assert instance.cannot_start == "architecture Foo is not supported"
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_the_reconcile_loop_gives_up_on_an_engine_that_cannot_start(tmp_path: Path) -> None:
+    """No restart loop: the loop ends with the engine's message after the first such exit."""
+
+    async def scenario() -> None:
+        backend = make_backend(tmp_path, engine=UNSTARTABLE_ENGINE)
+        policy = RestartPolicy(backoff_initial_s=0.1, backoff_max_s=0.1)
+        reconciler = Reconciler(ReplicaRegistry(6.0, 30.0), backend, 1, policy, interval_s=0.1)
+        try:
+            with pytest.raises(EngineCannotStart, match="architecture Foo is not supported"):
+                await asyncio.wait_for(reconciler.run(), timeout=15)
+            assert len(backend.log_path("engine-0").read_text().splitlines()) == 1  # one start
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_crash_that_is_not_a_start_failure_is_restarted(tmp_path: Path) -> None:
+    backend = make_backend(tmp_path)
+    try:
+        asyncio.run(backend.start("engine-0", 0))
+        wait_for(lambda: started_lines(backend, "engine-0"))
+        pid, _ = pids(started_lines(backend, "engine-0")[0])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: observe(backend)[0].phase is Phase.EXITED)
+        assert observe(backend)[0].cannot_start == ""
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_the_desired_size_survives_with_the_adopted_engines(tmp_path: Path) -> None:
+    """After ``switchyard scale``, a restarted controller keeps the scaled size rather than
+    its ``--engines`` flag, which would stop (or double) the engines it adopts."""
+    first = make_backend(tmp_path)
+    reconciler = Reconciler(
+        ReplicaRegistry(6.0, 30.0), first, 1, RestartPolicy(), on_scale=first.record_desired
+    )
+    reconciler.scale(2)
+    asyncio.run(first.start("engine-0", 0))
+    wait_for(lambda: started_lines(first, "engine-0"))
+    second = make_backend(tmp_path)
+    try:
+        assert second.adopted_desired == 2
+    finally:
+        asyncio.run(second.close())
+        asyncio.run(first.close())
+    # Nothing ran any more: a fresh stack starts from its own flag.
+    assert make_backend(tmp_path).adopted_desired is None

@@ -8,13 +8,14 @@ tests find engine processes to kill and check that nothing outlives a stack.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ STARTUP_TIMEOUT_S = 240.0
 class Stack:
     url: str
     controller: str
+    kv: str
     process: subprocess.Popen[bytes]
     output: Path
     data_dir: Path
@@ -64,26 +66,46 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> 
         time.sleep(0.2)
 
 
-def start_stack(checkpoint: Path, work_dir: Path, engines: int) -> Stack:
-    """``switchyard up`` on ``checkpoint`` with free ports; returns once it serves."""
-    port, controller_port = free_port(), free_port()
-    output = work_dir / "up.out"
+def start_stack(
+    checkpoint: Path,
+    work_dir: Path,
+    engines: int,
+    extra_args: Sequence[str] = (),
+    *,
+    port: int | None = None,
+    data_dir: Path | None = None,
+    explicit_ports: bool = True,
+    output_name: str = "up.out",
+) -> Stack:
+    """``switchyard up`` on ``checkpoint``; returns once it serves. The gateway gets ``port``
+    (default: a free one); the internal ports are free ones given by flag, or with
+    ``explicit_ports=False`` left to ``up`` (their defaults, or free ports when taken)."""
+    port = port or free_port()
+    controller_port, kv_port = free_port(), free_port()
+    data_dir = data_dir or work_dir / "data"
+    output = work_dir / output_name
     mark = uuid.uuid4().hex
+    internal_ports = [
+        "--controller-port", str(controller_port),
+        "--kv-port", str(kv_port),
+        "--kv-metrics-port", str(free_port()),
+        "--engine-base-port", str(free_port()),
+        "--engine-base-metrics-port", str(free_port()),
+    ]  # fmt: skip
     argv = [
         sys.executable, "-m", "switchyard", "up",
         "--model", str(checkpoint),
         "--served-model-name", MODEL_NAME,
         "--port", str(port),
-        "--controller-port", str(controller_port),
-        "--engine-base-port", str(free_port()),
-        "--engine-base-metrics-port", str(free_port()),
+        *(internal_ports if explicit_ports else []),
         "--engines", str(engines),
         "--api-key", API_KEY,
-        "--data-dir", str(work_dir / "data"),
+        "--data-dir", str(data_dir),
         "--device", "cpu",
         "--dtype", "float32",
         "--max-model-len", str(MAX_MODEL_LEN),
         "--num-kv-blocks", "512",
+        *extra_args,
     ]  # fmt: skip
     env = {**os.environ, MARK_ENV: mark, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with output.open("wb") as out:
@@ -93,9 +115,10 @@ def start_stack(checkpoint: Path, work_dir: Path, engines: int) -> Stack:
     stack = Stack(
         url=f"http://127.0.0.1:{port}",
         controller=f"127.0.0.1:{controller_port}",
+        kv=f"127.0.0.1:{kv_port}",
         process=process,
         output=output,
-        data_dir=work_dir / "data",
+        data_dir=data_dir,
         mark=mark,
     )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -104,6 +127,10 @@ def start_stack(checkpoint: Path, work_dir: Path, engines: int) -> Stack:
             stop_stack(stack)
             raise RuntimeError(f"switchyard up did not come up:\n{output.read_text()}")
         time.sleep(0.2)
+    if not explicit_ports:  # learn the addresses up chose from what it printed
+        match = re.search(r"the controller \((\S+)\), the KV service \((\S+)\)", output.read_text())
+        assert match is not None, output.read_text()
+        stack.controller, stack.kv = match.group(1), match.group(2)
     return stack
 
 
@@ -121,6 +148,19 @@ def marked_pids(mark: str) -> list[int]:
         if state != "Z":
             found.append(int(entry.name))
     return found
+
+
+def service_pid(stack: Stack, module: str) -> int:
+    """The pid of the stack's process running ``python -m module`` (``controller``,
+    ``kv_service``, ``gateway``)."""
+    for pid in marked_pids(stack.mark):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:3] == [b"-m", module.encode()]:
+            return pid
+    raise LookupError(f"no {module} process")
 
 
 def engine_pid(stack: Stack, replica_id: str) -> int:

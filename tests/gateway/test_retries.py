@@ -8,8 +8,10 @@ sees them READY). The replica that works is the real engine service.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -75,6 +77,7 @@ def gateway_with(
     servers: list[tuple[grpc.aio.Server, str]],
     doubles: list[FailingEngine],
     extra: list[str],
+    **overrides: Any,
 ) -> ServedApp:
     addresses = []
     for double in doubles:
@@ -82,7 +85,11 @@ def gateway_with(
         servers.append((server, address))
         addresses.append(address)
     return serve_gateway(
-        background, checkpoint, StaticRoutes([*addresses, *extra]), policy=InListOrder()
+        background,
+        checkpoint,
+        StaticRoutes([*addresses, *extra]),
+        policy=InListOrder(),
+        **overrides,
     )
 
 
@@ -121,7 +128,7 @@ def test_all_replicas_unavailable_is_503(
         FailingEngine(grpc.StatusCode.UNAVAILABLE),
         FailingEngine(grpc.StatusCode.RESOURCE_EXHAUSTED),
     ]
-    gateway = gateway_with(background, checkpoint, double_factory, doubles, [])
+    gateway = gateway_with(background, checkpoint, double_factory, doubles, [], failover_wait_s=0)
     try:
         with pytest.raises(openai.InternalServerError) as failure:
             chat(gateway.base_url).completions.create(
@@ -202,5 +209,26 @@ def test_engine_invalid_argument_is_400_in_anthropic_format_before_any_event(
         assert error["type"] == "error"
         assert error["error"]["type"] == "invalid_request_error"
         assert "test double fails with INVALID_ARGUMENT" in error["error"]["message"]
+    finally:
+        gateway.close()
+
+
+def test_an_unavailable_fleet_is_503_once_the_failover_wait_is_over(
+    background: BackgroundLoop, checkpoint: Path, double_factory: list[tuple[grpc.aio.Server, str]]
+) -> None:
+    """The request waits ``failover_wait_s`` for a replica to come back, trying again as the
+    unreachable mark lapses, then fails: late, but never hanging."""
+    double = FailingEngine(grpc.StatusCode.UNAVAILABLE)
+    gateway = gateway_with(background, checkpoint, double_factory, [double], [], failover_wait_s=3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as failure:
+            chat(gateway.base_url).completions.create(
+                model=MODEL_NAME, prompt="Hello", max_tokens=3
+            )
+        waited = time.monotonic() - started
+        assert failure.value.status_code == 503
+        assert 3 <= waited < 20
+        assert 2 <= double.calls <= 4  # once, then again each time the 2 s mark lapsed
     finally:
         gateway.close()

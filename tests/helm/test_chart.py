@@ -168,6 +168,17 @@ def test_engine_probes_use_the_grpc_health_service(chart: helm.Chart) -> None:
     assert engine["lifecycle"]["preStop"] == {"sleep": {"seconds": 30}}
 
 
+def test_gateway_readiness_is_whether_it_can_serve_and_liveness_whether_it_answers(
+    chart: helm.Chart,
+) -> None:
+    """Readiness follows /health (a routable engine replica); liveness and startup follow
+    /live, which stays 200 through engine and controller outages."""
+    gateway = container(render(chart, {}), "gateway")
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    for probe in ("livenessProbe", "startupProbe"):
+        assert gateway[probe]["httpGet"] == {"path": "/live", "port": "http"}
+
+
 def test_the_controller_finds_what_the_chart_creates(chart: helm.Chart) -> None:
     objects = render(chart, {})
     settings = config(objects)

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
-from switchyard.cli import _engine_args, _gateway_args, build_parser, cmd_up
+from switchyard.cli import (
+    _engine_args,
+    _gateway_args,
+    build_parser,
+    choose_stack_ports,
+    cmd_up,
+    stack_dir,
+)
+from switchyard.ports import PortTaken, any_free_port
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield int(listener.getsockname()[1])
 
 
 def test_gateway_knobs_become_gateway_flags() -> None:
@@ -42,6 +62,36 @@ def test_up_refuses_a_missing_settings_file(tmp_path, capsys: pytest.CaptureFixt
     assert "missing.yaml does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag", ["--controller-port", "--kv-port", "--kv-metrics-port", "--engine-base-port"]
+)
+def test_up_refuses_a_taken_port_given_by_flag_naming_the_flag(
+    tmp_path: Path, taken_port: int, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(
+        ["up", "--data-dir", str(tmp_path), "--port", str(any_free_port("127.0.0.1")),
+         flag, str(taken_port)]
+    )  # fmt: skip
+    assert cmd_up(args) == 1
+    assert f"({flag} {taken_port}) is taken" in capsys.readouterr().err
+    assert not (tmp_path / "stacks").exists()  # refused before starting anything
+
+
+def test_up_refuses_a_taken_gateway_port(
+    tmp_path: Path, taken_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(["up", "--data-dir", str(tmp_path), "--port", str(taken_port)])
+    assert cmd_up(args) == 1
+    assert f"port {taken_port} for the gateway (--port {taken_port}) is taken" in (
+        capsys.readouterr().err
+    )
+
+
+def test_each_gateway_port_has_its_own_stack_folder(tmp_path: Path) -> None:
+    assert stack_dir(tmp_path, 8000) != stack_dir(tmp_path, 8001)
+    assert stack_dir(tmp_path, 8000).parent.parent == tmp_path
+
+
 def test_status_shows_hit_rates_per_tier() -> None:
     from switchyard.cli import format_status
     from switchyard.v1 import common_pb2, controller_pb2
@@ -62,3 +112,17 @@ def test_status_shows_hit_rates_per_tier() -> None:
     header, row = table.splitlines()[-2:]
     assert header.split()[-6:] == ["PREFIX", "HIT", "HOST", "HIT", "REMOTE", "HIT"]
     assert row.split()[-3:] == ["40.0%", "10.0%", "25.0%"]
+
+
+def test_internal_ports_never_repeat_the_gateway_port() -> None:
+    """``--port 50051``: the controller's default is free until the gateway binds it."""
+    gateway_port = any_free_port("127.0.0.1")
+    args = build_parser().parse_args(
+        ["up", "--port", str(gateway_port), "--controller-port", str(gateway_port)]
+    )
+    with pytest.raises(PortTaken, match="--controller-port"):
+        choose_stack_ports(args)
+    args = build_parser().parse_args(["up", "--port", str(gateway_port)])
+    ports = choose_stack_ports(args)
+    chosen = [ports.gateway, ports.controller, ports.kv, ports.kv_metrics]
+    assert len(set(chosen)) == 4
