@@ -207,7 +207,7 @@ class EngineSettings(ServiceSettings):
         "and small extends alike (CUDA with the triton backend)",
     )
     cuda_graph_max_batch: int = Field(
-        default=128, ge=0, description="largest step (in tokens) captured as a CUDA graph"
+        default=512, ge=0, description="largest step (in tokens) captured as a CUDA graph"
     )
     async_scheduling: bool = Field(
         default=True,

@@ -19,9 +19,10 @@ class EngineConfig:
     chunks, and ``long_prefill_token_threshold`` (0: off) caps one request's chunk so that
     several prompts can share a step.
 
-    Kernels: ``attention_backend`` ``auto`` takes the Triton paged-decode backend on CUDA and
-    the SDPA reference elsewhere. On CUDA with Triton, steps that are all decodes replay CUDA
-    graphs captured at start for batch sizes up to ``cuda_graph_max_batch``.
+    Kernels: ``attention_backend`` ``auto`` takes the Triton backend (paged extend kernel) on
+    CUDA and the SDPA reference elsewhere. On CUDA with Triton, steps of up to
+    ``cuda_graph_max_batch`` tokens, decodes alone or mixed with prefill chunks, replay CUDA
+    graphs captured at start.
 
     Offload: with ``enable_kv_offload``, cached blocks evicted from the device pool move to a
     host-memory tier of ``kv_offload_host_bytes`` (LRU), and through it to the remote KV
@@ -55,7 +56,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
     enable_cuda_graphs: bool = True
-    cuda_graph_max_batch: int = 128
+    cuda_graph_max_batch: int = 512
     enable_kv_offload: bool = False
     kv_offload_host_bytes: int = 1 << 30
     kv_write_through: bool = True

@@ -50,6 +50,8 @@ class StepGraphs:
         self.capture = capture
         self.buckets = sorted({b for b in _BUCKETS if b < max_tokens} | {max_tokens})
         self.mixed_ok = runner.backend.supports_mixed_graphs if mixed is None else mixed
+        # A decode step has at most max_seqs sequences: no larger decode bucket is needed.
+        self.max_decode_bucket = self._bucket(min(max_seqs, max_tokens))
         device = runner.device
         size = runner.block_size
         int32 = dict(dtype=torch.int32, device=device)
@@ -73,11 +75,14 @@ class StepGraphs:
         meta = inputs.meta
         if meta.custom_mask is not None or meta.num_tokens > self.max_tokens:
             return None
+        bucket = self._bucket(meta.num_tokens)
         if meta.max_query_len == 1:
-            return "decode"
-        if self.mixed_ok and meta.num_seqs <= min(self._bucket(meta.num_tokens), self.max_seqs):
-            return "mixed"
-        return None
+            kind = "decode"
+        elif self.mixed_ok and meta.num_seqs <= min(bucket, self.max_seqs):
+            kind = "mixed"
+        else:
+            return None
+        return kind if (kind, bucket) in self._graphs else None
 
     def _bucket(self, num_tokens: int) -> int:
         return next(b for b in self.buckets if b >= num_tokens)
@@ -155,7 +160,8 @@ class StepGraphs:
         model, runner = self.runner.model, self.runner
         if not self.capture:
             for bucket in self.buckets:
-                self._graphs[("decode", bucket)] = (None, None, self._meta("decode", bucket))
+                if bucket <= self.max_decode_bucket:
+                    self._graphs[("decode", bucket)] = (None, None, self._meta("decode", bucket))
                 if self.mixed_ok and bucket > 1:
                     self._graphs[("mixed", bucket)] = (None, None, self._meta("mixed", bucket))
             return
@@ -163,8 +169,12 @@ class StepGraphs:
         kinds = ["decode", "mixed"] if self.mixed_ok else ["decode"]
         for bucket in reversed(self.buckets):
             for kind in kinds:
-                if kind == "mixed" and bucket == 1:
-                    continue
+                if (kind == "mixed" and bucket == 1) or (
+                    kind == "decode"
+                    and bucket > self.max_seqs
+                    and bucket != self._bucket(self.max_seqs)
+                ):
+                    continue  # no step can have that shape
                 meta = self._meta(kind, bucket)
                 # A valid layout to warm up and capture with: one token per sequence (decode)
                 # or every token in the first sequence (mixed), all over the scratch block.

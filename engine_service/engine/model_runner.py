@@ -82,6 +82,11 @@ class ModelRunner:
             _HostBuffers(max_num_tokens, max_num_seqs, max_blocks_per_seq, pin) for _ in range(2)
         ]
         self._turn = 0
+        config = getattr(model, "config", None)
+        if config is not None:
+            backend.warm_up(
+                kv_cache, config.num_heads, set(config.sliding_windows or [None]), max_num_tokens
+            )
         self.graphs = None
         if graphs_max_tokens > 0:
             from engine_service.engine.cuda_graphs import StepGraphs

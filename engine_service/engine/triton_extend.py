@@ -55,7 +55,7 @@ query runs are no longer than at capture.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -528,6 +528,7 @@ def paged_extend_attention(
 # A split should stream at least this many keys, or its fixed costs (q load, partial write,
 # the combine) outweigh the parallelism it buys.
 _MIN_KEYS_PER_SPLIT = 512
+_MAX_SPLITS = 16
 
 
 def _auto_splits(programs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
@@ -537,10 +538,62 @@ def _auto_splits(programs: int, max_seq_len: int, block_n: int, device: torch.de
     sms = _sm_count(device)
     if programs >= sms:
         return 1
-    splits = min(triton.cdiv(2 * sms, programs), max_seq_len // _MIN_KEYS_PER_SPLIT, 16)
+    splits = min(triton.cdiv(2 * sms, programs), max_seq_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS)
     return 1 if splits < 2 else 1 << (splits.bit_length() - 1)
 
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def warm_up(
+    kv_cache: torch.Tensor,
+    num_heads: int,
+    windows: set[int | None],
+    max_query_len: int,
+) -> int:
+    """Compile every kernel variant a step can pick (tile shapes by query length, key
+    splits, with and without a window) on a dummy one-sequence batch, so that no serving step
+    stalls on Triton's JIT. Reads block 0 of the cache and writes nothing to it. Returns the
+    number of launches."""
+    device = kv_cache.device
+    block_size, num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4], kv_cache.shape[5]
+    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    launches = 0
+    # One query length per distinct tile shape pick_config can return.
+    configs: dict[ExtendConfig, int] = {}
+    query_len = 1
+    while query_len <= max(1, max_query_len):
+        cfg = pick_config(query_len, group_pad, head_dim_pad, kv_cache.dtype, False)
+        configs.setdefault(cfg, query_len)
+        query_len *= 2
+    use_window = {w is not None for w in windows}
+    for cfg, query_len in configs.items():
+        seq_len = query_len + block_size
+        int32 = dict(dtype=torch.int32, device=device)
+        meta = AttentionMetadata(
+            num_tokens=query_len,
+            num_seqs=1,
+            max_query_len=query_len,
+            max_seq_len=seq_len,
+            query_start_loc=torch.tensor([0, query_len], **int32),
+            seq_lens=torch.tensor([seq_len], **int32),
+            positions=torch.arange(block_size, seq_len, device=device),
+            slot_mapping=torch.zeros(query_len, dtype=torch.int64, device=device),
+            block_tables=torch.zeros(1, -(-seq_len // block_size), **int32),
+            query_start_loc_host=torch.tensor([0, query_len], dtype=torch.int32),
+            seq_lens_host=torch.tensor([seq_len], dtype=torch.int32),
+        )
+        q = torch.zeros(query_len, num_heads, head_dim, dtype=kv_cache.dtype, device=device)
+        splits = 1
+        while splits <= _MAX_SPLITS:
+            for windowed in use_window:
+                window = block_size if windowed else None
+                paged_extend_attention(
+                    q, kv_cache, 0, meta, 1.0, window, replace(cfg, num_splits=splits)
+                )
+                launches += 1
+            splits *= 2
+    return launches

@@ -86,6 +86,13 @@ class AttentionBackend(abc.ABC):
         """Attach backend-specific extras to ``meta.backend_data`` (default: none)."""
         meta.backend_data = None
 
+    def warm_up(
+        self, kv_cache: torch.Tensor, num_heads: int, windows: set[int | None], max_tokens: int
+    ) -> None:
+        """Compile or tune whatever later steps would otherwise build on first use (default:
+        nothing), once at start, before any graph is captured."""
+        return None
+
     def prepare_for_capture(self, meta: AttentionMetadata, block_size: int) -> None:
         """Like :meth:`prepare` for a graph being captured: whatever it attaches must be
         device buffers that :meth:`prepare_for_replay` refreshes in place."""

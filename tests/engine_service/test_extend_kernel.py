@@ -155,3 +155,17 @@ def test_mismatched_cache_is_rejected(extend_attention):
         extend_attention(case.q[:, :3], case.kv_cache, case.layer, case.meta, SCALE, None)
     with pytest.raises(ValueError, match="num_blocks, num_layers, 2"):
         extend_attention(case.q, case.kv_cache[:, 0], case.layer, case.meta, SCALE, None)
+
+
+def test_warm_up_launches_every_tile_shape_split_and_window_variant():
+    """Engines call ``warm_up`` at start so no serving step waits on Triton's JIT."""
+    interpreter = InterpretedTriton()
+    try:
+        kv_cache = torch.randn(4, 1, 2, 4, 2, 8)
+        launches = interpreter.call(
+            "engine_service.engine.triton_extend:warm_up", kv_cache, 4, {None, 6}, 16
+        )
+    finally:
+        interpreter.close()
+    # Two tile shapes in fp32 (one-row decodes, 32-row extends) x five splits x two windows.
+    assert launches == 2 * 5 * 2

@@ -11,7 +11,7 @@ shapes the step's buckets fix, so whole steps capture into CUDA graphs.
 from __future__ import annotations
 
 from engine_service.engine.attention.sdpa import write_kv
-from engine_service.engine.triton_extend import paged_extend_attention
+from engine_service.engine.triton_extend import paged_extend_attention, warm_up
 from engine_service.layers.paged_attention import AttentionBackend, AttentionMetadata
 
 
@@ -20,6 +20,11 @@ class TritonBackend(AttentionBackend):
     supports_custom_mask = True
     supports_cuda_graphs = True
     supports_mixed_graphs = True
+
+    def warm_up(self, kv_cache, num_heads, windows, max_tokens) -> None:
+        # Every tile shape and key split a step may pick, compiled before serving: a Triton
+        # JIT compile in the middle of serving stalls every request in the step for seconds.
+        warm_up(kv_cache, num_heads, windows, max_tokens)
 
     def forward(self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale, window):
         write_kv(kv_cache, layer, k, v, meta.slot_mapping)
