@@ -5,119 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import nn
-
-from engine_service.layers.attention import Attention
-from engine_service.layers.linear import ReplicatedLinear
-from engine_service.layers.mlp import GatedMLP
-from engine_service.layers.norms import RMSNorm
-from engine_service.layers.paged_attention import AttentionBackend, AttentionMetadata
-from engine_service.layers.parallel import SINGLE, TensorParallel
-from engine_service.layers.rotary import RotaryEmbedding
-from engine_service.models.causal_lm import WeightMapping
 from engine_service.models.config import ModelConfig
-
-# The checkpoint's separate projections (and q/k/v biases) load as shards of our stacked ones.
-QWEN2_WEIGHT_MAPPING: WeightMapping = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
+from engine_service.models.dense import DenseCausalLM
 
 
-class Qwen2DecoderLayer(nn.Module):
-    """Pre-norm residual block: attention with q/k/v biases, then the gated MLP."""
-
-    def __init__(
-        self, config: ModelConfig, layer: int, backend: AttentionBackend, tp: TensorParallel
-    ) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(
-            config.hidden_size,
-            config.num_heads,
-            config.num_kv_heads,
-            config.head_dim,
-            layer,
-            backend,
-            window=config.sliding_windows[layer],
-            qkv_bias=True,
-            o_bias=False,
-            tp=tp,
-        )
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(
-            config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, tp
-        )
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-
-class Qwen2Model(nn.Module):
-    """Embedding, decoder layers, final norm: the ``model.`` prefix of the checkpoint."""
-
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            Qwen2DecoderLayer(config, i, backend, tp) for i in range(config.num_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
-        for layer in self.layers:
-            hidden = layer(hidden, cos_sin, kv_cache, meta)
-        return self.norm(hidden)
-
-
-class Qwen2ForCausalLM(nn.Module):
-    packed_modules_mapping = QWEN2_WEIGHT_MAPPING
+class Qwen2ForCausalLM(DenseCausalLM):
+    architecture = "Qwen2ForCausalLM"
 
     @classmethod
     def parse_config(cls, raw: dict[str, Any]) -> ModelConfig:
-        config = ModelConfig.from_hf(raw, "Qwen2ForCausalLM")
+        config = ModelConfig.from_hf(raw, cls.architecture)
         config.qkv_bias, config.o_bias = True, False
         config.set_windows_from_layer_types(raw)
         return config
-
-    def __init__(
-        self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel = SINGLE
-    ) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Qwen2Model(config, backend, tp)
-        self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_cache, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

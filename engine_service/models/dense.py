@@ -1,0 +1,139 @@
+"""The dense pre-norm decoder that the Llama, Mistral and Qwen families share.
+
+A family is a subclass of :class:`DenseCausalLM` that declares its quirks and nothing else:
+how it reads ``config.json`` (:meth:`DenseCausalLM.parse_config`: windows, biases), whether
+queries and keys get a per-head RMSNorm (``qk_norm``), and its weight mapping. Module names
+match Hugging Face's (``model.layers.N.self_attn...``), except the stacked ``qkv_proj`` and
+``gate_up_proj`` that the mapping fills from the checkpoint's separate projections.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from engine_service.layers.attention import Attention
+from engine_service.layers.linear import ReplicatedLinear
+from engine_service.layers.mlp import GatedMLP
+from engine_service.layers.norms import RMSNorm
+from engine_service.layers.paged_attention import AttentionBackend, AttentionMetadata
+from engine_service.layers.parallel import SINGLE, TensorParallel
+from engine_service.layers.rotary import RotaryEmbedding
+from engine_service.models.causal_lm import WeightMapping
+from engine_service.models.config import ModelConfig
+
+# The checkpoint's separate projections (and their biases) load as shards of stacked ones.
+STACKED_WEIGHT_MAPPING: WeightMapping = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class DenseDecoderLayer(nn.Module):
+    """Pre-norm residual block: attention (with an optional per-head q/k norm and the
+    layer's sliding window), then the gated MLP."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        backend: AttentionBackend,
+        tp: TensorParallel,
+        qk_norm: bool,
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            layer,
+            backend,
+            window=config.sliding_windows[layer] if config.sliding_windows else None,
+            qkv_bias=config.qkv_bias,
+            o_bias=config.o_bias,
+            qk_norm_eps=config.rms_norm_eps if qk_norm else None,
+            tp=tp,
+        )
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, tp
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DenseModel(nn.Module):
+    """Embedding, decoder layers, final norm: the ``model.`` prefix of the checkpoint."""
+
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel, qk_norm: bool
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DenseDecoderLayer(config, i, backend, tp, qk_norm) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, cos_sin, kv_cache, meta)
+        return self.norm(hidden)
+
+
+class DenseCausalLM(nn.Module):
+    """A dense decoder-only model; subclasses name their architecture and quirks."""
+
+    architecture: ClassVar[str]
+    qk_norm: ClassVar[bool] = False
+    packed_modules_mapping: ClassVar[WeightMapping] = STACKED_WEIGHT_MAPPING
+
+    @classmethod
+    def parse_config(cls, raw: dict[str, Any]) -> ModelConfig:
+        return ModelConfig.from_hf(raw, cls.architecture)
+
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel = SINGLE
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DenseModel(config, backend, tp, self.qk_norm)
+        self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_cache, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
