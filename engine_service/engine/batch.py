@@ -53,6 +53,8 @@ class ScheduledSequence:
     # The request's preemption count when scheduled: a sequence preempted while this step
     # was in flight must not have its progress committed by this step.
     epoch: int = 0
+    # Slots reserved for draft tokens a proposer may fill (speculative decoding).
+    draft_room: int = 0
 
     @property
     def num_known_tokens(self) -> int:
@@ -72,11 +74,39 @@ class ScheduledBatch:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     sample_rows: list[tuple[int, Request]] = field(default_factory=list)
+    # The sequence (index into ``sequences``) each sample row belongs to.
+    sample_seqs: list[int] = field(default_factory=list)
     num_tokens: int = 0
     num_logits: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.sequences)
+
+    @property
+    def has_drafts(self) -> bool:
+        return any(s.draft_token_ids for s in self.sequences)
+
+    def place_drafts(self, drafts: dict[int, list[int]]) -> None:
+        """Put proposed tokens (``drafts[sequence index]``, at most its ``draft_room``) into
+        the step, then renumber token counts and logits rows: a sequence verifying ``d``
+        drafts has ``d + 1`` logits rows, and its sample row points at the first."""
+        for index, tokens in drafts.items():
+            seq = self.sequences[index]
+            tokens = tokens[: seq.draft_room]
+            known = seq.num_known_tokens
+            seq.draft_token_ids = list(tokens)
+            seq.num_tokens = known + len(tokens)
+            seq.num_logits = 1 + len(tokens)
+        self.num_tokens = sum(s.num_tokens for s in self.sequences)
+        first_rows, row = [], 0
+        for seq in self.sequences:
+            first_rows.append(row)
+            row += seq.num_logits
+        self.num_logits = row
+        self.sample_rows = [
+            (first_rows[index], request)
+            for index, (_, request) in zip(self.sample_seqs, self.sample_rows)
+        ]
 
 
 @dataclass(slots=True)
@@ -90,3 +120,6 @@ class SampledTokens:
     token_ids: torch.Tensor
     token_list: list[int]
     logprobs: list[Any]
+    # Per sample row, the tokens to commit when the step verified drafts (accepted drafts
+    # then one more); None when every row commits its one sampled token.
+    token_lists: list[list[int]] | None = None

@@ -35,6 +35,9 @@ class EngineConfig:
     the device runs step N (SGLang's overlap scheduler, vLLM's async scheduling); results
     are identical, the outputs of a step arrive one step later.
 
+    Speculation: ``speculative_config`` is vLLM's ``--speculative-config`` JSON (empty: off);
+    see :mod:`engine_service.engine.spec`. It turns overlapped scheduling off.
+
     Structured output: ``grammar_backend`` compiles the constraints that name no backend
     (``"llguidance"`` or ``"xgrammar"``); ``enable_jump_forward`` appends the bytes a grammar
     forces in one step instead of sampling them token by token.
@@ -66,6 +69,7 @@ class EngineConfig:
     grammar_backend: str = "llguidance"
     enable_jump_forward: bool = True
     async_scheduling: bool = True
+    speculative_config: str = ""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -30,8 +30,16 @@ from engine_service.engine.request import Request
 from engine_service.engine.sampler import SamplerResult, SamplingMetadata, sample
 from engine_service.engine.sampling_params import SamplingParams
 from engine_service.engine.scheduler import Scheduler
+from engine_service.engine.spec.config import SpeculativeConfig, check_same_tokenizer
+from engine_service.engine.spec.proposers import (
+    DraftModelProposer,
+    NgramProposer,
+    Proposer,
+    draft_kv_cache,
+)
+from engine_service.engine.spec.verify import verify
 from engine_service.engine.structured import StructuredOutputManager
-from engine_service.models.loader import load_model
+from engine_service.models.loader import load_model, resolve_model_path
 from switchyard.fingerprint import checkpoint_id, kv_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -146,10 +154,16 @@ class LLMEngine:
         )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
+        self.proposer: Proposer | None = None
+        self.async_scheduling = config.async_scheduling
+        if config.speculative_config:
+            self.proposer = self._build_proposer(backend, num_blocks)
+            # Proposals read each sequence's newest token on the host: no step runs ahead.
+            self.async_scheduling = False
         # Overlapped steps on the CPU run the model on a worker thread (torch releases the
         # GIL inside its kernels); on CUDA the stream itself runs ahead of the host.
         self._worker: ThreadPoolExecutor | None = None
-        if config.async_scheduling and self.device.type == "cpu":
+        if self.async_scheduling and self.device.type == "cpu":
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-device")
         self._in_flight: _InFlight | None = None
         self._samples: dict[str, list[Request]] = {}
@@ -268,6 +282,10 @@ class LLMEngine:
                     self.offload.wait(_FETCH_WAIT_S)
             return outputs
         self.steps_total += 1
+        if self.proposer is not None and any(s.draft_room for s in batch.sequences):
+            drafts = self.proposer.propose(batch)
+            if drafts:
+                batch.place_drafts(drafts)
         # Grammar masks fill on their worker while the inputs are built and the model runs.
         masks = self.structured.start_masks([r.grammar for _, r in batch.sample_rows])
         inputs = self.runner.prepare(batch)
@@ -278,7 +296,7 @@ class LLMEngine:
             # Saves of evicted blocks and restores, before the forward reuses any block.
             self.offload.apply_transfers()
         launched = self._launch(batch, inputs, masks, previous)
-        if self.config.async_scheduling:
+        if self.async_scheduling:
             self.scheduler.mark_in_flight(batch)
             self._in_flight = launched
             if previous is not None:
@@ -290,9 +308,7 @@ class LLMEngine:
         return outputs
 
     def _must_drain(self) -> bool:
-        return not self.config.async_scheduling or any(
-            r.needs_host_tokens for r in self.scheduler.running
-        )
+        return not self.async_scheduling or any(r.needs_host_tokens for r in self.scheduler.running)
 
     def _launch(self, batch, inputs, masks, previous: _InFlight | None) -> _InFlight:
         """Start the forward pass and sampling of ``batch``: queued on the device stream
@@ -308,6 +324,10 @@ class LLMEngine:
                 batch.sample_rows, self.model_config.vocab_size, self.device, bitmask
             )
             result = sample(logits, meta, self.generator)
+            if batch.has_drafts:
+                result.verified = verify(
+                    logits, batch, self.model_config.vocab_size, self.generator
+                )
             result.start_host_copy()
             return result, meta
 
@@ -319,9 +339,13 @@ class LLMEngine:
     def _resolve(self, flight: _InFlight) -> list[RequestOutput]:
         """Read a launched step's tokens back and commit them (the scheduler's update)."""
         flight.wait()
-        token_list, logprobs = flight.result.to_host(flight.meta)
+        result = flight.result
+        token_list, logprobs = result.to_host(flight.meta)
+        token_lists = None
+        if result.verified:
+            token_lists = [result.verified.get(i, [t]) for i, t in enumerate(token_list)]
         touched = self.scheduler.update(
-            flight.batch, SampledTokens(flight.result.token_ids, token_list, logprobs)
+            flight.batch, SampledTokens(result.token_ids, token_list, logprobs, token_lists)
         )
         outputs = []
         for request in touched:
@@ -329,6 +353,44 @@ class LLMEngine:
             if request.is_finished:
                 self._forget_if_done(request.request_id)
         return outputs
+
+    def _build_proposer(self, backend, num_blocks: int) -> Proposer:
+        """The ``speculative_config``'s proposer; the draft model gets a cache of its own
+        over the target's block ids."""
+        spec = SpeculativeConfig.parse(self.config.speculative_config)
+        self.scheduler.num_speculative_tokens = spec.num_speculative_tokens
+        if spec.method == "ngram":
+            return NgramProposer(
+                spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
+            )
+        draft, draft_config, _ = load_model(
+            spec.model, backend, self.config.dtype, self.device, None
+        )
+        check_same_tokenizer(
+            resolve_model_path(self.config.model, self.config.revision),
+            resolve_model_path(spec.model),
+            self.model_config.vocab_size,
+            draft_config.vocab_size,
+        )
+        cache = draft_kv_cache(
+            draft_config, num_blocks, self.config.block_size, self.dtype, self.device
+        )
+        runner = ModelRunner(
+            draft,
+            backend,
+            cache,
+            self.config.block_size,
+            max_num_tokens=max(self.config.max_num_batched_tokens, self.max_model_len),
+            max_num_seqs=self.config.max_num_seqs,
+            max_blocks_per_seq=-(-self.max_model_len // self.config.block_size),
+            scratch_block=num_blocks,
+        )
+        logger.info(
+            "speculative decoding: draft model %s, %d tokens",
+            spec.model,
+            spec.num_speculative_tokens,
+        )
+        return DraftModelProposer(runner, spec.num_speculative_tokens)
 
     def _output(self, request: Request) -> RequestOutput:
         output = RequestOutput(

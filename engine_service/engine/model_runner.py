@@ -134,8 +134,8 @@ class ModelRunner:
         width = int(-(-seq_lens.max() // size))
         tables = buf.tables
         for i, s in enumerate(seqs):
-            table = s.request.block_table
-            tables[i, : len(table)] = table[:width]
+            table = s.request.block_table[:width]
+            tables[i, : len(table)] = table
         blocks = tables[seq_of_token, positions // size]
         np.add(blocks * size, positions % size, out=buf.slots[:num_tokens])
         for i, s in enumerate(seqs):

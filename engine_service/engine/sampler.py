@@ -160,6 +160,8 @@ class SamplerResult:
     top_logprobs: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
 
+    # Tokens to commit per sample row that verified drafts (speculative decoding).
+    verified: dict[int, list[int]] | None = None
     _host: tuple[torch.Tensor | None, ...] | None = None
     _ready: torch.cuda.Event | None = None
 
@@ -255,6 +257,21 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
 
 def draw(logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generator) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p, then one exponential race per row."""
+    return race(processed_probs(logits, meta), meta, generator)
+
+
+def race(probs: torch.Tensor, meta: SamplingMetadata, generator: torch.Generator) -> torch.Tensor:
+    """One token per row drawn from ``probs``: ``argmax(p / E)``, ``E ~ Exp(1)``, seeded rows
+    with their own noise."""
+    noise = torch.empty_like(probs)
+    noise.exponential_(generator=generator)
+    if meta.seeded_rows is not None:
+        noise[meta.seeded_rows] = meta.seeded_noise
+    return (probs / noise).argmax(dim=-1)
+
+
+def processed_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The distribution a row samples from: temperature, then top-k, top-p and min-p."""
     assert meta.temperature is not None
     logits = logits / meta.temperature[:, None]
     if meta.top_k is not None or meta.top_p is not None:
@@ -274,12 +291,7 @@ def draw(logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generato
     if meta.min_p is not None:
         threshold = meta.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)
-
-    noise = torch.empty_like(probs)
-    noise.exponential_(generator=generator)
-    if meta.seeded_rows is not None:
-        noise[meta.seeded_rows] = meta.seeded_noise
-    return (probs / noise).argmax(dim=-1)
+    return probs
 
 
 def _pinned_to(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -45,6 +45,12 @@ class Scheduler:
         self.kv = kv_manager
         self.offload = offload
         self.acceptor = acceptor or TokenAcceptor(max_model_len=1 << 62)
+        # Speculative decoding: draft slots per decoding sequence, and what verification kept.
+        self.num_speculative_tokens = 0
+        self.num_drafts = 0
+        self.draft_tokens = 0
+        self.accepted_draft_tokens = 0
+        self.accepted_per_position: list[int] = [0] * 64
         self._waiting: list[tuple[tuple[int, int, int], Request]] = []
         self.running: list[Request] = []
         self.loading: list[Request] = []
@@ -84,19 +90,21 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = self._chunk(request, self._num_remaining(request), budget)
+            remaining = self._num_remaining(request)
+            num_new = self._chunk(request, remaining, budget)
             if num_new == 0:
                 i += 1
                 continue
-            while not self.kv.allocate_slots(request, num_new):
+            room = self._draft_room(request, budget - num_new) if num_new == remaining == 1 else 0
+            while not self.kv.allocate_slots(request, num_new + room):
                 victim = self._pick_victim(i)
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is request:
                     break
             else:
-                self._add_sequence(batch, request, num_new)
-                budget -= num_new
+                self._add_sequence(batch, request, num_new, room)
+                budget -= num_new + room
                 i += 1
 
         # New work waits while the pool is too tight to keep what already runs.
@@ -164,7 +172,35 @@ class Scheduler:
                 return 0
         return request.num_tokens_with_pending - request.num_computed_tokens
 
-    def _add_sequence(self, batch: ScheduledBatch, request: Request, num_new: int) -> None:
+    def _draft_room(self, request: Request, budget: int) -> int:
+        """Draft slots for a decoding sequence: the configured number, within the step's
+        budget, the request's max_tokens and the context; none for samples speculation
+        cannot serve exactly (their grammar, penalties, logprobs or min_tokens read each
+        token before the next is drawn) and none while a token is in flight."""
+        k = self.num_speculative_tokens
+        if not k or request.num_pending_tokens:
+            return 0
+        params = request.params
+        if (
+            request.grammar is not None
+            or params.needs_penalties
+            or params.logprobs is not None
+            or request.num_output_tokens < params.min_tokens
+        ):
+            return 0
+        return max(
+            0,
+            min(
+                k,
+                budget,
+                params.max_tokens - request.num_output_tokens - 1,
+                self.acceptor.max_model_len - request.num_tokens - 1,
+            ),
+        )
+
+    def _add_sequence(
+        self, batch: ScheduledBatch, request: Request, num_new: int, draft_room: int = 0
+    ) -> None:
         start = request.num_computed_tokens
         end = start + num_new
         reaches_end = end == request.num_tokens_with_pending
@@ -175,6 +211,7 @@ class Scheduler:
             num_logits=1 if reaches_end else 0,
             epoch=request.num_preemptions,
             pending_row=request.pending_row if reaches_end and request.num_pending_tokens else -1,
+            draft_room=draft_room,
         )
         batch.sequences.append(seq)
         batch.num_tokens += num_new
@@ -189,6 +226,7 @@ class Scheduler:
             forks = self.start_forks(request, end) if request.pending_forks else []
             for sample in (request, *forks):
                 batch.sample_rows.append((row, sample))
+                batch.sample_seqs.append(len(batch.sequences) - 1)
 
     def mark_in_flight(self, batch: ScheduledBatch) -> None:
         """The batch's samples are being drawn by a step still running (overlap): count
@@ -222,11 +260,37 @@ class Scheduler:
                     request.pending_row = -1
             if request.is_finished:
                 continue
-            self.acceptor.accept(request, sampled.token_list[index], sampled.logprobs[index])
+            if sampled.token_lists is None:
+                self.acceptor.accept(request, sampled.token_list[index], sampled.logprobs[index])
+            else:
+                seq = batch.sequences[batch.sample_seqs[index]]
+                self._accept_verified(seq, sampled.token_lists[index])
             if request.is_finished:
                 self.finish(request)
             touched.append(request)
         return touched
+
+    def _accept_verified(self, seq: ScheduledSequence, tokens: list[int]) -> None:
+        """Commit a verified run: the accepted drafts (their KV is already written) and the
+        token after them; cut at the first token that ends the sample. The rejected drafts'
+        slots are freed; only blocks full of committed tokens enter the prefix cache."""
+        request = seq.request
+        for token in tokens:
+            self.acceptor.accept(request, token, None)
+            if request.is_finished:
+                break
+        if seq.draft_token_ids:
+            verified = len(tokens) - 1  # drafts the target agreed with
+            self.accepted_draft_tokens += verified
+            self.draft_tokens += len(seq.draft_token_ids)
+            self.num_drafts += 1
+            for position in range(verified):
+                self.accepted_per_position[position] += 1
+            if request.is_finished or seq.epoch != request.num_preemptions:
+                return
+            request.num_computed_tokens = seq.start + seq.num_known_tokens + verified
+            self.kv.truncate(request, request.num_computed_tokens)
+            self.kv.commit_computed_blocks(request, request.num_computed_tokens)
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -377,3 +377,30 @@ def test_matcher_rollback_restores_mask_and_forced_bytes(
     matcher.rollback(len(tail))
     after = snapshot()
     assert torch.equal(after[0], before[0]) and after[1] == before[1]
+
+
+def test_json_schema_requests_validate_beside_speculating_ones(
+    checkpoint: Path, tokenizer: Any
+) -> None:
+    """A grammar reads every token before the next is drawn, so constrained samples opt out
+    of speculation; unconstrained ones in the same steps speculate, and both are right."""
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3})
+    engine = make_engine(checkpoint, speculative_config=spec)
+    plain = make_engine(checkpoint)
+    schema = SCHEMAS[next(iter(SCHEMAS))]
+    grammar = GrammarSpec("json_schema", json.dumps(schema))
+    repeating = prompt(tokenizer, "one two three one two three one two three one two")
+    free = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    for seed in range(2):
+        engine.add_request(f"schema-{seed}", prompt(tokenizer), sampled(grammar, seed))
+    engine.add_request("free", repeating, free)
+
+    outputs = run(engine)
+
+    for seed in range(2):
+        sample = outputs[(f"schema-{seed}", 0)]
+        assert sample[-1].finish_reason == "stop"
+        jsonschema.validate(json.loads(text_of(tokenizer, sample)), schema)
+    free_tokens = [t for o in outputs[("free", 0)] for t in o.new_token_ids]
+    assert free_tokens == plain.generate([repeating], free)[0][0]
+    assert engine.scheduler.num_drafts > 0

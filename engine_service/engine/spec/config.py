@@ -1,0 +1,95 @@
+"""``--speculative-config``: vLLM's JSON keys, checked once at start.
+
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    {"method": "draft_model", "model": PATH_OR_ID, "num_speculative_tokens": 4}
+    {"model": PATH_OR_ID, "num_speculative_tokens": 4}          # draft_model too
+
+EAGLE/EAGLE-3 heads, MTP and token trees are named by the issue that adds them and refused
+here with that reason, so a config never silently runs something else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_METHODS = ("ngram", "draft_model")
+PLANNED_METHODS = ("eagle", "eagle3", "mtp")
+_KEYS = {
+    "method",
+    "model",
+    "num_speculative_tokens",
+    "prompt_lookup_min",
+    "prompt_lookup_max",
+    "tree",
+    "draft_tensor_parallel_size",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any]) -> SpeculativeConfig:
+        """From the flag's JSON text (or an already-parsed dict); ``ValueError`` names what
+        is wrong."""
+        if isinstance(value, str):
+            try:
+                raw = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--speculative-config is not valid JSON: {exc}") from None
+        else:
+            raw = dict(value)
+        if not isinstance(raw, dict):
+            raise ValueError("--speculative-config must be a JSON object")
+        unknown = set(raw) - _KEYS
+        if unknown:
+            raise ValueError(f"--speculative-config has unknown keys: {sorted(unknown)}")
+        method = raw.get("method") or ("draft_model" if raw.get("model") else None)
+        if method is None:
+            raise ValueError('--speculative-config needs "method" (or a draft "model")')
+        if method in PLANNED_METHODS or raw.get("tree"):
+            what = "token trees" if raw.get("tree") else f"method {method!r}"
+            raise ValueError(
+                f"speculative {what} is not supported by this engine yet; "
+                f"supported methods: {', '.join(SUPPORTED_METHODS)} (chains)"
+            )
+        if method not in SUPPORTED_METHODS:
+            raise ValueError(
+                f"unknown speculative method {method!r}; supported: {', '.join(SUPPORTED_METHODS)}"
+            )
+        k = raw.get("num_speculative_tokens")
+        if not isinstance(k, int) or not 1 <= k <= 16:
+            raise ValueError("num_speculative_tokens must be an integer from 1 to 16")
+        if method == "draft_model" and not raw.get("model"):
+            raise ValueError('method "draft_model" needs "model": the draft checkpoint')
+        low = raw.get("prompt_lookup_min", raw.get("prompt_lookup_max", 1))
+        high = raw.get("prompt_lookup_max", max(low, 4))
+        if method == "ngram" and not (
+            isinstance(low, int) and isinstance(high, int) and 1 <= low <= high
+        ):
+            raise ValueError("prompt_lookup_min and prompt_lookup_max must be 1 <= min <= max")
+        return cls(method, k, raw.get("model"), low, high)
+
+
+def check_same_tokenizer(target: Path, draft: Path, target_vocab: int, draft_vocab: int) -> None:
+    """A draft model must speak the target's tokens: same vocabulary size, and the same
+    tokenizer file where both checkpoints ship one."""
+    if target_vocab != draft_vocab:
+        raise ValueError(
+            f"the draft model's vocabulary ({draft_vocab} tokens) differs from the target's "
+            f"({target_vocab}): the two must share a tokenizer"
+        )
+    files = [p / "tokenizer.json" for p in (target, draft)]
+    if all(f.exists() for f in files):
+        digests = {hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+        if len(digests) > 1:
+            raise ValueError("the draft model's tokenizer.json differs from the target's")

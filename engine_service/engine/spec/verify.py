@@ -1,0 +1,96 @@
+"""Verification of proposed tokens against the target model: greedy and rejection sampling.
+
+A sequence that proposed drafts ``d_1 .. d_k`` ran ``k + 1`` logits rows: row ``j`` is the
+target's distribution ``p_j`` for the token after ``d_j`` (row 0: after the last known
+token). Proposals here are deterministic (n-gram lookup, a draft model's argmax), so the
+proposal distribution is one-hot and the speculative-sampling rule of Leviathan et al.
+(2023) / Chen et al. (2023) reads:
+
+    accept d_{j+1} with probability min(1, p_j(d_{j+1}) / q_j(d_{j+1})) = p_j(d_{j+1})
+    at the first rejection, sample from the residual  norm(max(p_j - q_j, 0))
+                                                      = p_j with d_{j+1} removed
+    when all k are accepted, sample one more token from p_k
+
+which makes every emitted token distributed exactly as the target alone would draw it.
+Greedy rows accept while ``argmax p_j == d_{j+1}`` and emit the argmax at the first
+mismatch: token for token the non-speculative output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine_service.engine.batch import ScheduledBatch
+from engine_service.engine.sampler import SamplingMetadata, processed_probs, race
+
+
+@torch.inference_mode()
+def verify(
+    logits: torch.Tensor,
+    batch: ScheduledBatch,
+    vocab_size: int,
+    generator: torch.Generator,
+) -> dict[int, list[int]]:
+    """Tokens to commit for every sample row whose sequence verified drafts, by row index
+    into ``batch.sample_rows``. ``logits``: fp32 ``[batch.num_logits, vocab]``."""
+    rows: list[tuple[int, object]] = []  # (logits row, request), one per verified position
+    spans: list[tuple[int, int, list[int]]] = []  # (sample row, first position, drafts)
+    for index, (first, request) in enumerate(batch.sample_rows):
+        seq = batch.sequences[batch.sample_seqs[index]]
+        if not seq.draft_token_ids:
+            continue
+        spans.append((index, len(rows), seq.draft_token_ids))
+        rows.extend((first + j, request) for j in range(len(seq.draft_token_ids) + 1))
+    if not spans:
+        return {}
+    meta = SamplingMetadata.build(rows, vocab_size, logits.device)
+    device = logits.device
+    # The verified positions' own rows (the batch's other rows belong to other sequences).
+    logits = logits[torch.tensor([row for row, _ in rows], device=device)]
+    position_drafts = torch.full((len(rows),), -1, dtype=torch.long)
+    for _, first, drafts in spans:
+        position_drafts[first : first + len(drafts)] = torch.tensor(drafts)
+    has_draft = position_drafts >= 0
+    draft_ids = position_drafts.clamp(min=0).to(device)
+
+    greedy_tokens = logits.argmax(dim=-1)
+    if meta.all_greedy:
+        accepted = greedy_tokens == draft_ids
+        emitted = greedy_tokens
+    else:
+        probs = processed_probs(logits, meta)
+        p_draft = probs.gather(1, draft_ids[:, None]).squeeze(1)
+        uniform = _uniforms(rows, meta, generator, device)
+        sampled_accept = uniform < p_draft
+        # Residual rows drop the rejected draft; the last row of a span keeps p whole.
+        residual = probs.clone()
+        drop = torch.nonzero(has_draft).squeeze(1).to(device)
+        residual[drop, draft_ids[drop]] = 0.0
+        residual_sum = residual.sum(dim=-1, keepdim=True)
+        residual = torch.where(residual_sum > 0, residual / residual_sum.clamp_min(1e-30), probs)
+        drawn = race(residual, meta, generator)
+        accepted = torch.where(meta.greedy, greedy_tokens == draft_ids, sampled_accept)
+        emitted = torch.where(meta.greedy, greedy_tokens, drawn)
+
+    accepted_list = accepted.tolist()
+    emitted_list = emitted.tolist()
+    result: dict[int, list[int]] = {}
+    for index, first, drafts in spans:
+        tokens: list[int] = []
+        for j, draft in enumerate(drafts):
+            if not accepted_list[first + j]:
+                break
+            tokens.append(draft)
+        tokens.append(emitted_list[first + len(tokens)])
+        result[index] = tokens
+    return result
+
+
+def _uniforms(rows, meta: SamplingMetadata, generator, device) -> torch.Tensor:
+    """One uniform per verified position; a seeded request's from its own generator."""
+    uniform = torch.rand(len(rows), generator=generator, device=device)
+    seeded = [i for i, (_, r) in enumerate(rows) if r.generator is not None]
+    if seeded:
+        values = torch.stack([torch.rand((), generator=rows[i][1].generator) for i in seeded])
+        uniform[torch.tensor(seeded, device=device)] = values.to(device)
+    return uniform

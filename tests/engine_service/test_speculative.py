@@ -1,0 +1,213 @@
+"""Speculative decoding on tiny random Llamas: lossless outputs, rejection sampling, opt-outs.
+
+Random weights make acceptance rates meaningless, so these tests check what must hold at any
+acceptance rate: greedy outputs equal the non-speculative ones token for token (n-gram lookup
+and a draft model, with prefix hits, chunked prefill and preemption), sampled tokens follow
+the target's distribution, and requests speculation cannot serve exactly are served without
+it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from engine_service.engine import SamplingParams
+from engine_service.engine.batch import ScheduledBatch, ScheduledSequence
+from engine_service.engine.spec.config import SpeculativeConfig
+from engine_service.engine.spec.proposers import NgramProposer
+from engine_service.engine.spec.verify import verify
+from tests.engine_service.helpers import (
+    VOCAB,
+    assert_pool_entirely_free,
+    greedy,
+    make_engine,
+    make_llama_checkpoint,
+    make_request,
+)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec-target")
+    make_llama_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_draft(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec-draft")
+    make_llama_checkpoint(path, seed=99)
+    return path
+
+
+def repetitive_prompts(rng: random.Random) -> list[list[int]]:
+    """Prompts that repeat spans (so the n-gram proposer has something to look up) next to
+    plain random ones, of mixed lengths."""
+    prompts = []
+    for length in (6, 13, 30, 9, 41):
+        motif = [rng.randrange(3, VOCAB) for _ in range(5)]
+        prompts.append((motif * (length // 5 + 1))[:length])
+    prompts += [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (4, 17)]
+    return prompts
+
+
+def run(engine, prompts, max_tokens=24):
+    outputs = engine.generate(prompts, greedy(max_tokens, ignore_eos=True))
+    return [samples[0] for samples in outputs]
+
+
+SPEC_CASES = {
+    "ngram": lambda _: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3},
+    "draft_same": lambda paths: {"model": str(paths[0]), "num_speculative_tokens": 3},
+    "draft_other": lambda paths: {
+        "method": "draft_model",
+        "model": str(paths[1]),
+        "num_speculative_tokens": 2,
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPEC_CASES))
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"max_num_batched_tokens": 16},  # prompts chunked beside verifying sequences
+        {"num_kv_blocks": 20},  # preemption while drafting
+    ],
+    ids=["plain", "chunked", "tight-pool"],
+)
+def test_greedy_speculation_equals_plain_decoding(target, other_draft, case, settings):
+    prompts = repetitive_prompts(random.Random(1))
+    # Shared first blocks so later prompts start from prefix-cache hits.
+    prompts += [[*prompts[2][:16], 7, 8, 9], [*prompts[2][:16], 10, 11]]
+    spec = json.dumps(SPEC_CASES[case]((target, other_draft)))
+    plain = make_engine(target, **settings)
+    speculative = make_engine(target, speculative_config=spec, **settings)
+
+    expected = run(plain, prompts)
+    got = run(speculative, prompts)
+
+    assert got == expected
+    assert speculative.scheduler.num_drafts > 0
+    if case == "draft_same":
+        # The draft is the target itself: every draft agrees with it.
+        assert speculative.scheduler.accepted_draft_tokens == speculative.scheduler.draft_tokens
+    if case == "ngram":
+        assert speculative.scheduler.accepted_draft_tokens > 0
+    assert_pool_entirely_free(speculative.kv_manager)
+
+
+def test_rejection_sampling_draws_from_the_targets_distribution():
+    """Many sequences verify one draft each against the same target distribution: the first
+    committed token must follow that distribution whatever the draft was."""
+    vocab = 6
+    target_probs = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.15, 0.05])
+    logits = target_probs.log()
+    num = 6000
+    batch = ScheduledBatch()
+    drafts = [i % vocab for i in range(num)]  # drafts of every kind, likely and unlikely
+    for i, draft in enumerate(drafts):
+        request = make_request(f"r{i}", [1, 2, 3])
+        request.params = SamplingParams(temperature=1.0, max_tokens=4)
+        batch.sequences.append(
+            ScheduledSequence(request, 3, 2, num_logits=2, draft_token_ids=[draft])
+        )
+        batch.sample_rows.append((2 * i, request))
+        batch.sample_seqs.append(i)
+    batch.num_logits = 2 * num
+    generator = torch.Generator().manual_seed(0)
+
+    committed = verify(logits.repeat(2 * num, 1), batch, vocab, generator)
+
+    first = torch.tensor([committed[i][0] for i in range(num)])
+    observed = torch.bincount(first, minlength=vocab).float() / num
+    # Six thousand draws: each frequency within about four standard errors.
+    assert torch.allclose(observed, target_probs, atol=0.025), observed
+    # Accepted drafts carry on with a bonus token; rejected ones stop at the replacement.
+    lengths = {len(committed[i]) for i in range(num)}
+    assert lengths == {1, 2}
+
+
+def test_greedy_verification_accepts_exactly_the_agreeing_prefix():
+    logits = torch.full((4, 8), -5.0)
+    for row, best in enumerate([3, 5, 1, 6]):
+        logits[row, best] = 5.0
+    request = make_request("r", [1, 2])
+    request.params = greedy(8)
+    batch = ScheduledBatch()
+    batch.sequences.append(ScheduledSequence(request, 2, 4, 4, draft_token_ids=[3, 5, 2]))
+    batch.sample_rows.append((0, request))
+    batch.sample_seqs.append(0)
+    batch.num_logits = 4
+
+    committed = verify(logits, batch, 8, torch.Generator())
+
+    assert committed == {0: [3, 5, 1]}  # two drafts agreed, the third was replaced
+
+
+def test_ngram_lookup_takes_the_longest_most_recent_match():
+    proposer = NgramProposer(num_tokens=3, lookup_min=1, lookup_max=3)
+    assert proposer.lookup([1, 2, 3, 4, 9, 2, 3, 4, 7, 2, 3], 3) == [4, 7, 2]
+    assert proposer.lookup([5, 6, 7], 3) == []
+    assert proposer.lookup([1, 2, 1], 2) == [2, 1]
+
+
+def test_constrained_and_penalised_requests_are_served_without_speculation(target):
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3})
+    engine = make_engine(target, speculative_config=spec)
+    plain = make_engine(target)
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    params = SamplingParams(temperature=0.0, max_tokens=12, frequency_penalty=1.5, ignore_eos=True)
+
+    got = engine.generate([prompt], params)[0][0]
+
+    assert got == plain.generate([prompt], params)[0][0]
+    assert engine.scheduler.num_drafts == 0
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(target):
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3})
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6, 7, 5]
+    params = SamplingParams(temperature=0.8, seed=11, max_tokens=16, ignore_eos=True)
+    first = make_engine(target, speculative_config=spec).generate([prompt], params)
+    second = make_engine(target, speculative_config=spec).generate([prompt], params)
+    assert first == second
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"method": "medusa", "num_speculative_tokens": 2}', "unknown speculative method"),
+        ('{"method": "draft_model", "num_speculative_tokens": 2}', "needs .model."),
+        ('{"method": "ngram"}', "num_speculative_tokens"),
+        ('{"method": "eagle", "model": "x", "num_speculative_tokens": 2}', "not supported"),
+        ('{"method": "ngram", "num_speculative_tokens": 2, "bogus": 1}', "unknown keys"),
+    ],
+)
+def test_bad_speculative_configs_are_refused_naming_the_problem(config, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig.parse(config)
+
+
+def test_a_draft_with_another_vocabulary_is_refused(target, tmp_path):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB + 64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    spec = json.dumps({"model": str(tmp_path), "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="vocabulary"):
+        make_engine(target, speculative_config=spec)
