@@ -321,7 +321,11 @@ class LLMEngine:
             finally:
                 bitmask = masks.result() if masks is not None else None
             meta = SamplingMetadata.build(
-                batch.sample_rows, self.model_config.vocab_size, self.device, bitmask
+                batch.sample_rows,
+                self.model_config.vocab_size,
+                self.device,
+                bitmask,
+                num_logits=batch.num_logits,
             )
             result = sample(logits, meta, self.generator)
             if batch.has_drafts:

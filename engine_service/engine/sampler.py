@@ -62,7 +62,10 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device,
         grammar_bitmask: torch.Tensor | None = None,
+        num_logits: int | None = None,
     ) -> SamplingMetadata:
+        """``num_logits``: how many logits rows the step produced (default: one per sample
+        row); rows are gathered unless the sample rows are exactly those, in order."""
         requests = [r for _, r in sample_rows]
         rows = [row for row, _ in sample_rows]
         params = [r.params for r in requests]
@@ -75,7 +78,7 @@ class SamplingMetadata:
             host = torch.tensor(values, dtype=dtype)
             return host.pin_memory().to(device, non_blocking=True) if pin else host
 
-        identity = rows == list(range(num))
+        identity = (num_logits is None or num_logits == num) and rows == list(range(num))
         greedy_list = [p.greedy for p in params]
         all_greedy = all(greedy_list)
         temperature = top_k = top_p = min_p = greedy = None
