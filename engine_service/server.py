@@ -859,6 +859,7 @@ def engine_config_from_settings(settings: EngineSettings, model_path: str) -> En
         grammar_backend=settings.grammar_backend,
         enable_jump_forward=settings.enable_jump_forward,
         async_scheduling=settings.async_scheduling,
+        speculative_config=settings.speculative_config,
         seed=settings.seed,
         enable_kv_offload=bool(settings.kv_offload_host_bytes or settings.kv_service_address),
         kv_offload_host_bytes=max(

@@ -94,6 +94,7 @@ def _engine_args(args: argparse.Namespace) -> list[str]:
         "--block-size": args.block_size,
         "--max-num-seqs": args.max_num_seqs,
         "--max-num-batched-tokens": args.max_num_batched_tokens,
+        "--speculative-config": args.speculative_config,
     }
     for flag, value in knobs.items():
         if value is not None:
@@ -475,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--block-size", type=int)
     engine.add_argument("--max-num-seqs", type=int)
     engine.add_argument("--max-num-batched-tokens", type=int)
+    engine.add_argument(
+        "--speculative-config",
+        help='speculative decoding as vLLM\'s JSON, e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4}\' or a draft "model"',
+    )
     engine.add_argument("--engine-args", default="", help="more engine flags, as one string")
     gateway = up.add_argument_group("gateway knobs")
     for name in GATEWAY_KNOBS:

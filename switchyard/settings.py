@@ -209,6 +209,12 @@ class EngineSettings(ServiceSettings):
     cuda_graph_max_batch: int = Field(
         default=512, ge=0, description="largest step (in tokens) captured as a CUDA graph"
     )
+    speculative_config: str = Field(
+        default="",
+        description="speculative decoding, vLLM's --speculative-config JSON: "
+        '{"method": "ngram", "num_speculative_tokens": 4} or '
+        '{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; empty: off',
+    )
     async_scheduling: bool = Field(
         default=True,
         description="schedule and prepare the next step while the device runs the current "

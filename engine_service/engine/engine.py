@@ -436,6 +436,12 @@ class LLMEngine:
             generation_tokens_total=self.acceptor.generation_tokens_total,
             steps_total=self.steps_total,
             jump_forward_tokens=self.acceptor.jump_forward_tokens,
+            spec_num_drafts=self.scheduler.num_drafts,
+            spec_num_draft_tokens=self.scheduler.draft_tokens,
+            spec_num_accepted_tokens=self.scheduler.accepted_draft_tokens,
+            spec_accepted_per_position=tuple(
+                self.scheduler.accepted_per_position[: self.scheduler.num_speculative_tokens]
+            ),
             **self._offload_stats(),
         )
 

@@ -65,6 +65,19 @@ class EngineStats:
     host_blocks: int = 0
     host_capacity_blocks: int = 0
     remote_available: bool = False
+    # Speculative decoding: verification rounds, tokens proposed, tokens the target kept,
+    # and how many were kept at each draft position (vLLM's spec_decode counters).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()
+
+    @property
+    def spec_mean_acceptance_length(self) -> float:
+        """Tokens committed per verification round: accepted drafts plus the one after."""
+        if not self.spec_num_drafts:
+            return 0.0
+        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -34,6 +34,7 @@ NON_DEFAULT = {
     "grammar_backend": "xgrammar",
     "enable_jump_forward": False,
     "async_scheduling": False,
+    "speculative_config": '{"method": "ngram", "num_speculative_tokens": 2}',
 }
 
 
