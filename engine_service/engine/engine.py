@@ -30,16 +30,11 @@ from engine_service.engine.request import Request
 from engine_service.engine.sampler import SamplerResult, SamplingMetadata, sample
 from engine_service.engine.sampling_params import SamplingParams
 from engine_service.engine.scheduler import Scheduler
-from engine_service.engine.spec.config import SpeculativeConfig, check_same_tokenizer
-from engine_service.engine.spec.proposers import (
-    DraftModelProposer,
-    NgramProposer,
-    Proposer,
-    draft_kv_cache,
-)
+from engine_service.engine.spec.config import SpeculativeConfig
+from engine_service.engine.spec.proposers import Proposer, build_proposer
 from engine_service.engine.spec.verify import verify
 from engine_service.engine.structured import StructuredOutputManager
-from engine_service.models.loader import load_model, resolve_model_path
+from engine_service.models.loader import load_model
 from switchyard.fingerprint import checkpoint_id, kv_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -157,7 +152,11 @@ class LLMEngine:
         self.proposer: Proposer | None = None
         self.async_scheduling = config.async_scheduling
         if config.speculative_config:
-            self.proposer = self._build_proposer(backend, num_blocks)
+            spec = SpeculativeConfig.parse(config.speculative_config)
+            self.scheduler.num_speculative_tokens = spec.num_speculative_tokens
+            self.proposer = build_proposer(
+                spec, config, self.model_config, backend, num_blocks, self.max_model_len
+            )
             # Proposals read each sequence's newest token on the host: no step runs ahead.
             self.async_scheduling = False
         # Overlapped steps on the CPU run the model on a worker thread (torch releases the
@@ -357,44 +356,6 @@ class LLMEngine:
             if request.is_finished:
                 self._forget_if_done(request.request_id)
         return outputs
-
-    def _build_proposer(self, backend, num_blocks: int) -> Proposer:
-        """The ``speculative_config``'s proposer; the draft model gets a cache of its own
-        over the target's block ids."""
-        spec = SpeculativeConfig.parse(self.config.speculative_config)
-        self.scheduler.num_speculative_tokens = spec.num_speculative_tokens
-        if spec.method == "ngram":
-            return NgramProposer(
-                spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
-            )
-        draft, draft_config, _ = load_model(
-            spec.model, backend, self.config.dtype, self.device, None
-        )
-        check_same_tokenizer(
-            resolve_model_path(self.config.model, self.config.revision),
-            resolve_model_path(spec.model),
-            self.model_config.vocab_size,
-            draft_config.vocab_size,
-        )
-        cache = draft_kv_cache(
-            draft_config, num_blocks, self.config.block_size, self.dtype, self.device
-        )
-        runner = ModelRunner(
-            draft,
-            backend,
-            cache,
-            self.config.block_size,
-            max_num_tokens=max(self.config.max_num_batched_tokens, self.max_model_len),
-            max_num_seqs=self.config.max_num_seqs,
-            max_blocks_per_seq=-(-self.max_model_len // self.config.block_size),
-            scratch_block=num_blocks,
-        )
-        logger.info(
-            "speculative decoding: draft model %s, %d tokens",
-            spec.model,
-            spec.num_speculative_tokens,
-        )
-        return DraftModelProposer(runner, spec.num_speculative_tokens)
 
     def _output(self, request: Request) -> RequestOutput:
         output = RequestOutput(

@@ -211,3 +211,15 @@ def test_a_draft_with_another_vocabulary_is_refused(target, tmp_path):
     spec = json.dumps({"model": str(tmp_path), "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="vocabulary"):
         make_engine(target, speculative_config=spec)
+
+
+def test_a_draft_catching_up_on_long_prompts_splits_its_forward(target):
+    """The draft first reads every prompt it has not seen; more than one forward holds is
+    fed over several."""
+    spec = json.dumps({"model": str(target), "num_speculative_tokens": 2})
+    engine = make_engine(target, speculative_config=spec)
+    engine.proposer.max_tokens = 20  # below the prompts' total
+    prompts = repetitive_prompts(random.Random(4))
+
+    assert run(engine, prompts, 10) == run(make_engine(target), prompts, 10)
+    assert engine.scheduler.accepted_draft_tokens == engine.scheduler.draft_tokens > 0

@@ -10,12 +10,21 @@ slower, never change an output.
 from __future__ import annotations
 
 import abc
+import logging
 
 import numpy as np
 import torch
 
 from engine_service.engine.batch import ScheduledBatch, ScheduledSequence
+from engine_service.engine.config import EngineConfig
+from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.request import Request
+from engine_service.engine.spec.config import SpeculativeConfig, check_same_tokenizer
+from engine_service.layers.paged_attention import AttentionBackend
+from engine_service.models.config import ModelConfig
+from engine_service.models.loader import load_model, resolve_model_path
+
+logger = logging.getLogger(__name__)
 
 
 class Proposer(abc.ABC):
@@ -68,9 +77,10 @@ class DraftModelProposer(Proposer):
     first feeds the draft the tokens it has not seen (the whole prompt the first time, then
     the tokens accepted since)."""
 
-    def __init__(self, runner, num_tokens: int) -> None:
+    def __init__(self, runner: ModelRunner, num_tokens: int, max_tokens: int) -> None:
         self.runner = runner  # a ModelRunner over the draft model and its cache
         self.num_tokens = num_tokens
+        self.max_tokens = max_tokens  # the most tokens one draft forward takes
         # id(request) -> (request, its preemption count, tokens fed to the draft)
         self._seen: dict[int, tuple[Request, int, int]] = {}
 
@@ -96,7 +106,8 @@ class DraftModelProposer(Proposer):
             ]
             if not active:
                 break
-            draft_batch = ScheduledBatch()
+            passes: list[tuple[ScheduledBatch, list[int]]] = []
+            draft_batch, members = ScheduledBatch(), []
             for i, seq, step in active:
                 if round_index == 0:
                     start, extra = step.fed, []
@@ -110,13 +121,20 @@ class DraftModelProposer(Proposer):
                     num_logits=1,
                     draft_token_ids=extra,
                 )
+                # Catching up on prompts can exceed one forward's buffers: split the round.
+                if members and draft_batch.num_tokens + sequence.num_tokens > self.max_tokens:
+                    passes.append((draft_batch, members))
+                    draft_batch, members = ScheduledBatch(), []
                 draft_batch.sequences.append(sequence)
                 draft_batch.num_tokens += sequence.num_tokens
                 draft_batch.num_logits += 1
-            inputs = self.runner.prepare(draft_batch)
-            logits = self.runner.execute(draft_batch, inputs)
-            for (i, _, _), token in zip(active, logits.argmax(dim=-1).tolist()):
-                drafts[i].append(token)
+                members.append(i)
+            passes.append((draft_batch, members))
+            for draft_batch, members in passes:
+                inputs = self.runner.prepare(draft_batch)
+                logits = self.runner.execute(draft_batch, inputs)
+                for i, token in zip(members, logits.argmax(dim=-1).tolist()):
+                    drafts[i].append(token)
         self._seen = {k: v for k, v in self._seen.items() if not v[0].is_finished}
         for (_, seq), step in zip(chosen, steps):
             self._seen[id(seq.request)] = (seq.request, seq.request.num_preemptions, step.known)
@@ -130,11 +148,48 @@ class _DraftStep:
         self.request, self.fed, self.known = request, fed, known
 
 
-def draft_kv_cache(model_config, num_blocks: int, block_size: int, dtype, device) -> torch.Tensor:
-    """The draft model's cache: the target pool's block count (plus the scratch block)."""
-    mc = model_config
-    return torch.zeros(
-        (num_blocks + 1, mc.num_layers, 2, block_size, mc.num_kv_heads, mc.head_dim),
+def build_proposer(
+    spec: SpeculativeConfig,
+    config: EngineConfig,
+    target: ModelConfig,
+    backend: AttentionBackend,
+    num_blocks: int,
+    max_model_len: int,
+) -> Proposer:
+    """The proposer ``spec`` names. A draft model is checked against the target's tokenizer
+    and gets a cache of its own over the target pool's block ids (plus the scratch block)."""
+    if spec.method == "ngram":
+        return NgramProposer(
+            spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
+        )
+    assert spec.model is not None
+    device = torch.device(config.device)
+    draft, draft_config, dtype = load_model(spec.model, backend, config.dtype, device, None)
+    check_same_tokenizer(
+        resolve_model_path(config.model, config.revision),
+        resolve_model_path(spec.model),
+        target.vocab_size,
+        draft_config.vocab_size,
+    )
+    mc = draft_config
+    cache = torch.zeros(
+        (num_blocks + 1, mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim),
         dtype=dtype,
         device=device,
     )
+    # A sequence's first proposal feeds the draft its whole prompt in one pass.
+    max_tokens = max(config.max_num_batched_tokens, max_model_len)
+    runner = ModelRunner(
+        draft,
+        backend,
+        cache,
+        config.block_size,
+        max_num_tokens=max_tokens,
+        max_num_seqs=config.max_num_seqs,
+        max_blocks_per_seq=-(-max_model_len // config.block_size),
+        scratch_block=num_blocks,
+    )
+    logger.info(
+        "speculative decoding: draft model %s, %d tokens", spec.model, spec.num_speculative_tokens
+    )
+    return DraftModelProposer(runner, spec.num_speculative_tokens, max_tokens)
