@@ -1,0 +1,130 @@
+"""Speculative decoding against plain decoding: acceptance length and speedup, same run.
+
+Each method runs the same greedy workload with speculation off and on, at batch 1 and 16,
+on the same checkpoint in the same process; outputs are checked equal (lossless) before any
+time counts. The workload imitates code editing: prompts that repeat spans, so n-gram lookup
+has material. JSON keys: ``accept_len_<method>`` (tokens committed per verification round),
+``speedup_bs1_<method>``, ``speedup_bs16_<method>``.
+
+With random weights (no model hub here) a draft model agrees with the target only by chance,
+so acceptance says little about real models; ``draft_self`` (the target as its own draft)
+shows the mechanics' cost at full acceptance. The issue's trained target and EAGLE head are
+a GPU-session job (docs/speculative-decoding.md).
+
+    python bench/spec.py --json bench/results/spec-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import PRESETS, make_checkpoint, sync
+
+from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
+
+
+def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        body = [rng.randrange(3, vocab) for _ in range(rng.randint(12, 24))]
+        edit = [rng.randrange(3, vocab) for _ in range(3)]
+        prompts.append(body + body[:8] + edit + body[8:])
+    return prompts
+
+
+def timed(engine: LLMEngine, prompts, params, device: str) -> tuple[float, list]:
+    engine.generate(prompts[:1], params)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params)
+    sync(device)
+    return time.perf_counter() - start, outputs
+
+
+def make_draft(path: Path, vocab: int, dtype: torch.dtype) -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        eos_token_id=2,
+    )
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(config).to(dtype).save_pretrained(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    results: dict = {
+        "machine": platform.node(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "num_speculative_tokens": args.k,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "target"
+        draft = Path(tmp) / "draft"
+        make_checkpoint(target, args.preset, dtype, "cpu")
+        vocab = PRESETS[args.preset]["vocab_size"]
+        make_draft(draft, vocab, dtype)
+        methods = {
+            "ngram": {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4},
+            "draft_model": {"model": str(draft), "num_speculative_tokens": args.k},
+            "draft_self": {"model": str(target), "num_speculative_tokens": args.k},
+        }
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+        base = dict(model=str(target), dtype=args.dtype, device=args.device, max_num_seqs=16)
+        print(
+            f"{'method':12} {'batch':>5} {'off s':>8} {'on s':>8} {'speedup':>8} {'accept len':>10}"
+        )
+        for batch in (1, 16):
+            prompts = workload(batch * 2, vocab, seed=batch)
+            off_s, expected = timed(LLMEngine(EngineConfig(**base)), prompts, params, args.device)
+            for name, spec in methods.items():
+                engine = LLMEngine(EngineConfig(**base, speculative_config=json.dumps(spec)))
+                on_s, got = timed(engine, prompts, params, args.device)
+                if got != expected:
+                    raise SystemExit(f"{name}: speculative outputs differ from plain decoding")
+                stats = engine.stats()
+                speedup = off_s / on_s
+                results[f"speedup_bs{batch}_{name}"] = speedup
+                results.setdefault(f"accept_len_{name}", stats.spec_mean_acceptance_length)
+                print(
+                    f"{name:12} {batch:>5} {off_s:>8.2f} {on_s:>8.2f} {speedup:>7.2f}x "
+                    f"{stats.spec_mean_acceptance_length:>10.2f}"
+                )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
