@@ -31,6 +31,7 @@ from engine_service.engine.sampler import SamplerResult, SamplingMetadata, sampl
 from engine_service.engine.sampling_params import SamplingParams
 from engine_service.engine.scheduler import Scheduler
 from engine_service.engine.spec.config import SpeculativeConfig
+from engine_service.engine.spec.grammar import draft_grammar_masks
 from engine_service.engine.spec.proposers import Proposer, build_proposer
 from engine_service.engine.spec.verify import verify
 from engine_service.engine.structured import StructuredOutputManager
@@ -281,10 +282,12 @@ class LLMEngine:
                     self.offload.wait(_FETCH_WAIT_S)
             return outputs
         self.steps_total += 1
+        draft_masks: dict[int, torch.Tensor] = {}
         if self.proposer is not None and any(s.draft_room for s in batch.sequences):
             drafts = self.proposer.propose(batch)
             if drafts:
                 batch.place_drafts(drafts)
+                draft_masks = draft_grammar_masks(batch, self.model_config.vocab_size)
         # Grammar masks fill on their worker while the inputs are built and the model runs.
         masks = self.structured.start_masks([r.grammar for _, r in batch.sample_rows])
         inputs = self.runner.prepare(batch)
@@ -294,7 +297,7 @@ class LLMEngine:
         if self.offload is not None:
             # Saves of evicted blocks and restores, before the forward reuses any block.
             self.offload.apply_transfers()
-        launched = self._launch(batch, inputs, masks, previous)
+        launched = self._launch(batch, inputs, masks, previous, draft_masks)
         if self.async_scheduling:
             self.scheduler.mark_in_flight(batch)
             self._in_flight = launched
@@ -309,7 +312,9 @@ class LLMEngine:
     def _must_drain(self) -> bool:
         return not self.async_scheduling or any(r.needs_host_tokens for r in self.scheduler.running)
 
-    def _launch(self, batch, inputs, masks, previous: _InFlight | None) -> _InFlight:
+    def _launch(
+        self, batch, inputs, masks, previous: _InFlight | None, draft_masks=None
+    ) -> _InFlight:
         """Start the forward pass and sampling of ``batch``: queued on the device stream
         (CUDA), or on the device worker thread (CPU, overlapped)."""
         prev_tokens = previous.result.token_ids if previous is not None else None
@@ -329,7 +334,7 @@ class LLMEngine:
             result = sample(logits, meta, self.generator)
             if batch.has_drafts:
                 result.verified = verify(
-                    logits, batch, self.model_config.vocab_size, self.generator
+                    logits, batch, self.model_config.vocab_size, self.generator, draft_masks
                 )
             result.start_host_copy()
             return result, meta

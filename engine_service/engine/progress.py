@@ -34,11 +34,19 @@ class TokenAcceptor:
         self.generation_tokens_total = 0
         self.jump_forward_tokens = 0
 
-    def accept(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> None:
+    def accept(
+        self,
+        request: Request,
+        token_id: int,
+        logprob: TokenLogprob | None,
+        jump_forward: bool = True,
+    ) -> None:
+        """``jump_forward`` False: the token is followed by verified drafts whose KV is
+        computed, so the grammar's forced bytes must not replace it."""
         request.append_token(token_id, logprob if request.params.logprobs is not None else None)
         self.generation_tokens_total += 1
         if request.grammar is not None:
-            self._advance_grammar(request)
+            self._advance_grammar(request, jump_forward)
         if (
             not request.is_finished
             and not request.check_stop()
@@ -46,7 +54,7 @@ class TokenAcceptor:
         ):
             request.finish("length")
 
-    def _advance_grammar(self, request: Request) -> None:
+    def _advance_grammar(self, request: Request, jump_forward: bool = True) -> None:
         """Feed the newest token to the sample's matcher; finish the sample when its grammar
         is complete, else jump over the bytes the grammar forces next.
 
@@ -64,7 +72,7 @@ class TokenAcceptor:
             stop = token_id if token_id in request.eos_token_ids else None
             request.finish("stop", stop_token_id=stop)
             return
-        if not self.enable_jump_forward or request.params.logprobs is not None:
+        if not (self.enable_jump_forward and jump_forward) or request.params.logprobs is not None:
             return
         # Room for the tokens that replace the newest one: max_tokens and the context.
         room = min(

@@ -175,15 +175,15 @@ class Scheduler:
     def _draft_room(self, request: Request, budget: int) -> int:
         """Draft slots for a decoding sequence: the configured number, within the step's
         budget, the request's max_tokens and the context; none for samples speculation
-        cannot serve exactly (their grammar, penalties, logprobs or min_tokens read each
-        token before the next is drawn) and none while a token is in flight."""
+        cannot serve exactly (penalties, logprobs or min_tokens read each token before the
+        next is drawn) and none while a token is in flight. Grammars compose: each drafted
+        position gets its own mask (:mod:`engine_service.engine.spec.grammar`)."""
         k = self.num_speculative_tokens
         if not k or request.num_pending_tokens:
             return 0
         params = request.params
         if (
-            request.grammar is not None
-            or params.needs_penalties
+            params.needs_penalties
             or params.logprobs is not None
             or request.num_output_tokens < params.min_tokens
         ):
@@ -275,8 +275,9 @@ class Scheduler:
         token after them; cut at the first token that ends the sample. The rejected drafts'
         slots are freed; only blocks full of committed tokens enter the prefix cache."""
         request = seq.request
-        for token in tokens:
-            self.acceptor.accept(request, token, None)
+        for position, token in enumerate(tokens):
+            # Jump-forward only after the run's last token: the others have KV already.
+            self.acceptor.accept(request, token, None, jump_forward=position == len(tokens) - 1)
             if request.is_finished:
                 break
         if seq.draft_token_ids:

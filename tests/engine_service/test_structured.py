@@ -379,28 +379,42 @@ def test_matcher_rollback_restores_mask_and_forced_bytes(
     assert torch.equal(after[0], before[0]) and after[1] == before[1]
 
 
-def test_json_schema_requests_validate_beside_speculating_ones(
-    checkpoint: Path, tokenizer: Any
+@pytest.mark.parametrize("jump_forward", [True, False])
+def test_constrained_samples_speculate_with_a_mask_per_drafted_position(
+    checkpoint: Path, tokenizer: Any, jump_forward: bool
 ) -> None:
-    """A grammar reads every token before the next is drawn, so constrained samples opt out
-    of speculation; unconstrained ones in the same steps speculate, and both are right."""
-    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3})
-    engine = make_engine(checkpoint, speculative_config=spec)
-    plain = make_engine(checkpoint)
+    """Each drafted position is verified under the grammar's mask after the drafts before
+    it: greedy constrained outputs equal those without speculation, sampled ones validate,
+    and unconstrained samples in the same steps speculate beside them."""
+    # The target as its own draft proposes its unconstrained argmax: where the grammar allows
+    # it the drafts are accepted, where it does not they are cut at the first forbidden one.
+    spec = json.dumps({"model": str(checkpoint), "num_speculative_tokens": 3})
+    settings = {"enable_jump_forward": jump_forward}
+    engine = make_engine(checkpoint, speculative_config=spec, **settings)
+    plain = make_engine(checkpoint, **settings)
     schema = SCHEMAS[next(iter(SCHEMAS))]
     grammar = GrammarSpec("json_schema", json.dumps(schema))
+    greedy_params = SamplingParams(temperature=0.0, max_tokens=200, structured=grammar)
     repeating = prompt(tokenizer, "one two three one two three one two three one two")
     free = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    engine.add_request("greedy-schema", prompt(tokenizer), greedy_params)
     for seed in range(2):
         engine.add_request(f"schema-{seed}", prompt(tokenizer), sampled(grammar, seed))
     engine.add_request("free", repeating, free)
 
     outputs = run(engine)
 
-    for seed in range(2):
-        sample = outputs[(f"schema-{seed}", 0)]
+    for name in ("greedy-schema", "schema-0", "schema-1"):
+        sample = outputs[(name, 0)]
         assert sample[-1].finish_reason == "stop"
         jsonschema.validate(json.loads(text_of(tokenizer, sample)), schema)
+    greedy_tokens = [t for o in outputs[("greedy-schema", 0)] for t in o.new_token_ids]
+    assert greedy_tokens == plain.generate([prompt(tokenizer)], greedy_params)[0][0]
     free_tokens = [t for o in outputs[("free", 0)] for t in o.new_token_ids]
     assert free_tokens == plain.generate([repeating], free)[0][0]
     assert engine.scheduler.num_drafts > 0
+
+    # Constrained samples alone: their own drafts were verified and some accepted.
+    alone = make_engine(checkpoint, speculative_config=spec, **settings)
+    assert alone.generate([prompt(tokenizer)], greedy_params)[0][0] == greedy_tokens
+    assert alone.scheduler.accepted_draft_tokens > 0

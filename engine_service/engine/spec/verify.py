@@ -22,6 +22,7 @@ import torch
 
 from engine_service.engine.batch import ScheduledBatch
 from engine_service.engine.sampler import SamplingMetadata, processed_probs, race
+from engine_service.engine.structured import apply_bitmask
 
 
 @torch.inference_mode()
@@ -30,9 +31,12 @@ def verify(
     batch: ScheduledBatch,
     vocab_size: int,
     generator: torch.Generator,
+    grammar_masks: dict[int, torch.Tensor] | None = None,
 ) -> dict[int, list[int]]:
     """Tokens to commit for every sample row whose sequence verified drafts, by row index
-    into ``batch.sample_rows``. ``logits``: fp32 ``[batch.num_logits, vocab]``."""
+    into ``batch.sample_rows``. ``logits``: fp32 ``[batch.num_logits, vocab]``;
+    ``grammar_masks``: per sample row, the bitmask of each verified position
+    (:func:`~engine_service.engine.spec.grammar.draft_grammar_masks`)."""
     rows: list[tuple[int, object]] = []  # (logits row, request), one per verified position
     spans: list[tuple[int, int, list[int]]] = []  # (sample row, first position, drafts)
     for index, (first, request) in enumerate(batch.sample_rows):
@@ -47,6 +51,11 @@ def verify(
     device = logits.device
     # The verified positions' own rows (the batch's other rows belong to other sequences).
     logits = logits[torch.tensor([row for row, _ in rows], device=device)]
+    for index, first, drafts in spans:
+        mask = (grammar_masks or {}).get(index)
+        if mask is not None:
+            span = slice(first, first + len(drafts) + 1)
+            logits[span] = apply_bitmask(logits[span], mask)
     position_drafts = torch.full((len(rows),), -1, dtype=torch.long)
     for _, first, drafts in spans:
         position_drafts[first : first + len(drafts)] = torch.tensor(drafts)
