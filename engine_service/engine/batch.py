@@ -55,6 +55,10 @@ class ScheduledSequence:
     epoch: int = 0
     # Slots reserved for draft tokens a proposer may fill (speculative decoding).
     draft_room: int = 0
+    # A token tree instead of a chain: each draft's parent (0 is the sequence's newest known
+    # token, i is draft i), and after verification the drafts on the accepted path.
+    draft_parents: list[int] | None = None
+    accepted_path: list[int] = field(default_factory=list)
 
     @property
     def num_known_tokens(self) -> int:
@@ -72,6 +76,8 @@ class ScheduledBatch:
 
     sequences: list[ScheduledSequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # (from, to) slots whose K/V of every layer moves first (packed token-tree paths).
+    slot_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     sample_rows: list[tuple[int, Request]] = field(default_factory=list)
     # The sequence (index into ``sequences``) each sample row belongs to.
@@ -86,10 +92,16 @@ class ScheduledBatch:
     def has_drafts(self) -> bool:
         return any(s.draft_token_ids for s in self.sequences)
 
-    def place_drafts(self, drafts: dict[int, list[int]]) -> None:
+    def place_drafts(
+        self, drafts: dict[int, list[int]], parents: dict[int, list[int]] | None = None
+    ) -> None:
         """Put proposed tokens (``drafts[sequence index]``, at most its ``draft_room``) into
         the step, then renumber token counts and logits rows: a sequence verifying ``d``
-        drafts has ``d + 1`` logits rows, and its sample row points at the first."""
+        drafts has ``d + 1`` logits rows, and its sample row points at the first.
+
+        ``parents[sequence index]`` makes the drafts a token tree (draft ``i``'s parent, 0
+        for the newest known token): the step then carries the tree's attention mask and
+        depth-based positions, as the attention contract defines them."""
         for index, tokens in drafts.items():
             seq = self.sequences[index]
             tokens = tokens[: seq.draft_room]
@@ -97,6 +109,13 @@ class ScheduledBatch:
             seq.draft_token_ids = list(tokens)
             seq.num_tokens = known + len(tokens)
             seq.num_logits = 1 + len(tokens)
+            tree = (parents or {}).get(index)
+            if tree is not None and tree != list(range(len(tokens))):
+                seq.draft_parents = tree[: len(tokens)]
+                seq.custom_mask, depths = tree_mask(seq.draft_parents)
+                seq.position_offsets = [0] * (known - 1) + [d - i for i, d in enumerate(depths)]
+            else:
+                seq.draft_parents = seq.custom_mask = seq.position_offsets = None
         self.num_tokens = sum(s.num_tokens for s in self.sequences)
         first_rows, row = [], 0
         for seq in self.sequences:
@@ -107,6 +126,24 @@ class ScheduledBatch:
             (first_rows[index], request)
             for index, (_, request) in zip(self.sample_seqs, self.sample_rows)
         ]
+
+
+def tree_mask(parents: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """The ``[n + 1, n + 1]`` mask of a token tree whose node 0 is the root and node ``i``
+    (1-based) hangs under ``parents[i - 1]``: each node sees its ancestors and itself. Also
+    each node's depth (root 0)."""
+    size = len(parents) + 1
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    depths = [0] * size
+    mask[0, 0] = True
+    for node in range(1, size):
+        parent = parents[node - 1]
+        if not 0 <= parent < node:
+            raise ValueError(f"draft {node}'s parent {parent} does not come before it")
+        mask[node] = mask[parent]
+        mask[node, node] = True
+        depths[node] = depths[parent] + 1
+    return mask, depths
 
 
 @dataclass(slots=True)

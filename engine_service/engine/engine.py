@@ -154,7 +154,8 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling
         if config.speculative_config:
             spec = SpeculativeConfig.parse(config.speculative_config)
-            self.scheduler.num_speculative_tokens = spec.num_speculative_tokens
+            # A tree reserves a slot per node; a chain one per token.
+            self.scheduler.num_speculative_tokens = max(spec.num_speculative_tokens, spec.tree_size)
             self.proposer = build_proposer(
                 spec, config, self.model_config, backend, num_blocks, self.max_model_len
             )
@@ -286,7 +287,7 @@ class LLMEngine:
         if self.proposer is not None and any(s.draft_room for s in batch.sequences):
             drafts = self.proposer.propose(batch)
             if drafts:
-                batch.place_drafts(drafts)
+                batch.place_drafts(drafts, self.proposer.tree_parents())
                 draft_masks = draft_grammar_masks(batch, self.model_config.vocab_size)
         # Grammar masks fill on their worker while the inputs are built and the model runs.
         masks = self.structured.start_masks([r.grammar for _, r in batch.sample_rows])

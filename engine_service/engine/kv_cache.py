@@ -89,6 +89,7 @@ class KVCacheManager:
         self.prefix_cache = RadixPrefixCache(listeners) if enable_prefix_caching else None
         self.pool = BlockPool(num_blocks, self.prefix_cache)
         self._pending_copies: list[tuple[int, int]] = []
+        self._pending_slot_copies: list[tuple[int, int]] = []
 
     @property
     def num_blocks(self) -> int:
@@ -241,6 +242,20 @@ class KVCacheManager:
                 parent_hash = request.block_hashes[i - 1] if i > 0 else None
                 self.prefix_cache.insert(parent_hash, block_hash, request.block_table[i])
         request.num_committed_blocks = num_full
+
+    def move_tokens(self, request: Request, moves: list[tuple[int, int]]) -> None:
+        """Queue KV copies inside the request's own blocks, (from, to) cache indices: an
+        accepted token-tree path is packed into consecutive positions. The runner does them
+        before the next forward pass, in order."""
+        size, table = self.block_size, request.block_table
+        for src, dst in moves:
+            self._pending_slot_copies.append(
+                (table[src // size] * size + src % size, table[dst // size] * size + dst % size)
+            )
+
+    def take_slot_copies(self) -> list[tuple[int, int]]:
+        copies, self._pending_slot_copies = self._pending_slot_copies, []
+        return copies
 
     def take_block_copies(self) -> list[tuple[int, int]]:
         """(source, destination) block copies the model runner must do before the step."""

@@ -215,6 +215,13 @@ class ModelRunner:
 
         ``prev_sampled`` is the previous step's sampled tokens, read by pending rows.
         """
+        # In order: a later move never reads what an earlier one wrote (accepted tree paths
+        # only pack towards the front).
+        size = self.block_size
+        for src, dst in batch.slot_copies:
+            self.kv_cache[dst // size, :, :, dst % size] = self.kv_cache[
+                src // size, :, :, src % size
+            ]
         for src, dst in batch.block_copies:
             self.kv_cache[dst].copy_(self.kv_cache[src])
         input_ids = inputs.input_ids

@@ -51,6 +51,8 @@ class Scheduler:
         self.draft_tokens = 0
         self.accepted_draft_tokens = 0
         self.accepted_per_position: list[int] = [0] * 64
+        # Accepted token-tree nodes whose KV moved to pack the path (a test's witness).
+        self.tree_tokens_moved = 0
         self._waiting: list[tuple[tuple[int, int, int], Request]] = []
         self.running: list[Request] = []
         self.loading: list[Request] = []
@@ -156,6 +158,7 @@ class Scheduler:
             budget -= num_new
 
         batch.block_copies = self.kv.take_block_copies()
+        batch.slot_copies = self.kv.take_slot_copies()
         return batch
 
     def _num_remaining(self, request: Request) -> int:
@@ -289,7 +292,17 @@ class Scheduler:
                 self.accepted_per_position[position] += 1
             if request.is_finished or seq.epoch != request.num_preemptions:
                 return
-            request.num_computed_tokens = seq.start + seq.num_known_tokens + verified
+            first = seq.start + seq.num_known_tokens  # cache index of draft 1
+            if seq.draft_parents is not None:
+                # Pack the accepted path (draft numbers, 1-based) right after the known tokens.
+                moves = [
+                    (first + node - 1, first + j)
+                    for j, node in enumerate(seq.accepted_path[:verified])
+                    if node - 1 != j
+                ]
+                self.kv.move_tokens(request, moves)
+                self.tree_tokens_moved += len(moves)
+            request.num_computed_tokens = first + verified
             self.kv.truncate(request, request.num_computed_tokens)
             self.kv.commit_computed_blocks(request, request.num_computed_tokens)
 

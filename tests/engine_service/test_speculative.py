@@ -68,6 +68,18 @@ SPEC_CASES = {
         "model": str(paths[1]),
         "num_speculative_tokens": 2,
     },
+    # Token trees: the target as its own draft (its argmax is always the first branch), and
+    # another model, whose accepted paths often run through later branches.
+    "tree_same": lambda paths: {
+        "model": str(paths[0]),
+        "num_speculative_tokens": 3,
+        "tree": {"topk": 2, "num_draft_tokens": 6},
+    },
+    "tree_other": lambda paths: {
+        "model": str(paths[1]),
+        "num_speculative_tokens": 3,
+        "tree": {"topk": 3, "num_draft_tokens": 9},
+    },
 }
 
 
@@ -187,6 +199,11 @@ def test_seeded_sampling_with_speculation_is_reproducible(target):
         ('{"method": "draft_model", "num_speculative_tokens": 2}', "needs .model."),
         ('{"method": "ngram"}', "num_speculative_tokens"),
         ('{"method": "eagle", "model": "x", "num_speculative_tokens": 2}', "not supported"),
+        ('{"method": "ngram", "num_speculative_tokens": 2, "tree": {"topk": 2}}', "model-based"),
+        (
+            '{"model": "x", "num_speculative_tokens": 2, "tree": {"topk": 9, "num_draft_tokens": 9}}',
+            "topk must be",
+        ),
         ('{"method": "ngram", "num_speculative_tokens": 2, "bogus": 1}', "unknown keys"),
     ],
 )
@@ -223,3 +240,37 @@ def test_a_draft_catching_up_on_long_prompts_splits_its_forward(target):
 
     assert run(engine, prompts, 10) == run(make_engine(target), prompts, 10)
     assert engine.scheduler.accepted_draft_tokens == engine.scheduler.draft_tokens > 0
+
+
+@pytest.fixture(scope="module")
+def near_draft(target, tmp_path_factory):
+    """The target with its weights perturbed: its first choice is usually the target's, and
+    where it is not, the target's is usually among its next few."""
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(target)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.08 * torch.randn(parameter.shape, generator=generator))
+    path = tmp_path_factory.mktemp("spec-near-draft")
+    model.save_pretrained(path)
+    return path
+
+
+def test_tree_paths_off_the_first_branch_move_their_kv_and_stay_exact(target, near_draft):
+    """Accepted paths that run through a later branch have their KV packed behind the known
+    tokens; outputs stay those of plain decoding."""
+    spec = json.dumps(
+        {
+            "model": str(near_draft),
+            "num_speculative_tokens": 3,
+            "tree": {"topk": 4, "num_draft_tokens": 12},
+        }
+    )
+    engine = make_engine(target, speculative_config=spec)
+    prompts = repetitive_prompts(random.Random(9))
+
+    assert run(engine, prompts, 32) == run(make_engine(target), prompts, 32)
+    assert engine.scheduler.tree_tokens_moved > 0
+    assert_pool_entirely_free(engine.kv_manager)

@@ -4,8 +4,10 @@
     {"method": "draft_model", "model": PATH_OR_ID, "num_speculative_tokens": 4}
     {"model": PATH_OR_ID, "num_speculative_tokens": 4}          # draft_model too
 
-EAGLE/EAGLE-3 heads, MTP and token trees are named by the issue that adds them and refused
-here with that reason, so a config never silently runs something else.
+    {"model": PATH, "num_speculative_tokens": 4, "tree": {"topk": 2, "num_draft_tokens": 8}}
+
+EAGLE/EAGLE-3 heads and MTP are named by the issue that adds them and refused here with that
+reason, so a config never silently runs something else.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class SpeculativeConfig:
     model: str | None = None
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
+    # Token trees (SGLang's --speculative-eagle-topk / --speculative-num-draft-tokens): the
+    # branching at each node and the tree's size; 0: chains.
+    tree_topk: int = 0
+    tree_size: int = 0
 
     @classmethod
     def parse(cls, value: str | dict[str, Any]) -> SpeculativeConfig:
@@ -56,11 +62,10 @@ class SpeculativeConfig:
         method = raw.get("method") or ("draft_model" if raw.get("model") else None)
         if method is None:
             raise ValueError('--speculative-config needs "method" (or a draft "model")')
-        if method in PLANNED_METHODS or raw.get("tree"):
-            what = "token trees" if raw.get("tree") else f"method {method!r}"
+        if method in PLANNED_METHODS:
             raise ValueError(
-                f"speculative {what} is not supported by this engine yet; "
-                f"supported methods: {', '.join(SUPPORTED_METHODS)} (chains)"
+                f"speculative method {method!r} is not supported by this engine yet; "
+                f"supported methods: {', '.join(SUPPORTED_METHODS)}"
             )
         if method not in SUPPORTED_METHODS:
             raise ValueError(
@@ -77,7 +82,19 @@ class SpeculativeConfig:
             isinstance(low, int) and isinstance(high, int) and 1 <= low <= high
         ):
             raise ValueError("prompt_lookup_min and prompt_lookup_max must be 1 <= min <= max")
-        return cls(method, k, raw.get("model"), low, high)
+        tree_topk = tree_size = 0
+        tree = raw.get("tree")
+        if tree is not None:
+            if method != "draft_model":
+                raise ValueError('"tree" needs a model-based method (draft_model)')
+            if not isinstance(tree, dict) or set(tree) - {"topk", "num_draft_tokens"}:
+                raise ValueError('"tree" takes {"topk": K, "num_draft_tokens": N}')
+            tree_topk, tree_size = tree.get("topk"), tree.get("num_draft_tokens")
+            if not (isinstance(tree_topk, int) and isinstance(tree_size, int)):
+                raise ValueError('"tree" needs integer "topk" and "num_draft_tokens"')
+            if not 1 <= tree_topk <= 8 or not tree_topk <= tree_size <= 64:
+                raise ValueError("tree topk must be 1-8 and num_draft_tokens from topk to 64")
+        return cls(method, k, raw.get("model"), low, high, tree_topk, tree_size)
 
 
 def check_same_tokenizer(target: Path, draft: Path, target_vocab: int, draft_vocab: int) -> None:

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import torch
 
-from engine_service.engine.batch import ScheduledBatch, ScheduledSequence
+from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.request import Request
@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 class Proposer(abc.ABC):
     @abc.abstractmethod
     def propose(self, batch: ScheduledBatch) -> dict[int, list[int]]: ...
+
+    def tree_parents(self) -> dict[int, list[int]]:
+        """For the drafts :meth:`propose` just returned that form trees: each draft's parent
+        (0: the sequence's newest known token). Chains are left out."""
+        return {}
 
     def close(self) -> None:
         return None
@@ -70,82 +75,166 @@ class NgramProposer(Proposer):
 
 
 class DraftModelProposer(Proposer):
-    """A smaller model with the same tokenizer proposes ``k`` tokens greedily, one batched
-    forward per token. Its KV lives in a cache tensor of its own, indexed by the target's
-    block tables and slots (the same positions), so it needs no block bookkeeping: what a
-    rejected draft wrote is overwritten when the position is computed again. Each request
-    first feeds the draft the tokens it has not seen (the whole prompt the first time, then
-    the tokens accepted since)."""
+    """A smaller model with the same tokenizer proposes tokens greedily. Its KV lives in a
+    cache tensor of its own, indexed by the target's block tables and slots (the same
+    positions), so it needs no block bookkeeping: what a rejected draft wrote is overwritten
+    when the position is computed again. Each request first feeds the draft the tokens it
+    has not seen (the whole prompt the first time, then the tokens accepted since).
 
-    def __init__(self, runner: ModelRunner, num_tokens: int, max_tokens: int) -> None:
+    A chain takes one batched forward per token. With ``tree_topk`` (and ``tree_size``
+    nodes at most), greedy samples get a token tree instead, grown by confidence as in
+    EAGLE-2: the root's ``topk`` likeliest tokens, then each round the ``topk`` likeliest
+    extensions of the newest nodes by path probability, until the tree is full or
+    ``num_tokens`` deep; each round runs the draft over the whole tree under its mask.
+    Sampled and constrained samples keep chains (their verification is for chains).
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        num_tokens: int,
+        max_tokens: int,
+        tree_topk: int = 0,
+        tree_size: int = 0,
+    ) -> None:
         self.runner = runner  # a ModelRunner over the draft model and its cache
         self.num_tokens = num_tokens
         self.max_tokens = max_tokens  # the most tokens one draft forward takes
+        self.tree_topk = tree_topk
+        self.tree_size = tree_size
+        self.parents: dict[int, list[int]] = {}  # the last proposal's trees, by sequence
         # id(request) -> (request, its preemption count, tokens fed to the draft)
         self._seen: dict[int, tuple[Request, int, int]] = {}
 
     def propose(self, batch: ScheduledBatch) -> dict[int, list[int]]:
+        self.parents = {}
         chosen = [(i, s) for i, s in enumerate(batch.sequences) if s.draft_room]
         if not chosen:
             return {}
-        rounds = max(min(s.draft_room, self.num_tokens) for _, s in chosen)
-        drafts: dict[int, list[int]] = {i: [] for i, _ in chosen}
-        # Round 0 feeds each sequence's unseen known tokens; later rounds the newest draft.
-        steps = []
-        for _, seq in chosen:
+        known = {i: s.request.num_tokens for i, s in chosen}
+        root_logits = self._catch_up(chosen, known)
+        drafts: dict[int, list[int]] = {}
+        chains, trees = [], []
+        for i, seq in chosen:
+            request = seq.request
+            as_tree = self.tree_topk > 0 and request.params.greedy and request.grammar is None
+            (trees if as_tree else chains).append((i, seq))
+        if chains:
+            drafts.update(self._chains(chains, known, root_logits))
+        for i, seq in trees:
+            tokens, parents = self._tree(seq, known[i], root_logits[i])
+            drafts[i] = tokens
+            self.parents[i] = parents
+        return drafts
+
+    def tree_parents(self) -> dict[int, list[int]]:
+        return self.parents
+
+    def _catch_up(self, chosen, known: dict[int, int]) -> dict[int, torch.Tensor]:
+        """Feed each sequence's unseen known tokens; the draft's logits after the last."""
+        sequences = []
+        for i, seq in chosen:
             request = seq.request
             seen, epoch, fed = self._seen.get(id(request), (None, -1, 0))
             if seen is not request or epoch != request.num_preemptions:
                 fed = 0
-            steps.append(_DraftStep(request, fed, request.num_tokens))
-        for round_index in range(rounds):
-            active = [
-                (i, seq, step)
-                for (i, seq), step in zip(chosen, steps)
-                if round_index < min(seq.draft_room, self.num_tokens)
-            ]
+            fed = min(fed, known[i] - 1)  # at least the newest token, for its logits
+            sequences.append((i, ScheduledSequence(request, fed, known[i] - fed, num_logits=1)))
+        logits = self._forward(sequences)
+        self._seen = {k: v for k, v in self._seen.items() if not v[0].is_finished}
+        for i, seq in chosen:
+            self._seen[id(seq.request)] = (seq.request, seq.request.num_preemptions, known[i])
+        return {i: rows[0] for i, rows in logits.items()}
+
+    def _chains(self, chains, known, root_logits) -> dict[int, list[int]]:
+        drafts = {i: [int(root_logits[i].argmax())] for i, _ in chains}
+        depth = {i: min(seq.draft_room, self.num_tokens) for i, seq in chains}
+        for round_index in range(1, max(depth.values())):
+            active = [(i, seq) for i, seq in chains if round_index < depth[i]]
             if not active:
                 break
-            passes: list[tuple[ScheduledBatch, list[int]]] = []
-            draft_batch, members = ScheduledBatch(), []
-            for i, seq, step in active:
-                if round_index == 0:
-                    start, extra = step.fed, []
-                    known = step.known - step.fed
-                else:
-                    start, extra, known = step.known + round_index - 1, [drafts[i][-1]], 0
-                sequence = ScheduledSequence(
-                    request=seq.request,
-                    start=start,
-                    num_tokens=known + len(extra),
-                    num_logits=1,
-                    draft_token_ids=extra,
-                )
-                # Catching up on prompts can exceed one forward's buffers: split the round.
-                if members and draft_batch.num_tokens + sequence.num_tokens > self.max_tokens:
-                    passes.append((draft_batch, members))
-                    draft_batch, members = ScheduledBatch(), []
-                draft_batch.sequences.append(sequence)
-                draft_batch.num_tokens += sequence.num_tokens
-                draft_batch.num_logits += 1
-                members.append(i)
-            passes.append((draft_batch, members))
-            for draft_batch, members in passes:
-                inputs = self.runner.prepare(draft_batch)
-                logits = self.runner.execute(draft_batch, inputs)
-                for i, token in zip(members, logits.argmax(dim=-1).tolist()):
-                    drafts[i].append(token)
-        self._seen = {k: v for k, v in self._seen.items() if not v[0].is_finished}
-        for (_, seq), step in zip(chosen, steps):
-            self._seen[id(seq.request)] = (seq.request, seq.request.num_preemptions, step.known)
+            logits = self._forward(
+                [
+                    (
+                        i,
+                        ScheduledSequence(
+                            seq.request,
+                            known[i] + round_index - 1,
+                            1,
+                            num_logits=1,
+                            draft_token_ids=[drafts[i][-1]],
+                        ),
+                    )
+                    for i, seq in active
+                ]
+            )
+            for i, _ in active:
+                drafts[i].append(int(logits[i][0].argmax()))
         return drafts
 
+    def _tree(self, seq, known: int, root_logits: torch.Tensor) -> tuple[list[int], list[int]]:
+        size = min(seq.draft_room, self.tree_size)
+        top = root_logits.log_softmax(-1).topk(min(self.tree_topk, size))
+        tokens = top.indices.tolist()
+        scores = top.values.tolist()
+        parents = [0] * len(tokens)
+        frontier = list(range(1, len(tokens) + 1))
+        for _ in range(1, self.num_tokens):
+            if len(tokens) >= size or not frontier:
+                break
+            mask, depths = tree_mask(parents)
+            draft = ScheduledSequence(
+                seq.request,
+                known,
+                len(tokens),
+                num_logits=len(tokens),
+                draft_token_ids=list(tokens),
+                custom_mask=mask[1:, 1:],
+                position_offsets=[d - n for n, d in enumerate(depths)][1:],
+            )
+            rows = self._forward([(0, draft)])[0].log_softmax(-1)
+            candidates = []
+            for node in frontier:
+                best = rows[node - 1].topk(self.tree_topk)
+                for value, token in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+                    candidates.append((scores[node - 1] + value, node, token))
+            candidates.sort(reverse=True)
+            frontier = []
+            for score, node, token in candidates[: min(self.tree_topk, size - len(tokens))]:
+                tokens.append(token)
+                scores.append(score)
+                parents.append(node)
+                frontier.append(len(tokens))
+        return tokens, parents
 
-class _DraftStep:
-    __slots__ = ("fed", "known", "request")
+    def _forward(self, sequences) -> dict[int, torch.Tensor]:
+        """Draft logits for ``(key, sequence)`` pairs, split into forwards that fit."""
+        out: dict[int, torch.Tensor] = {}
+        group: list = []
 
-    def __init__(self, request: Request, fed: int, known: int) -> None:
-        self.request, self.fed, self.known = request, fed, known
+        def flush() -> None:
+            batch = ScheduledBatch()
+            for _, sequence in group:
+                batch.sequences.append(sequence)
+                batch.num_tokens += sequence.num_tokens
+                batch.num_logits += sequence.num_logits
+            logits = self.runner.execute(batch, self.runner.prepare(batch))
+            row = 0
+            for key, sequence in group:
+                out[key] = logits[row : row + sequence.num_logits]
+                row += sequence.num_logits
+            group.clear()
+
+        total = 0
+        for key, sequence in sequences:
+            if group and total + sequence.num_tokens > self.max_tokens:
+                flush()
+                total = 0
+            group.append((key, sequence))
+            total += sequence.num_tokens
+        if group:
+            flush()
+        return out
 
 
 def build_proposer(
@@ -192,4 +281,6 @@ def build_proposer(
     logger.info(
         "speculative decoding: draft model %s, %d tokens", spec.model, spec.num_speculative_tokens
     )
-    return DraftModelProposer(runner, spec.num_speculative_tokens, max_tokens)
+    return DraftModelProposer(
+        runner, spec.num_speculative_tokens, max_tokens, spec.tree_topk, spec.tree_size
+    )

@@ -37,16 +37,20 @@ def verify(
     into ``batch.sample_rows``. ``logits``: fp32 ``[batch.num_logits, vocab]``;
     ``grammar_masks``: per sample row, the bitmask of each verified position
     (:func:`~engine_service.engine.spec.grammar.draft_grammar_masks`)."""
+    result: dict[int, list[int]] = {}
     rows: list[tuple[int, object]] = []  # (logits row, request), one per verified position
     spans: list[tuple[int, int, list[int]]] = []  # (sample row, first position, drafts)
     for index, (first, request) in enumerate(batch.sample_rows):
         seq = batch.sequences[batch.sample_seqs[index]]
         if not seq.draft_token_ids:
             continue
+        if seq.draft_parents is not None:
+            result[index] = _walk_tree(logits, first, seq, (grammar_masks or {}).get(index))
+            continue
         spans.append((index, len(rows), seq.draft_token_ids))
         rows.extend((first + j, request) for j in range(len(seq.draft_token_ids) + 1))
     if not spans:
-        return {}
+        return result
     meta = SamplingMetadata.build(rows, vocab_size, logits.device)
     device = logits.device
     # The verified positions' own rows (the batch's other rows belong to other sequences).
@@ -83,7 +87,6 @@ def verify(
 
     accepted_list = accepted.tolist()
     emitted_list = emitted.tolist()
-    result: dict[int, list[int]] = {}
     for index, first, drafts in spans:
         tokens: list[int] = []
         for j, draft in enumerate(drafts):
@@ -93,6 +96,29 @@ def verify(
         tokens.append(emitted_list[first + len(tokens)])
         result[index] = tokens
     return result
+
+
+def _walk_tree(logits: torch.Tensor, first: int, seq, mask: torch.Tensor | None) -> list[int]:
+    """Greedy verification of a token tree (trees are drafted for greedy samples only):
+    from the root, follow the child whose token is the target's argmax at its parent, and
+    emit the argmax where no child matches. Records the accepted drafts on the sequence.
+
+    Row ``first + i`` holds the target's distribution after tree node ``i`` (0: the root)."""
+    rows = logits[first : first + len(seq.draft_token_ids) + 1]
+    if mask is not None:
+        rows = apply_bitmask(rows, mask)
+    best = rows.argmax(dim=-1).tolist()
+    children: dict[tuple[int, int], int] = {}
+    for node, (parent, token) in enumerate(
+        zip(seq.draft_parents, seq.draft_token_ids, strict=True), start=1
+    ):
+        children.setdefault((parent, token), node)
+    node, path = 0, []
+    while (node, best[node]) in children:
+        node = children[(node, best[node])]
+        path.append(node)
+    seq.accepted_path = path
+    return [seq.draft_token_ids[n - 1] for n in path] + [best[node]]
 
 
 def _uniforms(rows, meta: SamplingMetadata, generator, device) -> torch.Tensor:
