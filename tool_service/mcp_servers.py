@@ -184,9 +184,7 @@ class McpServerConnection:
                 await asyncio.wait_for(self._stop.wait(), delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
-    async def call(
-        self, name: str, arguments: dict[str, Any], progress: ProgressFn
-    ) -> ToolOutput:
+    async def call(self, name: str, arguments: dict[str, Any], progress: ProgressFn) -> ToolOutput:
         client = self._client
         if client is None:
             raise ToolError(f"MCP server {self.spec.label!r} is not connected: {self.error}")

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -44,14 +42,29 @@ from tool_service.tools import BUILTIN_LABEL, ProgressFn, Tool, ToolOutput, requ
 
 logger = logging.getLogger(__name__)
 
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWNET = 0x40000000
 READ_CHUNK = 8192
 
 # Runs in the child before the script: the audit hook, then the script itself. Kept free
 # of anything the hook refuses.
-_BOOTSTRAP = r'''
-import os, sys
+_BOOTSTRAP = r"""
+import os, sys, resource
+def _confine():
+    if os.environ.pop("SANDBOX_ISOLATE", "0") == "1":
+        import ctypes
+        if ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x40000000) != 0:
+            os._exit(70)  # isolation was expected and is not there: do not run the script
+    for name, value in (("CPU", int(os.environ.pop("SANDBOX_CPU_S"))),
+                        ("AS", int(os.environ.pop("SANDBOX_MEMORY"))),
+                        ("FSIZE", int(os.environ.pop("SANDBOX_FILE_BYTES"))),
+                        ("NOFILE", int(os.environ.pop("SANDBOX_OPEN_FILES"))),
+                        ("CORE", 0)):
+        limit = getattr(resource, "RLIMIT_" + name)
+        hard = value + 1 if name == "CPU" else value
+        resource.setrlimit(limit, (value, hard))
+_confine()
+del _confine
+for _name in [n for n in sys.modules if n.split(".")[0] in ("ctypes", "_ctypes")]:
+    del sys.modules[_name]  # so that the script's own import of ctypes meets the hook
 _SCRATCH = os.path.realpath(os.getcwd())
 _WRITE = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 _PATH_EVENTS = {
@@ -105,7 +118,7 @@ del _audit
 _code = sys.stdin.read()
 sys.stdin.close()
 exec(compile(_code, "<python>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-'''
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,19 +143,22 @@ class RunResult:
 
 
 _user_namespaces_ok: bool | None = None
+_PROBE = (
+    "import ctypes, os; "
+    "os._exit(0 if ctypes.CDLL(None).unshare(0x10000000 | 0x40000000) == 0 else 1)"
+)
 
 
-def _can_unshare() -> bool:
+async def _can_unshare() -> bool:
     """Whether this kernel lets an unprivileged process make a user + network namespace
     (checked once, in a throwaway child)."""
     global _user_namespaces_ok
     if _user_namespaces_ok is None:
-        pid = os.fork()
-        if pid == 0:  # child: try, and report through the exit code
-            libc = ctypes.CDLL(None, use_errno=True)
-            os._exit(0 if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0 else 1)
-        _, status = os.waitpid(pid, 0)
-        _user_namespaces_ok = os.waitstatus_to_exitcode(status) == 0
+        probe = await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-c", _PROBE, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        _user_namespaces_ok = await probe.wait() == 0
         if not _user_namespaces_ok:
             logger.warning(
                 "user namespaces are not available: the python tool's network isolation "
@@ -151,25 +167,24 @@ def _can_unshare() -> bool:
     return _user_namespaces_ok
 
 
-def _child_setup(limits: PythonLimits, isolate: bool) -> None:
-    """Runs in the forked child before exec: namespaces, then resource limits."""
-    if isolate:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
-            os._exit(70)  # refuse to run unisolated when isolation was expected
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-async def run_python(code: str, limits: PythonLimits, scratch_root: Path | None = None) -> RunResult:
+async def run_python(
+    code: str, limits: PythonLimits, scratch_root: Path | None = None
+) -> RunResult:
     """Runs ``code`` in a sandboxed child (see the module docstring) and collects its output."""
-    isolate = _can_unshare()
+    isolate = await _can_unshare()
     scratch = Path(tempfile.mkdtemp(prefix="python-tool-", dir=scratch_root))
     started = time.monotonic()
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(scratch), "TMPDIR": str(scratch), "LANG": "C.UTF-8"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(scratch),
+        "TMPDIR": str(scratch),
+        "LANG": "C.UTF-8",
+        "SANDBOX_ISOLATE": "1" if isolate else "0",
+        "SANDBOX_CPU_S": str(limits.cpu_s),
+        "SANDBOX_MEMORY": str(limits.memory_bytes),
+        "SANDBOX_FILE_BYTES": str(limits.file_bytes),
+        "SANDBOX_OPEN_FILES": str(limits.open_files),
+    }
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-I", "-c", _BOOTSTRAP,
         stdin=asyncio.subprocess.PIPE,
@@ -178,7 +193,6 @@ async def run_python(code: str, limits: PythonLimits, scratch_root: Path | None 
         cwd=scratch,
         env=env,
         start_new_session=True,
-        preexec_fn=lambda: _child_setup(limits, isolate),
     )  # fmt: skip
     truncated = False
 

@@ -213,5 +213,3 @@ class ToolServer:
 async def serve(settings: ToolServiceSettings) -> None:
     server = ToolServer(settings)
     await serve_until_signalled(server.start, server.stop)
-
-
