@@ -416,6 +416,46 @@ class GatewaySettings(ServiceSettings):
         "and the tokenizer's special tokens",
     )
 
+    # -- tools, MCP and the Responses API (docs/tools.md) --
+    tool_service_address: str = Field(
+        default="", description="tool service host:port; empty: no platform tools, no /mcp tools"
+    )
+    allow_outbound_mcp: bool = Field(
+        default=False,
+        description="let /v1/responses name MCP servers by server_url (the tool service must "
+        "allow it too)",
+    )
+    max_tool_iterations: int = Field(
+        default=8, ge=1, description="most model turns of one server-side tool loop"
+    )
+    tool_timeout_s: float = Field(default=60.0, gt=0, description="timeout of one tool call")
+    redis_url: str = Field(
+        default="",
+        description="redis://HOST:PORT[/DB] shared by gateways for keys, rate limits, budgets "
+        "and stored responses; empty: in this process's memory",
+    )
+    response_ttl_s: float = Field(
+        default=7 * 86400, gt=0, description="how long a stored response can be continued"
+    )
+    # -- keys, rate limits and budgets (docs/gateway.md) --
+    rate_limit_rpm: int = Field(
+        default=0, ge=0, description="default requests per minute per key; 0: unlimited"
+    )
+    rate_limit_tpm: int = Field(
+        default=0, ge=0, description="default tokens per minute per key; 0: unlimited"
+    )
+    rate_limit_concurrent: int = Field(
+        default=0, ge=0, description="default concurrent requests per key; 0: unlimited"
+    )
+    rate_limit_fail_open: bool = Field(
+        default=True,
+        description="when Redis is unreachable: admit configured keys without limits (open) "
+        "or refuse every request with 503 (--no-rate-limit-fail-open)",
+    )
+    admin_key: str = Field(
+        default="", description="bearer key of the admin API (/admin/keys); empty: disabled"
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_key_list(cls, value: Any) -> Any:
