@@ -30,6 +30,7 @@ from gateway.errors import install_error_handlers
 from gateway.generation import Generator
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openai_routes import OpenAIRoutes, build_openai_router
+from gateway.platform_tools import PlatformTools
 from gateway.prefix_index import KVEventFollower, PrefixIndex
 from gateway.prefix_policy import PrefixAwarePolicy, SessionIdMiddleware
 from gateway.quota_setup import build_access_control
@@ -87,6 +88,7 @@ def create_app(
     )
     access = build_access_control(settings)
     generator = Generator(tokenizer, router, engines)
+    platform_tools = PlatformTools(settings, generator, chat, served_model_name)
     routes = OpenAIRoutes(generator, chat, metrics, served_model_name, settings.max_n)
     anthropic_routes = AnthropicRoutes(generator, chat, metrics, served_model_name)
 
@@ -97,7 +99,8 @@ def create_app(
         if kv_events is not None:
             await kv_events.start()
         try:
-            yield
+            async with platform_tools.running():
+                yield
         finally:
             if kv_events is not None:
                 await kv_events.close()
@@ -105,6 +108,7 @@ def create_app(
             await source.close()
             tokenizer.close()
             await access.store.close()
+            await platform_tools.close()
 
     app = FastAPI(
         title="Switchyard gateway",
@@ -118,6 +122,7 @@ def create_app(
     app.include_router(openai_router)
     anthropic_router = build_anthropic_router(anthropic_routes)
     app.include_router(anthropic_router)
+    platform_tools.mount(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -138,6 +143,7 @@ def create_app(
     endpoints = [
         *(getattr(route, "path", "") for route in openai_router.routes),
         *(getattr(route, "path", "") for route in anthropic_router.routes),
+        *platform_tools.endpoints(),
         "/health",
         "/live",
         "/metrics",

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Annotated
 
 from mcp.server.mcpserver import Context, MCPServer
+from pydantic import Field
 
 server = MCPServer("weather")
 
 
 @server.tool()
-def forecast(city: str) -> str:
+def forecast(city: Annotated[str, Field(min_length=1, max_length=12)]) -> str:
     """The forecast for a city."""
     return f"forecast for {city}: {len(city)} degrees and sunny"
+
+
+# A closed schema, so that a model forced to call the tool writes `city` and stops there.
+server._tool_manager.get_tool("forecast").parameters["additionalProperties"] = False
 
 
 @server.tool()

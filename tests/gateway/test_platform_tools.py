@@ -1,0 +1,321 @@
+"""The platform's tools through the gateway: ``/mcp`` with the official ``mcp`` client (both
+protocol eras), and ``/v1/responses`` with the official ``openai`` client, running the
+server-side tool loop on the real engine and the real tool service, which is connected to
+an external MCP server written with the ``mcp`` SDK (``tests/tool_service/weather_mcp_server.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mcp_types
+import openai
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from engine_service.server import EngineServer
+from gateway.route_sources import StaticRoutes
+from switchyard.settings import ToolServiceSettings
+from tests.gateway.conftest import MODEL_NAME, BackgroundLoop, ServedApp, serve_gateway
+from tests.tool_service.conftest import WEATHER_STDIO
+from tool_service.server import ToolServer
+
+KEY = "sk-tools-test"
+WEATHER = {"type": "mcp", "server_label": "weather", "require_approval": "never"}
+FORCE_FORECAST = {"type": "mcp", "server_label": "weather", "name": "forecast"}
+# Enough for a forced call (the grammar's fixed text counts too) and a short answer.
+GREEDY: dict[str, Any] = {"temperature": 0, "max_output_tokens": 120}
+
+
+@pytest.fixture(scope="module")
+def tool_server(
+    background: BackgroundLoop, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ToolServer]:
+    docs = tmp_path_factory.mktemp("docs")
+    (docs / "notes.md").write_text("switchyard serves models\n")
+    settings = ToolServiceSettings(
+        host="127.0.0.1",
+        port=0,
+        mcp_servers=[f"weather={WEATHER_STDIO}"],
+        file_search_roots=[docs],
+    )
+    server = ToolServer(settings)
+    background.run(server.start())
+    yield server
+    background.run(server.stop(0.5))
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    background: BackgroundLoop, checkpoint: Path, engine: EngineServer, tool_server: ToolServer
+) -> Iterator[ServedApp]:
+    served = serve_gateway(
+        background,
+        checkpoint,
+        StaticRoutes([f"127.0.0.1:{engine.port}"]),
+        api_keys=[KEY],
+        tool_service_address=f"127.0.0.1:{tool_server.port}",
+    )
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="module")
+def client(gateway: ServedApp) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=KEY, max_retries=0)
+
+
+def mcp_session(gateway: ServedApp, key: str | None, mode: str) -> Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    transport = streamable_http_client(
+        f"{gateway.base_url}/mcp", http_client=create_mcp_http_client(headers=headers)
+    )
+    return Client(transport, mode=mode, cache=None)
+
+
+async def list_and_call(gateway: ServedApp, mode: str) -> tuple[list[str], Any, Any, str]:
+    async with mcp_session(gateway, KEY, mode) as session:
+        listed = await session.list_tools()
+        python = await session.call_tool("python", {"code": "print(2 ** 10)"})
+        forecast = await session.call_tool("weather__forecast", {"city": "Lima"})
+        version = session.session.protocol_version
+    return sorted(tool.name for tool in listed.tools), python, forecast, version
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+def test_mcp_clients_list_and_call_the_platform_tools(gateway: ServedApp, mode: str) -> None:
+    names, python, forecast, version = asyncio.run(list_and_call(gateway, mode))
+    assert names == [
+        "file_search",
+        "python",
+        "weather__explode",
+        "weather__forecast",
+        "weather__slow",
+    ]
+    assert version == ("2025-11-25" if mode == "legacy" else "2026-07-28")
+    assert not python.is_error
+    assert [block.text for block in python.content] == ["1024"]
+    # the external server's tool, run through the gateway and the tool service
+    assert isinstance(forecast.content[0], mcp_types.TextContent)
+    assert forecast.content[0].text == "forecast for Lima: 4 degrees and sunny"
+
+
+def test_mcp_legacy_sessions_carry_a_session_id(gateway: ServedApp) -> None:
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"},
+        },
+    }
+    reply = httpx.post(
+        f"{gateway.base_url}/mcp",
+        json=initialize,
+        headers={
+            "Authorization": f"Bearer {KEY}",
+            "Accept": "application/json, text/event-stream",
+        },
+        timeout=10,
+    )
+    assert reply.status_code == 200
+    assert reply.headers["mcp-session-id"]
+
+
+def test_mcp_refuses_a_client_without_a_key(gateway: ServedApp) -> None:
+    reply = httpx.post(
+        f"{gateway.base_url}/mcp",
+        json={"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {}},
+        headers={"Accept": "application/json, text/event-stream"},
+        timeout=10,
+    )
+    assert reply.status_code == 401
+    assert reply.headers["www-authenticate"] == "Bearer"
+
+    async def connect() -> None:
+        async with mcp_session(gateway, None, "auto") as session:
+            await session.list_tools()
+
+    with pytest.raises(Exception):  # noqa: B017 - the SDK raises its own transport error
+        asyncio.run(connect())
+
+
+def forecast_output(items: list[Any]) -> tuple[Any, dict[str, Any]]:
+    call = next(item for item in items if item.type == "mcp_call")
+    return call, json.loads(call.arguments)
+
+
+def test_a_forced_mcp_tool_runs_and_the_model_answers(client: openai.OpenAI) -> None:
+    response = client.responses.create(
+        model=MODEL_NAME,
+        input="What is the weather like?",
+        tools=[WEATHER],
+        tool_choice=FORCE_FORECAST,
+        **GREEDY,
+    )
+    kinds = [item.type for item in response.output]
+    assert kinds[:2] == ["mcp_list_tools", "mcp_call"]
+    assert kinds[-1] == "message"
+    listing = response.output[0]
+    assert {tool.name for tool in listing.tools} == {"forecast", "slow", "explode"}
+    call, arguments = forecast_output(response.output)
+    assert call.server_label == "weather" and call.name == "forecast"
+    assert call.error is None
+    city = arguments["city"]
+    assert call.output == f"forecast for {city}: {len(city)} degrees and sunny"
+    assert response.output_text  # the final message
+    assert response.usage.input_tokens > 0 and response.usage.output_tokens > 0
+
+
+def test_streaming_gives_the_same_items(client: openai.OpenAI) -> None:
+    request: dict[str, Any] = dict(
+        model=MODEL_NAME,
+        input="What is the weather like?",
+        tools=[WEATHER],
+        tool_choice=FORCE_FORECAST,
+        **GREEDY,
+    )
+    whole = client.responses.create(**request)
+    events = list(client.responses.create(**request, stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    for expected in (
+        "response.mcp_list_tools.completed",
+        "response.mcp_call.completed",
+        "response.output_text.delta",
+        "response.output_text.done",
+    ):
+        assert expected in kinds
+    final = events[-1].response
+    strip = {"id", "approval_request_id"}
+
+    def shape(items: list[Any]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in item.model_dump().items() if k not in strip} for item in items]
+
+    assert shape(final.output) == shape(whole.output)
+    done_items = [event.item for event in events if event.type == "response.output_item.done"]
+    assert shape(done_items) == shape(final.output)
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == final.output_text
+
+
+def test_a_function_tool_comes_back_to_the_client_and_the_conversation_continues(
+    client: openai.OpenAI,
+) -> None:
+    lookup = {
+        "type": "function",
+        "name": "lookup_order",
+        "description": "Finds an order",
+        "parameters": {
+            "type": "object",
+            "properties": {"order": {"type": "string", "maxLength": 6}},
+            "required": ["order"],
+            "additionalProperties": False,
+        },
+    }
+    first = client.responses.create(
+        model=MODEL_NAME,
+        input="Where is my order?",
+        tools=[lookup],
+        tool_choice={"type": "function", "name": "lookup_order"},
+        **GREEDY,
+    )
+    assert first.status == "completed"
+    assert [item.type for item in first.output] == ["function_call"]
+    call = first.output[0]
+    assert call.name == "lookup_order"
+    assert set(json.loads(call.arguments)) == {"order"}
+    second = client.responses.create(
+        model=MODEL_NAME,
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "shipped"}],
+        tools=[lookup],
+        tool_choice="none",
+        **GREEDY,
+    )
+    assert second.previous_response_id == first.id
+    assert [item.type for item in second.output] == ["message"]
+    # The continued conversation is the prompt: longer than the first request's.
+    assert second.usage.input_tokens > first.usage.input_tokens
+    assert client.responses.retrieve(second.id).id == second.id
+
+
+def test_approval_requests_wait_for_the_client(client: openai.OpenAI) -> None:
+    asking = {**WEATHER, "require_approval": "always"}
+    first = client.responses.create(
+        model=MODEL_NAME,
+        input="Weather?",
+        tools=[asking],
+        tool_choice=FORCE_FORECAST,
+        **GREEDY,
+    )
+    request = first.output[-1]
+    assert request.type == "mcp_approval_request"
+    assert request.name == "forecast"
+    second = client.responses.create(
+        model=MODEL_NAME,
+        previous_response_id=first.id,
+        input=[
+            {"type": "mcp_approval_response", "approval_request_id": request.id, "approve": True}
+        ],
+        tools=[asking],
+        **GREEDY,
+    )
+    call = second.output[0]
+    assert call.type == "mcp_call"
+    city = json.loads(request.arguments)["city"]
+    assert call.output == f"forecast for {city}: {len(city)} degrees and sunny"
+
+
+def test_text_format_constrains_the_answer(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"mood": {"enum": ["calm", "stormy"]}},
+        "required": ["mood"],
+        "additionalProperties": False,
+    }
+    response = client.responses.create(
+        model=MODEL_NAME,
+        input="How is the sea?",
+        text={"format": {"type": "json_schema", "name": "sea", "schema": schema}},
+        max_output_tokens=40,
+    )
+    assert json.loads(response.output_text)["mood"] in ("calm", "stormy")
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "param"),
+    [
+        ({"tools": [{"type": "mcp", "server_label": "nowhere"}]}, 400, "tools[0]"),
+        (
+            {"tools": [{"type": "mcp", "server_label": "x", "server_url": "http://127.0.0.1:9"}]},
+            403,
+            "tools[0].server_url",
+        ),
+        ({"tool_choice": {"type": "mcp", "server_label": "weather"}}, 400, "tool_choice"),
+        ({"previous_response_id": "resp_missing"}, 404, "previous_response_id"),
+        ({"input": []}, 400, "input"),
+    ],
+)
+def test_bad_requests_get_openai_errors(
+    gateway: ServedApp, fields: dict[str, Any], status: int, param: str
+) -> None:
+    body = {"model": MODEL_NAME, "input": "hi", **fields}
+    reply = httpx.post(
+        f"{gateway.base_url}/v1/responses",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+    )
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]["param"] == param
