@@ -91,6 +91,7 @@ def create_app(
     platform_tools = PlatformTools(settings, generator, chat, served_model_name)
     routes = OpenAIRoutes(generator, chat, metrics, served_model_name, settings.max_n)
     anthropic_routes = AnthropicRoutes(generator, chat, metrics, served_model_name)
+    routes.platform_chat = anthropic_routes.platform_chat = platform_tools.platform_chat()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

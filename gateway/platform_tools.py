@@ -13,6 +13,7 @@ from starlette.routing import Route
 from gateway.chat import ChatFormat
 from gateway.generation import Generator
 from gateway.mcp_endpoint import MCP_PATH, McpEndpoint
+from gateway.platform_chat import PlatformChat
 from gateway.response_store import MemoryResponseStore, RedisResponseStore, ResponseStore
 from gateway.responses_routes import ResponsesRoutes, build_responses_router
 from gateway.tool_client import ToolClient
@@ -47,6 +48,11 @@ class PlatformTools:
             allow_outbound_mcp=settings.allow_outbound_mcp,
             max_iterations=settings.max_tool_iterations,
         )
+
+    def platform_chat(self) -> PlatformChat | None:
+        """The handler of chat and Messages requests naming platform tools; None without a
+        tool service."""
+        return PlatformChat(self.responses) if self.tools is not None else None
 
     def mount(self, app: FastAPI) -> None:
         app.include_router(build_responses_router(self.responses))

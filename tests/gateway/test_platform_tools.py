@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import mcp_types
 import openai
@@ -319,3 +320,93 @@ def test_bad_requests_get_openai_errors(
     )
     assert reply.status_code == status, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+def test_chat_completions_run_platform_tools(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice=FORCE_FORECAST,  # type: ignore[arg-type]
+        temperature=0,
+        max_tokens=120,
+    )
+    message = completion.choices[0].message
+    calls = (message.model_extra or {})["mcp_calls"]
+    assert [(call["server_label"], call["name"]) for call in calls] == [("weather", "forecast")]
+    city = json.loads(calls[0]["arguments"])["city"]
+    assert calls[0]["output"] == f"forecast for {city}: {len(city)} degrees and sunny"
+    assert message.content
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage is not None and completion.usage.prompt_tokens > 0
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice=FORCE_FORECAST,  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=120,
+            stream=True,
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == message.content  # greedy: the same answer, streamed
+    assert chunks[-1].choices[0].finish_reason == completion.choices[0].finish_reason
+
+
+def test_anthropic_mcp_servers_run_platform_tools(gateway: ServedApp) -> None:
+    claude = anthropic.Anthropic(base_url=gateway.base_url, api_key=KEY, max_retries=0)
+    servers = [
+        {
+            "type": "url",
+            "name": "weather",
+            "url": "http://unused.invalid/mcp",  # a configured label: its own server is used
+            "tool_configuration": {"allowed_tools": ["forecast"]},
+        }
+    ]
+    message = claude.beta.messages.create(
+        model=MODEL_NAME,
+        max_tokens=120,
+        extra_body={"temperature": 0},  # greedy (this SDK's beta call takes no temperature)
+        messages=[{"role": "user", "content": "Weather?"}],
+        mcp_servers=servers,  # type: ignore[arg-type]
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+        betas=["mcp-client-2025-04-04"],
+    )
+    kinds = [block.type for block in message.content]
+    assert kinds[:2] == ["mcp_tool_use", "mcp_tool_result"]
+    use, result = message.content[0], message.content[1]
+    assert (use.server_name, use.name) == ("weather", "forecast")  # type: ignore[union-attr]
+    city = use.input["city"]  # type: ignore[union-attr,index]
+    assert result.content[0].text == f"forecast for {city}: {len(city)} degrees and sunny"  # type: ignore[union-attr,index]
+    assert not result.is_error  # type: ignore[union-attr]
+    assert message.stop_reason in ("end_turn", "max_tokens")
+
+    with claude.beta.messages.stream(
+        model=MODEL_NAME,
+        max_tokens=120,
+        extra_body={"temperature": 0},  # greedy (this SDK's beta call takes no temperature)
+        messages=[{"role": "user", "content": "Weather?"}],
+        mcp_servers=servers,  # type: ignore[arg-type]
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+        betas=["mcp-client-2025-04-04"],
+    ) as stream:
+        final = stream.get_final_message()
+    assert [block.type for block in final.content] == kinds
+
+
+def test_platform_tools_in_chat_name_configured_servers_only(gateway: ServedApp) -> None:
+    reply = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        json={
+            "model": MODEL_NAME,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "mcp", "server_label": "nowhere"}],
+        },
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+    )
+    assert reply.status_code == 400
+    assert "nowhere" in reply.json()["error"]["message"]
