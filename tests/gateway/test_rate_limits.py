@@ -273,3 +273,22 @@ def test_fail_open_or_closed_when_redis_is_down(
         opened.close()
         closed.close()
         lost.stop()
+
+
+def test_stored_responses_are_shared_through_redis(gateways: list[ServedApp]) -> None:
+    """A response made on one gateway is retrieved and continued on the other."""
+    first = client(gateways[0], KEYS["open"]).responses.create(
+        model=MODEL_NAME,
+        input="Tell me about trains",
+        instructions="Be brief.",
+        max_output_tokens=4,
+    )
+    other = client(gateways[1], KEYS["open"])
+    assert other.responses.retrieve(first.id).output_text == first.output_text
+    second = other.responses.create(
+        model=MODEL_NAME, input="And ships?", previous_response_id=first.id, max_output_tokens=4
+    )
+    assert second.previous_response_id == first.id
+    assert second.usage is not None and first.usage is not None
+    # the first exchange is part of the second prompt
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
