@@ -19,6 +19,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from tool_service.tools import LABEL_SEPARATOR, ProgressFn, Tool, ToolError, Too
 
 logger = logging.getLogger(__name__)
 
+UP_ID_ENV = "SWITCHYARD_UP_ID"  # switchyard.cli.UP_ID_ENV
 LABEL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9-]*(_[A-Za-z0-9-]+)*$")
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
@@ -76,7 +78,10 @@ def _client_for(target: str, headers: dict[str, str] | None = None) -> Client:
     argv = shlex.split(target)
     if not argv:
         raise ValueError("empty MCP server command")
-    return Client(StdioServerParameters(command=argv[0], args=argv[1:]), cache=None)
+    # The SDK gives the server a minimal environment of its own; `switchyard up`'s marker
+    # goes along, so that `up` can find and stop the server even if this service dies.
+    marker = {UP_ID_ENV: os.environ[UP_ID_ENV]} if UP_ID_ENV in os.environ else None
+    return Client(StdioServerParameters(command=argv[0], args=argv[1:], env=marker), cache=None)
 
 
 def tool_info(label: str, tool: mcp_types.Tool) -> tool_pb2.ToolInfo:
