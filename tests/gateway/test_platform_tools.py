@@ -107,6 +107,24 @@ def test_mcp_clients_list_and_call_the_platform_tools(gateway: ServedApp, mode: 
     assert forecast.content[0].text == "forecast for Lima: 4 degrees and sunny"
 
 
+def test_mcp_progress_reaches_the_client(gateway: ServedApp) -> None:
+    """Progress the external server reports travels tool service -> gateway -> MCP client."""
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        seen.append((done, total, message))
+
+    async def scenario() -> Any:
+        async with mcp_session(gateway, KEY, "legacy") as session:
+            return await session.call_tool(
+                "weather__slow", {"seconds": 0.2}, progress_callback=on_progress
+            )
+
+    result = asyncio.run(scenario())
+    assert result.content[0].text == "done"
+    assert seen == [(step, 4, f"step {step}") for step in range(4)]
+
+
 def test_mcp_legacy_sessions_carry_a_session_id(gateway: ServedApp) -> None:
     initialize = {
         "jsonrpc": "2.0",
