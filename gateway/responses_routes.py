@@ -112,10 +112,19 @@ class ResponsesRoutes:
         return JSONResponse(response, headers=headers)
 
     async def retrieve(self, response_id: str) -> JSONResponse:
-        stored = await self.store.get(response_id)
+        stored = await self._stored(response_id)
         if stored is None:
             raise _not_found(response_id)
         return JSONResponse(stored["response"])
+
+    async def _stored(self, response_id: str) -> dict[str, Any] | None:
+        try:
+            return await self.store.get(response_id)
+        except Exception as exc:  # Redis down: the caller's request cannot be served now
+            logger.warning("response store unavailable", extra={"error": str(exc)})
+            raise OpenAIError(
+                503, "the response store is unavailable", code="response_store_unavailable"
+            ) from exc
 
     async def _stream(
         self,
@@ -165,7 +174,7 @@ class ResponsesRoutes:
             )
         conversation: list[dict[str, Any]] = []
         if body.previous_response_id:
-            stored = await self.store.get(body.previous_response_id)
+            stored = await self._stored(body.previous_response_id)
             if stored is None:
                 raise _not_found(body.previous_response_id, param="previous_response_id")
             conversation = stored["conversation"]
