@@ -44,8 +44,9 @@ def _content(result: ToolCallResult) -> list[types.ContentBlock]:
 
 
 def build_mcp_server(tools: ToolClient) -> Server[Any]:
-    """The low-level MCP server whose tools are the tool service's."""
-    schemas: dict[str, dict[str, Any]] = {}
+    """The low-level MCP server whose tools are the tool service's. (On 2026-07-28 calls the
+    SDK checks ``Mcp-Param-*`` headers against the schema its own ``tools/list`` gives, so
+    they are held to what the tool service lists now.)"""
 
     async def list_tools(
         ctx: Any, params: types.PaginatedRequestParams | None
@@ -54,8 +55,6 @@ def build_mcp_server(tools: ToolClient) -> Server[Any]:
             described = await tools.list_tools()
         except ToolServiceError as exc:
             raise MCPError(types.INTERNAL_ERROR, exc.message) from None
-        schemas.clear()
-        schemas.update({tool.name: tool.input_schema for tool in described})
         return types.ListToolsResult(
             tools=[
                 types.Tool(
@@ -86,7 +85,6 @@ def build_mcp_server(tools: ToolClient) -> Server[Any]:
         "switchyard",
         version="0.1.0",
         instructions="The Switchyard platform's tools: built-in tools and connected MCP servers.",
-        get_tool_input_schema=schemas.get,
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
