@@ -28,6 +28,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api_keys import KeyRecord, hash_key
@@ -53,8 +54,10 @@ class AccessControl:
         *,
         auth_enabled: bool,
         fail_open: bool,
+        refusals: Counter | None = None,
     ) -> None:
         self.store = store
+        self.refusals = refusals
         self.defaults = defaults
         self.auth_enabled = auth_enabled
         self.fail_open = fail_open
@@ -77,6 +80,10 @@ class AccessControl:
                 await self.store.put_key(record)
         except QuotaStoreUnavailable as exc:
             self.log_unavailable(exc)
+
+    def count_refusal(self, reason: str) -> None:
+        if self.refusals is not None:
+            self.refusals.labels(reason).inc()
 
     def log_unavailable(self, exc: Exception) -> None:
         now = time.monotonic()
@@ -221,6 +228,7 @@ class AccessMiddleware:
                 type="invalid_request_error",
                 code="invalid_api_key",
             )
+            control.count_refusal("missing_key")
             await _send_error(error, path, [(b"www-authenticate", b"Bearer")], scope, receive, send)
             return
         key_hash = hash_key(key) if control.auth_enabled and key is not None else ANONYMOUS_HASH
@@ -233,12 +241,14 @@ class AccessMiddleware:
                 error = OpenAIError(
                     503, "the rate-limit store is unavailable", code="rate_limit_store_unavailable"
                 )
+                control.count_refusal("store_unavailable")
                 await _send_error(error, path, [], scope, receive, send)
                 return
             admission = None  # fail open: admitted, not counted
         if admission is not None:
             error = refusal(admission)
             if error is not None:
+                control.count_refusal(admission.status)
                 extra = []
                 if admission.retry_after_ms:
                     retry_s = math.ceil(admission.retry_after_ms / 1000)

@@ -86,9 +86,9 @@ def create_app(
         chat_format=settings.chat_format,
         tool_call_parser=settings.tool_call_parser,
     )
-    access = build_access_control(settings)
+    access = build_access_control(settings, metrics.registry)
     generator = Generator(tokenizer, router, engines)
-    platform_tools = PlatformTools(settings, generator, chat, served_model_name)
+    platform_tools = PlatformTools(settings, generator, chat, served_model_name, metrics.registry)
     routes = OpenAIRoutes(generator, chat, metrics, served_model_name, settings.max_n)
     anthropic_routes = AnthropicRoutes(generator, chat, metrics, served_model_name)
     routes.platform_chat = anthropic_routes.platform_chat = platform_tools.platform_chat()

@@ -72,7 +72,7 @@ class PlatformChat:
             ) from None
         plan = await self.responses._plan(request)
         routes = self.responses
-        return ResponseRun(plan, routes.generator, routes.chat, routes.tools)
+        return ResponseRun(plan, routes.generator, routes.chat, routes.tools, routes.tool_calls)
 
     # -- Chat Completions --------------------------------------------------------------------------
 

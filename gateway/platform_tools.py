@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Counter
 from starlette.routing import Route
 
 from gateway.chat import ChatFormat
@@ -27,7 +28,19 @@ class PlatformTools:
         generator: Generator,
         chat: ChatFormat,
         served_model_name: str,
+        registry: CollectorRegistry | None = None,
     ) -> None:
+        tool_calls = (
+            Counter(
+                "switchyard_gateway_tool_calls",
+                "MCP and platform tool calls the gateway ran in tool loops, by server label "
+                "and outcome (completed, failed)",
+                ["server_label", "outcome"],
+                registry=registry,
+            )
+            if registry is not None
+            else None
+        )
         self.tools = (
             ToolClient(settings.tool_service_address, settings.tool_timeout_s)
             if settings.tool_service_address
@@ -47,6 +60,7 @@ class PlatformTools:
             self.store,
             allow_outbound_mcp=settings.allow_outbound_mcp,
             max_iterations=settings.max_tool_iterations,
+            tool_calls=tool_calls,
         )
 
     def platform_chat(self) -> PlatformChat | None:

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry, Counter
+
 from gateway.access import AccessControl
 from gateway.api_keys import load_config_keys
 from gateway.quota import DefaultLimits, MemoryQuota, QuotaStore, RedisQuota
 from switchyard.settings import GatewaySettings
 
 
-def build_access_control(settings: GatewaySettings) -> AccessControl:
+def build_access_control(
+    settings: GatewaySettings, registry: CollectorRegistry | None = None
+) -> AccessControl:
     config_keys = load_config_keys(settings.api_keys, settings.api_key_file)
     store: QuotaStore = (
         RedisQuota(
@@ -28,4 +32,13 @@ def build_access_control(settings: GatewaySettings) -> AccessControl:
         ),
         auth_enabled=bool(config_keys or settings.admin_key),
         fail_open=settings.rate_limit_fail_open,
+        refusals=Counter(
+            "switchyard_gateway_refused_requests",
+            "requests the access middleware refused, by reason (missing_key, unknown, revoked, "
+            "requests, tokens, concurrent, budget, store_unavailable)",
+            ["reason"],
+            registry=registry,
+        )
+        if registry is not None
+        else None,
     )

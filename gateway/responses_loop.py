@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Counter
+
 from gateway.chat import ChatFormat, ToolChoice
 from gateway.generation import GenerationSpec, Generator
 from gateway.tool_calls import ParsedDelta, ToolSpec
@@ -135,9 +137,15 @@ class ResponseRun:
     """Runs a :class:`RunPlan`; :meth:`events` yields the typed events of the stream."""
 
     def __init__(
-        self, plan: RunPlan, generator: Generator, chat: ChatFormat, tools: ToolClient | None
+        self,
+        plan: RunPlan,
+        generator: Generator,
+        chat: ChatFormat,
+        tools: ToolClient | None,
+        tool_calls: Counter | None = None,
     ) -> None:
         self.plan = plan
+        self.tool_calls = tool_calls
         self.generator = generator
         self.chat = chat
         self.tool_client = tools
@@ -485,6 +493,8 @@ class ResponseRun:
         item["status"] = "failed" if item["error"] is not None else "completed"
         self.output[index] = item
         outcome = "failed" if item["error"] is not None else "completed"
+        if self.tool_calls is not None:
+            self.tool_calls.labels(label or "unknown", outcome).inc()
         yield self._event(f"response.mcp_call.{outcome}", item_id=item["id"], output_index=index)
         yield self._done(index)
         to_messages_item = {**item, "id": call_id}

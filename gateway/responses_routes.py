@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import Counter
 
 from gateway.chat import ChatFormat, ToolChoice, check_tool_request
 from gateway.engine_client import EngineError
@@ -73,7 +74,9 @@ class ResponsesRoutes:
         *,
         allow_outbound_mcp: bool,
         max_iterations: int,
+        tool_calls: Counter | None = None,
     ) -> None:
+        self.tool_calls = tool_calls
         self.generator = generator
         self.chat = chat
         self.served_model_name = served_model_name
@@ -85,7 +88,7 @@ class ResponsesRoutes:
     async def create(self, body: ResponsesRequest, request: Request) -> Response:
         plan = await self._plan(body)
         request_id_var.set(plan.response_id)
-        run = ResponseRun(plan, self.generator, self.chat, self.tools)
+        run = ResponseRun(plan, self.generator, self.chat, self.tools, self.tool_calls)
         events = run.events()
         headers = {"x-request-id": plan.response_id}
         if body.stream:

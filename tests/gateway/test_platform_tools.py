@@ -191,6 +191,10 @@ def test_a_forced_mcp_tool_runs_and_the_model_answers(client: openai.OpenAI) -> 
     city = arguments["city"]
     assert call.output == f"forecast for {city}: {len(city)} degrees and sunny"
     assert response.output_text  # the final message
+    metrics = httpx.get(f"{client.base_url}".removesuffix("/v1/") + "/metrics").text
+    assert 'switchyard_gateway_tool_calls_total{outcome="completed",server_label="weather"}' in (
+        metrics
+    )
     assert response.usage.input_tokens > 0 and response.usage.output_tokens > 0
 
 

@@ -124,6 +124,8 @@ def test_the_n_plus_first_request_in_a_minute_is_a_429_across_gateways(
     assert error["code"] == "rate_limit_exceeded"
     assert error["type"] == "requests"
     assert "requests per minute (3)" in error["message"]
+    metrics = httpx.get(f"{gateways[1].base_url}/metrics").text
+    assert 'switchyard_gateway_refused_requests_total{reason="requests"} 1.0' in metrics
 
 
 def test_messages_over_the_limit_get_anthropics_429(gateways: list[ServedApp]) -> None:
