@@ -24,7 +24,7 @@ from engine_service.server import EngineServer
 from gateway.route_sources import StaticRoutes
 from switchyard.settings import ToolServiceSettings
 from tests.gateway.conftest import MODEL_NAME, BackgroundLoop, ServedApp, serve_gateway
-from tests.tool_service.conftest import WEATHER_STDIO
+from tests.tool_service.conftest import WEATHER_STDIO, start_weather_http
 from tool_service.server import ToolServer
 
 KEY = "sk-tools-test"
@@ -432,3 +432,57 @@ def test_platform_tools_in_chat_name_configured_servers_only(gateway: ServedApp)
     )
     assert reply.status_code == 400
     assert "nowhere" in reply.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def outbound_gateway(
+    background: BackgroundLoop, checkpoint: Path, engine: EngineServer
+) -> Iterator[ServedApp]:
+    """A gateway and tool service that both allow MCP servers named by URL."""
+    server = ToolServer(ToolServiceSettings(host="127.0.0.1", port=0, allow_outbound_mcp=True))
+    background.run(server.start())
+    served = serve_gateway(
+        background,
+        checkpoint,
+        StaticRoutes([f"127.0.0.1:{engine.port}"]),
+        tool_service_address=f"127.0.0.1:{server.port}",
+        allow_outbound_mcp=True,
+    )
+    yield served
+    served.close()
+    background.run(server.stop(0.5))
+
+
+@pytest.fixture(scope="module")
+def weather_http() -> Iterator[str]:
+    url, process = start_weather_http()
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_server_url_reaches_a_server_when_outbound_mcp_is_allowed(
+    outbound_gateway: ServedApp, weather_http: str
+) -> None:
+    client = openai.OpenAI(base_url=f"{outbound_gateway.base_url}/v1", api_key="-", max_retries=0)
+    remote = {"type": "mcp", "server_label": "remote", "server_url": weather_http}
+    # Unset, require_approval asks for servers named by URL.
+    asked = client.responses.create(
+        model=MODEL_NAME,
+        input="Weather?",
+        tools=[{**remote, "allowed_tools": ["forecast"]}],
+        tool_choice={"type": "mcp", "server_label": "remote", "name": "forecast"},
+        **GREEDY,
+    )
+    assert [item.type for item in asked.output] == ["mcp_list_tools", "mcp_approval_request"]
+    ran = client.responses.create(
+        model=MODEL_NAME,
+        input="Weather?",
+        tools=[{**remote, "require_approval": "never"}],
+        tool_choice={"type": "mcp", "server_label": "remote", "name": "forecast"},
+        **GREEDY,
+    )
+    call, arguments = forecast_output(ran.output)
+    assert call.server_label == "remote"
+    city = arguments["city"]
+    assert call.output == f"forecast for {city}: {len(city)} degrees and sunny"

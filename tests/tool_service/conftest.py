@@ -27,9 +27,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def weather_http() -> Iterator[str]:
-    """The weather server on Streamable HTTP; yields its URL."""
+def start_weather_http() -> tuple[str, subprocess.Popen[bytes]]:
+    """The weather server on Streamable HTTP, once it answers: (its URL, its process)."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(WEATHER_SERVER), "http", str(port)],
@@ -41,12 +40,18 @@ def weather_http() -> Iterator[str]:
     while True:
         try:
             httpx.get(url, timeout=1)
-            break
+            return url, process
         except httpx.HTTPError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 raise RuntimeError("the weather MCP server did not start") from None
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def weather_http() -> Iterator[str]:
+    """The weather server on Streamable HTTP; yields its URL."""
+    url, process = start_weather_http()
     yield url
     process.terminate()
     process.wait(timeout=10)
