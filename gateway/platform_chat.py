@@ -38,7 +38,7 @@ from gateway.openai_api import ChatCompletionRequest
 from gateway.openai_routes import openai_error_for, until_disconnected
 from gateway.responses_api import ResponsesRequest
 from gateway.responses_loop import ResponseRun
-from gateway.responses_routes import _FAILURES, ResponsesRoutes
+from gateway.responses_routes import GENERATION_FAILURES, ResponsesRoutes
 from gateway.tool_client import ToolServiceError
 
 
@@ -70,7 +70,7 @@ class PlatformChat:
             raise invalid_request(
                 f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
             ) from None
-        plan = await self.responses._plan(request)
+        plan = await self.responses.plan(request)
         routes = self.responses
         return ResponseRun(plan, routes.generator, routes.chat, routes.tools, routes.tool_calls)
 
@@ -323,7 +323,7 @@ async def _drain(request: Request, run: ResponseRun) -> None:
 
     try:
         await until_disconnected(request, consume())
-    except _FAILURES as exc:
+    except GENERATION_FAILURES as exc:
         raise openai_error_for(exc) from exc
 
 
@@ -344,7 +344,7 @@ async def _first_generation_event(events: AsyncIterator[dict[str, Any]]) -> list
                 and not event["type"].startswith("response.mcp_list_tools")
             ):
                 break
-    except _FAILURES as exc:
+    except GENERATION_FAILURES as exc:
         raise openai_error_for(exc) from exc
     return buffered
 
@@ -459,7 +459,7 @@ async def _chat_stream(
                     calls += 1
                 elif item["type"] == "mcp_call":
                     yield chunk({"mcp_calls": _mcp_calls([item])})
-    except _FAILURES as exc:
+    except GENERATION_FAILURES as exc:
         error = openai_error_for(exc)
         yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
         return
@@ -590,7 +590,7 @@ async def _anthropic_stream(
                     yield _sse("content_block_start", {"index": index, "content_block": block})
                     yield _sse("content_block_stop", {"index": index})
                     index += 1
-    except _FAILURES as exc:
+    except GENERATION_FAILURES as exc:
         yield _sse("error", openai_error_for(exc).anthropic_body())
         return
     if text_open:

@@ -53,7 +53,7 @@ from switchyard.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
 
-_FAILURES = (
+GENERATION_FAILURES = (
     ContextLengthError,
     NoReplicaAvailable,
     EngineError,
@@ -86,7 +86,7 @@ class ResponsesRoutes:
         self.max_iterations = max_iterations
 
     async def create(self, body: ResponsesRequest, request: Request) -> Response:
-        plan = await self._plan(body)
+        plan = await self.plan(body)
         request_id_var.set(plan.response_id)
         run = ResponseRun(plan, self.generator, self.chat, self.tools, self.tool_calls)
         events = run.events()
@@ -99,7 +99,7 @@ class ResponsesRoutes:
                     buffered.append(event)
                     if _started_generating(event):
                         break
-            except _FAILURES as exc:
+            except GENERATION_FAILURES as exc:
                 await events.aclose()
                 raise openai_error_for(exc) from exc
             stream = self._stream(run, buffered, events, body.store)
@@ -107,7 +107,7 @@ class ResponsesRoutes:
         try:
             async with aclosing(events):
                 await until_disconnected(request, _drain(events))
-        except _FAILURES as exc:
+        except GENERATION_FAILURES as exc:
             raise openai_error_for(exc) from exc
         response = run.response()
         if body.store:
@@ -141,7 +141,7 @@ class ResponsesRoutes:
             try:
                 async for event in events:
                     yield _sse(event)
-            except _FAILURES as exc:
+            except GENERATION_FAILURES as exc:
                 error = openai_error_for(exc)
                 logger.warning("response failed mid-stream", extra={"error": error.message})
                 run.status = "failed"
@@ -167,7 +167,7 @@ class ResponsesRoutes:
 
     # -- the plan --------------------------------------------------------------------------------
 
-    async def _plan(self, body: ResponsesRequest) -> RunPlan:
+    async def plan(self, body: ResponsesRequest) -> RunPlan:
         if body.model != self.served_model_name:
             raise OpenAIError(
                 404,
