@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Open(BaseModel):
@@ -128,6 +128,8 @@ class TextConfig(_Open):
 
 
 class ResponsesRequest(BaseModel):
+    """A ``POST /v1/responses`` body (the fields Switchyard acts on; others are ignored)."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -151,3 +153,16 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = None
     user: str | None = None
     seed: int | None = None  # an extension, as vLLM accepts it
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _easy_messages(cls, value: Any) -> Any:
+        """``{"role", "content"}`` without a type is a message (OpenAI's easy input)."""
+        if isinstance(value, list):
+            return [
+                {**item, "type": "message"}
+                if isinstance(item, dict) and "type" not in item and "role" in item
+                else item
+                for item in value
+            ]
+        return value

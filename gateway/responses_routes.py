@@ -168,6 +168,8 @@ class ResponsesRoutes:
     # -- the plan --------------------------------------------------------------------------------
 
     async def plan(self, body: ResponsesRequest) -> RunPlan:
+        """Everything the loop needs, checked: raises ``OpenAIError`` (400/403/404/503) for
+        what the request cannot have, before anything is generated."""
         if body.model != self.served_model_name:
             raise OpenAIError(
                 404,

@@ -271,6 +271,14 @@ def test_a_function_tool_comes_back_to_the_client_and_the_conversation_continues
     # The continued conversation is the prompt: longer than the first request's.
     assert second.usage.input_tokens > first.usage.input_tokens
     assert client.responses.retrieve(second.id).id == second.id
+    # OpenAI's easy input: role and content, no type.
+    third = client.responses.create(
+        model=MODEL_NAME,
+        previous_response_id=second.id,
+        input=[{"role": "user", "content": "Thanks!"}],
+        max_output_tokens=4,
+    )
+    assert third.usage is not None and third.usage.input_tokens > second.usage.input_tokens
 
 
 def test_approval_requests_wait_for_the_client(client: openai.OpenAI) -> None:
