@@ -189,6 +189,15 @@ class ResponsesRoutes:
             input_items = [item.model_dump(mode="json", exclude_none=True) for item in body.input]
         if not input_items:
             raise invalid_request("input must not be empty", param="input")
+        for position, item in enumerate(input_items):
+            content = item.get("content")
+            for part in content if isinstance(content, list) else []:
+                if part.get("type") not in ("input_text", "output_text", "text"):
+                    raise invalid_request(
+                        f"content parts of type '{part.get('type')}' are not supported by "
+                        "this model",
+                        param=f"input[{position}].content",
+                    )
         approvals = _approvals(input_items, conversation)
         tools, listed = await self._resolve_tools(body, conversation)
         choice = _tool_choice(body, tools)

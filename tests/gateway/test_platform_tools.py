@@ -336,6 +336,11 @@ def test_text_format_constrains_the_answer(client: openai.OpenAI) -> None:
         ({"tool_choice": {"type": "mcp", "server_label": "weather"}}, 400, "tool_choice"),
         ({"previous_response_id": "resp_missing"}, 404, "previous_response_id"),
         ({"input": []}, 400, "input"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            400,
+            "input[0].content",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(
