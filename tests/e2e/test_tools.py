@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +21,15 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from tests.e2e.stack import API_KEY, MODEL_NAME, REPO_ROOT, Stack, start_stack, stop_stack
+from tests.e2e.stack import (
+    API_KEY,
+    MODEL_NAME,
+    REPO_ROOT,
+    Stack,
+    marked_pids,
+    start_stack,
+    stop_stack,
+)
 
 WEATHER_SERVER = REPO_ROOT / "tests" / "tool_service" / "weather_mcp_server.py"
 
@@ -88,3 +99,28 @@ def test_responses_run_a_forced_mcp_tool(tool_stack: Stack) -> None:
     city = json.loads(call.arguments)["city"]
     assert call.output == f"forecast for {city}: {len(city)} degrees and sunny"
     assert response.output[-1].type == "message"
+
+
+def test_a_killed_tool_service_is_restarted_and_serves_again(tool_stack: Stack) -> None:
+    victims = [
+        pid
+        for pid in marked_pids(tool_stack.mark)
+        if b"tool_service" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    ]
+    assert len(victims) == 1
+    os.kill(victims[0], signal.SIGKILL)
+
+    async def forecast() -> str:
+        async with session(tool_stack, API_KEY) as client:
+            result = await client.call_tool("weather__forecast", {"city": "Riga"})
+        return str(result.content[0].text)
+
+    deadline = time.monotonic() + 60
+    while True:  # `up` restarts it on the same address; its MCP server comes back with it
+        try:
+            assert asyncio.run(forecast()) == "forecast for Riga: 4 degrees and sunny"
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
