@@ -1,5 +1,5 @@
 # One image for every Switchyard service: `switchyard <service>` (controller, engine, gateway,
-# kv). Build, from the repository root:
+# kv, tools). Build, from the repository root:
 #
 #   CPU (default; torch from the PyTorch CPU index, a much smaller image):
 #     docker build -t switchyard:0.1.0 .
@@ -28,7 +28,7 @@ COPY controller ./controller
 COPY engine_service ./engine_service
 COPY gateway ./gateway
 COPY kv_service ./kv_service
-# tool_service: add a COPY line here once the service exists.
+COPY tool_service ./tool_service
 RUN pip install --no-deps . && switchyard --help > /dev/null
 
 # --- runtime: the environment only, as an unprivileged user -------------------------------
@@ -42,7 +42,7 @@ ENV PATH=/opt/switchyard/bin:$PATH \
     HF_HOME=/var/lib/switchyard/huggingface
 USER 10001:10001
 WORKDIR /var/lib/switchyard
-# gateway HTTP, controller gRPC, engine gRPC and metrics, KV service gRPC and metrics
-EXPOSE 8000 50051 50100 9100 50060 9060
+# gateway HTTP, controller gRPC, engine gRPC and metrics, KV service gRPC and metrics, tools gRPC
+EXPOSE 8000 50051 50100 9100 50060 9060 50070
 ENTRYPOINT ["switchyard"]
 CMD ["--help"]

@@ -12,6 +12,11 @@ inter-token latency (ITL: the gaps between streamed tokens) and end-to-end laten
 p99, request and output-token throughput, and ``gateway_overhead_ms_p50`` (the gateway's TTFT
 p50 minus the engine's); prints a table and writes JSON with ``--json``.
 
+With ``--limits`` (the default when the benchmark starts the stack and a ``redis-server`` is at
+hand) a third path runs the same requests through a second gateway with per-key rate limits
+on, counted in Redis (``bench/limited_gateway.py``); ``limits_overhead_ms_p50`` is its TTFT p50
+minus the stack gateway's (limits off), and ``limits_ttft_ratio_p50`` their ratio.
+
 What makes the two runs comparable:
 
 - The engine caches prompt prefixes, so the run that went second would find every prompt
@@ -54,6 +59,9 @@ from typing import Any
 import grpc
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.limited_gateway import BENCH_KEY, LimitedGateway, start_limited_gateway
 from switchyard.v1 import (
     common_pb2,
     controller_pb2,
@@ -313,7 +321,9 @@ def tokenizer_path(args: argparse.Namespace) -> str:
 # -- main ------------------------------------------------------------------------------------
 
 
-async def measure(args: argparse.Namespace, url: str, controller: str) -> dict[str, Any]:
+async def measure(
+    args: argparse.Namespace, url: str, controller: str, limited_url: str | None = None
+) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(args))
@@ -328,6 +338,10 @@ async def measure(args: argparse.Namespace, url: str, controller: str) -> dict[s
             make_prompts(tokenizer, rng, shuffle_rng, args.num_requests, args.prompt_words)
         )
     warmup = make_prompts(tokenizer, rng, shuffle_rng, args.warmup, args.prompt_words)
+    limited_rounds = [
+        make_prompts(tokenizer, rng, shuffle_rng, args.num_requests, args.prompt_words)
+        for _ in rounds
+    ] if limited_url is not None else [[] for _ in rounds]  # fmt: skip
 
     engine = first_ready_engine(controller)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -341,8 +355,17 @@ async def measure(args: argparse.Namespace, url: str, controller: str) -> dict[s
                 http, url, model, prompt.text, args.max_tokens, len(prompt.token_ids)
             )
             await direct_to_engine(stub, prompt.direct_token_ids, args.max_tokens)
+        limited_http = httpx.AsyncClient(
+            timeout=600, headers={"Authorization": f"Bearer {BENCH_KEY}"}
+        )
+        if limited_url is not None:
+            for prompt in warmup:
+                await through_gateway(
+                    limited_http, limited_url, model, prompt.text, args.max_tokens,
+                    len(prompt.token_ids),
+                )  # fmt: skip
 
-        gateway, direct = PathResult(), PathResult()
+        gateway, direct, limited = PathResult(), PathResult(), PathResult()
         for number, prompts in enumerate(rounds):
 
             async def via_gateway(i: int, prompts: list[Prompt] = prompts) -> Sample:
@@ -354,14 +377,37 @@ async def measure(args: argparse.Namespace, url: str, controller: str) -> dict[s
             async def via_engine(i: int, prompts: list[Prompt] = prompts) -> Sample:
                 return await direct_to_engine(stub, prompts[i].direct_token_ids, args.max_tokens)
 
-            # Rounds alternate which path goes first, so that drift (other load on the
-            # machine, the engine's state) weighs on both alike.
+            async def via_limited(i: int, prompts: list[Prompt] = limited_rounds[number]) -> Sample:
+                # The third path's own prompts: the others' would hit the prefix cache.
+                assert limited_url is not None
+                prompt = prompts[i]
+                return await through_gateway(
+                    limited_http, limited_url, model, prompt.text, args.max_tokens,
+                    len(prompt.token_ids),
+                )  # fmt: skip
+
+            # Rounds rotate which path goes first, so that drift (other load on the
+            # machine, the engine's state) weighs on every path alike.
             runs = [(via_gateway, gateway), (via_engine, direct)]
-            for send, result in runs if number % 2 == 0 else runs[::-1]:
+            if limited_url is not None:
+                runs.append((via_limited, limited))
+            shift = number % len(runs)
+            for send, result in runs[shift:] + runs[:shift]:
                 await run_schedule(offsets, send, result)
         await channel.close()
+        await limited_http.aclose()
 
     gateway_summary, direct_summary = gateway.summary(), direct.summary()
+    limits: dict[str, Any] = {}
+    if limited_url is not None:
+        limited_summary = limited.summary()
+        limits = {
+            "gateway_limits": limited_summary,
+            "limits_overhead_ms_p50": limited_summary["ttft_ms_p50"]
+            - gateway_summary["ttft_ms_p50"],
+            "limits_ttft_ratio_p50": limited_summary["ttft_ms_p50"]
+            / gateway_summary["ttft_ms_p50"],
+        }
     return {
         "config": {
             "url": url,
@@ -380,7 +426,12 @@ async def measure(args: argparse.Namespace, url: str, controller: str) -> dict[s
         "direct": direct_summary,
         "gateway_overhead_ms_p50": gateway_summary["ttft_ms_p50"] - direct_summary["ttft_ms_p50"],
         "gateway_overhead_ms_p99": gateway_summary["ttft_ms_p99"] - direct_summary["ttft_ms_p99"],
-        "errors": {"gateway": gateway.errors[:10], "direct": direct.errors[:10]},
+        **limits,
+        "errors": {
+            "gateway": gateway.errors[:10],
+            "direct": direct.errors[:10],
+            "gateway_limits": limited.errors[:10],
+        },
     }
 
 
@@ -403,11 +454,21 @@ def print_table(report: dict[str, Any]) -> None:
         "(Poisson), "
         f"~{config['prompt_tokens_mean']:.0f} prompt tokens, {config['max_tokens']} output tokens"
     )
-    print(f"{'metric':<18}{'gateway':>12}{'engine direct':>16}")
+    limited = report.get("gateway_limits")
+    print(
+        f"{'metric':<18}{'gateway':>12}{'engine direct':>16}"
+        + (f"{'gateway+limits':>16}" if limited else "")
+    )
     for label, key, fmt in rows:
         gateway, direct = report["gateway"][key], report["direct"][key]
-        print(f"{label:<18}{fmt.format(gateway):>12}{fmt.format(direct):>16}")
+        extra = f"{fmt.format(limited[key]):>16}" if limited else ""
+        print(f"{label:<18}{fmt.format(gateway):>12}{fmt.format(direct):>16}{extra}")
     print(f"gateway overhead, TTFT p50: {report['gateway_overhead_ms_p50']:.1f} ms")
+    if limited:
+        print(
+            f"rate limits (Redis) overhead, TTFT p50: {report['limits_overhead_ms_p50']:.1f} ms "
+            f"(ratio {report['limits_ttft_ratio_p50']:.3f})"
+        )
     for path, errors in report["errors"].items():
         for error in errors:
             print(f"{path} error: {error}")
@@ -435,11 +496,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", help="engine dtype when starting the stack")
     parser.add_argument("--data-dir", type=Path, help="stack data dir (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument(
+        "--limits",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure a gateway with rate limits on (default: when starting the stack)",
+    )
     args = parser.parse_args(argv)
     if bool(args.url) != bool(args.controller):
         parser.error("--url and --controller go together")
 
     process = None
+    limited: LimitedGateway | None = None
     with tempfile.TemporaryDirectory(prefix="switchyard-bench-") as tmp:
         args.data_dir = args.data_dir or Path(tmp)
         try:
@@ -447,8 +515,17 @@ def main(argv: list[str] | None = None) -> int:
                 url, controller = args.url.rstrip("/"), args.controller
             else:
                 process, url, controller = start_stack(args, Path(tmp) / "up.log")
-            report = asyncio.run(measure(args, url, controller))
+            if args.limits if args.limits is not None else not args.url:
+                limited = start_limited_gateway(
+                    controller, tokenizer_path(args), "bench", args.data_dir,
+                    Path(tmp) / "limited-gateway.log",
+                )  # fmt: skip
+                if limited is None:
+                    print("no redis-server binary: the limits path is skipped")
+            report = asyncio.run(measure(args, url, controller, limited.url if limited else None))
         finally:
+            if limited is not None:
+                limited.stop()
             if process is not None:
                 stop_stack(process)
     print_table(report)
@@ -456,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
-    return 1 if report["errors"]["gateway"] or report["errors"]["direct"] else 0
+    return 1 if any(report["errors"].values()) else 0
 
 
 if __name__ == "__main__":

@@ -46,7 +46,37 @@ class ToolResultBlock(BaseModel):
         return "".join(block.text for block in self.content)
 
 
-ContentBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
+class McpToolUseBlock(BaseModel):
+    """A call the gateway ran on an MCP server (Anthropic's MCP connector), sent back."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["mcp_tool_use"]
+    id: str
+    name: str
+    server_name: str
+    input: dict[str, Any]
+
+
+class McpToolResultBlock(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["mcp_tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock] = ""
+    is_error: bool = False
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(block.text for block in self.content)
+
+
+ContentBlock = Annotated[
+    TextBlock | ToolUseBlock | ToolResultBlock | McpToolUseBlock | McpToolResultBlock,
+    Field(discriminator="type"),
+]
 
 
 class InputMessage(BaseModel):
@@ -68,6 +98,24 @@ class ToolChoice(BaseModel):
     disable_parallel_tool_use: bool = False
 
 
+class McpToolConfiguration(BaseModel):
+    enabled: bool | None = None
+    allowed_tools: list[str] | None = None
+
+
+class McpServer(BaseModel):
+    """An ``mcp_servers`` entry: a configured server by ``name`` (its label), or one at ``url``
+    when the operator allows outbound MCP."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["url"] = "url"
+    name: str
+    url: str | None = None
+    authorization_token: str | None = None
+    tool_configuration: McpToolConfiguration | None = None
+
+
 class Metadata(BaseModel):
     user_id: str | None = None
 
@@ -87,6 +135,7 @@ class MessagesRequest(BaseModel):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     metadata: Metadata | None = None
+    mcp_servers: list[McpServer] | None = None
 
     @property
     def system_text(self) -> str:

@@ -72,10 +72,15 @@ class AnthropicRoutes:
         self.chat = chat
         self.metrics = metrics
         self.served_model_name = served_model_name
+        self.platform_chat: Any = None  # set when a tool service is configured
 
     async def messages(self, body: MessagesRequest, request: Request) -> Response:
         if body.model != self.served_model_name:
             raise OpenAIError(404, f"model: {body.model}")
+        if body.mcp_servers:  # the gateway runs these tools: gateway/platform_chat.py
+            if self.platform_chat is None:
+                raise invalid_request("mcp_servers need a tool service")
+            return await self.platform_chat.messages(body, request)  # type: ignore[no-any-return]
         request_id = f"msg_{uuid.uuid4().hex}"
         tools = [
             ToolSpec(tool.name, tool.description, tool.input_schema) for tool in body.tools or []

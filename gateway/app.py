@@ -21,16 +21,19 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.access import AccessMiddleware
+from gateway.admin_routes import build_admin_router
 from gateway.anthropic_routes import AnthropicRoutes, build_anthropic_router
-from gateway.auth import ApiKeyAuth, ApiKeyMiddleware, load_api_keys
 from gateway.chat import ChatFormat
 from gateway.engine_client import EngineClient
 from gateway.errors import install_error_handlers
 from gateway.generation import Generator
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openai_routes import OpenAIRoutes, build_openai_router
+from gateway.platform_tools import PlatformTools
 from gateway.prefix_index import KVEventFollower, PrefixIndex
 from gateway.prefix_policy import PrefixAwarePolicy, SessionIdMiddleware
+from gateway.quota_setup import build_access_control
 from gateway.route_sources import ControllerRoutes
 from gateway.routing import (
     LeastLoadPolicy,
@@ -83,24 +86,30 @@ def create_app(
         chat_format=settings.chat_format,
         tool_call_parser=settings.tool_call_parser,
     )
-    auth = ApiKeyAuth(load_api_keys(settings.api_keys, settings.api_key_file))
+    access = build_access_control(settings, metrics.registry)
     generator = Generator(tokenizer, router, engines)
+    platform_tools = PlatformTools(settings, generator, chat, served_model_name, metrics.registry)
     routes = OpenAIRoutes(generator, chat, metrics, served_model_name, settings.max_n)
     anthropic_routes = AnthropicRoutes(generator, chat, metrics, served_model_name)
+    routes.platform_chat = anthropic_routes.platform_chat = platform_tools.platform_chat()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await source.start()
+        await access.register_config_keys()
         if kv_events is not None:
             await kv_events.start()
         try:
-            yield
+            async with platform_tools.running():
+                yield
         finally:
             if kv_events is not None:
                 await kv_events.close()
             await engines.close()
             await source.close()
             tokenizer.close()
+            await access.store.close()
+            await platform_tools.close()
 
     app = FastAPI(
         title="Switchyard gateway",
@@ -114,6 +123,7 @@ def create_app(
     app.include_router(openai_router)
     anthropic_router = build_anthropic_router(anthropic_routes)
     app.include_router(anthropic_router)
+    platform_tools.mount(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -134,11 +144,13 @@ def create_app(
     endpoints = [
         *(getattr(route, "path", "") for route in openai_router.routes),
         *(getattr(route, "path", "") for route in anthropic_router.routes),
+        *platform_tools.endpoints(),
         "/health",
         "/live",
         "/metrics",
     ]
-    app.add_middleware(ApiKeyMiddleware, auth=auth, prefix="/v1/")
+    app.include_router(build_admin_router(access, settings.admin_key))
+    app.add_middleware(AccessMiddleware, control=access)
     if settings.session_header:
         app.add_middleware(SessionIdMiddleware, header=settings.session_header)
     # Added last, so it runs first: refused keys are counted too.

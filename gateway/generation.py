@@ -20,6 +20,7 @@ from gateway.engine_client import EngineClient, EngineError
 from gateway.routing import RequestInfo, Router
 from gateway.stop_strings import StopStringMatcher
 from gateway.tokenization import ModelTokenizer
+from gateway.usage import count_completion, count_prompt
 from switchyard.v1 import common_pb2, engine_pb2
 
 
@@ -128,8 +129,10 @@ class Generator:
             for _ in range(max(spec.sampling.n, 1))
         ]
         unfinished = len(samples)
+        count_prompt(len(spec.prompt_token_ids))
         async with aclosing(self.engines.generate(request, info)) as responses:
             async for response in responses:
+                count_completion(len(response.token_ids))
                 sample = samples[response.index]
                 if sample.finished:
                     continue  # stopped by a stop string; the engine may still be producing it

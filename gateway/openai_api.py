@@ -140,6 +140,16 @@ class ChatTool(BaseModel):
     function: FunctionDefinition
 
 
+class ChatMcpTool(BaseModel):
+    """A platform tool source (``{"type": "mcp", "server_label": ...}``): the gateway runs
+    its tools itself (:mod:`gateway.platform_chat`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["mcp"]
+    server_label: str
+
+
 class NamedFunction(BaseModel):
     name: str
 
@@ -149,16 +159,28 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class McpToolChoice(BaseModel):
+    type: Literal["mcp"]
+    server_label: str
+    name: str | None = None
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[ChatTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Annotated[ChatTool | ChatMcpTool, Field(discriminator="type")]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | McpToolChoice | None = None
     parallel_tool_calls: bool = True
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def has_platform_tools(self) -> bool:
+        return any(tool.type == "mcp" for tool in self.tools or []) or isinstance(
+            self.tool_choice, McpToolChoice
+        )
 
     @property
     def output_limit(self) -> int | None:

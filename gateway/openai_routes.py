@@ -117,6 +117,7 @@ class OpenAIRoutes:
         self.served_model_name = served_model_name
         self.max_n = max_n
         self.created = int(time.time())
+        self.platform_chat: Any = None  # set when a tool service is configured
 
     # -- /v1/models --------------------------------------------------------------------------
 
@@ -132,6 +133,10 @@ class OpenAIRoutes:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_common(body)
+        if body.has_platform_tools:  # the gateway runs these tools: gateway/platform_chat.py
+            if self.platform_chat is None:
+                raise invalid_request("mcp tools need a tool service", param="tools")
+            return await self.platform_chat.chat(body, request)  # type: ignore[no-any-return]
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         request_id = _new_id("chatcmpl")

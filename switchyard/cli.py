@@ -2,17 +2,19 @@
 
 ``switchyard up``
     starts the KV service, the controller (which starts the engines through its local
-    backend, pointed at the KV service) and the gateway as local processes, prints the URL
-    once the gateway's ``/health`` answers 200, and stops everything on Ctrl-C or SIGTERM.
+    backend, pointed at the KV service), the tool service and the gateway as local
+    processes, prints the URL once the gateway's ``/health`` answers 200, and stops
+    everything on Ctrl-C or SIGTERM.
 ``switchyard scale engines N`` / ``switchyard status``
     talk to a running controller (``status`` also shows the KV service's hit rates).
-``switchyard controller|engine|gateway|kv [flags]``
+``switchyard controller|engine|gateway|kv|tools [flags]``
     run one service in the foreground (``--help`` lists its settings).
 
-Process hygiene in ``up``: the KV service, the controller and the gateway each run in their own
-process group (a terminal's Ctrl-C reaches ``up`` only, which stops them in order), and every
-process of the stack, engines included, carries ``SWITCHYARD_UP_ID`` in its environment;
-whatever still carries it once those three have stopped is killed, so nothing outlives ``up``.
+Process hygiene in ``up``: the KV service, the controller, the tool service and the gateway
+each run in their own process group (a terminal's Ctrl-C reaches ``up`` only, which stops
+them in order), and every process of the stack, engines and MCP servers included, carries
+``SWITCHYARD_UP_ID`` in its environment; whatever still carries it once those have stopped is
+killed, so nothing outlives ``up``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ from switchyard.kv_client import KVClientSync
 from switchyard.ports import PortChoice, PortTaken, choose_port, port_is_free
 from switchyard.settings import CONFIG_ENV, GatewaySettings, default_data_dir
 from switchyard.supervisor import Supervisor, describe_status
+from switchyard.up_tools import (
+    DEFAULT_TOOL_PORT,
+    add_tool_arguments,
+    gateway_tool_args,
+    tool_service_argv,
+)
 from switchyard.v1 import common_pb2, controller_pb2, controller_pb2_grpc, kv_pb2
 
 DEFAULT_CONTROLLER_PORT = 50051
@@ -51,7 +59,7 @@ UP_ID_ENV = "SWITCHYARD_UP_ID"
 # The controller gives each engine 20 s to stop before SIGKILL; it needs a little beyond that.
 CONTROLLER_STOP_TIMEOUT_S = 30.0
 GATEWAY_STOP_TIMEOUT_S = 10.0
-SERVICES = ("controller", "engine", "gateway", "kv")
+SERVICES = ("controller", "engine", "gateway", "kv", "tools")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +212,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     except PortTaken as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    for note in ports.notes:
-        print(note, flush=True)
+    try:
+        taken = {ports.gateway, ports.controller, ports.kv, ports.kv_metrics}
+        tools_choice = choose_port(
+            "127.0.0.1", "the tool service", "--tool-port", args.tool_port, DEFAULT_TOOL_PORT,
+            avoid=taken,
+        )  # fmt: skip
+    except PortTaken as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    tool_port = tools_choice.port
+    for note in (*ports.notes, tools_choice.note):
+        if note:
+            print(note, flush=True)
     run_dir = stack_dir(data_dir, ports.gateway)
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -230,6 +249,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         env[CONFIG_ENV] = str(config_file)
     controller_address = f"127.0.0.1:{ports.controller}"
     kv_address = f"127.0.0.1:{ports.kv}"
+    tool_address = f"127.0.0.1:{tool_port}"
     engine_args = [*_engine_args(args), "--kv-service-address", kv_address]
     common = ["--data-dir", str(data_dir), "--log-level", args.log_level, "--model", model]
     if args.served_model_name:
@@ -262,6 +282,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--controller-address", controller_address,
         *(["--api-keys", ",".join(args.api_key)] if args.api_key else []),
         *_gateway_args(args),
+        *gateway_tool_args(args, tool_address),
     ]  # fmt: skip
 
     def report(line: str) -> None:
@@ -271,12 +292,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         supervisor.start("kv", kv_argv, label="KV service")
         supervisor.start("controller", controller_argv)
+        supervisor.start(
+            "tools", tool_service_argv(args, data_dir, tool_port), label="tool service"
+        )
         supervisor.start("gateway", gateway_argv)
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
         url = f"http://{shown_host}:{ports.gateway}"
         print(
             f"Starting {args.engines} engine(s), the controller ({controller_address}), the KV "
-            f"service ({kv_address}) and the gateway; logs in {log_dir}",
+            f"service ({kv_address}), the tool service ({tool_address}) and the gateway; "
+            f"logs in {log_dir}",
             flush=True,
         )
         return _supervise(args, supervisor, url, model, stop)
@@ -490,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
             choices=typing.get_args(field.annotation),
             help=f"{field.description} (default: {field.default})",
         )
+    add_tool_arguments(up)
     up.set_defaults(func=cmd_up)
 
     scale = sub.add_parser("scale", help="set the desired size of a pool")
@@ -526,6 +552,11 @@ def _run_service(name: str, argv: list[str]) -> int:
         from kv_service.__main__ import main as kv_main
 
         kv_main(argv)
+        return 0
+    if name == "tools":
+        from tool_service.__main__ import main as tools_main
+
+        tools_main(argv)
         return 0
     from gateway.__main__ import main as gateway_main
 

@@ -1,14 +1,16 @@
 """Typed settings of every service, and the command line built from them.
 
 One class per service (:class:`EngineSettings`, :class:`ControllerSettings`,
-:class:`GatewaySettings`, :class:`KVServiceSettings`) on a shared base,
+:class:`GatewaySettings`, :class:`KVServiceSettings`,
+:class:`ToolServiceSettings`) on a shared base,
 :class:`ServiceSettings`. A value comes from, in order of precedence:
 
 1. a flag: ``--field-name VALUE`` (booleans: ``--field-name`` / ``--no-field-name``);
 2. an environment variable: ``SWITCHYARD_FIELD_NAME``;
 3. a YAML file of ``field_name: value`` pairs, named by ``--config FILE`` or
    ``SWITCHYARD_CONFIG``; a file shared by several services puts each one's pairs under a
-   top-level key named for the service (``engine:``, ``controller:``, ``gateway:``, ``kv:``);
+   top-level key named for the service (``engine:``, ``controller:``, ``gateway:``, ``kv:``,
+   ``tools:``);
 4. the default declared here.
 
 List fields take a comma-separated string in flags and env vars (``--api-keys a,b``), except
@@ -414,6 +416,46 @@ class GatewaySettings(ServiceSettings):
         "and the tokenizer's special tokens",
     )
 
+    # -- tools, MCP and the Responses API (docs/tools.md) --
+    tool_service_address: str = Field(
+        default="", description="tool service host:port; empty: no platform tools, no /mcp tools"
+    )
+    allow_outbound_mcp: bool = Field(
+        default=False,
+        description="let /v1/responses name MCP servers by server_url (the tool service must "
+        "allow it too)",
+    )
+    max_tool_iterations: int = Field(
+        default=8, ge=1, description="most model turns of one server-side tool loop"
+    )
+    tool_timeout_s: float = Field(default=60.0, gt=0, description="timeout of one tool call")
+    redis_url: str = Field(
+        default="",
+        description="redis://HOST:PORT[/DB] shared by gateways for keys, rate limits, budgets "
+        "and stored responses; empty: in this process's memory",
+    )
+    response_ttl_s: float = Field(
+        default=7 * 86400, gt=0, description="how long a stored response can be continued"
+    )
+    # -- keys, rate limits and budgets (docs/gateway.md) --
+    rate_limit_rpm: int = Field(
+        default=0, ge=0, description="default requests per minute per key; 0: unlimited"
+    )
+    rate_limit_tpm: int = Field(
+        default=0, ge=0, description="default tokens per minute per key; 0: unlimited"
+    )
+    rate_limit_concurrent: int = Field(
+        default=0, ge=0, description="default concurrent requests per key; 0: unlimited"
+    )
+    rate_limit_fail_open: bool = Field(
+        default=True,
+        description="when Redis is unreachable: admit configured keys without limits (open) "
+        "or refuse every request with 503 (--no-rate-limit-fail-open)",
+    )
+    admin_key: str = Field(
+        default="", description="bearer key of the admin API (/admin/keys); empty: disabled"
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_key_list(cls, value: Any) -> Any:
@@ -456,6 +498,87 @@ class KVServiceSettings(ServiceSettings):
         if value in ("memory", "disk") or value.startswith(("disk:", "redis://")):
             return value
         raise ValueError("kv_store must be memory, disk, disk:PATH or redis://HOST:PORT[/DB]")
+
+
+def _split_mcp_servers(value: Any) -> Any:
+    """``LABEL=URL_OR_COMMAND`` entries: a YAML list, a JSON list, or one entry per line
+    (commands may hold commas, so a comma does not separate entries)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    return value
+
+
+class ToolServiceSettings(ServiceSettings):
+    """The tool service: its built-in tools' limits, the MCP servers it connects to, and the
+    bounds of every call. ``docs/tools.md`` describes the tools."""
+
+    yaml_section: ClassVar[str] = "tools"
+
+    host: str = Field(default="0.0.0.0", description="address the gRPC server binds")
+    port: int = Field(default=50070, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    mcp_servers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="MCP servers as LABEL=URL_OR_COMMAND (a URL: Streamable HTTP; else a "
+        "stdio command line); in flags/env a JSON list or one entry per line",
+    )
+    allow_outbound_mcp: bool = Field(
+        default=False,
+        description="let callers name MCP servers by URL (server_url) besides the configured ones",
+    )
+    file_search_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="directories the read-only file_search tool searches (comma-separated); "
+        "none: no file_search tool",
+    )
+    python_tool: bool = Field(default=True, description="offer the built-in python tool")
+    python_cpu_s: int = Field(default=10, ge=1, description="python tool: CPU seconds per call")
+    python_wall_s: float = Field(
+        default=30.0, gt=0, description="python tool: wall-clock seconds per call"
+    )
+    python_memory_bytes: int = Field(
+        default=1 << 30, ge=64 << 20, description="python tool: address-space limit"
+    )
+    python_output_bytes: int = Field(
+        default=64 << 10, ge=1024, description="python tool: stdout and stderr bytes kept each"
+    )
+    call_timeout_s: float = Field(
+        default=60.0, gt=0, description="timeout of a call that names none"
+    )
+    max_call_timeout_s: float = Field(
+        default=300.0, gt=0, description="longest timeout a call may ask for"
+    )
+    max_result_bytes: int = Field(
+        default=1 << 20, ge=1024, description="a tool's result is cut to this many bytes"
+    )
+
+    @field_validator("mcp_servers", mode="before")
+    @classmethod
+    def _split_servers(cls, value: Any) -> Any:
+        return _split_mcp_servers(value)
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _check_servers(cls, value: list[str]) -> list[str]:
+        labels = []
+        for entry in value:
+            label, sep, target = entry.partition("=")
+            if not sep or not label.strip() or not target.strip():
+                raise ValueError(f"MCP server {entry!r} must be LABEL=URL_OR_COMMAND")
+            labels.append(label.strip())
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"MCP server labels must be unique: {', '.join(duplicates)}")
+        return value
+
+    @field_validator("file_search_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        return _split_commas(value)
 
 
 def _is_bool(annotation: Any) -> bool:

@@ -91,6 +91,7 @@ def start_stack(
         "--kv-metrics-port", str(free_port()),
         "--engine-base-port", str(free_port()),
         "--engine-base-metrics-port", str(free_port()),
+        "--tool-port", str(free_port()),
     ]  # fmt: skip
     argv = [
         sys.executable, "-m", "switchyard", "up",

@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway import auth
+from gateway import access
+from gateway.access import AccessControl
+from gateway.api_keys import hash_key, load_config_keys
 from gateway.app import create_app
+from gateway.quota import DefaultLimits, MemoryQuota
 from gateway.route_sources import StaticRoutes
 from tests.gateway.conftest import MAX_MODEL_LEN, MODEL_NAME, gateway_settings
 
@@ -72,28 +75,43 @@ def test_keys_from_settings_and_file_are_accepted(client: TestClient) -> None:
 
 
 def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[bytes, bytes]] = []
+    """The fail-open check against configured keys compares hashes, every one of them."""
+    calls: list[tuple[str, str]] = []
     compare_digest = hmac.compare_digest
 
-    def recording_compare(a: bytes, b: bytes) -> bool:
+    def recording_compare(a: str, b: str) -> bool:
         calls.append((a, b))
         return compare_digest(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", recording_compare)
-    checker = auth.ApiKeyAuth(["k1", "k2"])
-    checker.check("Bearer k1")
-    assert calls == [(b"k1", b"k1"), (b"k1", b"k2")]  # every key compared, even after a match
+    monkeypatch.setattr(access.hmac, "compare_digest", recording_compare)
+    control = AccessControl(
+        MemoryQuota(),
+        load_config_keys(["k1", "k2"], None),
+        DefaultLimits(),
+        auth_enabled=True,
+        fail_open=True,
+    )
+    assert control.is_config_key(hash_key("k1"))
+    # every key compared, even after a match, and never the key in clear
+    assert calls == [(hash_key("k1"), hash_key("k1")), (hash_key("k2"), hash_key("k1"))]
 
 
 def test_no_keys_configured_means_open() -> None:
-    auth.ApiKeyAuth([]).check(None)
+    control = AccessControl(
+        MemoryQuota(),
+        load_config_keys([], None),
+        DefaultLimits(),
+        auth_enabled=False,
+        fail_open=True,
+    )
+    assert not control.limits_enabled
 
 
 def test_a_key_file_without_keys_fails_closed(tmp_path: Path) -> None:
     key_file = tmp_path / "keys.txt"
     key_file.write_text("# the keys were never written here\n\n")
     with pytest.raises(ValueError, match="no API key"):
-        auth.load_api_keys([], key_file)
+        load_config_keys([], key_file)
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,16 @@ MATRIX: dict[str, dict[str, Any]] = {
                "model": {"name": "meta-llama/Llama-3.2-1B-Instruct", "cache": {"size": "50Gi"}}},
     "model-pvc": {"model": {"name": "llama-3.2-1b", "pvc": {"claimName": "models"}}},
     "autoscaling": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8}},
+    "tools-and-limits": {"toolService": {"mcpServers": ["docs=http://docs-mcp:8080/mcp",
+                                                        "git=uvx mcp-server-git"],
+                                         "allowOutboundMcp": True,
+                                         "fileSearchVolumes": [{"mountPath": "/srv/handbook",
+                                                                "configMap": "handbook"}]},
+                         "gateway": {"replicas": 2,
+                                     "rateLimits": {"rpm": 60, "tpm": 100000, "failOpen": False}},
+                         "redis": {"enabled": True},
+                         "secret": {"apiKeys": ["sk-a rpm=5"], "adminKey": "sk-admin"}},
+    "tools-off": {"toolService": {"enabled": False}},
     "monitoring-and-route": {"serviceMonitor": {"enabled": True},
                              "httpRoute": {"enabled": True, "parentRefs": [{"name": "gw"}],
                                            "hostnames": ["llm.example"]}},
@@ -106,12 +116,14 @@ def test_default_render_holds_every_service(chart: helm.Chart) -> None:
     objects = render(chart, {})
     deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
     assert deployments == {f"{RELEASE}-switchyard-{c}" for c in ("gateway", "controller",
-                                                                  "engine", "kv")}  # fmt: skip
-    assert [container(objects, c)["args"] for c in ("gateway", "controller", "engine", "kv")] == [
+                                                                  "engine", "kv", "tools")}  # fmt: skip
+    components = ("gateway", "controller", "engine", "kv", "tools")
+    assert [container(objects, c)["args"] for c in components] == [
         ["gateway"],
         ["controller"],
         ["engine"],
         ["kv"],
+        ["tools"],
     ]
     one(objects, "PersistentVolumeClaim", f"{RELEASE}-switchyard-kv")
     assert {o["kind"] for o in objects}.isdisjoint({"Ingress", "HTTPRoute", "ServiceMonitor"})
@@ -289,6 +301,9 @@ def test_with_the_autoscaler_the_chart_leaves_the_engine_count_alone(chart: helm
         {"redis": {"externalUrl": "cache:6379"}},
         {"httpRoute": {"enabled": True}},  # a route needs a parent Gateway
         {"engine": {"replicsa": 2}},  # a typo is not silently ignored
+        {"toolService": {"mcpServers": ["no label"]}},
+        {"toolService": {"fileSearchVolumes": [{"mountPath": "/srv"}]}},  # from where?
+        {"gateway": {"rateLimits": {"rpm": -1}}},
     ],
 )
 def test_the_values_schema_rejects_bad_values(chart: helm.Chart, values: dict[str, Any]) -> None:
@@ -308,3 +323,46 @@ def test_notes_tell_how_to_reach_the_gateway(chart: helm.Chart) -> None:
         "switchyard/templates/NOTES.txt"
     ]
     assert "https://switchyard.local/v1" in ingress_notes
+
+
+def test_the_tool_service_is_deployed_and_the_gateway_points_at_it(chart: helm.Chart) -> None:
+    objects = render(chart, MATRIX["tools-and-limits"])
+    tools = container(objects, "tools")
+    assert tools["readinessProbe"]["grpc"] == {
+        "port": 50070,
+        "service": "switchyard.v1.ToolService",
+    }
+    assert {"name": "search-0", "mountPath": "/srv/handbook", "readOnly": True} in tools[
+        "volumeMounts"
+    ]
+    service = one(objects, "Service", f"{RELEASE}-switchyard-tools")
+    assert service["spec"]["ports"][0]["port"] == 50070
+    settings = config(objects)
+    assert settings["tools"]["mcp_servers"] == [
+        "docs=http://docs-mcp:8080/mcp",
+        "git=uvx mcp-server-git",
+    ]
+    assert settings["tools"]["file_search_roots"] == ["/srv/handbook"]
+    assert settings["tools"]["allow_outbound_mcp"] is True
+    gateway = settings["gateway"]
+    assert gateway["tool_service_address"] == f"{RELEASE}-switchyard-tools:50070"
+    assert gateway["allow_outbound_mcp"] is True
+    # Two gateways share their limits through the chart's Redis.
+    assert gateway["redis_url"] == f"redis://{RELEASE}-switchyard-redis:6379/0"
+    assert (gateway["rate_limit_rpm"], gateway["rate_limit_tpm"]) == (60, 100000)
+    assert gateway["rate_limit_fail_open"] is False
+
+
+def test_the_admin_key_reaches_the_gateway_from_the_secret(chart: helm.Chart) -> None:
+    objects = render(chart, MATRIX["tools-and-limits"])
+    secret = one(objects, "Secret", f"{RELEASE}-switchyard-secrets")
+    assert secret["stringData"]["admin-key"] == "sk-admin"
+    assert "sk-a rpm=5" in secret["stringData"]["api-keys"]
+    env = {e["name"]: e for e in container(objects, "gateway")["env"]}
+    assert env["SWITCHYARD_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "admin-key"
+
+
+def test_without_the_tool_service_the_gateway_has_no_tools(chart: helm.Chart) -> None:
+    objects = render(chart, MATRIX["tools-off"])
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-tools")]
+    assert "tool_service_address" not in config(objects)["gateway"]

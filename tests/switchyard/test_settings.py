@@ -11,6 +11,7 @@ from switchyard.settings import (
     ControllerSettings,
     EngineSettings,
     GatewaySettings,
+    ToolServiceSettings,
     add_settings_arguments,
     load_settings,
     settings_from_namespace,
@@ -96,7 +97,7 @@ def test_missing_yaml_file_is_an_error(tmp_path: Path) -> None:
 
 
 def test_every_field_has_a_flag() -> None:
-    for settings_cls in (EngineSettings, ControllerSettings, GatewaySettings):
+    for settings_cls in (EngineSettings, ControllerSettings, GatewaySettings, ToolServiceSettings):
         parser = argparse.ArgumentParser()
         add_settings_arguments(parser, settings_cls)
         flags = {flag for action in parser._actions for flag in action.option_strings}
@@ -127,7 +128,7 @@ def test_shared_yaml_file_gives_each_service_its_section(tmp_path: Path) -> None
 
 def test_configuration_doc_lists_every_field() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
-    for settings_cls in (EngineSettings, ControllerSettings, GatewaySettings):
+    for settings_cls in (EngineSettings, ControllerSettings, GatewaySettings, ToolServiceSettings):
         for name in settings_cls.model_fields:
             assert f"`--{name.replace('_', '-')}`" in doc, name
             assert f"`SWITCHYARD_{name.upper()}`" in doc, name
