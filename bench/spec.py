@@ -99,6 +99,11 @@ def main() -> None:
             "ngram": {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4},
             "draft_model": {"model": str(draft), "num_speculative_tokens": args.k},
             "draft_self": {"model": str(target), "num_speculative_tokens": args.k},
+            "draft_tree": {
+                "model": str(draft),
+                "num_speculative_tokens": args.k,
+                "tree": {"topk": 2, "num_draft_tokens": 2 * args.k},
+            },
         }
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
         base = dict(model=str(target), dtype=args.dtype, device=args.device, max_num_seqs=16)
