@@ -121,10 +121,8 @@ class DraftModelProposer(Proposer):
             (trees if as_tree else chains).append((i, seq))
         if chains:
             drafts.update(self._chains(chains, known, root_logits))
-        for i, seq in trees:
-            tokens, parents = self._tree(seq, known[i], root_logits[i])
-            drafts[i] = tokens
-            self.parents[i] = parents
+        if trees:
+            drafts.update(self._trees(trees, known, root_logits))
         return drafts
 
     def tree_parents(self) -> dict[int, list[int]]:
@@ -172,40 +170,41 @@ class DraftModelProposer(Proposer):
                 drafts[i].append(int(logits[i][0].argmax()))
         return drafts
 
-    def _tree(self, seq, known: int, root_logits: torch.Tensor) -> tuple[list[int], list[int]]:
-        size = min(seq.draft_room, self.tree_size)
-        top = root_logits.log_softmax(-1).topk(min(self.tree_topk, size))
-        tokens = top.indices.tolist()
-        scores = top.values.tolist()
-        parents = [0] * len(tokens)
-        frontier = list(range(1, len(tokens) + 1))
+    def _trees(self, trees, known, root_logits) -> None:
+        """Grow every tree in lockstep, one batched draft forward per round."""
+        grown = {}
+        for i, seq in trees:
+            size = min(seq.draft_room, self.tree_size)
+            top = root_logits[i].log_softmax(-1).topk(min(self.tree_topk, size))
+            grown[i] = _Tree(size, top.indices.tolist(), top.values.tolist())
         for _ in range(1, self.num_tokens):
-            if len(tokens) >= size or not frontier:
+            active = [(i, seq) for i, seq in trees if grown[i].growing]
+            if not active:
                 break
-            mask, depths = tree_mask(parents)
-            draft = ScheduledSequence(
-                seq.request,
-                known,
-                len(tokens),
-                num_logits=len(tokens),
-                draft_token_ids=list(tokens),
-                custom_mask=mask[1:, 1:],
-                position_offsets=[d - n for n, d in enumerate(depths)][1:],
-            )
-            rows = self._forward([(0, draft)])[0].log_softmax(-1)
-            candidates = []
-            for node in frontier:
-                best = rows[node - 1].topk(self.tree_topk)
-                for value, token in zip(best.values.tolist(), best.indices.tolist(), strict=True):
-                    candidates.append((scores[node - 1] + value, node, token))
-            candidates.sort(reverse=True)
-            frontier = []
-            for score, node, token in candidates[: min(self.tree_topk, size - len(tokens))]:
-                tokens.append(token)
-                scores.append(score)
-                parents.append(node)
-                frontier.append(len(tokens))
-        return tokens, parents
+            sequences = []
+            for i, seq in active:
+                tree = grown[i]
+                mask, depths = tree_mask(tree.parents)
+                sequences.append(
+                    (
+                        i,
+                        ScheduledSequence(
+                            seq.request,
+                            known[i],
+                            len(tree.tokens),
+                            num_logits=len(tree.tokens),
+                            draft_token_ids=list(tree.tokens),
+                            custom_mask=mask[1:, 1:],
+                            position_offsets=[d - n for n, d in enumerate(depths)][1:],
+                        ),
+                    )
+                )
+            logits = self._forward(sequences)
+            for i, _ in active:
+                grown[i].extend(logits[i].log_softmax(-1), self.tree_topk)
+        for i, _ in trees:
+            self.parents[i] = grown[i].parents
+        return {i: grown[i].tokens for i, _ in trees}
 
     def _forward(self, sequences) -> dict[int, torch.Tensor]:
         """Draft logits for ``(key, sequence)`` pairs, split into forwards that fit."""
@@ -235,6 +234,37 @@ class DraftModelProposer(Proposer):
         if group:
             flush()
         return out
+
+
+class _Tree:
+    """A token tree being drafted: node ``n`` (1-based) is ``tokens[n - 1]`` under
+    ``parents[n - 1]`` (0: the root), with its path's log-probability."""
+
+    def __init__(self, size: int, tokens: list[int], scores: list[float]) -> None:
+        self.size = size
+        self.tokens, self.scores = tokens, scores
+        self.parents = [0] * len(tokens)
+        self.frontier = list(range(1, len(tokens) + 1))
+
+    @property
+    def growing(self) -> bool:
+        return bool(self.frontier) and len(self.tokens) < self.size
+
+    def extend(self, logprobs: torch.Tensor, topk: int) -> None:
+        """Add the ``topk`` likeliest children of the frontier (rows: every node's next-token
+        log-probabilities), by path probability, as the new frontier."""
+        candidates = []
+        for node in self.frontier:
+            best = logprobs[node - 1].topk(topk)
+            for value, token in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+                candidates.append((self.scores[node - 1] + value, node, token))
+        candidates.sort(reverse=True)
+        self.frontier = []
+        for score, node, token in candidates[: min(topk, self.size - len(self.tokens))]:
+            self.tokens.append(token)
+            self.scores.append(score)
+            self.parents.append(node)
+            self.frontier.append(len(self.tokens))
 
 
 def build_proposer(
