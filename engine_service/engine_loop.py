@@ -23,10 +23,12 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from engine_service.engine import EngineStats, LLMEngine, RequestOutput, SamplingParams
 from engine_service.engine.kv_events import KVEvent
+from engine_service.engine.structured import GrammarSpec
 from engine_service.engine.structured.backend import GrammarMatcher
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,9 @@ class EngineLoop:
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        # One worker: the engine's grammar cache and tokenizer are then written by this
+        # thread alone, and read by the step thread only through matchers it has compiled.
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
         self.stats: EngineStats = engine.stats()
 
     def start(self) -> None:
@@ -86,6 +91,15 @@ class EngineLoop:
             self._stopping = True
             self._wakeup.notify()
         self._thread.join()
+        self._compiler.shutdown(wait=False, cancel_futures=True)
+
+    async def compile_grammar(self, spec: GrammarSpec) -> GrammarMatcher:
+        """A matcher for ``spec``, compiled (and, the first time, the tokenizer loaded) on
+        the compile worker, never on the step thread; raises ``ValueError`` naming what is
+        wrong with the spec. Hand it to :meth:`add` in ``AddCommand.grammar``."""
+        return await self._loop.run_in_executor(
+            self._compiler, self._engine.structured.matcher, spec
+        )
 
     def add(self, command: AddCommand) -> None:
         self._submit(command)

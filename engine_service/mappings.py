@@ -15,10 +15,17 @@ from switchyard.v1 import common_pb2, engine_pb2
 KV_STAGING_HOST_BYTES = 64 << 20
 
 
-def load_from_stats(stats: EngineStats) -> common_pb2.ReplicaLoad:
+def load_from_stats(
+    stats: EngineStats, *, num_queued: int = 0, max_num_seqs: int = 0, max_queued_requests: int = 0
+) -> common_pb2.ReplicaLoad:
+    """The load a replica reports: the engine's snapshot, with ``num_waiting`` raised to the
+    service's own queue depth ``num_queued`` (it also counts requests the engine thread has
+    not picked up yet), and the replica's capacity."""
     return common_pb2.ReplicaLoad(
         num_running=stats.num_running,
-        num_waiting=stats.num_waiting,
+        num_waiting=max(stats.num_waiting, num_queued),
+        max_num_seqs=max_num_seqs,
+        max_queued_requests=max_queued_requests,
         kv_usage=stats.kv_usage,
         prefix_hit_rate=stats.prefix_hit_rate,
         prefix_cache_queries=stats.prefix_cache_queries,

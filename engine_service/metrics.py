@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -237,7 +237,28 @@ class EngineMetrics:
             ["model_name", "finished_reason"],
             registry=self.registry,
         )
+        self._refused = Counter(
+            "switchyard:requests_refused",
+            "Requests answered RESOURCE_EXHAUSTED because the waiting queue was full.",
+            ["model_name"],
+            registry=self.registry,
+        ).labels(model_name)
+        self.queue_depth = Gauge(
+            "switchyard:num_requests_queued",
+            "Requests accepted that have not produced their first token.",
+            ["model_name"],
+            registry=self.registry,
+        ).labels(model_name)
+        self.max_queued_requests = Gauge(
+            "switchyard:max_queued_requests",
+            "The bound on queued requests beyond which the replica refuses (0: none).",
+            ["model_name"],
+            registry=self.registry,
+        ).labels(model_name)
         self._model_name = model_name
+
+    def request_refused(self) -> None:
+        self._refused.inc()
 
     def observe_gap(self, gap_s: float, num_tokens: int) -> None:
         """Tokens that arrived ``gap_s`` after the sample's previous ones."""

@@ -43,6 +43,14 @@ SHUTDOWN_GRACE_S = 5.0
 __all__ = ["EngineServer", "engine_config_from_settings", "serve"]
 
 
+def default_max_queued_requests(max_num_seqs: int, stats: EngineStats) -> int:
+    """The waiting-queue bound when none is configured: one more running batch's worth
+    (``max_num_seqs``), or fewer when the KV pool has fewer blocks than that, since every
+    request holds at least one block once it runs. Requests beyond it would only wait
+    longer than a client usually does; refusing them lets the client go elsewhere."""
+    return max(1, min(max_num_seqs, stats.num_blocks_total))
+
+
 class EngineServer:
     """One engine replica: loads the model, serves EngineService, health and /metrics, and
     registers with the controller. ``start`` then ``stop``; ``port`` and ``metrics_port``
@@ -57,6 +65,7 @@ class EngineServer:
         self._engine: LLMEngine | None = None
         self._kv_store: KVServiceStore | None = None
         self._engine_loop: EngineLoop | None = None
+        self._servicer: EngineServicer | None = None
         self._max_model_len = 0
         self._grpc: GrpcServer | None = None
         self._metrics_server: MetricsServer | None = None
@@ -79,9 +88,19 @@ class EngineServer:
         self.replica_id = self.replica_id or f"engine-{socket.gethostname()}-{self.port}"
 
         metrics = EngineMetrics(self.model_name, lambda: self._current_stats())
+        max_queued = settings.max_queued_requests
+        if max_queued is None:
+            max_queued = default_max_queued_requests(config.max_num_seqs, engine.stats())
         servicer = EngineServicer(
-            self.replica_id, self.model_name, engine.max_model_len, config.block_size, metrics
+            self.replica_id,
+            self.model_name,
+            engine.max_model_len,
+            config.block_size,
+            metrics,
+            max_queued_requests=max_queued,
+            max_num_seqs=config.max_num_seqs,
         )
+        self._servicer = servicer
         engine_loop = EngineLoop(
             engine,
             asyncio.get_running_loop(),
@@ -110,6 +129,7 @@ class EngineServer:
                 "metrics_port": self.metrics_port,
                 "model": self.model_name,
                 "max_model_len": engine.max_model_len,
+                "max_queued_requests": max_queued,
             },
         )
         if settings.controller_address:
@@ -137,7 +157,9 @@ class EngineServer:
             model=self.model_name,
             role=common_pb2.REPLICA_ROLE_UNSPECIFIED,
             state=common_pb2.REPLICA_STATE_READY,
-            load=load_from_stats(self._current_stats()),
+            load=self._servicer.load()
+            if self._servicer
+            else load_from_stats(self._current_stats()),
             max_model_len=self._max_model_len,
             metrics_address=f"{host}:{self.metrics_port}",
             last_heartbeat_unix=time.time(),

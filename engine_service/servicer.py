@@ -28,7 +28,7 @@ from engine_service.mappings import (
 from engine_service.metrics import EngineMetrics
 from switchyard.grpc_utils import abort_with
 from switchyard.log import request_id_var
-from switchyard.v1 import engine_pb2, engine_pb2_grpc
+from switchyard.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class _Stream:
     n: int
     queue: asyncio.Queue[RequestOutput | Exception] = field(default_factory=asyncio.Queue)
     done: bool = False  # the engine holds nothing more for it (finished, rejected or aborted)
+    queued: bool = True  # accepted, and nothing has come back yet (no token, no error)
 
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
@@ -52,8 +53,14 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         max_model_len: int,
         block_size: int,
         metrics: EngineMetrics,
+        max_queued_requests: int = 0,
+        max_num_seqs: int = 0,
     ) -> None:
         self.replica_id = replica_id
+        self.max_queued_requests = max_queued_requests  # 0: unbounded
+        self.max_num_seqs = max_num_seqs
+        metrics.max_queued_requests.set(max_queued_requests)
+        metrics.queue_depth.set_function(lambda: self.num_queued)
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.block_size = block_size
@@ -61,6 +68,17 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self.engine_loop: EngineLoop | None = None  # set by EngineServer before serving
         self.kv_events = KVEventHub(replica_id, block_size)
         self._streams: dict[str, _Stream] = {}
+        self.num_queued = 0  # streams still ``queued``: the replica's queue depth
+
+    def load(self) -> common_pb2.ReplicaLoad:
+        """The replica's load for heartbeats and GetStats, queue depth and capacity included."""
+        assert self.engine_loop is not None
+        return load_from_stats(
+            self.engine_loop.stats,
+            num_queued=self.num_queued,
+            max_num_seqs=self.max_num_seqs,
+            max_queued_requests=self.max_queued_requests,
+        )
 
     # Callbacks from the engine thread, run on the event loop.
 
@@ -107,27 +125,48 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                 params.structured = grammar_spec_from_proto(request.structured)
         except ValueError as exc:
             await abort_with(context, exc)
+        if self.max_queued_requests and self.num_queued >= self.max_queued_requests:
+            self.metrics.request_refused()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the replica's queue is full ({self.num_queued} requests waiting); retry later",
+            )
         stream = _Stream(n=params.n)
         self._streams[request_id] = stream
-        self.engine_loop.add(
-            AddCommand(request_id, prompt, params, request.priority, request.cache_salt)
-        )
-        logger.info(
-            "request queued",
-            extra={
-                "num_prompt_tokens": len(prompt),
-                "n": params.n,
-                "max_tokens": params.max_tokens,
-            },
-        )
+        self.num_queued += 1
         try:
+            grammar = None
+            if params.structured is not None:
+                try:
+                    grammar = await self.engine_loop.compile_grammar(params.structured)
+                except ValueError as exc:
+                    stream.done = True
+                    await abort_with(context, exc)
+            command = AddCommand(
+                request_id, prompt, params, request.priority, request.cache_salt, grammar
+            )
+            self.engine_loop.add(command)
+            logger.info(
+                "request queued",
+                extra={
+                    "num_prompt_tokens": len(prompt),
+                    "n": params.n,
+                    "max_tokens": params.max_tokens,
+                },
+            )
             async for response in self._stream_responses(stream, arrival, context):
                 yield response
         finally:
             del self._streams[request_id]
+            self._dequeue(stream)
             if not stream.done:
                 self.engine_loop.abort(request_id)
                 logger.info("request ended before finishing; aborted in the engine")
+
+    def _dequeue(self, stream: _Stream) -> None:
+        if stream.queued:
+            stream.queued = False
+            self.num_queued -= 1
 
     async def _stream_responses(
         self, stream: _Stream, arrival: float, context: grpc.aio.ServicerContext
@@ -137,6 +176,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         num_output_tokens = 0
         while len(finished) < stream.n:
             item = await stream.queue.get()
+            self._dequeue(stream)
             if isinstance(item, Exception):
                 logger.info("request failed: %s", item)
                 await abort_with(context, item)
@@ -188,7 +228,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         return engine_pb2.GetStatsResponse(
             replica_id=self.replica_id,
             model=self.model_name,
-            load=load_from_stats(stats),
+            load=self.load(),
             max_model_len=self.max_model_len,
             num_blocks_total=stats.num_blocks_total,
             num_blocks_free=stats.num_blocks_free,

@@ -184,6 +184,13 @@ class EngineSettings(ServiceSettings):
         default=2048, gt=0, description="token budget of one engine step"
     )
     max_num_seqs: int = Field(default=256, gt=0, description="sequences in one engine step")
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=0,
+        description="requests a replica keeps waiting before it answers RESOURCE_EXHAUSTED "
+        "(the gateway then tries another replica or answers 429); unset: max_num_seqs, or "
+        "the KV pool's block count when smaller; 0: unbounded",
+    )
     enable_prefix_caching: bool = Field(
         default=True, description="reuse KV blocks of shared prompt prefixes"
     )
