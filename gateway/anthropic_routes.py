@@ -40,13 +40,16 @@ from gateway.anthropic_api import (
     Usage,
 )
 from gateway.chat import ChatFormat, ToolChoice, check_tool_request
-from gateway.engine_client import EngineError
-from gateway.errors import OpenAIError, invalid_request
+from gateway.errors import AnthropicError, ApiError
 from gateway.generation import GenerationSpec, Generator, SampleDelta
 from gateway.harmony import HarmonyInputError
 from gateway.metrics import GatewayMetrics
-from gateway.openai_routes import openai_error_for, start_generation, until_disconnected
-from gateway.routing import NoReplicaAvailable
+from gateway.serving import (
+    GENERATION_FAILURES,
+    failure_for,
+    start_generation,
+    until_disconnected,
+)
 from gateway.structured import ConstraintError
 from gateway.tokenization import TemplateError
 from gateway.tool_calls import OutputParser, ToolSpec
@@ -56,6 +59,15 @@ from switchyard.v1 import common_pb2
 logger = logging.getLogger(__name__)
 
 ENDPOINT = "/v1/messages"
+
+
+def anthropic_error_for(exc: Exception) -> AnthropicError:
+    """The Anthropic error a failed generation is answered with."""
+    return AnthropicError.of(failure_for(exc))
+
+
+def _invalid_request(message: str) -> AnthropicError:
+    return AnthropicError(400, message)
 
 
 class AnthropicRoutes:
@@ -76,10 +88,10 @@ class AnthropicRoutes:
 
     async def messages(self, body: MessagesRequest, request: Request) -> Response:
         if body.model != self.served_model_name:
-            raise OpenAIError(404, f"model: {body.model}")
+            raise AnthropicError(404, f"model: {body.model}")
         if body.mcp_servers:  # the gateway runs these tools: gateway/platform_chat.py
             if self.platform_chat is None:
-                raise invalid_request("mcp_servers need a tool service")
+                raise _invalid_request("mcp_servers need a tool service")
             return await self.platform_chat.messages(body, request)  # type: ignore[no-any-return]
         request_id = f"msg_{uuid.uuid4().hex}"
         tools = [
@@ -91,7 +103,7 @@ class AnthropicRoutes:
             prompt_ids = await self.chat.encode(_template_messages(body), tools, choice, {})
             forced = self.chat.tool_constraint(tools, choice, parallel=parallel)
         except (TemplateError, HarmonyInputError, ConstraintError) as exc:
-            raise openai_error_for(exc) from exc
+            raise anthropic_error_for(exc) from exc
         sampling = common_pb2.SamplingParams(
             n=1,
             temperature=body.temperature,
@@ -116,9 +128,12 @@ class AnthropicRoutes:
             len(prompt_ids),
         )
         request_id_var.set(request_id)
-        first, deltas = await start_generation(
-            request, self.generator, spec, self.metrics, ENDPOINT, time.perf_counter()
-        )
+        try:
+            first, deltas = await start_generation(
+                request, self.generator, spec, self.metrics, ENDPOINT, time.perf_counter()
+            )
+        except ApiError as exc:
+            raise AnthropicError.of(exc) from exc
         headers = {"x-request-id": request_id}
         if body.stream:
             return StreamingResponse(
@@ -126,8 +141,8 @@ class AnthropicRoutes:
             )
         try:
             await until_disconnected(request, _collect(shape, first, deltas))
-        except (NoReplicaAvailable, EngineError) as exc:
-            raise openai_error_for(exc) from exc
+        except GENERATION_FAILURES as exc:
+            raise anthropic_error_for(exc) from exc
         finally:
             await deltas.aclose()
         self.metrics.generation_tokens.inc(shape.output_tokens)
@@ -145,9 +160,9 @@ class AnthropicRoutes:
                 async for delta in deltas:
                     for name, data in shape.events(delta):
                         yield _event(name, data)
-            except (NoReplicaAvailable, EngineError) as exc:
+            except GENERATION_FAILURES as exc:
                 logger.warning("engine failed mid-stream", extra={"error": str(exc)})
-                yield _event("error", openai_error_for(exc).anthropic_body())
+                yield _event("error", anthropic_error_for(exc).anthropic_body())
                 return
         for name, data in shape.closing_events():
             yield _event(name, data)
@@ -316,7 +331,7 @@ def _tool_choice(body: MessagesRequest) -> tuple[ToolChoice, bool]:
     parallel = not choice.disable_parallel_tool_use
     if choice.type == "tool":
         if not choice.name:
-            raise invalid_request("tool_choice.name: Field required for tool_choice type 'tool'")
+            raise _invalid_request("tool_choice.name: Field required for tool_choice type 'tool'")
         return ToolChoice("named", choice.name), parallel
     mode = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
     return ToolChoice(mode), parallel  # type: ignore[arg-type]
@@ -341,7 +356,7 @@ def _template_messages(body: MessagesRequest) -> list[dict[str, Any]]:
         results = [block for block in blocks if isinstance(block, ToolResultBlock)]
         if message.role == "assistant":
             if results:
-                raise invalid_request(
+                raise _invalid_request(
                     f"messages.{position}: tool_result blocks belong in user messages"
                 )
             entry: dict[str, Any] = {"role": "assistant", "content": text}
@@ -358,14 +373,14 @@ def _template_messages(body: MessagesRequest) -> list[dict[str, Any]]:
             previous_calls = {call.id for call in calls}
             continue
         if calls:
-            raise invalid_request(
+            raise _invalid_request(
                 f"messages.{position}: tool_use blocks belong in assistant messages"
             )
         unknown = [
             result.tool_use_id for result in results if result.tool_use_id not in previous_calls
         ]
         if unknown:
-            raise invalid_request(
+            raise _invalid_request(
                 f"messages.{position}: unexpected `tool_use_id` found in `tool_result` blocks: "
                 f"{', '.join(unknown)}. Each `tool_result` block must have a corresponding "
                 "`tool_use` block in the previous message."

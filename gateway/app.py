@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.access import AccessMiddleware
 from gateway.admin_routes import build_admin_router
+from gateway.admission import Admission
 from gateway.anthropic_routes import AnthropicRoutes, build_anthropic_router
 from gateway.chat import ChatFormat
 from gateway.engine_client import EngineClient
@@ -71,7 +72,7 @@ def create_app(
             policy = RoundRobinPolicy()
         else:
             policy = LeastLoadPolicy()
-    router = Router(source, policy)
+    router = Router(source, policy, max_in_flight_per_replica=settings.max_in_flight_per_replica)
     engines = EngineClient(
         router,
         metrics.engine_retries,
@@ -87,7 +88,7 @@ def create_app(
         tool_call_parser=settings.tool_call_parser,
     )
     access = build_access_control(settings, metrics.registry)
-    generator = Generator(tokenizer, router, engines)
+    generator = Generator(tokenizer, router, engines, Admission(settings.max_in_flight_requests))
     platform_tools = PlatformTools(settings, generator, chat, served_model_name, metrics.registry)
     routes = OpenAIRoutes(generator, chat, metrics, served_model_name, settings.max_n)
     anthropic_routes = AnthropicRoutes(generator, chat, metrics, served_model_name)

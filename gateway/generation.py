@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from gateway.admission import Admission
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.engine_client import EngineClient, EngineError
 from gateway.routing import RequestInfo, Router
@@ -69,10 +70,17 @@ class _Sample:
 class Generator:
     """Runs generations on the fleet through the router and the engine client."""
 
-    def __init__(self, tokenizer: ModelTokenizer, router: Router, engines: EngineClient) -> None:
+    def __init__(
+        self,
+        tokenizer: ModelTokenizer,
+        router: Router,
+        engines: EngineClient,
+        admission: Admission | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.router = router
         self.engines = engines
+        self.admission = admission or Admission()
 
     def max_model_len(self) -> int | None:
         return self.router.max_model_len() or self.tokenizer.max_model_len
@@ -104,8 +112,15 @@ class Generator:
 
     async def generate(self, spec: GenerationSpec) -> AsyncIterator[SampleDelta]:
         """Yields deltas until every sample has finished; raises ``ContextLengthError``,
-        ``EngineError`` or ``NoReplicaAvailable``."""
+        ``GatewayBusy``, ``EngineError`` or ``NoReplicaAvailable`` (``ReplicasBusy``).
+        The request holds an admission slot until the iterator is closed."""
         spec.sampling.max_tokens = self.resolve_max_tokens(spec)
+        with self.admission.admit():
+            async with aclosing(self._generate(spec)) as deltas:
+                async for delta in deltas:
+                    yield delta
+
+    async def _generate(self, spec: GenerationSpec) -> AsyncIterator[SampleDelta]:
         request = engine_pb2.GenerateRequest(
             request_id=spec.request_id,
             prompt_token_ids=spec.prompt_token_ids,

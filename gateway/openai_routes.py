@@ -13,25 +13,22 @@ After that, a failure ends the stream with an error event.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, TypeVar
 
-import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from gateway.chat import ChatFormat, ToolChoice, check_tool_request
-from gateway.engine_client import EngineError
-from gateway.errors import OpenAIError, invalid_request
-from gateway.generation import ContextLengthError, GenerationSpec, Generator, SampleDelta
+from gateway.errors import ApiError, OpenAIError, invalid_request
+from gateway.generation import GenerationSpec, Generator, SampleDelta
 from gateway.harmony import HarmonyInputError
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import (
@@ -59,7 +56,12 @@ from gateway.openai_api import (
     TopLogprob,
     Usage,
 )
-from gateway.routing import NoReplicaAvailable
+from gateway.serving import (
+    GENERATION_FAILURES,
+    failure_for,
+    start_generation,
+    until_disconnected,
+)
 from gateway.structured import ConstraintError, check_constraint, make_constraint
 from gateway.tokenization import ModelTokenizer, TemplateError
 from gateway.tool_calls import OutputParser, ParsedDelta, ToolSpec
@@ -70,33 +72,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_STATUS_BY_ENGINE_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-
 
 def openai_error_for(exc: Exception) -> OpenAIError:
     """The OpenAI error a failed generation is answered with."""
-    if isinstance(exc, OpenAIError):
-        return exc
-    if isinstance(exc, ContextLengthError):
-        return invalid_request(str(exc), param="messages", code="context_length_exceeded")
-    if isinstance(exc, TemplateError | HarmonyInputError):
-        return invalid_request(str(exc), param="messages")
-    if isinstance(exc, ConstraintError):
-        return invalid_request(str(exc), param=exc.param)
-    if isinstance(exc, NoReplicaAvailable):
-        return OpenAIError(503, str(exc), code="no_replica_available")
-    if isinstance(exc, EngineError):
-        status = _STATUS_BY_ENGINE_CODE.get(exc.code, 500)
-        return OpenAIError(
-            status, f"engine error: {exc.message or exc.code.name}", code=exc.code.name.lower()
-        )
-    raise exc
+    return OpenAIError.of(failure_for(exc))
 
 
 class OpenAIRoutes:
@@ -278,9 +257,12 @@ class OpenAIRoutes:
     ) -> Response:
         request_id_var.set(spec.request_id)
         started = time.perf_counter()
-        first, deltas = await start_generation(
-            request, self.generator, spec, self.metrics, endpoint, started
-        )
+        try:
+            first, deltas = await start_generation(
+                request, self.generator, spec, self.metrics, endpoint, started
+            )
+        except ApiError as exc:
+            raise OpenAIError.of(exc) from exc
         headers = {"x-request-id": spec.request_id}
         if body.stream:
             events = self._stream_events(
@@ -289,7 +271,7 @@ class OpenAIRoutes:
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         try:
             await until_disconnected(request, shape.collect(first, deltas))
-        except (NoReplicaAvailable, EngineError) as exc:
+        except GENERATION_FAILURES as exc:
             raise openai_error_for(exc) from exc
         finally:
             await deltas.aclose()
@@ -319,7 +301,7 @@ class OpenAIRoutes:
                     events = _sse_events(shape.chunks(delta), exclude)
                     if events:
                         yield events
-            except (NoReplicaAvailable, EngineError) as exc:
+            except GENERATION_FAILURES as exc:
                 logger.warning("engine failed mid-stream", extra={"error": str(exc)})
                 yield f"data: {_json(openai_error_for(exc).body())}\n\ndata: [DONE]\n\n".encode()
                 return
@@ -738,51 +720,3 @@ def _template_message(message: ChatMessage, position: int) -> dict[str, Any]:
     elif message.content is None:
         rendered["content"] = ""
     return rendered
-
-
-async def start_generation(
-    request: Request,
-    generator: Generator,
-    spec: GenerationSpec,
-    metrics: GatewayMetrics,
-    endpoint: str,
-    started: float,
-) -> tuple[SampleDelta, AsyncIterator[SampleDelta]]:
-    """Start ``spec`` and wait for its first delta: the point up to which a failure is still
-    an error response (in the client's format) rather than a broken stream. ``started`` is
-    when the request arrived, for the time-to-first-token histogram."""
-    deltas = generator.generate(spec)
-    try:
-        first = await until_disconnected(request, anext(deltas))
-    except (ContextLengthError, NoReplicaAvailable, EngineError) as exc:
-        await deltas.aclose()
-        raise openai_error_for(exc) from exc
-    except BaseException:
-        await deltas.aclose()
-        raise
-    metrics.time_to_first_token.labels(endpoint).observe(time.perf_counter() - started)
-    metrics.prompt_tokens.inc(len(spec.prompt_token_ids))
-    return first, deltas
-
-
-async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
-    """Awaits ``awaitable`` unless the client goes away first (then it is cancelled, and
-    has finished unwinding when this returns, so that the generator it was advancing can be
-    closed)."""
-    work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.wait({work})
-    if work.cancelled():
-        raise OpenAIError(499, "the client closed the request", code="client_closed_request")
-    return work.result()
-
-
-async def _disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

@@ -396,6 +396,18 @@ class GatewaySettings(ServiceSettings):
         "0: fail at once",
     )
     max_n: int = Field(default=16, ge=1, description="largest `n` (samples per request) accepted")
+    max_in_flight_requests: int = Field(
+        default=4096,
+        ge=0,
+        description="generations the gateway runs at once; over it: 429 with Retry-After; "
+        "0: unbounded",
+    )
+    max_in_flight_per_replica: int = Field(
+        default=0,
+        ge=0,
+        description="this gateway's requests on one replica before it counts as full (all "
+        "full: 429); 0: the capacity the replica reports (max_num_seqs + max_queued_requests)",
+    )
     routing_policy: Literal["least_load", "prefix", "round_robin"] = Field(
         default="least_load",
         description="how a replica is chosen: least_load, prefix (longest cached prompt "
