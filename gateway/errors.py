@@ -156,7 +156,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         return _neutral_invalid_request(
             f"the request body is not valid JSON: {first.get('msg', '')}"
         )
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    location = _location(first.get("loc", ()))
+    if first.get("type") == "union_tag_invalid":  # messages.0 -> messages.0.role
+        location.append(str(first.get("ctx", {}).get("discriminator", "")).strip("'"))
     param = ".".join(location) or None
     message = str(first.get("msg", "invalid value"))
     if first.get("type") == "missing" and param:
@@ -164,6 +166,26 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     elif param:
         message = f"{param}: {message}"
     return _neutral_invalid_request(message, param=param)
+
+
+# Pydantic puts the chosen member of a tagged union into the error's location
+# (messages.0.tool.tool_call_id); clients know the field as messages.0.tool_call_id.
+_MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def _location(loc: Any) -> list[str]:
+    parts = [part for part in loc if part != "body"]
+    kept: list[str] = []
+    for position, part in enumerate(parts):
+        after_message_index = (
+            position >= 2
+            and isinstance(parts[position - 1], int)
+            and parts[position - 2] == "messages"
+        )
+        if after_message_index and part in _MESSAGE_ROLES:
+            continue
+        kept.append(str(part))
+    return kept
 
 
 def install_error_handlers(app: FastAPI) -> None:

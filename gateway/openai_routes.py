@@ -108,6 +108,16 @@ class OpenAIRoutes:
         )
         return ModelList(data=[card])
 
+    async def retrieve_model(self, model_id: str) -> ModelCard:
+        """``GET /v1/models/{model_id}`` (the ``openai`` client's ``models.retrieve``)."""
+        if model_id != self.served_model_name:
+            raise _model_not_found(model_id)
+        return ModelCard(
+            id=self.served_model_name,
+            created=self.created,
+            max_model_len=self.generator.max_model_len(),
+        )
+
     # -- /v1/chat/completions ----------------------------------------------------------------
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -197,13 +207,7 @@ class OpenAIRoutes:
 
     def _check_common(self, body: SamplingRequest) -> None:
         if body.model != self.served_model_name:
-            raise OpenAIError(
-                404,
-                f"The model `{body.model}` does not exist.",
-                type="invalid_request_error",
-                param="model",
-                code="model_not_found",
-            )
+            raise _model_not_found(body.model)
         if body.n > self.max_n:
             raise invalid_request(f"n must be at most {self.max_n}, got {body.n}", param="n")
         if body.stream_options is not None and not body.stream:
@@ -327,6 +331,12 @@ def build_openai_router(routes: OpenAIRoutes) -> APIRouter:
     """The ``/v1`` routes (the API-key middleware guards the prefix)."""
     router = APIRouter(prefix="/v1")
     router.add_api_route("/models", routes.list_models, methods=["GET"], response_model=ModelList)
+    router.add_api_route(
+        "/models/{model_id:path}",
+        routes.retrieve_model,
+        methods=["GET"],
+        response_model=ModelCard,
+    )
     router.add_api_route("/completions", routes.completions, methods=["POST"], response_model=None)
     router.add_api_route(
         "/chat/completions", routes.chat_completions, methods=["POST"], response_model=None
@@ -551,6 +561,16 @@ class _CompletionShape(_Shape):
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model `{model}` does not exist.",
+        type="invalid_request_error",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _new_id(prefix: str) -> str:

@@ -130,6 +130,9 @@ def test_a_key_file_without_keys_fails_closed(tmp_path: Path) -> None:
         ({"n": 5}, "n"),
         ({"n": 0}, "n"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "tool", "content": "42"}]}, "messages.0.tool_call_id"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": ["ok", ""]}, "stop"),
         (
             {
                 "messages": [
@@ -211,6 +214,14 @@ def test_models_lists_the_served_model(client: TestClient) -> None:
     models = client.get("/v1/models", headers=HEADERS).json()
     assert models["object"] == "list"
     assert [(card["id"], card["object"]) for card in models["data"]] == [(MODEL_NAME, "model")]
+
+
+def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_404(client: TestClient) -> None:
+    card = client.get(f"/v1/models/{MODEL_NAME}", headers=HEADERS).json()
+    assert (card["id"], card["object"]) == (MODEL_NAME, "model")
+    assert_openai_error(
+        client.get("/v1/models/gpt-9", headers=HEADERS), 404, param="model", code="model_not_found"
+    )
 
 
 def test_errors_are_counted_in_metrics(client: TestClient) -> None:
