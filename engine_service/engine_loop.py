@@ -81,6 +81,13 @@ class EngineLoop:
         # thread alone, and read by the step thread only through matchers it has compiled.
         self._compiler = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
         self.stats: EngineStats = engine.stats()
+        self._max_num_seqs = engine.config.max_num_seqs
+        # Adds handed over (event loop only), and how many of them the published stats
+        # include; the two are published together so a reader never sees one without the
+        # other.
+        self._adds_submitted = 0
+        self._published: tuple[EngineStats, int] = (self.stats, 0)
+        self._adds_taken = 0  # engine thread only
 
     def start(self) -> None:
         self._thread.start()
@@ -101,7 +108,17 @@ class EngineLoop:
             self._compiler, self._engine.structured.matcher, spec
         )
 
+    def queue_depth(self) -> int:
+        """Requests waiting for a place in the running batch: the engine's waiting count at
+        its last step, plus adds it has not taken in yet beyond the free places (call on the
+        event loop, like :meth:`add`)."""
+        stats, reflected = self._published
+        unseen = self._adds_submitted - reflected
+        free = max(0, self._max_num_seqs - stats.num_running)
+        return stats.num_waiting + max(0, unseen - free)
+
     def add(self, command: AddCommand) -> None:
+        self._adds_submitted += 1
         self._submit(command)
 
     def abort(self, request_id: str) -> None:
@@ -121,6 +138,7 @@ class EngineLoop:
                 if self._stopping:
                     return
                 commands = list(self._commands)
+                adds_taken = self._adds_taken + sum(isinstance(c, AddCommand) for c in commands)
                 self._commands.clear()
             for command in commands:
                 self._apply(command)
@@ -138,6 +156,8 @@ class EngineLoop:
                     engine.discard_pending_outputs()
                     self._loop.call_soon_threadsafe(self._on_step_failed, exc)
             self.stats = engine.stats()
+            self._adds_taken = adds_taken
+            self._published = (self.stats, adds_taken)
             if outputs:
                 self._loop.call_soon_threadsafe(self._on_outputs, outputs)
             if self._on_kv_events is not None and engine.kv_events is not None:

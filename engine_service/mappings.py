@@ -20,7 +20,7 @@ def load_from_stats(
 ) -> common_pb2.ReplicaLoad:
     """The load a replica reports: the engine's snapshot, with ``num_waiting`` raised to the
     service's own queue depth ``num_queued`` (it also counts requests the engine thread has
-    not picked up yet), and the replica's capacity."""
+    not taken in yet, and grammars being compiled), and the replica's capacity."""
     return common_pb2.ReplicaLoad(
         num_running=stats.num_running,
         num_waiting=max(stats.num_waiting, num_queued),

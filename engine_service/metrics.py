@@ -245,7 +245,7 @@ class EngineMetrics:
         ).labels(model_name)
         self.queue_depth = Gauge(
             "switchyard:num_requests_queued",
-            "Requests accepted that have not produced their first token.",
+            "Requests accepted that wait for a place in the running batch.",
             ["model_name"],
             registry=self.registry,
         ).labels(model_name)

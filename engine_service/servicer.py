@@ -40,7 +40,6 @@ class _Stream:
     n: int
     queue: asyncio.Queue[RequestOutput | Exception] = field(default_factory=asyncio.Queue)
     done: bool = False  # the engine holds nothing more for it (finished, rejected or aborted)
-    queued: bool = True  # accepted, and nothing has come back yet (no token, no error)
 
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
@@ -60,7 +59,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self.max_queued_requests = max_queued_requests  # 0: unbounded
         self.max_num_seqs = max_num_seqs
         metrics.max_queued_requests.set(max_queued_requests)
-        metrics.queue_depth.set_function(lambda: self.num_queued)
+        metrics.queue_depth.set_function(lambda: self.queue_depth())
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.block_size = block_size
@@ -68,14 +67,21 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self.engine_loop: EngineLoop | None = None  # set by EngineServer before serving
         self.kv_events = KVEventHub(replica_id, block_size)
         self._streams: dict[str, _Stream] = {}
-        self.num_queued = 0  # streams still ``queued``: the replica's queue depth
+        self._num_compiling = 0  # accepted requests whose grammar is being compiled
+
+    def queue_depth(self) -> int:
+        """Requests accepted that wait for a place in the running batch (grammars being
+        compiled included)."""
+        if self.engine_loop is None:
+            return 0
+        return self.engine_loop.queue_depth() + self._num_compiling
 
     def load(self) -> common_pb2.ReplicaLoad:
         """The replica's load for heartbeats and GetStats, queue depth and capacity included."""
         assert self.engine_loop is not None
         return load_from_stats(
             self.engine_loop.stats,
-            num_queued=self.num_queued,
+            num_queued=self.queue_depth(),
             max_num_seqs=self.max_num_seqs,
             max_queued_requests=self.max_queued_requests,
         )
@@ -125,23 +131,26 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                 params.structured = grammar_spec_from_proto(request.structured)
         except ValueError as exc:
             await abort_with(context, exc)
-        if self.max_queued_requests and self.num_queued >= self.max_queued_requests:
+        depth = self.queue_depth()
+        if self.max_queued_requests and depth >= self.max_queued_requests:
             self.metrics.request_refused()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the replica's queue is full ({self.num_queued} requests waiting); retry later",
+                f"the replica's queue is full ({depth} requests waiting); retry later",
             )
         stream = _Stream(n=params.n)
         self._streams[request_id] = stream
-        self.num_queued += 1
         try:
             grammar = None
             if params.structured is not None:
+                self._num_compiling += 1
                 try:
                     grammar = await self.engine_loop.compile_grammar(params.structured)
                 except ValueError as exc:
                     stream.done = True
                     await abort_with(context, exc)
+                finally:
+                    self._num_compiling -= 1
             command = AddCommand(
                 request_id, prompt, params, request.priority, request.cache_salt, grammar
             )
@@ -158,15 +167,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                 yield response
         finally:
             del self._streams[request_id]
-            self._dequeue(stream)
             if not stream.done:
                 self.engine_loop.abort(request_id)
                 logger.info("request ended before finishing; aborted in the engine")
-
-    def _dequeue(self, stream: _Stream) -> None:
-        if stream.queued:
-            stream.queued = False
-            self.num_queued -= 1
 
     async def _stream_responses(
         self, stream: _Stream, arrival: float, context: grpc.aio.ServicerContext
@@ -176,7 +179,6 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         num_output_tokens = 0
         while len(finished) < stream.n:
             item = await stream.queue.get()
-            self._dequeue(stream)
             if isinstance(item, Exception):
                 logger.info("request failed: %s", item)
                 await abort_with(context, item)
