@@ -32,10 +32,12 @@ and in a CLI with subcommands::
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -109,23 +111,75 @@ class ServiceSettings(BaseSettings):
         config_file: Any = None
         if isinstance(init_settings, InitSettingsSource):
             config_file = init_settings.init_kwargs.get("config")
+        _check_env_names(os.environ)
         config_file = config_file or env_settings().get("config")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if config_file:
-            yaml_values = _read_yaml(Path(config_file), getattr(settings_cls, "yaml_section", ""))
+            yaml_values = _read_yaml(
+                Path(config_file), getattr(settings_cls, "yaml_section", ""), settings_cls
+            )
             sources.append(InitSettingsSource(settings_cls, init_kwargs=yaml_values))
         return tuple(sources)
 
 
-def _read_yaml(path: Path, section: str) -> dict[str, Any]:
-    """The file's mapping, or its ``section`` mapping when it has one."""
+# Variables under the prefix that are not settings: the stack id `switchyard up` gives its
+# processes, and the API key the benchmarks send.
+NON_SETTING_ENV = frozenset({ENV_PREFIX + "UP_ID", ENV_PREFIX + "API_KEY"})
+
+
+def _service_classes() -> list[type[ServiceSettings]]:
+    found: list[type[ServiceSettings]] = []
+    pending = list(ServiceSettings.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def _any_service_field(name: str) -> bool:
+    return name in ServiceSettings.model_fields or any(
+        name in cls.model_fields for cls in _service_classes()
+    )
+
+
+def _check_env_names(environ: Mapping[str, str]) -> None:
+    """Raises ``ValueError`` naming a ``SWITCHYARD_*`` variable that no service reads: the
+    environment is shared by every service of a stack, so a variable only needs to be some
+    service's setting, but a misspelt one must not go unnoticed."""
+    for name in environ:
+        if not name.startswith(ENV_PREFIX) or name in NON_SETTING_ENV:
+            continue
+        if not _any_service_field(name[len(ENV_PREFIX) :].lower()):
+            raise ValueError(
+                f"unknown setting {name} in the environment (no service has a setting "
+                f"{name[len(ENV_PREFIX) :].lower()!r}; docs/configuration.md lists them)"
+            )
+
+
+def _read_yaml(path: Path, section: str, settings_cls: type[BaseSettings]) -> dict[str, Any]:
+    """The file's mapping, or its ``section`` mapping when it has one. Raises ``ValueError``
+    naming a key no setting has: in ``section``, a key ``settings_cls`` lacks; at the top,
+    a key that is neither a service's section nor any service's setting (a file without
+    sections may be shared by every service of a stack)."""
     if not path.is_file():
         raise FileNotFoundError(f"settings file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"settings file {path} must hold a mapping of setting names to values")
+    sections = {cls.yaml_section for cls in _service_classes() if cls.yaml_section}
+    for key in data:
+        if key not in sections and not _any_service_field(str(key)):
+            raise ValueError(f"unknown setting {key!r} in {path}")
     if section and isinstance(data.get(section), dict):
-        return data[section]
+        values: dict[str, Any] = data[section]
+        for key in values:
+            if key not in settings_cls.model_fields:
+                raise ValueError(
+                    f"unknown setting {key!r} in the {section}: section of {path} "
+                    f"(the {section} settings are listed in docs/configuration.md)"
+                )
+        return values
     return data
 
 
