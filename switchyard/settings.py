@@ -123,8 +123,10 @@ class ServiceSettings(BaseSettings):
 
 
 # Variables under the prefix that are not settings: the stack id `switchyard up` gives its
-# processes, and the API key the benchmarks send.
-NON_SETTING_ENV = frozenset({ENV_PREFIX + "UP_ID", ENV_PREFIX + "API_KEY"})
+# processes, the API key the benchmarks send, and the mark the e2e tests put on a stack.
+NON_SETTING_ENV = frozenset(
+    {ENV_PREFIX + "UP_ID", ENV_PREFIX + "API_KEY", ENV_PREFIX + "E2E_STACK"}
+)
 
 
 def _service_classes() -> list[type[ServiceSettings]]:
