@@ -175,3 +175,15 @@ class Message(BaseModel):
     stop_reason: StopReason | None = None
     stop_sequence: str | None = None
     usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Anthropic's error body, for every status this API answers with."""
+
+    type: Literal["error"] = "error"
+    error: ErrorDetail

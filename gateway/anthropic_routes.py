@@ -29,6 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.anthropic_api import (
+    ErrorResponse,
     Message,
     MessagesRequest,
     OutputTextBlock,
@@ -44,6 +45,7 @@ from gateway.errors import AnthropicError, ApiError
 from gateway.generation import GenerationSpec, Generator, SampleDelta
 from gateway.harmony import HarmonyInputError
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import GENERATION_ERRORS, error_responses
 from gateway.serving import (
     GENERATION_FAILURES,
     failure_for,
@@ -171,8 +173,22 @@ class AnthropicRoutes:
 
 def build_anthropic_router(routes: AnthropicRoutes) -> APIRouter:
     """``POST /v1/messages`` (the API-key middleware guards it, accepting ``x-api-key``)."""
-    router = APIRouter(prefix="/v1")
-    router.add_api_route("/messages", routes.messages, methods=["POST"], response_model=None)
+    router = APIRouter(prefix="/v1", tags=["Anthropic"])
+    router.add_api_route(
+        "/messages",
+        routes.messages,
+        methods=["POST"],
+        response_model=None,
+        responses={
+            200: {
+                "model": Message,
+                "description": "the message; with `stream` true, Anthropic's server-sent "
+                "events (message_start ... message_stop)",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **error_responses(ErrorResponse, GENERATION_ERRORS),
+        },
+    )
     return router
 
 

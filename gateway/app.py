@@ -31,6 +31,7 @@ from gateway.errors import install_error_handlers
 from gateway.generation import Generator
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openai_routes import OpenAIRoutes, build_openai_router
+from gateway.openapi import install_openapi
 from gateway.platform_tools import PlatformTools
 from gateway.prefix_index import KVEventFollower, PrefixIndex
 from gateway.prefix_policy import PrefixAwarePolicy, SessionIdMiddleware
@@ -115,10 +116,11 @@ def create_app(
     app = FastAPI(
         title="Switchyard gateway",
         lifespan=lifespan,
-        docs_url=None,
+        docs_url="/docs",
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",
     )
+    install_openapi(app, served_model_name=served_model_name, with_api_keys=access.auth_enabled)
     install_error_handlers(app)
     openai_router = build_openai_router(routes)
     app.include_router(openai_router)
@@ -149,6 +151,8 @@ def create_app(
         "/health",
         "/live",
         "/metrics",
+        "/openapi.json",
+        "/docs",
     ]
     app.include_router(build_admin_router(access, settings.admin_key))
     app.add_middleware(AccessMiddleware, control=access)

@@ -54,7 +54,17 @@ class SamplingRequest(BaseModel):
 
     model: str
     n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(
+        default=None,
+        # What the validator below enforces, stated in the schema.
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}},
+                {"type": "null"},
+            ]
+        },
+    )
     max_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -395,3 +405,16 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, for every status this API answers with."""
+
+    error: ErrorDetail

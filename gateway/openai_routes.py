@@ -45,6 +45,7 @@ from gateway.openai_api import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    ErrorResponse,
     FunctionCall,
     FunctionCallDelta,
     ModelCard,
@@ -56,6 +57,7 @@ from gateway.openai_api import (
     TopLogprob,
     Usage,
 )
+from gateway.openapi import GENERATION_ERRORS, error_responses
 from gateway.serving import (
     GENERATION_FAILURES,
     failure_for,
@@ -329,19 +331,48 @@ class OpenAIRoutes:
 
 def build_openai_router(routes: OpenAIRoutes) -> APIRouter:
     """The ``/v1`` routes (the API-key middleware guards the prefix)."""
-    router = APIRouter(prefix="/v1")
-    router.add_api_route("/models", routes.list_models, methods=["GET"], response_model=ModelList)
+    router = APIRouter(prefix="/v1", tags=["OpenAI"])
+    errors = error_responses(ErrorResponse, GENERATION_ERRORS)
+    router.add_api_route(
+        "/models",
+        routes.list_models,
+        methods=["GET"],
+        response_model=ModelList,
+        responses=error_responses(ErrorResponse, {401: GENERATION_ERRORS[401]}),
+    )
     router.add_api_route(
         "/models/{model_id:path}",
         routes.retrieve_model,
         methods=["GET"],
         response_model=ModelCard,
+        responses=error_responses(
+            ErrorResponse, {401: GENERATION_ERRORS[401], 404: GENERATION_ERRORS[404]}
+        ),
     )
-    router.add_api_route("/completions", routes.completions, methods=["POST"], response_model=None)
     router.add_api_route(
-        "/chat/completions", routes.chat_completions, methods=["POST"], response_model=None
+        "/completions",
+        routes.completions,
+        methods=["POST"],
+        response_model=None,
+        responses={200: _generation_response(Completion), **errors},
+    )
+    router.add_api_route(
+        "/chat/completions",
+        routes.chat_completions,
+        methods=["POST"],
+        response_model=None,
+        responses={200: _generation_response(ChatCompletion), **errors},
     )
     return router
+
+
+def _generation_response(model: type) -> dict[str, Any]:
+    return {
+        "model": model,
+        "description": "the whole answer; with `stream` true, server-sent events of chunks "
+        "(`data: {json}`), ending with `data: [DONE]`",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
 
 
 # -- response shapes ---------------------------------------------------------------------------
