@@ -52,7 +52,7 @@ from gateway.serving import (
     start_generation,
     until_disconnected,
 )
-from gateway.structured import ConstraintError
+from gateway.structured import ConstraintError, off_the_loop
 from gateway.tokenization import TemplateError
 from gateway.tool_calls import OutputParser, ToolSpec
 from switchyard.log import request_id_var
@@ -101,7 +101,10 @@ class AnthropicRoutes:
         ]
         choice, parallel = _tool_choice(body)
         try:
-            check_tool_request(tools, choice)
+            if tools:
+                await off_the_loop(check_tool_request, tools, choice)
+            else:
+                check_tool_request(tools, choice)
             prompt_ids = await self.chat.encode(_template_messages(body), tools, choice, {})
             forced = self.chat.tool_constraint(tools, choice, parallel=parallel)
         except (TemplateError, HarmonyInputError, ConstraintError) as exc:

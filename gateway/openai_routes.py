@@ -64,7 +64,12 @@ from gateway.serving import (
     start_generation,
     until_disconnected,
 )
-from gateway.structured import ConstraintError, check_constraint, make_constraint
+from gateway.structured import (
+    ConstraintError,
+    check_constraint,
+    make_constraint,
+    off_the_loop,
+)
 from gateway.tokenization import ModelTokenizer, TemplateError
 from gateway.tool_calls import OutputParser, ParsedDelta, ToolSpec
 from switchyard.log import request_id_var
@@ -140,7 +145,10 @@ class OpenAIRoutes:
             _template_message(message, position) for position, message in enumerate(body.messages)
         ]
         try:
-            check_tool_request(tools, choice)
+            if tools:
+                await off_the_loop(check_tool_request, tools, choice)
+            else:
+                check_tool_request(tools, choice)
             prompt_ids = await self.chat.encode(
                 messages,
                 tools,
@@ -152,7 +160,7 @@ class OpenAIRoutes:
         except (TemplateError, HarmonyInputError, ConstraintError) as exc:
             raise openai_error_for(exc) from exc
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        spec = self._spec(request_id, body, prompt_ids, body.output_limit, logprobs)
+        spec = await self._spec(request_id, body, prompt_ids, body.output_limit, logprobs)
         if forced is not None:
             if spec.structured is not None:
                 raise invalid_request(
@@ -199,7 +207,7 @@ class OpenAIRoutes:
         if not prompt_ids:
             raise invalid_request("the prompt must not be empty", param="prompt")
         request_id = _new_id("cmpl")
-        spec = self._spec(request_id, body, prompt_ids, body.max_tokens, body.logprobs)
+        spec = await self._spec(request_id, body, prompt_ids, body.max_tokens, body.logprobs)
         shape = _CompletionShape(
             self.tokenizer, request_id, body.model, body.n, with_logprobs=body.logprobs is not None
         )
@@ -217,7 +225,7 @@ class OpenAIRoutes:
                 "stream_options is only allowed when stream is true", param="stream_options"
             )
 
-    def _spec(
+    async def _spec(
         self,
         request_id: str,
         body: SamplingRequest,
@@ -242,6 +250,12 @@ class OpenAIRoutes:
         )
         if max_tokens is not None and body.min_tokens > max_tokens:
             raise invalid_request("min_tokens must not exceed max_tokens", param="min_tokens")
+        constraint = _output_constraint(body)
+        if constraint is not None:
+            try:
+                await off_the_loop(check_constraint, constraint[1], constraint[0])
+            except ConstraintError as exc:
+                raise openai_error_for(exc) from exc
         return GenerationSpec(
             request_id=request_id,
             model=body.model,
@@ -249,7 +263,7 @@ class OpenAIRoutes:
             sampling=sampling,
             max_tokens=max_tokens,
             stop=body.stop_strings,
-            structured=_output_constraint(body),
+            structured=constraint[1] if constraint is not None else None,
             cache_salt=body.cache_salt or "",
         )
 
@@ -646,10 +660,10 @@ def _tool_choice(body: ChatCompletionRequest) -> ToolChoice:
     return ToolChoice("named", choice.function.name)
 
 
-def _output_constraint(body: SamplingRequest) -> common_pb2.StructuredOutput | None:
+def _output_constraint(body: SamplingRequest) -> tuple[str, common_pb2.StructuredOutput] | None:
     """The one output constraint the request asks for (response_format, vLLM's
-    structured_outputs or its guided_* fields), checked; 400 when it is invalid or when
-    several are given."""
+    structured_outputs or its guided_* fields) and the field it came from, not yet compiled;
+    400 when several are given."""
     constraints: list[tuple[str, common_pb2.StructuredOutput]] = []
     try:
         response_format = body.response_format
@@ -696,11 +710,9 @@ def _output_constraint(body: SamplingRequest) -> common_pb2.StructuredOutput | N
                 + ", ".join(param for param, _ in constraints),
                 constraints[1][0],
             )
-        for param, constraint in constraints:
-            check_constraint(constraint, param)
     except ConstraintError as exc:
         raise openai_error_for(exc) from exc
-    return constraints[0][1] if constraints else None
+    return constraints[0] if constraints else None
 
 
 def _tool_call_chunks(parsed: ParsedDelta) -> list[ToolCallChunk]:

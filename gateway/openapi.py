@@ -62,8 +62,10 @@ def _name_the_served_model(document: dict[str, Any], served_model_name: str) -> 
     schemas = document.get("components", {}).get("schemas", {})
     for schema in schemas.values():
         model = schema.get("properties", {}).get("model")
-        if model is not None and model.get("type") == "string" and "model" in schema.get(
-            "required", ()
+        if (
+            model is not None
+            and model.get("type") == "string"
+            and "model" in schema.get("required", ())
         ):
             model["enum"] = [served_model_name]
     for operations in document.get("paths", {}).values():

@@ -34,3 +34,26 @@ def test_a_chat_with_large_tools_is_rendered_off_the_event_loop(
     finally:
         tokenizer.close()
     assert threads and threads[0] != threading.main_thread().name
+
+
+def test_the_worker_thread_encodes_with_a_tokenizer_of_its_own(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = ModelTokenizer(str(checkpoint))
+    used: list[Any] = []
+    encode = tokenizer._encode_prompt_sync
+
+    def recording(hf_tokenizer: Any, prompt: str) -> list[int]:
+        used.append(hf_tokenizer)
+        return encode(hf_tokenizer, prompt)
+
+    monkeypatch.setattr(tokenizer, "_encode_prompt_sync", recording)
+    long_prompt = "yard " * 1000
+    try:
+        short = asyncio.run(tokenizer.encode_prompt("yard"))
+        long = asyncio.run(tokenizer.encode_prompt(long_prompt))
+    finally:
+        tokenizer.close()
+    assert used[0] is tokenizer.tokenizer, "short inputs are encoded inline"
+    assert used[1] is not tokenizer.tokenizer, "the worker never shares the loop's tokenizer"
+    assert short and len(long) > len(short)
