@@ -26,7 +26,7 @@ from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
 from gateway.anthropic_api import (
     ErrorResponse,
@@ -52,6 +52,7 @@ from gateway.serving import (
     start_generation,
     until_disconnected,
 )
+from gateway.sse import EventStream
 from gateway.structured import ConstraintError, off_the_loop
 from gateway.tokenization import TemplateError
 from gateway.tool_calls import OutputParser, ToolSpec
@@ -141,9 +142,7 @@ class AnthropicRoutes:
             raise AnthropicError.of(exc) from exc
         headers = {"x-request-id": request_id}
         if body.stream:
-            return StreamingResponse(
-                self._events(first, deltas, shape), media_type="text/event-stream", headers=headers
-            )
+            return EventStream(self._events(first, deltas, shape), headers)
         try:
             await until_disconnected(request, _collect(shape, first, deltas))
         except GENERATION_FAILURES as exc:
@@ -151,7 +150,9 @@ class AnthropicRoutes:
         finally:
             await deltas.aclose()
         self.metrics.generation_tokens.inc(shape.output_tokens)
-        return JSONResponse(shape.message().model_dump(mode="json"), headers=headers)
+        return Response(
+            shape.message().model_dump_json(), media_type="application/json", headers=headers
+        )
 
     async def _events(
         self, first: SampleDelta, deltas: AsyncIterator[SampleDelta], shape: _MessageShape

@@ -23,7 +23,7 @@ from contextlib import aclosing
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from gateway.chat import ChatFormat, ToolChoice, check_tool_request
@@ -64,6 +64,7 @@ from gateway.serving import (
     start_generation,
     until_disconnected,
 )
+from gateway.sse import EventStream
 from gateway.structured import (
     ConstraintError,
     check_constraint,
@@ -288,7 +289,7 @@ class OpenAIRoutes:
             events = self._stream_events(
                 first, deltas, shape, spec, include_usage=body.include_usage
             )
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            return EventStream(events, headers)
         try:
             await until_disconnected(request, shape.collect(first, deltas))
         except GENERATION_FAILURES as exc:
@@ -297,7 +298,7 @@ class OpenAIRoutes:
             await deltas.aclose()
         usage = shape.usage(len(spec.prompt_token_ids))
         self._log_finished(spec, usage, started)
-        return JSONResponse(shape.final(usage).model_dump(mode="json"), headers=headers)
+        return _json_response(shape.final(usage), headers)
 
     async def _stream_events(
         self,
@@ -606,6 +607,11 @@ class _CompletionShape(_Shape):
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _json_response(body: BaseModel, headers: dict[str, str]) -> Response:
+    # pydantic's Rust serializer writes the bytes at once, with no dict in between.
+    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
 
 def _model_not_found(model: str) -> OpenAIError:

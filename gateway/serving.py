@@ -27,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import grpc
 from fastapi import Request
@@ -136,23 +136,31 @@ async def start_generation(
 
 
 async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
-    """Awaits ``awaitable`` unless the client goes away first (then it is cancelled, and
-    has finished unwinding when this returns, so that the generator it was advancing can be
-    closed; raises a 499 :class:`ApiError`)."""
-    work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_disconnected(request.receive))
+    """Awaits ``awaitable`` in this task unless the client goes away first; then it is
+    cancelled, has finished unwinding when this raises a 499 :class:`ApiError`, and the
+    generator it was advancing can be closed. One watcher task per call, no more: this runs
+    on every request."""
+    task = asyncio.current_task()
+    assert task is not None
+    state = {"gone": False, "finished": False}
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if not state["finished"]:
+            state["gone"] = True
+            task.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        result = await awaitable
+        state["finished"] = True
+        return result
+    except asyncio.CancelledError:
+        if not state["gone"]:
+            raise
+        task.uncancel()
+        raise ApiError(499, "the client closed the request", code="client_closed_request") from None
     finally:
+        state["finished"] = True
         watcher.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.wait({work})
-    if work.cancelled():
-        raise ApiError(499, "the client closed the request", code="client_closed_request")
-    return work.result()
-
-
-async def _disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

@@ -48,12 +48,20 @@ def test_the_worker_thread_encodes_with_a_tokenizer_of_its_own(
         return encode(hf_tokenizer, prompt)
 
     monkeypatch.setattr(tokenizer, "_encode_prompt_sync", recording)
-    long_prompt = "yard " * 1000
     try:
-        short = asyncio.run(tokenizer.encode_prompt("yard"))
-        long = asyncio.run(tokenizer.encode_prompt(long_prompt))
+        asyncio.run(tokenizer.encode_prompt("yard " * 1000))
     finally:
         tokenizer.close()
-    assert used[0] is tokenizer.tokenizer, "short inputs are encoded inline"
-    assert used[1] is not tokenizer.tokenizer, "the worker never shares the loop's tokenizer"
-    assert short and len(long) > len(short)
+    assert len(used) == 1 and used[0] is not tokenizer.tokenizer
+
+
+def test_short_prompts_encode_as_the_wrapper_does(checkpoint: Path) -> None:
+    tokenizer = ModelTokenizer(str(checkpoint))
+    assert tokenizer._direct, "the test checkpoint's tokenizer takes the fast path"
+    texts = ["Hello", "  two  spaces", "ünïcödé and 42", f"{tokenizer.tokenizer.eos_token} after"]
+    try:
+        for text in texts:
+            wrapper = list(tokenizer.tokenizer.encode(text, add_special_tokens=True))
+            assert asyncio.run(tokenizer.encode_prompt(text)) == wrapper
+    finally:
+        tokenizer.close()
