@@ -43,6 +43,7 @@ import asyncio
 import itertools
 import json
 import os
+import platform
 import random
 import signal
 import socket
@@ -502,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also measure a gateway with rate limits on (default: when starting the stack)",
     )
+    parser.add_argument("--plot", type=Path, help="draw the latencies into this PNG")
     args = parser.parse_args(argv)
     if bool(args.url) != bool(args.controller):
         parser.error("--url and --controller go together")
@@ -533,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.plot:
+        from plots import save, serving_figure
+
+        save(serving_figure(report, platform.platform()), args.plot)
+        print(f"wrote {args.plot}")
     return 1 if any(report["errors"].values()) else 0
 
 

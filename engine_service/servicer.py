@@ -151,10 +151,11 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                     await abort_with(context, exc)
                 finally:
                     self._num_compiling -= 1
-            command = AddCommand(
-                request_id, prompt, params, request.priority, request.cache_salt, grammar
-            )
-            self.engine_loop.add(command)
+            if not stream.done:  # a failed step may have ended it while its grammar compiled
+                command = AddCommand(
+                    request_id, prompt, params, request.priority, request.cache_salt, grammar
+                )
+                self.engine_loop.add(command)
             logger.info(
                 "request queued",
                 extra={

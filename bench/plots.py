@@ -1,0 +1,117 @@
+"""Figures of the benchmarks' JSON results, drawn with matplotlib as PNG files.
+
+    python bench/plots.py serving bench/results/serving.json --out docs/images/serving.png
+    python bench/plots.py throughput a.json b.json --out docs/images/throughput.png
+
+``bench/serving.py`` and ``bench/throughput.py`` also draw their figure themselves with
+``--plot PATH``. Every figure shows Switchyard beside the reference measured in the same run
+and names the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+OURS, REFERENCE = "#1f6f8b", "#c9a227"
+
+
+def serving_figure(report: dict[str, Any], machine: str = "") -> Figure:
+    """TTFT, inter-token and end-to-end latency (p50 and p99), gateway beside engine direct."""
+    metrics = [("TTFT", "ttft"), ("inter-token", "itl"), ("end-to-end", "e2e")]
+    figure, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    for ax, (label, key) in zip(axes, metrics):
+        positions = [0.0, 1.0]
+        for offset, (path, color, name) in enumerate(
+            [("gateway", OURS, "through the gateway"), ("direct", REFERENCE, "engine direct")]
+        ):
+            values = [report[path][f"{key}_ms_p50"], report[path][f"{key}_ms_p99"]]
+            bars = ax.bar(
+                [p + (offset - 0.5) * 0.38 for p in positions],
+                values,
+                0.38,
+                color=color,
+                label=name,
+            )
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(positions, ["p50", "p99"])
+        ax.set_title(f"{label} (ms)")
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0].legend(frameon=False, fontsize=8)
+    config = report["config"]
+    figure.suptitle(
+        f"Serving: {config['rounds']} x {config['num_requests']} requests at "
+        f"{config['rate_rps']} req/s, {config['max_tokens']} output tokens; gateway overhead "
+        f"(TTFT p50) {report['gateway_overhead_ms_p50']:.1f} ms"
+        + (f"\n{machine}" if machine else ""),
+        fontsize=10,
+    )
+    figure.tight_layout()
+    return figure
+
+
+def throughput_figure(results: list[dict[str, Any]]) -> Figure:
+    """Output tokens per second, Switchyard beside ``transformers.generate``, per run."""
+    figure, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(results)), 3.6))
+    for index, result in enumerate(results):
+        ours = ax.bar(index - 0.2, result["ours_tok_s"], 0.38, color=OURS)
+        ax.bar_label(ours, fmt="%.0f", fontsize=7)
+        if result.get("hf_tok_s"):
+            reference = ax.bar(index + 0.2, result["hf_tok_s"], 0.38, color=REFERENCE)
+            ax.bar_label(reference, fmt="%.0f", fontsize=7)
+            ax.annotate(
+                f"{result['ratio']:.2f}x",
+                (index, max(result["ours_tok_s"], result["hf_tok_s"]) * 1.12),
+                ha="center",
+                fontsize=9,
+                weight="bold",
+            )
+    labels = [f"{r['preset']}\n{r.get('dtype', '')} on {_device(r)}" for r in results]
+    ax.set_xticks(range(len(results)), labels, fontsize=8)
+    ax.set_ylabel("output tokens / s")
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.2)
+    ax.legend(["Switchyard", "transformers.generate"], frameon=False, fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title("Offline throughput (bench/throughput.py)", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def _device(result: dict[str, Any]) -> str:
+    machine = result.get("machine") or {}
+    return str(machine.get("gpu") or machine.get("device", ""))
+
+
+def save(figure: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=["serving", "throughput"])
+    parser.add_argument("results", type=Path, nargs="+", help="JSON written by the benchmark")
+    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--machine", default="", help="the machine, for the figure's title")
+    args = parser.parse_args(argv)
+    loaded = [json.loads(path.read_text()) for path in args.results]
+    if args.kind == "serving":
+        figure = serving_figure(loaded[0], args.machine)
+    else:
+        figure = throughput_figure(loaded)
+    save(figure, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
