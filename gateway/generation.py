@@ -115,12 +115,6 @@ class Generator:
         ``GatewayBusy``, ``EngineError`` or ``NoReplicaAvailable`` (``ReplicasBusy``).
         The request holds an admission slot until the iterator is closed."""
         spec.sampling.max_tokens = self.resolve_max_tokens(spec)
-        with self.admission.admit():
-            async with aclosing(self._generate(spec)) as deltas:
-                async for delta in deltas:
-                    yield delta
-
-    async def _generate(self, spec: GenerationSpec) -> AsyncIterator[SampleDelta]:
         request = engine_pb2.GenerateRequest(
             request_id=spec.request_id,
             prompt_token_ids=spec.prompt_token_ids,
@@ -145,20 +139,21 @@ class Generator:
         ]
         unfinished = len(samples)
         count_prompt(len(spec.prompt_token_ids))
-        async with aclosing(self.engines.generate(request, info)) as responses:
-            async for response in responses:
-                count_completion(len(response.token_ids))
-                sample = samples[response.index]
-                if sample.finished:
-                    continue  # stopped by a stop string; the engine may still be producing it
-                delta = _advance(sample, response)
-                if delta.finish_reason is not None:
-                    sample.finished = True
-                    unfinished -= 1
-                if delta.text or delta.token_ids or delta.finish_reason is not None:
-                    yield delta
-                if unfinished == 0:
-                    return
+        with self.admission.admit():
+            async with aclosing(self.engines.generate(request, info)) as responses:
+                async for response in responses:
+                    count_completion(len(response.token_ids))
+                    sample = samples[response.index]
+                    if sample.finished:
+                        continue  # stopped by a stop string; the engine may still produce it
+                    delta = _advance(sample, response)
+                    if delta.finish_reason is not None:
+                        sample.finished = True
+                        unfinished -= 1
+                    if delta.text or delta.token_ids or delta.finish_reason is not None:
+                        yield delta
+                    if unfinished == 0:
+                        return
         raise EngineError(
             grpc.StatusCode.INTERNAL, "the engine ended the stream before every sample finished"
         )
