@@ -66,6 +66,7 @@ def test_schemathesis_finds_no_server_error_and_the_stack_stays_healthy(
         capture_output=True,
         text=True,
         timeout=540,
+        cwd=tmp_path,  # its example database goes there, not into the repository
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "passed" in run.stdout
