@@ -4,6 +4,7 @@ replica and are answered 503."""
 
 from __future__ import annotations
 
+import ast
 import hmac
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,3 +342,14 @@ def test_malformed_assistant_tool_calls_are_400(client: TestClient, tool_calls: 
     response = client.post(CHAT, json=chat_body(messages=messages), headers=HEADERS)
     error = assert_openai_error(response, 400)
     assert error["param"].startswith("messages.1.tool_calls")
+
+
+def test_the_anthropic_routes_stand_on_the_shared_layer_not_on_the_openai_routes() -> None:
+    source = (Path(__file__).parents[2] / "gateway" / "anthropic_routes.py").read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "gateway.openai_routes" not in imported and "gateway.serving" in imported
+    assert "OpenAIError" not in source
