@@ -2,6 +2,7 @@
 
     python bench/plots.py serving bench/results/serving.json --out docs/images/serving.png
     python bench/plots.py throughput a.json b.json --out docs/images/throughput.png
+    python bench/plots.py hop before.json after.json --labels before,after --out hop.png
 
 ``bench/serving.py`` and ``bench/throughput.py`` also draw their figure themselves with
 ``--plot PATH``. Every figure shows Switchyard beside the reference measured in the same run
@@ -86,6 +87,36 @@ def throughput_figure(results: list[dict[str, Any]]) -> Figure:
     return figure
 
 
+def hop_figure(reports: list[dict[str, Any]], labels: list[str]) -> Figure:
+    """``bench/gateway_hop.py``: time to the first text per path, one group per report."""
+    paths = [
+        ("gateway", "gateway, raw client", OURS),
+        ("gateway_httpx", "gateway, httpx client", "#6fa8bd"),
+        ("direct", "engine double direct (gRPC)", REFERENCE),
+    ]
+    figure, ax = plt.subplots(figsize=(max(5.0, 2.6 * len(reports)), 3.6))
+    for index, report in enumerate(reports):
+        for offset, (key, _, color) in enumerate(paths):
+            bar = ax.bar(
+                index + (offset - 1) * 0.27, report["paths"][key]["first_ms_p50"], 0.27, color=color
+            )
+            ax.bar_label(bar, fmt="%.2f", fontsize=7)
+    ax.set_xticks(
+        range(len(reports)),
+        [
+            f"{label}\nhop {report['gateway_hop_ms_p50']:.2f} ms"
+            for label, report in zip(labels, reports)
+        ],
+        fontsize=8,
+    )
+    ax.set_ylabel("first text, p50 (ms)")
+    ax.legend([name for _, name, _ in paths], frameon=False, fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title("The gateway's own hop (bench/gateway_hop.py)", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 def _device(result: dict[str, Any]) -> str:
     machine = result.get("machine") or {}
     return str(machine.get("gpu") or machine.get("device", ""))
@@ -99,14 +130,18 @@ def save(figure: Figure, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["serving", "throughput"])
+    parser.add_argument("kind", choices=["serving", "throughput", "hop"])
     parser.add_argument("results", type=Path, nargs="+", help="JSON written by the benchmark")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--machine", default="", help="the machine, for the figure's title")
+    parser.add_argument("--labels", default="", help="hop: comma-separated label per result")
     args = parser.parse_args(argv)
     loaded = [json.loads(path.read_text()) for path in args.results]
     if args.kind == "serving":
         figure = serving_figure(loaded[0], args.machine)
+    elif args.kind == "hop":
+        labels = args.labels.split(",") if args.labels else [p.stem for p in args.results]
+        figure = hop_figure(loaded, labels)
     else:
         figure = throughput_figure(loaded)
     save(figure, args.out)
