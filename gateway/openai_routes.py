@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
@@ -324,7 +325,8 @@ class OpenAIRoutes:
                         yield events
             except GENERATION_FAILURES as exc:
                 logger.warning("engine failed mid-stream", extra={"error": str(exc)})
-                yield f"data: {_json(openai_error_for(exc).body())}\n\ndata: [DONE]\n\n".encode()
+                error = orjson.dumps(openai_error_for(exc).body())
+                yield b"data: " + error + b"\n\ndata: [DONE]\n\n"
                 return
         usage = shape.usage(len(spec.prompt_token_ids))
         tail = _sse(shape.usage_chunk(usage), None) if include_usage else b""
@@ -626,10 +628,6 @@ def _model_not_found(model: str) -> OpenAIError:
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def _json(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
 def _sse(chunk: BaseModel, exclude: set[str] | None) -> bytes:
