@@ -117,6 +117,42 @@ def hop_figure(reports: list[dict[str, Any]], labels: list[str]) -> Figure:
     return figure
 
 
+def structured_figure(results: dict[str, Any]) -> Figure:
+    """``bench/structured.py``: constrained against free decoding, and jump-forward on/off."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    pairs = [
+        ("json_schema\njump-forward on", "constrained_tok_s", "free_tok_s"),
+        (
+            "json_schema\njump-forward off",
+            "constrained_no_jump_forward_tok_s",
+            "free_twin_of_no_jump_forward_tok_s",
+        ),
+    ]
+    for index, (_, ours, reference) in enumerate(pairs):
+        for offset, (key, color) in enumerate(((ours, OURS), (reference, REFERENCE))):
+            bar = left.bar(index + (offset - 0.5) * 0.38, results[key], 0.38, color=color)
+            left.bar_label(bar, fmt="%.0f", fontsize=7)
+    left.set_xticks(range(len(pairs)), [label for label, _, _ in pairs], fontsize=8)
+    left.set_ylabel("output tokens / s")
+    left.legend(["constrained", "unconstrained, same lengths"], frameon=False, fontsize=8)
+    left.set_title(f"constrained / free: {results['constrained_over_free_tok_s']:.2f}x", fontsize=9)
+    steps = [results["jump_forward_steps_on"], results["jump_forward_steps_off"]]
+    bars = right.bar([0, 1], steps, 0.5, color=[OURS, REFERENCE])
+    right.bar_label(bars, fontsize=7)
+    right.set_xticks([0, 1], ["jump-forward on", "jump-forward off"], fontsize=8)
+    right.set_ylabel("engine steps (schema-heavy output)")
+    right.set_title(f"jump-forward speedup: {results['jump_forward_speedup']:.2f}x", fontsize=9)
+    for ax in (left, right):
+        ax.spines[["top", "right"]].set_visible(False)
+    figure.suptitle(
+        f"Structured output (bench/structured.py), {results['device']}, "
+        f"{results['requests']} requests",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    return figure
+
+
 def _device(result: dict[str, Any]) -> str:
     machine = result.get("machine") or {}
     return str(machine.get("gpu") or machine.get("device", ""))
@@ -130,7 +166,7 @@ def save(figure: Figure, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["serving", "throughput", "hop"])
+    parser.add_argument("kind", choices=["serving", "throughput", "hop", "structured"])
     parser.add_argument("results", type=Path, nargs="+", help="JSON written by the benchmark")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--machine", default="", help="the machine, for the figure's title")
@@ -139,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     loaded = [json.loads(path.read_text()) for path in args.results]
     if args.kind == "serving":
         figure = serving_figure(loaded[0], args.machine)
+    elif args.kind == "structured":
+        figure = structured_figure(loaded[0])
     elif args.kind == "hop":
         labels = args.labels.split(",") if args.labels else [p.stem for p in args.results]
         figure = hop_figure(loaded, labels)
