@@ -153,6 +153,45 @@ def structured_figure(results: dict[str, Any]) -> Figure:
     return figure
 
 
+def prefix_figure(result: dict[str, Any]) -> Figure:
+    """``bench/prefix.py``: how many times faster the first token comes when a prefix is
+    reused (per regime and tier), and the KV hit rate of prefix-aware against round-robin
+    routing."""
+    ratios = {
+        key.removeprefix("ttft_ratio_"): value
+        for key, value in result.items()
+        if key.startswith("ttft_ratio") and isinstance(value, int | float)
+    }
+    with_routing = "hit_rate_prefix_aware" in result
+    figure, axes = plt.subplots(
+        1, 2 if with_routing else 1, figsize=(11 if with_routing else 7, 3.8)
+    )
+    left = axes[0] if with_routing else axes
+    bars = left.bar(range(len(ratios)), list(ratios.values()), 0.6, color=OURS)
+    left.bar_label(bars, fmt="%.2fx", fontsize=7)
+    left.axhline(1.0, color=REFERENCE, linewidth=1)
+    left.set_xticks(
+        range(len(ratios)), [name.replace("_", " ") for name in ratios], fontsize=7, rotation=15
+    )
+    left.set_ylabel("TTFT without reuse / with reuse")
+    left.spines[["top", "right"]].set_visible(False)
+    if with_routing:
+        right = axes[1]
+        rates = [result["hit_rate_prefix_aware"], result["hit_rate_round_robin"]]
+        bars = right.bar([0, 1], rates, 0.5, color=[OURS, REFERENCE])
+        right.bar_label(bars, fmt="%.2f", fontsize=7)
+        right.set_xticks([0, 1], ["prefix-aware routing", "round robin"], fontsize=8)
+        right.set_ylabel("prompt tokens found in a KV cache")
+        right.spines[["top", "right"]].set_visible(False)
+    figure.suptitle(
+        f"Prefix reuse (bench/prefix.py), {result.get('preset')} on "
+        f"{result.get('gpu') or result.get('device')}",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    return figure
+
+
 def _device(result: dict[str, Any]) -> str:
     machine = result.get("machine") or {}
     return str(machine.get("gpu") or machine.get("device", ""))
@@ -166,7 +205,7 @@ def save(figure: Figure, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["serving", "throughput", "hop", "structured"])
+    parser.add_argument("kind", choices=["serving", "throughput", "hop", "structured", "prefix"])
     parser.add_argument("results", type=Path, nargs="+", help="JSON written by the benchmark")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--machine", default="", help="the machine, for the figure's title")
@@ -175,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     loaded = [json.loads(path.read_text()) for path in args.results]
     if args.kind == "serving":
         figure = serving_figure(loaded[0], args.machine)
+    elif args.kind == "prefix":
+        figure = prefix_figure(loaded[0])
     elif args.kind == "structured":
         figure = structured_figure(loaded[0])
     elif args.kind == "hop":
