@@ -92,6 +92,7 @@ def test_the_document_describes_every_public_route(demo_stack: Stack) -> None:
         "/v1/chat/completions",
         "/v1/messages",
         "/health",
+        "/live",
         "/metrics",
     }
     chat = document["paths"]["/v1/chat/completions"]["post"]
