@@ -43,12 +43,18 @@ SHUTDOWN_GRACE_S = 5.0
 __all__ = ["EngineServer", "engine_config_from_settings", "serve"]
 
 
-def default_max_queued_requests(max_num_seqs: int, stats: EngineStats) -> int:
-    """The waiting-queue bound when none is configured: one more running batch's worth
-    (``max_num_seqs``), or fewer when the KV pool has fewer blocks than that, since every
-    request holds at least one block once it runs. Requests beyond it would only wait
-    longer than a client usually does; refusing them lets the client go elsewhere."""
-    return max(1, min(max_num_seqs, stats.num_blocks_total))
+# The request size the default queue bound counts the KV pool in.
+QUEUE_REFERENCE_TOKENS = 256
+
+
+def default_max_queued_requests(max_num_seqs: int, block_size: int, stats: EngineStats) -> int:
+    """The waiting-queue bound when none is configured: as many requests as the KV pool
+    holds at :data:`QUEUE_REFERENCE_TOKENS` tokens each (a request waits for blocks as much
+    as for a place in the batch), and at least ``max_num_seqs``. Beyond it a request would
+    only wait for the pool to turn over several times; refusing it lets the client go to
+    another replica or come back."""
+    pool_tokens = stats.num_blocks_total * block_size
+    return max(max_num_seqs, pool_tokens // QUEUE_REFERENCE_TOKENS, 1)
 
 
 class EngineServer:
@@ -90,7 +96,9 @@ class EngineServer:
         metrics = EngineMetrics(self.model_name, lambda: self._current_stats())
         max_queued = settings.max_queued_requests
         if max_queued is None:
-            max_queued = default_max_queued_requests(config.max_num_seqs, engine.stats())
+            max_queued = default_max_queued_requests(
+                config.max_num_seqs, config.block_size, engine.stats()
+            )
         servicer = EngineServicer(
             self.replica_id,
             self.model_name,

@@ -244,8 +244,8 @@ class EngineSettings(ServiceSettings):
         default=None,
         ge=0,
         description="requests a replica keeps waiting before it answers RESOURCE_EXHAUSTED "
-        "(the gateway then tries another replica or answers 429); unset: max_num_seqs, or "
-        "the KV pool's block count when smaller; 0: unbounded",
+        "(the gateway then tries another replica or answers 429); unset: as many as the KV "
+        "pool holds at 256 tokens each, at least max_num_seqs; 0: unbounded",
     )
     enable_prefix_caching: bool = Field(
         default=True, description="reuse KV blocks of shared prompt prefixes"

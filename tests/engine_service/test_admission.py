@@ -10,7 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from engine_service.server import EngineServer
+from engine_service.engine import EngineStats
+from engine_service.server import EngineServer, default_max_queued_requests
 from switchyard.demo import make_test_checkpoint
 from switchyard.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from tests.engine_service.test_server import engine_settings, wait_until
@@ -122,3 +123,15 @@ def test_grammars_compile_off_the_step_thread(
         del structured.matcher
     assert responses[-1].finished
     assert threads and all(not name.startswith("engine-loop") for name in threads)
+
+
+def stats_with_blocks(num_blocks: int) -> EngineStats:
+    return EngineStats(0, 0, 0.0, num_blocks, num_blocks, 0, 0, 0, 0, 0, 0)
+
+
+def test_the_default_queue_bound_fits_the_kv_pool() -> None:
+    # 512 blocks of 16 tokens hold 32 requests of 256 tokens.
+    assert default_max_queued_requests(4, 16, stats_with_blocks(512)) == 32
+    # Never fewer than one running batch's worth.
+    assert default_max_queued_requests(256, 16, stats_with_blocks(512)) == 256
+    assert default_max_queued_requests(1, 16, stats_with_blocks(1)) == 1
