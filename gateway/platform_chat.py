@@ -35,10 +35,11 @@ from pydantic import ValidationError
 from gateway.anthropic_api import McpToolResultBlock, McpToolUseBlock, MessagesRequest
 from gateway.errors import OpenAIError, invalid_request
 from gateway.openai_api import ChatCompletionRequest
-from gateway.openai_routes import openai_error_for, until_disconnected
+from gateway.openai_routes import openai_error_for
 from gateway.responses_api import ResponsesRequest
 from gateway.responses_loop import ResponseRun
 from gateway.responses_routes import GENERATION_FAILURES, ResponsesRoutes
+from gateway.serving import until_disconnected
 from gateway.tool_client import ToolServiceError
 
 

@@ -85,7 +85,8 @@ def test_schemathesis_finds_no_server_error_and_the_stack_stays_healthy(
 
 def test_the_document_describes_every_public_route(demo_stack: Stack) -> None:
     document = httpx.get(f"{demo_stack.url}/openapi.json", timeout=10).json()
-    assert set(document["paths"]) == {
+    # Every route this part of the gateway serves (the platform's tools add their own).
+    assert {
         "/v1/models",
         "/v1/models/{model_id}",
         "/v1/completions",
@@ -94,7 +95,7 @@ def test_the_document_describes_every_public_route(demo_stack: Stack) -> None:
         "/health",
         "/live",
         "/metrics",
-    }
+    } <= set(document["paths"])
     chat = document["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "ChatCompletionRequest"
