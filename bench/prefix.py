@@ -665,6 +665,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="(b) users at once")
     parser.add_argument("--load-guard", type=int, default=4, help="(b) the gateway's default")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="draw the results into this PNG")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.prompt_len = args.prompt_len or (4096 if args.device == "cuda" else 1024)
@@ -739,6 +740,10 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
+    if args.plot:
+        from plots import prefix_figure, save
+
+        save(prefix_figure(result), args.plot)
 
 
 def report(result: dict) -> None:

@@ -3,9 +3,9 @@
     python bench/serving.py [--url URL --controller ADDR] [--model M] [--rate R] [--rounds N]
                             [--json PATH]
 
-Starts ``switchyard up`` on free ports (or uses ``--url`` and ``--controller``), then sends the
-same requests twice at the same Poisson arrival times: once through the gateway
-(``/v1/completions``, streamed, text prompt), once straight to one engine over gRPC
+Starts ``switchyard up`` on free ports (or uses ``--url`` and ``--controller``), then sends
+the same kind of requests along each path, interleaved in one Poisson schedule: through the
+gateway (``/v1/completions``, streamed, text prompt) and straight to one engine over gRPC
 (``Generate``, the prompt tokenized here with the model's tokenizer). Every request is
 greedy with ``ignore_eos``, so both runs generate the same number of tokens. Reports TTFT,
 inter-token latency (ITL: the gaps between streamed tokens) and end-to-end latency at p50 and
@@ -23,8 +23,12 @@ What makes the two runs comparable:
   already prefilled. Each path therefore gets its own prompts: request i's words, shuffled,
   so that both paths prefill the same number of tokens (checked) and share no cached block.
   Warm-up requests, and each of the ``--rounds``, use prompts of their own.
-- Rounds alternate which path goes first (gateway, engine; engine, gateway; ...) and pool
-  their samples, so that drift in the machine's other load weighs on both paths alike.
+- The paths share one open-loop schedule at ``--rate`` (``--num-requests`` arrivals per path
+  and round): arrivals take the paths in turn (request k's gateway prompt, its shuffled
+  direct twin, the limited gateway's own), and rounds rotate which path goes first. Every
+  path thus sees the same engine load and the same drift in the machine's other load, which on a shared machine moves TTFT by far more than the gateway
+  does; run after run (``--sequential``: all of one path, then all of the other, per round)
+  the drift between the two halves showed up as "overhead" of -5 to +25 ms.
 - Both clients are light and do comparable work per token: ``httpx`` streaming with one
   ``json.loads`` per event for the gateway, the generated gRPC stub for the engine. The
   gateway's figures include its HTTP hop (client and server side), which is its real cost.
@@ -43,6 +47,7 @@ import asyncio
 import itertools
 import json
 import os
+import platform
 import random
 import signal
 import socket
@@ -211,6 +216,32 @@ async def run_schedule(offsets_s: list[float], send: Any, result: PathResult) ->
     result.wall_s += time.perf_counter() - t0
 
 
+async def run_interleaved(offsets_s: list[float], runs: list[tuple[Any, PathResult]]) -> None:
+    """One open-loop schedule for every path: with ``n`` paths, arrival ``n*k + j`` sends
+    prompt ``k`` through ``runs[j]``. Each path's wall time is the schedule's, so its
+    requests/s is its share."""
+    parts = [PathResult() for _ in runs]
+
+    async def send(i: int) -> Sample:
+        return await runs[i % len(runs)][0](i // len(runs))
+
+    async def fire(i: int, offset_s: float, t0: float) -> None:
+        await asyncio.sleep(max(0.0, t0 + offset_s - time.perf_counter()))
+        result = parts[i % len(runs)]
+        try:
+            result.samples.append(await send(i))
+        except Exception as exc:  # a failed request is a result too; it is reported
+            result.errors.append(f"{type(exc).__name__}: {exc}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(fire(i, offset, t0) for i, offset in enumerate(offsets_s)))
+    wall_s = time.perf_counter() - t0
+    for (_, result), part in zip(runs, parts):
+        result.samples.extend(part.samples)
+        result.errors.extend(part.errors)
+        result.wall_s += wall_s
+
+
 @dataclass(slots=True)
 class Prompt:
     """One request's prompt: ``text`` for the gateway, ``direct_token_ids`` for the engine.
@@ -330,7 +361,7 @@ async def measure(
     rng, shuffle_rng = random.Random(args.seed), random.Random(args.seed + 1)
     rounds = [make_prompts(tokenizer, rng, shuffle_rng, args.num_requests, args.prompt_words)]
     offsets, clock = [], 0.0
-    for _ in range(args.num_requests):
+    for _ in range(3 * args.num_requests):  # interleaved: every path's arrivals in one schedule
         offsets.append(clock)
         clock += rng.expovariate(args.rate)
     for _ in range(1, args.rounds):  # fresh prompts: a round must not hit the last one's cache
@@ -386,14 +417,18 @@ async def measure(
                     len(prompt.token_ids),
                 )  # fmt: skip
 
-            # Rounds rotate which path goes first, so that drift (other load on the
-            # machine, the engine's state) weighs on every path alike.
             runs = [(via_gateway, gateway), (via_engine, direct)]
             if limited_url is not None:
                 runs.append((via_limited, limited))
+            # Rounds rotate which path goes first (or takes the first of each group of
+            # arrivals), so that drift (other load, the engine's state) weighs on all alike.
             shift = number % len(runs)
-            for send, result in runs[shift:] + runs[:shift]:
-                await run_schedule(offsets, send, result)
+            runs = runs[shift:] + runs[:shift]
+            if args.sequential:
+                for send, result in runs:
+                    await run_schedule(offsets[: args.num_requests], send, result)
+            else:
+                await run_interleaved(offsets[: len(runs) * args.num_requests], runs)
         await channel.close()
         await limited_http.aclose()
 
@@ -416,6 +451,7 @@ async def measure(
             "rate_rps": args.rate,
             "num_requests": args.num_requests,
             "rounds": args.rounds,
+            "method": "sequential" if args.sequential else "interleaved",
             "prompt_tokens_mean": statistics.fmean(
                 len(p.token_ids) for prompts in rounds for p in prompts
             ),
@@ -486,7 +522,13 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=2,
-        help="rounds of both paths, alternating which goes first; samples are pooled",
+        help="rounds of every path, rotating which goes first; samples are pooled",
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="per round, all of one path then all of the other (the old method), instead of "
+        "interleaving them in one schedule",
     )
     parser.add_argument("--prompt-words", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -502,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also measure a gateway with rate limits on (default: when starting the stack)",
     )
+    parser.add_argument("--plot", type=Path, help="draw the latencies into this PNG")
     args = parser.parse_args(argv)
     if bool(args.url) != bool(args.controller):
         parser.error("--url and --controller go together")
@@ -533,6 +576,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.plot:
+        from plots import save, serving_figure
+
+        save(serving_figure(report, platform.platform()), args.plot)
+        print(f"wrote {args.plot}")
     return 1 if any(report["errors"].values()) else 0
 
 

@@ -149,6 +149,7 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--plot", type=Path, help="draw the results into this PNG")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--device", default="cpu")
@@ -255,6 +256,10 @@ def main() -> None:
         print(f"{backend:<34}{m['p50']:>9.1f}{m['p99']:>9.1f}{int(m['samples']):>9}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        from plots import save, structured_figure
+
+        save(structured_figure(results), args.plot)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--roofline", action="store_true", help="also batch-1 decode (CUDA)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="draw the result into this PNG")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     torch.set_num_threads(torch.get_num_threads())
@@ -251,6 +252,10 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
+    if args.plot:
+        from plots import save, throughput_figure
+
+        save(throughput_figure([result]), args.plot)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,16 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("gateway", settings.log_level)
     addresses = [address.strip() for address in known.engines.split(",") if address.strip()]
     app = create_app(settings, routes_source=StaticRoutes(addresses) if addresses else None)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    # uvloop and httptools: the event loop and HTTP parser written in C (uvicorn[standard]).
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ class MessagesRequest(BaseModel):
     max_tokens: int = Field(ge=1, le=(1 << 32) - 1)
     messages: list[InputMessage] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
-    stop_sequences: list[str] | None = None
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=1.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=(1 << 31) - 1)
@@ -175,3 +175,15 @@ class Message(BaseModel):
     stop_reason: StopReason | None = None
     stop_sequence: str | None = None
     usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Anthropic's error body, for every status this API answers with."""
+
+    type: Literal["error"] = "error"
+    error: ErrorDetail

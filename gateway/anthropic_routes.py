@@ -25,10 +25,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
 from gateway.anthropic_api import (
+    ErrorResponse,
     Message,
     MessagesRequest,
     OutputTextBlock,
@@ -40,14 +42,19 @@ from gateway.anthropic_api import (
     Usage,
 )
 from gateway.chat import ChatFormat, ToolChoice, check_tool_request
-from gateway.engine_client import EngineError
-from gateway.errors import OpenAIError, invalid_request
+from gateway.errors import AnthropicError, ApiError
 from gateway.generation import GenerationSpec, Generator, SampleDelta
 from gateway.harmony import HarmonyInputError
 from gateway.metrics import GatewayMetrics
-from gateway.openai_routes import openai_error_for, start_generation, until_disconnected
-from gateway.routing import NoReplicaAvailable
-from gateway.structured import ConstraintError
+from gateway.openapi import GENERATION_ERRORS, error_responses
+from gateway.serving import (
+    GENERATION_FAILURES,
+    failure_for,
+    start_generation,
+    until_disconnected,
+)
+from gateway.sse import EventStream
+from gateway.structured import ConstraintError, off_the_loop
 from gateway.tokenization import TemplateError
 from gateway.tool_calls import OutputParser, ToolSpec
 from switchyard.log import request_id_var
@@ -56,6 +63,15 @@ from switchyard.v1 import common_pb2
 logger = logging.getLogger(__name__)
 
 ENDPOINT = "/v1/messages"
+
+
+def anthropic_error_for(exc: Exception) -> AnthropicError:
+    """The Anthropic error a failed generation is answered with."""
+    return AnthropicError.of(failure_for(exc))
+
+
+def _invalid_request(message: str) -> AnthropicError:
+    return AnthropicError(400, message)
 
 
 class AnthropicRoutes:
@@ -76,10 +92,10 @@ class AnthropicRoutes:
 
     async def messages(self, body: MessagesRequest, request: Request) -> Response:
         if body.model != self.served_model_name:
-            raise OpenAIError(404, f"model: {body.model}")
+            raise AnthropicError(404, f"model: {body.model}")
         if body.mcp_servers:  # the gateway runs these tools: gateway/platform_chat.py
             if self.platform_chat is None:
-                raise invalid_request("mcp_servers need a tool service")
+                raise _invalid_request("mcp_servers need a tool service")
             return await self.platform_chat.messages(body, request)  # type: ignore[no-any-return]
         request_id = f"msg_{uuid.uuid4().hex}"
         tools = [
@@ -87,11 +103,14 @@ class AnthropicRoutes:
         ]
         choice, parallel = _tool_choice(body)
         try:
-            check_tool_request(tools, choice)
+            if tools:
+                await off_the_loop(check_tool_request, tools, choice)
+            else:
+                check_tool_request(tools, choice)
             prompt_ids = await self.chat.encode(_template_messages(body), tools, choice, {})
             forced = self.chat.tool_constraint(tools, choice, parallel=parallel)
         except (TemplateError, HarmonyInputError, ConstraintError) as exc:
-            raise openai_error_for(exc) from exc
+            raise anthropic_error_for(exc) from exc
         sampling = common_pb2.SamplingParams(
             n=1,
             temperature=body.temperature,
@@ -116,22 +135,25 @@ class AnthropicRoutes:
             len(prompt_ids),
         )
         request_id_var.set(request_id)
-        first, deltas = await start_generation(
-            request, self.generator, spec, self.metrics, ENDPOINT, time.perf_counter()
-        )
+        try:
+            first, deltas = await start_generation(
+                request, self.generator, spec, self.metrics, ENDPOINT, time.perf_counter()
+            )
+        except ApiError as exc:
+            raise AnthropicError.of(exc) from exc
         headers = {"x-request-id": request_id}
         if body.stream:
-            return StreamingResponse(
-                self._events(first, deltas, shape), media_type="text/event-stream", headers=headers
-            )
+            return EventStream(self._events(first, deltas, shape), headers)
         try:
             await until_disconnected(request, _collect(shape, first, deltas))
-        except (NoReplicaAvailable, EngineError) as exc:
-            raise openai_error_for(exc) from exc
+        except GENERATION_FAILURES as exc:
+            raise anthropic_error_for(exc) from exc
         finally:
             await deltas.aclose()
         self.metrics.generation_tokens.inc(shape.output_tokens)
-        return JSONResponse(shape.message().model_dump(mode="json"), headers=headers)
+        return Response(
+            shape.message().model_dump_json(), media_type="application/json", headers=headers
+        )
 
     async def _events(
         self, first: SampleDelta, deltas: AsyncIterator[SampleDelta], shape: _MessageShape
@@ -145,9 +167,9 @@ class AnthropicRoutes:
                 async for delta in deltas:
                     for name, data in shape.events(delta):
                         yield _event(name, data)
-            except (NoReplicaAvailable, EngineError) as exc:
+            except GENERATION_FAILURES as exc:
                 logger.warning("engine failed mid-stream", extra={"error": str(exc)})
-                yield _event("error", openai_error_for(exc).anthropic_body())
+                yield _event("error", anthropic_error_for(exc).anthropic_body())
                 return
         for name, data in shape.closing_events():
             yield _event(name, data)
@@ -156,8 +178,22 @@ class AnthropicRoutes:
 
 def build_anthropic_router(routes: AnthropicRoutes) -> APIRouter:
     """``POST /v1/messages`` (the API-key middleware guards it, accepting ``x-api-key``)."""
-    router = APIRouter(prefix="/v1")
-    router.add_api_route("/messages", routes.messages, methods=["POST"], response_model=None)
+    router = APIRouter(prefix="/v1", tags=["Anthropic"])
+    router.add_api_route(
+        "/messages",
+        routes.messages,
+        methods=["POST"],
+        response_model=None,
+        responses={
+            200: {
+                "model": Message,
+                "description": "the message; with `stream` true, Anthropic's server-sent "
+                "events (message_start ... message_stop)",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **error_responses(ErrorResponse, GENERATION_ERRORS),
+        },
+    )
     return router
 
 
@@ -304,8 +340,8 @@ async def _collect(
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
-    payload = json.dumps({"type": name, **data}, separators=(",", ":"), ensure_ascii=False)
-    return f"event: {name}\ndata: {payload}\n\n".encode()
+    # orjson writes compact UTF-8 bytes directly: this runs for every streamed delta.
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data}) + b"\n\n"
 
 
 def _tool_choice(body: MessagesRequest) -> tuple[ToolChoice, bool]:
@@ -316,7 +352,7 @@ def _tool_choice(body: MessagesRequest) -> tuple[ToolChoice, bool]:
     parallel = not choice.disable_parallel_tool_use
     if choice.type == "tool":
         if not choice.name:
-            raise invalid_request("tool_choice.name: Field required for tool_choice type 'tool'")
+            raise _invalid_request("tool_choice.name: Field required for tool_choice type 'tool'")
         return ToolChoice("named", choice.name), parallel
     mode = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
     return ToolChoice(mode), parallel  # type: ignore[arg-type]
@@ -341,7 +377,7 @@ def _template_messages(body: MessagesRequest) -> list[dict[str, Any]]:
         results = [block for block in blocks if isinstance(block, ToolResultBlock)]
         if message.role == "assistant":
             if results:
-                raise invalid_request(
+                raise _invalid_request(
                     f"messages.{position}: tool_result blocks belong in user messages"
                 )
             entry: dict[str, Any] = {"role": "assistant", "content": text}
@@ -358,14 +394,14 @@ def _template_messages(body: MessagesRequest) -> list[dict[str, Any]]:
             previous_calls = {call.id for call in calls}
             continue
         if calls:
-            raise invalid_request(
+            raise _invalid_request(
                 f"messages.{position}: tool_use blocks belong in assistant messages"
             )
         unknown = [
             result.tool_use_id for result in results if result.tool_use_id not in previous_calls
         ]
         if unknown:
-            raise invalid_request(
+            raise _invalid_request(
                 f"messages.{position}: unexpected `tool_use_id` found in `tool_result` blocks: "
                 f"{', '.join(unknown)}. Each `tool_result` block must have a corresponding "
                 "`tool_use` block in the previous message."

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.access import AccessMiddleware
 from gateway.admin_routes import build_admin_router
+from gateway.admission import Admission
 from gateway.anthropic_routes import AnthropicRoutes, build_anthropic_router
 from gateway.chat import ChatFormat
 from gateway.engine_client import EngineClient
@@ -30,6 +31,7 @@ from gateway.errors import install_error_handlers
 from gateway.generation import Generator
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openai_routes import OpenAIRoutes, build_openai_router
+from gateway.openapi import install_openapi
 from gateway.platform_tools import PlatformTools
 from gateway.prefix_index import KVEventFollower, PrefixIndex
 from gateway.prefix_policy import PrefixAwarePolicy, SessionIdMiddleware
@@ -71,7 +73,7 @@ def create_app(
             policy = RoundRobinPolicy()
         else:
             policy = LeastLoadPolicy()
-    router = Router(source, policy)
+    router = Router(source, policy, max_in_flight_per_replica=settings.max_in_flight_per_replica)
     engines = EngineClient(
         router,
         metrics.engine_retries,
@@ -87,7 +89,7 @@ def create_app(
         tool_call_parser=settings.tool_call_parser,
     )
     access = build_access_control(settings, metrics.registry)
-    generator = Generator(tokenizer, router, engines)
+    generator = Generator(tokenizer, router, engines, Admission(settings.max_in_flight_requests))
     platform_tools = PlatformTools(settings, generator, chat, served_model_name, metrics.registry)
     routes = OpenAIRoutes(generator, chat, metrics, served_model_name, settings.max_n)
     anthropic_routes = AnthropicRoutes(generator, chat, metrics, served_model_name)
@@ -114,10 +116,11 @@ def create_app(
     app = FastAPI(
         title="Switchyard gateway",
         lifespan=lifespan,
-        docs_url=None,
+        docs_url="/docs",
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",
     )
+    install_openapi(app, served_model_name=served_model_name, with_api_keys=access.auth_enabled)
     install_error_handlers(app)
     openai_router = build_openai_router(routes)
     app.include_router(openai_router)
@@ -148,6 +151,8 @@ def create_app(
         "/health",
         "/live",
         "/metrics",
+        "/openapi.json",
+        "/docs",
     ]
     app.include_router(build_admin_router(access, settings.admin_key))
     app.add_middleware(AccessMiddleware, control=access)

@@ -9,13 +9,17 @@ serving. FastAPI's own 422 shape never reaches a client.
   type named by the status (``invalid_request_error``, ``authentication_error``,
   ``not_found_error``, ``overloaded_error``, ``api_error``, ...).
 
-Failures are raised as :class:`OpenAIError` everywhere; the handlers pick the format by path.
+The OpenAI routes raise :class:`OpenAIError`, the Anthropic routes :class:`AnthropicError`
+(always Anthropic's format); what fails before a route is chosen (a malformed body, a refused
+key, an unknown path) is an :class:`ApiError`, answered in the format of the API its path
+belongs to. An error that may
+pass if tried later (429, 503) carries ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Self
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,8 +57,11 @@ def is_anthropic_path(path: str) -> bool:
     return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
 
 
-class OpenAIError(Exception):
-    """A request failure with its HTTP status and OpenAI's error fields."""
+class ApiError(Exception):
+    """A request failure, independent of the API: the HTTP status, a message for the
+    client, OpenAI's ``param`` and ``code`` where they apply, and ``retry_after_s`` (sent as
+    ``Retry-After``) when trying again later may succeed. Answered in the format of the API
+    at the request's path; :class:`AnthropicError` fixes Anthropic's format."""
 
     def __init__(
         self,
@@ -64,6 +71,7 @@ class OpenAIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -73,8 +81,24 @@ class OpenAIError(Exception):
         )
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def of(cls, error: ApiError) -> Self:
+        """``error`` as this class (and so in its format); itself when it already is one."""
+        if isinstance(error, cls):
+            return error
+        return cls(
+            error.status,
+            error.message,
+            type=error.type,
+            param=error.param,
+            code=error.code,
+            retry_after_s=error.retry_after_s,
+        )
 
     def body(self) -> dict[str, Any]:
+        """OpenAI's error body."""
         return {
             "error": {
                 "message": self.message,
@@ -85,44 +109,90 @@ class OpenAIError(Exception):
         }
 
     def anthropic_body(self) -> dict[str, Any]:
+        """Anthropic's error body."""
         error_type = _ANTHROPIC_TYPE_BY_STATUS.get(
             self.status, "api_error" if self.status >= 500 else "invalid_request_error"
         )
         return {"type": "error", "error": {"type": error_type, "message": self.message}}
 
+    def headers(self) -> dict[str, str] | None:
+        if self.retry_after_s is None:
+            return None
+        return {"retry-after": str(self.retry_after_s)}
+
     def response(self, path: str = "") -> JSONResponse:
         """The error as the API at ``path`` answers it."""
         body = self.anthropic_body() if is_anthropic_path(path) else self.body()
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers())
+
+
+class OpenAIError(ApiError):
+    """A failure of an OpenAI endpoint (and, as before, of the parts that answer any path:
+    access control, the admin API, the platform tools), answered in the format of its path."""
+
+
+class AnthropicError(ApiError):
+    """A failure of the Messages API: always answered in Anthropic's format."""
+
+    def response(self, path: str = "") -> JSONResponse:
+        return JSONResponse(self.anthropic_body(), status_code=self.status, headers=self.headers())
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
 
 
-def _validation_error(exc: RequestValidationError) -> OpenAIError:
+def _neutral_invalid_request(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
     """The first problem in the body, named by its path (``messages.0.role``)."""
     errors = exc.errors()
     if not errors:
-        return invalid_request("invalid request body")
+        return _neutral_invalid_request("invalid request body")
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return invalid_request(f"the request body is not valid JSON: {first.get('msg', '')}")
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        return _neutral_invalid_request(
+            f"the request body is not valid JSON: {first.get('msg', '')}"
+        )
+    location = _location(first.get("loc", ()))
+    if first.get("type") == "union_tag_invalid":  # messages.0 -> messages.0.role
+        location.append(str(first.get("ctx", {}).get("discriminator", "")).strip("'"))
     param = ".".join(location) or None
     message = str(first.get("msg", "invalid value"))
     if first.get("type") == "missing" and param:
         message = f"'{param}' is a required property"
     elif param:
         message = f"{param}: {message}"
-    return invalid_request(message, param=param)
+    return _neutral_invalid_request(message, param=param)
+
+
+# Pydantic puts the chosen member of a tagged union into the error's location
+# (messages.0.tool.tool_call_id); clients know the field as messages.0.tool_call_id.
+_MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def _location(loc: Any) -> list[str]:
+    parts = [part for part in loc if part != "body"]
+    kept: list[str] = []
+    for position, part in enumerate(parts):
+        after_message_index = (
+            position >= 2
+            and isinstance(parts[position - 1], int)
+            and parts[position - 2] == "messages"
+        )
+        if after_message_index and part in _MESSAGE_ROLES:
+            continue
+        kept.append(str(part))
+    return kept
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Answers validation errors, HTTP errors and crashes in the called API's format."""
 
-    async def on_openai_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, OpenAIError)
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
         return exc.response(request.url.path)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -131,14 +201,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return OpenAIError(exc.status_code, str(exc.detail)).response(request.url.path)
+        return ApiError(exc.status_code, str(exc.detail)).response(request.url.path)
 
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
-        error = OpenAIError(500, "internal server error", type="server_error")
+        error = ApiError(500, "internal server error", type="server_error")
         return error.response(request.url.path)
 
-    app.add_exception_handler(OpenAIError, on_openai_error)
+    app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_crash)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from gateway.admission import Admission
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.engine_client import EngineClient, EngineError
 from gateway.routing import RequestInfo, Router
@@ -69,10 +70,17 @@ class _Sample:
 class Generator:
     """Runs generations on the fleet through the router and the engine client."""
 
-    def __init__(self, tokenizer: ModelTokenizer, router: Router, engines: EngineClient) -> None:
+    def __init__(
+        self,
+        tokenizer: ModelTokenizer,
+        router: Router,
+        engines: EngineClient,
+        admission: Admission | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.router = router
         self.engines = engines
+        self.admission = admission or Admission()
 
     def max_model_len(self) -> int | None:
         return self.router.max_model_len() or self.tokenizer.max_model_len
@@ -104,7 +112,8 @@ class Generator:
 
     async def generate(self, spec: GenerationSpec) -> AsyncIterator[SampleDelta]:
         """Yields deltas until every sample has finished; raises ``ContextLengthError``,
-        ``EngineError`` or ``NoReplicaAvailable``."""
+        ``GatewayBusy``, ``EngineError`` or ``NoReplicaAvailable`` (``ReplicasBusy``).
+        The request holds an admission slot until the iterator is closed."""
         spec.sampling.max_tokens = self.resolve_max_tokens(spec)
         request = engine_pb2.GenerateRequest(
             request_id=spec.request_id,
@@ -130,20 +139,21 @@ class Generator:
         ]
         unfinished = len(samples)
         count_prompt(len(spec.prompt_token_ids))
-        async with aclosing(self.engines.generate(request, info)) as responses:
-            async for response in responses:
-                count_completion(len(response.token_ids))
-                sample = samples[response.index]
-                if sample.finished:
-                    continue  # stopped by a stop string; the engine may still be producing it
-                delta = _advance(sample, response)
-                if delta.finish_reason is not None:
-                    sample.finished = True
-                    unfinished -= 1
-                if delta.text or delta.token_ids or delta.finish_reason is not None:
-                    yield delta
-                if unfinished == 0:
-                    return
+        with self.admission.admit():
+            async with aclosing(self.engines.generate(request, info)) as responses:
+                async for response in responses:
+                    count_completion(len(response.token_ids))
+                    sample = samples[response.index]
+                    if sample.finished:
+                        continue  # stopped by a stop string; the engine may still produce it
+                    delta = _advance(sample, response)
+                    if delta.finish_reason is not None:
+                        sample.finished = True
+                        unfinished -= 1
+                    if delta.text or delta.token_ids or delta.finish_reason is not None:
+                        yield delta
+                    if unfinished == 0:
+                        return
         raise EngineError(
             grpc.StatusCode.INTERNAL, "the engine ended the stream before every sample finished"
         )

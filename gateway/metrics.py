@@ -62,6 +62,14 @@ class GatewayMetrics:
             "requests moved to another replica after failing before the first token",
             registry=self.registry,
         )
+        self.rejected_requests = Counter(
+            "switchyard_gateway_rejected_requests",
+            "requests refused before they started (429 and 503), by error code: "
+            "gateway_overloaded, replicas_overloaded, engine_overloaded, "
+            "no_replica_available, engine_unavailable",
+            ["code"],
+            registry=self.registry,
+        )
 
 
 class MetricsMiddleware:

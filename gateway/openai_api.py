@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 # -- requests ------------------------------------------------------------------------------
 
@@ -54,7 +54,17 @@ class SamplingRequest(BaseModel):
 
     model: str
     n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(
+        default=None,
+        # What the validator below enforces, stated in the schema.
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}},
+                {"type": "null"},
+            ]
+        },
+    )
     max_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -81,6 +91,14 @@ class SamplingRequest(BaseModel):
     guided_regex: str | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # An empty stop sequence would end every sample before its first token.
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise ValueError("stop sequences must not be empty")
+        return value
 
     @property
     def stop_strings(self) -> list[str]:
@@ -117,15 +135,48 @@ class ToolCallParam(BaseModel):
     function: FunctionCallParam
 
 
-class ChatMessage(BaseModel):
-    """One message; extra fields (tool_call_id, ...) pass through to the template."""
+class _MessageParam(BaseModel):
+    """What every message has; extra fields pass through to the chat template."""
 
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+
+class SystemMessageParam(_MessageParam):
+    role: Literal["system"]
+
+
+class DeveloperMessageParam(_MessageParam):
+    role: Literal["developer"]
+
+
+class UserMessageParam(_MessageParam):
+    role: Literal["user"]
+
+
+class AssistantMessageParam(_MessageParam):
+    role: Literal["assistant"]
     tool_calls: list[ToolCallParam] | None = None
+
+
+class ToolMessageParam(_MessageParam):
+    """A tool's answer: ``tool_call_id`` names the call it answers (required, as in OpenAI)."""
+
+    role: Literal["tool"]
+    tool_call_id: str
+
+
+# One message, its shape chosen by ``role`` (OpenAI's ChatCompletionMessageParam).
+ChatMessage = Annotated[
+    SystemMessageParam
+    | DeveloperMessageParam
+    | UserMessageParam
+    | AssistantMessageParam
+    | ToolMessageParam,
+    Field(discriminator="role"),
+]
 
 
 class FunctionDefinition(BaseModel):
@@ -354,3 +405,16 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, for every status this API answers with."""
+
+    error: ErrorDetail

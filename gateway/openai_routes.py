@@ -13,25 +13,23 @@ After that, a failure ends the stream with an error event.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, TypeVar
 
-import grpc
+import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from gateway.chat import ChatFormat, ToolChoice, check_tool_request
-from gateway.engine_client import EngineError
-from gateway.errors import OpenAIError, invalid_request
-from gateway.generation import ContextLengthError, GenerationSpec, Generator, SampleDelta
+from gateway.errors import ApiError, OpenAIError, invalid_request
+from gateway.generation import GenerationSpec, Generator, SampleDelta
 from gateway.harmony import HarmonyInputError
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import (
@@ -48,6 +46,7 @@ from gateway.openai_api import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    ErrorResponse,
     FunctionCall,
     FunctionCallDelta,
     ModelCard,
@@ -59,8 +58,20 @@ from gateway.openai_api import (
     TopLogprob,
     Usage,
 )
-from gateway.routing import NoReplicaAvailable
-from gateway.structured import ConstraintError, check_constraint, make_constraint
+from gateway.openapi import GENERATION_ERRORS, error_responses
+from gateway.serving import (
+    GENERATION_FAILURES,
+    failure_for,
+    start_generation,
+    until_disconnected,
+)
+from gateway.sse import EventStream
+from gateway.structured import (
+    ConstraintError,
+    check_constraint,
+    make_constraint,
+    off_the_loop,
+)
 from gateway.tokenization import ModelTokenizer, TemplateError
 from gateway.tool_calls import OutputParser, ParsedDelta, ToolSpec
 from switchyard.log import request_id_var
@@ -70,33 +81,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_STATUS_BY_ENGINE_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-
 
 def openai_error_for(exc: Exception) -> OpenAIError:
     """The OpenAI error a failed generation is answered with."""
-    if isinstance(exc, OpenAIError):
-        return exc
-    if isinstance(exc, ContextLengthError):
-        return invalid_request(str(exc), param="messages", code="context_length_exceeded")
-    if isinstance(exc, TemplateError | HarmonyInputError):
-        return invalid_request(str(exc), param="messages")
-    if isinstance(exc, ConstraintError):
-        return invalid_request(str(exc), param=exc.param)
-    if isinstance(exc, NoReplicaAvailable):
-        return OpenAIError(503, str(exc), code="no_replica_available")
-    if isinstance(exc, EngineError):
-        status = _STATUS_BY_ENGINE_CODE.get(exc.code, 500)
-        return OpenAIError(
-            status, f"engine error: {exc.message or exc.code.name}", code=exc.code.name.lower()
-        )
-    raise exc
+    return OpenAIError.of(failure_for(exc))
 
 
 class OpenAIRoutes:
@@ -129,6 +117,16 @@ class OpenAIRoutes:
         )
         return ModelList(data=[card])
 
+    async def retrieve_model(self, model_id: str) -> ModelCard:
+        """``GET /v1/models/{model_id}`` (the ``openai`` client's ``models.retrieve``)."""
+        if model_id != self.served_model_name:
+            raise _model_not_found(model_id)
+        return ModelCard(
+            id=self.served_model_name,
+            created=self.created,
+            max_model_len=self.generator.max_model_len(),
+        )
+
     # -- /v1/chat/completions ----------------------------------------------------------------
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -149,7 +147,10 @@ class OpenAIRoutes:
             _template_message(message, position) for position, message in enumerate(body.messages)
         ]
         try:
-            check_tool_request(tools, choice)
+            if tools:
+                await off_the_loop(check_tool_request, tools, choice)
+            else:
+                check_tool_request(tools, choice)
             prompt_ids = await self.chat.encode(
                 messages,
                 tools,
@@ -161,7 +162,7 @@ class OpenAIRoutes:
         except (TemplateError, HarmonyInputError, ConstraintError) as exc:
             raise openai_error_for(exc) from exc
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        spec = self._spec(request_id, body, prompt_ids, body.output_limit, logprobs)
+        spec = await self._spec(request_id, body, prompt_ids, body.output_limit, logprobs)
         if forced is not None:
             if spec.structured is not None:
                 raise invalid_request(
@@ -208,7 +209,7 @@ class OpenAIRoutes:
         if not prompt_ids:
             raise invalid_request("the prompt must not be empty", param="prompt")
         request_id = _new_id("cmpl")
-        spec = self._spec(request_id, body, prompt_ids, body.max_tokens, body.logprobs)
+        spec = await self._spec(request_id, body, prompt_ids, body.max_tokens, body.logprobs)
         shape = _CompletionShape(
             self.tokenizer, request_id, body.model, body.n, with_logprobs=body.logprobs is not None
         )
@@ -218,13 +219,7 @@ class OpenAIRoutes:
 
     def _check_common(self, body: SamplingRequest) -> None:
         if body.model != self.served_model_name:
-            raise OpenAIError(
-                404,
-                f"The model `{body.model}` does not exist.",
-                type="invalid_request_error",
-                param="model",
-                code="model_not_found",
-            )
+            raise _model_not_found(body.model)
         if body.n > self.max_n:
             raise invalid_request(f"n must be at most {self.max_n}, got {body.n}", param="n")
         if body.stream_options is not None and not body.stream:
@@ -232,7 +227,7 @@ class OpenAIRoutes:
                 "stream_options is only allowed when stream is true", param="stream_options"
             )
 
-    def _spec(
+    async def _spec(
         self,
         request_id: str,
         body: SamplingRequest,
@@ -257,6 +252,12 @@ class OpenAIRoutes:
         )
         if max_tokens is not None and body.min_tokens > max_tokens:
             raise invalid_request("min_tokens must not exceed max_tokens", param="min_tokens")
+        constraint = _output_constraint(body)
+        if constraint is not None:
+            try:
+                await off_the_loop(check_constraint, constraint[1], constraint[0])
+            except ConstraintError as exc:
+                raise openai_error_for(exc) from exc
         return GenerationSpec(
             request_id=request_id,
             model=body.model,
@@ -264,7 +265,7 @@ class OpenAIRoutes:
             sampling=sampling,
             max_tokens=max_tokens,
             stop=body.stop_strings,
-            structured=_output_constraint(body),
+            structured=constraint[1] if constraint is not None else None,
             cache_salt=body.cache_salt or "",
         )
 
@@ -278,24 +279,27 @@ class OpenAIRoutes:
     ) -> Response:
         request_id_var.set(spec.request_id)
         started = time.perf_counter()
-        first, deltas = await start_generation(
-            request, self.generator, spec, self.metrics, endpoint, started
-        )
+        try:
+            first, deltas = await start_generation(
+                request, self.generator, spec, self.metrics, endpoint, started
+            )
+        except ApiError as exc:
+            raise OpenAIError.of(exc) from exc
         headers = {"x-request-id": spec.request_id}
         if body.stream:
             events = self._stream_events(
                 first, deltas, shape, spec, include_usage=body.include_usage
             )
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            return EventStream(events, headers)
         try:
             await until_disconnected(request, shape.collect(first, deltas))
-        except (NoReplicaAvailable, EngineError) as exc:
+        except GENERATION_FAILURES as exc:
             raise openai_error_for(exc) from exc
         finally:
             await deltas.aclose()
         usage = shape.usage(len(spec.prompt_token_ids))
         self._log_finished(spec, usage, started)
-        return JSONResponse(shape.final(usage).model_dump(mode="json"), headers=headers)
+        return _json_response(shape.final(usage), headers)
 
     async def _stream_events(
         self,
@@ -319,9 +323,10 @@ class OpenAIRoutes:
                     events = _sse_events(shape.chunks(delta), exclude)
                     if events:
                         yield events
-            except (NoReplicaAvailable, EngineError) as exc:
+            except GENERATION_FAILURES as exc:
                 logger.warning("engine failed mid-stream", extra={"error": str(exc)})
-                yield f"data: {_json(openai_error_for(exc).body())}\n\ndata: [DONE]\n\n".encode()
+                error = orjson.dumps(openai_error_for(exc).body())
+                yield b"data: " + error + b"\n\ndata: [DONE]\n\n"
                 return
         usage = shape.usage(len(spec.prompt_token_ids))
         tail = _sse(shape.usage_chunk(usage), None) if include_usage else b""
@@ -343,13 +348,48 @@ class OpenAIRoutes:
 
 def build_openai_router(routes: OpenAIRoutes) -> APIRouter:
     """The ``/v1`` routes (the API-key middleware guards the prefix)."""
-    router = APIRouter(prefix="/v1")
-    router.add_api_route("/models", routes.list_models, methods=["GET"], response_model=ModelList)
-    router.add_api_route("/completions", routes.completions, methods=["POST"], response_model=None)
+    router = APIRouter(prefix="/v1", tags=["OpenAI"])
+    errors = error_responses(ErrorResponse, GENERATION_ERRORS)
     router.add_api_route(
-        "/chat/completions", routes.chat_completions, methods=["POST"], response_model=None
+        "/models",
+        routes.list_models,
+        methods=["GET"],
+        response_model=ModelList,
+        responses=error_responses(ErrorResponse, {401: GENERATION_ERRORS[401]}),
+    )
+    router.add_api_route(
+        "/models/{model_id:path}",
+        routes.retrieve_model,
+        methods=["GET"],
+        response_model=ModelCard,
+        responses=error_responses(
+            ErrorResponse, {401: GENERATION_ERRORS[401], 404: GENERATION_ERRORS[404]}
+        ),
+    )
+    router.add_api_route(
+        "/completions",
+        routes.completions,
+        methods=["POST"],
+        response_model=None,
+        responses={200: _generation_response(Completion), **errors},
+    )
+    router.add_api_route(
+        "/chat/completions",
+        routes.chat_completions,
+        methods=["POST"],
+        response_model=None,
+        responses={200: _generation_response(ChatCompletion), **errors},
     )
     return router
+
+
+def _generation_response(model: type) -> dict[str, Any]:
+    return {
+        "model": model,
+        "description": "the whole answer; with `stream` true, server-sent events of chunks "
+        "(`data: {json}`), ending with `data: [DONE]`",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
 
 
 # -- response shapes ---------------------------------------------------------------------------
@@ -571,12 +611,23 @@ class _CompletionShape(_Shape):
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def _json_response(body: BaseModel, headers: dict[str, str]) -> Response:
+    # pydantic's Rust serializer writes the bytes at once, with no dict in between.
+    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
+
+
+def _model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model `{model}` does not exist.",
+        type="invalid_request_error",
+        param="model",
+        code="model_not_found",
+    )
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def _json(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
 def _sse(chunk: BaseModel, exclude: set[str] | None) -> bytes:
@@ -613,10 +664,10 @@ def _tool_choice(body: ChatCompletionRequest) -> ToolChoice:
     return ToolChoice("named", choice.function.name)
 
 
-def _output_constraint(body: SamplingRequest) -> common_pb2.StructuredOutput | None:
+def _output_constraint(body: SamplingRequest) -> tuple[str, common_pb2.StructuredOutput] | None:
     """The one output constraint the request asks for (response_format, vLLM's
-    structured_outputs or its guided_* fields), checked; 400 when it is invalid or when
-    several are given."""
+    structured_outputs or its guided_* fields) and the field it came from, not yet compiled;
+    400 when several are given."""
     constraints: list[tuple[str, common_pb2.StructuredOutput]] = []
     try:
         response_format = body.response_format
@@ -663,11 +714,9 @@ def _output_constraint(body: SamplingRequest) -> common_pb2.StructuredOutput | N
                 + ", ".join(param for param, _ in constraints),
                 constraints[1][0],
             )
-        for param, constraint in constraints:
-            check_constraint(constraint, param)
     except ConstraintError as exc:
         raise openai_error_for(exc) from exc
-    return constraints[0][1] if constraints else None
+    return constraints[0] if constraints else None
 
 
 def _tool_call_chunks(parsed: ParsedDelta) -> list[ToolCallChunk]:
@@ -738,51 +787,3 @@ def _template_message(message: ChatMessage, position: int) -> dict[str, Any]:
     elif message.content is None:
         rendered["content"] = ""
     return rendered
-
-
-async def start_generation(
-    request: Request,
-    generator: Generator,
-    spec: GenerationSpec,
-    metrics: GatewayMetrics,
-    endpoint: str,
-    started: float,
-) -> tuple[SampleDelta, AsyncIterator[SampleDelta]]:
-    """Start ``spec`` and wait for its first delta: the point up to which a failure is still
-    an error response (in the client's format) rather than a broken stream. ``started`` is
-    when the request arrived, for the time-to-first-token histogram."""
-    deltas = generator.generate(spec)
-    try:
-        first = await until_disconnected(request, anext(deltas))
-    except (ContextLengthError, NoReplicaAvailable, EngineError) as exc:
-        await deltas.aclose()
-        raise openai_error_for(exc) from exc
-    except BaseException:
-        await deltas.aclose()
-        raise
-    metrics.time_to_first_token.labels(endpoint).observe(time.perf_counter() - started)
-    metrics.prompt_tokens.inc(len(spec.prompt_token_ids))
-    return first, deltas
-
-
-async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
-    """Awaits ``awaitable`` unless the client goes away first (then it is cancelled, and
-    has finished unwinding when this returns, so that the generator it was advancing can be
-    closed)."""
-    work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.wait({work})
-    if work.cancelled():
-        raise OpenAIError(499, "the client closed the request", code="client_closed_request")
-    return work.result()
-
-
-async def _disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

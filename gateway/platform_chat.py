@@ -34,11 +34,12 @@ from pydantic import ValidationError
 
 from gateway.anthropic_api import McpToolResultBlock, McpToolUseBlock, MessagesRequest
 from gateway.errors import OpenAIError, invalid_request
-from gateway.openai_api import ChatCompletionRequest
-from gateway.openai_routes import openai_error_for, until_disconnected
+from gateway.openai_api import AssistantMessageParam, ChatCompletionRequest, ToolMessageParam
+from gateway.openai_routes import openai_error_for
 from gateway.responses_api import ResponsesRequest
 from gateway.responses_loop import ResponseRun
 from gateway.responses_routes import GENERATION_FAILURES, ResponsesRoutes
+from gateway.serving import until_disconnected
 from gateway.tool_client import ToolServiceError
 
 
@@ -86,20 +87,20 @@ class PlatformChat:
         items: list[dict[str, Any]] = []
         for message in body.messages:
             role = message.role
-            if role == "tool":
-                extra = message.model_extra or {}
+            if isinstance(message, ToolMessageParam):
                 items.append(
                     {
                         "type": "function_call_output",
-                        "call_id": str(extra.get("tool_call_id", "")),
+                        "call_id": message.tool_call_id,
                         "output": _text(message.content),
                     }
                 )
                 continue
             text = _text(message.content)
-            if text or not message.tool_calls:
+            calls = message.tool_calls if isinstance(message, AssistantMessageParam) else None
+            if text or not calls:
                 items.append({"type": "message", "role": role, "content": text})
-            for call in message.tool_calls or []:
+            for call in calls or []:
                 items.append(
                     {
                         "type": "function_call",

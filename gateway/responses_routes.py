@@ -21,12 +21,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import Counter
 
+from gateway.admission import GatewayBusy
 from gateway.chat import ChatFormat, ToolChoice, check_tool_request
 from gateway.engine_client import EngineError
 from gateway.errors import OpenAIError, invalid_request
 from gateway.generation import ContextLengthError, Generator
 from gateway.harmony import HarmonyInputError
-from gateway.openai_routes import openai_error_for, until_disconnected
+from gateway.openai_routes import openai_error_for
 from gateway.response_store import ResponseStore
 from gateway.responses_api import (
     FunctionChoice,
@@ -44,6 +45,7 @@ from gateway.responses_loop import (
     new_id,
 )
 from gateway.routing import NoReplicaAvailable
+from gateway.serving import until_disconnected
 from gateway.structured import ConstraintError, check_constraint
 from gateway.tokenization import TemplateError
 from gateway.tool_calls import ToolSpec
@@ -55,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 GENERATION_FAILURES = (
     ContextLengthError,
+    GatewayBusy,
     NoReplicaAvailable,
     EngineError,
     TemplateError,

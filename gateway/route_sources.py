@@ -157,4 +157,6 @@ class StaticRoutes:
             num_waiting=stats.load.num_waiting,
             kv_usage=stats.load.kv_usage,
             max_model_len=stats.max_model_len,
+            max_num_seqs=stats.load.max_num_seqs,
+            max_queued_requests=stats.load.max_queued_requests,
         )

@@ -51,6 +51,8 @@ class Replica:
     max_model_len: int = 0
     adapters: tuple[str, ...] = ()
     in_flight: int = 0
+    max_num_seqs: int = 0  # 0: not reported
+    max_queued_requests: int = 0  # 0: unbounded (or not reported)
 
     @classmethod
     def from_proto(cls, replica: common_pb2.Replica) -> Replica:
@@ -64,7 +66,15 @@ class Replica:
             kv_usage=replica.load.kv_usage,
             max_model_len=replica.max_model_len,
             adapters=tuple(replica.adapters),
+            max_num_seqs=replica.load.max_num_seqs,
+            max_queued_requests=replica.load.max_queued_requests,
         )
+
+    def capacity(self) -> int:
+        """The most requests it runs and keeps waiting together (0: unknown or unbounded)."""
+        if self.max_num_seqs and self.max_queued_requests:
+            return self.max_num_seqs + self.max_queued_requests
+        return 0
 
 
 @dataclass(slots=True)
@@ -137,20 +147,34 @@ class NoReplicaAvailable(Exception):
     """No READY replica is left to try for a request."""
 
 
+class ReplicasBusy(NoReplicaAvailable):
+    """Every READY replica left to try already holds as many of this gateway's requests as
+    its bound allows."""
+
+
 class Router:
     """Selects replicas through a policy and keeps this gateway's in-flight counts and its
-    marks on unreachable replicas (see the module docstring)."""
+    marks on unreachable replicas (see the module docstring).
+
+    A replica is skipped while this gateway has as many requests in flight on it as its
+    bound: ``max_in_flight_per_replica`` when set, else the capacity the replica reports
+    (``max_num_seqs + max_queued_requests``), so that a full replica gets no more before it
+    has to refuse them. Only this gateway's own count is used for the bound: the reported
+    queue depth is a heartbeat old, and a drained replica must take requests at once.
+    """
 
     def __init__(
         self,
         source: RoutesSource,
         policy: RoutingPolicy,
         *,
+        max_in_flight_per_replica: int = 0,
         unreachable_for_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
         self.policy = policy
+        self.max_in_flight_per_replica = max_in_flight_per_replica
         self._in_flight: dict[str, int] = {}
         self._unreachable_for_s = unreachable_for_s
         self._clock = clock
@@ -188,17 +212,25 @@ class Router:
         return min(lengths) if lengths else None
 
     def select(self, request_info: RequestInfo, exclude: frozenset[str] = frozenset()) -> Replica:
-        """A READY replica not in ``exclude`` (replica ids); raises ``NoReplicaAvailable``."""
-        candidates = [
+        """A READY replica not in ``exclude`` (replica ids) and below its bound; raises
+        ``NoReplicaAvailable`` when none is ready, ``ReplicasBusy`` when all are full."""
+        ready = [
             replace(replica, in_flight=self._in_flight.get(replica.replica_id, 0))
             for replica in self.ready_replicas()
             if replica.replica_id not in exclude
         ]
-        if not candidates:
+        if not ready:
             raise NoReplicaAvailable("no engine replica is ready to serve the request")
+        candidates = [replica for replica in ready if not self._full(replica)]
+        if not candidates:
+            raise ReplicasBusy("every engine replica is at capacity")
         if not request_info.session_id:
             request_info = replace(request_info, session_id=session_id_var.get())
         return self.policy.select(candidates, request_info)
+
+    def _full(self, replica: Replica) -> bool:
+        bound = self.max_in_flight_per_replica or replica.capacity()
+        return bound > 0 and replica.in_flight >= bound
 
     @contextmanager
     def track(self, replica: Replica) -> Iterator[None]:

@@ -11,14 +11,29 @@ xgrammar backend), and its INVALID_ARGUMENT is answered 400 as well.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import llguidance
 
 from switchyard.v1 import common_pb2
 
 BACKENDS = ("", "llguidance", "xgrammar")
+
+T = TypeVar("T")
+
+# Compiling a grammar takes from microseconds to seconds (a large schema); it runs here, so
+# the event loop keeps serving other requests meanwhile.
+_CHECKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-check")
+
+
+async def off_the_loop(check: Callable[..., T], *args: Any) -> T:
+    """Runs ``check(*args)`` (a grammar check) on the checker thread and returns its result
+    or raises its error."""
+    return await asyncio.get_running_loop().run_in_executor(_CHECKER, check, *args)
 
 
 class ConstraintError(ValueError):

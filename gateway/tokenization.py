@@ -1,8 +1,10 @@
 """The served model's tokenizer: chat templates, prompt encoding, per-token text.
 
 Engines receive token ids only, so everything text-shaped about the model lives here. Long
-inputs are encoded on one worker thread so that the event loop never waits on them (one
-thread: a Hugging Face tokenizer must not be used by two threads at once).
+inputs are encoded on one worker thread so that the event loop never waits on them. The
+worker has a tokenizer of its own, loaded on that thread when first needed: a Hugging Face
+tokenizer must not be used by two threads at once, and the event loop keeps using its own
+for short inputs and for detokenization.
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ class ModelTokenizer:
     """Wraps the model's Hugging Face tokenizer with what the gateway needs of it."""
 
     def __init__(self, model_path: str) -> None:
+        self._model_path = model_path
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_path)
+        self._worker_tokenizer: PreTrainedTokenizerBase | None = None  # worker thread only
+        # The Rust tokenizer under the Hugging Face wrapper encodes a short prompt in a tenth
+        # of the wrapper's time; it is used only when it gives the wrapper's ids.
+        self._direct = _direct_encoding_matches(self.tokenizer)
         self.max_model_len = _max_model_len(Path(model_path), self.tokenizer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._byte_decoder = _byte_level_decoder() if _is_byte_level(self.tokenizer) else None
@@ -102,23 +109,55 @@ class ModelTokenizer:
 
     async def _run(self, size: int, fn: Any, *args: Any) -> list[int]:
         if size < _INLINE_ENCODE_CHARS:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            if fn is self._encode_prompt_sync and self._direct:
+                backend = self.tokenizer.backend_tokenizer
+                return list(backend.encode(args[0], add_special_tokens=True).ids)
+            return fn(self.tokenizer, *args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._on_worker, fn, *args
+        )
 
+    def _on_worker(self, fn: Any, *args: Any) -> list[int]:
+        if self._worker_tokenizer is None:
+            self._worker_tokenizer = AutoTokenizer.from_pretrained(self._model_path)
+        return fn(self._worker_tokenizer, *args)  # type: ignore[no-any-return]
+
+    @staticmethod
     def _encode_chat_sync(
-        self, messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any]
+        tokenizer: PreTrainedTokenizerBase,
+        messages: list[dict[str, Any]],
+        chat_template_kwargs: dict[str, Any],
     ) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(
+            text = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True, **chat_template_kwargs
             )
         except Exception as exc:  # jinja raises its own types, and templates raise_exception()
             raise TemplateError(f"the chat template rejected the messages: {exc}") from exc
         # The rendered template already holds BOS and the like; do not add them twice.
-        return list(self.tokenizer.encode(str(text), add_special_tokens=False))
+        return list(tokenizer.encode(str(text), add_special_tokens=False))
 
-    def _encode_prompt_sync(self, prompt: str) -> list[int]:
-        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+    @staticmethod
+    def _encode_prompt_sync(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+        return list(tokenizer.encode(prompt, add_special_tokens=True))
+
+
+def _direct_encoding_matches(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the fast tokenizer's Rust core encodes prompts exactly as the wrapper does
+    (special tokens added, special-token text kept special), checked on a few samples."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    specials = " ".join(str(token) for token in tokenizer.all_special_tokens)
+    samples = ["Hello, world!", " leading space", "numbers 12345 and ünïcödé", specials]
+    try:
+        return all(
+            list(backend.encode(text, add_special_tokens=True).ids)
+            == list(tokenizer.encode(text, add_special_tokens=True))
+            for text in samples
+        )
+    except Exception:
+        return False
 
 
 def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:

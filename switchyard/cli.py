@@ -103,6 +103,7 @@ def _engine_args(args: argparse.Namespace) -> list[str]:
         "--max-num-seqs": args.max_num_seqs,
         "--max-num-batched-tokens": args.max_num_batched_tokens,
         "--speculative-config": args.speculative_config,
+        "--max-queued-requests": args.max_queued_requests,
     }
     for flag, value in knobs.items():
         if value is not None:
@@ -505,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--speculative-config",
         help='speculative decoding as vLLM\'s JSON, e.g. \'{"method": "ngram", '
         '"num_speculative_tokens": 4}\' or a draft "model"',
+    )
+    engine.add_argument(
+        "--max-queued-requests",
+        type=int,
+        help="requests each engine keeps waiting before it refuses more (default: fits its KV pool)",
     )
     engine.add_argument("--engine-args", default="", help="more engine flags, as one string")
     gateway = up.add_argument_group("gateway knobs")

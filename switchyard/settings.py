@@ -32,10 +32,12 @@ and in a CLI with subcommands::
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -109,23 +111,77 @@ class ServiceSettings(BaseSettings):
         config_file: Any = None
         if isinstance(init_settings, InitSettingsSource):
             config_file = init_settings.init_kwargs.get("config")
+        _check_env_names(os.environ)
         config_file = config_file or env_settings().get("config")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if config_file:
-            yaml_values = _read_yaml(Path(config_file), getattr(settings_cls, "yaml_section", ""))
+            yaml_values = _read_yaml(
+                Path(config_file), getattr(settings_cls, "yaml_section", ""), settings_cls
+            )
             sources.append(InitSettingsSource(settings_cls, init_kwargs=yaml_values))
         return tuple(sources)
 
 
-def _read_yaml(path: Path, section: str) -> dict[str, Any]:
-    """The file's mapping, or its ``section`` mapping when it has one."""
+# Variables under the prefix that are not settings: the stack id `switchyard up` gives its
+# processes, the API key the benchmarks send, and the mark the e2e tests put on a stack.
+NON_SETTING_ENV = frozenset(
+    {ENV_PREFIX + "UP_ID", ENV_PREFIX + "API_KEY", ENV_PREFIX + "E2E_STACK"}
+)
+
+
+def _service_classes() -> list[type[ServiceSettings]]:
+    found: list[type[ServiceSettings]] = []
+    pending = list(ServiceSettings.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def _any_service_field(name: str) -> bool:
+    return name in ServiceSettings.model_fields or any(
+        name in cls.model_fields for cls in _service_classes()
+    )
+
+
+def _check_env_names(environ: Mapping[str, str]) -> None:
+    """Raises ``ValueError`` naming a ``SWITCHYARD_*`` variable that no service reads: the
+    environment is shared by every service of a stack, so a variable only needs to be some
+    service's setting, but a misspelt one must not go unnoticed."""
+    for name in environ:
+        if not name.startswith(ENV_PREFIX) or name in NON_SETTING_ENV:
+            continue
+        if not _any_service_field(name[len(ENV_PREFIX) :].lower()):
+            raise ValueError(
+                f"unknown setting {name} in the environment (no service has a setting "
+                f"{name[len(ENV_PREFIX) :].lower()!r}; docs/configuration.md lists them)"
+            )
+
+
+def _read_yaml(path: Path, section: str, settings_cls: type[BaseSettings]) -> dict[str, Any]:
+    """The file's mapping, or its ``section`` mapping when it has one. Raises ``ValueError``
+    naming a key no setting has: in ``section``, a key ``settings_cls`` lacks; at the top,
+    a key that is neither a service's section nor any service's setting (a file without
+    sections may be shared by every service of a stack)."""
     if not path.is_file():
         raise FileNotFoundError(f"settings file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"settings file {path} must hold a mapping of setting names to values")
+    sections = {cls.yaml_section for cls in _service_classes() if cls.yaml_section}
+    for key in data:
+        if key not in sections and not _any_service_field(str(key)):
+            raise ValueError(f"unknown setting {key!r} in {path}")
     if section and isinstance(data.get(section), dict):
-        return data[section]
+        values: dict[str, Any] = data[section]
+        for key in values:
+            if key not in settings_cls.model_fields:
+                raise ValueError(
+                    f"unknown setting {key!r} in the {section}: section of {path} "
+                    f"(the {section} settings are listed in docs/configuration.md)"
+                )
+        return values
     return data
 
 
@@ -184,6 +240,13 @@ class EngineSettings(ServiceSettings):
         default=2048, gt=0, description="token budget of one engine step"
     )
     max_num_seqs: int = Field(default=256, gt=0, description="sequences in one engine step")
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=0,
+        description="requests a replica keeps waiting before it answers RESOURCE_EXHAUSTED "
+        "(the gateway then tries another replica or answers 429); unset: as many as the KV "
+        "pool holds at 256 tokens each, at least max_num_seqs; 0: unbounded",
+    )
     enable_prefix_caching: bool = Field(
         default=True, description="reuse KV blocks of shared prompt prefixes"
     )
@@ -389,6 +452,18 @@ class GatewaySettings(ServiceSettings):
         "0: fail at once",
     )
     max_n: int = Field(default=16, ge=1, description="largest `n` (samples per request) accepted")
+    max_in_flight_requests: int = Field(
+        default=4096,
+        ge=0,
+        description="generations the gateway runs at once; over it: 429 with Retry-After; "
+        "0: unbounded",
+    )
+    max_in_flight_per_replica: int = Field(
+        default=0,
+        ge=0,
+        description="this gateway's requests on one replica before it counts as full (all "
+        "full: 429); 0: the capacity the replica reports (max_num_seqs + max_queued_requests)",
+    )
     routing_policy: Literal["least_load", "prefix", "round_robin"] = Field(
         default="least_load",
         description="how a replica is chosen: least_load, prefix (longest cached prompt "

@@ -35,6 +35,7 @@ from engine_service.engine.spec.grammar import draft_grammar_masks
 from engine_service.engine.spec.proposers import Proposer, build_proposer
 from engine_service.engine.spec.verify import verify
 from engine_service.engine.structured import StructuredOutputManager
+from engine_service.engine.structured.backend import GrammarMatcher
 from engine_service.models.loader import load_model
 from switchyard.fingerprint import checkpoint_id, kv_fingerprint
 
@@ -189,9 +190,15 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        *,
+        grammar: GrammarMatcher | None = None,
     ) -> None:
         """Queue a request; raises ``ValueError`` for input the engine cannot serve. Only
-        requests with the same ``cache_salt`` share prefix-cache blocks."""
+        requests with the same ``cache_salt`` share prefix-cache blocks.
+
+        ``grammar`` is a matcher already compiled for ``params.structured`` (by
+        ``self.structured.matcher`` on another thread, so the step thread never compiles);
+        without it the grammar is compiled here."""
         if request_id in self._samples:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -212,8 +219,7 @@ class LLMEngine:
                 f"n ({params.n}) exceeds the {self.config.max_num_seqs} sequences this "
                 "engine runs at once"
             )
-        grammar = None
-        if params.structured is not None:
+        if grammar is None and params.structured is not None:
             # Loads the tokenizer on first use and compiles the grammar unless it is cached.
             grammar = self.structured.matcher(params.structured)
         first = Request(

@@ -67,7 +67,7 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> 
 
 
 def start_stack(
-    checkpoint: Path,
+    checkpoint: Path | None,
     work_dir: Path,
     engines: int,
     extra_args: Sequence[str] = (),
@@ -77,9 +77,10 @@ def start_stack(
     explicit_ports: bool = True,
     output_name: str = "up.out",
 ) -> Stack:
-    """``switchyard up`` on ``checkpoint``; returns once it serves. The gateway gets ``port``
-    (default: a free one); the internal ports are free ones given by flag, or with
-    ``explicit_ports=False`` left to ``up`` (their defaults, or free ports when taken)."""
+    """``switchyard up`` on ``checkpoint`` (None: the demo model); returns once it serves.
+    The gateway gets ``port`` (default: a free one); the internal ports are free ones given by
+    flag, or with ``explicit_ports=False`` left to ``up`` (their defaults, or free ports when
+    taken)."""
     port = port or free_port()
     controller_port, kv_port = free_port(), free_port()
     data_dir = data_dir or work_dir / "data"
@@ -95,7 +96,7 @@ def start_stack(
     ]  # fmt: skip
     argv = [
         sys.executable, "-m", "switchyard", "up",
-        "--model", str(checkpoint),
+        *(["--model", str(checkpoint)] if checkpoint is not None else []),
         "--served-model-name", MODEL_NAME,
         "--port", str(port),
         *(internal_ports if explicit_ports else []),

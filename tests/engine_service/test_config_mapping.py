@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from engine_service.engine import EngineConfig
-from engine_service.server import engine_config_from_settings
+from engine_service.mappings import engine_config_from_settings
 from switchyard.settings import EngineSettings
 
 # EngineConfig fields that are not settings of their own: the model path is resolved by the

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import OpenAIError
-from gateway.openai_routes import until_disconnected
+from gateway.errors import ApiError
+from gateway.serving import until_disconnected
 
 
 class GoneClient:
@@ -32,7 +32,7 @@ def test_a_disconnect_unwinds_the_pending_generation_so_it_can_be_closed():
 
     async def scenario() -> None:
         generation = deltas()
-        with pytest.raises(OpenAIError) as caught:
+        with pytest.raises(ApiError) as caught:
             await until_disconnected(GoneClient(), anext(generation))  # type: ignore[arg-type]
         assert caught.value.status == 499
         await generation.aclose()  # the handlers close it; it must not be "already running"

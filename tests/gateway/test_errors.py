@@ -4,6 +4,7 @@ replica and are answered 503."""
 
 from __future__ import annotations
 
+import ast
 import hmac
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,9 @@ def test_a_key_file_without_keys_fails_closed(tmp_path: Path) -> None:
         ({"n": 5}, "n"),
         ({"n": 0}, "n"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "tool", "content": "42"}]}, "messages.0.tool_call_id"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": ["ok", ""]}, "stop"),
         (
             {
                 "messages": [
@@ -211,6 +215,14 @@ def test_models_lists_the_served_model(client: TestClient) -> None:
     models = client.get("/v1/models", headers=HEADERS).json()
     assert models["object"] == "list"
     assert [(card["id"], card["object"]) for card in models["data"]] == [(MODEL_NAME, "model")]
+
+
+def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_404(client: TestClient) -> None:
+    card = client.get(f"/v1/models/{MODEL_NAME}", headers=HEADERS).json()
+    assert (card["id"], card["object"]) == (MODEL_NAME, "model")
+    assert_openai_error(
+        client.get("/v1/models/gpt-9", headers=HEADERS), 404, param="model", code="model_not_found"
+    )
 
 
 def test_errors_are_counted_in_metrics(client: TestClient) -> None:
@@ -330,3 +342,14 @@ def test_malformed_assistant_tool_calls_are_400(client: TestClient, tool_calls: 
     response = client.post(CHAT, json=chat_body(messages=messages), headers=HEADERS)
     error = assert_openai_error(response, 400)
     assert error["param"].startswith("messages.1.tool_calls")
+
+
+def test_the_anthropic_routes_stand_on_the_shared_layer_not_on_the_openai_routes() -> None:
+    source = (Path(__file__).parents[2] / "gateway" / "anthropic_routes.py").read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "gateway.openai_routes" not in imported and "gateway.serving" in imported
+    assert "OpenAIError" not in source

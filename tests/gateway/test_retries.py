@@ -8,6 +8,7 @@ sees them READY). The replica that works is the real engine service.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -121,21 +122,52 @@ def test_unavailable_replica_is_skipped_before_the_first_token(
         gateway.close()
 
 
-def test_all_replicas_unavailable_is_503(
+def test_all_replicas_unavailable_is_503_with_retry_after_and_no_address(
+    background: BackgroundLoop, checkpoint: Path, double_factory: list[tuple[grpc.aio.Server, str]]
+) -> None:
+    # The second replica listens nowhere: gRPC's own error then names its address.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_address = f"127.0.0.1:{probe.getsockname()[1]}"
+    double = FailingEngine(grpc.StatusCode.UNAVAILABLE)
+    gateway = gateway_with(
+        background, checkpoint, double_factory, [double], [closed_address], failover_wait_s=0
+    )
+    try:
+        response = httpx.post(
+            f"{gateway.base_url}/v1/completions",
+            json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 3},
+            timeout=30,
+        )
+        assert response.status_code == 503
+        assert int(response.headers["retry-after"]) >= 1
+        error = response.json()["error"]
+        assert error["code"] == "engine_unavailable"
+        assert "127.0.0.1" not in response.text and "connect" not in response.text
+        assert double.calls == 1
+    finally:
+        gateway.close()
+
+
+def test_replicas_with_full_queues_give_429_with_retry_after(
     background: BackgroundLoop, checkpoint: Path, double_factory: list[tuple[grpc.aio.Server, str]]
 ) -> None:
     doubles = [
-        FailingEngine(grpc.StatusCode.UNAVAILABLE),
         FailingEngine(grpc.StatusCode.RESOURCE_EXHAUSTED),
+        FailingEngine(grpc.StatusCode.UNAVAILABLE),
     ]
     gateway = gateway_with(background, checkpoint, double_factory, doubles, [], failover_wait_s=0)
     try:
-        with pytest.raises(openai.InternalServerError) as failure:
+        with pytest.raises(openai.RateLimitError) as failure:
             chat(gateway.base_url).completions.create(
                 model=MODEL_NAME, prompt="Hello", max_tokens=3
             )
-        assert failure.value.status_code == 503
+        assert failure.value.status_code == 429
+        assert int(failure.value.response.headers["retry-after"]) >= 1
+        assert failure.value.body["code"] == "engine_overloaded"  # type: ignore[index]
         assert [double.calls for double in doubles] == [1, 1]
+        metrics = httpx.get(f"{gateway.base_url}/metrics").text
+        assert 'switchyard_gateway_rejected_requests_total{code="engine_overloaded"} 1.0' in metrics
     finally:
         gateway.close()
 
@@ -180,7 +212,9 @@ def test_failure_after_the_first_token_ends_the_stream_with_an_error(
             payloads = [line.removeprefix("data: ") for line in response.iter_lines() if line]
         assert payloads[-1] == "[DONE]"
         error = json.loads(payloads[-2])["error"]
-        assert error["code"] == "unavailable" and error["type"] == "service_unavailable_error"
+        assert (
+            error["code"] == "engine_unavailable" and error["type"] == "service_unavailable_error"
+        )
         assert double.calls == 1  # not retried once output had been sent
     finally:
         gateway.close()

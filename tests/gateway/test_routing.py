@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
-from gateway.routing import LeastLoadPolicy, NoReplicaAvailable, Replica, RequestInfo, Router
+from gateway.routing import (
+    LeastLoadPolicy,
+    NoReplicaAvailable,
+    Replica,
+    ReplicasBusy,
+    RequestInfo,
+    Router,
+)
 from switchyard.v1 import common_pb2
 
 INFO = RequestInfo(request_id="r", model="tiny")
@@ -118,3 +126,28 @@ def test_replica_from_proto_is_ready_only_in_ready_state() -> None:
         128,
     )
     assert not draining.ready
+
+
+def test_a_replica_at_its_reported_capacity_is_skipped_and_all_full_is_busy() -> None:
+    full = Replica(replica_id="a", address="a:1", max_num_seqs=2, max_queued_requests=1)
+    spare = Replica(replica_id="b", address="b:1", max_num_seqs=2, max_queued_requests=1)
+    router = Router(FixedRoutes([full, spare]), LeastLoadPolicy())
+    for _ in range(3):
+        router._in_flight["a"] = router._in_flight.get("a", 0) + 1
+    assert router.select(INFO).replica_id == "b"
+    router._in_flight["b"] = 3
+    with pytest.raises(ReplicasBusy):
+        router.select(INFO)
+    router._in_flight["b"] = 2
+    assert router.select(INFO).replica_id == "b", "a replica below its bound takes requests at once"
+
+
+def test_the_configured_per_replica_bound_overrides_the_reported_capacity() -> None:
+    unbounded = Replica(replica_id="a", address="a:1")
+    router = Router(FixedRoutes([unbounded]), LeastLoadPolicy(), max_in_flight_per_replica=2)
+    router._in_flight["a"] = 2
+    with pytest.raises(ReplicasBusy):
+        router.select(INFO)
+    with pytest.raises(NoReplicaAvailable) as none_ready:
+        Router(FixedRoutes([replace(unbounded, ready=False)]), LeastLoadPolicy()).select(INFO)
+    assert not isinstance(none_ready.value, ReplicasBusy)

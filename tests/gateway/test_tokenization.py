@@ -34,3 +34,34 @@ def test_a_chat_with_large_tools_is_rendered_off_the_event_loop(
     finally:
         tokenizer.close()
     assert threads and threads[0] != threading.main_thread().name
+
+
+def test_the_worker_thread_encodes_with_a_tokenizer_of_its_own(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = ModelTokenizer(str(checkpoint))
+    used: list[Any] = []
+    encode = tokenizer._encode_prompt_sync
+
+    def recording(hf_tokenizer: Any, prompt: str) -> list[int]:
+        used.append(hf_tokenizer)
+        return encode(hf_tokenizer, prompt)
+
+    monkeypatch.setattr(tokenizer, "_encode_prompt_sync", recording)
+    try:
+        asyncio.run(tokenizer.encode_prompt("yard " * 1000))
+    finally:
+        tokenizer.close()
+    assert len(used) == 1 and used[0] is not tokenizer.tokenizer
+
+
+def test_short_prompts_encode_as_the_wrapper_does(checkpoint: Path) -> None:
+    tokenizer = ModelTokenizer(str(checkpoint))
+    assert tokenizer._direct, "the test checkpoint's tokenizer takes the fast path"
+    texts = ["Hello", "  two  spaces", "ünïcödé and 42", f"{tokenizer.tokenizer.eos_token} after"]
+    try:
+        for text in texts:
+            wrapper = list(tokenizer.tokenizer.encode(text, add_special_tokens=True))
+            assert asyncio.run(tokenizer.encode_prompt(text)) == wrapper
+    finally:
+        tokenizer.close()

@@ -8,6 +8,8 @@ are checked here instead. The controller's RBAC is exactly the minimal set, and
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,10 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+
+from engine_service.engine import EngineStats
+from engine_service.metrics import EngineMetrics
+from gateway.metrics import GatewayMetrics
 
 CHART = Path(__file__).parents[2] / "helm" / "switchyard"
 RELEASE, NAMESPACE = "sy", "serving"
@@ -48,6 +54,9 @@ MATRIX: dict[str, dict[str, Any]] = {
                          "redis": {"enabled": True},
                          "secret": {"apiKeys": ["sk-a rpm=5"], "adminKey": "sk-admin"}},
     "tools-off": {"toolService": {"enabled": False}},
+    "dashboard": {"serviceMonitor": {"enabled": True},
+                  "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
+                  "engine": {"maxQueuedRequests": 32}},
     "monitoring-and-route": {"serviceMonitor": {"enabled": True},
                              "httpRoute": {"enabled": True, "parentRefs": [{"name": "gw"}],
                                            "hostnames": ["llm.example"]}},
@@ -280,6 +289,48 @@ def test_ingress_and_route_lead_to_the_gateway(chart: helm.Chart) -> None:
         )
 
 
+def test_the_grafana_dashboard_ships_as_a_sidecar_configmap_with_every_panel(
+    chart: helm.Chart,
+) -> None:
+    assert not any(o["kind"] == "ConfigMap" and "dashboard" in o["metadata"]["name"]
+                   for o in render(chart, {}))  # fmt: skip
+    objects = render(chart, MATRIX["dashboard"])
+    configmap = one(objects, "ConfigMap", f"{RELEASE}-switchyard-dashboard")
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(configmap["data"]["switchyard.json"])
+    titles = " | ".join(panel["title"] for panel in dashboard["panels"]).lower()
+    for subject in ("request rate", "time to first token", "inter-token latency", "queue depth",
+                    "kv-cache usage", "prefix-cache hit rate"):  # fmt: skip
+        assert subject in titles, subject
+    per_replica = [p for p in dashboard["panels"] if "per replica" in p["title"]]
+    assert all("pod" in t["expr"] for p in per_replica for t in p["targets"])
+
+
+def test_the_dashboard_queries_only_metrics_the_services_export() -> None:
+    """Every metric a panel queries is in the real engine's or gateway's registry."""
+    stats = EngineStats(0, 0, 0.0, 1, 1, 0, 0, 0, 0, 0, 0)
+    exported: set[str] = set()
+    for registry in (EngineMetrics("m", lambda: stats).registry, GatewayMetrics().registry):
+        for family in registry.collect():
+            # Labelled families may have no sample yet: name the series by the family's type.
+            suffix = {"counter": "_total", "histogram": "_bucket"}.get(family.type, "")
+            exported.add(family.name + suffix)
+    dashboard = json.loads((CHART / "dashboards" / "switchyard.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"([a-z_:]+)\{", target["expr"])
+    }
+    assert queried and queried <= exported, queried - exported
+
+
+def test_the_engines_queue_bound_reaches_their_settings(chart: helm.Chart) -> None:
+    assert "max_queued_requests" not in config(render(chart, {}))["engine"]
+    assert config(render(chart, MATRIX["dashboard"]))["engine"]["max_queued_requests"] == 32
+
+
 def test_with_the_autoscaler_the_chart_leaves_the_engine_count_alone(chart: helm.Chart) -> None:
     objects = render(chart, MATRIX["autoscaling"])
     assert "replicas" not in one(objects, "Deployment", f"{RELEASE}-switchyard-engine")["spec"]
@@ -304,6 +355,8 @@ def test_with_the_autoscaler_the_chart_leaves_the_engine_count_alone(chart: helm
         {"toolService": {"mcpServers": ["no label"]}},
         {"toolService": {"fileSearchVolumes": [{"mountPath": "/srv"}]}},  # from where?
         {"gateway": {"rateLimits": {"rpm": -1}}},
+        {"engine": {"maxQueuedRequests": -1}},
+        {"grafanaDashboard": {"enabled": True, "lables": {}}},
     ],
 )
 def test_the_values_schema_rejects_bad_values(chart: helm.Chart, values: dict[str, Any]) -> None:

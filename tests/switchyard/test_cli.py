@@ -126,3 +126,8 @@ def test_internal_ports_never_repeat_the_gateway_port() -> None:
     ports = choose_stack_ports(args)
     chosen = [ports.gateway, ports.controller, ports.kv, ports.kv_metrics]
     assert len(set(chosen)) == 4
+
+
+def test_max_queued_requests_reaches_every_engine() -> None:
+    args = build_parser().parse_args(["up", "--max-queued-requests", "7"])
+    assert _engine_args(args)[-2:] == ["--max-queued-requests", "7"]

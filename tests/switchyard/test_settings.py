@@ -132,3 +132,41 @@ def test_configuration_doc_lists_every_field() -> None:
         for name in settings_cls.model_fields:
             assert f"`--{name.replace('_', '-')}`" in doc, name
             assert f"`SWITCHYARD_{name.upper()}`" in doc, name
+
+
+def test_a_misspelt_yaml_key_is_refused_by_name(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, "engine:\n  max_num_seq: 8\n")
+    with pytest.raises(ValueError, match="'max_num_seq' in the engine: section"):
+        EngineSettings(config=config)
+    flat = write_yaml(tmp_path, "prot: 8080\n")
+    with pytest.raises(ValueError, match="unknown setting 'prot'"):
+        GatewaySettings(config=flat)
+
+
+def test_a_key_of_another_service_in_a_shared_flat_file_is_accepted(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, "port: 8080\napi_keys: [k]\nnum_kv_blocks: 64\n")
+    assert EngineSettings(config=config).num_kv_blocks == 64
+    assert GatewaySettings(config=config).api_keys == ["k"]
+
+
+def test_a_misspelt_env_var_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWITCHYARD_MAX_NUM_SEQ", "8")
+    with pytest.raises(ValueError, match="SWITCHYARD_MAX_NUM_SEQ"):
+        EngineSettings()
+
+
+def test_env_vars_of_other_services_and_the_stack_id_are_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SWITCHYARD_API_KEYS", "k")  # a gateway setting, seen by an engine
+    monkeypatch.setenv("SWITCHYARD_UP_ID", "abc")
+    assert EngineSettings().port == 50100
+
+
+def test_load_settings_exits_with_the_unknown_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_yaml(tmp_path, "gateway:\n  routing_polcy: prefix\n")
+    with pytest.raises(SystemExit):
+        load_settings(GatewaySettings, ["--config", str(config)])
+    assert "routing_polcy" in capsys.readouterr().err

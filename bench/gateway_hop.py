@@ -1,0 +1,274 @@
+"""The gateway's own cost per request, without an engine's compute in the way.
+
+    python bench/gateway_hop.py [--requests N] [--json PATH]
+
+Starts an engine double that answers every ``Generate`` at once (a real ``EngineService``
+gRPC server: a few token ids, no model) and a gateway routed to it (``python -m gateway
+--engines``, the demo model's tokenizer), then alternates, request by request:
+
+- ``gateway``: a streamed ``/v1/completions`` (a 64-word prompt, 4 tokens) through the
+  gateway, timed to the first event with text, by a client that reads the socket itself;
+- ``gateway_httpx``: the same through ``httpx``, the client ``bench/serving.py`` uses;
+- ``direct``: the same request's ``Generate`` straight to the double, timed to its first
+  response (the reference: what the gateway's own gRPC call costs at least).
+
+``gateway_hop_ms_p50`` is the gateway's p50 minus the direct p50: parsing, validation,
+tokenization, routing, the gRPC call's setup, detokenization and the first SSE write. On a
+busy shared machine ``bench/serving.py``'s ``gateway_overhead_ms_p50`` adds to this the time
+the gateway process waits for a core; this benchmark keeps that small by doing one request at
+a time. Prints a table, writes JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # this tree's stubs, not an installed copy's
+
+from switchyard.settings import default_data_dir  # noqa: E402
+from switchyard.v1 import common_pb2, engine_pb2, engine_pb2_grpc  # noqa: E402
+
+PROMPT = " ".join(["signal", "track", "yard", "switch"] * 16)
+MAX_TOKENS = 4
+
+
+class InstantEngine(engine_pb2_grpc.EngineServiceServicer):
+    """Answers every request at once with ``max_tokens`` token ids, one per response."""
+
+    async def Generate(self, request, context):  # type: ignore[no-untyped-def]
+        count = request.sampling.max_tokens or MAX_TOKENS
+        for position in range(count):
+            last = position == count - 1
+            yield engine_pb2.GenerateResponse(
+                index=0,
+                token_ids=[300 + position],
+                finished=last,
+                finish_reason="length" if last else "",
+                num_prompt_tokens=len(request.prompt_token_ids),
+            )
+
+    async def GetStats(self, request, context):  # type: ignore[no-untyped-def]
+        load = common_pb2.ReplicaLoad(max_num_seqs=256, max_queued_requests=256)
+        return engine_pb2.GetStatsResponse(
+            replica_id="instant", model="bench", max_model_len=4096, load=load
+        )
+
+
+async def serve_instant_engine(port: int) -> None:
+    server = grpc.aio.server()
+    engine_pb2_grpc.add_EngineServiceServicer_to_server(InstantEngine(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RawClient:
+    """HTTP/1.1 over one kept-alive socket, read by hand: next to no client-side cost."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        body = json.dumps(
+            {"model": "bench", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True}
+        ).encode()
+        self._request = (
+            b"POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+
+    async def open(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self._port)
+
+    async def first_text_s(self) -> float:
+        start = time.perf_counter()
+        self._writer.write(self._request)
+        received, first = b"", None
+        while not received.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
+            chunk = await self._reader.read(65536)
+            if not chunk:
+                raise RuntimeError("the gateway closed the connection")
+            received += chunk
+            if first is None and b'"text":"' in received.partition(b"\r\n\r\n")[2]:
+                first = time.perf_counter() - start
+        if first is None or not received.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"unexpected answer: {received[:200]!r}")
+        return first
+
+
+async def httpx_first_text_s(http: httpx.AsyncClient, url: str) -> float:
+    body = {"model": "bench", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True}
+    start = time.perf_counter()
+    first = None
+    async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if first is None and line.startswith("data: {") and '"text":"' in line:
+                first = time.perf_counter() - start
+    if first is None:
+        raise RuntimeError("no text came back")
+    return first
+
+
+async def direct_first_s(stub: engine_pb2_grpc.EngineServiceStub, number: int) -> float:
+    request = engine_pb2.GenerateRequest(
+        request_id=f"hop-{number}",
+        prompt_token_ids=list(range(5, 70)),
+        sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS),
+    )
+    start = time.perf_counter()
+    first = None
+    async for _ in stub.Generate(request):
+        if first is None:
+            first = time.perf_counter() - start
+    assert first is not None
+    return first
+
+
+async def measure(args: argparse.Namespace, gateway_port: int, engine_port: int) -> dict[str, Any]:
+    raw = RawClient(gateway_port)
+    await raw.open()
+    url = f"http://127.0.0.1:{gateway_port}"
+    samples: dict[str, list[float]] = {"gateway": [], "gateway_httpx": [], "direct": []}
+    async with (
+        httpx.AsyncClient(timeout=30) as http,
+        grpc.aio.insecure_channel(f"127.0.0.1:{engine_port}") as channel,
+    ):
+        stub = engine_pb2_grpc.EngineServiceStub(channel)
+        for number in range(args.warmup + args.requests):
+            timings = {
+                "gateway": await raw.first_text_s(),
+                "gateway_httpx": await httpx_first_text_s(http, url),
+                "direct": await direct_first_s(stub, number),
+            }
+            if number >= args.warmup:
+                for name, value in timings.items():
+                    samples[name].append(value)
+
+    def pct(values: list[float], q: int) -> float:
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
+
+    paths = {
+        name: {"first_ms_p50": pct(values, 50), "first_ms_p99": pct(values, 99)}
+        for name, values in samples.items()
+    }
+    return {
+        "config": {
+            "requests": args.requests,
+            "prompt_words": 64,
+            "max_tokens": MAX_TOKENS,
+            "gateway_source": str(args.gateway_source),
+        },
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "paths": paths,
+        "gateway_hop_ms_p50": paths["gateway"]["first_ms_p50"] - paths["direct"]["first_ms_p50"],
+        "gateway_hop_httpx_ms_p50": paths["gateway_httpx"]["first_ms_p50"]
+        - paths["direct"]["first_ms_p50"],
+    }
+
+
+def wait_for(url: str, process: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit("the gateway exited while starting")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"{url} did not answer 200 in {timeout_s:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=400, help="per path")
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument(
+        "--gateway-source",
+        type=Path,
+        default=REPO_ROOT,
+        help="source tree whose gateway to run (to compare two versions)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="where the demo model's tokenizer is (built there on first use)",
+    )
+    parser.add_argument("--serve-engine", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_engine:
+        asyncio.run(serve_instant_engine(args.serve_engine))
+        return 0
+
+    engine_port, gateway_port = free_port(), free_port()
+    data_dir = str(args.data_dir)
+    gateway_argv = [
+        sys.executable, "-m", "gateway",
+        "--engines", f"127.0.0.1:{engine_port}",
+        "--host", "127.0.0.1",
+        "--port", str(gateway_port),
+        "--model", "demo",
+        "--served-model-name", "bench",
+        "--data-dir", data_dir,
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    engine = subprocess.Popen(
+        [sys.executable, __file__, "--serve-engine", str(engine_port)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    gateway = subprocess.Popen(
+        gateway_argv,
+        cwd=args.gateway_source,
+        env={**os.environ, "PYTHONPATH": str(args.gateway_source)},
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{gateway_port}/health", gateway)
+        report = asyncio.run(measure(args, gateway_port, engine_port))
+    finally:
+        for process in (gateway, engine):
+            process.terminate()
+            process.wait(timeout=30)
+    print(f"\n{args.requests} requests per path, one at a time, {MAX_TOKENS} tokens each")
+    print(f"{'path':<34}{'first text p50':>16}{'p99':>10}")
+    labels = {
+        "gateway": "through the gateway (raw client)",
+        "gateway_httpx": "through the gateway (httpx)",
+        "direct": "engine double direct (gRPC)",
+    }
+    for name, label in labels.items():
+        figures = report["paths"][name]
+        print(f"{label:<34}{figures['first_ms_p50']:>13.2f} ms{figures['first_ms_p99']:>7.2f} ms")
+    print(f"gateway_hop_ms_p50: {report['gateway_hop_ms_p50']:.2f} ms "
+          f"(with httpx: {report['gateway_hop_httpx_ms_p50']:.2f} ms)")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
