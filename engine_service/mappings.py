@@ -36,6 +36,7 @@ def load_from_stats(
         host_hit_tokens=stats.host_hit_tokens,
         remote_hit_tokens=stats.remote_hit_tokens,
         recomputed_tokens=stats.recomputed_tokens,
+        spec_acceptance_length=stats.spec_mean_acceptance_length,
     )
 
 

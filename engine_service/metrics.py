@@ -147,11 +147,34 @@ class _StatsCollector(Collector):
                 "Output tokens a grammar forced, appended by jump-forward without sampling.",
                 stats.jump_forward_tokens,
             ),
+            (
+                "vllm:spec_decode_num_drafts",
+                "Speculative verification rounds (one per sequence per step).",
+                stats.spec_num_drafts,
+            ),
+            (
+                "vllm:spec_decode_num_draft_tokens",
+                "Draft tokens proposed for verification.",
+                stats.spec_num_draft_tokens,
+            ),
+            (
+                "vllm:spec_decode_num_accepted_tokens",
+                "Draft tokens the target model accepted.",
+                stats.spec_num_accepted_tokens,
+            ),
         ]
         for name, doc, value in counters:
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric(labels, value)
             yield counter
+        per_position = CounterMetricFamily(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted draft tokens by their position in the draft.",
+            labels=["model_name", "position"],
+        )
+        for position, accepted in enumerate(stats.spec_accepted_per_position):
+            per_position.add_metric([*labels, str(position)], accepted)
+        yield per_position
         yield from _tier_metrics(labels, stats)
 
 

@@ -373,11 +373,16 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
 
     Hit rates are shares of the prompt tokens each replica was asked for: served from its
     device prefix cache, restored from its host-memory tier, or fetched from the KV service.
+    SPEC ACCEPT (when a replica speculates) is its mean acceptance length: tokens committed
+    per verification round.
     """
     header = (
         "ID", "ADDRESS", "STATE", "RUNNING", "WAITING", "KV USAGE",
         "PREFIX HIT", "HOST HIT", "REMOTE HIT",
     )  # fmt: skip
+    with_spec = any(r.load.spec_acceptance_length for r in reply.replicas)
+    if with_spec:
+        header = (*header, "SPEC ACCEPT")
     rows = [header]
     for replica in reply.replicas:
         state = common_pb2.ReplicaState.Name(replica.state).removeprefix("REPLICA_STATE_")
@@ -393,6 +398,7 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
                 f"{100 * load.prefix_hit_rate:.1f}%",
                 _share(load.host_hit_tokens, load.prefix_cache_queries),
                 _share(load.remote_hit_tokens, load.prefix_cache_queries),
+                *((f"{load.spec_acceptance_length:.2f}",) if with_spec else ()),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -80,7 +80,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class ReplicaLoad(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_usage", "prefix_hit_rate", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "host_hit_tokens", "remote_hit_tokens", "recomputed_tokens", "max_num_seqs", "max_queued_requests")
+    __slots__ = ("num_running", "num_waiting", "kv_usage", "prefix_hit_rate", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "host_hit_tokens", "remote_hit_tokens", "recomputed_tokens", "max_num_seqs", "max_queued_requests", "spec_acceptance_length")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class ReplicaLoad(_message.Message):
     RECOMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ACCEPTANCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_usage: float
@@ -109,7 +110,8 @@ class ReplicaLoad(_message.Message):
     recomputed_tokens: int
     max_num_seqs: int
     max_queued_requests: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., remote_hit_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queued_requests: _Optional[int] = ...) -> None: ...
+    spec_acceptance_length: float
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., remote_hit_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., spec_acceptance_length: _Optional[float] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("replica_id", "address", "model", "role", "state", "load", "adapters", "max_model_len", "metrics_address", "last_heartbeat_unix")

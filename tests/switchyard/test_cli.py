@@ -114,6 +114,24 @@ def test_status_shows_hit_rates_per_tier() -> None:
     assert row.split()[-3:] == ["40.0%", "10.0%", "25.0%"]
 
 
+def test_status_shows_the_mean_acceptance_length_of_speculating_replicas() -> None:
+    from switchyard.cli import format_status
+    from switchyard.v1 import common_pb2, controller_pb2
+
+    replicas = [
+        common_pb2.Replica(replica_id="engine-0", load=common_pb2.ReplicaLoad()),
+        common_pb2.Replica(
+            replica_id="engine-1", load=common_pb2.ReplicaLoad(spec_acceptance_length=2.75)
+        ),
+    ]
+    header, *rows = format_status(
+        controller_pb2.ListReplicasResponse(replicas=replicas)
+    ).splitlines()
+    assert header.split()[-2:] == ["SPEC", "ACCEPT"]
+    assert rows[0].split()[-1] == "0.00"
+    assert rows[1].split()[-1] == "2.75"
+
+
 def test_internal_ports_never_repeat_the_gateway_port() -> None:
     """``--port 50051``: the controller's default is free until the gateway binds it."""
     gateway_port = any_free_port("127.0.0.1")
