@@ -1,8 +1,9 @@
 """Fixtures of the chaos suite: one small checkpoint and one ``switchyard up`` stack for the
 whole folder (starting a stack is the slow part), and the checks every chaos test ends with.
 
-The stack runs one engine that takes one request at a time (``--max-num-seqs 1``), so that a
-test can hold one request running and others waiting, and knows which engine has them; its
+The stack runs one engine that takes one request at a time (``--max-num-seqs 1``) and queues
+four more, so that a test can hold one request running and others waiting, and knows which
+engine has them, and a burst of a few dozen is far over capacity; its
 context is long enough for a stream that outlasts a kill. Its internal ports are ``up``'s
 defaults (or the free ports ``up`` falls back to), as a user's would be. Every test leaves
 the stack serving and idle for the next; the fixture stops it and checks that no process of
@@ -45,7 +46,12 @@ def stack_args(work_dir: Path) -> list[str]:
     """The flags (besides those of ``start_stack``) every chaos stack runs with."""
     settings = work_dir / "settings.yaml"
     settings.write_text(SETTINGS)
-    return ["--max-num-seqs", "1", "--max-model-len", "2048", "--config", str(settings)]
+    return [
+        "--max-num-seqs", "1",
+        "--max-queued-requests", "4",  # a burst of a few dozen is far over capacity
+        "--max-model-len", "2048",
+        "--config", str(settings),
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
