@@ -41,6 +41,11 @@ class EngineConfig:
     Structured output: ``grammar_backend`` compiles the constraints that name no backend
     (``"llguidance"`` or ``"xgrammar"``); ``enable_jump_forward`` appends the bytes a grammar
     forces in one step instead of sampling them token by token.
+
+    LoRA: with ``enable_lora`` every linear layer of the decoder can carry adapters of rank
+    up to ``max_lora_rank``; ``max_loras`` of them sit on the device at once (a batch mixes
+    them freely with the base model), ``max_cpu_loras`` (default ``max_loras``) in host
+    memory. ``lora_modules`` are (name, PEFT folder or hub id) pairs loaded at start.
     """
 
     model: str
@@ -70,6 +75,11 @@ class EngineConfig:
     enable_jump_forward: bool = True
     async_scheduling: bool = True
     speculative_config: str = ""
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_modules: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -86,6 +96,8 @@ class EngineConfig:
             raise ValueError("kv_offload_host_bytes must not be negative")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules need enable_lora")
         if self.grammar_backend not in ("llguidance", "xgrammar"):
             raise ValueError(
                 f"grammar_backend must be llguidance or xgrammar, got {self.grammar_backend!r}"

@@ -21,6 +21,7 @@ from engine_service.engine.batch import SampledTokens, ScheduledBatch
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVEventLog, KVTier
+from engine_service.engine.lora_manager import LoRAAdapter, LoRAManager
 from engine_service.engine.memory import num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.offload import OffloadManager, RemoteKVStore
@@ -82,6 +83,18 @@ class LLMEngine:
                 f"max_position_embeddings {limit}"
             )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        # Adapters attach to the model before any CUDA graph is captured (as no-ops there).
+        self.lora: LoRAManager | None = None
+        if config.enable_lora:
+            self.lora = LoRAManager(
+                self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras
+            )
+            for name, source in config.lora_modules:
+                self.lora.add(name, source)
+        # Requests whose adapter waits for a free device slot, in arrival order, and the
+        # slot each admitted request id pins.
+        self._lora_waiting: list[tuple[Request, LoRAAdapter]] = []
+        self._lora_slot_of: dict[str, int] = {}
 
         num_blocks = num_kv_blocks(config, self.model_config, self.dtype, self.device)
         # A sequence longer than the whole pool could never be (re)admitted and would stall
@@ -148,6 +161,7 @@ class LLMEngine:
             max_blocks_per_seq=-(-self.max_model_len // config.block_size),
             scratch_block=num_blocks,
             graphs_max_tokens=graphs_max_tokens,
+            lora_slots=self.lora.slots if self.lora is not None else None,
         )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
@@ -192,13 +206,23 @@ class LLMEngine:
         cache_salt: str | None = None,
         *,
         grammar: GrammarMatcher | None = None,
+        adapter: str | None = None,
     ) -> None:
         """Queue a request; raises ``ValueError`` for input the engine cannot serve. Only
         requests with the same ``cache_salt`` share prefix-cache blocks.
 
         ``grammar`` is a matcher already compiled for ``params.structured`` (by
         ``self.structured.matcher`` on another thread, so the step thread never compiles);
-        without it the grammar is compiled here."""
+        without it the grammar is compiled here.
+
+        ``adapter`` names a loaded LoRA adapter (``UnknownAdapterError``, a ``ValueError``,
+        if it is not); the request waits aside, without holding others up, until a device
+        slot is free for it. Its blocks are keyed by the adapter's content fingerprint."""
+        lora_adapter = None
+        if adapter:
+            if self.lora is None:
+                raise ValueError("LoRA adapters are not enabled on this engine (--enable-lora)")
+            lora_adapter = self.lora.get(adapter)
         if request_id in self._samples:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -230,17 +254,68 @@ class LLMEngine:
             priority=priority,
             grammar=grammar,
             cache_salt=cache_salt or None,
+            adapter_id=lora_adapter.cache_key if lora_adapter is not None else None,
         )
         first.pending_forks = [first.fork(i) for i in range(1, params.n)]
         self._samples[request_id] = [first, *first.pending_forks]
-        self.scheduler.add(first)
         self.prompt_tokens_total += len(prompt_token_ids)
+        if lora_adapter is None:
+            self.scheduler.add(first)
+        else:
+            self._lora_waiting.append((first, lora_adapter))
+            self._admit_lora_waiting()
+
+    def add_lora(self, name: str, source: str, replace: bool = False) -> None:
+        """Load and register a PEFT adapter (folder or hub id); ``ValueError`` says why a
+        bad one is refused, and leaves every loaded adapter as it was."""
+        if self.lora is None:
+            raise ValueError("LoRA adapters are not enabled on this engine (--enable-lora)")
+        self.lora.add(name, source, replace)
+
+    def remove_lora(self, name: str) -> None:
+        """Unregister an adapter; requests already queued with it finish with it."""
+        if self.lora is None:
+            raise ValueError("LoRA adapters are not enabled on this engine (--enable-lora)")
+        self.lora.remove(name)
+
+    def _admit_lora_waiting(self) -> None:
+        """Hand the scheduler every waiting adapter request that gets a device slot."""
+        assert self.lora is not None or not self._lora_waiting
+        still: list[tuple[Request, LoRAAdapter]] = []
+        for request, adapter in self._lora_waiting:
+            try:
+                slot = self.lora.acquire(adapter) if self.lora is not None else None
+            except ValueError as exc:  # its files changed or vanished since it was loaded
+                logger.error("request %s cannot start: %s", request.request_id, exc)
+                self._samples.pop(request.request_id, None)
+                for sample in (request, *request.pending_forks):
+                    sample.finish("abort")
+                    self._pending_outputs.append(self._output(sample))
+                continue
+            if slot is None:
+                still.append((request, adapter))
+                continue
+            self._lora_slot_of[request.request_id] = slot
+            for sample in (request, *request.pending_forks):
+                sample.adapter_slot = slot + 1
+            self.scheduler.add(request)
+        self._lora_waiting = still
+
+    def _release_lora(self, request_id: str) -> None:
+        slot = self._lora_slot_of.pop(request_id, None)
+        if slot is not None:
+            assert self.lora is not None
+            self.lora.release(slot)
+        if self._lora_waiting:
+            self._admit_lora_waiting()
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks; False if it is unknown."""
         samples = self._samples.pop(request_id, None)
         if samples is None:
             return False
+        self._lora_waiting = [w for w in self._lora_waiting if w[0].request_id != request_id]
+        self._release_lora(request_id)
         for request in samples:
             if request.is_finished:
                 continue
@@ -260,6 +335,7 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return (
             self.scheduler.has_unfinished()
+            or bool(self._lora_waiting)
             or bool(self._pending_outputs)
             or self._in_flight is not None
         )
@@ -392,6 +468,7 @@ class LLMEngine:
         samples = self._samples.get(request_id)
         if samples is not None and all(s.is_finished for s in samples):
             del self._samples[request_id]
+            self._release_lora(request_id)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -471,14 +548,19 @@ class LLMEngine:
                     remaining -= output.finished
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        adapters: list[str | None] | None = None,
     ) -> list[list[list[int]]]:
-        """Offline batch: token ids of every sample of every prompt, in prompt order."""
+        """Offline batch: token ids of every sample of every prompt, in prompt order;
+        ``adapters`` names each prompt's LoRA adapter (``None``: the base model)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapter_list = adapters if adapters is not None else [None] * len(prompts)
         ids = [f"generate-{id(self)}-{i}" for i in range(len(prompts))]
         results = {rid: [[] for _ in range(p.n)] for rid, p in zip(ids, params_list)}
-        for rid, prompt, p in zip(ids, prompts, params_list):
-            self.add_request(rid, prompt, p)
+        for rid, prompt, p, adapter in zip(ids, prompts, params_list, adapter_list):
+            self.add_request(rid, prompt, p, adapter=adapter)
         while self.has_unfinished():
             for output in self.step():
                 if output.request_id in results:

@@ -5,6 +5,11 @@ per sequence only its block table and its slice of token ids are copied. Two buf
 alternate, so the inputs of step N+1 are written while step N (overlapped) still reads its
 own. On CUDA the host arrays go through pinned memory in one asynchronous copy each; steps
 whose shape fits a captured CUDA graph replay it (:mod:`engine_service.engine.cuda_graphs`).
+
+With LoRA, the step's per-token adapter slots (``ScheduledSequence.adapter_slot - 1``, ``-1``
+for the base model) go into the model's :class:`LoRASlots` right before its forward pass;
+a step without adapters sets ``None`` and the deltas do nothing. The torch deltas read the
+slots on the host, so a step with adapters always runs eagerly, never from a graph.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 
 from engine_service.engine.batch import ScheduledBatch
+from engine_service.layers.lora import LoRASlots
 from engine_service.layers.paged_attention import AttentionBackend, AttentionMetadata
 
 
@@ -30,6 +36,7 @@ class StepInputs:
     logits_indices: torch.Tensor
     pending_rows: torch.Tensor | None
     pending_src: torch.Tensor | None
+    lora_token_slots: torch.Tensor | None = None
 
 
 class _HostBuffers:
@@ -53,6 +60,7 @@ class _HostBuffers:
         self.packed_tables_t, self.packed_tables = buffer(max_seqs * max_blocks, dtype=torch.int32)
         self.pending_rows_t, self.pending_rows = buffer(max_seqs)
         self.pending_src_t, self.pending_src = buffer(max_seqs)
+        self.lora_slots_t, self.lora_slots = buffer(max_tokens)
 
 
 class ModelRunner:
@@ -69,8 +77,10 @@ class ModelRunner:
         max_blocks_per_seq: int,
         scratch_block: int,
         graphs_max_tokens: int = 0,
+        lora_slots: LoRASlots | None = None,
     ) -> None:
         self.model = model
+        self.lora_slots = lora_slots
         self.backend = backend
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -153,6 +163,13 @@ class ModelRunner:
         if any(s.custom_mask is not None for s in seqs):
             custom_mask, offsets = self._custom_masks(batch)
 
+        lora_token_slots = None
+        if self.lora_slots is not None:
+            adapter_slots = np.fromiter((s.adapter_slot for s in seqs), np.int64, num_seqs)
+            if adapter_slots.any():
+                np.subtract(np.repeat(adapter_slots, q_lens), 1, out=buf.lora_slots[:num_tokens])
+                lora_token_slots = self._to_device(buf.lora_slots_t[:num_tokens])
+
         packed = buf.packed_tables[: num_seqs * width].reshape(num_seqs, width)
         packed[:] = tables[:num_seqs, :width]
         to = self._to_device
@@ -178,6 +195,7 @@ class ModelRunner:
             logits_indices=to(buf.logits_t[:total_logits]),
             pending_rows=to(buf.pending_rows_t[:num_pending]) if num_pending else None,
             pending_src=to(buf.pending_src_t[:num_pending]) if num_pending else None,
+            lora_token_slots=lora_token_slots,
         )
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
@@ -229,7 +247,9 @@ class ModelRunner:
             assert prev_sampled is not None, "pending tokens need the previous step's tokens"
             input_ids = input_ids.clone()
             input_ids[inputs.pending_rows] = prev_sampled[inputs.pending_src]
-        if self.graphs is not None and self.graphs.fits(inputs):
+        if self.lora_slots is not None:
+            self.lora_slots.set(inputs.lora_token_slots)
+        if self.graphs is not None and inputs.lora_token_slots is None and self.graphs.fits(inputs):
             hidden = self.graphs.replay(input_ids, inputs)
         else:
             self.backend.prepare(inputs.meta, self.block_size)

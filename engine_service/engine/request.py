@@ -75,6 +75,9 @@ class Request:
     # placeholder ranges; extra keys for block hashes (adapter id, image hashes); where
     # offloaded prefix blocks are being fetched from.
     adapter_id: str | None = None
+    # The device LoRA slot + 1 the request's tokens use (0: the base model); set by the
+    # engine when it admits the request, copied into every ScheduledSequence.
+    adapter_slot: int = 0
     spec_token_ids: list[int] = field(default_factory=list)
     mm_inputs: list[Any] = field(default_factory=list)
     cache_salt: str | None = None
@@ -167,6 +170,7 @@ class Request:
             priority=self.priority,
             arrival_seq=self.arrival_seq,
             adapter_id=self.adapter_id,
+            adapter_slot=self.adapter_slot,
             cache_salt=self.cache_salt,
             grammar=self.grammar.copy() if self.grammar is not None else None,
         )

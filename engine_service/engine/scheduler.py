@@ -213,6 +213,7 @@ class Scheduler:
             num_tokens=num_new,
             num_logits=1 if reaches_end else 0,
             epoch=request.num_preemptions,
+            adapter_slot=request.adapter_slot,
             pending_row=request.pending_row if reaches_end and request.num_pending_tokens else -1,
             draft_room=draft_room,
         )

@@ -1,0 +1,385 @@
+"""Adapter memory for multi-LoRA: PEFT folders in, device slots out.
+
+Three tiers, like the KV cache's::
+
+    disk / hub     PEFT folder: adapter_config.json + adapter_model.safetensors
+      │ load_peft_adapter (validated; fingerprinted)
+    host cache     at most ``max_cpu_loras`` adapters' tensors, LRU; a registered adapter
+      │            evicted from here is read from its folder again when next needed
+    device slots   ``max_loras`` slots of the model's :class:`TorchLoRA` deltas; a slot is
+                   pinned while a request using it is unfinished, else reusable (LRU)
+
+A registered name points at one *version* of an adapter (:class:`LoRAAdapter`). Loading a
+name again (in place) makes a new version; requests already admitted keep the old one's
+slot until they finish. Slots are keyed by version, so two names for identical files still
+use separate slots, but share their KV blocks: the prefix-cache key is the version's
+*content fingerprint* (a digest of the config fields that change the maths and of every
+tensor), never its name or path, so new weights read from an old path never hit stale KV.
+
+Nothing here blocks the step loop: :meth:`LoRAManager.acquire` either returns a slot at once
+or ``None`` (every slot is pinned), and the engine keeps such a request aside until a slot
+is released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from engine_service.layers.linear import LinearBase, RowParallelLinear
+from engine_service.layers.lora import LoRASlots, TorchLoRA, attach_lora
+from engine_service.models.loader import resolve_model_path
+from engine_service.models.weights import resolve_name
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# Linear layers that never take an adapter: the output head (tied to the embeddings).
+_NOT_ADAPTABLE = frozenset({"lm_head"})
+_PEFT_PREFIX = "base_model.model."
+
+
+class UnknownAdapterError(ValueError):
+    """A request or an unload named an adapter that is not loaded."""
+
+
+@dataclass(slots=True)
+class LoRAAdapter:
+    """One loaded version of a PEFT adapter.
+
+    ``weights`` maps (our module name, shard id) to the full pair ``(A [r, in], B [out, r])``
+    with the scaling already folded into ``B``; it is ``None`` while the adapter is out of
+    the host cache. ``fingerprint`` is the content digest that keys its KV blocks.
+    """
+
+    name: str
+    path: Path
+    source: str
+    rank: int
+    scaling: float
+    target_modules: list[str]
+    fingerprint: str
+    weights: dict[tuple[str, Any], tuple[torch.Tensor, torch.Tensor]] | None = field(
+        default=None, repr=False
+    )
+
+    @property
+    def cache_key(self) -> str:
+        """What block hashes carry for this adapter (``block_extra_keys``'s adapter key)."""
+        return f"lora:{self.fingerprint}"
+
+
+def adaptable_modules(net: nn.Module) -> dict[str, LinearBase]:
+    """The model's linear layers that can carry an adapter, by module name."""
+    return {
+        name: module
+        for name, module in net.named_modules()
+        if isinstance(module, LinearBase) and name.rsplit(".", 1)[-1] not in _NOT_ADAPTABLE
+    }
+
+
+def checkpoint_target_names(net: nn.Module) -> set[str]:
+    """The projection names a PEFT config may target on this model: the checkpoint's own
+    (``q_proj``, ``gate_proj``, ...), including the pieces of our stacked layers."""
+    ours = {name.rsplit(".", 1)[-1] for name in adaptable_modules(net)}
+    mapping = getattr(net, "packed_modules_mapping", {})
+    names = {src for src, (dst, _) in mapping.items() if dst in ours}
+    stacked = {dst for dst, _ in mapping.values()}
+    return names | (ours - stacked)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"adapter folder {str(path)!r} has no {CONFIG_FILE}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{CONFIG_FILE} in {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{CONFIG_FILE} in {str(path)!r} is not a JSON object")
+    return config
+
+
+def _check_config(config: dict[str, Any], where: str) -> tuple[int, float, list[str] | str]:
+    """(rank, scaling, target_modules) from a PEFT LoRA config; refuses what we cannot run."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"{where}: r must be a positive integer, got {rank!r}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise ValueError(f"{where}: lora_alpha must be a number, got {alpha!r}")
+    unsupported = {
+        "use_dora": bool(config.get("use_dora")),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "modules_to_save": bool(config.get("modules_to_save")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "bias": config.get("bias", "none") not in (None, "none"),
+    }
+    if bad := [key for key, used in unsupported.items() if used]:
+        raise ValueError(f"{where}: adapters using {', '.join(bad)} are not supported")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        pass
+    elif (
+        not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets)
+    ):
+        raise ValueError(f"{where}: target_modules must be a list of module names or a regex")
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return rank, float(scaling), targets
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        other = " (only adapter_model.bin, which is not read: save with safetensors)"
+        hint = other if (path / "adapter_model.bin").is_file() else ""
+        raise ValueError(f"adapter folder {str(path)!r} has no {WEIGHTS_FILE}{hint}")
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"{WEIGHTS_FILE} in {str(path)!r} is corrupt: {exc}") from None
+
+
+def _fingerprint(rank: int, scaling: float, tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps({"r": rank, "scaling": scaling}).encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_peft_adapter(name: str, source: str, net: nn.Module, max_rank: int) -> LoRAAdapter:
+    """Read and validate the PEFT adapter at ``source`` (a folder or a hub id) for ``net``.
+
+    Raises ``ValueError`` naming the problem: missing or corrupt files, a rank above
+    ``max_rank``, target modules the model lacks, tensors that do not fit the model.
+    """
+    try:
+        path = resolve_model_path(source)
+    except Exception as exc:  # a missing folder, or any hub failure (unknown id, offline)
+        raise ValueError(f"adapter {name!r}: cannot find {source!r}: {exc}") from None
+    where = f"adapter {name!r} ({source})"
+    rank, scaling, targets = _check_config(_read_config(path), where)
+    if rank > max_rank:
+        raise ValueError(f"{where}: rank {rank} exceeds --max-lora-rank {max_rank}")
+    available = checkpoint_target_names(net)
+    if isinstance(targets, list):
+        missing = sorted(set(targets) - available)
+        if missing:
+            raise ValueError(
+                f"{where}: target modules {missing} are not adaptable layers of this model "
+                f"(it has {sorted(available)})"
+            )
+    tensors = _read_tensors(path)
+    layers = adaptable_modules(net)
+    mapping = getattr(net, "packed_modules_mapping", {})
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    pattern = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+    for key, tensor in tensors.items():
+        match = pattern.fullmatch(key.removeprefix(_PEFT_PREFIX))
+        if match is None:
+            raise ValueError(f"{where}: unexpected tensor {key!r} in {WEIGHTS_FILE}")
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+    if not pairs:
+        raise ValueError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors")
+    weights: dict[tuple[str, Any], tuple[torch.Tensor, torch.Tensor]] = {}
+    used: set[str] = set()
+    for module, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{where}: {module} has lora_{''.join(pair)} but not its pair")
+        ours, shard_id = resolve_name(module + ".weight", mapping)
+        ours = ours.removesuffix(".weight")
+        layer = layers.get(ours)
+        if layer is None:
+            raise ValueError(f"{where}: the model has no adaptable layer for {module!r}")
+        used.add(module.rsplit(".", 1)[-1])
+        a, b = pair["A"], pair["B"]
+        in_size = (
+            layer.full_input_size if isinstance(layer, RowParallelLinear) else layer.input_size
+        )
+        shards = getattr(layer, "shards", None)
+        out_size = shards[shard_id].source_size if shards is not None else layer.output_size
+        if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (rank, in_size):
+            raise ValueError(
+                f"{where}: {module}.lora_A has shape {tuple(a.shape)}, expected ({rank}, {in_size})"
+            )
+        if tuple(b.shape) != (out_size, rank):
+            raise ValueError(
+                f"{where}: {module}.lora_B has shape {tuple(b.shape)}, "
+                f"expected ({out_size}, {rank})"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"{where}: {module} holds non-finite values")
+        weights[(ours, shard_id)] = (a.float(), b.float() * scaling)
+    if isinstance(targets, str):
+        missing = sorted(used - available)
+        if missing:
+            raise ValueError(f"{where}: target modules {missing} are not adaptable here")
+    return LoRAAdapter(
+        name=name,
+        path=path,
+        source=source,
+        rank=rank,
+        scaling=scaling,
+        target_modules=sorted(used),
+        fingerprint=_fingerprint(rank, scaling, tensors),
+        weights=weights,
+    )
+
+
+@dataclass(slots=True)
+class _Slot:
+    adapter: LoRAAdapter | None = None
+    users: int = 0
+
+
+class LoRAManager:
+    """Registered adapters, their host cache and the model's device slots.
+
+    Contract: :meth:`acquire` pins a slot for one request (ids ``0 .. max_loras - 1``) and
+    :meth:`release` unpins it; a slot is only ever rewritten while unpinned, so the weights
+    a running request reads never change under it.
+    """
+
+    def __init__(
+        self, net: nn.Module, max_loras: int, max_rank: int, max_cpu_loras: int | None = None
+    ) -> None:
+        if max_loras <= 0:
+            raise ValueError("max_loras must be positive")
+        if max_rank <= 0:
+            raise ValueError("max_lora_rank must be positive")
+        max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
+        if max_cpu_loras < max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({max_cpu_loras}) must be at least max_loras ({max_loras})"
+            )
+        self.net = net
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.max_cpu_loras = max_cpu_loras
+        targets = {name.rsplit(".", 1)[-1] for name in adaptable_modules(net)}
+        self.slots: LoRASlots
+        self.deltas: dict[str, TorchLoRA]
+        self.slots, self.deltas = attach_lora(net, targets, max_loras, max_rank)
+        self.adapters: dict[str, LoRAAdapter] = {}
+        self._slots = [_Slot() for _ in range(max_loras)]
+        self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # fingerprint -> version
+        self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(max_loras))
+        self.loads_total = 0
+        self.load_seconds_total = 0.0
+
+    # -- registry -------------------------------------------------------------------------
+
+    def add(self, name: str, source: str, replace: bool = False) -> LoRAAdapter:
+        """Load, validate and register ``name``; ``replace`` reloads an existing name in
+        place. Raises ``ValueError`` and changes nothing when the adapter is bad."""
+        if not name:
+            raise ValueError("an adapter needs a name")
+        if name in self.adapters and not replace:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        adapter = load_peft_adapter(name, source, self.net, self.max_rank)
+        self.adapters[name] = adapter
+        self._cache(adapter)
+        return adapter
+
+    def remove(self, name: str) -> None:
+        """Unregister ``name``; requests already admitted with it finish with it."""
+        adapter = self.adapters.pop(name, None)
+        if adapter is None:
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+        for index, slot in enumerate(self._slots):
+            if slot.adapter is adapter and slot.users == 0:
+                self._clear(index)
+        self._host.pop(adapter.fingerprint, None)
+
+    def get(self, name: str) -> LoRAAdapter:
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+        return adapter
+
+    def resident(self) -> list[str]:
+        """Names whose current version sits in a device slot."""
+        held = {id(s.adapter) for s in self._slots if s.adapter is not None}
+        return sorted(name for name, a in self.adapters.items() if id(a) in held)
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def acquire(self, adapter: LoRAAdapter) -> int | None:
+        """Pin a slot holding ``adapter`` (loading it into the least recently used free
+        slot if needed); ``None`` when every slot is pinned by other adapters."""
+        for index, slot in enumerate(self._slots):
+            if slot.adapter is adapter:
+                slot.users += 1
+                self._slot_lru.move_to_end(index)
+                return index
+        free = next((i for i in self._slot_lru if self._slots[i].users == 0), None)
+        if free is None:
+            return None
+        self._write(free, adapter)
+        self._slots[free].users = 1
+        self._slot_lru.move_to_end(free)
+        return free
+
+    def release(self, index: int) -> None:
+        slot = self._slots[index]
+        if slot.users <= 0:
+            raise RuntimeError(f"LoRA slot {index} released more often than acquired")
+        slot.users -= 1
+        stale = (
+            slot.adapter is not None and self.adapters.get(slot.adapter.name) is not slot.adapter
+        )
+        if slot.users == 0 and stale:
+            self._clear(index)  # unloaded or replaced meanwhile: nobody can ask for it again
+
+    def _write(self, index: int, adapter: LoRAAdapter) -> None:
+        started = time.perf_counter()
+        weights = self._weights(adapter)
+        for delta in self.deltas.values():
+            delta.clear_adapter(index)
+        for (module, shard_id), (a, b) in weights.items():
+            self.deltas[module].set_adapter(index, shard_id, a, b, 1.0)
+        self._slots[index].adapter = adapter
+        self.loads_total += 1
+        self.load_seconds_total += time.perf_counter() - started
+
+    def _clear(self, index: int) -> None:
+        for delta in self.deltas.values():
+            delta.clear_adapter(index)
+        self._slots[index].adapter = None
+
+    def _weights(self, adapter: LoRAAdapter):
+        if adapter.weights is None:
+            fresh = load_peft_adapter(adapter.name, adapter.source, self.net, self.max_rank)
+            if fresh.fingerprint != adapter.fingerprint:
+                raise ValueError(
+                    f"adapter {adapter.name!r} changed on disk since it was loaded; "
+                    "load it again (load_inplace) to serve the new weights"
+                )
+            adapter.weights = fresh.weights
+        self._cache(adapter)
+        assert adapter.weights is not None
+        return adapter.weights
+
+    def _cache(self, adapter: LoRAAdapter) -> None:
+        self._host[adapter.fingerprint] = adapter
+        self._host.move_to_end(adapter.fingerprint)
+        while len(self._host) > self.max_cpu_loras:
+            _, evicted = self._host.popitem(last=False)
+            evicted.weights = None

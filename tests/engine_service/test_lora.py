@@ -1,0 +1,306 @@
+"""Multi-LoRA in the engine core, against ``transformers`` with the PEFT adapter merged.
+
+Two adapters made with ``peft`` on a small random Qwen2 checkpoint (stacked qkv and gate_up
+layers, biases): ``wide`` of rank 4 on every projection, ``narrow`` of rank 8 with rsLoRA
+scaling on three of them. Their B matrices are random (PEFT starts them at zero, which would
+make every adapter the base model), so a missing or misplaced delta changes the tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
+from engine_service.engine.lora_manager import UnknownAdapterError
+from tests.engine_service.conftest import make_checkpoint
+
+MAX_NEW = 8
+LOGPROB_TOL = 2e-3
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {
+    "wide": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
+    "narrow": dict(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True
+    ),
+}
+
+
+def _make_adapter(base, path: Path, seed: int, **config) -> None:
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **config))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.3)
+    peft_model.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(checkpoint path, {adapter name: folder}, {None or adapter name: merged model})."""
+    root = tmp_path_factory.mktemp("lora")
+    base = make_checkpoint(root / "base", "qwen2")
+    folders = {}
+    models = {None: base}
+    for seed, (name, config) in enumerate(ADAPTERS.items()):
+        folders[name] = root / name
+        _make_adapter(base, folders[name], seed, **config)
+        merged = PeftModel.from_pretrained(copy.deepcopy(base), folders[name])
+        models[name] = merged.merge_and_unload().eval()
+    return root / "base", folders, models
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(3)
+    shared = [rng.randrange(3, vocab) for _ in range(20)]
+    return [shared, [*shared[:16], *(rng.randrange(3, vocab) for _ in range(7))], [5, 9, 11]]
+
+
+def _reference(model, prompt: list[int]) -> tuple[list[int], list[float]]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=MAX_NEW,
+            min_new_tokens=MAX_NEW,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    logprobs = [
+        torch.log_softmax(step[0].float(), -1)[tok].item() for step, tok in zip(out.logits, tokens)
+    ]
+    return tokens, logprobs
+
+
+def _engine(setup, **settings) -> LLMEngine:
+    path, folders, _ = setup
+    config = dict(
+        model=str(path),
+        dtype="float32",
+        num_kv_blocks=128,
+        block_size=4,
+        enable_lora=True,
+        max_loras=2,
+        max_lora_rank=8,
+        lora_modules=tuple((name, str(folder)) for name, folder in folders.items()),
+    )
+    return LLMEngine(EngineConfig(**{**config, **settings}))
+
+
+def _run(engine: LLMEngine, jobs: list[tuple[list[int], str | None]]):
+    """Run every (prompt, adapter) in one batch; (tokens, logprobs) per job, in order."""
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, logprobs=0)
+    ids = [f"job-{i}-{id(jobs)}" for i in range(len(jobs))]
+    for rid, (prompt, adapter) in zip(ids, jobs):
+        engine.add_request(rid, prompt, params, adapter=adapter)
+    tokens = {rid: [] for rid in ids}
+    logprobs = {rid: [] for rid in ids}
+    cached = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+            logprobs[out.request_id].extend(lp.logprob for lp in out.new_logprobs or [])
+            if out.finished:
+                cached[out.request_id] = out.num_cached_tokens
+    return [(tokens[r], logprobs[r], cached[r]) for r in ids]
+
+
+def _assert_matches(got, expected, what):
+    tokens, logprobs, _ = got
+    want_tokens, want_logprobs = expected
+    assert tokens == want_tokens, what
+    assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < LOGPROB_TOL, what
+
+
+def test_the_adapters_change_the_output(setup):
+    """Guards the parity tests below: each adapter really moves the greedy tokens."""
+    _, _, models = setup
+    prompt = _prompts(models[None].config.vocab_size)[0]
+    outputs = {name: _reference(model, prompt)[0] for name, model in models.items()}
+    assert len({tuple(v) for v in outputs.values()}) == 3, outputs
+
+
+@pytest.mark.parametrize("adapter", [None, "wide", "narrow"])
+def test_each_adapter_alone_matches_transformers_with_it_merged(setup, adapter):
+    _, _, models = setup
+    prompts = _prompts(models[None].config.vocab_size)
+    engine = _engine(setup, enable_prefix_caching=False)
+    results = _run(engine, [(p, adapter) for p in prompts])
+    for prompt, got in zip(prompts, results):
+        _assert_matches(got, _reference(models[adapter], prompt), (adapter, prompt))
+
+
+def test_a_batch_mixing_adapters_and_the_base_gives_each_what_it_gets_alone(setup):
+    """One batch holds every (prompt, adapter) pair, prefix cache on and a token budget
+    small enough that prefill chunks and decodes of different adapters share steps."""
+    _, _, models = setup
+    prompts = _prompts(models[None].config.vocab_size)
+    jobs = [(p, a) for p in prompts for a in (None, "wide", "narrow")]
+    engine = _engine(setup, max_num_batched_tokens=16)
+    results = _run(engine, jobs)
+    for (prompt, adapter), got in zip(jobs, results):
+        _assert_matches(got, _reference(models[adapter], prompt), (adapter, prompt))
+
+
+def test_the_same_prompt_under_two_adapters_never_shares_cached_blocks(setup):
+    _, _, models = setup
+    prompt = _prompts(models[None].config.vocab_size)[0]
+    engine = _engine(setup)
+    first = _run(engine, [(prompt, "wide")])[0]
+    assert first[2] == 0
+    # Another adapter, then the base model: no hit on "wide"'s blocks, right outputs.
+    for adapter in ("narrow", None):
+        got = _run(engine, [(prompt, adapter)])[0]
+        assert got[2] == 0, f"{adapter} hit blocks cached under another adapter"
+        _assert_matches(got, _reference(models[adapter], prompt), adapter)
+    # The same adapter again does hit its own blocks.
+    again = _run(engine, [(prompt, "wide")])[0]
+    assert again[2] > 0
+    _assert_matches(again, _reference(models["wide"], prompt), "wide again")
+
+
+def test_block_keys_follow_adapter_content_not_name(setup, tmp_path):
+    """Two names for the same files share a fingerprint; new weights under an old name get
+    a new one (so KV cached for the old weights is never served for the new)."""
+    _, folders, _ = setup
+    engine = _engine(setup, max_loras=3)
+    engine.add_lora("wide-copy", str(folders["wide"]))
+    lora = engine.lora
+    assert lora.get("wide-copy").cache_key == lora.get("wide").cache_key
+    assert lora.get("narrow").cache_key != lora.get("wide").cache_key
+    before = lora.get("wide").cache_key
+    engine.add_lora("wide", str(folders["narrow"]), replace=True)
+    assert lora.get("wide").cache_key == lora.get("narrow").cache_key != before
+
+
+def test_more_adapters_than_device_slots_wait_and_all_finish_correctly(setup):
+    """With one device slot, requests of the other adapter wait aside, then run."""
+    _, _, models = setup
+    prompt = _prompts(models[None].config.vocab_size)[2]
+    engine = _engine(setup, max_loras=1, max_cpu_loras=1)
+    jobs = [(prompt, "wide"), (prompt, "narrow"), (prompt, None), (prompt, "wide")]
+    for (_, adapter), got in zip(jobs, _run(engine, jobs)):
+        _assert_matches(got, _reference(models[adapter], prompt), adapter)
+    assert engine.lora.loads_total == 2  # the second "wide" request found it resident
+    # "wide" left the one-entry host cache when "narrow" came: it is read from its folder.
+    got = _run(engine, [(prompt, "wide")])[0]
+    _assert_matches(got, _reference(models["wide"], prompt), "wide reloaded")
+    assert engine.lora.loads_total == 3
+
+
+def test_steps_without_adapters_leave_the_slots_unset(setup):
+    engine = _engine(setup)
+    _run(engine, [([5, 6, 7], None)])
+    assert engine.lora.slots.token_slots is None
+
+
+def _copy_adapter(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(changes)
+    config_path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("rank", "exceeds --max-lora-rank"),
+        ("target", "not adaptable layers of this model"),
+        ("no-config", "has no adapter_config.json"),
+        ("no-weights", "has no adapter_model.safetensors"),
+        ("corrupt-weights", "is corrupt"),
+        ("corrupt-config", "is not valid JSON"),
+        ("missing-folder", "cannot find"),
+        ("wrong-shape", "has shape"),
+    ],
+)
+def test_bad_adapters_are_refused_with_the_reason_and_disturb_nothing(
+    setup, tmp_path, breakage, message
+):
+    _, folders, models = setup
+    engine = _engine(setup, max_lora_rank=8)
+    bad = _copy_adapter(folders["wide"], tmp_path / "bad")
+    if breakage == "rank":
+        bad = _copy_adapter(folders["narrow"], tmp_path / "big")
+        engine = _engine(setup, max_lora_rank=4, lora_modules=(("wide", str(folders["wide"])),))
+    elif breakage == "target":
+        _edit_config(bad, target_modules=["q_proj", "fc_in"])
+    elif breakage == "no-config":
+        (bad / "adapter_config.json").unlink()
+    elif breakage == "no-weights":
+        (bad / "adapter_model.safetensors").unlink()
+    elif breakage == "corrupt-weights":
+        (bad / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00not safetensors")
+    elif breakage == "corrupt-config":
+        (bad / "adapter_config.json").write_text("{r: 4")
+    elif breakage == "missing-folder":
+        bad = tmp_path / "nowhere"
+    elif breakage == "wrong-shape":
+        _edit_config(bad, r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match=message):
+        engine.add_lora("bad", str(bad))
+    assert "bad" not in engine.lora.adapters
+    prompt = [5, 9, 11]
+    _assert_matches(
+        _run(engine, [(prompt, "wide")])[0], _reference(models["wide"], prompt), "after"
+    )
+
+
+def test_unknown_or_disabled_adapters_are_refused_at_add_request(setup):
+    engine = _engine(setup)
+    params = SamplingParams(max_tokens=2)
+    with pytest.raises(UnknownAdapterError, match="not loaded"):
+        engine.add_request("a", [5, 6], params, adapter="nope")
+    path, _, _ = setup
+    plain = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=16))
+    with pytest.raises(ValueError, match="not enabled"):
+        plain.add_request("a", [5, 6], params, adapter="wide")
+
+
+def test_an_unloaded_adapter_takes_no_new_requests(setup):
+    engine = _engine(setup)
+    engine.remove_lora("narrow")
+    with pytest.raises(UnknownAdapterError):
+        engine.add_request("a", [5, 6], SamplingParams(max_tokens=2), adapter="narrow")
+    with pytest.raises(UnknownAdapterError):
+        engine.remove_lora("narrow")
+
+
+def test_steps_with_adapters_run_eagerly_beside_graph_steps(setup):
+    """With step graphs installed (their CPU twin), base-only steps may replay a graph but
+    any step holding an adapter runs eagerly: every request still gets its right answer."""
+    from engine_service.engine.cuda_graphs import StepGraphs
+
+    _, _, models = setup
+    engine = _engine(setup, max_num_batched_tokens=16)
+    graphs = StepGraphs(engine.runner, max_tokens=16, max_seqs=8, capture=False, mixed=True)
+    engine.runner.graphs = graphs
+    replays = []
+    replay = graphs.replay
+    graphs.replay = lambda ids, inputs: (
+        replays.append(inputs.lora_token_slots) or replay(ids, inputs)
+    )
+    prompt = [5, 9, 11]
+    jobs = [(prompt, None), (prompt, "wide"), ([7, 8], None)]
+    for (p, adapter), got in zip(jobs, _run(engine, jobs)):
+        _assert_matches(got, _reference(models[adapter], p), adapter)
+    base_only = _run(engine, [([4, 4, 4], None)])[0]
+    _assert_matches(base_only, _reference(models[None], [4, 4, 4]), "base")
+    assert replays and all(slots is None for slots in replays)
