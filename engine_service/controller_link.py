@@ -57,7 +57,11 @@ class ControllerLink:
         replica = self._replica()
         if self._registered:
             answer = await self._stub.Heartbeat(
-                controller_pb2.HeartbeatRequest(replica_id=replica.replica_id, load=replica.load),
+                controller_pb2.HeartbeatRequest(
+                    replica_id=replica.replica_id,
+                    load=replica.load,
+                    lora_adapters=replica.lora_adapters,
+                ),
                 timeout=CONTROLLER_RPC_TIMEOUT_S,
             )
             if answer.known:

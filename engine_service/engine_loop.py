@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from engine_service.engine import EngineStats, LLMEngine, RequestOutput, SamplingParams
 from engine_service.engine.kv_events import KVEvent
@@ -42,11 +43,30 @@ class AddCommand:
     priority: int
     cache_salt: str = ""
     grammar: GrammarMatcher | None = None  # compiled off this thread for ``params.structured``
+    adapter: str = ""  # a LoRA adapter's name; "" for the base model
 
 
 @dataclass(slots=True)
 class AbortCommand:
     request_id: str
+
+
+@dataclass(slots=True)
+class CallCommand:
+    """Run ``fn(engine)`` on the engine thread; its result or exception lands in ``future``
+    (LoRA adapters are registered and unregistered this way)."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future
+
+
+def _settle(future: asyncio.Future, result: Any, error: Exception | None) -> None:
+    if future.done():  # the awaiting RPC was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class EngineLoop:
@@ -73,7 +93,7 @@ class EngineLoop:
         self._on_outputs = on_outputs
         self._on_rejected = on_rejected
         self._on_step_failed = on_step_failed
-        self._commands: deque[AddCommand | AbortCommand] = deque()
+        self._commands: deque[AddCommand | AbortCommand | CallCommand] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -124,7 +144,13 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self._submit(AbortCommand(request_id))
 
-    def _submit(self, command: AddCommand | AbortCommand) -> None:
+    def call(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future:
+        """``fn(engine)`` on the engine thread, awaited on the event loop."""
+        future = self._loop.create_future()
+        self._submit(CallCommand(fn, future))
+        return future
+
+    def _submit(self, command: AddCommand | AbortCommand | CallCommand) -> None:
         with self._wakeup:
             self._commands.append(command)
             self._wakeup.notify()
@@ -165,9 +191,16 @@ class EngineLoop:
                 if events:
                     self._loop.call_soon_threadsafe(self._on_kv_events, events)
 
-    def _apply(self, command: AddCommand | AbortCommand) -> None:
+    def _apply(self, command: AddCommand | AbortCommand | CallCommand) -> None:
         if isinstance(command, AbortCommand):
             self._engine.abort(command.request_id)
+            return
+        if isinstance(command, CallCommand):
+            try:
+                result, error = command.fn(self._engine), None
+            except Exception as exc:
+                result, error = None, exc
+            self._loop.call_soon_threadsafe(_settle, command.future, result, error)
             return
         try:
             self._engine.add_request(
@@ -177,6 +210,7 @@ class EngineLoop:
                 command.priority,
                 command.cache_salt,
                 grammar=command.grammar,
+                adapter=command.adapter or None,
             )
         except Exception as exc:
             self._loop.call_soon_threadsafe(self._on_rejected, command.request_id, exc)

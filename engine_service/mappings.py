@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from engine_service.engine import EngineConfig, EngineStats, RequestOutput, SamplingParams
 from engine_service.engine.structured import GrammarSpec
+from switchyard.lora_modules import parse_lora_modules
 from switchyard.settings import EngineSettings
 from switchyard.v1 import common_pb2, engine_pb2
 
@@ -137,4 +138,9 @@ def engine_config_from_settings(settings: EngineSettings, model_path: str) -> En
         ),
         kv_write_through=settings.kv_write_through,
         enable_kv_events=True,
+        enable_lora=settings.enable_lora,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+        max_cpu_loras=settings.max_cpu_loras,
+        lora_modules=tuple((m.name, m.path) for m in parse_lora_modules(settings.lora_modules)),
     )

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from engine_service.engine import EngineStats
+from engine_service.lora_service import lora_metrics
 
 # vLLM's buckets, so that dashboards built for vLLM read the same.
 _TTFT_BUCKETS = (
@@ -176,6 +177,7 @@ class _StatsCollector(Collector):
             per_position.add_metric([*labels, str(position)], accepted)
         yield per_position
         yield from _tier_metrics(labels, stats)
+        yield from lora_metrics(self._model_name, stats)
 
 
 def _tier_metrics(labels: list[str], stats: EngineStats) -> Iterator[Metric]:

@@ -26,6 +26,7 @@ from engine_service.controller_link import ControllerLink
 from engine_service.engine import EngineStats, LLMEngine
 from engine_service.engine_loop import EngineLoop
 from engine_service.kv_connector import KVServiceStore
+from engine_service.lora_service import adapter_infos
 from engine_service.mappings import engine_config_from_settings, load_from_stats
 from engine_service.metrics import EngineMetrics
 from engine_service.servicer import EngineServicer
@@ -118,6 +119,7 @@ class EngineServer:
             on_kv_events=servicer.kv_events.publish,
         )
         servicer.engine_loop = engine_loop
+        servicer.engine = engine
         self._engine_loop = engine_loop
         self._max_model_len = engine.max_model_len
         engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, grpc_server.server)
@@ -159,6 +161,7 @@ class EngineServer:
 
     def _replica(self) -> common_pb2.Replica:
         host = self._advertise_host()
+        lora = self._current_stats().lora
         return common_pb2.Replica(
             replica_id=self.replica_id,
             address=f"{host}:{self.port}",
@@ -171,6 +174,9 @@ class EngineServer:
             max_model_len=self._max_model_len,
             metrics_address=f"{host}:{self.metrics_port}",
             last_heartbeat_unix=time.time(),
+            adapters=[a.name for a in lora.adapters if a.resident] if lora is not None else [],
+            lora_adapters=adapter_infos(lora),
+            max_loras=lora.max_loras if lora is not None else 0,
         )
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:

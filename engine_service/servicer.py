@@ -2,7 +2,8 @@
 
 Generate validates and maps the request, hands it to the :class:`EngineLoop` and streams the
 engine's outputs back; Abort, GetStats and WatchKVEvents answer from the loop's snapshot
-and the :class:`KVEventHub`.
+and the :class:`KVEventHub`; Load/UnloadLoRAAdapter go through
+:mod:`engine_service.lora_service`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from engine_service.engine import RequestOutput
+from engine_service.engine import LLMEngine, RequestOutput
+from engine_service.engine.lora_manager import LoRADisabledError
 from engine_service.engine_loop import AddCommand, EngineLoop
 from engine_service.kv_event_hub import KVEventHub
+from engine_service.lora_service import adapter_infos, load_adapter, unload_adapter
 from engine_service.mappings import (
     grammar_spec_from_proto,
     load_from_stats,
@@ -65,6 +68,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self.block_size = block_size
         self.metrics = metrics
         self.engine_loop: EngineLoop | None = None  # set by EngineServer before serving
+        self.engine: LLMEngine | None = None  # read-only use off the engine thread (LoRA)
         self.kv_events = KVEventHub(replica_id, block_size)
         self._streams: dict[str, _Stream] = {}
         self._num_compiling = 0  # accepted requests whose grammar is being compiled
@@ -116,10 +120,6 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         # Each RPC runs in its own task, hence its own context: no reset needed.
         request_id_var.set(request_id)
-        if request.adapter:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, "LoRA adapters are not supported by this engine"
-            )
         if request_id in self._streams:
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, f"request {request_id} is already running"
@@ -153,7 +153,13 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                     self._num_compiling -= 1
             if not stream.done:  # a failed step may have ended it while its grammar compiled
                 command = AddCommand(
-                    request_id, prompt, params, request.priority, request.cache_salt, grammar
+                    request_id,
+                    prompt,
+                    params,
+                    request.priority,
+                    request.cache_salt,
+                    grammar,
+                    request.adapter,
                 )
                 self.engine_loop.add(command)
             logger.info(
@@ -236,7 +242,35 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             num_blocks_total=stats.num_blocks_total,
             num_blocks_free=stats.num_blocks_free,
             block_size=self.block_size,
+            lora_adapters=adapter_infos(stats.lora),
+            max_loras=stats.lora.max_loras if stats.lora is not None else 0,
         )
+
+    async def LoadLoRAAdapter(
+        self, request: engine_pb2.LoadLoRAAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.LoadLoRAAdapterResponse:
+        assert self.engine_loop is not None and self.engine is not None
+        try:
+            reply = await load_adapter(self.engine, self.engine_loop.call, request)
+        except LoRADisabledError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except (ValueError, FileExistsError) as exc:
+            await abort_with(context, exc)
+        logger.info("LoRA adapter loaded", extra={"lora_name": request.lora_name})
+        return reply
+
+    async def UnloadLoRAAdapter(
+        self, request: engine_pb2.UnloadLoRAAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.UnloadLoRAAdapterResponse:
+        assert self.engine_loop is not None
+        try:
+            reply = await unload_adapter(self.engine_loop.call, request)
+        except LoRADisabledError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except (ValueError, KeyError) as exc:
+            await abort_with(context, exc)
+        logger.info("LoRA adapter unloaded", extra={"lora_name": request.lora_name})
+        return reply
 
     async def WatchKVEvents(
         self, request: engine_pb2.WatchKVEventsRequest, context: grpc.aio.ServicerContext

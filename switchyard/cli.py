@@ -104,10 +104,17 @@ def _engine_args(args: argparse.Namespace) -> list[str]:
         "--max-num-batched-tokens": args.max_num_batched_tokens,
         "--speculative-config": args.speculative_config,
         "--max-queued-requests": args.max_queued_requests,
+        "--max-loras": args.max_loras,
+        "--max-lora-rank": args.max_lora_rank,
+        "--max-cpu-loras": args.max_cpu_loras,
     }
     for flag, value in knobs.items():
         if value is not None:
             engine_args += [flag, str(value)]
+    if args.enable_lora or args.lora_modules:
+        engine_args.append("--enable-lora")
+    if args.lora_modules:
+        engine_args += ["--lora-modules", *args.lora_modules]
     return engine_args
 
 
@@ -518,6 +525,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="requests each engine keeps waiting before it refuses more (default: fits its KV pool)",
     )
+    engine.add_argument(
+        "--enable-lora", action="store_true", help="serve LoRA adapters (docs/lora.md)"
+    )
+    engine.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME=PATH",
+        help='adapters to load: NAME=PATH or {"name": ..., "path": ..., "base_model_name": ...}',
+    )
+    engine.add_argument("--max-loras", type=int, help="adapters on the device at once")
+    engine.add_argument("--max-lora-rank", type=int, help="highest adapter rank accepted")
+    engine.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory")
     engine.add_argument("--engine-args", default="", help="more engine flags, as one string")
     gateway = up.add_argument_group("gateway knobs")
     for name in GATEWAY_KNOBS:

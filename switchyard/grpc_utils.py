@@ -45,6 +45,7 @@ _STATUS_BY_EXCEPTION: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
     (PermissionError, grpc.StatusCode.PERMISSION_DENIED),
     (FileNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ConnectionError, grpc.StatusCode.UNAVAILABLE),
     (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -32,6 +32,7 @@ and in a CLI with subcommands::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -310,6 +311,32 @@ class EngineSettings(ServiceSettings):
         description="with kv_service_address: store every computed block there, not only "
         "evicted ones, so other replicas reuse prefixes at once",
     )
+    enable_lora: bool = Field(
+        default=False, description="serve LoRA adapters (vLLM's --enable-lora)"
+    )
+    lora_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        json_schema_extra={"nargs": "+"},
+        description="adapters loaded at start: NAME=PATH ... or vLLM's JSON "
+        '{"name": ..., "path": ..., "base_model_name": ...} (PATH: a PEFT folder or hub id)',
+    )
+    max_loras: int = Field(default=1, gt=0, description="LoRA adapters on the device at once")
+    max_lora_rank: int = Field(default=16, gt=0, description="highest LoRA rank accepted")
+    max_cpu_loras: int | None = Field(
+        default=None, gt=0, description="LoRA adapters kept in host memory; unset: max_loras"
+    )
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _lora_module_list(cls, value: Any) -> Any:
+        from switchyard.lora_modules import parse_lora_modules
+
+        if isinstance(value, str):  # an env var: a JSON list, or shell-split items
+            stripped = value.strip()
+            value = json.loads(stripped) if stripped.startswith("[") else shlex.split(value)
+        items = [json.dumps(v) if isinstance(v, dict) else v for v in value or []]
+        parse_lora_modules(items)  # refuse a bad module at start, with its reason
+        return items
 
 
 class ControllerSettings(ServiceSettings):
@@ -692,12 +719,14 @@ def add_settings_arguments(
                 help=_help(name, field),
             )
         else:
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
             parser.add_argument(
                 flag,
                 dest=name,
                 default=argparse.SUPPRESS,
                 metavar=name.upper(),
                 help=_help(name, field),
+                **({"nargs": extra["nargs"]} if "nargs" in extra else {}),
             )
 
 

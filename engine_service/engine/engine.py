@@ -21,11 +21,11 @@ from engine_service.engine.batch import SampledTokens, ScheduledBatch
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVEventLog, KVTier
-from engine_service.engine.lora_manager import LoRAAdapter, LoRAManager
+from engine_service.engine.lora_manager import LoRAAdapter, LoRADisabledError, LoRAManager
 from engine_service.engine.memory import num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.offload import OffloadManager, RemoteKVStore
-from engine_service.engine.outputs import EngineStats, RequestOutput
+from engine_service.engine.outputs import EngineStats, LoRAStats, RequestOutput
 from engine_service.engine.progress import TokenAcceptor
 from engine_service.engine.request import Request
 from engine_service.engine.sampler import SamplerResult, SamplingMetadata, sample
@@ -95,6 +95,7 @@ class LLMEngine:
         # slot each admitted request id pins.
         self._lora_waiting: list[tuple[Request, LoRAAdapter]] = []
         self._lora_slot_of: dict[str, int] = {}
+        self._lora_name_of: dict[str, str] = {}
 
         num_blocks = num_kv_blocks(config, self.model_config, self.dtype, self.device)
         # A sequence longer than the whole pool could never be (re)admitted and would stall
@@ -262,20 +263,35 @@ class LLMEngine:
         if lora_adapter is None:
             self.scheduler.add(first)
         else:
+            lora_adapter.requests_total += 1
+            self._lora_name_of[request_id] = lora_adapter.name
             self._lora_waiting.append((first, lora_adapter))
             self._admit_lora_waiting()
 
     def add_lora(self, name: str, source: str, replace: bool = False) -> None:
         """Load and register a PEFT adapter (folder or hub id); ``ValueError`` says why a
-        bad one is refused, and leaves every loaded adapter as it was."""
+        bad one is refused (``FileExistsError`` for a loaded name without ``replace``), and
+        leaves every loaded adapter as it was."""
+        self.register_lora(self.read_lora(name, source, replace), replace)
+
+    def read_lora(self, name: str, source: str, replace: bool = False) -> LoRAAdapter:
+        """The validated adapter, read without touching the engine's state: safe to call
+        from another thread than the one stepping the engine."""
         if self.lora is None:
-            raise ValueError("LoRA adapters are not enabled on this engine (--enable-lora)")
-        self.lora.add(name, source, replace)
+            raise LoRADisabledError("LoRA adapters are not enabled on this engine (--enable-lora)")
+        self.lora.check_name(name, replace)
+        return self.lora.read(name, source)
+
+    def register_lora(self, adapter: LoRAAdapter, replace: bool = False) -> None:
+        """Serve ``adapter`` (from :meth:`read_lora`) under its name."""
+        if self.lora is None:
+            raise LoRADisabledError("LoRA adapters are not enabled on this engine (--enable-lora)")
+        self.lora.register(adapter, replace)
 
     def remove_lora(self, name: str) -> None:
         """Unregister an adapter; requests already queued with it finish with it."""
         if self.lora is None:
-            raise ValueError("LoRA adapters are not enabled on this engine (--enable-lora)")
+            raise LoRADisabledError("LoRA adapters are not enabled on this engine (--enable-lora)")
         self.lora.remove(name)
 
     def _admit_lora_waiting(self) -> None:
@@ -288,6 +304,7 @@ class LLMEngine:
             except ValueError as exc:  # its files changed or vanished since it was loaded
                 logger.error("request %s cannot start: %s", request.request_id, exc)
                 self._samples.pop(request.request_id, None)
+                self._lora_name_of.pop(request.request_id, None)
                 for sample in (request, *request.pending_forks):
                     sample.finish("abort")
                     self._pending_outputs.append(self._output(sample))
@@ -302,6 +319,7 @@ class LLMEngine:
         self._lora_waiting = still
 
     def _release_lora(self, request_id: str) -> None:
+        self._lora_name_of.pop(request_id, None)
         slot = self._lora_slot_of.pop(request_id, None)
         if slot is not None:
             assert self.lora is not None
@@ -493,6 +511,17 @@ class LLMEngine:
                 self.scheduler.accepted_per_position[: self.scheduler.num_speculative_tokens]
             ),
             **self._offload_stats(),
+            lora=self._lora_stats(),
+        )
+
+    def _lora_stats(self) -> LoRAStats | None:
+        if self.lora is None:
+            return None
+        names = self._lora_name_of
+        running = {r.request_id for r in self.scheduler.running if r.request_id in names}
+        return self.lora.stats(
+            running=[names[rid] for rid in running],
+            waiting=[name for rid, name in names.items() if rid not in running],
         )
 
     def _offload_stats(self) -> dict[str, int | bool]:

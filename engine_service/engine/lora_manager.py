@@ -37,6 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from engine_service.engine.outputs import LoRAAdapterStats, LoRAStats
 from engine_service.layers.linear import LinearBase, RowParallelLinear
 from engine_service.layers.lora import LoRASlots, TorchLoRA, attach_lora
 from engine_service.models.loader import resolve_model_path
@@ -49,8 +50,15 @@ _NOT_ADAPTABLE = frozenset({"lm_head"})
 _PEFT_PREFIX = "base_model.model."
 
 
-class UnknownAdapterError(ValueError):
+class UnknownAdapterError(KeyError):
     """A request or an unload named an adapter that is not loaded."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown adapter"
+
+
+class LoRADisabledError(ValueError):
+    """An adapter was asked of an engine started without LoRA."""
 
 
 @dataclass(slots=True)
@@ -72,6 +80,7 @@ class LoRAAdapter:
     weights: dict[tuple[str, Any], tuple[torch.Tensor, torch.Tensor]] | None = field(
         default=None, repr=False
     )
+    requests_total: int = 0
 
     @property
     def cache_key(self) -> str:
@@ -289,12 +298,29 @@ class LoRAManager:
     def add(self, name: str, source: str, replace: bool = False) -> LoRAAdapter:
         """Load, validate and register ``name``; ``replace`` reloads an existing name in
         place. Raises ``ValueError`` and changes nothing when the adapter is bad."""
+        self.check_name(name, replace)
+        return self.register(self.read(name, source), replace)
+
+    def check_name(self, name: str, replace: bool = False) -> None:
         if not name:
             raise ValueError("an adapter needs a name")
         if name in self.adapters and not replace:
-            raise ValueError(f"adapter {name!r} is already loaded")
-        adapter = load_peft_adapter(name, source, self.net, self.max_rank)
-        self.adapters[name] = adapter
+            raise FileExistsError(f"adapter {name!r} is already loaded")
+
+    def read(self, name: str, source: str) -> LoRAAdapter:
+        """Read and validate an adapter without touching any state of the manager (so it
+        may run on another thread than the engine's)."""
+        return load_peft_adapter(name, source, self.net, self.max_rank)
+
+    def register(self, adapter: LoRAAdapter, replace: bool = False) -> LoRAAdapter:
+        """Make ``adapter`` (from :meth:`read`) the version its name serves."""
+        self.check_name(adapter.name, replace)
+        previous = self.adapters.get(adapter.name)
+        self.adapters[adapter.name] = adapter
+        if previous is not None:
+            for index, slot in enumerate(self._slots):
+                if slot.adapter is previous and slot.users == 0:
+                    self._clear(index)
         self._cache(adapter)
         return adapter
 
@@ -313,6 +339,26 @@ class LoRAManager:
         if adapter is None:
             raise UnknownAdapterError(f"adapter {name!r} is not loaded")
         return adapter
+
+    def stats(self, running: list[str], waiting: list[str]) -> LoRAStats:
+        held = {id(s.adapter) for s in self._slots if s.adapter is not None}
+        return LoRAStats(
+            max_loras=self.max_loras,
+            adapters=tuple(
+                LoRAAdapterStats(
+                    name=a.name,
+                    path=a.source,
+                    fingerprint=a.fingerprint,
+                    resident=id(a) in held,
+                    requests_total=a.requests_total,
+                )
+                for a in self.adapters.values()
+            ),
+            running=tuple(sorted(set(running))),
+            waiting=tuple(sorted(set(waiting))),
+            loads_total=self.loads_total,
+            load_seconds_total=self.load_seconds_total,
+        )
 
     def resident(self) -> list[str]:
         """Names whose current version sits in a device slot."""

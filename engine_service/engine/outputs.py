@@ -35,6 +35,31 @@ class RequestOutput:
     num_output_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class LoRAAdapterStats:
+    """One registered adapter: where it came from, its content digest, whether it is in a
+    device slot now, and how many requests asked for it."""
+
+    name: str
+    path: str
+    fingerprint: str
+    resident: bool
+    requests_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoRAStats:
+    """The engine's adapters, and which of them unfinished requests use (vLLM's
+    ``lora_requests_info``: running ones are admitted, waiting ones are not yet)."""
+
+    max_loras: int
+    adapters: tuple[LoRAAdapterStats, ...]
+    running: tuple[str, ...]
+    waiting: tuple[str, ...]
+    loads_total: int
+    load_seconds_total: float
+
+
 @dataclass(slots=True)
 class EngineStats:
     """A snapshot of load and cache figures, cheap enough to take on every heartbeat."""
@@ -71,6 +96,8 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_position: tuple[int, ...] = ()
+    # None when LoRA is off.
+    lora: LoRAStats | None = None
 
     @property
     def spec_mean_acceptance_length(self) -> float:

@@ -114,7 +114,7 @@ class ReplicaLoad(_message.Message):
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., remote_hit_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., spec_acceptance_length: _Optional[float] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("replica_id", "address", "model", "role", "state", "load", "adapters", "max_model_len", "metrics_address", "last_heartbeat_unix")
+    __slots__ = ("replica_id", "address", "model", "role", "state", "load", "adapters", "max_model_len", "metrics_address", "last_heartbeat_unix", "lora_adapters", "max_loras", "placed_adapters")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,9 @@ class Replica(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
+    PLACED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     address: str
     model: str
@@ -135,7 +138,24 @@ class Replica(_message.Message):
     max_model_len: int
     metrics_address: str
     last_heartbeat_unix: float
-    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[ReplicaRole, str]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., adapters: _Optional[_Iterable[str]] = ..., max_model_len: _Optional[int] = ..., metrics_address: _Optional[str] = ..., last_heartbeat_unix: _Optional[float] = ...) -> None: ...
+    lora_adapters: _containers.RepeatedCompositeFieldContainer[LoRAAdapterInfo]
+    max_loras: int
+    placed_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[ReplicaRole, str]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., adapters: _Optional[_Iterable[str]] = ..., max_model_len: _Optional[int] = ..., metrics_address: _Optional[str] = ..., last_heartbeat_unix: _Optional[float] = ..., lora_adapters: _Optional[_Iterable[_Union[LoRAAdapterInfo, _Mapping]]] = ..., max_loras: _Optional[int] = ..., placed_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LoRAAdapterInfo(_message.Message):
+    __slots__ = ("name", "path", "fingerprint", "resident", "requests_total")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    fingerprint: str
+    resident: bool
+    requests_total: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., resident: _Optional[bool] = ..., requests_total: _Optional[int] = ...) -> None: ...
 
 class StructuredOutput(_message.Message):
     __slots__ = ("json_schema", "json_object", "regex", "grammar", "backend")

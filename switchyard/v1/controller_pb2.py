@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from switchyard.v1 import common_pb2 as switchyard_dot_v1_dot_common__pb2
+from switchyard.v1 import engine_pb2 as switchyard_dot_v1_dot_engine__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchyard/v1/controller.proto\x12\rswitchyard.v1\x1a\x1aswitchyard/v1/common.proto\":\n\x0fRegisterRequest\x12\'\n\x07replica\x18\x01 \x01(\x0b\x32\x16.switchyard.v1.Replica\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"P\n\x10HeartbeatRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12(\n\x04load\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.ReplicaLoad\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\'\n\x11\x44\x65registerRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"(\n\x12WatchRoutesRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"I\n\x0cRoutingTable\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12(\n\x08replicas\x18\x02 \x03(\x0b\x32\x16.switchyard.v1.Replica\"\x15\n\x13ListReplicasRequest\"\xb3\x01\n\x14ListReplicasResponse\x12(\n\x08replicas\x18\x01 \x03(\x0b\x32\x16.switchyard.v1.Replica\x12\x41\n\x07\x64\x65sired\x18\x02 \x03(\x0b\x32\x30.switchyard.v1.ListReplicasResponse.DesiredEntry\x1a.\n\x0c\x44\x65siredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\".\n\x0cScaleRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\"2\n\rScaleResponse\x12\x10\n\x08previous\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65sired\x18\x02 \x01(\r2\xf1\x03\n\x11\x43ontrollerService\x12K\n\x08Register\x12\x1e.switchyard.v1.RegisterRequest\x1a\x1f.switchyard.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.switchyard.v1.HeartbeatRequest\x1a .switchyard.v1.HeartbeatResponse\x12Q\n\nDeregister\x12 .switchyard.v1.DeregisterRequest\x1a!.switchyard.v1.DeregisterResponse\x12O\n\x0bWatchRoutes\x12!.switchyard.v1.WatchRoutesRequest\x1a\x1b.switchyard.v1.RoutingTable0\x01\x12W\n\x0cListReplicas\x12\".switchyard.v1.ListReplicasRequest\x1a#.switchyard.v1.ListReplicasResponse\x12\x42\n\x05Scale\x12\x1b.switchyard.v1.ScaleRequest\x1a\x1c.switchyard.v1.ScaleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchyard/v1/controller.proto\x12\rswitchyard.v1\x1a\x1aswitchyard/v1/common.proto\x1a\x1aswitchyard/v1/engine.proto\":\n\x0fRegisterRequest\x12\'\n\x07replica\x18\x01 \x01(\x0b\x32\x16.switchyard.v1.Replica\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"\x87\x01\n\x10HeartbeatRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12(\n\x04load\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.ReplicaLoad\x12\x35\n\rlora_adapters\x18\x03 \x03(\x0b\x32\x1e.switchyard.v1.LoRAAdapterInfo\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\'\n\x11\x44\x65registerRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"(\n\x12WatchRoutesRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"I\n\x0cRoutingTable\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12(\n\x08replicas\x18\x02 \x03(\x0b\x32\x16.switchyard.v1.Replica\"\x15\n\x13ListReplicasRequest\"\xb3\x01\n\x14ListReplicasResponse\x12(\n\x08replicas\x18\x01 \x03(\x0b\x32\x16.switchyard.v1.Replica\x12\x41\n\x07\x64\x65sired\x18\x02 \x03(\x0b\x32\x30.switchyard.v1.ListReplicasResponse.DesiredEntry\x1a.\n\x0c\x44\x65siredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\".\n\x0cScaleRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\"2\n\rScaleResponse\x12\x10\n\x08previous\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65sired\x18\x02 \x01(\r2\xbb\x05\n\x11\x43ontrollerService\x12K\n\x08Register\x12\x1e.switchyard.v1.RegisterRequest\x1a\x1f.switchyard.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.switchyard.v1.HeartbeatRequest\x1a .switchyard.v1.HeartbeatResponse\x12Q\n\nDeregister\x12 .switchyard.v1.DeregisterRequest\x1a!.switchyard.v1.DeregisterResponse\x12O\n\x0bWatchRoutes\x12!.switchyard.v1.WatchRoutesRequest\x1a\x1b.switchyard.v1.RoutingTable0\x01\x12W\n\x0cListReplicas\x12\".switchyard.v1.ListReplicasRequest\x1a#.switchyard.v1.ListReplicasResponse\x12\x42\n\x05Scale\x12\x1b.switchyard.v1.ScaleRequest\x1a\x1c.switchyard.v1.ScaleResponse\x12`\n\x0fLoadLoRAAdapter\x12%.switchyard.v1.LoadLoRAAdapterRequest\x1a&.switchyard.v1.LoadLoRAAdapterResponse\x12\x66\n\x11UnloadLoRAAdapter\x12\'.switchyard.v1.UnloadLoRAAdapterRequest\x1a(.switchyard.v1.UnloadLoRAAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LISTREPLICASRESPONSE_DESIREDENTRY']._loaded_options = None
   _globals['_LISTREPLICASRESPONSE_DESIREDENTRY']._serialized_options = b'8\001'
-  _globals['_REGISTERREQUEST']._serialized_start=77
-  _globals['_REGISTERREQUEST']._serialized_end=135
-  _globals['_REGISTERRESPONSE']._serialized_start=137
-  _globals['_REGISTERRESPONSE']._serialized_end=185
-  _globals['_HEARTBEATREQUEST']._serialized_start=187
-  _globals['_HEARTBEATREQUEST']._serialized_end=267
-  _globals['_HEARTBEATRESPONSE']._serialized_start=269
-  _globals['_HEARTBEATRESPONSE']._serialized_end=303
-  _globals['_DEREGISTERREQUEST']._serialized_start=305
-  _globals['_DEREGISTERREQUEST']._serialized_end=344
-  _globals['_DEREGISTERRESPONSE']._serialized_start=346
-  _globals['_DEREGISTERRESPONSE']._serialized_end=366
-  _globals['_WATCHROUTESREQUEST']._serialized_start=368
-  _globals['_WATCHROUTESREQUEST']._serialized_end=408
-  _globals['_ROUTINGTABLE']._serialized_start=410
-  _globals['_ROUTINGTABLE']._serialized_end=483
-  _globals['_LISTREPLICASREQUEST']._serialized_start=485
-  _globals['_LISTREPLICASREQUEST']._serialized_end=506
-  _globals['_LISTREPLICASRESPONSE']._serialized_start=509
-  _globals['_LISTREPLICASRESPONSE']._serialized_end=688
-  _globals['_LISTREPLICASRESPONSE_DESIREDENTRY']._serialized_start=642
-  _globals['_LISTREPLICASRESPONSE_DESIREDENTRY']._serialized_end=688
-  _globals['_SCALEREQUEST']._serialized_start=690
-  _globals['_SCALEREQUEST']._serialized_end=736
-  _globals['_SCALERESPONSE']._serialized_start=738
-  _globals['_SCALERESPONSE']._serialized_end=788
-  _globals['_CONTROLLERSERVICE']._serialized_start=791
-  _globals['_CONTROLLERSERVICE']._serialized_end=1288
+  _globals['_REGISTERREQUEST']._serialized_start=105
+  _globals['_REGISTERREQUEST']._serialized_end=163
+  _globals['_REGISTERRESPONSE']._serialized_start=165
+  _globals['_REGISTERRESPONSE']._serialized_end=213
+  _globals['_HEARTBEATREQUEST']._serialized_start=216
+  _globals['_HEARTBEATREQUEST']._serialized_end=351
+  _globals['_HEARTBEATRESPONSE']._serialized_start=353
+  _globals['_HEARTBEATRESPONSE']._serialized_end=387
+  _globals['_DEREGISTERREQUEST']._serialized_start=389
+  _globals['_DEREGISTERREQUEST']._serialized_end=428
+  _globals['_DEREGISTERRESPONSE']._serialized_start=430
+  _globals['_DEREGISTERRESPONSE']._serialized_end=450
+  _globals['_WATCHROUTESREQUEST']._serialized_start=452
+  _globals['_WATCHROUTESREQUEST']._serialized_end=492
+  _globals['_ROUTINGTABLE']._serialized_start=494
+  _globals['_ROUTINGTABLE']._serialized_end=567
+  _globals['_LISTREPLICASREQUEST']._serialized_start=569
+  _globals['_LISTREPLICASREQUEST']._serialized_end=590
+  _globals['_LISTREPLICASRESPONSE']._serialized_start=593
+  _globals['_LISTREPLICASRESPONSE']._serialized_end=772
+  _globals['_LISTREPLICASRESPONSE_DESIREDENTRY']._serialized_start=726
+  _globals['_LISTREPLICASRESPONSE_DESIREDENTRY']._serialized_end=772
+  _globals['_SCALEREQUEST']._serialized_start=774
+  _globals['_SCALEREQUEST']._serialized_end=820
+  _globals['_SCALERESPONSE']._serialized_start=822
+  _globals['_SCALERESPONSE']._serialized_end=872
+  _globals['_CONTROLLERSERVICE']._serialized_start=875
+  _globals['_CONTROLLERSERVICE']._serialized_end=1574
 # @@protoc_insertion_point(module_scope)

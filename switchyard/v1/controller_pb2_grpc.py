@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from switchyard.v1 import controller_pb2 as switchyard_dot_v1_dot_controller__pb2
+from switchyard.v1 import engine_pb2 as switchyard_dot_v1_dot_engine__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -64,6 +65,16 @@ class ControllerServiceStub:
                 request_serializer=switchyard_dot_v1_dot_controller__pb2.ScaleRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_controller__pb2.ScaleResponse.FromString,
                 _registered_method=True)
+        self.LoadLoRAAdapter = channel.unary_unary(
+                '/switchyard.v1.ControllerService/LoadLoRAAdapter',
+                request_serializer=switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoRAAdapter = channel.unary_unary(
+                '/switchyard.v1.ControllerService/UnloadLoRAAdapter',
+                request_serializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -110,6 +121,21 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRAAdapter(self, request, context):
+        """Loads a LoRA adapter on every ready replica and on every replica that joins later;
+        a bad adapter is INVALID_ARGUMENT with the engine's reason, and is loaded nowhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRAAdapter(self, request, context):
+        """Unloads it everywhere (NOT_FOUND when no replica has it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +168,16 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.Scale,
                     request_deserializer=switchyard_dot_v1_dot_controller__pb2.ScaleRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_controller__pb2.ScaleResponse.SerializeToString,
+            ),
+            'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRAAdapter,
+                    request_deserializer=switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRAAdapter,
+                    request_deserializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +342,60 @@ class ControllerService:
             '/switchyard.v1.ControllerService/Scale',
             switchyard_dot_v1_dot_controller__pb2.ScaleRequest.SerializeToString,
             switchyard_dot_v1_dot_controller__pb2.ScaleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.ControllerService/LoadLoRAAdapter',
+            switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.ControllerService/UnloadLoRAAdapter',
+            switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,6 +17,32 @@ KV_TIER_UNSPECIFIED: KVTier
 KV_TIER_DEVICE: KVTier
 KV_TIER_HOST: KVTier
 
+class LoadLoRAAdapterRequest(_message.Message):
+    __slots__ = ("lora_name", "lora_path", "load_inplace")
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    LORA_PATH_FIELD_NUMBER: _ClassVar[int]
+    LOAD_INPLACE_FIELD_NUMBER: _ClassVar[int]
+    lora_name: str
+    lora_path: str
+    load_inplace: bool
+    def __init__(self, lora_name: _Optional[str] = ..., lora_path: _Optional[str] = ..., load_inplace: _Optional[bool] = ...) -> None: ...
+
+class LoadLoRAAdapterResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: _common_pb2.LoRAAdapterInfo
+    def __init__(self, adapter: _Optional[_Union[_common_pb2.LoRAAdapterInfo, _Mapping]] = ...) -> None: ...
+
+class UnloadLoRAAdapterRequest(_message.Message):
+    __slots__ = ("lora_name",)
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    lora_name: str
+    def __init__(self, lora_name: _Optional[str] = ...) -> None: ...
+
+class UnloadLoRAAdapterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "adapter", "structured", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -72,7 +98,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("replica_id", "model", "load", "max_model_len", "num_blocks_total", "num_blocks_free", "block_size")
+    __slots__ = ("replica_id", "model", "load", "max_model_len", "num_blocks_total", "num_blocks_free", "block_size", "lora_adapters", "max_loras")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +106,8 @@ class GetStatsResponse(_message.Message):
     NUM_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     model: str
     load: _common_pb2.ReplicaLoad
@@ -87,7 +115,9 @@ class GetStatsResponse(_message.Message):
     num_blocks_total: int
     num_blocks_free: int
     block_size: int
-    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., load: _Optional[_Union[_common_pb2.ReplicaLoad, _Mapping]] = ..., max_model_len: _Optional[int] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+    lora_adapters: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoRAAdapterInfo]
+    max_loras: int
+    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., load: _Optional[_Union[_common_pb2.ReplicaLoad, _Mapping]] = ..., max_model_len: _Optional[int] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., block_size: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[_Union[_common_pb2.LoRAAdapterInfo, _Mapping]]] = ..., max_loras: _Optional[int] = ...) -> None: ...
 
 class WatchKVEventsRequest(_message.Message):
     __slots__ = ()

@@ -54,6 +54,16 @@ class EngineServiceStub:
                 request_serializer=switchyard_dot_v1_dot_engine__pb2.WatchKVEventsRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_engine__pb2.KVEventBatch.FromString,
                 _registered_method=True)
+        self.LoadLoRAAdapter = channel.unary_unary(
+                '/switchyard.v1.EngineService/LoadLoRAAdapter',
+                request_serializer=switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoRAAdapter = channel.unary_unary(
+                '/switchyard.v1.EngineService/UnloadLoRAAdapter',
+                request_serializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -90,6 +100,23 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRAAdapter(self, request, context):
+        """Registers a PEFT LoRA adapter (folder or hub id). INVALID_ARGUMENT with the reason for
+        a bad adapter, ALREADY_EXISTS for a loaded name without load_inplace,
+        FAILED_PRECONDITION when LoRA is off; nothing loaded is disturbed by a failure.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRAAdapter(self, request, context):
+        """Unregisters an adapter (NOT_FOUND if it is not loaded); requests already queued with
+        it finish with it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +139,16 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.WatchKVEvents,
                     request_deserializer=switchyard_dot_v1_dot_engine__pb2.WatchKVEventsRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_engine__pb2.KVEventBatch.SerializeToString,
+            ),
+            'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRAAdapter,
+                    request_deserializer=switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRAAdapter,
+                    request_deserializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +259,60 @@ class EngineService:
             '/switchyard.v1.EngineService/WatchKVEvents',
             switchyard_dot_v1_dot_engine__pb2.WatchKVEventsRequest.SerializeToString,
             switchyard_dot_v1_dot_engine__pb2.KVEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.EngineService/LoadLoRAAdapter',
+            switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            switchyard_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.EngineService/UnloadLoRAAdapter',
+            switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,18 +8,17 @@ make every adapter the base model), so a missing or misplaced delta changes the 
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 from engine_service.engine.lora_manager import UnknownAdapterError
 from tests.engine_service.conftest import make_checkpoint
+from tests.lora_support import make_peft_adapter, merged_model
 
 MAX_NEW = 8
 LOGPROB_TOL = 2e-3
@@ -32,16 +31,6 @@ ADAPTERS = {
 }
 
 
-def _make_adapter(base, path: Path, seed: int, **config) -> None:
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **config))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, 0.3)
-    peft_model.save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(checkpoint path, {adapter name: folder}, {None or adapter name: merged model})."""
@@ -51,9 +40,8 @@ def setup(tmp_path_factory):
     models = {None: base}
     for seed, (name, config) in enumerate(ADAPTERS.items()):
         folders[name] = root / name
-        _make_adapter(base, folders[name], seed, **config)
-        merged = PeftModel.from_pretrained(copy.deepcopy(base), folders[name])
-        models[name] = merged.merge_and_unload().eval()
+        make_peft_adapter(base, folders[name], seed, **config)
+        models[name] = merged_model(base, folders[name])
     return root / "base", folders, models
 
 

@@ -57,6 +57,9 @@ MATRIX: dict[str, dict[str, Any]] = {
     "dashboard": {"serviceMonitor": {"enabled": True},
                   "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
                   "engine": {"maxQueuedRequests": 32}},
+    "lora": {"lora": {"enabled": True, "modules": ["sql=/adapters/sql",
+                                                   {"name": "chat", "path": "org/chat-lora"}],
+                      "maxLoras": 4, "maxLoraRank": 32, "adaptersClaim": "adapters"}},
     "monitoring-and-route": {"serviceMonitor": {"enabled": True},
                              "httpRoute": {"enabled": True, "parentRefs": [{"name": "gw"}],
                                            "hostnames": ["llm.example"]}},
@@ -267,6 +270,24 @@ def test_without_the_kv_service_engines_are_not_pointed_at_it(chart: helm.Chart)
     assert not [o for o in objects if o["metadata"]["name"].endswith("-kv")]
 
 
+def test_lora_values_become_the_engines_settings_and_mount_the_adapters(chart: helm.Chart) -> None:
+    from switchyard.lora_modules import parse_lora_modules
+    from switchyard.settings import EngineSettings
+
+    objects = render(chart, MATRIX["lora"])
+    engine = config(objects)["engine"]
+    assert engine["enable_lora"] is True and engine["max_loras"] == 4
+    assert engine["max_lora_rank"] == 32 and "max_cpu_loras" not in engine
+    settings = EngineSettings(lora_modules=engine["lora_modules"])
+    assert [(m.name, m.path) for m in parse_lora_modules(settings.lora_modules)] == [
+        ("sql", "/adapters/sql"),
+        ("chat", "org/chat-lora"),
+    ]
+    mounts = container(objects, "engine")["volumeMounts"]
+    assert {"name": "adapters", "mountPath": "/adapters", "readOnly": True} in mounts
+    assert "enable_lora" not in config(render(chart, {}))["engine"]
+
+
 def test_ingress_and_route_lead_to_the_gateway(chart: helm.Chart) -> None:
     ingress = one(render(chart, MATRIX["ingress-on"]), "Ingress", f"{RELEASE}-switchyard")
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
@@ -357,6 +378,8 @@ def test_with_the_autoscaler_the_chart_leaves_the_engine_count_alone(chart: helm
         {"gateway": {"rateLimits": {"rpm": -1}}},
         {"engine": {"maxQueuedRequests": -1}},
         {"grafanaDashboard": {"enabled": True, "lables": {}}},
+        {"lora": {"modules": ["no-path"]}},
+        {"lora": {"maxLoras": 0}},
     ],
 )
 def test_the_values_schema_rejects_bad_values(chart: helm.Chart, values: dict[str, Any]) -> None:

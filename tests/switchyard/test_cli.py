@@ -54,6 +54,23 @@ def test_engine_knobs_and_engine_args_reach_every_engine() -> None:
     assert _engine_args(args) == ["--grammar-backend", "xgrammar", "--seed", "3", "--device", "cpu"]
 
 
+def test_lora_flags_of_up_reach_every_engine_as_vllm_spells_them() -> None:
+    json_form = '{"name": "chat", "path": "/a/chat"}'
+    args = build_parser().parse_args(
+        ["up", "--enable-lora", "--lora-modules", "sql=/a/sql", json_form, "--max-loras", "4",
+         "--max-lora-rank", "32", "--max-cpu-loras", "8"]
+    )  # fmt: skip
+    engine_args = _engine_args(args)
+    assert engine_args == [
+        "--max-loras", "4", "--max-lora-rank", "32", "--max-cpu-loras", "8", "--enable-lora",
+        "--lora-modules", "sql=/a/sql", json_form,
+    ]  # fmt: skip
+    from switchyard.settings import EngineSettings, load_settings
+
+    settings = load_settings(EngineSettings, engine_args)
+    assert settings.enable_lora and settings.lora_modules == ["sql=/a/sql", json_form]
+
+
 def test_up_refuses_a_missing_settings_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     args = build_parser().parse_args(
         ["up", "--data-dir", str(tmp_path), "--config", str(tmp_path / "missing.yaml")]
