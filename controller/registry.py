@@ -20,7 +20,7 @@ The registry is synchronous and takes its clock as an argument, so that tests dr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from switchyard.v1 import common_pb2, controller_pb2
@@ -73,17 +73,44 @@ class ReplicaRegistry:
         self._records[replica.replica_id] = _Record(stored, self._clock())
         self._after_change()
 
-    def heartbeat(self, replica_id: str, load: common_pb2.ReplicaLoad) -> bool:
-        """Records a beat and its load; False when the replica is unknown (it must register)."""
+    def heartbeat(
+        self,
+        replica_id: str,
+        load: common_pb2.ReplicaLoad,
+        lora_adapters: Sequence[common_pb2.LoRAAdapterInfo] | None = None,
+    ) -> bool:
+        """Records a beat, its load and (when given) the LoRA adapters the replica holds;
+        False when the replica is unknown (it must register)."""
         record = self._records.get(replica_id)
         if record is None:
             return False
         record.last_seen = self._clock()
         record.replica.last_heartbeat_unix = time.time()
         record.replica.load.CopyFrom(load)
+        if lora_adapters is not None:
+            _set_adapters(record.replica, lora_adapters)
         record.replica.state = self._serving_state(replica_id)
         self._after_change()
         return True
+
+    def set_lora_adapters(
+        self, replica_id: str, lora_adapters: Sequence[common_pb2.LoRAAdapterInfo]
+    ) -> None:
+        """What a replica holds after a load or unload the controller made, ahead of its
+        next heartbeat."""
+        record = self._records.get(replica_id)
+        if record is not None:
+            _set_adapters(record.replica, lora_adapters)
+            self._after_change()
+
+    def set_placement(self, placement: Mapping[str, Sequence[str]]) -> None:
+        """The adapters the LoRA placement gives each replica (``placed_adapters``)."""
+        for replica_id, record in self._records.items():
+            placed = list(placement.get(replica_id, ()))
+            if list(record.replica.placed_adapters) != placed:
+                del record.replica.placed_adapters[:]
+                record.replica.placed_adapters.extend(placed)
+        self._after_change()
 
     def deregister(self, replica_id: str) -> bool:
         """Removes a replica at once; False when it was not registered."""
@@ -162,3 +189,12 @@ class ReplicaRegistry:
             self._version += 1
             if self._on_change is not None:
                 self._on_change()
+
+
+def _set_adapters(
+    replica: common_pb2.Replica, lora_adapters: Sequence[common_pb2.LoRAAdapterInfo]
+) -> None:
+    del replica.lora_adapters[:]
+    replica.lora_adapters.extend(lora_adapters)
+    del replica.adapters[:]
+    replica.adapters.extend(a.name for a in lora_adapters if a.resident)

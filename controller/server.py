@@ -39,6 +39,7 @@ from controller.kube_api import KubeApi, current_namespace
 from controller.kubernetes_backend import KubernetesEnginePool
 from controller.leader import LeadershipLost, LeaseElector
 from controller.local_backend import LocalEngineSpec, LocalProcessBackend
+from controller.lora_fleet import FleetError, LoRAFleet
 from controller.plan import RestartPolicy
 from controller.reconciler import ENGINE_POOL, EngineCannotStart, Reconciler
 from controller.registry import ReplicaRegistry
@@ -46,7 +47,7 @@ from switchyard.exit_codes import CANNOT_START
 from switchyard.grpc_utils import GrpcServer, create_server
 from switchyard.log import setup_logging
 from switchyard.settings import ControllerSettings, load_settings
-from switchyard.v1 import controller_pb2, controller_pb2_grpc
+from switchyard.v1 import controller_pb2, controller_pb2_grpc, engine_pb2
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,14 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         feed: RouteFeed,
         reconciler: EnginePool | None,
         heartbeat_interval_s: float,
+        lora: LoRAFleet | None = None,
     ) -> None:
         self._registry = registry
         self._feed = feed
         self._reconciler = reconciler
         self._heartbeat_interval_s = heartbeat_interval_s
+        self._lora = lora or LoRAFleet(registry)
+        self._catch_ups: set[asyncio.Task[None]] = set()
 
     async def Register(
         self, request: controller_pb2.RegisterRequest, context: grpc.aio.ServicerContext
@@ -121,14 +125,24 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             "replica registered",
             extra={"replica_id": replica.replica_id, "address": replica.address},
         )
+        self._lora.observe(replica.replica_id, list(replica.lora_adapters))
+        self._lora.replan()
+        if replica.max_loras:
+            # Adapters loaded at runtime before this replica came: it gets them too.
+            task = asyncio.create_task(self._lora.catch_up(replica.replica_id))
+            self._catch_ups.add(task)
+            task.add_done_callback(self._catch_ups.discard)
         return controller_pb2.RegisterResponse(heartbeat_interval_s=self._heartbeat_interval_s)
 
     async def Heartbeat(
         self, request: controller_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> controller_pb2.HeartbeatResponse:
-        known = self._registry.heartbeat(request.replica_id, request.load)
+        known = self._registry.heartbeat(request.replica_id, request.load, request.lora_adapters)
         if not known:
             log.info("heartbeat from unknown replica", extra={"replica_id": request.replica_id})
+        elif request.lora_adapters:
+            self._lora.observe(request.replica_id, list(request.lora_adapters))
+            self._lora.replan()
         return controller_pb2.HeartbeatResponse(known=known)
 
     async def Deregister(
@@ -136,6 +150,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     ) -> controller_pb2.DeregisterResponse:
         if self._registry.deregister(request.replica_id):
             log.info("replica deregistered", extra={"replica_id": request.replica_id})
+            self._lora.replan()
         return controller_pb2.DeregisterResponse()
 
     async def WatchRoutes(
@@ -174,6 +189,30 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             "scale", extra={"pool": request.pool, "previous": previous, "desired": request.replicas}
         )
         return controller_pb2.ScaleResponse(previous=previous, desired=request.replicas)
+
+    async def LoadLoRAAdapter(
+        self, request: engine_pb2.LoadLoRAAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.LoadLoRAAdapterResponse:
+        if not request.lora_name or not request.lora_path:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "lora_name and lora_path are required"
+            )
+        try:
+            await self._lora.load(request)
+        except FleetError as exc:
+            await context.abort(exc.code, exc.details)
+        log.info("LoRA adapter loaded on the fleet", extra={"lora_name": request.lora_name})
+        return engine_pb2.LoadLoRAAdapterResponse()
+
+    async def UnloadLoRAAdapter(
+        self, request: engine_pb2.UnloadLoRAAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.UnloadLoRAAdapterResponse:
+        try:
+            await self._lora.unload(request)
+        except FleetError as exc:
+            await context.abort(exc.code, exc.details)
+        log.info("LoRA adapter unloaded from the fleet", extra={"lora_name": request.lora_name})
+        return engine_pb2.UnloadLoRAAdapterResponse()
 
 
 def reachable_address(host: str, port: int) -> str:

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 ANONYMOUS_HASH = hash_key("")
 GUARDED_PREFIXES = ("/v1/", "/mcp")
+# Guarded by the admin key in their own handlers (gateway/lora_routes.py), not by API keys.
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 UNAVAILABLE_LOG_INTERVAL_S = 10.0
 
 
@@ -215,6 +217,7 @@ class AccessMiddleware:
         if (
             scope["type"] != "http"
             or not scope["path"].startswith(GUARDED_PREFIXES)
+            or scope["path"] in ADMIN_PATHS
             or not control.limits_enabled
         ):
             await self._app(scope, receive, send)

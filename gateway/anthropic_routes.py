@@ -45,6 +45,7 @@ from gateway.chat import ChatFormat, ToolChoice, check_tool_request
 from gateway.errors import AnthropicError, ApiError
 from gateway.generation import GenerationSpec, Generator, SampleDelta
 from gateway.harmony import HarmonyInputError
+from gateway.lora_routes import AdapterCatalog
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import GENERATION_ERRORS, error_responses
 from gateway.serving import (
@@ -83,16 +84,17 @@ class AnthropicRoutes:
         chat: ChatFormat,
         metrics: GatewayMetrics,
         served_model_name: str,
+        catalog: AdapterCatalog | None = None,
     ) -> None:
         self.generator = generator
         self.chat = chat
         self.metrics = metrics
         self.served_model_name = served_model_name
         self.platform_chat: Any = None  # set when a tool service is configured
+        self.catalog = catalog or AdapterCatalog(generator.router, served_model_name)
 
     async def messages(self, body: MessagesRequest, request: Request) -> Response:
-        if body.model != self.served_model_name:
-            raise AnthropicError(404, f"model: {body.model}")
+        adapter = self.catalog.resolve(body.model, anthropic=True)
         if body.mcp_servers:  # the gateway runs these tools: gateway/platform_chat.py
             if self.platform_chat is None:
                 raise _invalid_request("mcp_servers need a tool service")
@@ -127,6 +129,7 @@ class AnthropicRoutes:
             max_tokens=body.max_tokens,
             stop=list(body.stop_sequences or []),
             structured=forced,
+            adapter=adapter,
         )
         shape = _MessageShape(
             request_id,

@@ -29,6 +29,15 @@ from gateway.chat import ChatFormat
 from gateway.engine_client import EngineClient
 from gateway.errors import install_error_handlers
 from gateway.generation import Generator
+from gateway.lora_policy import AdapterAffinityPolicy
+from gateway.lora_routes import (
+    AdapterAdmin,
+    AdapterCatalog,
+    ControllerAdapterAdmin,
+    EnginesAdapterAdmin,
+    LoRARoutes,
+    build_lora_router,
+)
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openai_routes import OpenAIRoutes, build_openai_router
 from gateway.openapi import install_openapi
@@ -73,7 +82,12 @@ def create_app(
             policy = RoundRobinPolicy()
         else:
             policy = LeastLoadPolicy()
-    router = Router(source, policy, max_in_flight_per_replica=settings.max_in_flight_per_replica)
+    # LoRA requests prefer replicas holding their adapter; base requests see the policy.
+    router = Router(
+        source,
+        AdapterAffinityPolicy(policy),
+        max_in_flight_per_replica=settings.max_in_flight_per_replica,
+    )
     engines = EngineClient(
         router,
         metrics.engine_retries,
@@ -91,9 +105,18 @@ def create_app(
     access = build_access_control(settings, metrics.registry)
     generator = Generator(tokenizer, router, engines, Admission(settings.max_in_flight_requests))
     platform_tools = PlatformTools(settings, generator, chat, served_model_name, metrics.registry)
-    routes = OpenAIRoutes(generator, chat, metrics, served_model_name, settings.max_n)
-    anthropic_routes = AnthropicRoutes(generator, chat, metrics, served_model_name)
+    catalog = AdapterCatalog(router, served_model_name)
+    routes = OpenAIRoutes(generator, chat, metrics, served_model_name, settings.max_n, catalog)
+    anthropic_routes = AnthropicRoutes(generator, chat, metrics, served_model_name, catalog)
     routes.platform_chat = anthropic_routes.platform_chat = platform_tools.platform_chat()
+    adapter_admin: AdapterAdmin = (
+        ControllerAdapterAdmin(settings.controller_address)
+        if isinstance(source, ControllerRoutes)
+        else EnginesAdapterAdmin(router)
+    )
+    lora_routes = LoRARoutes(
+        catalog, adapter_admin, auth_enabled=access.auth_enabled, admin_key=settings.admin_key
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,6 +131,7 @@ def create_app(
             if kv_events is not None:
                 await kv_events.close()
             await engines.close()
+            await adapter_admin.close()
             await source.close()
             tokenizer.close()
             await access.store.close()
@@ -127,6 +151,8 @@ def create_app(
     anthropic_router = build_anthropic_router(anthropic_routes)
     app.include_router(anthropic_router)
     platform_tools.mount(app)
+    lora_router = build_lora_router(lora_routes)
+    app.include_router(lora_router)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -148,6 +174,7 @@ def create_app(
         *(getattr(route, "path", "") for route in openai_router.routes),
         *(getattr(route, "path", "") for route in anthropic_router.routes),
         *platform_tools.endpoints(),
+        *(getattr(route, "path", "") for route in lora_router.routes),
         "/health",
         "/live",
         "/metrics",

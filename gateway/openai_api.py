@@ -265,6 +265,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "switchyard"
     max_model_len: int | None = None
+    # vLLM's: a LoRA adapter's card names its base model (parent) and its path (root).
+    root: str | None = None
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

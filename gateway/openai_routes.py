@@ -31,6 +31,7 @@ from gateway.chat import ChatFormat, ToolChoice, check_tool_request
 from gateway.errors import ApiError, OpenAIError, invalid_request
 from gateway.generation import GenerationSpec, Generator, SampleDelta
 from gateway.harmony import HarmonyInputError
+from gateway.lora_routes import AdapterCatalog
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import (
     AssistantMessage,
@@ -97,8 +98,10 @@ class OpenAIRoutes:
         metrics: GatewayMetrics,
         served_model_name: str,
         max_n: int,
+        catalog: AdapterCatalog | None = None,
     ) -> None:
         self.generator = generator
+        self.catalog = catalog or AdapterCatalog(generator.router, served_model_name)
         self.chat = chat
         self.tokenizer: ModelTokenizer = generator.tokenizer
         self.metrics = metrics
@@ -115,7 +118,7 @@ class OpenAIRoutes:
             created=self.created,
             max_model_len=self.generator.max_model_len(),
         )
-        return ModelList(data=[card])
+        return ModelList(data=[card, *self.catalog.cards(self.created)])
 
     async def retrieve_model(self, model_id: str) -> ModelCard:
         """``GET /v1/models/{model_id}`` (the ``openai`` client's ``models.retrieve``)."""
@@ -218,8 +221,7 @@ class OpenAIRoutes:
     # -- shared --------------------------------------------------------------------------------
 
     def _check_common(self, body: SamplingRequest) -> None:
-        if body.model != self.served_model_name:
-            raise _model_not_found(body.model)
+        self.catalog.resolve(body.model)  # a 404 unless the base model or a served adapter
         if body.n > self.max_n:
             raise invalid_request(f"n must be at most {self.max_n}, got {body.n}", param="n")
         if body.stream_options is not None and not body.stream:
@@ -266,6 +268,7 @@ class OpenAIRoutes:
             max_tokens=max_tokens,
             stop=body.stop_strings,
             structured=constraint[1] if constraint is not None else None,
+            adapter=self.catalog.resolve(body.model),
             cache_salt=body.cache_salt or "",
         )
 

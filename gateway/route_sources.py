@@ -159,4 +159,7 @@ class StaticRoutes:
             max_model_len=stats.max_model_len,
             max_num_seqs=stats.load.max_num_seqs,
             max_queued_requests=stats.load.max_queued_requests,
+            adapters=tuple(a.name for a in stats.lora_adapters if a.resident),
+            lora_adapters=tuple((a.name, a.path) for a in stats.lora_adapters),
+            max_loras=stats.max_loras,
         )

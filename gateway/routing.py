@@ -49,10 +49,18 @@ class Replica:
     num_waiting: int = 0
     kv_usage: float = 0.0
     max_model_len: int = 0
-    adapters: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()  # LoRA adapters resident in its device slots
     in_flight: int = 0
     max_num_seqs: int = 0  # 0: not reported
     max_queued_requests: int = 0  # 0: unbounded (or not reported)
+    # LoRA: every adapter registered on it, as (name, path); those the controller's
+    # placement gives it; how many fit its device at once (0: LoRA off).
+    lora_adapters: tuple[tuple[str, str], ...] = ()
+    placed_adapters: tuple[str, ...] = ()
+    max_loras: int = 0
+
+    def serves_adapter(self, name: str) -> bool:
+        return any(registered == name for registered, _ in self.lora_adapters)
 
     @classmethod
     def from_proto(cls, replica: common_pb2.Replica) -> Replica:
@@ -68,6 +76,9 @@ class Replica:
             adapters=tuple(replica.adapters),
             max_num_seqs=replica.load.max_num_seqs,
             max_queued_requests=replica.load.max_queued_requests,
+            lora_adapters=tuple((a.name, a.path) for a in replica.lora_adapters),
+            placed_adapters=tuple(replica.placed_adapters),
+            max_loras=replica.max_loras,
         )
 
     def capacity(self) -> int:
@@ -212,15 +223,19 @@ class Router:
         return min(lengths) if lengths else None
 
     def select(self, request_info: RequestInfo, exclude: frozenset[str] = frozenset()) -> Replica:
-        """A READY replica not in ``exclude`` (replica ids) and below its bound; raises
-        ``NoReplicaAvailable`` when none is ready, ``ReplicasBusy`` when all are full."""
+        """A READY replica not in ``exclude`` (replica ids), holding the request's LoRA
+        adapter if it names one, and below its bound; raises ``NoReplicaAvailable`` when
+        none is ready, ``ReplicasBusy`` when all are full."""
+        adapter = request_info.adapter
         ready = [
             replace(replica, in_flight=self._in_flight.get(replica.replica_id, 0))
             for replica in self.ready_replicas()
             if replica.replica_id not in exclude
+            and (not adapter or replica.serves_adapter(adapter))
         ]
         if not ready:
-            raise NoReplicaAvailable("no engine replica is ready to serve the request")
+            held = f" holding adapter {adapter!r}" if adapter else ""
+            raise NoReplicaAvailable(f"no engine replica{held} is ready to serve the request")
         candidates = [replica for replica in ready if not self._full(replica)]
         if not candidates:
             raise ReplicasBusy("every engine replica is at capacity")

@@ -555,7 +555,9 @@ class GatewaySettings(ServiceSettings):
         "or refuse every request with 503 (--no-rate-limit-fail-open)",
     )
     admin_key: str = Field(
-        default="", description="bearer key of the admin API (/admin/keys); empty: disabled"
+        default="",
+        description="bearer key of the admin API (/admin/keys; and LoRA load/unload when keys "
+        "are configured); empty: disabled",
     )
 
     @field_validator("api_keys", mode="before")
