@@ -382,6 +382,8 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
     device prefix cache, restored from its host-memory tier, or fetched from the KV service.
     SPEC ACCEPT (when a replica speculates) is its mean acceptance length: tokens committed
     per verification round.
+    When a replica serves LoRA, ADAPTERS lists its adapters (``*``: in a device slot now,
+    ``^``: placed on it by the controller) and ``n/m`` its device slots in use.
     """
     header = (
         "ID", "ADDRESS", "STATE", "RUNNING", "WAITING", "KV USAGE",
@@ -390,6 +392,9 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
     with_spec = any(r.load.spec_acceptance_length for r in reply.replicas)
     if with_spec:
         header = (*header, "SPEC ACCEPT")
+    with_lora = any(r.max_loras for r in reply.replicas)
+    if with_lora:
+        header = (*header, "LORA SLOTS", "ADAPTERS")
     rows = [header]
     for replica in reply.replicas:
         state = common_pb2.ReplicaState.Name(replica.state).removeprefix("REPLICA_STATE_")
@@ -406,6 +411,7 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
                 _share(load.host_hit_tokens, load.prefix_cache_queries),
                 _share(load.remote_hit_tokens, load.prefix_cache_queries),
                 *((f"{load.spec_acceptance_length:.2f}",) if with_spec else ()),
+                *(_lora_cells(replica) if with_lora else ()),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -417,6 +423,17 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
               for row in rows]  # fmt: skip
     return "\n".join(lines)
+
+
+def _lora_cells(replica: common_pb2.Replica) -> tuple[str, str]:
+    if not replica.max_loras:
+        return "-", "-"
+    resident, placed = set(replica.adapters), set(replica.placed_adapters)
+    names = [
+        a.name + ("*" if a.name in resident else "") + ("^" if a.name in placed else "")
+        for a in sorted(replica.lora_adapters, key=lambda a: a.name)
+    ]
+    return f"{len(resident)}/{replica.max_loras}", ",".join(names) or "-"
 
 
 def _share(part: int, whole: int) -> str:

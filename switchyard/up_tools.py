@@ -46,7 +46,9 @@ def add_tool_arguments(up: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--redis-url", help="redis://HOST:PORT shared by gateways for limits and responses"
     )
-    group.add_argument("--admin-key", help="bearer key of the admin API (/admin/keys)")
+    group.add_argument(
+        "--admin-key", help="bearer key of the admin API (/admin/keys, LoRA load/unload)"
+    )
 
 
 def tool_service_argv(args: argparse.Namespace, data_dir: Path, port: int) -> list[str]:

@@ -149,6 +149,29 @@ def test_status_shows_the_mean_acceptance_length_of_speculating_replicas() -> No
     assert rows[1].split()[-1] == "2.75"
 
 
+def test_status_shows_the_adapters_of_each_replica() -> None:
+    from switchyard.cli import format_status
+    from switchyard.v1 import common_pb2, controller_pb2
+
+    info = common_pb2.LoRAAdapterInfo
+    lora = common_pb2.Replica(
+        replica_id="engine-0",
+        state=common_pb2.REPLICA_STATE_READY,
+        max_loras=2,
+        adapters=["sql"],
+        placed_adapters=["sql", "chat"],
+        lora_adapters=[info(name="sql", resident=True), info(name="chat"), info(name="math")],
+    )
+    plain = common_pb2.Replica(replica_id="engine-1", state=common_pb2.REPLICA_STATE_READY)
+    table = format_status(controller_pb2.ListReplicasResponse(replicas=[lora, plain]))
+    header, first, second = table.splitlines()[-3:]
+    assert header.split()[-3:] == ["LORA", "SLOTS", "ADAPTERS"]
+    assert first.split()[-2:] == ["1/2", "chat^,math,sql*^"]
+    assert second.split()[-2:] == ["-", "-"]
+    no_lora = format_status(controller_pb2.ListReplicasResponse(replicas=[plain]))
+    assert "ADAPTERS" not in no_lora
+
+
 def test_internal_ports_never_repeat_the_gateway_port() -> None:
     """``--port 50051``: the controller's default is free until the gateway binds it."""
     gateway_port = any_free_port("127.0.0.1")
