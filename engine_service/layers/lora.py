@@ -24,6 +24,9 @@ from torch import nn
 from engine_service.layers.linear import LinearBase
 
 NO_ADAPTER = -1
+# Slots x rank up to which a step computes every slot's delta and masks (two matmuls per
+# layer, no host sync) instead of grouping tokens by adapter.
+DENSE_MAX_COLUMNS = 512
 
 
 class LoRASlots:
@@ -32,9 +35,23 @@ class LoRASlots:
 
     def __init__(self) -> None:
         self.token_slots: torch.Tensor | None = None
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def set(self, token_slots: torch.Tensor | None) -> None:
         self.token_slots = token_slots
+        self._masks = {}
+
+    def rank_mask(self, num_slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[T, num_slots * rank]``: 1 in the ``rank`` columns of each token's own slot,
+        0 elsewhere (all 0 for base tokens); built once per step and shape."""
+        key = (num_slots, rank, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            assert self.token_slots is not None
+            slots = self.token_slots
+            own = slots.unsqueeze(1) == torch.arange(num_slots, device=slots.device)
+            mask = self._masks[key] = own.to(dtype).repeat_interleave(rank, dim=1)
+        return mask
 
 
 class LoRADelta(abc.ABC):
@@ -49,11 +66,20 @@ class LoRADelta(abc.ABC):
 
 
 class TorchLoRA(LoRADelta):
-    """The reference: adapters in fixed slots, zero-padded to ``max_rank``; each step runs
-    one pair of matmuls per (adapter in use, output piece) over that adapter's tokens.
+    """The reference: adapters in fixed slots, zero-padded to ``max_rank``.
 
-    It reads the step's adapters on the host (``torch.unique``), so it is for CPU, tests and
-    checking kernels against, not for graph capture.
+    Two ways to run a step, same result:
+
+    - *dense* (``max_adapters * max_rank <= DENSE_MAX_COLUMNS``): every slot's shrink in one
+      matmul over all output pieces, ``h = x A_all^T`` (``[T, pieces * slots * rank]``), the
+      columns of other slots masked to zero, then one expand matmul per piece. More FLOPs
+      than needed (every slot, not only the token's), but a handful of kernels per layer
+      and no host sync, which is what small batches and CPUs are bound by;
+    - *grouped*: one pair of matmuls per (adapter in use, piece) over that adapter's tokens;
+      it reads the step's adapters on the host (``torch.unique``).
+
+    Neither is for graph capture; a batched kernel (punica/SGMV-style) can replace this
+    class behind the same two methods.
     """
 
     def __init__(
@@ -61,18 +87,20 @@ class TorchLoRA(LoRADelta):
     ) -> None:
         self.layer = layer
         self.slots = slots
+        self.max_adapters = max_adapters
         self.max_rank = max_rank
+        self.dense = max_adapters * max_rank <= DENSE_MAX_COLUMNS
         weight = layer.weight
         self.pieces = layer.lora_output_slices()
-        self.lora_a = [
-            torch.zeros(
-                max_adapters, max_rank, layer.input_size, dtype=weight.dtype, device=weight.device
-            )
-            for _ in self.pieces
-        ]
+        like = dict(dtype=weight.dtype, device=weight.device)
+        # A of every piece in one tensor, so that the dense path shrinks in one matmul.
+        self.lora_a_all = torch.zeros(
+            len(self.pieces), max_adapters, max_rank, layer.input_size, **like
+        )
+        self.lora_a = list(self.lora_a_all.unbind(0))  # [slots, rank, in] per piece
+        # B stored transposed, [slots, rank, out_piece]: rows of (slot, rank) for the expand.
         self.lora_b = [
-            torch.zeros(max_adapters, width, max_rank, dtype=weight.dtype, device=weight.device)
-            for _, width in self.pieces
+            torch.zeros(max_adapters, max_rank, width, **like) for _, width in self.pieces
         ]
 
     def set_adapter(
@@ -93,7 +121,7 @@ class TorchLoRA(LoRADelta):
         self.lora_a[index][slot].zero_()
         self.lora_b[index][slot].zero_()
         self.lora_a[index][slot, :rank].copy_(a)
-        self.lora_b[index][slot, :, :rank].copy_(b * scaling)
+        self.lora_b[index][slot, :rank].copy_((b * scaling).T)
 
     def clear_adapter(self, slot: int) -> None:
         for a, b in zip(self.lora_a, self.lora_b):
@@ -104,14 +132,27 @@ class TorchLoRA(LoRADelta):
         slots = self.slots.token_slots
         if slots is None:
             return
+        if self.dense:
+            self._add_dense(x, y)
+            return
         for adapter in torch.unique(slots[slots != NO_ADAPTER]).tolist():
             rows = (slots == adapter).nonzero().squeeze(1)
             x_rows = x.index_select(0, rows)
             offset = 0
             for a, b, (_, width) in zip(self.lora_a, self.lora_b, self.pieces):
-                delta = (x_rows @ a[adapter].T) @ b[adapter].T
+                delta = (x_rows @ a[adapter].T) @ b[adapter]
                 y[:, offset : offset + width].index_add_(0, rows, delta)
                 offset += width
+
+    def _add_dense(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        columns = self.max_adapters * self.max_rank
+        mask = self.slots.rank_mask(self.max_adapters, self.max_rank, x.dtype)
+        shrunk = x @ self.lora_a_all.view(-1, self.layer.input_size).T
+        shrunk = shrunk.view(x.shape[0], len(self.pieces), columns) * mask.unsqueeze(1)
+        offset = 0
+        for index, (b, (_, width)) in enumerate(zip(self.lora_b, self.pieces)):
+            y[:, offset : offset + width] += shrunk[:, index] @ b.view(columns, width)
+            offset += width
 
 
 def attach_lora(

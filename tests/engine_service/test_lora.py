@@ -128,13 +128,21 @@ def test_each_adapter_alone_matches_transformers_with_it_merged(setup, adapter):
         _assert_matches(got, _reference(models[adapter], prompt), (adapter, prompt))
 
 
-def test_a_batch_mixing_adapters_and_the_base_gives_each_what_it_gets_alone(setup):
+@pytest.mark.parametrize("path", ["dense", "grouped"])
+def test_a_batch_mixing_adapters_and_the_base_gives_each_what_it_gets_alone(
+    setup, path, monkeypatch
+):
     """One batch holds every (prompt, adapter) pair, prefix cache on and a token budget
-    small enough that prefill chunks and decodes of different adapters share steps."""
+    small enough that prefill chunks and decodes of different adapters share steps; both
+    of the torch deltas' ways (all slots masked, or tokens grouped by adapter)."""
+    import engine_service.layers.lora as lora_layers
+
+    monkeypatch.setattr(lora_layers, "DENSE_MAX_COLUMNS", 512 if path == "dense" else 0)
     _, _, models = setup
     prompts = _prompts(models[None].config.vocab_size)
     jobs = [(p, a) for p in prompts for a in (None, "wide", "narrow")]
     engine = _engine(setup, max_num_batched_tokens=16)
+    assert all(d.dense == (path == "dense") for d in engine.lora.deltas.values())
     results = _run(engine, jobs)
     for (prompt, adapter), got in zip(jobs, results):
         _assert_matches(got, _reference(models[adapter], prompt), (adapter, prompt))
