@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.prefix_index import PrefixIndex
 from gateway.routing import Replica, RequestInfo, RoutingPolicy, replica_load, session_id_var
-from switchyard.block_hash import block_extra_keys
+from switchyard.block_hash import block_extra_keys, lora_adapter_key
 
 # Points per replica on the hash ring; more points spread sessions more evenly.
 _RING_POINTS = 64
@@ -54,7 +54,9 @@ class PrefixAwarePolicy(RoutingPolicy):
                 r.replica_id,
             ),
         )
-        extra_keys = block_extra_keys(request_info.adapter, request_info.cache_salt)
+        extra_keys = block_extra_keys(
+            _adapter_key(replicas, request_info.adapter), request_info.cache_salt
+        )
         if request_info.session_id:
             chosen = self._session_replica(replicas, request_info.session_id)
         else:
@@ -108,3 +110,14 @@ class SessionIdMiddleware:
             await self.app(scope, receive, send)
         finally:
             session_id_var.reset(token)
+
+
+def _adapter_key(replicas: Sequence[Replica], adapter: str) -> str | None:
+    """The block-hash key engines use for ``adapter``: its content fingerprint."""
+    if not adapter:
+        return None
+    for replica in replicas:
+        for name, fingerprint in replica.lora_fingerprints:
+            if name == adapter and fingerprint:
+                return lora_adapter_key(fingerprint)
+    return adapter  # not reported yet: hashes then match no engine's blocks

@@ -161,5 +161,6 @@ class StaticRoutes:
             max_queued_requests=stats.load.max_queued_requests,
             adapters=tuple(a.name for a in stats.lora_adapters if a.resident),
             lora_adapters=tuple((a.name, a.path) for a in stats.lora_adapters),
+            lora_fingerprints=tuple((a.name, a.fingerprint) for a in stats.lora_adapters),
             max_loras=stats.max_loras,
         )

@@ -58,6 +58,7 @@ class Replica:
     lora_adapters: tuple[tuple[str, str], ...] = ()
     placed_adapters: tuple[str, ...] = ()
     max_loras: int = 0
+    lora_fingerprints: tuple[tuple[str, str], ...] = ()  # (name, content fingerprint)
 
     def serves_adapter(self, name: str) -> bool:
         return any(registered == name for registered, _ in self.lora_adapters)
@@ -77,6 +78,7 @@ class Replica:
             max_num_seqs=replica.load.max_num_seqs,
             max_queued_requests=replica.load.max_queued_requests,
             lora_adapters=tuple((a.name, a.path) for a in replica.lora_adapters),
+            lora_fingerprints=tuple((a.name, a.fingerprint) for a in replica.lora_adapters),
             placed_adapters=tuple(replica.placed_adapters),
             max_loras=replica.max_loras,
         )

@@ -35,6 +35,13 @@ def block_extra_keys(
     return (adapter or "", cache_salt or "", *mm_hashes)
 
 
+def lora_adapter_key(fingerprint: str) -> str:
+    """The adapter key of :func:`block_extra_keys` for a LoRA adapter: its content
+    fingerprint (a digest of its weights and config), never its name or path, so that KV
+    computed with other weights under the same name is never served."""
+    return f"lora:{fingerprint}"
+
+
 def hash_block(
     parent_hash: bytes | None, token_ids: Sequence[int], extra_keys: tuple[str, ...] = ()
 ) -> bytes:

@@ -42,6 +42,7 @@ from engine_service.layers.linear import LinearBase, RowParallelLinear
 from engine_service.layers.lora import LoRASlots, TorchLoRA, attach_lora
 from engine_service.models.loader import resolve_model_path
 from engine_service.models.weights import resolve_name
+from switchyard.block_hash import lora_adapter_key
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -85,7 +86,7 @@ class LoRAAdapter:
     @property
     def cache_key(self) -> str:
         """What block hashes carry for this adapter (``block_extra_keys``'s adapter key)."""
-        return f"lora:{self.fingerprint}"
+        return lora_adapter_key(self.fingerprint)
 
 
 def adaptable_modules(net: nn.Module) -> dict[str, LinearBase]:

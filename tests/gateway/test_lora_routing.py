@@ -102,3 +102,32 @@ def test_replicas_carry_the_adapters_of_the_routing_table():
     converted = Replica.from_proto(proto)
     assert converted.lora_adapters == (("sql", "/a"),) and converted.max_loras == 4
     assert converted.adapters == ("sql",) and converted.placed_adapters == ("chat",)
+
+
+def test_prefix_routing_hashes_an_adapters_prompt_with_its_fingerprint_as_engines_do():
+    """The replica holding the prompt's blocks *under the adapter's fingerprint* wins; one
+    holding the same tokens for the base model does not."""
+    from gateway.prefix_index import PrefixIndex
+    from gateway.prefix_policy import PrefixAwarePolicy
+    from switchyard.block_hash import block_extra_keys, chained_block_hashes, lora_adapter_key
+    from tests.gateway.test_prefix_routing import BLOCK, DEVICE
+
+    prompt = list(range(10, 42))
+    fingerprints = (("sql", "f" * 32),)
+    under_adapter = chained_block_hashes(
+        prompt, BLOCK, block_extra_keys(lora_adapter_key("f" * 32))
+    )
+    index = PrefixIndex()
+    for name in ("base-holder", "adapter-holder", "idle"):
+        index.reset(name, BLOCK)
+    index.apply("base-holder", True, DEVICE, chained_block_hashes(prompt, BLOCK))
+    index.apply("adapter-holder", True, DEVICE, under_adapter)
+    replicas = [
+        replace(lora_replica(name, running=r), lora_fingerprints=fingerprints)
+        for name, r in (("base-holder", 0), ("adapter-holder", 1), ("idle", 0))
+    ]
+    policy = PrefixAwarePolicy(index)
+    info = RequestInfo(request_id="r", model=BASE, prompt_token_ids=prompt, adapter="sql")
+    assert policy.select(replicas, info).replica_id == "adapter-holder"
+    base_info = replace(info, adapter="")
+    assert policy.select(replicas, base_info).replica_id == "base-holder"
