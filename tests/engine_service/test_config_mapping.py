@@ -10,7 +10,15 @@ from switchyard.settings import EngineSettings
 
 # EngineConfig fields that are not settings of their own: the model path is resolved by the
 # service, offload is on when a host tier or a KV service is given, events are always on.
-DERIVED = {"model", "revision", "enable_kv_offload", "enable_kv_events", "kv_remote_retry_s"}
+# ``lora_modules`` is parsed from vLLM's NAME=PATH / JSON forms into (name, path) pairs.
+DERIVED = {
+    "model",
+    "revision",
+    "enable_kv_offload",
+    "enable_kv_events",
+    "kv_remote_retry_s",
+    "lora_modules",
+}
 
 NON_DEFAULT = {
     "dtype": "float32",
@@ -35,6 +43,10 @@ NON_DEFAULT = {
     "enable_jump_forward": False,
     "async_scheduling": False,
     "speculative_config": '{"method": "ngram", "num_speculative_tokens": 2}',
+    "enable_lora": True,
+    "max_loras": 3,
+    "max_lora_rank": 8,
+    "max_cpu_loras": 5,
 }
 
 
@@ -65,3 +77,11 @@ def test_a_host_tier_turns_offload_on() -> None:
     )
     assert config.enable_kv_offload
     assert config.kv_offload_host_bytes == 128 << 20
+
+
+def test_lora_modules_reach_the_engine_config_as_name_path_pairs() -> None:
+    settings = EngineSettings(
+        enable_lora=True, lora_modules=["sql=/a/sql", '{"name": "chat", "path": "org/chat"}']
+    )
+    config = engine_config_from_settings(settings, "/models/m")
+    assert config.lora_modules == (("sql", "/a/sql"), ("chat", "org/chat"))
