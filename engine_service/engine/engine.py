@@ -369,6 +369,8 @@ class LLMEngine:
         sample that needs its newest token on the host (grammar, penalties) drain first.
         """
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self._lora_waiting:
+            self._admit_lora_waiting()  # adapters whose folder read finished may start now
         if self._in_flight is not None and self._must_drain():
             outputs.extend(self._resolve(self._in_flight))
             self._in_flight = None
@@ -381,6 +383,8 @@ class LLMEngine:
                 self.offload.apply_transfers()
                 if self.offload.fetches_in_flight:
                     self.offload.wait(_FETCH_WAIT_S)
+            if self.lora is not None and self.lora.reads_in_flight:
+                self.lora.wait_for_reads(_FETCH_WAIT_S)
             return outputs
         self.steps_total += 1
         draft_masks: dict[int, torch.Tensor] = {}
@@ -558,6 +562,8 @@ class LLMEngine:
         afterwards."""
         if self.offload is not None:
             self.offload.close()
+        if self.lora is not None:
+            self.lora.close()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
 

@@ -17,8 +17,8 @@ use separate slots, but share their KV blocks: the prefix-cache key is the versi
 tensor), never its name or path, so new weights read from an old path never hit stale KV.
 
 Nothing here blocks the step loop: :meth:`LoRAManager.acquire` either returns a slot at once
-or ``None`` (every slot is pinned), and the engine keeps such a request aside until a slot
-is released.
+or ``None`` (every slot is pinned, or the adapter is being read from its folder again on a
+worker thread), and the engine keeps such a request aside and asks again.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import math
 import re
 import time
 from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,9 @@ class LoRAManager:
         self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(max_loras))
         self.loads_total = 0
         self.load_seconds_total = 0.0
+        # Re-reads of adapters evicted from the host cache, by id of the version.
+        self._reader: ThreadPoolExecutor | None = None
+        self._reads: dict[int, Future[LoRAAdapter]] = {}
 
     # -- registry -------------------------------------------------------------------------
 
@@ -370,7 +374,10 @@ class LoRAManager:
 
     def acquire(self, adapter: LoRAAdapter) -> int | None:
         """Pin a slot holding ``adapter`` (loading it into the least recently used free
-        slot if needed); ``None`` when every slot is pinned by other adapters."""
+        slot if needed); ``None`` when every slot is pinned by other adapters, or while the
+        adapter, evicted from the host cache, is read from its folder again on a worker
+        thread (ask again later; :meth:`wait_for_reads` waits for it). Raises
+        ``ValueError`` when that read fails or finds other weights than were loaded."""
         for index, slot in enumerate(self._slots):
             if slot.adapter is adapter:
                 slot.users += 1
@@ -378,6 +385,8 @@ class LoRAManager:
                 return index
         free = next((i for i in self._slot_lru if self._slots[i].users == 0), None)
         if free is None:
+            return None
+        if adapter.weights is None and not self._finish_read(adapter):
             return None
         self._write(free, adapter)
         self._slots[free].users = 1
@@ -411,15 +420,43 @@ class LoRAManager:
             delta.clear_adapter(index)
         self._slots[index].adapter = None
 
+    def _finish_read(self, adapter: LoRAAdapter) -> bool:
+        """Whether the re-read of an evicted adapter is done (its weights set); starts it
+        on the reader thread the first time."""
+        read = self._reads.get(id(adapter))
+        if read is None:
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="lora-read")
+            self._reads[id(adapter)] = self._reader.submit(
+                load_peft_adapter, adapter.name, adapter.source, self.net, self.max_rank
+            )
+            return False
+        if not read.done():
+            return False
+        del self._reads[id(adapter)]
+        fresh = read.result()  # a failed read raises its ValueError here
+        if fresh.fingerprint != adapter.fingerprint:
+            raise ValueError(
+                f"adapter {adapter.name!r} changed on disk since it was loaded; "
+                "load it again (load_inplace) to serve the new weights"
+            )
+        adapter.weights = fresh.weights
+        return True
+
+    @property
+    def reads_in_flight(self) -> bool:
+        return bool(self._reads)
+
+    def wait_for_reads(self, timeout_s: float) -> None:
+        """Block until a re-read finishes or ``timeout_s`` passes."""
+        if self._reads:
+            wait(list(self._reads.values()), timeout_s, return_when=FIRST_COMPLETED)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+
     def _weights(self, adapter: LoRAAdapter):
-        if adapter.weights is None:
-            fresh = load_peft_adapter(adapter.name, adapter.source, self.net, self.max_rank)
-            if fresh.fingerprint != adapter.fingerprint:
-                raise ValueError(
-                    f"adapter {adapter.name!r} changed on disk since it was loaded; "
-                    "load it again (load_inplace) to serve the new weights"
-                )
-            adapter.weights = fresh.weights
         self._cache(adapter)
         assert adapter.weights is not None
         return adapter.weights

@@ -180,18 +180,46 @@ def test_block_keys_follow_adapter_content_not_name(setup, tmp_path):
 
 
 def test_more_adapters_than_device_slots_wait_and_all_finish_correctly(setup):
-    """With one device slot, requests of the other adapter wait aside, then run."""
+    """With one device slot and one host-cache entry, requests of the other adapter wait
+    aside (its files are read again off the engine thread meanwhile), then run."""
     _, _, models = setup
     prompt = _prompts(models[None].config.vocab_size)[2]
     engine = _engine(setup, max_loras=1, max_cpu_loras=1)
     jobs = [(prompt, "wide"), (prompt, "narrow"), (prompt, None), (prompt, "wide")]
     for (_, adapter), got in zip(jobs, _run(engine, jobs)):
         _assert_matches(got, _reference(models[adapter], prompt), adapter)
-    assert engine.lora.loads_total == 2  # the second "wide" request found it resident
-    # "wide" left the one-entry host cache when "narrow" came: it is read from its folder.
-    got = _run(engine, [(prompt, "wide")])[0]
-    _assert_matches(got, _reference(models["wide"], prompt), "wide reloaded")
-    assert engine.lora.loads_total == 3
+    # One write per adapter: the second "wide" request shared the first one's slot.
+    assert engine.lora.loads_total == 2
+    # The adapter neither in the slot nor in host memory is read from its folder again.
+    lora = engine.lora
+    (evicted,) = [n for n, a in lora.adapters.items() if a.weights is None]
+    assert evicted not in lora.resident()
+    got = _run(engine, [(prompt, evicted)])[0]
+    _assert_matches(got, _reference(models[evicted], prompt), f"{evicted} read again")
+    assert lora.loads_total == 3 and lora.resident() == [evicted]
+
+
+def test_an_adapter_changed_on_disk_since_it_was_loaded_fails_its_requests_only(setup, tmp_path):
+    """Evicted from host memory, an adapter is read again; other weights than were loaded
+    (same path) end its requests with "abort", and the engine keeps serving."""
+    _, folders, models = setup
+    copy = _copy_adapter(folders["narrow"], tmp_path / "narrow-copy")
+    engine = _engine(setup, max_loras=1, max_cpu_loras=1)
+    engine.add_lora("copy", str(copy))  # evicts "narrow" from the one-entry host cache...
+    engine.add_lora("last", str(folders["wide"]))  # ...and this one evicts "copy"
+    (copy / "adapter_model.safetensors").write_bytes(
+        (folders["wide"] / "adapter_model.safetensors").read_bytes()
+    )
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    engine.add_request("changed", [5, 9, 11], params, adapter="copy")
+    finishes = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finishes[out.request_id] = out.finish_reason
+    assert finishes == {"changed": "abort"}
+    prompt = [5, 9, 11]
+    _assert_matches(_run(engine, [(prompt, "wide")])[0], _reference(models["wide"], prompt), "ok")
 
 
 def test_steps_without_adapters_leave_the_slots_unset(setup):
