@@ -91,6 +91,8 @@ def _engine_failure(exc: EngineError) -> ApiError:
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
         # Our own engine's words about the request's values: safe and useful to show.
         return ApiError(400, f"engine error: {exc.message}", code=code.name.lower())
+    if code == grpc.StatusCode.NOT_FOUND:  # its LoRA adapter was unloaded while it waited
+        return ApiError(404, f"engine error: {exc.message}", code="model_not_found")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return _busy("every engine replica's queue is full; retry later", "engine_overloaded")
     logger.warning("engine failure answered to the client", extra={"error": str(exc)})
