@@ -165,3 +165,22 @@ def test_stats_heartbeats_and_metrics_show_the_adapters(world, served, stub):
     assert len(info) == 1 and 'max_lora="2"' in info[0]
     assert 'running_lora_adapters=""' in info[0] and 'waiting_lora_adapters=""' in info[0]
     assert "switchyard:lora_loads_total" in body
+
+
+def test_adapter_calls_on_an_engine_without_lora_are_failed_precondition(world):
+    """An engine started without --enable-lora refuses adapters and says why."""
+    checkpoint, folders, _ = world
+    loop = BackgroundLoop()
+    server = EngineServer(engine_settings(checkpoint, ""))
+    loop.run(server.start())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = engine_pb2_grpc.EngineServiceStub(channel)
+            load = engine_pb2.LoadLoRAAdapterRequest(lora_name="sql", lora_path=str(folders["sql"]))
+            code, details = _code(lambda: stub.LoadLoRAAdapter(load, timeout=30))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "--enable-lora" in details
+            assert _code(lambda: _generate(stub, "sql"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+            assert stub.GetStats(engine_pb2.GetStatsRequest(), timeout=5).max_loras == 0
+    finally:
+        loop.run(server.stop(grace_s=1))
+        loop.close()
