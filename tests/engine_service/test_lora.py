@@ -328,3 +328,45 @@ def test_steps_with_adapters_run_eagerly_beside_graph_steps(setup):
     base_only = _run(engine, [([4, 4, 4], None)])[0]
     _assert_matches(base_only, _reference(models[None], [4, 4, 4]), "base")
     assert replays and all(slots is None for slots in replays)
+
+
+def test_parallel_samples_and_preemption_keep_their_adapter(setup):
+    """n=2 samples forked from an adapter's prompt, in a pool so small that sequences are
+    preempted and recomputed: every sample still decodes with its adapter."""
+    _, _, models = setup
+    prompts = _prompts(models[None].config.vocab_size)
+    engine = _engine(setup, num_kv_blocks=14, max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, n=2)
+    jobs = {"p0": (prompts[0], "narrow"), "p1": (prompts[1], "wide"), "p2": (prompts[0], None)}
+    for rid, (prompt, adapter) in jobs.items():
+        engine.add_request(rid, prompt, params, adapter=adapter)
+    tokens = {(rid, i): [] for rid in jobs for i in range(2)}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[(out.request_id, out.index)].extend(out.new_token_ids)
+    assert engine.stats().num_preemptions > 0
+    for (rid, _), got in tokens.items():
+        prompt, adapter = jobs[rid]
+        assert got == _reference(models[adapter], prompt)[0], (rid, adapter)
+    assert all(slot.users == 0 for slot in engine.lora._slots)
+
+
+def test_aborting_frees_the_slot_for_a_waiting_adapter(setup):
+    _, _, models = setup
+    engine = _engine(setup, max_loras=1, max_cpu_loras=2)  # both in host memory
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    engine.add_request("long", [5, 9, 11], params, adapter="wide")
+    engine.add_request("waits", [5, 9, 11], params, adapter="narrow")
+    engine.step()
+    assert engine.stats().lora.waiting == ("narrow",)
+    assert engine.stats().lora.running == ("wide",)
+    engine.abort("long")
+    engine.step()
+    engine.step()
+    assert engine.stats().lora.running == ("narrow",)  # it took the freed slot
+    engine.abort("waits")
+    while engine.has_unfinished():
+        engine.step()
+    assert all(slot.users == 0 for slot in engine.lora._slots)
+    prompt = [5, 9, 11]
+    _assert_matches(_run(engine, [(prompt, "wide")])[0], _reference(models["wide"], prompt), "ok")
