@@ -121,7 +121,11 @@ class OpenAIRoutes:
         return ModelList(data=[card, *self.catalog.cards(self.created)])
 
     async def retrieve_model(self, model_id: str) -> ModelCard:
-        """``GET /v1/models/{model_id}`` (the ``openai`` client's ``models.retrieve``)."""
+        """``GET /v1/models/{model_id}`` (the ``openai`` client's ``models.retrieve``): the
+        base model or one of its LoRA adapters."""
+        adapter_card = next((c for c in self.catalog.cards(self.created) if c.id == model_id), None)
+        if adapter_card is not None:
+            return adapter_card
         if model_id != self.served_model_name:
             raise _model_not_found(model_id)
         return ModelCard(

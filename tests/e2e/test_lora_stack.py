@@ -101,6 +101,8 @@ def test_models_lists_adapters_with_parent_and_root(lora_stack, adapters):
     assert set(cards) >= {MODEL_NAME, "sql"}
     assert cards["sql"].parent == MODEL_NAME
     assert cards["sql"].root == str(folders["sql"])
+    one = _client(lora_stack).models.retrieve("sql")
+    assert one.id == "sql" and one.parent == MODEL_NAME
 
 
 def test_unknown_models_are_404s_in_each_clients_format(lora_stack):
