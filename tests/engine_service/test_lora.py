@@ -370,3 +370,34 @@ def test_aborting_frees_the_slot_for_a_waiting_adapter(setup):
     assert all(slot.users == 0 for slot in engine.lora._slots)
     prompt = [5, 9, 11]
     _assert_matches(_run(engine, [(prompt, "wide")])[0], _reference(models["wide"], prompt), "ok")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
+        {"model": "BASE", "num_speculative_tokens": 2, "tree": {"topk": 2, "num_draft_tokens": 4}},
+    ],
+    ids=["ngram", "base-as-draft-tree"],
+)
+def test_speculation_with_adapters_matches_transformers_with_them_merged(setup, spec):
+    """Drafts come from the base model (or the prompt), verification runs with each
+    sequence's adapter: outputs stay each adapter's own."""
+    import json
+
+    path, _, models = setup
+    spec = {**spec, **({"model": str(path)} if spec.get("model") == "BASE" else {})}
+    prompts = _prompts(models[None].config.vocab_size)
+    jobs = [(p, a) for p in prompts for a in (None, "wide", "narrow")]
+    engine = _engine(setup, speculative_config=json.dumps(spec))
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+    ids = [f"spec-{i}" for i in range(len(jobs))]
+    for rid, (prompt, adapter) in zip(ids, jobs):
+        engine.add_request(rid, prompt, params, adapter=adapter)
+    tokens = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+    for rid, (prompt, adapter) in zip(ids, jobs):
+        assert tokens[rid] == _reference(models[adapter], prompt)[0], (adapter, prompt)
+    assert engine.scheduler.num_drafts > 0
