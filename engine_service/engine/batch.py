@@ -160,3 +160,4 @@ class SampledTokens:
     # Per sample row, the tokens to commit when the step verified drafts (accepted drafts
     # then one more); None when every row commits its one sampled token.
     token_lists: list[list[int]] | None = None
+    logprob_lists: list[list[Any]] | None = None

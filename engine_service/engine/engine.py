@@ -34,7 +34,7 @@ from engine_service.engine.scheduler import Scheduler
 from engine_service.engine.spec.config import SpeculativeConfig
 from engine_service.engine.spec.grammar import draft_grammar_masks
 from engine_service.engine.spec.proposers import Proposer, build_proposer
-from engine_service.engine.spec.verify import verify
+from engine_service.engine.spec.verify import verified_logprobs, verify
 from engine_service.engine.structured import StructuredOutputManager
 from engine_service.engine.structured.backend import GrammarMatcher
 from engine_service.models.loader import load_model
@@ -441,6 +441,7 @@ class LLMEngine:
                 result.verified = verify(
                     logits, batch, self.model_config.vocab_size, self.generator, draft_masks
                 )
+                result.verified_logprobs = verified_logprobs(logits, batch, result.verified)
             result.start_host_copy()
             return result, meta
 
@@ -454,11 +455,14 @@ class LLMEngine:
         flight.wait()
         result = flight.result
         token_list, logprobs = result.to_host(flight.meta)
-        token_lists = None
+        token_lists = logprob_lists = None
         if result.verified:
             token_lists = [result.verified.get(i, [t]) for i, t in enumerate(token_list)]
+            spec_logprobs = result.verified_logprobs or {}
+            logprob_lists = [spec_logprobs.get(i, [lp]) for i, lp in enumerate(logprobs)]
         touched = self.scheduler.update(
-            flight.batch, SampledTokens(result.token_ids, token_list, logprobs, token_lists)
+            flight.batch,
+            SampledTokens(result.token_ids, token_list, logprobs, token_lists, logprob_lists),
         )
         outputs = []
         for request in touched:

@@ -165,6 +165,7 @@ class SamplerResult:
 
     # Tokens to commit per sample row that verified drafts (speculative decoding).
     verified: dict[int, list[int]] | None = None
+    verified_logprobs: dict[int, list[TokenLogprob]] | None = None
     _host: tuple[torch.Tensor | None, ...] | None = None
     _ready: torch.cuda.Event | None = None
 

@@ -178,18 +178,14 @@ class Scheduler:
     def _draft_room(self, request: Request, budget: int) -> int:
         """Draft slots for a decoding sequence: the configured number, within the step's
         budget, the request's max_tokens and the context; none for samples speculation
-        cannot serve exactly (penalties, logprobs or min_tokens read each token before the
-        next is drawn) and none while a token is in flight. Grammars compose: each drafted
+        cannot serve exactly (penalties or min_tokens read each token before the next is
+        drawn) and none while a token is in flight. Grammars compose: each drafted
         position gets its own mask (:mod:`engine_service.engine.spec.grammar`)."""
         k = self.num_speculative_tokens
         if not k or request.num_pending_tokens:
             return 0
         params = request.params
-        if (
-            params.needs_penalties
-            or params.logprobs is not None
-            or request.num_output_tokens < params.min_tokens
-        ):
+        if params.needs_penalties or request.num_output_tokens < params.min_tokens:
             return 0
         return max(
             0,
@@ -268,20 +264,25 @@ class Scheduler:
                 self.acceptor.accept(request, sampled.token_list[index], sampled.logprobs[index])
             else:
                 seq = batch.sequences[batch.sample_seqs[index]]
-                self._accept_verified(seq, sampled.token_lists[index])
+                logprobs = sampled.logprob_lists[index] if sampled.logprob_lists else None
+                self._accept_verified(seq, sampled.token_lists[index], logprobs)
             if request.is_finished:
                 self.finish(request)
             touched.append(request)
         return touched
 
-    def _accept_verified(self, seq: ScheduledSequence, tokens: list[int]) -> None:
+    def _accept_verified(
+        self, seq: ScheduledSequence, tokens: list[int], logprobs: list | None = None
+    ) -> None:
         """Commit a verified run: the accepted drafts (their KV is already written) and the
         token after them; cut at the first token that ends the sample. The rejected drafts'
         slots are freed; only blocks full of committed tokens enter the prefix cache."""
         request = seq.request
         for position, token in enumerate(tokens):
+            logprob = logprobs[position] if logprobs and position < len(logprobs) else None
             # Jump-forward only after the run's last token: the others have KV already.
-            self.acceptor.accept(request, token, None, jump_forward=position == len(tokens) - 1)
+            last = position == len(tokens) - 1
+            self.acceptor.accept(request, token, logprob, jump_forward=last)
             if request.is_finished:
                 break
         if seq.draft_token_ids:

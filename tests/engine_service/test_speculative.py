@@ -274,3 +274,32 @@ def test_tree_paths_off_the_first_branch_move_their_kv_and_stay_exact(target, ne
     assert run(engine, prompts, 32) == run(make_engine(target), prompts, 32)
     assert engine.scheduler.tree_tokens_moved > 0
     assert_pool_entirely_free(engine.kv_manager)
+
+
+@pytest.mark.parametrize("case", ["chain", "tree"])
+def test_logprobs_under_speculation_are_the_targets_own(target, near_draft, case):
+    spec = {"model": str(near_draft), "num_speculative_tokens": 3}
+    if case == "tree":
+        spec["tree"] = {"topk": 3, "num_draft_tokens": 9}
+    spec = json.dumps(spec)
+    prompts = repetitive_prompts(random.Random(2))[:4]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3)
+
+    def outputs(engine):
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, params)
+        got = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                got.setdefault(out.request_id, []).extend(out.new_logprobs or [])
+        return got
+
+    speculative = make_engine(target, speculative_config=spec)
+    got, expected = outputs(speculative), outputs(make_engine(target))
+
+    assert speculative.scheduler.accepted_draft_tokens > 0
+    for rid, want in expected.items():
+        assert [lp.token_id for lp in got[rid]] == [lp.token_id for lp in want]
+        for a, b in zip(got[rid], want, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from engine_service.engine.batch import ScheduledBatch
+from engine_service.engine.outputs import TokenLogprob
 from engine_service.engine.sampler import SamplingMetadata, processed_probs, race
 from engine_service.engine.structured import apply_bitmask
 
@@ -129,3 +130,33 @@ def _uniforms(rows, meta: SamplingMetadata, generator, device) -> torch.Tensor:
         values = torch.stack([torch.rand((), generator=rows[i][1].generator) for i in seeded])
         uniform[torch.tensor(seeded, device=device)] = values.to(device)
     return uniform
+
+
+def verified_logprobs(
+    logits: torch.Tensor, batch: ScheduledBatch, verified: dict[int, list[int]]
+) -> dict[int, list[TokenLogprob]]:
+    """The target's own logprobs (unmasked, as the sampler reports them) of every committed
+    token of a verified run, for the samples that asked for logprobs: the row a token was
+    judged at is its chain position, or in a tree the accepted node before it."""
+    out: dict[int, list[TokenLogprob]] = {}
+    for index, tokens in verified.items():
+        first, request = batch.sample_rows[index]
+        k = request.params.logprobs
+        if k is None:
+            continue
+        seq = batch.sequences[batch.sample_seqs[index]]
+        if seq.draft_parents is None:
+            rows = [first + j for j in range(len(tokens))]
+        else:
+            rows = [first, *(first + node for node in seq.accepted_path)][: len(tokens)]
+        raw = torch.log_softmax(logits[torch.tensor(rows, device=logits.device)], dim=-1)
+        chosen = raw.gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1)
+        top = raw.topk(k, dim=-1) if k else None
+        chosen_list = chosen.tolist()
+        values = top.values.tolist() if top is not None else None
+        ids = top.indices.tolist() if top is not None else None
+        out[index] = [
+            TokenLogprob(token, chosen_list[j], list(zip(ids[j], values[j])) if ids else [])
+            for j, token in enumerate(tokens)
+        ]
+    return out
