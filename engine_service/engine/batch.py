@@ -76,8 +76,6 @@ class ScheduledBatch:
 
     sequences: list[ScheduledSequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    # (from, to) slots whose K/V of every layer moves first (packed token-tree paths).
-    slot_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     sample_rows: list[tuple[int, Request]] = field(default_factory=list)
     # The sequence (index into ``sequences``) each sample row belongs to.

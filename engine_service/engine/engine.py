@@ -464,6 +464,9 @@ class LLMEngine:
             flight.batch,
             SampledTokens(result.token_ids, token_list, logprobs, token_lists, logprob_lists),
         )
+        moves = self.kv_manager.take_slot_copies()
+        if moves:  # accepted token-tree paths, packed before their freed tail is reused
+            self.runner.move_slots(moves)
         outputs = []
         for request in touched:
             outputs.append(self._output(request))

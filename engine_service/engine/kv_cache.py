@@ -245,8 +245,8 @@ class KVCacheManager:
 
     def move_tokens(self, request: Request, moves: list[tuple[int, int]]) -> None:
         """Queue KV copies inside the request's own blocks, (from, to) cache indices: an
-        accepted token-tree path is packed into consecutive positions. The runner does them
-        before the next forward pass, in order."""
+        accepted token-tree path is packed into consecutive positions. The engine has the
+        runner do them as soon as the step is committed, before any freed block is reused."""
         size, table = self.block_size, request.block_table
         for src, dst in moves:
             self._pending_slot_copies.append(

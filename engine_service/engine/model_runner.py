@@ -223,6 +223,16 @@ class ModelRunner:
     # -- execution ------------------------------------------------------------------------
 
     @torch.inference_mode()
+    def move_slots(self, copies: list[tuple[int, int]]) -> None:
+        """Copy every layer's K/V from slot to slot, in order (a later move never reads what
+        an earlier one wrote: accepted tree paths only pack towards the front). Queued on
+        the device now, before anything can reuse a freed source block."""
+        size = self.block_size
+        for src, dst in copies:
+            source = self.kv_cache[src // size, :, :, src % size]
+            self.kv_cache[dst // size, :, :, dst % size] = source
+
+    @torch.inference_mode()
     def execute(
         self,
         batch: ScheduledBatch,
@@ -233,13 +243,6 @@ class ModelRunner:
 
         ``prev_sampled`` is the previous step's sampled tokens, read by pending rows.
         """
-        # In order: a later move never reads what an earlier one wrote (accepted tree paths
-        # only pack towards the front).
-        size = self.block_size
-        for src, dst in batch.slot_copies:
-            self.kv_cache[dst // size, :, :, dst % size] = self.kv_cache[
-                src // size, :, :, src % size
-            ]
         for src, dst in batch.block_copies:
             self.kv_cache[dst].copy_(self.kv_cache[src])
         input_ids = inputs.input_ids

@@ -158,7 +158,6 @@ class Scheduler:
             budget -= num_new
 
         batch.block_copies = self.kv.take_block_copies()
-        batch.slot_copies = self.kv.take_slot_copies()
         return batch
 
     def _num_remaining(self, request: Request) -> int:
