@@ -303,3 +303,24 @@ def test_logprobs_under_speculation_are_the_targets_own(target, near_draft, case
         for a, b in zip(got[rid], want, strict=True):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_min_tokens_holds_back_stop_tokens_on_drafted_positions(target, near_draft, tree):
+    """The stop token is the target's favourite early on; min_tokens keeps it out of every
+    verified position until enough tokens are out, as it does without speculation."""
+    prompt = [5, 6, 7, 8]
+    plain = make_engine(target)
+    first = plain.generate([prompt], greedy(3, ignore_eos=True))[0][0]
+    stop = first[1]  # a token greedy decoding emits second
+    params = SamplingParams(temperature=0.0, max_tokens=20, min_tokens=8, stop_token_ids=[stop])
+    spec = {"model": str(near_draft), "num_speculative_tokens": 3}
+    if tree:
+        spec["tree"] = {"topk": 3, "num_draft_tokens": 9}
+    speculative = make_engine(target, speculative_config=json.dumps(spec))
+
+    got = speculative.generate([prompt], params)[0][0]
+
+    assert got == make_engine(target).generate([prompt], params)[0][0]
+    assert stop not in got[:8]
+    assert speculative.scheduler.num_drafts > 0

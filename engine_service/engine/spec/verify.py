@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from engine_service.engine.batch import ScheduledBatch
+from engine_service.engine.batch import ScheduledBatch, tree_mask
 from engine_service.engine.outputs import TokenLogprob
 from engine_service.engine.sampler import SamplingMetadata, processed_probs, race
 from engine_service.engine.structured import apply_bitmask
@@ -58,9 +58,11 @@ def verify(
     logits = logits[torch.tensor([row for row, _ in rows], device=device)]
     for index, first, drafts in spans:
         mask = (grammar_masks or {}).get(index)
+        span = slice(first, first + len(drafts) + 1)
         if mask is not None:
-            span = slice(first, first + len(drafts) + 1)
             logits[span] = apply_bitmask(logits[span], mask)
+        request = batch.sample_rows[index][1]
+        logits[span] = hold_back_stops(logits[span], request, list(range(len(drafts) + 1)))
     position_drafts = torch.full((len(rows),), -1, dtype=torch.long)
     for _, first, drafts in spans:
         position_drafts[first : first + len(drafts)] = torch.tensor(drafts)
@@ -99,6 +101,32 @@ def verify(
     return result
 
 
+def hold_back_stops(rows: torch.Tensor, request, offsets: list[int]) -> torch.Tensor:
+    """``min_tokens`` on verified positions: row ``i`` chooses the request's output token
+    number ``num_output_tokens + offsets[i]``; while that is under ``min_tokens`` its stop
+    and EOS tokens cannot be chosen (unless a grammar admits nothing else)."""
+    params = request.params
+    early = [
+        i
+        for i, offset in enumerate(offsets)
+        if request.num_output_tokens + offset < params.min_tokens
+    ]
+    if not early:
+        return rows
+    stops = set(params.stop_token_ids) | (
+        set() if params.ignore_eos else set(request.eos_token_ids)
+    )
+    if not stops:
+        return rows
+    held = rows.clone()
+    index = torch.tensor(early, device=rows.device)
+    held[index[:, None], torch.tensor(sorted(stops), device=rows.device)[None, :]] = float("-inf")
+    if request.grammar is not None:
+        dead = ~torch.isfinite(held).any(dim=-1, keepdim=True)
+        held = torch.where(dead, rows, held)
+    return held
+
+
 def _walk_tree(logits: torch.Tensor, first: int, seq, mask: torch.Tensor | None) -> list[int]:
     """Greedy verification of a token tree (trees are drafted for greedy samples only):
     from the root, follow the child whose token is the target's argmax at its parent, and
@@ -108,6 +136,8 @@ def _walk_tree(logits: torch.Tensor, first: int, seq, mask: torch.Tensor | None)
     rows = logits[first : first + len(seq.draft_token_ids) + 1]
     if mask is not None:
         rows = apply_bitmask(rows, mask)
+    _, depths = tree_mask(seq.draft_parents)
+    rows = hold_back_stops(rows, seq.request, depths)
     best = rows.argmax(dim=-1).tolist()
     children: dict[tuple[int, int], int] = {}
     for node, (parent, token) in enumerate(
