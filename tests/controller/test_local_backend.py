@@ -165,7 +165,8 @@ def test_stop_terminates_the_whole_process_group(backend: LocalProcessBackend) -
     assert [i.phase for i in observe(backend)] in ([Phase.STOPPING], [])
     wait_for(lambda: observe(backend) == [])
     assert not alive(pid)
-    assert not alive(child)
+    # The child got the group's SIGTERM too; on a loaded machine it may take a moment to go.
+    wait_for(lambda: not alive(child), timeout_s=10)
 
 
 def test_engine_ignoring_sigterm_is_killed_after_the_grace_period(
