@@ -71,14 +71,13 @@ class Request:
     pending_row: int = -1
     # How often the sequence was preempted: steps in flight across a preemption are stale.
     num_preemptions: int = 0
-    # room: LoRA adapter; proposed speculative tokens; multimodal embeddings with their
-    # placeholder ranges; extra keys for block hashes (adapter id, image hashes); where
-    # offloaded prefix blocks are being fetched from.
+    # The LoRA adapter's content key; room for multimodal embeddings with their placeholder
+    # ranges; the cache salt of the block hashes; where offloaded prefix blocks are being
+    # fetched from. (Draft tokens live on the step: ScheduledSequence.draft_token_ids.)
     adapter_id: str | None = None
     # The device LoRA slot + 1 the request's tokens use (0: the base model); set by the
     # engine when it admits the request, copied into every ScheduledSequence.
     adapter_slot: int = 0
-    spec_token_ids: list[int] = field(default_factory=list)
     mm_inputs: list[Any] = field(default_factory=list)
     cache_salt: str | None = None
     kv_transfer: Any = None
