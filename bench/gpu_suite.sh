@@ -24,6 +24,9 @@ if [[ $parts == *throughput* ]]; then
   for preset in $presets; do
     python3 bench/throughput.py --device cuda --preset "$preset" --roofline \
       --json "$out/throughput-$preset.json" 2>&1 | quiet
+    # Our engine alone with a 512-token step budget: every step fits a captured graph.
+    python3 bench/throughput.py --device cuda --preset "$preset" --skip-reference \
+      --max-num-batched-tokens 512 --json "$out/throughput-$preset-budget512.json" 2>&1 | quiet
   done
 fi
 if [[ $parts == *prefix* ]]; then

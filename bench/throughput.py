@@ -57,11 +57,24 @@ def run_ours(args, path: Path, requests) -> dict:
             enable_prefix_caching=False,
         )
     )
+    # Count the steps that replay a CUDA graph; the rest run eagerly.
+    replays = [0]
+    graphs = getattr(engine.runner, "graphs", None)
+    if graphs is not None:
+        fits = graphs.fits
+
+        def counting_fits(inputs):
+            ok = fits(inputs)
+            replays[0] += bool(ok)
+            return ok
+
+        graphs.fits = counting_fits
     # Warm up kernels and allocator on a short request.
     list(
         engine.stream("warmup", requests[0][0][:16], SamplingParams(max_tokens=4, ignore_eos=True))
     )
     sync(args.device)
+    replays[0] = 0
     start = time.perf_counter()
     for i, (prompt, out_len) in enumerate(requests):
         engine.add_request(
@@ -85,6 +98,7 @@ def run_ours(args, path: Path, requests) -> dict:
         "tok_s": produced / elapsed,
         "steps": stats.steps_total,
         "preemptions": stats.num_preemptions,
+        "graph_replays": replays[0] if graphs is not None else None,
     }
 
 
@@ -226,6 +240,7 @@ def main() -> None:
         "ours_seconds": ours["seconds"],
         "ours_steps": ours["steps"],
         "ours_preemptions": ours["preemptions"],
+        "ours_graph_replays": ours["graph_replays"],
         "hf_tok_s": hf["tok_s"] if hf else None,
         "hf_seconds": hf["seconds"] if hf else None,
         "ratio": ours["tok_s"] / hf["tok_s"] if hf else None,
@@ -242,6 +257,8 @@ def main() -> None:
     print(f"\n{result['preset']} {args.dtype} on {args.device}, {args.num_requests} requests")
     for row in rows:
         print(f"  {row[0]:<24}{row[1]:>14}{row[2]:>10}")
+    if ours["graph_replays"] is not None:
+        print(f"  steps: {ours['steps']}, of which CUDA graph replays: {ours['graph_replays']}")
     if hf:
         print(f"  ratio (ours / transformers): {result['ratio']:.2f}x")
     if roofline:
