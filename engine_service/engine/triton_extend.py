@@ -171,7 +171,10 @@ def _attend_key_tile(
     return acc, new_max, row_sum
 
 
-@triton.jit
+# Integers that change from step to step are not specialized (Triton would compile a variant
+# for values equal to 1 or divisible by 16), so warm_up's launches cover every variant a
+# serving step can pick and no step stalls on a mid-run compile.
+@triton.jit(do_not_specialize=["window", "num_query_tiles", "num_tokens"])
 def _paged_extend_kernel(
     q_ptr,
     k_ptr,
@@ -325,7 +328,7 @@ def _paged_extend_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _combine_splits_kernel(
     partial_ptr,
     lse_ptr,
