@@ -111,7 +111,7 @@ class LLMEngine:
         # One block more than the pool hands out: padding rows of captured CUDA graphs write
         # their throw-away K/V there.
         self.kv_cache = torch.zeros(
-            (num_blocks + 1, mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim),
+            (num_blocks + 1, *mc.kv_block_shape(config.block_size)),
             dtype=self.dtype,
             device=self.device,
         )
@@ -150,6 +150,7 @@ class LLMEngine:
             config.enable_cuda_graphs
             and self.device.type == "cuda"
             and backend.supports_cuda_graphs
+            and not getattr(self.model, "computes_own_attention", False)
         ):
             graphs_max_tokens = min(config.cuda_graph_max_batch, config.max_num_batched_tokens)
         self.runner = ModelRunner(

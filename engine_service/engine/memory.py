@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from engine_service.engine.config import EngineConfig
@@ -11,9 +13,10 @@ _CPU_KV_BUDGET = 1 << 30
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one block: keys and values of every layer for ``block_size`` tokens."""
+    """Bytes of one block: what every layer caches for ``block_size`` tokens (keys and values,
+    or a latent for multi-head latent attention), as the model's block shape says."""
     element = torch.empty((), dtype=dtype).element_size()
-    return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * element
+    return math.prod(config.kv_block_shape(block_size)) * element
 
 
 def num_kv_blocks(

@@ -93,7 +93,7 @@ class ModelRunner:
         ]
         self._turn = 0
         config = getattr(model, "config", None)
-        if config is not None:
+        if config is not None and not getattr(model, "computes_own_attention", False):
             backend.warm_up(
                 kv_cache, config.num_heads, set(config.sliding_windows or [None]), max_num_tokens
             )

@@ -292,7 +292,7 @@ def build_proposer(
     )
     mc = draft_config
     cache = torch.zeros(
-        (num_blocks + 1, mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim),
+        (num_blocks + 1, *mc.kv_block_shape(config.block_size)),
         dtype=dtype,
         device=device,
     )
