@@ -174,7 +174,13 @@ class LLMEngine:
             # A tree reserves a slot per node; a chain one per token.
             self.scheduler.num_speculative_tokens = max(spec.num_speculative_tokens, spec.tree_size)
             self.proposer = build_proposer(
-                spec, config, self.model_config, backend, num_blocks, self.max_model_len
+                spec,
+                config,
+                self.model_config,
+                backend,
+                num_blocks,
+                self.max_model_len,
+                target_model=self.model,
             )
             # Proposals read each sequence's newest token on the host: no step runs ahead.
             self.async_scheduling = False
@@ -428,6 +434,8 @@ class LLMEngine:
         def run() -> tuple[SamplerResult, SamplingMetadata]:
             try:
                 logits = self.runner.execute(batch, inputs, prev_tokens)
+                if self.proposer is not None:
+                    self.proposer.observe_target(batch, self.runner.last_hidden)
             finally:
                 bitmask = masks.result() if masks is not None else None
             meta = SamplingMetadata.build(
