@@ -7,6 +7,7 @@ import math
 import torch
 
 from engine_service.engine.config import EngineConfig
+from engine_service.engine.spec.config import SpeculativeConfig
 from engine_service.models.config import ModelConfig
 
 _CPU_KV_BUDGET = 1 << 30
@@ -24,10 +25,14 @@ def num_kv_blocks(
 ) -> int:
     """``num_kv_blocks`` when given; else ``kv_cache_memory_bytes`` worth; else, on a GPU,
     what is left of ``gpu_memory_utilization`` after the weights and a step's reserve; on
-    the CPU, 1 GiB worth."""
+    the CPU, 1 GiB worth. The budget covers the ``mtp`` proposer's cache too (one more
+    layer per block id)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     per_block = kv_block_bytes(model, config.block_size, dtype)
+    spec = config.speculative_config
+    if spec and SpeculativeConfig.parse(spec).method == "mtp":
+        per_block += per_block // model.num_layers
     if config.kv_cache_memory_bytes is not None:
         budget = config.kv_cache_memory_bytes
     elif device.type == "cuda":

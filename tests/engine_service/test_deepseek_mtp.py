@@ -137,3 +137,18 @@ def test_a_tree_is_refused_for_mtp():
         SpeculativeConfig.parse(
             '{"method": "mtp", "num_speculative_tokens": 2, "tree": {"topk": 2, "num_draft_tokens": 4}}'
         )
+
+
+def test_the_kv_budget_covers_the_mtp_layers_cache(mtp_checkpoint):
+    budget = 1 << 20
+    plain = _engine(mtp_checkpoint, num_kv_blocks=None, kv_cache_memory_bytes=budget)
+    engine = _engine(
+        mtp_checkpoint,
+        num_kv_blocks=None,
+        kv_cache_memory_bytes=budget,
+        speculative_config=MTP % 1,
+    )
+    mtp_cache = engine.proposer.runner.kv_cache  # type: ignore[union-attr]
+    used = engine.kv_cache[:-1].nbytes + mtp_cache[:-1].nbytes
+    assert used <= budget < used + engine.kv_cache[0].nbytes + mtp_cache[0].nbytes
+    assert engine.kv_manager.num_blocks < plain.kv_manager.num_blocks
