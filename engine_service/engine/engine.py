@@ -111,7 +111,7 @@ class LLMEngine:
         # One block more than the pool hands out: padding rows of captured CUDA graphs write
         # their throw-away K/V there.
         self.kv_cache = torch.zeros(
-            (num_blocks + 1, mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim),
+            (num_blocks + 1, *mc.kv_block_shape(config.block_size)),
             dtype=self.dtype,
             device=self.device,
         )
@@ -150,6 +150,7 @@ class LLMEngine:
             config.enable_cuda_graphs
             and self.device.type == "cuda"
             and backend.supports_cuda_graphs
+            and not getattr(self.model, "computes_own_attention", False)
         ):
             graphs_max_tokens = min(config.cuda_graph_max_batch, config.max_num_batched_tokens)
         self.runner = ModelRunner(
@@ -173,7 +174,13 @@ class LLMEngine:
             # A tree reserves a slot per node; a chain one per token.
             self.scheduler.num_speculative_tokens = max(spec.num_speculative_tokens, spec.tree_size)
             self.proposer = build_proposer(
-                spec, config, self.model_config, backend, num_blocks, self.max_model_len
+                spec,
+                config,
+                self.model_config,
+                backend,
+                num_blocks,
+                self.max_model_len,
+                target_model=self.model,
             )
             # Proposals read each sequence's newest token on the host: no step runs ahead.
             self.async_scheduling = False
@@ -427,6 +434,8 @@ class LLMEngine:
         def run() -> tuple[SamplerResult, SamplingMetadata]:
             try:
                 logits = self.runner.execute(batch, inputs, prev_tokens)
+                if self.proposer is not None:
+                    self.proposer.observe_target(batch, self.runner.last_hidden)
             finally:
                 bitmask = masks.result() if masks is not None else None
             meta = SamplingMetadata.build(

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from engine_service.engine.config import EngineConfig
+from engine_service.engine.spec.config import SpeculativeConfig
 from engine_service.models.config import ModelConfig
 
 _CPU_KV_BUDGET = 1 << 30
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one block: keys and values of every layer for ``block_size`` tokens."""
+    """Bytes of one block: what every layer caches for ``block_size`` tokens (keys and values,
+    or a latent for multi-head latent attention), as the model's block shape says."""
     element = torch.empty((), dtype=dtype).element_size()
-    return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * element
+    return math.prod(config.kv_block_shape(block_size)) * element
 
 
 def num_kv_blocks(
@@ -21,10 +25,14 @@ def num_kv_blocks(
 ) -> int:
     """``num_kv_blocks`` when given; else ``kv_cache_memory_bytes`` worth; else, on a GPU,
     what is left of ``gpu_memory_utilization`` after the weights and a step's reserve; on
-    the CPU, 1 GiB worth."""
+    the CPU, 1 GiB worth. The budget covers the ``mtp`` proposer's cache too (one more
+    layer per block id)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     per_block = kv_block_bytes(model, config.block_size, dtype)
+    spec = config.speculative_config
+    if spec and SpeculativeConfig.parse(spec).method == "mtp":
+        per_block += per_block // model.num_layers
     if config.kv_cache_memory_bytes is not None:
         budget = config.kv_cache_memory_bytes
     elif device.type == "cuda":

@@ -93,10 +93,11 @@ class ModelRunner:
         ]
         self._turn = 0
         config = getattr(model, "config", None)
-        if config is not None:
+        if config is not None and not getattr(model, "computes_own_attention", False):
             backend.warm_up(
                 kv_cache, config.num_heads, set(config.sliding_windows or [None]), max_num_tokens
             )
+        self.last_hidden: torch.Tensor | None = None
         self.graphs = None
         if graphs_max_tokens > 0:
             from engine_service.engine.cuda_graphs import StepGraphs
@@ -257,4 +258,5 @@ class ModelRunner:
         else:
             self.backend.prepare(inputs.meta, self.block_size)
             hidden = self.model(input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        self.last_hidden = hidden  # every row's final hidden state, for feature proposers
         return self.model.compute_logits(hidden[inputs.logits_indices]).float()

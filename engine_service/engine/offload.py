@@ -9,7 +9,8 @@
 - The **host tier** is a bounded LRU of whole blocks in one host tensor (pinned when the pool
   is on CUDA). A cached block evicted from the device pool is copied there before its memory
   is reused. A block moves as one contiguous run (all layers together), which the layout
-  ``kv_cache[num_blocks, num_layers, 2, block_size, kv_heads, head_dim]`` makes possible.
+  ``kv_cache[num_blocks, *model_config.kv_block_shape(block_size)]`` makes possible (keys and
+  values per head, or one latent per token for DeepSeek's MLA: sizes follow the model).
 - The **remote store** (the KV service, plugged in by the engine service behind
   :class:`RemoteKVStore`) receives every block that enters the host tier, asynchronously and
   in batches. With write-through, blocks enter the host tier when they are committed to the

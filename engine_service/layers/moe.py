@@ -147,6 +147,14 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(self.local_forward(x, router_logits))
 
+    def forward_routed(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the experts on routing the model decided itself (DeepSeek's grouped sigmoid
+        top-k): ``weights [T, k]`` and expert ``ids [T, k]``."""
+        local = self.kernel.forward(x, self.w13, self.w2, weights, ids, self.hidden_act)
+        return self.tp.all_reduce(local)
+
 
 def expert_weight_mapping(
     num_experts: int,

@@ -2,7 +2,9 @@
 
 ``rope_scaling`` is the checkpoint's dict with ``rope_type`` set (``None`` for plain rope):
 ``linear`` divides every frequency by ``factor``; ``llama3`` (Llama 3.1) keeps the high
-frequencies, divides the low ones by ``factor`` and blends in between.
+frequencies, divides the low ones by ``factor`` and blends in between; ``yarn`` (DeepSeek-V3)
+interpolates the low frequencies by ``factor`` with a linear ramp between the dimensions
+``beta_fast`` and ``beta_slow`` rotations select, and scales cos/sin by its attention factor.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def rope_inv_freq(
@@ -37,9 +39,51 @@ def rope_inv_freq(
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(medium, blended, scaled), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     raise ValueError(
         f"rope scaling {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
     )
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched ``scale`` times."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(
+    head_dim: int, theta: float, scaling: dict[str, Any]
+) -> tuple[torch.Tensor, float]:
+    factor = scaling["factor"]
+    original = scaling["original_max_position_embeddings"]
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        # The dimension whose wavelength fits ``rotations`` times in the original context.
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    cpu = torch.device("cpu")  # built on the CPU even under a meta-device context
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=cpu) / head_dim)
+    ramp = (
+        (torch.arange(head_dim // 2, dtype=torch.float32, device=cpu) - low) / (high - low)
+    ).clamp(0, 1)
+    keep = 1 - ramp  # 1: the original (extrapolated) frequency, 0: interpolated by factor
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, float(attention_factor)
 
 
 class RotaryEmbedding(nn.Module):

@@ -23,7 +23,10 @@ class CausalLM(Protocol):
     states ``[T, hidden]``; ``compute_logits`` projects only the rows that are sampled, so
     prefill chunks never pay for the vocabulary projection. The class declares how to read
     its family's ``config.json`` (``parse_config``) and which checkpoint tensors load into
-    which of its parameters (``packed_modules_mapping``).
+    which of its parameters (``packed_modules_mapping``). The config's ``kv_block_shape``
+    says what a KV block holds. A class may set ``computes_own_attention = True`` when it
+    reads its own cache layout (DeepSeek's latent attention) instead of calling the
+    attention backend: the engine then neither warms the backend up nor captures graphs.
     """
 
     config: ModelConfig

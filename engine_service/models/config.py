@@ -69,6 +69,14 @@ class ModelConfig:
             torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
         )
 
+    def kv_block_shape(self, block_size: int) -> tuple[int, ...]:
+        """One KV cache block's shape, ``(num_layers, planes, block_size, heads, width)``:
+        keys and values of every KV head here; a family that caches something else per token
+        (DeepSeek's compressed latent) overrides it. Everything that allocates, sizes, moves or
+        fingerprints blocks asks this, so the pool, offload, the KV service and KV events
+        follow the model."""
+        return (self.num_layers, 2, block_size, self.num_kv_heads, self.head_dim)
+
     def set_windows_from_layer_types(self, raw: dict[str, Any]) -> None:
         """Qwen-style configs name each layer's kind in ``layer_types``."""
         window = raw.get("sliding_window")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from engine_service.models.causal_lm import CausalLM
+from engine_service.models.deepseek_v3 import DeepseekV3ForCausalLM
 from engine_service.models.llama import LlamaForCausalLM
 from engine_service.models.mistral import MistralForCausalLM
 from engine_service.models.qwen2 import Qwen2ForCausalLM
 from engine_service.models.qwen3 import Qwen3ForCausalLM
 
 _REGISTRY: dict[str, type[CausalLM]] = {
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,

@@ -36,7 +36,8 @@ def resolve_name(name: str, mapping: dict[str, tuple[str, Any]]) -> tuple[str, A
 
 
 def materialize(net: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Give every parameter still on the meta device uninitialised storage on ``device``.
+    """Give every parameter still on the meta device uninitialised storage on ``device``
+    (in ``dtype``, or fp32 for a parameter marked ``keep_fp32``).
 
     Parameter attributes (``weight_loader``, ``shard_ids``) carry over, and a parameter
     shared by two modules (tied embeddings) stays shared.
@@ -47,8 +48,10 @@ def materialize(net: nn.Module, device: torch.device, dtype: torch.dtype) -> Non
             if param is None or not param.is_meta:
                 continue
             if id(param) not in made:
+                # Routers and their biases decide discrete choices: they stay in fp32.
+                own = torch.float32 if getattr(param, "keep_fp32", False) else dtype
                 real = nn.Parameter(
-                    torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False
+                    torch.empty(param.shape, dtype=own, device=device), requires_grad=False
                 )
                 real.__dict__.update(param.__dict__)
                 made[id(param)] = real

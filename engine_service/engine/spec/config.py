@@ -5,8 +5,9 @@
     {"model": PATH_OR_ID, "num_speculative_tokens": 4}          # draft_model too
 
     {"model": PATH, "num_speculative_tokens": 4, "tree": {"topk": 2, "num_draft_tokens": 8}}
+    {"method": "mtp", "num_speculative_tokens": 1}     # the target's own MTP layers (DeepSeek-V3)
 
-EAGLE/EAGLE-3 heads and MTP are named by the issue that adds them and refused here with that
+EAGLE/EAGLE-3 heads are named by the issue that adds them and refused here with that
 reason, so a config never silently runs something else.
 """
 
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_METHODS = ("ngram", "draft_model")
-PLANNED_METHODS = ("eagle", "eagle3", "mtp")
+SUPPORTED_METHODS = ("ngram", "draft_model", "mtp")
+PLANNED_METHODS = ("eagle", "eagle3")
 _KEYS = {
     "method",
     "model",
@@ -86,7 +87,9 @@ class SpeculativeConfig:
         tree = raw.get("tree")
         if tree is not None:
             if method != "draft_model":
-                raise ValueError('"tree" needs a model-based method (draft_model)')
+                raise ValueError(
+                    '"tree" needs a model-based draft (draft_model); ngram and mtp draft chains'
+                )
             if not isinstance(tree, dict) or set(tree) - {"topk", "num_draft_tokens"}:
                 raise ValueError('"tree" takes {"topk": K, "num_draft_tokens": N}')
             tree_topk, tree_size = tree.get("topk"), tree.get("num_draft_tokens")

@@ -36,6 +36,11 @@ class Proposer(abc.ABC):
         (0: the sequence's newest known token). Chains are left out."""
         return {}
 
+    def observe_target(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
+        """After each target forward: its final hidden states ``[batch.num_tokens, hidden]``
+        (a buffer the next step may overwrite), for proposers that draft from them."""
+        return None
+
     def close(self) -> None:
         return None
 
@@ -274,12 +279,26 @@ def build_proposer(
     backend: AttentionBackend,
     num_blocks: int,
     max_model_len: int,
+    target_model: torch.nn.Module | None = None,
 ) -> Proposer:
     """The proposer ``spec`` names. A draft model is checked against the target's tokenizer
     and gets a cache of its own over the target pool's block ids (plus the scratch block)."""
     if spec.method == "ngram":
         return NgramProposer(
             spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
+        )
+    if spec.method == "mtp":
+        from engine_service.engine.spec.mtp import build_mtp_proposer
+
+        assert target_model is not None, "mtp drafts with the target's own layers"
+        return build_mtp_proposer(
+            spec.num_speculative_tokens,
+            config,
+            target,
+            target_model,
+            backend,
+            num_blocks,
+            max_model_len,
         )
     assert spec.model is not None
     device = torch.device(config.device)
@@ -292,7 +311,7 @@ def build_proposer(
     )
     mc = draft_config
     cache = torch.zeros(
-        (num_blocks + 1, mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim),
+        (num_blocks + 1, *mc.kv_block_shape(config.block_size)),
         dtype=dtype,
         device=device,
     )
