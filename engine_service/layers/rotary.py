@@ -85,10 +85,9 @@ class RotaryEmbedding(nn.Module):
         if positions.dim() == 2:
             assert self.mrope_axis is not None, "3-D positions need an M-RoPE model"
             # [T, pairs]: each pair's own coordinate of each token.
-            chosen = positions.float().t().gather(
-                1, self.mrope_axis[None, :].expand(positions.shape[1], -1)
-            )
-            freqs = chosen * self.inv_freq[None, :].float()
+            axis = self.mrope_axis[None, :].expand(positions.shape[1], -1)
+            chosen = positions.t().gather(1, axis)
+            freqs = chosen.float() * self.inv_freq[None, :].float()
         else:
             freqs = positions.float()[:, None] * self.inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
