@@ -42,12 +42,19 @@ class MediaSpan:
     mm_hash: str
 
 
-def image_hash(data: bytes, *layout: object) -> str:
-    """The content hash of a preprocessed image: its pixel bytes and their layout (shape,
-    dtype, patch grid). Gateways and engines hash the same bytes, so they agree."""
+def image_hash(
+    pixel_bytes: bytes,
+    shape: Sequence[int],
+    dtype: str,
+    grid_thw: Sequence[int] | None = None,
+) -> str:
+    """The content hash of a preprocessed image: its pixel bytes (``dtype``, a numpy dtype
+    name, in ``shape``) and its patch grid if the model has one. The gateway hashes the
+    bytes it sends and the engine those it receives, so the two agree."""
     digest = hashlib.blake2b(digest_size=BLOCK_HASH_BYTES)
+    layout = (tuple(int(x) for x in shape), dtype, tuple(int(x) for x in grid_thw or ()))
     digest.update(repr(layout).encode())
-    digest.update(data)
+    digest.update(pixel_bytes)
     return "img:" + digest.hexdigest()
 
 

@@ -162,3 +162,62 @@ def random_image(seed: int, width: int = 56, height: int = 56) -> Image.Image:
     """A noise image: different seeds give images no processor confuses."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def expand_prompt(path: Path, messages: list[dict], images: list[Image.Image]):
+    """The prompt of ``messages`` with each image's placeholder expanded to its token count,
+    the engine's :class:`ImageInput` of each image, and transformers' model inputs for the
+    same prompt: the reference a parity test runs ``generate`` on."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    from engine_service.engine.multimodal import ImageInput
+    from switchyard.block_hash import MediaSpan, image_hash
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    hf_inputs: dict = {}
+    pixels: list[torch.Tensor] = []
+    grids: list = []
+    if images:
+        processed = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt")
+        hf_inputs["pixel_values"] = processed["pixel_values"]
+        if config.model_type == "llava":
+            token = config.image_token_index
+            side = config.vision_config.image_size // config.vision_config.patch_size
+            counts = [side * side] * len(images)
+            pixels = list(processed["pixel_values"])
+            grids = [None] * len(images)
+        else:
+            token = config.image_token_id
+            grids = [tuple(int(x) for x in g) for g in processed["image_grid_thw"]]
+            counts = [t * h * w // 4 for t, h, w in grids]
+            pixels = list(processed["pixel_values"].split([t * h * w for t, h, w in grids]))
+            hf_inputs["image_grid_thw"] = processed["image_grid_thw"]
+    expanded: list[int] = []
+    engine_images = []
+    for token_id in ids:
+        if images and token_id == token:
+            k = len(engine_images)
+            data = pixels[k].contiguous()
+            span = MediaSpan(
+                len(expanded),
+                counts[k],
+                image_hash(data.numpy().tobytes(), data.shape, data.numpy().dtype.name, grids[k]),
+            )
+            engine_images.append(ImageInput(span, data, grids[k]))
+            expanded += [token] * counts[k]
+        else:
+            expanded.append(token_id)
+    input_ids = torch.tensor([expanded])
+    hf_inputs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    if config.model_type != "llava" and images:
+        hf_inputs["mm_token_type_ids"] = (input_ids == token).int()
+    return expanded, engine_images, hf_inputs
+
+
+def user_message(*parts: str | None) -> list[dict]:
+    """One user turn: ``None`` stands for an image, a string for text."""
+    content = [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts]
+    return [{"role": "user", "content": content}]
