@@ -69,9 +69,16 @@ def _fix_tokenizer_class(path: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def make_llava_checkpoint(path: Path, seed: int = 0, image_size: int = 56) -> Path:
+def make_llava_checkpoint(
+    path: Path,
+    seed: int = 0,
+    image_size: int = 56,
+    vision: dict | None = None,
+    text: dict | None = None,
+) -> Path:
     """LLaVA-1.5 shaped: CLIP tower (patch 14, feature layer -2, CLS dropped), a GELU
-    projector, a two-layer Llama; ``(image_size / 14) ** 2`` tokens per image."""
+    projector, a two-layer Llama; ``(image_size / 14) ** 2`` tokens per image. ``vision``
+    and ``text`` override the tiny default shapes (benchmarks use larger ones)."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -85,15 +92,18 @@ def make_llava_checkpoint(path: Path, seed: int = 0, image_size: int = 56) -> Pa
     fast = _tokenizer(["<image>"], LLAVA_TEMPLATE, "<|eot_id|>")
     eos = fast.convert_tokens_to_ids("<|eot_id|>")
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=image_size, patch_size=14, projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            eos_token_id=eos, bos_token_id=fast.bos_token_id, initializer_range=0.2,
-        ),
+        vision_config=CLIPVisionConfig(**{
+            **dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, projection_dim=32),
+            **(vision or {}), "image_size": image_size, "patch_size": 14,
+        }),
+        text_config=LlamaConfig(**{
+            **dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                   initializer_range=0.2),
+            **(text or {}), "vocab_size": len(fast), "eos_token_id": eos,
+            "bos_token_id": fast.bos_token_id,
+        }),
         image_token_index=fast.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
