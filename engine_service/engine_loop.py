@@ -24,11 +24,12 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine_service.engine import EngineStats, LLMEngine, RequestOutput, SamplingParams
 from engine_service.engine.kv_events import KVEvent
+from engine_service.engine.multimodal import ImageInput
 from engine_service.engine.structured import GrammarSpec
 from engine_service.engine.structured.backend import GrammarMatcher
 
@@ -44,6 +45,7 @@ class AddCommand:
     cache_salt: str = ""
     grammar: GrammarMatcher | None = None  # compiled off this thread for ``params.structured``
     adapter: str = ""  # a LoRA adapter's name; "" for the base model
+    images: list[ImageInput] = field(default_factory=list)  # the prompt's images
 
 
 @dataclass(slots=True)
@@ -211,6 +213,7 @@ class EngineLoop:
                 command.cache_salt,
                 grammar=command.grammar,
                 adapter=command.adapter or None,
+                images=command.images,
             )
         except Exception as exc:
             self._loop.call_soon_threadsafe(self._on_rejected, command.request_id, exc)

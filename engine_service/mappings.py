@@ -6,8 +6,16 @@ servicer turns into ``INVALID_ARGUMENT``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
 from engine_service.engine import EngineConfig, EngineStats, RequestOutput, SamplingParams
+from engine_service.engine.multimodal import ImageInput
 from engine_service.engine.structured import GrammarSpec
+from switchyard.block_hash import MediaSpan, image_hash
 from switchyard.lora_modules import parse_lora_modules
 from switchyard.settings import EngineSettings
 from switchyard.v1 import common_pb2, engine_pb2
@@ -65,6 +73,44 @@ def sampling_params_from_proto(
         ignore_eos=sampling.ignore_eos,
         logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
     )
+
+
+# The pixel dtypes an image may arrive in (numpy names), and the largest image accepted.
+_PIXEL_DTYPES = {"float32": np.float32, "float16": np.float16}
+MAX_IMAGE_VALUES = 64 << 20
+
+
+def images_from_proto(images: Sequence[engine_pb2.ImageInput]) -> list[ImageInput]:
+    """The engine's images of a request, each hashed from the bytes received; raises
+    ``ValueError`` when the bytes do not hold ``shape`` values of ``dtype``."""
+    result = []
+    for position, image in enumerate(images):
+        dtype = _PIXEL_DTYPES.get(image.dtype)
+        if dtype is None:
+            raise ValueError(
+                f"images[{position}]: dtype {image.dtype!r} is not one of "
+                f"{', '.join(_PIXEL_DTYPES)}"
+            )
+        shape = tuple(image.shape)
+        count = math.prod(shape) if shape else 0
+        if not shape or count <= 0 or count > MAX_IMAGE_VALUES:
+            raise ValueError(f"images[{position}]: shape {list(shape)} is empty or too large")
+        if len(image.pixel_values) != count * np.dtype(dtype).itemsize:
+            raise ValueError(
+                f"images[{position}]: {len(image.pixel_values)} bytes do not hold "
+                f"{list(shape)} values of {image.dtype}"
+            )
+        if image.grid_thw and len(image.grid_thw) != 3:
+            raise ValueError(f"images[{position}]: grid_thw must have 3 values")
+        grid = tuple(image.grid_thw) if image.grid_thw else None
+        values = np.frombuffer(image.pixel_values, dtype=dtype).reshape(shape)
+        span = MediaSpan(
+            image.offset,
+            image.length,
+            image_hash(image.pixel_values, shape, image.dtype, grid),
+        )
+        result.append(ImageInput(span, torch.from_numpy(values.copy()), grid))  # type: ignore[arg-type]
+    return result
 
 
 def grammar_spec_from_proto(structured: common_pb2.StructuredOutput) -> GrammarSpec | None:
@@ -143,4 +189,5 @@ def engine_config_from_settings(settings: EngineSettings, model_path: str) -> En
         max_lora_rank=settings.max_lora_rank,
         max_cpu_loras=settings.max_cpu_loras,
         lora_modules=tuple((m.name, m.path) for m in parse_lora_modules(settings.lora_modules)),
+        mm_encoder_cache_gb=settings.mm_encoder_cache_gb,
     )

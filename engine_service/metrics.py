@@ -163,6 +163,26 @@ class _StatsCollector(Collector):
                 "Draft tokens the target model accepted.",
                 stats.spec_num_accepted_tokens,
             ),
+            (
+                "vllm:mm_cache_queries",
+                "Images looked up in the encoder-output cache (once per request and image).",
+                stats.mm_cache_queries,
+            ),
+            (
+                "vllm:mm_cache_hits",
+                "Images whose encoder output was found in the cache.",
+                stats.mm_cache_hits,
+            ),
+            (
+                "switchyard:mm_encoder_images",
+                "Images the vision encoder ran on.",
+                stats.mm_images_encoded,
+            ),
+            (
+                "switchyard:mm_encoder_batches",
+                "Batched vision-encoder calls (one per engine step that encoded images).",
+                stats.mm_encoder_runs,
+            ),
         ]
         for name, doc, value in counters:
             counter = CounterMetricFamily(name, doc, labels=["model_name"])

@@ -24,6 +24,7 @@ from engine_service.kv_event_hub import KVEventHub
 from engine_service.lora_service import adapter_infos, load_adapter, unload_adapter
 from engine_service.mappings import (
     grammar_spec_from_proto,
+    images_from_proto,
     load_from_stats,
     response_from_output,
     sampling_params_from_proto,
@@ -129,6 +130,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             params = sampling_params_from_proto(request.sampling, len(prompt), self.max_model_len)
             if request.HasField("structured"):
                 params.structured = grammar_spec_from_proto(request.structured)
+            images = images_from_proto(request.images)
         except ValueError as exc:
             await abort_with(context, exc)
         depth = self.queue_depth()
@@ -160,6 +162,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                     request.cache_salt,
                     grammar,
                     request.adapter,
+                    images,
                 )
                 self.engine_loop.add(command)
             logger.info(

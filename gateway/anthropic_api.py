@@ -22,6 +22,27 @@ class TextBlock(BaseModel):
     text: str
 
 
+class Base64ImageSource(BaseModel):
+    type: Literal["base64"]
+    media_type: str
+    data: str
+
+
+class URLImageSource(BaseModel):
+    type: Literal["url"]
+    url: str
+
+
+class ImageBlock(BaseModel):
+    """An image for a vision-language model: base64 data, or a URL the gateway fetches
+    when it is allowed to."""
+
+    model_config = ConfigDict(extra="ignore")  # cache_control
+
+    type: Literal["image"]
+    source: Annotated[Base64ImageSource | URLImageSource, Field(discriminator="type")]
+
+
 class ToolUseBlock(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -74,7 +95,7 @@ class McpToolResultBlock(BaseModel):
 
 
 ContentBlock = Annotated[
-    TextBlock | ToolUseBlock | ToolResultBlock | McpToolUseBlock | McpToolResultBlock,
+    TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | McpToolUseBlock | McpToolResultBlock,
     Field(discriminator="type"),
 ]
 

@@ -30,7 +30,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gateway.anthropic_api import (
+    Base64ImageSource,
     ErrorResponse,
+    ImageBlock,
     Message,
     MessagesRequest,
     OutputTextBlock,
@@ -47,6 +49,7 @@ from gateway.generation import GenerationSpec, Generator, SampleDelta
 from gateway.harmony import HarmonyInputError
 from gateway.lora_routes import AdapterCatalog
 from gateway.metrics import GatewayMetrics
+from gateway.multimodal import ImageRef, ImageSupport
 from gateway.openapi import GENERATION_ERRORS, error_responses
 from gateway.serving import (
     GENERATION_FAILURES,
@@ -85,8 +88,10 @@ class AnthropicRoutes:
         metrics: GatewayMetrics,
         served_model_name: str,
         catalog: AdapterCatalog | None = None,
+        images: ImageSupport | None = None,
     ) -> None:
         self.generator = generator
+        self.images = images or ImageSupport.text_only()
         self.chat = chat
         self.metrics = metrics
         self.served_model_name = served_model_name
@@ -104,14 +109,22 @@ class AnthropicRoutes:
             ToolSpec(tool.name, tool.description, tool.input_schema) for tool in body.tools or []
         ]
         choice, parallel = _tool_choice(body)
+        image_refs: list[ImageRef] = []
+        messages = _template_messages(body, image_refs)
         try:
+            if image_refs:
+                self.images.check(image_refs)  # before any work on a request we refuse
             if tools:
                 await off_the_loop(check_tool_request, tools, choice)
             else:
                 check_tool_request(tools, choice)
-            prompt_ids = await self.chat.encode(_template_messages(body), tools, choice, {})
+            prompt_ids = await self.chat.encode(messages, tools, choice, {})
             forced = self.chat.tool_constraint(tools, choice, parallel=parallel)
-        except (TemplateError, HarmonyInputError, ConstraintError) as exc:
+            prepared = None
+            if image_refs:
+                prepared = await self.images.prepare(prompt_ids, image_refs)
+                prompt_ids = prepared.token_ids
+        except (TemplateError, HarmonyInputError, ConstraintError, ApiError) as exc:
             raise anthropic_error_for(exc) from exc
         sampling = common_pb2.SamplingParams(
             n=1,
@@ -131,6 +144,8 @@ class AnthropicRoutes:
             structured=forced,
             adapter=adapter,
         )
+        if prepared is not None:
+            spec.images, spec.media = prepared.images, prepared.media
         shape = _MessageShape(
             request_id,
             body.model,
@@ -361,10 +376,12 @@ def _tool_choice(body: MessagesRequest) -> tuple[ToolChoice, bool]:
     return ToolChoice(mode), parallel  # type: ignore[arg-type]
 
 
-def _template_messages(body: MessagesRequest) -> list[dict[str, Any]]:
+def _template_messages(body: MessagesRequest, image_refs: list[ImageRef]) -> list[dict[str, Any]]:
     """The conversation in the OpenAI shape chat templates take: tool_use blocks become an
     assistant message's tool_calls, tool_result blocks become tool messages. Each
-    tool_result must answer a tool_use of the message before it (400 otherwise)."""
+    tool_result must answer a tool_use of the message before it (400 otherwise). A user
+    message with image blocks becomes a list of text and ``{"type": "image"}`` parts, each
+    image's reference added to ``image_refs``."""
     rendered: list[dict[str, Any]] = []
     if body.system_text:
         rendered.append({"role": "system", "content": body.system_text})
@@ -379,6 +396,8 @@ def _template_messages(body: MessagesRequest) -> list[dict[str, Any]]:
         calls = [block for block in blocks if isinstance(block, ToolUseBlock)]
         results = [block for block in blocks if isinstance(block, ToolResultBlock)]
         if message.role == "assistant":
+            if any(isinstance(block, ImageBlock) for block in blocks):
+                raise _invalid_request(f"messages.{position}: image blocks belong in user messages")
             if results:
                 raise _invalid_request(
                     f"messages.{position}: tool_result blocks belong in user messages"
@@ -418,7 +437,23 @@ def _template_messages(body: MessagesRequest) -> list[dict[str, Any]]:
                     "content": f"Error: {content}" if result.is_error else content,
                 }
             )
-        if text or not results:
+        images = [block for block in blocks if isinstance(block, ImageBlock)]
+        if images:
+            parts: list[dict[str, Any]] = []
+            for index, block in enumerate(blocks):
+                if isinstance(block, TextBlock):
+                    parts.append({"type": "text", "text": block.text})
+                elif isinstance(block, ImageBlock):
+                    param = f"messages.{position}.content.{index}.source"
+                    source = block.source
+                    if isinstance(source, Base64ImageSource):
+                        ref = ImageRef(param, base64_data=source.data, media_type=source.media_type)
+                    else:
+                        ref = ImageRef(param, url=source.url)
+                    image_refs.append(ref)
+                    parts.append({"type": "image"})
+            rendered.append({"role": "user", "content": parts})
+        elif text or not results:
             rendered.append({"role": "user", "content": text})
         previous_calls = set()
     return rendered

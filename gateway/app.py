@@ -39,6 +39,7 @@ from gateway.lora_routes import (
     build_lora_router,
 )
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.multimodal import ImageSupport
 from gateway.openai_routes import OpenAIRoutes, build_openai_router
 from gateway.openapi import install_openapi
 from gateway.platform_tools import PlatformTools
@@ -106,8 +107,11 @@ def create_app(
     generator = Generator(tokenizer, router, engines, Admission(settings.max_in_flight_requests))
     platform_tools = PlatformTools(settings, generator, chat, served_model_name, metrics.registry)
     catalog = AdapterCatalog(router, served_model_name)
-    routes = OpenAIRoutes(generator, chat, metrics, served_model_name, settings.max_n, catalog)
-    anthropic_routes = AnthropicRoutes(generator, chat, metrics, served_model_name, catalog)
+    images = ImageSupport.from_settings(settings, Path(model_path))
+    routes = OpenAIRoutes(
+        generator, chat, metrics, served_model_name, settings.max_n, catalog, images
+    )
+    anthropic_routes = AnthropicRoutes(generator, chat, metrics, served_model_name, catalog, images)
     routes.platform_chat = anthropic_routes.platform_chat = platform_tools.platform_chat()
     adapter_admin: AdapterAdmin = (
         ControllerAdapterAdmin(settings.controller_address)
@@ -134,6 +138,7 @@ def create_app(
             await adapter_admin.close()
             await source.close()
             tokenizer.close()
+            images.close()
             await access.store.close()
             await platform_tools.close()
 

@@ -22,6 +22,7 @@ from gateway.routing import RequestInfo, Router
 from gateway.stop_strings import StopStringMatcher
 from gateway.tokenization import ModelTokenizer
 from gateway.usage import count_completion, count_prompt
+from switchyard.block_hash import MediaSpan
 from switchyard.v1 import common_pb2, engine_pb2
 
 
@@ -42,6 +43,9 @@ class GenerationSpec:
     structured: common_pb2.StructuredOutput | None = None
     adapter: str = ""  # the LoRA adapter ``model`` resolved to; "" for the base model
     cache_salt: str = ""  # the client's prefix-cache isolation key; "" for none
+    # The prompt's images, and their placeholder spans (block keys for prefix routing).
+    images: list[engine_pb2.ImageInput] = field(default_factory=list)
+    media: list[MediaSpan] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -122,6 +126,7 @@ class Generator:
             structured=spec.structured,
             adapter=spec.adapter,
             cache_salt=spec.cache_salt,
+            images=spec.images,
         )
         info = RequestInfo(
             request_id=spec.request_id,
@@ -129,6 +134,7 @@ class Generator:
             prompt_token_ids=spec.prompt_token_ids,
             adapter=spec.adapter,
             cache_salt=spec.cache_salt,
+            media=spec.media,
         )
         samples = [
             _Sample(

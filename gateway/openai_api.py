@@ -111,11 +111,22 @@ class SamplingRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    url: str
+    detail: str | None = None
+
+
 class ContentPart(BaseModel):
+    """A text part, or an ``image_url`` part (``data:`` URLs; http(s) when the gateway
+    fetches them) for vision-language models."""
+
     model_config = ConfigDict(extra="allow")
 
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class FunctionCallParam(BaseModel):

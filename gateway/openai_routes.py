@@ -33,6 +33,7 @@ from gateway.generation import GenerationSpec, Generator, SampleDelta
 from gateway.harmony import HarmonyInputError
 from gateway.lora_routes import AdapterCatalog
 from gateway.metrics import GatewayMetrics
+from gateway.multimodal import ImageRef, ImageSupport
 from gateway.openai_api import (
     AssistantMessage,
     ChatChoice,
@@ -99,8 +100,10 @@ class OpenAIRoutes:
         served_model_name: str,
         max_n: int,
         catalog: AdapterCatalog | None = None,
+        images: ImageSupport | None = None,
     ) -> None:
         self.generator = generator
+        self.images = images or ImageSupport.text_only()
         self.catalog = catalog or AdapterCatalog(generator.router, served_model_name)
         self.chat = chat
         self.tokenizer: ModelTokenizer = generator.tokenizer
@@ -150,10 +153,14 @@ class OpenAIRoutes:
             for tool in body.tools or []
         ]
         choice = _tool_choice(body)
+        image_refs: list[ImageRef] = []
         messages = [
-            _template_message(message, position) for position, message in enumerate(body.messages)
+            _template_message(message, position, image_refs)
+            for position, message in enumerate(body.messages)
         ]
         try:
+            if image_refs:
+                self.images.check(image_refs)  # before any work on a request we refuse
             if tools:
                 await off_the_loop(check_tool_request, tools, choice)
             else:
@@ -166,10 +173,16 @@ class OpenAIRoutes:
                 reasoning_effort=body.reasoning_effort,
             )
             forced = self.chat.tool_constraint(tools, choice, parallel=body.parallel_tool_calls)
-        except (TemplateError, HarmonyInputError, ConstraintError) as exc:
+            prepared = None
+            if image_refs:
+                prepared = await self.images.prepare(prompt_ids, image_refs)
+                prompt_ids = prepared.token_ids
+        except (TemplateError, HarmonyInputError, ConstraintError, ApiError) as exc:
             raise openai_error_for(exc) from exc
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         spec = await self._spec(request_id, body, prompt_ids, body.output_limit, logprobs)
+        if prepared is not None:
+            spec.images, spec.media = prepared.images, prepared.media
         if forced is not None:
             if spec.structured is not None:
                 raise invalid_request(
@@ -767,9 +780,13 @@ def _assistant_message(parsed: ParsedDelta) -> AssistantMessage:
     )
 
 
-def _template_message(message: ChatMessage, position: int) -> dict[str, Any]:
-    """The message as the chat template sees it: text parts joined into one string, and tool
-    calls' arguments as objects (templates write them out with ``tojson``)."""
+def _template_message(
+    message: ChatMessage, position: int, image_refs: list[ImageRef]
+) -> dict[str, Any]:
+    """The message as the chat template sees it: text parts joined into one string (a list
+    of text and ``{"type": "image"}`` parts when it holds images, each image's reference
+    added to ``image_refs``), and tool calls' arguments as objects (templates write them
+    out with ``tojson``)."""
     rendered = message.model_dump(exclude_none=True)
     for call in rendered.get("tool_calls") or []:
         function = call.get("function") if isinstance(call, dict) else None
@@ -783,14 +800,22 @@ def _template_message(message: ChatMessage, position: int) -> dict[str, Any]:
                 ) from None
     if isinstance(message.content, list):
         texts = []
-        for part in message.content:
+        parts: list[dict[str, Any]] = []
+        for index, part in enumerate(message.content):
+            if part.type == "image_url" and part.image_url is not None:
+                param = f"messages.{position}.content.{index}.image_url"
+                image_refs.append(ImageRef(param, url=part.image_url.url))
+                parts.append({"type": "image"})
+                continue
             if part.type != "text" or part.text is None:
                 raise invalid_request(
                     f"content parts of type '{part.type}' are not supported by this model",
                     param=f"messages.{position}.content",
                 )
             texts.append(part.text)
-        rendered["content"] = "".join(texts)
+            parts.append({"type": "text", "text": part.text})
+        has_images = any(p["type"] == "image" for p in parts)
+        rendered["content"] = parts if has_images else "".join(texts)
     elif message.content is None:
         rendered["content"] = ""
     return rendered

@@ -5,7 +5,8 @@ batches). :class:`KVEventFollower` keeps one such stream per READY replica and a
 a :class:`PrefixIndex`, which answers "how many leading blocks of this prompt does replica R
 hold?" by hashing the prompt the way the engines do (:mod:`switchyard.block_hash`, with the
 block size each replica announced, and the request's
-:func:`~switchyard.block_hash.block_extra_keys`: its adapter and cache salt)::
+:func:`~switchyard.block_hash.block_extra_keys`: its adapter and cache salt; and its
+images, in the blocks their placeholders cover)::
 
     prompt      [ block 0 | block 1 | block 2 | block 3 | tail ]
     replica a     held      held      held      -              -> 3 blocks
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway.routing import Replica
-from switchyard.block_hash import chained_block_hashes
+from switchyard.block_hash import MediaSpan, chained_block_hashes
 from switchyard.grpc_utils import insecure_channel
 from switchyard.v1 import engine_pb2, engine_pb2_grpc
 
@@ -94,17 +95,21 @@ class PrefixIndex:
         return 0 if blocks is None else len(blocks.held)
 
     def note_routed(
-        self, replica_id: str, token_ids: Sequence[int], extra_keys: tuple[str, ...] = ()
+        self,
+        replica_id: str,
+        token_ids: Sequence[int],
+        extra_keys: tuple[str, ...] = (),
+        media: Sequence[MediaSpan] = (),
     ) -> None:
         """The prompt is about to be computed on the replica: count its blocks as held there
-        for a while. ``extra_keys`` as for :meth:`matched_blocks`."""
+        for a while. ``extra_keys`` and ``media`` as for :meth:`matched_blocks`."""
         blocks = self._replicas.get(replica_id)
         if blocks is None:
             return
         now = self._clock()
         expiry = now + PENDING_TTL_S
         pending = blocks.pending
-        for block_hash in chained_block_hashes(token_ids, blocks.block_size, extra_keys):
+        for block_hash in chained_block_hashes(token_ids, blocks.block_size, extra_keys, media):
             if block_hash not in blocks.held:
                 pending[block_hash] = expiry
         if len(pending) > 4 * len(blocks.held) + 1024:
@@ -115,10 +120,12 @@ class PrefixIndex:
         replica_ids: Sequence[str],
         token_ids: Sequence[int],
         extra_keys: tuple[str, ...] = (),
+        media: Sequence[MediaSpan] = (),
     ) -> dict[str, int]:
         """For each replica, how many leading full blocks of ``token_ids`` it holds, the
         blocks hashed with ``extra_keys`` (:func:`~switchyard.block_hash.block_extra_keys` of
-        the request's adapter and cache salt, as the engine hashes them)."""
+        the request's adapter and cache salt) and the images ``media`` in the blocks they
+        cover, as the engine hashes them."""
         now = self._clock()
         hashes_by_size: dict[int, list[bytes]] = {}
         matched: dict[str, int] = {}
@@ -129,7 +136,7 @@ class PrefixIndex:
                 continue
             hashes = hashes_by_size.get(blocks.block_size)
             if hashes is None:
-                hashes = chained_block_hashes(token_ids, blocks.block_size, extra_keys)
+                hashes = chained_block_hashes(token_ids, blocks.block_size, extra_keys, media)
                 hashes_by_size[blocks.block_size] = hashes
             count = 0
             for block_hash in hashes:

@@ -1,7 +1,7 @@
 """Prefix-cache-aware routing: send a request where its prompt's prefix is already cached.
 
 The replica holding the longest prefix of the prompt (per the :class:`PrefixIndex`, hashed
-with the request's adapter and cache salt as the engines hash it) wins;
+with the request's adapter, cache salt and images as the engines hash it) wins;
 ties, and prompts no replica holds, go to the least-loaded replica, and among equally loaded
 ones to the one holding the fewest blocks, so that new prefixes (a new tenant's system
 prompt) spread over the replicas instead of piling onto the first. Two guards:
@@ -61,7 +61,10 @@ class PrefixAwarePolicy(RoutingPolicy):
             chosen = self._session_replica(replicas, request_info.session_id)
         else:
             matched = self._index.matched_blocks(
-                [r.replica_id for r in replicas], request_info.prompt_token_ids, extra_keys
+                [r.replica_id for r in replicas],
+                request_info.prompt_token_ids,
+                extra_keys,
+                request_info.media,
             )
             chosen = max(
                 replicas,
@@ -76,7 +79,9 @@ class PrefixAwarePolicy(RoutingPolicy):
                 chosen = least
         if replica_load(chosen) - replica_load(least) > self._load_guard:
             chosen = least
-        self._index.note_routed(chosen.replica_id, request_info.prompt_token_ids, extra_keys)
+        self._index.note_routed(
+            chosen.replica_id, request_info.prompt_token_ids, extra_keys, request_info.media
+        )
         return chosen
 
     def _session_replica(self, replicas: Sequence[Replica], session_id: str) -> Replica:

@@ -27,6 +27,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from switchyard.block_hash import MediaSpan
 from switchyard.v1 import common_pb2
 
 # The session id of the request being handled ("" when it sent none).
@@ -100,6 +101,8 @@ class RequestInfo:
     session_id: str = ""
     adapter: str = ""  # the LoRA adapter the request runs with; "" for the base model
     cache_salt: str = ""  # isolates the request's prefix cache (vLLM's ``cache_salt``)
+    # The prompt's images: their placeholder spans with content hashes (block keys).
+    media: Sequence[MediaSpan] = field(default_factory=list)
 
 
 class RoutesSource(Protocol):

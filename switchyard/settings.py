@@ -325,6 +325,12 @@ class EngineSettings(ServiceSettings):
     max_cpu_loras: int | None = Field(
         default=None, gt=0, description="LoRA adapters kept in host memory; unset: max_loras"
     )
+    mm_encoder_cache_gb: float = Field(
+        default=1.0,
+        ge=0,
+        description="vision-language models: GiB of vision-encoder outputs kept by image "
+        "content hash (LRU), so a repeated image is not encoded again; 0: off",
+    )
 
     @field_validator("lora_modules", mode="before")
     @classmethod
@@ -517,6 +523,35 @@ class GatewaySettings(ServiceSettings):
         description="format the model writes tool calls in; auto: from the chat template "
         "and the tokenizer's special tokens",
     )
+    # -- images (vision-language models; docs/multimodal.md) --
+    limit_mm_per_prompt: dict[str, int] = Field(
+        default_factory=lambda: {"image": 4},
+        description='most images one request may carry, as vLLM\'s JSON {"image": N}',
+    )
+    max_image_bytes: int = Field(
+        default=20 << 20,
+        gt=0,
+        description="largest encoded image accepted (a data: URL's decoded bytes or a "
+        "fetched file)",
+    )
+    max_image_pixels: int = Field(
+        default=50_000_000,
+        gt=0,
+        description="largest image accepted, in pixels (width x height), checked before "
+        "decoding the pixels",
+    )
+    enable_media_url_fetch: bool = Field(
+        default=False,
+        description="fetch image_url parts given as http(s) URLs; off: only data: URLs",
+    )
+    allowed_media_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="with enable_media_url_fetch: the hosts images may be fetched from "
+        "(comma-separated; a host also allows its subdomains); empty: any host",
+    )
+    media_fetch_timeout_s: float = Field(
+        default=10.0, gt=0, description="longest an image fetch may take"
+    )
 
     # -- tools, MCP and the Responses API (docs/tools.md) --
     tool_service_address: str = Field(
@@ -560,10 +595,23 @@ class GatewaySettings(ServiceSettings):
         "are configured); empty: disabled",
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "allowed_media_domains", mode="before")
     @classmethod
     def _split_key_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("limit_mm_per_prompt", mode="before")
+    @classmethod
+    def _mm_limits_json(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("limit_mm_per_prompt")
+    @classmethod
+    def _known_modalities(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - {"image"})
+        if unknown or any(count < 0 for count in value.values()):
+            raise ValueError('limit_mm_per_prompt takes {"image": N} with N >= 0')
+        return value
 
 
 class KVServiceSettings(ServiceSettings):

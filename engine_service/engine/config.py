@@ -46,6 +46,9 @@ class EngineConfig:
     up to ``max_lora_rank``; ``max_loras`` of them sit on the device at once (a batch mixes
     them freely with the base model), ``max_cpu_loras`` (default ``max_loras``) in host
     memory. ``lora_modules`` are (name, PEFT folder or hub id) pairs loaded at start.
+
+    Images (vision-language models): encoder outputs are kept by image content hash, least
+    recently used evicted first, up to ``mm_encoder_cache_gb`` GiB (0: off).
     """
 
     model: str
@@ -80,6 +83,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     lora_modules: tuple[tuple[str, str], ...] = ()
+    mm_encoder_cache_gb: float = 1.0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -98,6 +102,8 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.lora_modules and not self.enable_lora:
             raise ValueError("lora_modules need enable_lora")
+        if self.mm_encoder_cache_gb < 0:
+            raise ValueError("mm_encoder_cache_gb must not be negative")
         if self.grammar_backend not in ("llguidance", "xgrammar"):
             raise ValueError(
                 f"grammar_backend must be llguidance or xgrammar, got {self.grammar_backend!r}"

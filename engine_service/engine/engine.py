@@ -24,6 +24,7 @@ from engine_service.engine.kv_events import KVEventLog, KVTier
 from engine_service.engine.lora_manager import LoRAAdapter, LoRADisabledError, LoRAManager
 from engine_service.engine.memory import num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner
+from engine_service.engine.multimodal import EncoderCache, EncoderRunner, ImageInput
 from engine_service.engine.offload import OffloadManager, RemoteKVStore
 from engine_service.engine.outputs import EngineStats, LoRAStats, RequestOutput
 from engine_service.engine.progress import TokenAcceptor
@@ -83,6 +84,11 @@ class LLMEngine:
                 f"max_position_embeddings {limit}"
             )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        # Vision-language models: the encoder and its output cache.
+        self.encoder: EncoderRunner | None = None
+        if hasattr(self.model, "encode_images"):
+            cache = EncoderCache(int(config.mm_encoder_cache_gb * (1 << 30)))
+            self.encoder = EncoderRunner(self.model, cache)
         # Adapters attach to the model before any CUDA graph is captured (as no-ops there).
         self.lora: LoRAManager | None = None
         if config.enable_lora:
@@ -215,9 +221,14 @@ class LLMEngine:
         *,
         grammar: GrammarMatcher | None = None,
         adapter: str | None = None,
+        images: list[ImageInput] | None = None,
     ) -> None:
         """Queue a request; raises ``ValueError`` for input the engine cannot serve. Only
         requests with the same ``cache_salt`` share prefix-cache blocks.
+
+        ``images`` are the prompt's preprocessed images, each over its run of placeholder
+        tokens (a vision-language model only); the blocks holding an image's placeholders
+        are keyed by its content hash.
 
         ``grammar`` is a matcher already compiled for ``params.structured`` (by
         ``self.structured.matcher`` on another thread, so the step thread never compiles);
@@ -251,9 +262,13 @@ class LLMEngine:
                 f"n ({params.n}) exceeds the {self.config.max_num_seqs} sequences this "
                 "engine runs at once"
             )
+        images = self._check_images(prompt_token_ids, images or [])
         if grammar is None and params.structured is not None:
             # Loads the tokenizer on first use and compiles the grammar unless it is cached.
             grammar = self.structured.matcher(params.structured)
+        mrope_positions, mrope_delta = None, 0
+        if images and hasattr(self.model, "mrope_positions"):
+            mrope_positions, mrope_delta = self.model.mrope_positions(len(prompt_token_ids), images)
         first = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -263,6 +278,9 @@ class LLMEngine:
             grammar=grammar,
             cache_salt=cache_salt or None,
             adapter_id=lora_adapter.cache_key if lora_adapter is not None else None,
+            mm_inputs=images,
+            mrope_positions=mrope_positions,
+            mrope_delta=mrope_delta,
         )
         first.pending_forks = [first.fork(i) for i in range(1, params.n)]
         self._samples[request_id] = [first, *first.pending_forks]
@@ -274,6 +292,35 @@ class LLMEngine:
             self._lora_name_of[request_id] = lora_adapter.name
             self._lora_waiting.append((first, lora_adapter))
             self._admit_lora_waiting()
+
+    def _check_images(self, prompt: list[int], images: list[ImageInput]) -> list[ImageInput]:
+        """The images in prompt order, each checked against the model and the prompt: its
+        placeholder run lies inside the prompt and holds only the image token, and every
+        image token of the prompt belongs to an image."""
+        if not images:
+            if self.encoder is not None and self.model.image_token_id in prompt:
+                raise ValueError("the prompt holds image placeholder tokens but no images")
+            return []
+        if self.encoder is None:
+            raise ValueError(f"this model ({self.model_config.architecture}) does not take images")
+        token = self.model.image_token_id
+        images = sorted(images, key=lambda image: image.offset)
+        end = 0
+        for position, image in enumerate(images):
+            if image.offset < end or image.length <= 0:
+                raise ValueError(
+                    f"image {position}'s placeholder span overlaps another or is empty"
+                )
+            end = image.offset + image.length
+            if end > len(prompt) or any(t != token for t in prompt[image.offset : end]):
+                raise ValueError(
+                    f"image {position}'s placeholder span [{image.offset}, {end}) is not a run "
+                    f"of image tokens ({token}) in the prompt"
+                )
+            self.model.check_image(image)
+        if prompt.count(token) != sum(image.length for image in images):
+            raise ValueError("the prompt holds image placeholder tokens that no image fills")
+        return images
 
     def add_lora(self, name: str, source: str, replace: bool = False) -> None:
         """Load and register a PEFT adapter (folder or hub id); ``ValueError`` says why a
@@ -402,7 +449,11 @@ class LLMEngine:
                 draft_masks = draft_grammar_masks(batch, self.model_config.vocab_size)
         # Grammar masks fill on their worker while the inputs are built and the model runs.
         masks = self.structured.start_masks([r.grammar for _, r in batch.sample_rows])
-        inputs = self.runner.prepare(batch)
+        encoder_outputs = None
+        if self.encoder is not None and any(s.mm_spans for s in batch.sequences):
+            # Every image of the step not in the encoder cache, encoded in one batch.
+            encoder_outputs = self.encoder.outputs_for(batch)
+        inputs = self.runner.prepare(batch, encoder_outputs)
         previous, self._in_flight = self._in_flight, None
         if previous is not None:
             previous.wait()
@@ -531,8 +582,22 @@ class LLMEngine:
                 self.scheduler.accepted_per_position[: self.scheduler.num_speculative_tokens]
             ),
             **self._offload_stats(),
+            **self._encoder_stats(),
             lora=self._lora_stats(),
         )
+
+    def _encoder_stats(self) -> dict[str, int]:
+        encoder = self.encoder
+        if encoder is None:
+            return {}
+        return {
+            "mm_cache_queries": encoder.queries,
+            "mm_cache_hits": encoder.hits,
+            "mm_images_encoded": encoder.images_encoded,
+            "mm_encoder_runs": encoder.encoder_runs,
+            "mm_cache_entries": len(encoder.cache),
+            "mm_cache_bytes": encoder.cache.used_bytes,
+        }
 
     def _lora_stats(self) -> LoRAStats | None:
         if self.lora is None:
@@ -603,15 +668,20 @@ class LLMEngine:
         prompts: list[list[int]],
         params: SamplingParams | list[SamplingParams],
         adapters: list[str | None] | None = None,
+        images: list[list[ImageInput] | None] | None = None,
     ) -> list[list[list[int]]]:
         """Offline batch: token ids of every sample of every prompt, in prompt order;
-        ``adapters`` names each prompt's LoRA adapter (``None``: the base model)."""
+        ``adapters`` names each prompt's LoRA adapter (``None``: the base model), ``images``
+        each prompt's images."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         adapter_list = adapters if adapters is not None else [None] * len(prompts)
+        image_list = images if images is not None else [None] * len(prompts)
         ids = [f"generate-{id(self)}-{i}" for i in range(len(prompts))]
         results = {rid: [[] for _ in range(p.n)] for rid, p in zip(ids, params_list)}
-        for rid, prompt, p, adapter in zip(ids, prompts, params_list, adapter_list):
-            self.add_request(rid, prompt, p, adapter=adapter)
+        for rid, prompt, p, adapter, imgs in zip(
+            ids, prompts, params_list, adapter_list, image_list
+        ):
+            self.add_request(rid, prompt, p, adapter=adapter, images=imgs)
         while self.has_unfinished():
             for output in self.step():
                 if output.request_id in results:

@@ -8,7 +8,8 @@ A request's KV lives in fixed-size blocks; its ``block_table`` maps logical bloc
                  full, hashed    full, hashed    written by the coming steps
 
 Full blocks are immutable: they get a hash chained over all tokens so far (plus extra keys
-such as an adapter id) and go into the radix prefix cache, from where other requests share
+such as an adapter id, and the content hashes of the images whose placeholder tokens
+they hold) and go into the radix prefix cache, from where other requests share
 them by reference count. Only a request's last, partly filled block is ever written, and if
 it is shared (a fork for n > 1) it is copied first (copy-on-write).
 """
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 from engine_service.engine.prefix_cache import PrefixCacheListener, RadixPrefixCache
 from engine_service.engine.request import Request
-from switchyard.block_hash import block_extra_keys, hash_block
+from switchyard.block_hash import block_extra_keys, extend_block_hashes, hash_block
 
 __all__ = ["BlockPool", "KVCacheManager", "hash_block"]
 
@@ -266,10 +267,10 @@ class KVCacheManager:
         self.pool.reset_prefix_cache()
 
     def _update_block_hashes(self, request: Request) -> None:
-        hashes = request.block_hashes
-        size = self.block_size
-        extra = block_extra_keys(request.adapter_id, request.cache_salt)
-        tokens = request.all_token_ids
-        for i in range(len(hashes), len(tokens) // size):
-            parent = hashes[i - 1] if i > 0 else None
-            hashes.append(hash_block(parent, tokens[i * size : (i + 1) * size], extra))
+        extend_block_hashes(
+            request.block_hashes,
+            request.all_token_ids,
+            self.block_size,
+            block_extra_keys(request.adapter_id, request.cache_salt),
+            [image.span for image in request.mm_inputs],
+        )

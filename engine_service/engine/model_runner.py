@@ -10,6 +10,11 @@ With LoRA, the step's per-token adapter slots (``ScheduledSequence.adapter_slot 
 for the base model) go into the model's :class:`LoRASlots` right before its forward pass;
 a step without adapters sets ``None`` and the deltas do nothing. The torch deltas read the
 slots on the host, so a step with adapters always runs eagerly, never from a graph.
+
+With images, the step's :class:`~engine_service.engine.multimodal.MMSpan` rows of encoder
+output (computed by the engine before ``prepare``) replace the placeholder tokens'
+embeddings; under M-RoPE the rotary positions of sequences with images differ from their
+cache indices. Such steps run eagerly too.
 """
 
 from __future__ import annotations
@@ -37,6 +42,12 @@ class StepInputs:
     pending_rows: torch.Tensor | None
     pending_src: torch.Tensor | None
     lora_token_slots: torch.Tensor | None = None
+    # Images: query rows that take encoder outputs, and those rows' embeddings; under
+    # M-RoPE, the rotary positions ([3, T] with image tokens in the step, else [T]) when
+    # they differ from the cache indices.
+    mm_rows: torch.Tensor | None = None
+    mm_embeds: torch.Tensor | None = None
+    rope_positions: torch.Tensor | None = None
 
 
 class _HostBuffers:
@@ -106,8 +117,12 @@ class ModelRunner:
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Build the step's device inputs from the batch (host work, no device sync)."""
+    def prepare(
+        self, batch: ScheduledBatch, encoder_outputs: dict[str, torch.Tensor] | None = None
+    ) -> StepInputs:
+        """Build the step's device inputs from the batch (host work, no device sync);
+        ``encoder_outputs`` holds the embeddings, by image hash, of every image the batch's
+        ``mm_spans`` name."""
         buf = self._buffers[self._turn]
         self._turn ^= 1
         seqs = batch.sequences
@@ -171,6 +186,17 @@ class ModelRunner:
                 np.subtract(np.repeat(adapter_slots, q_lens), 1, out=buf.lora_slots[:num_tokens])
                 lora_token_slots = self._to_device(buf.lora_slots_t[:num_tokens])
 
+        mm_rows = mm_embeds = None
+        if encoder_outputs:
+            mm_rows, mm_embeds = self._mm_rows(batch, query_start, encoder_outputs)
+        rope_positions = None
+        if getattr(self.model.config, "mrope_section", None) and any(
+            s.request.mrope_positions is not None for s in seqs
+        ):
+            rope_positions = self._to_device(
+                self._mrope_positions(batch, query_start, positions, bool(encoder_outputs))
+            )
+
         packed = buf.packed_tables[: num_seqs * width].reshape(num_seqs, width)
         packed[:] = tables[:num_seqs, :width]
         to = self._to_device
@@ -197,7 +223,60 @@ class ModelRunner:
             pending_rows=to(buf.pending_rows_t[:num_pending]) if num_pending else None,
             pending_src=to(buf.pending_src_t[:num_pending]) if num_pending else None,
             lora_token_slots=lora_token_slots,
+            mm_rows=mm_rows,
+            mm_embeds=mm_embeds,
+            rope_positions=rope_positions,
         )
+
+    def _mm_rows(
+        self,
+        batch: ScheduledBatch,
+        query_start: np.ndarray,
+        encoder_outputs: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query rows that take image embeddings, and the embeddings, in row order."""
+        rows, pieces = [], []
+        for i, s in enumerate(batch.sequences):
+            for span in s.mm_spans:
+                first = int(query_start[i]) + span.image.offset + span.lo - s.start
+                rows.append(np.arange(first, first + span.hi - span.lo))
+                pieces.append(encoder_outputs[span.image.mm_hash][span.lo : span.hi])
+        row_ids = torch.from_numpy(np.concatenate(rows))
+        return self._to_device(row_ids), torch.cat(pieces)
+
+    def _mrope_positions(
+        self,
+        batch: ScheduledBatch,
+        query_start: np.ndarray,
+        positions: np.ndarray,
+        with_images: bool,
+    ) -> torch.Tensor:
+        """Rotary positions under M-RoPE: a prompt token of a request with images takes its
+        precomputed ``[3]`` position, any later token its cache index plus the request's
+        delta. ``[T]`` when no image token is in the step (all three coordinates equal)."""
+        rope = np.array(positions, dtype=np.int64)
+        rope3 = np.broadcast_to(rope, (3, rope.shape[0])).copy() if with_images else None
+        for i, s in enumerate(batch.sequences):
+            request = s.request
+            if request.mrope_positions is None:
+                continue
+            q0 = int(query_start[i])
+            rows = slice(q0, q0 + s.num_tokens)
+            rope[rows] += request.mrope_delta
+            if rope3 is not None:
+                rope3[:, rows] += request.mrope_delta
+                # The prompt part of the chunk: its own 3-D positions.
+                prompt_end = min(s.start + s.num_tokens, request.num_prompt_tokens)
+                if s.start < prompt_end:
+                    n = prompt_end - s.start
+                    rope3[:, q0 : q0 + n] = request.mrope_positions[:, s.start : prompt_end]
+            else:
+                prompt_end = min(s.start + s.num_tokens, request.num_prompt_tokens)
+                if s.start < prompt_end:
+                    n = prompt_end - s.start
+                    # Prompt text with no image in this step: all three coordinates agree.
+                    rope[q0 : q0 + n] = request.mrope_positions[0, s.start : prompt_end]
+        return torch.from_numpy(rope3 if rope3 is not None else rope)
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -253,8 +332,20 @@ class ModelRunner:
             input_ids[inputs.pending_rows] = prev_sampled[inputs.pending_src]
         if self.lora_slots is not None:
             self.lora_slots.set(inputs.lora_token_slots)
-        if self.graphs is not None and inputs.lora_token_slots is None and self.graphs.fits(inputs):
+        multimodal = inputs.mm_rows is not None or inputs.rope_positions is not None
+        if (
+            self.graphs is not None
+            and inputs.lora_token_slots is None
+            and not multimodal
+            and self.graphs.fits(inputs)
+        ):
             hidden = self.graphs.replay(input_ids, inputs)
+        elif multimodal:
+            self.backend.prepare(inputs.meta, self.block_size)
+            rope = inputs.rope_positions if inputs.rope_positions is not None else inputs.positions
+            hidden = self.model(
+                input_ids, rope, self.kv_cache, inputs.meta, inputs.mm_rows, inputs.mm_embeds
+            )
         else:
             self.backend.prepare(inputs.meta, self.block_size)
             hidden = self.model(input_ids, inputs.positions, self.kv_cache, inputs.meta)

@@ -96,6 +96,14 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_position: tuple[int, ...] = ()
+    # Vision-language models: encoder-cache lookups (once per request and image) and hits,
+    # images the encoder ran on, its batched calls, and what the cache holds.
+    mm_cache_queries: int = 0
+    mm_cache_hits: int = 0
+    mm_images_encoded: int = 0
+    mm_encoder_runs: int = 0
+    mm_cache_entries: int = 0
+    mm_cache_bytes: int = 0
     # None when LoRA is off.
     lora: LoRAStats | None = None
 

@@ -40,7 +40,7 @@ class Request:
     and ``pending_row`` is its row in that step's sampled-token tensor.
 
     Fields marked *room* are not used by the core yet; later capabilities fill them
-    (LoRA, speculative decoding, multimodal inputs, KV offload tiers).
+    (KV transfer between engines).
     """
 
     request_id: str
@@ -71,14 +71,20 @@ class Request:
     pending_row: int = -1
     # How often the sequence was preempted: steps in flight across a preemption are stale.
     num_preemptions: int = 0
-    # The LoRA adapter's content key; room for multimodal embeddings with their placeholder
-    # ranges; the cache salt of the block hashes; where offloaded prefix blocks are being
-    # fetched from. (Draft tokens live on the step: ScheduledSequence.draft_token_ids.)
+    # The LoRA adapter's content key; the cache salt of the block hashes; where offloaded
+    # prefix blocks are being fetched from. (Draft tokens live on the step:
+    # ScheduledSequence.draft_token_ids.)
     adapter_id: str | None = None
     # The device LoRA slot + 1 the request's tokens use (0: the base model); set by the
     # engine when it admits the request, copied into every ScheduledSequence.
     adapter_slot: int = 0
+    # The prompt's images (engine/multimodal.py ImageInput), in prompt order; how many of
+    # them the encoder cache was asked for; with M-RoPE (Qwen2-VL), the prompt's 3-D rotary
+    # positions [3, num_prompt_tokens] and the shift of every position after the prompt.
     mm_inputs: list[Any] = field(default_factory=list)
+    num_mm_looked_up: int = 0
+    mrope_positions: Any = None
+    mrope_delta: int = 0
     cache_salt: str | None = None
     kv_transfer: Any = None
 
@@ -172,5 +178,8 @@ class Request:
             adapter_slot=self.adapter_slot,
             cache_salt=self.cache_salt,
             grammar=self.grammar.copy() if self.grammar is not None else None,
+            mm_inputs=self.mm_inputs,
+            mrope_positions=self.mrope_positions,
+            mrope_delta=self.mrope_delta,
         )
         return child

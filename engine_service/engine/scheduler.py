@@ -26,6 +26,7 @@ from engine_service.engine.batch import SampledTokens, ScheduledBatch, Scheduled
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVTier
+from engine_service.engine.multimodal import spans_in_chunk
 from engine_service.engine.offload import OffloadManager, Restore
 from engine_service.engine.progress import TokenAcceptor
 from engine_service.engine.request import Request, RequestStatus
@@ -213,6 +214,8 @@ class Scheduler:
             pending_row=request.pending_row if reaches_end and request.num_pending_tokens else -1,
             draft_room=draft_room,
         )
+        if request.mm_inputs:
+            seq.mm_spans = spans_in_chunk(request.mm_inputs, start, end)
         batch.sequences.append(seq)
         batch.num_tokens += num_new
         # Counted at once, so that the next step (scheduled while this one may still run)

@@ -88,19 +88,52 @@ def _yarn_inv_freq(
 
 class RotaryEmbedding(nn.Module):
     """Gives the cos/sin tables for a batch's positions; computed once per forward pass and
-    shared by every layer (they all rotate by the same positions)."""
+    shared by every layer (they all rotate by the same positions).
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
+    Multimodal rotary positions (M-RoPE, Qwen2-VL): with ``mrope_section`` (sizes summing to
+    ``head_dim / 2``), positions may be ``[3, T]``, a (temporal, height, width) triple per
+    token, and the rotary pairs are split into three sections, each turned by its own
+    coordinate. A token whose three coordinates are equal (all text) rotates exactly as
+    with plain 1-D positions, so text-only steps pass ``[T]`` positions as usual."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        scaling: dict[str, Any] | None,
+        mrope_section: list[int] | None = None,
+    ) -> None:
         super().__init__()
         inv_freq, self.attention_scaling = rope_inv_freq(head_dim, theta, scaling)
         # Built on the CPU even under a meta-device context, so loading keeps it.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        axis = None
+        if mrope_section is not None:
+            if sum(mrope_section) != head_dim // 2:
+                raise ValueError(
+                    f"mrope_section {mrope_section} must sum to head_dim / 2 = {head_dim // 2}"
+                )
+            # Which coordinate (0 t, 1 h, 2 w) turns each rotary pair.
+            axis = torch.repeat_interleave(
+                torch.arange(len(mrope_section), device="cpu") % 3,
+                torch.tensor(mrope_section, device="cpu"),
+            )
+        self.mrope_axis: torch.Tensor | None
+        self.register_buffer("mrope_axis", axis, persistent=False)
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``, each ``[T, 1, head_dim]`` in ``dtype``, broadcasting over heads."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :].float()
+        """``(cos, sin)``, each ``[T, 1, head_dim]`` in ``dtype``, broadcasting over heads;
+        ``positions`` is ``[T]``, or ``[3, T]`` under M-RoPE."""
+        if positions.dim() == 2:
+            assert self.mrope_axis is not None, "3-D positions need an M-RoPE model"
+            # [T, pairs]: each pair's own coordinate of each token.
+            axis = self.mrope_axis[None, :].expand(positions.shape[1], -1)
+            chosen = positions.t().gather(1, axis)
+            freqs = chosen.float() * self.inv_freq[None, :].float()
+        else:
+            freqs = positions.float()[:, None] * self.inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)

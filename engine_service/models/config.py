@@ -31,6 +31,11 @@ class ModelConfig:
     sliding_windows: list[int | None] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
+    # Multimodal rotary sections (Qwen2-VL's M-RoPE); None for 1-D rotary positions.
+    mrope_section: list[int] | None = None
+    # A vision-language checkpoint's whole config.json (defaults filled in), for its vision
+    # tower and projector; None for a text-only model.
+    multimodal: dict[str, Any] | None = None
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any], architecture: str) -> ModelConfig:

@@ -89,7 +89,9 @@ class DenseModel(nn.Module):
             DenseDecoderLayer(config, i, backend, tp, qk_norm) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.mrope_section
+        )
 
     def forward(
         self,
@@ -97,8 +99,14 @@ class DenseModel(nn.Module):
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        mm_rows: torch.Tensor | None = None,
+        mm_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``mm_rows``/``mm_embeds``: query rows whose input embedding is an image's
+        encoder output instead of their (placeholder) token's embedding."""
         hidden = self.embed_tokens(input_ids)
+        if mm_rows is not None:
+            hidden = hidden.index_copy(0, mm_rows, mm_embeds.to(hidden.dtype))
         cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, cos_sin, kv_cache, meta)

@@ -112,6 +112,9 @@ def load_model(
     load_device = torch.device("cpu") if device.type == "meta" else device
     materialize(net, load_device, torch_dtype)
     load_weights(net, _checkpoint_tensors(_weight_files(path), str(load_device)), str(path))
+    after_load = getattr(net, "after_load", None)
+    if after_load is not None:  # buffers a model could not build on the meta device
+        after_load()
     # Buffers built at construction (rotary frequencies) still live on the CPU.
     net.to(device)
     net.eval()

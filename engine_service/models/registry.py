@@ -5,8 +5,13 @@ from __future__ import annotations
 from engine_service.models.causal_lm import CausalLM
 from engine_service.models.deepseek_v3 import DeepseekV3ForCausalLM
 from engine_service.models.llama import LlamaForCausalLM
+from engine_service.models.llava import LlavaForConditionalGeneration
 from engine_service.models.mistral import MistralForCausalLM
 from engine_service.models.qwen2 import Qwen2ForCausalLM
+from engine_service.models.qwen2_vl import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
 from engine_service.models.qwen3 import Qwen3ForCausalLM
 
 _REGISTRY: dict[str, type[CausalLM]] = {
@@ -15,6 +20,9 @@ _REGISTRY: dict[str, type[CausalLM]] = {
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
 }
 
 SUPPORTED_ARCHITECTURES = tuple(sorted(_REGISTRY))

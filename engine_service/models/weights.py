@@ -63,9 +63,18 @@ def load_weights(net: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], so
     of one) got nothing. ``source`` names the checkpoint in errors."""
     params = dict(net.named_parameters())
     mapping = getattr(net, "packed_modules_mapping", {})
+    # A model may rename checkpoint tensors (older layouts of its family), and keep some
+    # out of the mapping (a vision tower built from transformers modules keeps HF's names).
+    rename = getattr(net, "checkpoint_name", None)
+    unmapped: tuple[str, ...] = getattr(net, "unmapped_prefixes", ())
     loaded: dict[str, set[Any]] = {}
     for name, tensor in tensors:
-        target, shard_id = resolve_name(name, mapping)
+        if rename is not None:
+            name = rename(name)
+        if unmapped and name.startswith(unmapped):
+            target, shard_id = name, None
+        else:
+            target, shard_id = resolve_name(name, mapping)
         param = params.get(target)
         if param is None:
             continue

@@ -47,6 +47,7 @@ NON_DEFAULT = {
     "max_loras": 3,
     "max_lora_rank": 8,
     "max_cpu_loras": 5,
+    "mm_encoder_cache_gb": 0.25,
 }
 
 

@@ -140,6 +140,11 @@ def test_a_key_file_without_keys_fails_closed(tmp_path: Path) -> None:
                     {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
                 ]
             },
+            # A text-only model: the image part is named.
+            "messages.0.content.0.image_url",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio", "text": "x"}]}]},
             "messages.0.content",
         ),
     ],
