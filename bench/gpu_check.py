@@ -6,6 +6,8 @@ Runs on a CUDA machine (CI has none), in two parts; exit status 1 on any mismatc
   (decodes, chunks over cached prefixes, prompts, token trees; GQA groups of 4 and 8; head
   dims 64 and 128; sliding windows; keys split across programs) in bf16 and fp32, against the
   dense-mask SDPA reference of `tests/engine_service/extend_reference.py`.
+- LoRA: the Triton shrink/expand deltas (`layers/triton_lora.py`) against the torch path,
+  with each path's time per layer on 8B-shaped projections.
 - Engine: the same greedy requests, with sliding windows, GQA, prefix sharing and a small
   token budget (so prompts are chunked and ride beside decodes), through
   `attention_backend="sdpa"` (eager, synchronous) and `"triton"` eager and with CUDA graphs
@@ -122,8 +124,75 @@ def run(path: Path, backend: str, graphs: bool, prompts, overlap: bool = False):
     return tokens, logprobs
 
 
+def check_lora_kernels(device: str = "cuda") -> int:
+    """The Triton LoRA shrink/expand deltas against the torch path (dense and grouped) on
+    a stacked qkv and a down projection of the 8B shape, 8 adapter slots of ranks 8-16 and
+    base tokens mixed; prints each path's time per layer. Returns the number of mismatches."""
+    from engine_service.layers.linear import QKVParallelLinear, RowParallelLinear
+    from engine_service.layers.lora import LoRASlots, TorchLoRA, TritonLoRA
+
+    failures = 0
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    layers = {
+        "qkv 4096->6144": lambda: QKVParallelLinear(4096, 128, 32, 8),
+        "down 14336->4096": lambda: RowParallelLinear(14336, 4096),
+    }
+    print(f"{'lora layer':18} {'dtype':9} {'tokens':>6} {'torch dense ms':>14} "
+          f"{'torch grouped ms':>16} {'triton ms':>10} {'max diff':>9}")
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, build in layers.items():
+            layer = build().to(device=device, dtype=dtype)
+            slots = LoRASlots()
+            torch_dense = TorchLoRA(layer, slots, 8, 16)
+            deltas = {"dense": torch_dense}
+            for key, cls in (("grouped", TorchLoRA), ("triton", TritonLoRA)):
+                deltas[key] = cls(layer, slots, 8, 16)
+            deltas["grouped"].dense = False
+            for slot in range(8):
+                rank = 16 if slot % 2 == 0 else 8
+                for shard, width in torch_dense.pieces:
+                    a = torch.randn(rank, layer.input_size, generator=gen) / layer.input_size**0.5
+                    b = torch.randn(width, rank, generator=gen) / rank**0.5
+                    for delta in deltas.values():
+                        delta.set_adapter(slot, shard, a.to(device, dtype), b.to(device, dtype), 2.0)
+            for tokens in (1, 16, 256, 2048):
+                token_slots = torch.randint(-1, 8, (tokens,), generator=gen)
+                if tokens == 2048:  # prefill segments: long runs of one adapter
+                    token_slots = torch.arange(tokens) // 300 % 9 - 1
+                x = torch.randn(tokens, layer.input_size, generator=gen).to(device, dtype)
+                y0 = torch.randn(tokens, layer.output_size, generator=gen).to(device, dtype)
+                slots.set(token_slots.to(device))
+                outs, times = {}, {}
+                for key, delta in deltas.items():
+                    y = y0.clone()
+                    delta.add_delta(x, y)
+                    outs[key] = y.float()
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(20):
+                        delta.add_delta(x, y0.clone())
+                    end.record()
+                    torch.cuda.synchronize()
+                    times[key] = start.elapsed_time(end) / 20
+                ref = outs["grouped"]
+                scale = (ref - y0.float()).abs().max().item() + 1e-6
+                diff = (outs["triton"] - ref).abs().max().item() / scale
+                ok = diff < (2e-2 if dtype == torch.bfloat16 else 1e-3)
+                failures += not ok
+                print(f"{name:18} {str(dtype)[6:]:9} {tokens:>6} {times['dense']:>14.3f} "
+                      f"{times['grouped']:>16.3f} {times['triton']:>10.3f} "
+                      f"{diff:>9.1e} {'ok' if ok else 'MISMATCH'}")
+    return failures
+
+
 def main() -> int:
     failures = check_extend_kernel()
+    try:
+        failures += check_lora_kernels()
+    except Exception as exc:  # report and go on to the engine checks
+        print(f"lora kernels: {type(exc).__name__}: {exc} MISMATCH")
+        failures += 1
     if "--kernel-only" in sys.argv[1:]:
         return 1 if failures else 0
     rng = random.Random(0)

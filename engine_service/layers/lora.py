@@ -35,11 +35,23 @@ class LoRASlots:
 
     def __init__(self) -> None:
         self.token_slots: torch.Tensor | None = None
-        self._masks: dict[tuple, torch.Tensor] = {}
+        self._masks: dict[tuple, Any] = {}
 
     def set(self, token_slots: torch.Tensor | None) -> None:
         self.token_slots = token_slots
         self._masks = {}
+
+    def groups(self, num_slots: int) -> tuple[torch.Tensor, ...]:
+        """The step's tokens grouped by slot for the Triton kernels (see
+        :func:`engine_service.layers.triton_lora.group_tokens`), built once per step."""
+        key = ("groups", num_slots)
+        groups = self._masks.get(key)
+        if groups is None:
+            from engine_service.layers.triton_lora import group_tokens
+
+            assert self.token_slots is not None
+            groups = self._masks[key] = group_tokens(self.token_slots, num_slots)
+        return groups
 
     def rank_mask(self, num_slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
         """``[T, num_slots * rank]``: 1 in the ``rank`` columns of each token's own slot,
@@ -78,8 +90,8 @@ class TorchLoRA(LoRADelta):
     - *grouped*: one pair of matmuls per (adapter in use, piece) over that adapter's tokens;
       it reads the step's adapters on the host (``torch.unique``).
 
-    Neither is for graph capture; a batched kernel (punica/SGMV-style) can replace this
-    class behind the same two methods.
+    Neither is for graph capture; :class:`TritonLoRA` runs the same weights through batched
+    (punica/SGMV-style) kernels on CUDA.
     """
 
     def __init__(
@@ -155,18 +167,63 @@ class TorchLoRA(LoRADelta):
             offset += width
 
 
+class TritonLoRA(TorchLoRA):
+    """The same slots and weights as :class:`TorchLoRA`, the delta computed by the Triton
+    shrink/expand kernels of :mod:`engine_service.layers.triton_lora` (CUDA; CPU only under
+    Triton's interpreter). No host sync: the tokens are grouped by slot on the device once
+    per step and every layer's launches reuse the grouping."""
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.slots.token_slots is None:
+            return
+        from engine_service.layers.triton_lora import add_lora_delta
+
+        add_lora_delta(
+            x,
+            y,
+            self.slots.token_slots,
+            self.lora_a_all,
+            self.lora_b,
+            [width for _, width in self.pieces],
+            self.slots.groups(self.max_adapters),
+        )
+
+
+def lora_backend(device: torch.device, backend: str = "auto") -> type[TorchLoRA]:
+    """The delta class for ``backend``: ``"torch"``, ``"triton"``, or ``"auto"`` (Triton's
+    kernels on CUDA when Triton imports, the torch path otherwise)."""
+    if backend == "torch":
+        return TorchLoRA
+    if backend == "triton":
+        return TritonLoRA
+    if backend != "auto":
+        raise ValueError(f"unknown LoRA backend {backend!r}: use auto, torch or triton")
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return TorchLoRA
+        return TritonLoRA
+    return TorchLoRA
+
+
 def attach_lora(
-    net: nn.Module, target_modules: Iterable[str], max_adapters: int, max_rank: int
+    net: nn.Module,
+    target_modules: Iterable[str],
+    max_adapters: int,
+    max_rank: int,
+    backend: str = "auto",
 ) -> tuple[LoRASlots, dict[str, TorchLoRA]]:
     """Give every linear layer of ``net`` whose name ends in one of ``target_modules``
-    (``"qkv_proj"``, ``"down_proj"``, ...) a :class:`TorchLoRA`, all reading one
-    :class:`LoRASlots`; returns the slots and the deltas by module name."""
+    (``"qkv_proj"``, ``"down_proj"``, ...) a LoRA delta (see :func:`lora_backend`), all
+    reading one :class:`LoRASlots`; returns the slots and the deltas by module name."""
     targets = tuple(target_modules)
     slots = LoRASlots()
     deltas: dict[str, TorchLoRA] = {}
     for name, module in net.named_modules():
         if isinstance(module, LinearBase) and name.rsplit(".", 1)[-1] in targets:
-            module.lora = deltas[name] = TorchLoRA(module, slots, max_adapters, max_rank)
+            delta_class = lora_backend(module.weight.device, backend)
+            module.lora = deltas[name] = delta_class(module, slots, max_adapters, max_rank)
     if not deltas:
         raise ValueError(f"no linear layer of the model is named any of {list(targets)}")
     return slots, deltas

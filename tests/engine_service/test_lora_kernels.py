@@ -1,0 +1,120 @@
+"""The Triton LoRA shrink/expand kernels equal the per-token definition of the delta.
+
+CI has no GPU, so the kernels run under Triton's interpreter (numpy on the CPU) in a child
+process (``triton_interpreter.py``); the interpreter computes bf16 dots wrongly (Triton 3.9),
+so half precision is checked in fp16 here and in bf16 by ``bench/gpu_check.py`` on CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tests.engine_service.triton_interpreter import InterpretedTriton
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def lora_delta():
+    interpreter = InterpretedTriton()
+    yield functools.partial(
+        interpreter.call, "engine_service.layers.triton_lora:add_lora_delta"
+    )
+    interpreter.close()
+
+
+def make_case(slots, in_features, widths, num_slots, max_rank, ranks, dtype, seed=0):
+    """Random A/B padded to ``max_rank`` (slot ``s`` uses ``ranks[s]`` rows, the rest zero,
+    as the engine stores adapters of smaller rank), inputs and a base output."""
+    gen = torch.Generator().manual_seed(seed)
+    pieces = len(widths)
+    lora_a = torch.zeros(pieces, num_slots, max_rank, in_features)
+    lora_b = [torch.zeros(num_slots, max_rank, w) for w in widths]
+    for s in range(num_slots):
+        r = ranks[s]
+        lora_a[:, s, :r] = torch.randn(pieces, r, in_features, generator=gen) / in_features**0.5
+        for b in lora_b:
+            b[s, :r] = torch.randn(r, b.shape[2], generator=gen) / r**0.5
+    token_slots = torch.tensor(slots, dtype=torch.int64)
+    x = torch.randn(len(slots), in_features, generator=gen)
+    y = torch.randn(len(slots), sum(widths), generator=gen)
+    return (
+        x.to(dtype),
+        y.to(dtype),
+        token_slots,
+        lora_a.to(dtype),
+        [b.to(dtype) for b in lora_b],
+        list(widths),
+    )
+
+
+def reference(x, y, token_slots, lora_a, lora_b, widths):
+    """The definition, token by token, in fp32."""
+    out = y.float().clone()
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot < 0:
+            continue
+        offset = 0
+        for p, (b, w) in enumerate(zip(lora_b, widths)):
+            h = lora_a[p, slot].float() @ x[t].float()
+            out[t, offset : offset + w] += h @ b[slot].float()
+            offset += w
+    return out
+
+
+CASES = {
+    # decodes of several adapters and the base model, one token each (BGMV's case)
+    "decode_mixed": ([2, -1, 0, 2, 1, -1, 0, 3], 64, [64, 32, 32], 4, 16, [16, 8, 16, 4]),
+    # a prefill segment of one adapter beside base tokens, several token blocks (SGMV's case)
+    "prefill_segments": ([-1] * 7 + [1] * 70 + [0] * 3 + [-1] * 5, 48, [40], 2, 8, [8, 8]),
+    # sizes that are not powers of two, rank above 16
+    "odd_sizes": ([0, 0, 1, -1, 1, 1, 0], 72, [40, 24, 24], 2, 24, [24, 20]),
+    # more tokens than one block of 64 for a slot
+    "long_run": ([0] * 150 + [1] * 20, 32, [32, 16], 2, 16, [16, 16]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernels_equal_the_definition_fp32(lora_delta, name):
+    case = make_case(*CASES[name], dtype=torch.float32)
+    expected = reference(*case)
+    out = lora_delta(*case)
+    assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4), (out - expected).abs().max()
+
+
+def test_kernels_equal_the_definition_fp16(lora_delta):
+    case = make_case(*CASES["decode_mixed"], dtype=torch.float16, seed=3)
+    expected = reference(*case)
+    out = lora_delta(*case)
+    assert out.dtype == torch.float16
+    assert torch.allclose(out.float(), expected, atol=2e-2, rtol=1e-2)
+
+
+def test_base_tokens_rows_are_untouched(lora_delta):
+    slots = [-1, 0, -1, -1, 1, -1]
+    x, y, token_slots, lora_a, lora_b, widths = make_case(
+        slots, 32, [16, 16], 2, 16, [16, 16], dtype=torch.float32, seed=5
+    )
+    out = lora_delta(x, y.clone(), token_slots, lora_a, lora_b, widths)
+    base = torch.tensor([s < 0 for s in slots])
+    assert torch.equal(out[base], y[base])
+    assert not torch.allclose(out[~base], y[~base])
+
+
+def test_a_step_without_adapter_tokens_changes_nothing(lora_delta):
+    x, y, token_slots, lora_a, lora_b, widths = make_case(
+        [-1] * 9, 32, [16], 2, 16, [16, 16], dtype=torch.float32
+    )
+    assert torch.equal(lora_delta(x, y.clone(), token_slots, lora_a, lora_b, widths), y)
+
+
+def test_grouping_orders_tokens_by_slot_with_base_tokens_last():
+    from engine_service.layers.triton_lora import group_tokens
+
+    sorted_tokens, counts, starts = group_tokens(torch.tensor([1, -1, 0, 1, 0, -1, 2]), 3)
+    assert sorted_tokens.tolist() == [2, 4, 0, 3, 6, 1, 5]
+    assert counts.tolist() == [2, 2, 1]
+    assert starts.tolist() == [0, 2, 4]
