@@ -122,21 +122,40 @@ def make_llava_checkpoint(
     return path
 
 
-def make_qwen2_vl_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Qwen2-VL shaped: a two-block vision transformer (patch 14, merge 2) and a two-layer
-    Qwen2 LM with M-RoPE sections [2, 3, 3]; images of 28 to 112 pixels a side."""
+def make_qwen2_vl_checkpoint(path: Path, seed: int = 0, version: str = "2") -> Path:
+    """Qwen2-VL shaped (``version="2.5"``: Qwen2.5-VL, whose vision transformer has windowed
+    blocks, RMSNorm and a gated MLP): a two-block vision transformer (patch 14, merge 2) and a
+    two-layer Qwen2 LM with M-RoPE sections [2, 3, 3]; images of 28 to 112 pixels a side."""
     from transformers import (
         GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessor,
     )
 
+    if version == "2.5":
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+            spatial_merge_size=2, patch_size=14, temporal_patch_size=2, window_size=56,
+            fullatt_block_indexes=[1],
+        )  # fmt: skip
+        architecture = "Qwen2_5_VLForConditionalGeneration"
+    else:
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision = dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+            spatial_merge_size=2, patch_size=14, temporal_patch_size=2,
+        )  # fmt: skip
+        architecture = "Qwen2VLForConditionalGeneration"
+
     path.mkdir(parents=True, exist_ok=True)
     fast = _tokenizer(QWEN_SPECIALS, QWEN2_VL_TEMPLATE, "<|im_end|>")
     ids = {token: fast.convert_tokens_to_ids(token) for token in QWEN_SPECIALS}
     eos = ids["<|im_end|>"]
-    config = Qwen2VLConfig(
+    config = config_class(
         text_config=dict(
             vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -144,19 +163,16 @@ def make_qwen2_vl_checkpoint(path: Path, seed: int = 0) -> Path:
                              "rope_theta": 10000.0},
             eos_token_id=eos, bos_token_id=fast.bos_token_id, initializer_range=0.2,
         ),
-        vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
-            spatial_merge_size=2, patch_size=14, temporal_patch_size=2,
-        ),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         eos_token_id=eos,
-        architectures=["Qwen2VLForConditionalGeneration"],
+        architectures=[architecture],
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.save_pretrained(path)
     GenerationConfig(eos_token_id=eos).save_pretrained(path)
     Qwen2VLImageProcessor(

@@ -34,10 +34,12 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2_5_vl"])
 def vlm_checkpoint(request: pytest.FixtureRequest, tmp_path_factory) -> Path:
-    make = make_llava_checkpoint if request.param == "llava" else make_qwen2_vl_checkpoint
-    return make(tmp_path_factory.mktemp(request.param) / "ckpt")
+    path = tmp_path_factory.mktemp(request.param) / "ckpt"
+    if request.param == "llava":
+        return make_llava_checkpoint(path)
+    return make_qwen2_vl_checkpoint(path, version="2.5" if request.param == "qwen2_5_vl" else "2")
 
 
 def _engine(path: Path, **settings) -> LLMEngine:
