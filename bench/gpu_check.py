@@ -7,7 +7,8 @@ Runs on a CUDA machine (CI has none), in two parts; exit status 1 on any mismatc
   dims 64 and 128; sliding windows; keys split across programs) in bf16 and fp32, against the
   dense-mask SDPA reference of `tests/engine_service/extend_reference.py`.
 - LoRA: the Triton shrink/expand deltas (`layers/triton_lora.py`) against the torch path,
-  with each path's time per layer on 8B-shaped projections.
+  with each path's time per layer on 8B-shaped projections; and a multi-LoRA engine (base
+  model and two adapters mixed) with CUDA graphs and overlap equal to the same engine eager.
 - Engine: the same greedy requests, with sliding windows, GQA, prefix sharing and a small
   token budget (so prompts are chunked and ride beside decodes), through
   `attention_backend="sdpa"` (eager, synchronous) and `"triton"` eager and with CUDA graphs
@@ -85,7 +86,54 @@ def check_extend_kernel(device: str = "cuda") -> int:
     return failures
 
 
-def run(path: Path, backend: str, graphs: bool, prompts, overlap: bool = False):
+def write_adapter(path: Path, config, rank: int, seed: int) -> str:
+    """A PEFT-format adapter of ``rank`` on every projection of ``config``'s layers."""
+    import json
+
+    from safetensors.torch import save_file
+
+    head_dim = config.hidden_size // config.num_attention_heads
+    sizes = {
+        "q_proj": (config.hidden_size, config.num_attention_heads * head_dim),
+        "k_proj": (config.hidden_size, config.num_key_value_heads * head_dim),
+        "v_proj": (config.hidden_size, config.num_key_value_heads * head_dim),
+        "o_proj": (config.num_attention_heads * head_dim, config.hidden_size),
+        "gate_proj": (config.hidden_size, config.intermediate_size),
+        "up_proj": (config.hidden_size, config.intermediate_size),
+        "down_proj": (config.intermediate_size, config.hidden_size),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for module, (fan_in, fan_out) in sizes.items():
+            part = "self_attn" if module[0] in "qkvo" else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{part}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 0.05
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.05
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "bias": "none",
+             "target_modules": list(sizes)}
+        )
+    )
+    return str(path)
+
+
+def run(
+    path: Path,
+    backend: str,
+    graphs: bool,
+    prompts,
+    overlap: bool = False,
+    adapters: dict[str, str] | None = None,
+):
+    lora = (
+        dict(enable_lora=True, max_loras=len(adapters), max_lora_rank=16,
+             lora_modules=tuple(adapters.items()))
+        if adapters else {}
+    )  # fmt: skip
     engine = LLMEngine(
         EngineConfig(
             model=str(path),
@@ -97,6 +145,7 @@ def run(path: Path, backend: str, graphs: bool, prompts, overlap: bool = False):
             max_num_batched_tokens=48,
             cuda_graph_max_batch=48,
             async_scheduling=overlap,
+            **lora,
         )
     )
     replays: dict[str, int] = {}
@@ -115,8 +164,9 @@ def run(path: Path, backend: str, graphs: bool, prompts, overlap: bool = False):
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=0)
     tokens = {i: [] for i in range(len(prompts))}
     logprobs = {i: [] for i in range(len(prompts))}
+    names = [None, *(adapters or {})]
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
+        engine.add_request(str(i), p, params, adapter=names[i % len(names)] if adapters else None)
     while engine.has_unfinished():
         for out in engine.step():
             tokens[int(out.request_id)].extend(out.new_token_ids)
@@ -234,6 +284,27 @@ def main() -> int:
                     f"{name:16} {backend:7} graphs={graphs!s:5} overlap={overlap!s:5} "
                     f"replays={run.replays} tokens_equal={same} "
                     f"max_logprob_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}"
+                )
+            if name == "llama":
+                # Multi-LoRA (Triton deltas) with and without graphs; requests cycle through
+                # the base model and two adapters of ranks 16 and 8.
+                adapters = {
+                    "a16": write_adapter(Path(tmp) / "a16", config, 16, 1),
+                    "a8": write_adapter(Path(tmp) / "a8", config, 8, 2),
+                }
+                ref_tokens, ref_lp = run(Path(tmp), "triton", False, prompts, adapters=adapters)
+                base_tokens, _ = run(Path(tmp), "triton", False, prompts)
+                changed = any(ref_tokens[i] != base_tokens[i] for i in (1, 2, 4, 5))
+                tokens, lp = run(Path(tmp), "triton", True, prompts, True, adapters=adapters)
+                same = tokens == ref_tokens
+                diff = max(abs(a - b) for i in lp for a, b in zip(lp[i], ref_lp[i]))
+                ok = same and diff < 2e-3 and changed and bool(run.replays.get("decode"))
+                failures += not ok
+                print(
+                    f"{'llama-lora':16} triton  graphs=True  overlap=True  "
+                    f"replays={run.replays} adapters_change_output={changed} "
+                    f"tokens_equal={same} max_logprob_diff={diff:.2e} "
+                    f"{'ok' if ok else 'MISMATCH'}"
                 )
     return 1 if failures else 0
 

@@ -64,6 +64,15 @@ class StepGraphs:
         self.query_start = torch.zeros(seqs + 1, **int32)
         self.seq_lens = torch.zeros(seqs, **int32)
         self.tables = torch.full((seqs, runner.max_blocks_per_seq), runner.scratch_block, **int32)
+        # Adapter slot per token when the model's LoRA deltas can be captured: every graph
+        # then carries the deltas, reading the slots here (-1, no adapter, for base tokens
+        # and padding). Otherwise steps holding an adapter run eagerly.
+        lora = runner.lora_slots
+        self.lora_slots = (
+            torch.full((max_tokens,), -1, **int64)
+            if lora is not None and lora.graph_safe
+            else None
+        )
         self._graphs: dict[
             tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]
         ] = {}
@@ -74,6 +83,8 @@ class StepGraphs:
     def _kind(self, inputs: StepInputs) -> str | None:
         meta = inputs.meta
         if meta.custom_mask is not None or meta.num_tokens > self.max_tokens:
+            return None
+        if inputs.lora_token_slots is not None and self.lora_slots is None:
             return None
         bucket = self._bucket(meta.num_tokens)
         if meta.max_query_len == 1:
@@ -119,7 +130,16 @@ class StepGraphs:
         else:
             self.query_start[b + 1 : num_seqs + 1].fill_(n)
             self.seq_lens[b:num_seqs].fill_(0)
+        if self.lora_slots is not None:
+            live = inputs.lora_token_slots
+            if live is None:
+                self.lora_slots[:bucket].fill_(-1)
+            else:
+                self.lora_slots[:n].copy_(live)
+                self.lora_slots[n:bucket].fill_(-1)
         if not self.capture:
+            if self.lora_slots is not None:
+                self.runner.lora_slots.set(self.lora_slots[:bucket])
             return self._eager(captured)[:n]
         self.runner.backend.prepare_for_replay(captured, meta, self.runner.block_size)
         graph.replay()
@@ -194,6 +214,8 @@ class StepGraphs:
                     else torch.arange(bucket, device=self.positions.device)
                 )
                 runner.backend.prepare_for_capture(meta, runner.block_size)
+                if self.lora_slots is not None:
+                    runner.lora_slots.set(self.lora_slots[:bucket])
                 args = (self.input_ids[:bucket], self.positions[:bucket], runner.kv_cache, meta)
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
@@ -201,9 +223,15 @@ class StepGraphs:
                     for _ in range(2):
                         model(*args)
                 torch.cuda.current_stream().wait_stream(stream)
+                if self.lora_slots is not None:
+                    # Clear what the warm-up cached per step (token groups, masks), so that
+                    # the graph computes them from the slots buffer on every replay.
+                    runner.lora_slots.set(self.lora_slots[:bucket])
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     hidden = model(*args)
                 pool = graph.pool()
                 self._graphs[(kind, bucket)] = (graph, hidden, meta)
+        if self.lora_slots is not None:
+            runner.lora_slots.set(None)
         torch.cuda.synchronize()

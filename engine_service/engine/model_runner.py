@@ -335,7 +335,6 @@ class ModelRunner:
         multimodal = inputs.mm_rows is not None or inputs.rope_positions is not None
         if (
             self.graphs is not None
-            and inputs.lora_token_slots is None
             and not multimodal
             and self.graphs.fits(inputs)
         ):

@@ -36,6 +36,9 @@ class LoRASlots:
     def __init__(self) -> None:
         self.token_slots: torch.Tensor | None = None
         self._masks: dict[tuple, Any] = {}
+        # Whether every delta reading these slots runs without host syncs, so that a CUDA
+        # graph can capture a step's deltas with the slots in a static buffer.
+        self.graph_safe = False
 
     def set(self, token_slots: torch.Tensor | None) -> None:
         self.token_slots = token_slots
@@ -76,6 +79,11 @@ class LoRADelta(abc.ABC):
     @abc.abstractmethod
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> None: ...
 
+    @property
+    def graph_safe(self) -> bool:
+        """True when :meth:`add_delta` never reads device data on the host."""
+        return False
+
 
 class TorchLoRA(LoRADelta):
     """The reference: adapters in fixed slots, zero-padded to ``max_rank``.
@@ -114,6 +122,10 @@ class TorchLoRA(LoRADelta):
         self.lora_b = [
             torch.zeros(max_adapters, max_rank, width, **like) for _, width in self.pieces
         ]
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.dense  # the grouped path reads the step's adapters on the host
 
     def set_adapter(
         self,
@@ -173,6 +185,10 @@ class TritonLoRA(TorchLoRA):
     Triton's interpreter). No host sync: the tokens are grouped by slot on the device once
     per step and every layer's launches reuse the grouping."""
 
+    @property
+    def graph_safe(self) -> bool:
+        return True
+
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.slots.token_slots is None:
             return
@@ -226,4 +242,5 @@ def attach_lora(
             module.lora = deltas[name] = delta_class(module, slots, max_adapters, max_rank)
     if not deltas:
         raise ValueError(f"no linear layer of the model is named any of {list(targets)}")
+    slots.graph_safe = all(delta.graph_safe for delta in deltas.values())
     return slots, deltas

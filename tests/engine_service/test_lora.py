@@ -307,13 +307,11 @@ def test_an_unloaded_adapter_takes_no_new_requests(setup):
         engine.remove_lora("narrow")
 
 
-def test_steps_with_adapters_run_eagerly_beside_graph_steps(setup):
-    """With step graphs installed (their CPU twin), base-only steps may replay a graph but
-    any step holding an adapter runs eagerly: every request still gets its right answer."""
+def _twin_graphs(engine):
+    """Installs the CPU twin of step graphs on ``engine``; returns the live slots of every
+    replayed step."""
     from engine_service.engine.cuda_graphs import StepGraphs
 
-    _, _, models = setup
-    engine = _engine(setup, max_num_batched_tokens=16)
     graphs = StepGraphs(engine.runner, max_tokens=16, max_seqs=8, capture=False, mixed=True)
     engine.runner.graphs = graphs
     replays = []
@@ -321,6 +319,38 @@ def test_steps_with_adapters_run_eagerly_beside_graph_steps(setup):
     graphs.replay = lambda ids, inputs: (
         replays.append(inputs.lora_token_slots) or replay(ids, inputs)
     )
+    return replays
+
+
+def test_steps_with_adapters_replay_step_graphs(setup):
+    """The deltas of the dense torch path (and the Triton kernels) read no device data on the
+    host, so step graphs carry them, the slots in a static buffer padded with -1: steps
+    holding adapters replay graphs (here their CPU twin) beside base-only steps, and every
+    request still gets its own adapter's answer."""
+    _, _, models = setup
+    engine = _engine(setup, max_num_batched_tokens=16)
+    assert engine.lora.slots.graph_safe
+    replays = _twin_graphs(engine)
+    prompt = [5, 9, 11]
+    jobs = [(prompt, None), (prompt, "wide"), ([7, 8], "narrow"), ([7, 8], None)]
+    for (p, adapter), got in zip(jobs, _run(engine, jobs)):
+        _assert_matches(got, _reference(models[adapter], p), adapter)
+    base_only = _run(engine, [([4, 4, 4], None)])[0]
+    _assert_matches(base_only, _reference(models[None], [4, 4, 4]), "base")
+    assert any(slots is not None for slots in replays)
+    assert any(slots is None for slots in replays)
+
+
+def test_steps_with_adapters_run_eagerly_when_the_deltas_sync(setup, monkeypatch):
+    """The grouped torch path reads the step's adapters on the host, so a graph cannot carry
+    it: steps holding an adapter run eagerly, base-only steps may still replay."""
+    import engine_service.layers.lora as lora_layers
+
+    monkeypatch.setattr(lora_layers, "DENSE_MAX_COLUMNS", 0)
+    _, _, models = setup
+    engine = _engine(setup, max_num_batched_tokens=16)
+    assert not engine.lora.slots.graph_safe
+    replays = _twin_graphs(engine)
     prompt = [5, 9, 11]
     jobs = [(prompt, None), (prompt, "wide"), ([7, 8], None)]
     for (p, adapter), got in zip(jobs, _run(engine, jobs)):
