@@ -5,7 +5,11 @@
 #   throughput  bench/throughput.py --roofline: against transformers, and batch-1 decode
 #               beside the HBM roofline, for each preset
 #   prefix      bench/prefix.py parts a,c (host tier) on the 8B shape: TTFT cache on/off
-# Usage: bench/gpu_suite.sh OUT_DIR [PRESET ...]; PARTS=check,overhead,... picks parts.
+#   lora        bench/lora.py on the 8B shape: 8 rank-16 adapters mixed over the base model
+#   deepseek    bench/deepseek_gpu_check.py: latent attention and MTP against transformers
+#   multimodal  bench/multimodal.py: image cache TTFT, batched encoder
+# Usage: bench/gpu_suite.sh OUT_DIR [PRESET ...]; PARTS=check,overhead,... picks parts
+# (default: the first four; the others by name).
 set -euo pipefail
 out=${1:-bench/results}; shift || true
 presets=${*:-llama-3.2-1b llama-3.1-8b}
@@ -32,4 +36,13 @@ fi
 if [[ $parts == *prefix* ]]; then
   python3 bench/prefix.py --device cuda --dtype bfloat16 --preset llama-3.1-8b --parts a,c \
     --tiers host --json "$out/prefix-h200-8b.json" 2>&1 | quiet
+fi
+if [[ $parts == *lora* ]]; then
+  python3 bench/lora.py --device cuda --preset llama-3.1-8b --json "$out/lora-h200-8b.json" 2>&1 | quiet
+fi
+if [[ $parts == *deepseek* ]]; then
+  python3 bench/deepseek_gpu_check.py 2>&1 | quiet | tee "$out/deepseek_gpu_check.txt"
+fi
+if [[ $parts == *multimodal* ]]; then
+  python3 bench/multimodal.py --device cuda --dtype bfloat16 --json "$out/multimodal-h200.json" 2>&1 | quiet
 fi
