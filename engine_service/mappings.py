@@ -190,4 +190,7 @@ def engine_config_from_settings(settings: EngineSettings, model_path: str) -> En
         max_cpu_loras=settings.max_cpu_loras,
         lora_modules=tuple((m.name, m.path) for m in parse_lora_modules(settings.lora_modules)),
         mm_encoder_cache_gb=settings.mm_encoder_cache_gb,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        data_parallel_size=settings.data_parallel_size,
+        enable_expert_parallel=settings.enable_expert_parallel,
     )

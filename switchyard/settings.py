@@ -332,6 +332,25 @@ class EngineSettings(ServiceSettings):
         "content hash (LRU), so a repeated image is not encoded again; 0: off",
     )
 
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="ranks (GPUs) the model is split across, each holding a slice of every "
+        "layer (vLLM's --tensor-parallel-size); this process drives them all as one replica",
+    )
+    data_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="data-parallel attention ranks for expert-parallel MoE models (vLLM's "
+        "--data-parallel-size); only 1 is supported for now",
+    )
+    enable_expert_parallel: bool = Field(
+        default=False,
+        description="MoE layers hold whole experts, sharded across the data-parallel x "
+        "tensor-parallel ranks, and exchange tokens all-to-all (vLLM's "
+        "--enable-expert-parallel)",
+    )
+
     @field_validator("lora_modules", mode="before")
     @classmethod
     def _lora_module_list(cls, value: Any) -> Any:

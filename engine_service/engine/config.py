@@ -49,6 +49,13 @@ class EngineConfig:
 
     Images (vision-language models): encoder outputs are kept by image content hash, least
     recently used evicted first, up to ``mm_encoder_cache_gb`` GiB (0: off).
+
+    Parallelism (vLLM's meanings, see :mod:`engine_service.engine.parallel`): the model runs
+    on ``tensor_parallel_size`` ranks, each holding a slice of every layer's heads, inner
+    dimension and vocabulary; with ``enable_expert_parallel`` the MoE layers instead hold
+    whole experts, ``1 / (data_parallel_size x tensor_parallel_size)`` of them per rank, and
+    exchange tokens all-to-all. ``data_parallel_size`` > 1 (data-parallel attention) is
+    refused for now. This process is rank 0; it starts the other ranks itself.
     """
 
     model: str
@@ -84,6 +91,9 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     lora_modules: tuple[tuple[str, str], ...] = ()
     mm_encoder_cache_gb: float = 1.0
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -104,7 +114,39 @@ class EngineConfig:
             raise ValueError("lora_modules need enable_lora")
         if self.mm_encoder_cache_gb < 0:
             raise ValueError("mm_encoder_cache_gb must not be negative")
+        self._check_parallel()
         if self.grammar_backend not in ("llguidance", "xgrammar"):
             raise ValueError(
                 f"grammar_backend must be llguidance or xgrammar, got {self.grammar_backend!r}"
             )
+
+    @property
+    def world_size(self) -> int:
+        """Ranks one engine drives: data-parallel times tensor-parallel."""
+        return self.data_parallel_size * self.tensor_parallel_size
+
+    def _check_parallel(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
+        if self.data_parallel_size < 1:
+            raise ValueError("data_parallel_size must be at least 1")
+        if self.data_parallel_size > 1:
+            # vLLM's DP attention: each DP rank schedules its own batch and the MoE layers
+            # trade tokens. Not built: the ranks would need a scheduler each, kept in step.
+            raise ValueError(
+                "data_parallel_size > 1 (data-parallel attention) is not supported yet; "
+                "run more replicas for data parallelism, or use --tensor-parallel-size "
+                "(with --enable-expert-parallel for MoE models)"
+            )
+        if self.world_size == 1:
+            return
+        # What would need each rank's own share moved or loaded besides the model.
+        unsupported = {
+            "enable_kv_offload (--kv-offload-host-bytes, --kv-service-address)": (
+                self.enable_kv_offload
+            ),
+            "enable_lora (--enable-lora)": self.enable_lora,
+        }
+        for what, on in unsupported.items():
+            if on:
+                raise ValueError(f"{what} is not supported with more than one rank yet")

@@ -22,11 +22,13 @@ from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVEventLog, KVTier
 from engine_service.engine.lora_manager import LoRAAdapter, LoRADisabledError, LoRAManager
-from engine_service.engine.memory import num_kv_blocks
+from engine_service.engine.memory import allocate_kv_cache, num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.multimodal import EncoderCache, EncoderRunner, ImageInput
 from engine_service.engine.offload import OffloadManager, RemoteKVStore
 from engine_service.engine.outputs import EngineStats, LoRAStats, RequestOutput
+from engine_service.engine.parallel.channel import StepChannel
+from engine_service.engine.parallel.ranks import RankContext, WorkerRanks, init_distributed
 from engine_service.engine.progress import TokenAcceptor
 from engine_service.engine.request import Request
 from engine_service.engine.sampler import SamplerResult, SamplingMetadata, sample
@@ -38,6 +40,7 @@ from engine_service.engine.spec.proposers import Proposer, build_proposer
 from engine_service.engine.spec.verify import verified_logprobs, verify
 from engine_service.engine.structured import StructuredOutputManager
 from engine_service.engine.structured.backend import GrammarMatcher
+from engine_service.layers.parallel import SINGLE
 from engine_service.models.loader import load_model
 from switchyard.fingerprint import checkpoint_id, kv_fingerprint
 
@@ -72,10 +75,32 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, remote_kv_store: RemoteKVStore | None = None) -> None:
         self.config = config
         self.device = torch.device(config.device)
+        # Under tensor/expert parallelism this process is rank 0 and starts the others.
+        self._ranks: WorkerRanks | None = None
+        self._rank_ctx: RankContext | None = None
+        self._channel: StepChannel | None = None
+        if config.world_size > 1:
+            self._ranks = WorkerRanks(config)
+            self._ranks.start()
+        try:
+            if self._ranks is not None:
+                self._rank_ctx = init_distributed(config, 0, self._ranks.address)
+                self.device = self._rank_ctx.device
+                self._channel = StepChannel(
+                    self.device, self._rank_ctx.cpu_group, self._rank_ctx.device_group
+                )
+            self._setup(config, remote_kv_store)
+        except BaseException:
+            if self._ranks is not None:
+                self._ranks.close(None, timeout_s=0)
+            raise
+
+    def _setup(self, config: EngineConfig, remote_kv_store: RemoteKVStore | None) -> None:
+        tp = self._rank_ctx.tp if self._rank_ctx is not None else SINGLE
         torch.manual_seed(config.seed)
         backend = get_attention_backend(config.attention_backend, self.device)
         self.model, self.model_config, self.dtype = load_model(
-            config.model, backend, config.dtype, self.device, config.revision
+            config.model, backend, config.dtype, self.device, config.revision, tp
         )
         limit = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
@@ -104,6 +129,8 @@ class LLMEngine:
         self._lora_name_of: dict[str, str] = {}
 
         num_blocks = num_kv_blocks(config, self.model_config, self.dtype, self.device)
+        if self._rank_ctx is not None:
+            num_blocks = self._rank_ctx.agree_min(num_blocks)
         # A sequence longer than the whole pool could never be (re)admitted and would stall
         # the queue behind it forever, so the pool bounds the context too.
         pool_tokens = num_blocks * config.block_size
@@ -114,12 +141,8 @@ class LLMEngine:
             )
         self.max_model_len = min(config.max_model_len or limit, pool_tokens)
         mc = self.model_config
-        # One block more than the pool hands out: padding rows of captured CUDA graphs write
-        # their throw-away K/V there.
-        self.kv_cache = torch.zeros(
-            (num_blocks + 1, *mc.kv_block_shape(config.block_size)),
-            dtype=self.dtype,
-            device=self.device,
+        self.kv_cache = allocate_kv_cache(
+            num_blocks, config.block_size, mc, self.dtype, self.device, tp.size
         )
         self.kv_events = KVEventLog() if config.enable_kv_events else None
         self.offload: OffloadManager | None = None
@@ -152,11 +175,13 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config, self.kv_manager, self.offload, self.acceptor)
         graphs_max_tokens = 0
+        # Not under parallelism yet: every rank would have to capture and replay in step.
         if (
             config.enable_cuda_graphs
             and self.device.type == "cuda"
             and backend.supports_cuda_graphs
             and not getattr(self.model, "computes_own_attention", False)
+            and config.world_size == 1
         ):
             graphs_max_tokens = min(config.cuda_graph_max_batch, config.max_num_batched_tokens)
         self.runner = ModelRunner(
@@ -170,6 +195,8 @@ class LLMEngine:
             scratch_block=num_blocks,
             graphs_max_tokens=graphs_max_tokens,
             lora_slots=self.lora.slots if self.lora is not None else None,
+            channel=self._channel,
+            tp_size=tp.size,
         )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
@@ -201,12 +228,13 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.steps_total = 0
         logger.info(
-            "engine ready: %s, %s on %s, %d KV blocks of %d tokens",
+            "engine ready: %s, %s on %s, %d KV blocks of %d tokens, %d rank(s)",
             mc.architecture,
             self.dtype,
             self.device,
             num_blocks,
             config.block_size,
+            config.world_size,
         )
 
     # -- requests -------------------------------------------------------------------------
@@ -647,6 +675,10 @@ class LLMEngine:
             self.lora.close()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
+        if self._ranks is not None:
+            channel = self._channel
+            self._ranks.close(channel.send_shutdown if channel is not None else None)
+            self._ranks = None
 
     def stream(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

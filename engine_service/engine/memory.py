@@ -8,16 +8,29 @@ import torch
 
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.spec.config import SpeculativeConfig
+from engine_service.layers.parallel import kv_heads_per_rank
 from engine_service.models.config import ModelConfig
 
 _CPU_KV_BUDGET = 1 << 30
 
 
-def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one block: what every layer caches for ``block_size`` tokens (keys and values,
-    or a latent for multi-head latent attention), as the model's block shape says."""
+def rank_kv_block_shape(config: ModelConfig, block_size: int, tp_size: int = 1) -> tuple[int, ...]:
+    """One rank's block shape: the model's (``kv_block_shape``) with the key/value heads that
+    rank holds (all of a single latent head, replicated, for multi-head latent attention)."""
+    shape = config.kv_block_shape(block_size)
+    if tp_size == 1:
+        return shape
+    return (*shape[:3], kv_heads_per_rank(shape[3], tp_size), *shape[4:])
+
+
+def kv_block_bytes(
+    config: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1
+) -> int:
+    """Bytes of one block on one rank: what every layer caches for ``block_size`` tokens
+    (keys and values, or a latent for multi-head latent attention), as the model's block
+    shape says, for the heads that rank holds."""
     element = torch.empty((), dtype=dtype).element_size()
-    return math.prod(config.kv_block_shape(block_size)) * element
+    return math.prod(rank_kv_block_shape(config, block_size, tp_size)) * element
 
 
 def num_kv_blocks(
@@ -26,10 +39,11 @@ def num_kv_blocks(
     """``num_kv_blocks`` when given; else ``kv_cache_memory_bytes`` worth; else, on a GPU,
     what is left of ``gpu_memory_utilization`` after the weights and a step's reserve; on
     the CPU, 1 GiB worth. The budget covers the ``mtp`` proposer's cache too (one more
-    layer per block id)."""
+    layer per block id). Under tensor parallelism the budgets are per rank (each rank
+    caches its own heads) and this is one rank's figure; the ranks take the smallest."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = kv_block_bytes(model, config.block_size, dtype)
+    per_block = kv_block_bytes(model, config.block_size, dtype, config.tensor_parallel_size)
     spec = config.speculative_config
     if spec and SpeculativeConfig.parse(spec).method == "mtp":
         per_block += per_block // model.num_layers
@@ -55,12 +69,12 @@ def _gpu_kv_budget(
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free - torch.cuda.memory_allocated(device)
     element = torch.empty((), dtype=dtype).element_size()
+    tp = config.tensor_parallel_size
     activations = (
         config.max_num_batched_tokens
         * (
             4 * mc.hidden_size
-            + 3 * mc.intermediate_size
-            + (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+            + (3 * mc.intermediate_size + (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim) // tp
         )
         * element
         * 2
@@ -68,3 +82,21 @@ def _gpu_kv_budget(
     logits = config.max_num_seqs * mc.vocab_size * 4 * 4
     budget = int(total * config.gpu_memory_utilization) - used_by_others
     return budget - torch.cuda.memory_allocated(device) - activations - logits
+
+
+def allocate_kv_cache(
+    num_blocks: int,
+    block_size: int,
+    model: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    tp_size: int = 1,
+) -> torch.Tensor:
+    """The pool's tensor (layout in ``layers/paged_attention.py``) for the heads of one
+    rank, with one block more than the pool hands out: padding rows of captured CUDA graphs
+    write their throw-away K/V there."""
+    return torch.zeros(
+        (num_blocks + 1, *rank_kv_block_shape(model, block_size, tp_size)),
+        dtype=dtype,
+        device=device,
+    )

@@ -15,12 +15,18 @@ With images, the step's :class:`~engine_service.engine.multimodal.MMSpan` rows o
 output (computed by the engine before ``prepare``) replace the placeholder tokens'
 embeddings; under M-RoPE the rotary positions of sequences with images differ from their
 cache indices. Such steps run eagerly too.
+
+Under tensor parallelism this runner, on rank 0, also broadcasts each step through its
+``channel`` (:mod:`engine_service.engine.parallel.channel`) right before running it; the
+other ranks' runners get the same inputs and call :meth:`ModelRunner.run_step`. Only rank 0
+gets logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +34,9 @@ import torch
 from engine_service.engine.batch import ScheduledBatch
 from engine_service.layers.lora import LoRASlots
 from engine_service.layers.paged_attention import AttentionBackend, AttentionMetadata
+
+if TYPE_CHECKING:
+    from engine_service.engine.parallel.channel import StepChannel
 
 
 @dataclass(slots=True)
@@ -48,6 +57,7 @@ class StepInputs:
     mm_rows: torch.Tensor | None = None
     mm_embeds: torch.Tensor | None = None
     rope_positions: torch.Tensor | None = None
+    broadcast: tuple[torch.Tensor, torch.Tensor] | None = None  # (header, payload), rank 0
 
 
 class _HostBuffers:
@@ -89,8 +99,11 @@ class ModelRunner:
         scratch_block: int,
         graphs_max_tokens: int = 0,
         lora_slots: LoRASlots | None = None,
+        channel: StepChannel | None = None,
+        tp_size: int = 1,
     ) -> None:
         self.model = model
+        self.channel = channel
         self.lora_slots = lora_slots
         self.backend = backend
         self.kv_cache = kv_cache
@@ -106,7 +119,10 @@ class ModelRunner:
         config = getattr(model, "config", None)
         if config is not None and not getattr(model, "computes_own_attention", False):
             backend.warm_up(
-                kv_cache, config.num_heads, set(config.sliding_windows or [None]), max_num_tokens
+                kv_cache,
+                config.num_heads // tp_size,
+                set(config.sliding_windows or [None]),
+                max_num_tokens,
             )
         self.last_hidden: torch.Tensor | None = None
         self.graphs = None
@@ -199,6 +215,26 @@ class ModelRunner:
 
         packed = buf.packed_tables[: num_seqs * width].reshape(num_seqs, width)
         packed[:] = tables[:num_seqs, :width]
+        broadcast = None
+        if self.channel is not None:
+            from engine_service.engine.parallel.channel import pack_step
+
+            broadcast = pack_step(
+                num_tokens=num_tokens,
+                num_seqs=num_seqs,
+                width=width,
+                max_query_len=int(q_lens.max()),
+                max_seq_len=int(seq_lens.max()),
+                positions=positions,
+                slots=buf.slots[:num_tokens],
+                query_start=query_start,
+                seq_lens=buf.seq_lens[:num_seqs],
+                block_tables=packed,
+                logits_indices=buf.logits[:total_logits],
+                block_copies=batch.block_copies,
+                custom_mask=custom_mask,
+                custom_mask_offsets=offsets,
+            )
         to = self._to_device
         meta = AttentionMetadata(
             num_tokens=num_tokens,
@@ -226,6 +262,7 @@ class ModelRunner:
             mm_rows=mm_rows,
             mm_embeds=mm_embeds,
             rope_positions=rope_positions,
+            broadcast=broadcast,
         )
 
     def _mm_rows(
@@ -307,6 +344,8 @@ class ModelRunner:
         """Copy every layer's K/V from slot to slot, in order (a later move never reads what
         an earlier one wrote: accepted tree paths only pack towards the front). Queued on
         the device now, before anything can reuse a freed source block."""
+        if self.channel is not None:
+            self.channel.send_moves(copies)
         size = self.block_size
         for src, dst in copies:
             source = self.kv_cache[src // size, :, :, src % size]
@@ -323,13 +362,26 @@ class ModelRunner:
 
         ``prev_sampled`` is the previous step's sampled tokens, read by pending rows.
         """
-        for src, dst in batch.block_copies:
-            self.kv_cache[dst].copy_(self.kv_cache[src])
         input_ids = inputs.input_ids
         if inputs.pending_rows is not None:
             assert prev_sampled is not None, "pending tokens need the previous step's tokens"
             input_ids = input_ids.clone()
             input_ids[inputs.pending_rows] = prev_sampled[inputs.pending_src]
+        if self.channel is not None:
+            assert inputs.broadcast is not None
+            self.channel.send_step(*inputs.broadcast, input_ids)
+        logits = self.run_step(input_ids, inputs, batch.block_copies)
+        assert logits is not None
+        return logits
+
+    @torch.inference_mode()
+    def run_step(
+        self, input_ids: torch.Tensor, inputs: StepInputs, block_copies: list[tuple[int, int]]
+    ) -> torch.Tensor | None:
+        """The forward pass of a step whose token ids are known: what every rank runs.
+        Returns fp32 logits, or ``None`` on a rank other than the first."""
+        for src, dst in block_copies:
+            self.kv_cache[dst].copy_(self.kv_cache[src])
         if self.lora_slots is not None:
             self.lora_slots.set(inputs.lora_token_slots)
         multimodal = inputs.mm_rows is not None or inputs.rope_positions is not None
@@ -349,4 +401,5 @@ class ModelRunner:
             self.backend.prepare(inputs.meta, self.block_size)
             hidden = self.model(input_ids, inputs.positions, self.kv_cache, inputs.meta)
         self.last_hidden = hidden  # every row's final hidden state, for feature proposers
-        return self.model.compute_logits(hidden[inputs.logits_indices]).float()
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        return logits.float() if logits is not None else None

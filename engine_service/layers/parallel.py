@@ -17,11 +17,17 @@ import torch.distributed as dist
 
 @dataclass(frozen=True, slots=True)
 class TensorParallel:
-    """This rank's place in the tensor-parallel group (``group=None``: the default group)."""
+    """This rank's place in the tensor-parallel group (``group=None``: the default group).
+
+    ``expert_parallel``: the MoE layers hold whole experts, a share of them per rank of
+    this group, instead of a slice of every expert (vLLM's ``--enable-expert-parallel``;
+    see :mod:`engine_service.layers.expert_parallel`). Other layers ignore it.
+    """
 
     rank: int = 0
     size: int = 1
     group: Any = None
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
@@ -46,6 +52,17 @@ class TensorParallel:
         dist.all_gather_single(gathered, x, group=self.group)
         return torch.cat(gathered.chunk(self.size, dim=0), dim=-1)
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's ``x`` side by side along the last dimension, on the group's first
+        rank only (``None`` elsewhere): logits go to the rank that samples."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        first = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        pieces = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(x, pieces, dst=first, group=self.group)
+        return torch.cat(pieces, dim=-1) if pieces is not None else None
+
 
 SINGLE = TensorParallel()
 
@@ -57,3 +74,9 @@ def divide(numerator: int, denominator: int, what: str) -> int:
             f"{what} ({numerator}) is not divisible by tensor-parallel size {denominator}"
         )
     return numerator // denominator
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """Key/value heads each rank holds (and caches): an even share, or one replicated head
+    when there are fewer heads than ranks (see ``QKVParallelLinear``)."""
+    return num_kv_heads // tp_size if num_kv_heads >= tp_size else 1

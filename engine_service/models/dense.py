@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from engine_service.layers.attention import Attention
-from engine_service.layers.linear import ReplicatedLinear
+from engine_service.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine_service.layers.mlp import GatedMLP
 from engine_service.layers.norms import RMSNorm
 from engine_service.layers.paged_attention import AttentionBackend, AttentionMetadata
@@ -84,7 +84,7 @@ class DenseModel(nn.Module):
         self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel, qk_norm: bool
     ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
             DenseDecoderLayer(config, i, backend, tp, qk_norm) for i in range(config.num_layers)
         )
@@ -117,6 +117,8 @@ class DenseCausalLM(nn.Module):
     """A dense decoder-only model; subclasses name their architecture and quirks."""
 
     architecture: ClassVar[str]
+    # Every layer here is built on the tensor-parallel layers (see models/loader.py).
+    supports_tensor_parallel: ClassVar[bool] = True
     qk_norm: ClassVar[bool] = False
     packed_modules_mapping: ClassVar[WeightMapping] = STACKED_WEIGHT_MAPPING
 
@@ -130,7 +132,7 @@ class DenseCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DenseModel(config, backend, tp, self.qk_norm)
-        self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -143,5 +145,6 @@ class DenseCausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_cache, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of ``hidden``'s rows; under tensor parallelism on the first rank only."""
+        return self.lm_head.compute_logits(hidden)

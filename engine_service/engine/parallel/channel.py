@@ -1,0 +1,207 @@
+"""How rank 0 tells the other ranks what to run: one message per step, broadcast.
+
+Every rank runs the same forward pass on the same flat batch; only rank 0 schedules and
+samples. A message is three broadcasts from rank 0, in this order::
+
+    header   int64 [HEADER_LEN]  CPU group   kind and sizes (below)
+    payload  int64 [n]           CPU group   the step's host arrays, laid end to end
+    tokens   int64 [T]           device group the step's token ids (STEP only)
+
+    payload of a STEP:  positions [T] | slots [T] | query_start [B+1] | seq_lens [B]
+                        | block_tables [B*W] | logits_indices [L] | block_copies [2C]
+                        | mask_offsets [B+1] | custom_mask [M]     (the last two when M > 0)
+    payload of MOVES:   (src, dst) slot pairs [2C]
+
+Token ids travel on the device group because rank 0 fills a step's pending rows from the
+previous step's samples on the device (no host sync); the rest is host data already.
+The CPU group is gloo, also when the device group is NCCL, and waits without a deadline:
+an idle engine sends nothing for as long as it is idle, and a rank that dies closes its
+sockets, which fails the other ranks' broadcasts at once.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine_service.engine.model_runner import StepInputs
+from engine_service.layers.paged_attention import AttentionMetadata
+
+HEADER_LEN = 10
+
+
+class Kind(enum.IntEnum):
+    STEP = 1
+    MOVES = 2  # KV slot moves after speculative verification (ModelRunner.move_slots)
+    SHUTDOWN = 3
+
+
+@dataclass(slots=True)
+class StepMessage:
+    """A step as the ranks receive it: the runner's inputs and the block copies first."""
+
+    inputs: StepInputs
+    block_copies: list[tuple[int, int]]
+
+
+@dataclass(slots=True)
+class Message:
+    kind: Kind
+    step: StepMessage | None = None
+    moves: list[tuple[int, int]] | None = None
+
+
+def pack_step(
+    *,
+    num_tokens: int,
+    num_seqs: int,
+    width: int,
+    max_query_len: int,
+    max_seq_len: int,
+    positions: np.ndarray,
+    slots: np.ndarray,
+    query_start: np.ndarray,
+    seq_lens: np.ndarray,
+    block_tables: np.ndarray,
+    logits_indices: np.ndarray,
+    block_copies: list[tuple[int, int]],
+    custom_mask: torch.Tensor | None,
+    custom_mask_offsets: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(header, payload) of a STEP from rank 0's host arrays (copied: the runner's
+    buffers are reused by the next step while this one may still be sent)."""
+    pieces = [
+        positions,
+        slots,
+        query_start,
+        seq_lens,
+        block_tables.reshape(-1),
+        logits_indices,
+        np.asarray(block_copies, dtype=np.int64).reshape(-1),
+    ]
+    mask_len = 0
+    if custom_mask is not None:
+        assert custom_mask_offsets is not None
+        mask_len = int(custom_mask.numel())
+        pieces += [custom_mask_offsets.cpu().numpy(), custom_mask.cpu().numpy()]
+    payload = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces]))
+    header = torch.tensor(
+        [
+            Kind.STEP,
+            num_tokens,
+            num_seqs,
+            width,
+            len(logits_indices),
+            max_query_len,
+            max_seq_len,
+            len(block_copies),
+            mask_len,
+            payload.numel(),
+        ],
+        dtype=torch.int64,
+    )
+    return header, payload
+
+
+class StepChannel:
+    """Both ends of the broadcast: rank 0 calls ``send_*``, the others ``recv``."""
+
+    def __init__(self, device: torch.device, cpu_group: Any, device_group: Any = None) -> None:
+        self.device = device
+        self.cpu_group = cpu_group
+        self.device_group = device_group
+        self.source = 0  # rank 0 of the default group
+
+    def _broadcast(self, tensor: torch.Tensor, group: Any) -> None:
+        dist.broadcast(tensor, src=self.source, group=group)
+
+    # -- rank 0 ---------------------------------------------------------------------------
+
+    def send_step(
+        self, header: torch.Tensor, payload: torch.Tensor, input_ids: torch.Tensor
+    ) -> None:
+        self._broadcast(header, self.cpu_group)
+        self._broadcast(payload, self.cpu_group)
+        self._broadcast(input_ids.contiguous(), self.device_group)
+
+    def send_moves(self, copies: list[tuple[int, int]]) -> None:
+        payload = torch.tensor(copies, dtype=torch.int64).reshape(-1)
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        header[0], header[-1] = Kind.MOVES, payload.numel()
+        self._broadcast(header, self.cpu_group)
+        self._broadcast(payload, self.cpu_group)
+
+    def send_shutdown(self) -> None:
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        header[0] = Kind.SHUTDOWN
+        self._broadcast(header, self.cpu_group)
+
+    # -- the other ranks ------------------------------------------------------------------
+
+    def recv(self) -> Message:
+        header = torch.empty(HEADER_LEN, dtype=torch.int64)
+        self._broadcast(header, self.cpu_group)
+        kind = Kind(int(header[0]))
+        if kind == Kind.SHUTDOWN:
+            return Message(kind)
+        payload = torch.empty(int(header[-1]), dtype=torch.int64)
+        self._broadcast(payload, self.cpu_group)
+        if kind == Kind.MOVES:
+            pairs = payload.view(-1, 2).tolist()
+            return Message(kind, moves=[(int(a), int(b)) for a, b in pairs])
+        return Message(kind, step=self._unpack_step(header.tolist(), payload))
+
+    def _unpack_step(self, header: list[int], payload: torch.Tensor) -> StepMessage:
+        _, num_tokens, num_seqs, width, num_logits, max_q, max_s, num_copies, mask_len, _ = header
+        sizes = [
+            num_tokens,
+            num_tokens,
+            num_seqs + 1,
+            num_seqs,
+            num_seqs * width,
+            num_logits,
+            2 * num_copies,
+        ]
+        if mask_len:
+            sizes += [num_seqs + 1, mask_len]
+        parts = list(payload.split(sizes))
+        positions, slots, query_start, seq_lens, tables, logits_indices, copies = parts[:7]
+        input_ids = torch.empty(num_tokens, dtype=torch.int64, device=self.device)
+        self._broadcast(input_ids, self.device_group)
+
+        def to(t: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return t.to(device=self.device, dtype=dtype)
+
+        query_start_host = query_start.to(torch.int32)
+        seq_lens_host = seq_lens.to(torch.int32)
+        meta = AttentionMetadata(
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+            max_query_len=max_q,
+            max_seq_len=max_s,
+            query_start_loc=to(query_start_host, torch.int32),
+            seq_lens=to(seq_lens_host, torch.int32),
+            positions=to(positions),
+            slot_mapping=to(slots),
+            block_tables=to(tables.view(num_seqs, width), torch.int32),
+            query_start_loc_host=query_start_host,
+            seq_lens_host=seq_lens_host,
+        )
+        if mask_len:
+            meta.custom_mask_offsets = to(parts[7])
+            meta.custom_mask = to(parts[8], torch.bool)
+        inputs = StepInputs(
+            input_ids=input_ids,
+            positions=meta.positions,
+            meta=meta,
+            logits_indices=to(logits_indices),
+            pending_rows=None,
+            pending_src=None,
+        )
+        pairs = copies.view(-1, 2).tolist()
+        return StepMessage(inputs, [(int(a), int(b)) for a, b in pairs])

@@ -1,0 +1,122 @@
+"""A rank other than 0: loads its shards, then runs every step rank 0 broadcasts, until told
+to stop or until rank 0 is gone (see :mod:`engine_service.engine.parallel.ranks`).
+
+Started by rank 0 as ``python -m engine_service.engine.parallel.worker --rank R --address
+HOST:PORT --parent-pid PID`` with the engine's config (JSON) in
+``SWITCHYARD_ENGINE_RANK_CONFIG``. Exit status 0 after a SHUTDOWN, :data:`CANNOT_START` when
+the config or checkpoint does not fit, 1 when rank 0 went away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+
+from engine_service.engine.attention import get_attention_backend
+from engine_service.engine.config import EngineConfig
+from engine_service.engine.memory import allocate_kv_cache, num_kv_blocks
+from engine_service.engine.model_runner import ModelRunner
+from engine_service.engine.parallel.channel import Kind, StepChannel
+from engine_service.engine.parallel.ranks import RankContext, config_from_json, init_distributed
+from engine_service.models.loader import load_model
+from switchyard.exit_codes import CANNOT_START
+from switchyard.log import setup_logging
+
+logger = logging.getLogger("engine_service.rank")
+
+_PARENT_POLL_S = 0.5
+_CONFIG_ERRORS = (ValueError, LookupError, NotImplementedError, OSError)
+
+
+def _exit_when_orphaned(parent_pid: int, rank: int) -> None:
+    """A rank outlives its rank 0 by at most a poll: a collective it waits in (NCCL) may
+    never fail on its own."""
+    while True:
+        if os.getppid() != parent_pid:
+            logger.error("engine rank %d: rank 0 is gone; exiting", rank)
+            logging.shutdown()
+            os._exit(1)
+        time.sleep(_PARENT_POLL_S)
+
+
+def load_rank(ctx: RankContext, config: EngineConfig) -> ModelRunner:
+    """Load this rank's shards and size the KV pool with the other ranks (as rank 0's
+    :class:`LLMEngine` does, in the same order of collectives)."""
+    backend = get_attention_backend(config.attention_backend, ctx.device)
+    model, model_config, dtype = load_model(
+        config.model, backend, config.dtype, ctx.device, config.revision, ctx.tp
+    )
+    num_blocks = ctx.agree_min(num_kv_blocks(config, model_config, dtype, ctx.device))
+    limit = min(
+        config.max_model_len or model_config.max_position_embeddings, num_blocks * config.block_size
+    )
+    kv_cache = allocate_kv_cache(
+        num_blocks, config.block_size, model_config, dtype, ctx.device, ctx.tp.size
+    )
+    runner = ModelRunner(
+        model,
+        backend,
+        kv_cache,
+        config.block_size,
+        max_num_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        max_blocks_per_seq=-(-limit // config.block_size),
+        scratch_block=num_blocks,
+        tp_size=ctx.tp.size,
+    )
+    logger.info("engine rank %d ready: %d KV blocks", ctx.rank, num_blocks)
+    return runner
+
+
+def run_steps(ctx: RankContext, runner: ModelRunner) -> None:
+    """Run what rank 0 broadcasts until its SHUTDOWN."""
+    channel = StepChannel(ctx.device, ctx.cpu_group, ctx.device_group)
+    while True:
+        message = channel.recv()
+        if message.kind == Kind.SHUTDOWN:
+            return
+        if message.kind == Kind.MOVES:
+            runner.move_slots(message.moves)
+            continue
+        step = message.step
+        runner.run_step(step.inputs.input_ids, step.inputs, step.block_copies)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine_service.engine.parallel.worker")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    setup_logging("engine", os.environ.get("SWITCHYARD_LOG_LEVEL", "INFO"))
+    # A stop reaches this rank through rank 0 (SHUTDOWN, after draining), never directly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(
+        target=_exit_when_orphaned, args=(args.parent_pid, args.rank), daemon=True
+    ).start()
+    config = config_from_json(os.environ["SWITCHYARD_ENGINE_RANK_CONFIG"])
+    torch.manual_seed(config.seed)
+    try:
+        ctx = init_distributed(config, args.rank, args.address)
+        runner = load_rank(ctx, config)
+    except _CONFIG_ERRORS as exc:
+        logger.error("engine rank %d cannot start: %s", args.rank, exc)
+        sys.exit(CANNOT_START)
+    try:
+        run_steps(ctx, runner)
+    except Exception as exc:  # a collective failed: rank 0 or a peer is gone
+        logger.error("engine rank %d lost its peers: %s", args.rank, exc)
+        sys.exit(1)
+    logger.info("engine rank %d stopped", args.rank)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Tensor parallelism on the CPU (gloo, two processes): the same tokens and logprobs as one
+process, for every dense family, under prefix hits, chunked prefill, preemption, parallel
+samples and speculative token trees; and a rank that dies ends its replica.
+
+The test process is rank 0; each TP engine starts its rank 1 as a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
+from switchyard.exit_codes import CANNOT_START
+from tests.engine_service.conftest import make_checkpoint
+from tests.engine_service.helpers import (
+    assert_pool_entirely_free,
+    make_engine,
+    make_llama_checkpoint,
+    run_all,
+)
+from tests.engine_service.test_speculative import repetitive_prompts
+
+REPO = Path(__file__).resolve().parents[2]
+TP = {"tensor_parallel_size": 2}
+
+# Each family with the shape that stresses its sharding: one KV head replicated on both
+# ranks (llama), an odd vocabulary padded on the second rank and tied to the embedding
+# (qwen3), biased q/k/v split by heads (qwen2), a sliding window (mistral).
+FAMILY_OVERRIDES = {
+    "llama": dict(num_key_value_heads=1),
+    "qwen3": dict(vocab_size=383),
+    "qwen2": dict(),
+    "mistral": dict(),
+}
+
+
+def workload(vocab: int) -> list[tuple[list[int], SamplingParams]]:
+    """Shared prefixes (prefix-cache hits), prompts longer than a step's budget (chunked
+    prefill), parallel samples (copy-on-write block copies), a seeded sampled request (rank
+    0 samples alone), logprobs throughout."""
+    rng = random.Random(7)
+    prefix = [rng.randrange(3, vocab) for _ in range(21)]
+    prompts = [prefix + [rng.randrange(3, vocab) for _ in range(n)] for n in (3, 9, 40)] + [
+        [rng.randrange(3, vocab) for _ in range(n)] for n in (5, 17)
+    ]
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, logprobs=3, ignore_eos=True)
+    pairs = [(p, greedy) for p in prompts]
+    pairs.append((prompts[0], SamplingParams(temperature=0.0, max_tokens=12, n=2, logprobs=1)))
+    pairs.append((prompts[1], SamplingParams(temperature=0.9, seed=11, max_tokens=12, logprobs=2)))
+    return pairs
+
+
+def serve(engine: LLMEngine, pairs) -> dict[tuple[int, int], tuple[list[int], list]]:
+    """Add every request at once, step to the end; tokens and logprobs per (request, sample)."""
+    for i, (prompt, params) in enumerate(pairs):
+        engine.add_request(f"r{i}", prompt, params)
+    results = {}
+    for (rid, index), outputs in run_all(engine).items():
+        tokens = [t for o in outputs for t in o.new_token_ids]
+        logprobs = [lp for o in outputs for lp in (o.new_logprobs or [])]
+        results[(int(rid[1:]), index)] = (tokens, logprobs)
+    return results
+
+
+def assert_same(single: dict, parallel: dict, tol: float = 1e-4) -> None:
+    assert single.keys() == parallel.keys()
+    for key in single:
+        tokens, logprobs = single[key]
+        tp_tokens, tp_logprobs = parallel[key]
+        assert tp_tokens == tokens, key
+        assert len(tp_logprobs) == len(logprobs)
+        for ours, theirs in zip(tp_logprobs, logprobs):
+            assert ours.token_id == theirs.token_id
+            assert abs(ours.logprob - theirs.logprob) <= tol, (key, ours, theirs)
+            assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
+            for (_, a), (_, b) in zip(ours.top, theirs.top):
+                assert abs(a - b) <= tol
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
+def test_two_ranks_give_the_tokens_and_logprobs_of_one(family, tmp_path):
+    make_checkpoint(tmp_path, family, **FAMILY_OVERRIDES[family])
+    vocab = json.loads((tmp_path / "config.json").read_text())["vocab_size"]
+    pairs = workload(vocab)
+    # A pool too small for every request at once (preemption) and a step budget shorter
+    # than the longest prompt (chunked prefill).
+    knobs = dict(num_kv_blocks=40, block_size=4, max_num_batched_tokens=32)
+    single = make_engine(tmp_path, **knobs)
+    expected = serve(single, pairs)
+    parallel = make_engine(tmp_path, **knobs, **TP)
+    try:
+        got = serve(parallel, pairs)
+        assert parallel.scheduler.num_preemptions > 0
+        assert parallel.scheduler.prefix_cache_hits > 0
+        assert_pool_entirely_free(parallel.kv_manager)
+    finally:
+        parallel.close()
+    assert_same(expected, got)
+
+
+def test_each_rank_holds_half_the_heads_and_vocabulary(tmp_path):
+    """The rank-0 engine's shards are halves: q/k/v heads, MLP inner size, vocabulary rows,
+    and its KV cache holds its own key/value heads only."""
+    make_checkpoint(tmp_path, "qwen2")
+    engine = make_engine(tmp_path, **TP)
+    try:
+        attn = engine.model.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
+        assert engine.model.model.layers[0].mlp.down_proj.weight.shape == (64, 64)
+        assert engine.model.model.embed_tokens.weight.shape == (192, 64)
+        assert engine.kv_cache.shape[4] == 1
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tp-llama")
+    make_llama_checkpoint(path)
+    return path
+
+
+def test_speculative_token_trees_under_tensor_parallelism_stay_exact(llama, tmp_path):
+    """A draft model (unsharded, on rank 0) proposes trees; the sharded target verifies them
+    with tree masks, and accepted off-branch paths move their KV on every rank."""
+    model = transformers.LlamaForCausalLM.from_pretrained(llama)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.08 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(tmp_path)
+    spec = json.dumps(
+        {
+            "model": str(tmp_path),
+            "num_speculative_tokens": 3,
+            "tree": {"topk": 4, "num_draft_tokens": 12},
+        }
+    )
+    prompts = repetitive_prompts(random.Random(9))
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    expected = make_engine(llama).generate(prompts, params)
+    engine = make_engine(llama, speculative_config=spec, **TP)
+    try:
+        assert engine.generate(prompts, params) == expected
+        assert engine.scheduler.tree_tokens_moved > 0
+    finally:
+        engine.close()
+
+
+def test_unsupported_combinations_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="data-parallel attention"):
+        EngineConfig(model="m", data_parallel_size=2)
+    with pytest.raises(ValueError, match="enable_lora"):
+        EngineConfig(model="m", tensor_parallel_size=2, enable_lora=True)
+    with pytest.raises(ValueError, match="enable_kv_offload"):
+        EngineConfig(model="m", tensor_parallel_size=2, enable_kv_offload=True)
+
+
+# -- a dying rank ---------------------------------------------------------------------------
+
+
+def start_service(checkpoint: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine_service",
+            "--model",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--controller-address",
+            "",
+            "--num-kv-blocks",
+            "32",
+            "--tensor-parallel-size",
+            "2",
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_until(
+    process: subprocess.Popen, pattern: str, timeout: float = 120
+) -> tuple[re.Match, str]:
+    """Log lines of ``process`` up to the first matching ``pattern``."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match, "".join(seen)
+    raise AssertionError(f"no {pattern!r} in:\n{''.join(seen)}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ")[1][0] != "Z"
+
+
+def test_a_head_count_the_ranks_cannot_split_cannot_start(tmp_path):
+    """Every rank refuses the checkpoint; the replica exits with CANNOT_START (no restart
+    loop) and says why."""
+    make_checkpoint(tmp_path, "llama", num_attention_heads=3, num_key_value_heads=3, hidden_size=96)
+    process = start_service(tmp_path)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == CANNOT_START, stderr
+    assert "attention heads (3) is not divisible by tensor-parallel size 2" in stderr
+
+
+def test_a_killed_rank_takes_the_replica_down_with_a_clear_log_line(llama):
+    process = start_service(llama)
+    try:
+        match, _ = read_until(process, r'"msg": "engine rank 1 started".*"pid": (\d+)')
+        worker = int(match.group(1))
+        read_until(process, r'"msg": "engine serving"')
+        os.kill(worker, signal.SIGKILL)
+        read_until(process, r"engine rank 1 exited", timeout=30)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1  # a crash worth a restart, not CANNOT_START
+
+
+def test_rank_1_follows_a_killed_rank_0(llama):
+    process = start_service(llama)
+    try:
+        match, _ = read_until(process, r'"msg": "engine rank 1 started".*"pid": (\d+)')
+        worker = int(match.group(1))
+        read_until(process, r'"msg": "engine serving"')
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(worker)
+    finally:
+        if process.poll() is None:
+            process.kill()
