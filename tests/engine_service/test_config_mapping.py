@@ -50,11 +50,15 @@ NON_DEFAULT = {
     "mm_encoder_cache_gb": 0.25,
 }
 
+# Parallel knobs: checked on their own, as LoRA is refused with several ranks (and data
+# parallelism above 1 is refused outright).
+PARALLEL = {"tensor_parallel_size": 2, "enable_expert_parallel": True, "data_parallel_size": 1}
+
 
 def test_every_engine_config_knob_is_a_setting() -> None:
     knobs = {f.name for f in dataclasses.fields(EngineConfig)} - DERIVED
     assert knobs <= set(EngineSettings.model_fields), knobs - set(EngineSettings.model_fields)
-    assert knobs == set(NON_DEFAULT)
+    assert knobs == set(NON_DEFAULT) | set(PARALLEL)
 
 
 def test_settings_reach_the_engine_config() -> None:
@@ -62,6 +66,13 @@ def test_settings_reach_the_engine_config() -> None:
     for name, value in NON_DEFAULT.items():
         assert getattr(config, name) == value, name
     assert config.model == "/models/m"
+
+
+def test_parallel_settings_reach_the_engine_config() -> None:
+    config = engine_config_from_settings(EngineSettings(device="cpu", **PARALLEL), "/models/m")
+    for name, value in PARALLEL.items():
+        assert getattr(config, name) == value, name
+    assert config.world_size == 2
 
 
 def test_setting_defaults_equal_engine_config_defaults() -> None:

@@ -457,7 +457,11 @@ def test_a_model_split_over_two_processes_gives_the_single_process_logits(tmp_pa
     full_head = torch.arange(48 * HIDDEN, dtype=torch.float32).reshape(48, HIDDEN)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        torch.testing.assert_close(result["logits"], expected, atol=1e-4, rtol=1e-4)
+        # The vocabulary-parallel head gathers the logits on the rank that samples.
+        if rank == 0:
+            torch.testing.assert_close(result["logits"], expected, atol=1e-4, rtol=1e-4)
+        else:
+            assert result["logits"] is None
         torch.testing.assert_close(result["gathered"], torch.ones(2, HIDDEN) @ full_head.T)
 
 
