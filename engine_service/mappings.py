@@ -6,6 +6,7 @@ servicer turns into ``INVALID_ARGUMENT``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -19,6 +20,8 @@ from switchyard.block_hash import MediaSpan, image_hash
 from switchyard.lora_modules import parse_lora_modules
 from switchyard.settings import EngineSettings
 from switchyard.v1 import common_pb2, engine_pb2
+
+logger = logging.getLogger(__name__)
 
 # The host tier stages blocks on their way to the KV service; it gets at least this much.
 KV_STAGING_HOST_BYTES = 64 << 20
@@ -155,6 +158,18 @@ def engine_config_from_settings(settings: EngineSettings, model_path: str) -> En
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    kv_service_address = settings.kv_service_address
+    parallel = settings.tensor_parallel_size * settings.data_parallel_size > 1
+    if parallel and kv_service_address and not settings.kv_offload_host_bytes:
+        # `switchyard up` and the chart point every engine at the KV service; a parallel
+        # engine cannot offload yet (each rank would move its own heads), so it serves
+        # without. Asking for a host tier explicitly is refused by EngineConfig instead.
+        logger.warning(
+            "KV offload to the KV service is not supported with several ranks yet; "
+            "this engine serves without it",
+            extra={"kv_service_address": kv_service_address},
+        )
+        kv_service_address = ""
     return EngineConfig(
         model=model_path,
         dtype=settings.dtype,
@@ -177,10 +192,10 @@ def engine_config_from_settings(settings: EngineSettings, model_path: str) -> En
         async_scheduling=settings.async_scheduling,
         speculative_config=settings.speculative_config,
         seed=settings.seed,
-        enable_kv_offload=bool(settings.kv_offload_host_bytes or settings.kv_service_address),
+        enable_kv_offload=bool(settings.kv_offload_host_bytes or kv_service_address),
         kv_offload_host_bytes=max(
             settings.kv_offload_host_bytes,
-            KV_STAGING_HOST_BYTES if settings.kv_service_address else 0,
+            KV_STAGING_HOST_BYTES if kv_service_address else 0,
         ),
         kv_write_through=settings.kv_write_through,
         enable_kv_events=True,

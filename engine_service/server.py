@@ -84,7 +84,7 @@ class EngineServer:
         model_path = await asyncio.to_thread(resolve_model, settings.model, settings.data_dir)
         config = engine_config_from_settings(settings, model_path)
         logger.info("loading model %s on %s", model_path, config.device)
-        if settings.kv_service_address:
+        if settings.kv_service_address and config.enable_kv_offload:
             self._kv_store = KVServiceStore(settings.kv_service_address)
         engine = await asyncio.to_thread(LLMEngine, config, self._kv_store)
         self._engine = engine

@@ -107,6 +107,8 @@ def _engine_args(args: argparse.Namespace) -> list[str]:
         "--max-loras": args.max_loras,
         "--max-lora-rank": args.max_lora_rank,
         "--max-cpu-loras": args.max_cpu_loras,
+        "--tensor-parallel-size": args.tensor_parallel_size,
+        "--data-parallel-size": args.data_parallel_size,
     }
     for flag, value in knobs.items():
         if value is not None:
@@ -115,6 +117,8 @@ def _engine_args(args: argparse.Namespace) -> list[str]:
         engine_args.append("--enable-lora")
     if args.lora_modules:
         engine_args += ["--lora-modules", *args.lora_modules]
+    if args.enable_expert_parallel:
+        engine_args.append("--enable-expert-parallel")
     return engine_args
 
 
@@ -554,6 +558,23 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-loras", type=int, help="adapters on the device at once")
     engine.add_argument("--max-lora-rank", type=int, help="highest adapter rank accepted")
     engine.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory")
+    engine.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        help="ranks (GPUs) each engine splits the model across (docs/parallel.md)",
+    )
+    engine.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        help="data-parallel attention ranks of each engine (only 1 for now)",
+    )
+    engine.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="MoE experts sharded across each engine's ranks, tokens exchanged all-to-all",
+    )
     engine.add_argument("--engine-args", default="", help="more engine flags, as one string")
     gateway = up.add_argument_group("gateway knobs")
     for name in GATEWAY_KNOBS:

@@ -42,6 +42,8 @@ MATRIX: dict[str, dict[str, Any]] = {
     "gpu-on": {"engine": {"gpu": {"enabled": True, "count": 2},
                           "nodeSelector": {"nvidia.com/gpu.present": "true"}},
                "model": {"name": "meta-llama/Llama-3.2-1B-Instruct", "cache": {"size": "50Gi"}}},
+    "parallel": {"engine": {"gpu": {"enabled": True},
+                            "parallel": {"tensorParallelSize": 4, "enableExpertParallel": True}}},
     "model-pvc": {"model": {"name": "llama-3.2-1b", "pvc": {"claimName": "models"}}},
     "autoscaling": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8}},
     "tools-and-limits": {"toolService": {"mcpServers": ["docs=http://docs-mcp:8080/mcp",
@@ -254,6 +256,25 @@ def test_gpu_engines_ask_for_gpus_and_run_on_cuda(chart: helm.Chart) -> None:
     assert "nvidia.com/gpu" not in str(container(render(chart, {}), "engine")["resources"])
 
 
+def test_a_parallel_engine_pod_asks_for_a_gpu_per_rank(chart: helm.Chart) -> None:
+    from switchyard.settings import EngineSettings
+
+    objects = render(chart, MATRIX["parallel"])
+    assert container(objects, "engine")["resources"]["limits"]["nvidia.com/gpu"] == 4
+    engine = config(objects)["engine"]
+    assert engine["tensor_parallel_size"] == 4 and engine["enable_expert_parallel"] is True
+    settings = EngineSettings(**{k: v for k, v in engine.items() if k != "model"})
+    assert (settings.tensor_parallel_size, settings.data_parallel_size) == (4, 1)
+    # The ranks' product wins over gpu.count; one rank keeps gpu.count.
+    two = {"engine": {"gpu": {"enabled": True, "count": 3},
+                      "parallel": {"tensorParallelSize": 2}}}  # fmt: skip
+    assert container(render(chart, two), "engine")["resources"]["limits"]["nvidia.com/gpu"] == 2
+    defaults = config(render(chart, {}))["engine"]
+    assert not {"tensor_parallel_size", "data_parallel_size", "enable_expert_parallel"} & set(
+        defaults
+    )
+
+
 def test_redis_is_optional_and_may_be_external(chart: helm.Chart) -> None:
     on = render(chart, MATRIX["redis-on"])
     one(on, "Deployment", f"{RELEASE}-switchyard-redis")
@@ -380,6 +401,8 @@ def test_with_the_autoscaler_the_chart_leaves_the_engine_count_alone(chart: helm
         {"grafanaDashboard": {"enabled": True, "lables": {}}},
         {"lora": {"modules": ["no-path"]}},
         {"lora": {"maxLoras": 0}},
+        {"engine": {"parallel": {"tensorParallelSize": 0}}},
+        {"engine": {"parallel": {"expertParallel": True}}},  # misspelt
     ],
 )
 def test_the_values_schema_rejects_bad_values(chart: helm.Chart, values: dict[str, Any]) -> None:

@@ -71,6 +71,30 @@ def test_lora_flags_of_up_reach_every_engine_as_vllm_spells_them() -> None:
     assert settings.enable_lora and settings.lora_modules == ["sql=/a/sql", json_form]
 
 
+def test_parallel_flags_of_up_reach_every_engine_as_vllm_spells_them() -> None:
+    args = build_parser().parse_args(["up", "-tp", "2", "--enable-expert-parallel"])
+    engine_args = _engine_args(args)
+    assert engine_args == ["--tensor-parallel-size", "2", "--enable-expert-parallel"]
+    from switchyard.settings import EngineSettings, load_settings
+
+    settings = load_settings(EngineSettings, [*engine_args, "--data-parallel-size", "1"])
+    assert settings.tensor_parallel_size == 2 and settings.enable_expert_parallel
+    assert settings.data_parallel_size == 1
+
+
+def test_parallel_flags_pass_through_engine_args_and_yaml(tmp_path) -> None:
+    from switchyard.settings import EngineSettings, load_settings
+
+    settings = load_settings(
+        EngineSettings, ["--tensor-parallel-size", "4", "--enable-expert-parallel"]
+    )
+    assert (settings.tensor_parallel_size, settings.enable_expert_parallel) == (4, True)
+    config = tmp_path / "switchyard.yaml"
+    config.write_text("engine:\n  tensor_parallel_size: 2\n  enable_expert_parallel: true\n")
+    settings = load_settings(EngineSettings, ["--config", str(config)])
+    assert (settings.tensor_parallel_size, settings.enable_expert_parallel) == (2, True)
+
+
 def test_up_refuses_a_missing_settings_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     args = build_parser().parse_args(
         ["up", "--data-dir", str(tmp_path), "--config", str(tmp_path / "missing.yaml")]
