@@ -5,7 +5,9 @@ up rows) and ``w2 [E, H, I]``, and loads a checkpoint's per-expert tensors by sh
 ``(expert, "gate" | "up" | "down")``; :func:`expert_weight_mapping` writes those entries for a
 model's weight mapping. The routed computation is an :class:`MoEKernel`: the torch reference
 here, a fused (Triton) kernel later, same arguments. With tensor parallelism every rank holds
-a slice of each expert's inner dimension and the ranks' outputs are summed.
+a slice of each expert's inner dimension and the ranks' outputs are summed; with expert
+parallelism (``tp.expert_parallel``) every rank holds whole experts, a share of them, and
+tokens travel to them (:mod:`engine_service.layers.expert_parallel`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from engine_service.layers.expert_parallel import ExpertParallel
 from engine_service.layers.mlp import activation
 from engine_service.layers.parallel import SINGLE, TensorParallel, divide
 
@@ -102,15 +105,22 @@ class FusedMoE(nn.Module):
         self.renormalize, self.hidden_act = renormalize, hidden_act
         self.tp = tp
         self.kernel = kernel or TorchMoEKernel()
-        self.inner = divide(intermediate_size, tp.size, "expert intermediate size")
+        # Expert parallel: whole experts, this rank's range of them; else a slice of all.
+        self.ep = (
+            ExpertParallel(tp.rank, tp.size, num_experts, tp.group)
+            if (tp.expert_parallel and tp.size > 1)
+            else None
+        )
+        slices = 1 if self.ep is not None else tp.size
+        self.inner = divide(intermediate_size, slices, "expert intermediate size")
         self.full_inner, self.hidden_size = intermediate_size, hidden_size
+        first, local = (self.ep.start, self.ep.num_local) if self.ep else (0, num_experts)
+        self.first_expert = first
         self.w13 = nn.Parameter(
-            torch.empty(num_experts, 2 * self.inner, hidden_size), requires_grad=False
+            torch.empty(local, 2 * self.inner, hidden_size), requires_grad=False
         )
-        self.w2 = nn.Parameter(
-            torch.empty(num_experts, hidden_size, self.inner), requires_grad=False
-        )
-        experts = range(num_experts)
+        self.w2 = nn.Parameter(torch.empty(local, hidden_size, self.inner), requires_grad=False)
+        experts = range(first, first + local)
         self.w13.weight_loader = self.weight_loader
         self.w13.shard_ids = tuple((e, piece) for e in experts for piece in ("gate", "up"))
         self.w2.weight_loader = self.weight_loader
@@ -121,7 +131,10 @@ class FusedMoE(nn.Module):
         expert, piece = shard_id
         if not 0 <= expert < self.num_experts or piece not in ("gate", "up", "down"):
             raise ValueError(f"unknown expert shard {shard_id!r}")
-        start = self.tp.rank * self.inner
+        if self.ep is not None and not self.ep.holds(expert):
+            return  # another rank's expert
+        expert -= self.first_expert
+        start = 0 if self.ep is not None else self.tp.rank * self.inner
         if piece == "down":
             expected, rows = (
                 (self.hidden_size, self.full_inner),
@@ -145,6 +158,9 @@ class FusedMoE(nn.Module):
         return self.kernel.forward(x, self.w13, self.w2, weights, ids, self.hidden_act)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.ep is not None:
+            weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+            return self.ep.forward(x, weights, ids, self._local_experts)
         return self.tp.all_reduce(self.local_forward(x, router_logits))
 
     def forward_routed(
@@ -152,8 +168,17 @@ class FusedMoE(nn.Module):
     ) -> torch.Tensor:
         """Run the experts on routing the model decided itself (DeepSeek's grouped sigmoid
         top-k): ``weights [T, k]`` and expert ``ids [T, k]``."""
+        if self.ep is not None:
+            return self.ep.forward(x, weights, ids, self._local_experts)
         local = self.kernel.forward(x, self.w13, self.w2, weights, ids, self.hidden_act)
         return self.tp.all_reduce(local)
+
+    def _local_experts(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on the rows sent to them (one expert each, weight one)."""
+        ones = torch.ones((rows.shape[0], 1), dtype=torch.float32, device=rows.device)
+        return self.kernel.forward(
+            rows, self.w13, self.w2, ones, local_ids.unsqueeze(1), self.hidden_act
+        )
 
 
 def expert_weight_mapping(
