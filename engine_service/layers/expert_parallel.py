@@ -87,11 +87,13 @@ class ExpertParallel:
         self.ranges = expert_ranges(num_experts, size)
         self.start, self.end = self.ranges[rank]
         self.num_local = self.end - self.start
-        owner = torch.empty(num_experts, dtype=torch.int64)
-        first = torch.empty(num_experts, dtype=torch.int64)
-        for r, (lo, hi) in enumerate(self.ranges):
-            owner[lo:hi], first[lo:hi] = r, lo
-        self._tables = {torch.device("cpu"): (owner, first)}
+        owner = [r for r, (lo, hi) in enumerate(self.ranges) for _ in range(lo, hi)]
+        first = [lo for lo, hi in self.ranges for _ in range(lo, hi)]
+        # Explicitly on the CPU: models are built under a meta-device context.
+        cpu = torch.device("cpu")
+        owner_t = torch.tensor(owner, dtype=torch.int64, device=cpu)
+        first_t = torch.tensor(first, dtype=torch.int64, device=cpu)
+        self._tables = {cpu: (owner_t, first_t)}
 
     def holds(self, expert: int) -> bool:
         return self.start <= expert < self.end
@@ -204,7 +206,7 @@ class ExpertParallel:
         gathered = torch.empty(
             (self.size * longest, result.shape[1]), dtype=result.dtype, device=result.device
         )
-        dist.all_gather_into_tensor(gathered, padded, group=self.group)
+        dist.all_gather_single(gathered, padded, group=self.group)
         pieces = [
             gathered[r * longest : r * longest + (hi - lo)] for r, (lo, hi) in enumerate(shares)
         ]

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from engine_service.layers.expert_parallel import ExpertParallel, expert_ranges
 from engine_service.layers.moe import FusedMoE, expert_weight_mapping
 from engine_service.layers.parallel import TensorParallel
-from engine_service.models.weights import load_weights
+from engine_service.models.weights import load_weights, materialize
 
 HIDDEN, INNER, TOP_K = 16, 24, 2
 EXPERTS = 5  # not a multiple of the ranks: rank 0 holds 3, rank 1 holds 2
@@ -35,7 +35,9 @@ def _layer(tp: TensorParallel) -> torch.nn.Module:
     net.packed_modules_mapping = expert_weight_mapping(
         EXPERTS, "w1", "w3", "w2", checkpoint_prefix="experts", param_prefix="moe"
     )
-    net.moe = FusedMoE(EXPERTS, TOP_K, HIDDEN, INNER, renormalize=True, tp=tp)
+    with torch.device("meta"):  # as the model loader builds models
+        net.moe = FusedMoE(EXPERTS, TOP_K, HIDDEN, INNER, renormalize=True, tp=tp)
+    materialize(net, torch.device("cpu"), torch.float32)
     load_weights(net, _checkpoint().items(), "ep-test")
     return net.moe
 
