@@ -1,0 +1,159 @@
+"""GPU check of the parallel engines on two CUDA devices (NCCL), against one device.
+
+CI runs the same checks on the CPU with gloo (tests/engine_service/test_tensor_parallel.py,
+test_expert_parallel.py); this is the NCCL path, which only a GPU machine can run (the
+``nvidia-h200-x2`` kind). Exit status 1 on any mismatch.
+
+- Engine: greedy requests with logprobs (shared prefixes, chunked prefill, overlapped
+  scheduling) through an engine with ``tensor_parallel_size=2`` and through one on a single
+  GPU; tokens must be equal and logprobs within 2e-3.
+- Layer: a FusedMoE with ``expert_parallel`` over the two GPUs (NCCL all-to-all, with and
+  without the micro-batch overlap) against the same layer on one GPU, in fp32.
+
+    python bench/parallel_check.py
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
+from engine_service.layers.moe import FusedMoE
+from engine_service.layers.parallel import TensorParallel
+
+LOGPROB_TOLERANCE = 2e-3
+HIDDEN, INNER, EXPERTS, TOP_K = 256, 512, 16, 4
+
+
+def make_llama(path: Path) -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=1001,  # odd: the second rank's vocabulary rows are padded
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
+
+
+def run_engine(path: Path, prompts, **knobs) -> list:
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(path),
+            dtype="float32",
+            device="cuda",
+            num_kv_blocks=512,
+            max_num_batched_tokens=64,
+            **knobs,
+        )
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=2, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    outputs: dict[str, list] = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).extend(output.new_logprobs or [])
+    engine.close()
+    return [outputs[f"r{i}"] for i in range(len(prompts))]
+
+
+def check_engine(path: Path) -> bool:
+    rng = random.Random(0)
+    prefix = [rng.randrange(3, 1001) for _ in range(40)]
+    prompts = [prefix + [rng.randrange(3, 1001) for _ in range(n)] for n in (5, 70, 130)]
+    prompts += [[rng.randrange(3, 1001) for _ in range(n)] for n in (3, 200)]
+    single = run_engine(path, prompts)
+    parallel = run_engine(path, prompts, tensor_parallel_size=2)
+    ok = True
+    for i, (a, b) in enumerate(zip(single, parallel)):
+        tokens_a, tokens_b = [lp.token_id for lp in a], [lp.token_id for lp in b]
+        worst = max(abs(x.logprob - y.logprob) for x, y in zip(a, b))
+        same = tokens_a == tokens_b and worst <= LOGPROB_TOLERANCE
+        ok &= same
+        print(f"engine request {i}: tokens {'equal' if tokens_a == tokens_b else 'DIFFER'}, "
+              f"max |logprob diff| {worst:.2e}")  # fmt: skip
+    return ok
+
+
+def build_moe(tp: TensorParallel, device) -> FusedMoE:
+    moe = FusedMoE(EXPERTS, TOP_K, HIDDEN, INNER, tp=tp).to(device)
+    for e in range(EXPERTS):
+        if moe.ep is not None and not moe.ep.holds(e):
+            continue
+        generator = torch.Generator().manual_seed(e)
+        for piece in ("gate", "up"):
+            moe.weight_loader(moe.w13, torch.randn(INNER, HIDDEN, generator=generator) / 10,
+                              (e, piece))  # fmt: skip
+        moe.weight_loader(moe.w2, torch.randn(HIDDEN, INNER, generator=generator) / 10,
+                          (e, "down"))  # fmt: skip
+    return moe
+
+
+def moe_inputs(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(n)
+    x = torch.randn(n, HIDDEN, generator=generator)
+    return x.to(device), torch.randn(n, EXPERTS, generator=generator).to(device)
+
+
+def moe_rank(rank: int, init_file: str, out_dir: str) -> None:
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    moe = build_moe(TensorParallel(rank, 2, expert_parallel=True), device)
+    results = {}
+    with torch.inference_mode():
+        for overlap in (True, False):
+            moe.ep.overlap = overlap
+            for n in (1, 7, 512):
+                results[(overlap, n)] = moe(*moe_inputs(n, device)).cpu()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def check_moe() -> bool:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(moe_rank, args=(os.path.join(tmp, "init"), tmp), nprocs=2)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    single = build_moe(TensorParallel(), torch.device("cuda", 0))
+    ok = True
+    with torch.inference_mode():
+        for (overlap, n), _ in sorted(ranks[0].items()):
+            expected = single(*moe_inputs(n, torch.device("cuda", 0))).cpu()
+            worst = max((r[(overlap, n)] - expected).abs().max().item() for r in ranks)
+            good = worst <= 1e-4
+            ok &= good
+            print(f"moe ep=2 overlap={overlap} tokens={n}: max |diff| {worst:.2e} "
+                  f"{'ok' if good else 'MISMATCH'}")  # fmt: skip
+    return ok
+
+
+def main() -> None:
+    if torch.cuda.device_count() < 2:
+        sys.exit(f"needs 2 CUDA devices, {torch.cuda.device_count()} visible")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "llama"
+        make_llama(path)
+        engine_ok = check_engine(path)
+    moe_ok = check_moe()
+    print("parallel check:", "PASS" if engine_ok and moe_ok else "FAIL")
+    sys.exit(0 if engine_ok and moe_ok else 1)
+
+
+if __name__ == "__main__":
+    main()
