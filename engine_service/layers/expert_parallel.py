@@ -119,8 +119,10 @@ class ExpertParallel:
         rank. Returns ``[T, H]`` on every rank."""
         lo, hi = _shares(x.shape[0], self.size)[self.rank]
         share = x[lo:hi]
-        n = hi - lo
-        splits = _shares(n, 2) if self.overlap and n >= 2 else [(0, n)]
+        # Every rank must make the same number of exchanges: the count of micro-batches
+        # follows the whole batch, not this rank's share (which may be empty).
+        micro_batches = 2 if self.overlap and x.shape[0] >= 2 else 1
+        splits = _shares(hi - lo, micro_batches)
         batches = [
             self._pairs(weights[lo + a : lo + b], ids[lo + a : lo + b], a) for a, b in splits
         ]

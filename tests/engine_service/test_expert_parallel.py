@@ -17,7 +17,7 @@ from engine_service.models.weights import load_weights, materialize
 
 HIDDEN, INNER, TOP_K = 16, 24, 2
 EXPERTS = 5  # not a multiple of the ranks: rank 0 holds 3, rank 1 holds 2
-TOKEN_COUNTS = (13, 4, 2, 1)
+TOKEN_COUNTS = (13, 5, 4, 3, 2, 1)  # odd counts: shares of different sizes
 
 
 def _checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
