@@ -273,3 +273,20 @@ def test_rank_1_follows_a_killed_rank_0(llama):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_models_not_built_on_the_parallel_layers_refuse_several_ranks(tmp_path):
+    """DeepSeek-V3 (latent attention) and the vision-language models do not split yet: a
+    parallel engine refuses them by name instead of computing wrong tokens."""
+    from engine_service.layers.parallel import TensorParallel
+    from engine_service.models.loader import load_model
+
+    transformers.DeepseekV3Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        architectures=["DeepseekV3ForCausalLM"],
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM does not support tensor"):
+        load_model(str(tmp_path), None, "float32", "cpu", tp=TensorParallel(0, 2))
