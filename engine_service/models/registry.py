@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine_service.models.causal_lm import CausalLM
 from engine_service.models.deepseek_v3 import DeepseekV3ForCausalLM
+from engine_service.models.gpt_oss import GptOssForCausalLM
 from engine_service.models.llama import LlamaForCausalLM
 from engine_service.models.llava import LlavaForConditionalGeneration
 from engine_service.models.mistral import MistralForCausalLM
@@ -19,6 +20,7 @@ from engine_service.models.qwen3_moe import Qwen3MoeForCausalLM
 
 _REGISTRY: dict[str, type[CausalLM]] = {
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,

@@ -81,6 +81,19 @@ FAMILIES = {
             norm_topk_prob=True,
         ),
     ),
+    # Sinks, sliding (window 12) and full layers alternating, YaRN rope, biased experts.
+    "gpt_oss": (
+        transformers.GptOssConfig,
+        transformers.GptOssForCausalLM,
+        dict(
+            head_dim=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=48,
+            sliding_window=12,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+    ),
 }
 
 
@@ -104,6 +117,14 @@ def make_checkpoint(path: Path, family: str, **overrides) -> transformers.PreTra
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
                 layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    if family == "gpt_oss":
+        # Sinks and biases start at zero: random ones, so that ignoring them shows.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0, 1.0)
+                layer.mlp.router.bias.normal_(0, 0.5)
+                layer.mlp.experts.gate_up_proj_bias.normal_(0, 0.2)
+                layer.mlp.experts.down_proj_bias.normal_(0, 0.2)
     model.save_pretrained(path)
     return model
 

@@ -80,3 +80,40 @@ def test_mixtral_window_is_on_every_layer(tmp_path):
     _, config, _ = load_model(str(tmp_path), SdpaBackend())
     raw = json.loads((tmp_path / "config.json").read_text())
     assert config.sliding_windows == [raw["sliding_window"]] * config.num_layers
+
+
+def test_gpt_oss_interleaved_stacked_experts_load_into_gate_then_up(tmp_path):
+    reference = make_checkpoint(tmp_path, "gpt_oss")
+    ours, config, _ = load_model(str(tmp_path), SdpaBackend())
+    assert config.sliding_windows == [12, None, 12]
+    assert config.rope_scaling["rope_type"] == "yarn"
+    for our_layer, their_layer in zip(ours.model.layers, reference.model.layers):
+        experts, theirs = our_layer.mlp.experts, their_layer.mlp.experts
+        gate_up = theirs.gate_up_proj.transpose(1, 2)  # [E, 2I, H], gate and up interleaved
+        torch.testing.assert_close(experts.w13, torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], 1))
+        torch.testing.assert_close(experts.w2, theirs.down_proj.transpose(1, 2))
+        bias = theirs.gate_up_proj_bias
+        torch.testing.assert_close(experts.w13_bias, torch.cat([bias[:, 0::2], bias[:, 1::2]], 1))
+        torch.testing.assert_close(experts.w2_bias, theirs.down_proj_bias)
+        torch.testing.assert_close(our_layer.self_attn.sinks, their_layer.self_attn.sinks)
+        torch.testing.assert_close(our_layer.mlp.gate.bias, their_layer.mlp.router.bias)
+
+
+def test_gpt_oss_quantized_checkpoint_is_refused_clearly(tmp_path):
+    make_checkpoint(tmp_path, "gpt_oss")
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="mxfp4"):
+        load_model(str(tmp_path), SdpaBackend())
+
+
+def test_a_backend_without_sinks_is_refused_for_gpt_oss(tmp_path):
+    make_checkpoint(tmp_path, "gpt_oss")
+
+    class NoSinks(SdpaBackend):
+        name = "no-sinks"
+        supports_sinks = False
+
+    with pytest.raises(ValueError, match="no-sinks attention backend does not support"):
+        load_model(str(tmp_path), NoSinks())
