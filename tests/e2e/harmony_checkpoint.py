@@ -63,12 +63,17 @@ def o200k_harmony_tokenizer(encoding: HarmonyEncoding) -> transformers.PreTraine
 
 
 def reply_tokens(encoding: HarmonyEncoding, messages: list[Message]) -> list[int]:
-    """What the model writes after a prompt's ``<|start|>assistant``."""
+    """What the model writes after a prompt's ``<|start|>assistant``: the messages, the last
+    one ending the turn with ``<|return|>`` (a rendered final message ends with ``<|end|>``,
+    which is how it reads in a later prompt) unless it is a call (``<|call|>``)."""
     tokens: list[int] = []
     for message in messages:
         tokens += encoding.render(message)
     header = encoding.encode("<|start|>assistant", allowed_special="all")
     assert tokens[: len(header)] == header
+    [end] = encoding.encode("<|end|>", allowed_special="all")
+    if tokens[-1] == end:
+        tokens[-1:] = encoding.encode("<|return|>", allowed_special="all")
     return tokens[len(header) :]
 
 
