@@ -13,9 +13,14 @@ Runs on a CUDA machine (CI has none), in two parts; exit status 1 on any mismatc
   token budget (so prompts are chunked and ride beside decodes), through
   `attention_backend="sdpa"` (eager, synchronous) and `"triton"` eager and with CUDA graphs
   for decode and mixed steps, synchronous and overlapped; tokens must agree and logprobs stay
-  close.
+  close. A small Mixtral (every layer's experts through the fused MoE kernel) runs the
+  same way.
+- MoE: the fused Triton MoE kernel (`engine_service/layers/moe_triton.py`) against the
+  per-expert loop on Mixtral-, DeepSeek- and gpt-oss-like shapes (biases and the clamped
+  SwiGLU), bf16 and fp32, from one token to prefill sizes; and once captured in a CUDA graph
+  and replayed with a new routing (the kernel must not synchronise with the host).
 
-    python bench/gpu_check.py [--kernel-only]
+    python bench/gpu_check.py [--kernel-only | --moe-only]
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 from engine_service.engine.triton_extend import ExtendConfig, paged_extend_attention
+from engine_service.layers.moe import SWIGLU_OAI, LoopMoEKernel, select_experts
+from engine_service.layers.moe_triton import fused_moe
 from tests.engine_service.extend_reference import (
     SequenceSpec,
     build_case,
@@ -83,6 +90,71 @@ def check_extend_kernel(device: str = "cuda") -> int:
             f"max_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}",
             flush=True,
         )
+    return failures
+
+
+# Largest |fused - loop| / max |loop| allowed, by dtype.
+MOE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def _moe_case(tokens, hidden, inner, experts, top_k, bias, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+
+    x = randn(tokens, hidden)
+    w13 = randn(experts, 2 * inner, hidden, scale=hidden**-0.5)
+    w2 = randn(experts, hidden, inner, scale=inner**-0.5)
+    logits = torch.randn(tokens, experts, generator=gen, device="cuda")
+    weights, ids = select_experts(logits, top_k, renormalize=True)
+    biases = (randn(experts, 2 * inner), randn(experts, hidden)) if bias else (None, None)
+    return x, w13, w2, weights, ids, biases
+
+
+def check_moe_kernel() -> int:
+    """The fused MoE kernel against the per-expert loop (fp32 maths on the same inputs);
+    returns the number of mismatches."""
+    failures = 0
+    loop = LoopMoEKernel()
+    shapes = [
+        ("mixtral-like", 1024, 3584, 8, 2, "silu", False),
+        ("deepseek-like", 2048, 512, 64, 6, "silu", False),
+        ("gpt-oss-like", 720, 720, 32, 4, SWIGLU_OAI, True),
+    ]
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, hidden, inner, experts, top_k, act, bias in shapes:
+            for tokens in (1, 7, 64, 513):
+                x, w13, w2, weights, ids, biases = _moe_case(
+                    tokens, hidden, inner, experts, top_k, bias, dtype, tokens
+                )
+                got = fused_moe(x, w13, w2, weights, ids, act, *biases).float()
+                as_fp32 = [t.float() if t is not None else None for t in biases]
+                want = loop.forward(x.float(), w13.float(), w2.float(), weights, ids, act, *as_fp32)
+                diff = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
+                ok = diff <= MOE_TOLERANCE[dtype]
+                failures += not ok
+                print(
+                    f"moe {name:14} {dtype!s:15} tokens={tokens:<4} rel_diff={diff:.2e} "
+                    f"{'ok' if ok else 'MISMATCH'}",
+                    flush=True,
+                )
+    # A decode step captured in a CUDA graph, replayed with another routing.
+    x, w13, w2, weights, ids, _ = _moe_case(8, 1024, 512, 16, 2, False, torch.bfloat16, 1)
+    fused_moe(x, w13, w2, weights, ids)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_moe(x, w13, w2, weights, ids)
+    x2, _, _, weights2, ids2, _ = _moe_case(8, 1024, 512, 16, 2, False, torch.bfloat16, 2)
+    x.copy_(x2)
+    weights.copy_(weights2)
+    ids.copy_(ids2)
+    graph.replay()
+    want = loop.forward(x.float(), w13.float(), w2.float(), weights, ids, "silu")
+    diff = ((captured.float() - want).abs().max() / want.abs().max()).item()
+    ok = diff <= MOE_TOLERANCE[torch.bfloat16]
+    failures += not ok
+    print(f"moe cuda-graph replay, new routing rel_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}")
     return failures
 
 
@@ -187,8 +259,10 @@ def check_lora_kernels(device: str = "cuda") -> int:
         "qkv 4096->6144": lambda: QKVParallelLinear(4096, 128, 32, 8),
         "down 14336->4096": lambda: RowParallelLinear(14336, 4096),
     }
-    print(f"{'lora layer':18} {'dtype':9} {'tokens':>6} {'torch dense ms':>14} "
-          f"{'torch grouped ms':>16} {'triton ms':>10} {'max diff':>9}")
+    print(
+        f"{'lora layer':18} {'dtype':9} {'tokens':>6} {'torch dense ms':>14} "
+        f"{'torch grouped ms':>16} {'triton ms':>10} {'max diff':>9}"
+    )
     for dtype in (torch.bfloat16, torch.float32):
         for name, build in layers.items():
             layer = build().to(device=device, dtype=dtype)
@@ -204,7 +278,9 @@ def check_lora_kernels(device: str = "cuda") -> int:
                     a = torch.randn(rank, layer.input_size, generator=gen) / layer.input_size**0.5
                     b = torch.randn(width, rank, generator=gen) / rank**0.5
                     for delta in deltas.values():
-                        delta.set_adapter(slot, shard, a.to(device, dtype), b.to(device, dtype), 2.0)
+                        delta.set_adapter(
+                            slot, shard, a.to(device, dtype), b.to(device, dtype), 2.0
+                        )
             for tokens in (1, 16, 256, 2048):
                 token_slots = torch.randint(-1, 8, (tokens,), generator=gen)
                 if tokens == 2048:  # prefill segments: long runs of one adapter
@@ -230,26 +306,37 @@ def check_lora_kernels(device: str = "cuda") -> int:
                 diff = (outs["triton"] - ref).abs().max().item() / scale
                 ok = diff < (2e-2 if dtype == torch.bfloat16 else 1e-3)
                 failures += not ok
-                print(f"{name:18} {str(dtype)[6:]:9} {tokens:>6} {times['dense']:>14.3f} "
-                      f"{times['grouped']:>16.3f} {times['triton']:>10.3f} "
-                      f"{diff:>9.1e} {'ok' if ok else 'MISMATCH'}")
+                print(
+                    f"{name:18} {str(dtype)[6:]:9} {tokens:>6} {times['dense']:>14.3f} "
+                    f"{times['grouped']:>16.3f} {times['triton']:>10.3f} "
+                    f"{diff:>9.1e} {'ok' if ok else 'MISMATCH'}"
+                )
     return failures
 
 
 def main() -> int:
-    failures = check_extend_kernel()
-    try:
-        failures += check_lora_kernels()
-    except Exception as exc:  # report and go on to the engine checks
-        print(f"lora kernels: {type(exc).__name__}: {exc} MISMATCH")
-        failures += 1
+    moe_only = "--moe-only" in sys.argv[1:]
+    failures = check_moe_kernel()
+    if not moe_only:
+        failures += check_extend_kernel()
+        try:
+            failures += check_lora_kernels()
+        except Exception as exc:  # report and go on to the engine checks
+            print(f"lora kernels: {type(exc).__name__}: {exc} MISMATCH")
+            failures += 1
     if "--kernel-only" in sys.argv[1:]:
         return 1 if failures else 0
     rng = random.Random(0)
-    for name, cls, extra in [
+    families = [
         ("llama", transformers.LlamaConfig, {}),
         ("mistral-window", transformers.MistralConfig, {"sliding_window": 24}),
-    ]:
+        (
+            "mixtral-moe",
+            transformers.MixtralConfig,
+            {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 24},
+        ),
+    ]
+    for name, cls, extra in families[2:] if moe_only else families:
         config = cls(
             vocab_size=512,
             hidden_size=256,

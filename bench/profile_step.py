@@ -36,7 +36,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument(
-        "--cold-lengths", type=int, nargs="*", default=[],
+        "--cold-lengths",
+        type=int,
+        nargs="*",
+        default=[],
         help="before the timed rounds, one round at each of these prompt lengths (first-use costs)",
     )
     args = parser.parse_args()
@@ -72,10 +75,14 @@ def main() -> None:
 
         for length in args.cold_lengths:
             saved, args.prompt_len = args.prompt_len, length
-            print(f"first round at prompt length {length}: {one_round(f'cold{length}') * 1e3:.1f} ms")
+            print(
+                f"first round at prompt length {length}: {one_round(f'cold{length}') * 1e3:.1f} ms"
+            )
             args.prompt_len = saved
         warm = [one_round(f"warm{r}") for r in range(2)]
-        print(f"first rounds (compiles, allocator growth): {', '.join(f'{w * 1e3:.1f} ms' for w in warm)}")
+        print(
+            f"first rounds (compiles, allocator growth): {', '.join(f'{w * 1e3:.1f} ms' for w in warm)}"
+        )
         walls = [one_round(f"timed{r}") for r in range(args.rounds)]
         activities = [torch.profiler.ProfilerActivity.CPU]
         if args.device.startswith("cuda"):

@@ -23,6 +23,8 @@ class Attention(nn.Module):
 
     ``qk_norm_eps`` set: an RMSNorm per head on queries and keys before rotary (Qwen3).
     ``window`` set: this layer attends to the ``window`` most recent keys only.
+    ``sinks`` set: a learned logit per query head joins every softmax as one more key with no
+    value (gpt-oss), so a head can attend to nothing; the backend must support it.
     """
 
     def __init__(
@@ -38,9 +40,14 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         o_bias: bool = False,
         qk_norm_eps: float | None = None,
+        sinks: bool = False,
         tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
+        if sinks and not backend.supports_sinks:
+            raise ValueError(
+                f"the {backend.name} attention backend does not support attention sinks"
+            )
         self.layer = layer
         self.backend = backend
         self.window = window
@@ -59,6 +66,19 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim, qk_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.sinks: nn.Parameter | None = None
+        if sinks:
+            self.sinks = nn.Parameter(torch.empty(self.num_heads), requires_grad=False)
+            self.sinks.weight_loader = self._load_sinks
+            self._first_head = tp.rank * self.num_heads
+
+    def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """This rank's query heads' sink logits, from the checkpoint's ``[num_heads]``."""
+        if shard_id is not None or loaded.dim() != 1:
+            raise ValueError(
+                f"attention sinks must be one logit per head, got {tuple(loaded.shape)}"
+            )
+        param.data.copy_(loaded.narrow(0, self._first_head, self.num_heads))
 
     def forward(
         self,
@@ -77,5 +97,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.backend.forward(q, k, v, kv_cache, self.layer, meta, self.scale, self.window)
+        if self.sinks is None:
+            out = self.backend.forward(q, k, v, kv_cache, self.layer, meta, self.scale, self.window)
+        else:
+            out = self.backend.forward(
+                q, k, v, kv_cache, self.layer, meta, self.scale, self.window, sinks=self.sinks
+            )
         return self.o_proj(out.reshape(num_tokens, self.q_size))

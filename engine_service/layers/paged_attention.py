@@ -22,6 +22,10 @@ Masking. Query ``j`` of sequence ``i`` (cache index ``c_i + j``, rotary position
 when ``k <= j`` (causal) or, when ``custom_mask`` is given, when that sequence's mask says so.
 A sliding-window layer further hides cache index ``idx`` when ``idx <= positions[t] - window``.
 
+Sinks. A layer may pass ``sinks`` (``[q_heads]``, one logit per query head, gpt-oss): each
+head's softmax then runs over its visible keys plus one extra logit ``sinks[h]`` whose value is
+zero, i.e. the output is scaled by ``sum(exp(s)) / (sum(exp(s)) + exp(sinks[h]))``.
+
 ``custom_mask`` (token trees for speculative verification) is a flat bool tensor holding, for
 every sequence in order, its ``q_i x q_i`` matrix row-major (row: query, column: key), starting
 at ``custom_mask_offsets[i]``; plain sequences carry their causal lower triangle.
@@ -74,13 +78,15 @@ class AttentionBackend(abc.ABC):
     (token trees), ``supports_cuda_graphs`` (``forward`` of decode-only steps captures into a
     CUDA graph once the metadata's tensors are static buffers, see
     :meth:`prepare_for_capture`), ``supports_mixed_graphs`` (so do steps mixing decodes with
-    extends, given ``max_query_len`` as an upper bound).
+    extends, given ``max_query_len`` as an upper bound), ``supports_sinks`` (``forward`` takes
+    per-head ``sinks`` logits as a keyword).
     """
 
     name: ClassVar[str]
     supports_custom_mask: ClassVar[bool] = False
     supports_cuda_graphs: ClassVar[bool] = False
     supports_mixed_graphs: ClassVar[bool] = False
+    supports_sinks: ClassVar[bool] = False
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         """Attach backend-specific extras to ``meta.backend_data`` (default: none)."""
@@ -115,4 +121,5 @@ class AttentionBackend(abc.ABC):
         meta: AttentionMetadata,
         scale: float,
         window: int | None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor: ...

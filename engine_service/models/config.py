@@ -7,6 +7,24 @@ from typing import Any
 
 
 @dataclass(slots=True)
+class MoEConfig:
+    """The mixture-of-experts part of a model: which layers route, and how.
+
+    ``sparse_layers[i]`` says whether layer ``i`` has routed experts (else a dense MLP of
+    the model's ``intermediate_size``). ``shared_expert_intermediate_size`` > 0 adds an
+    always-on expert (Qwen2-MoE), scaled by a sigmoid gate when ``shared_expert_gate``.
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+    sparse_layers: list[bool]
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+
+
+@dataclass(slots=True)
 class ModelConfig:
     """One decoder-only transformer's hyper-parameters, family quirks included as flags."""
 
@@ -36,6 +54,8 @@ class ModelConfig:
     # A vision-language checkpoint's whole config.json (defaults filled in), for its vision
     # tower and projector; None for a text-only model.
     multimodal: dict[str, Any] | None = None
+    # Routed experts (Mixtral, Qwen MoE, gpt-oss); None for dense models.
+    moe: MoEConfig | None = None
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any], architecture: str) -> ModelConfig:

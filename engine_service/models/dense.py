@@ -2,13 +2,16 @@
 
 A family is a subclass of :class:`DenseCausalLM` that declares its quirks and nothing else:
 how it reads ``config.json`` (:meth:`DenseCausalLM.parse_config`: windows, biases), whether
-queries and keys get a per-head RMSNorm (``qk_norm``), and its weight mapping. Module names
+queries and keys get a per-head RMSNorm (``qk_norm``), whether attention has per-head sink
+logits (``attention_sinks``), each layer's feed-forward block (:meth:`DenseCausalLM.make_mlp`:
+mixture-of-experts families route some layers' tokens to experts), and its weight mapping. Module names
 match Hugging Face's (``model.layers.N.self_attn...``), except the stacked ``qkv_proj`` and
 ``gate_up_proj`` that the mapping fills from the checkpoint's separate projections.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -45,9 +48,12 @@ class DenseDecoderLayer(nn.Module):
         backend: AttentionBackend,
         tp: TensorParallel,
         qk_norm: bool,
+        mlp: nn.Module | None = None,
+        attention_sinks: bool = False,
+        norm_in_fp32: bool = False,
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm_in_fp32)
         self.self_attn = Attention(
             config.hidden_size,
             config.num_heads,
@@ -59,12 +65,17 @@ class DenseDecoderLayer(nn.Module):
             qkv_bias=config.qkv_bias,
             o_bias=config.o_bias,
             qk_norm_eps=config.rms_norm_eps if qk_norm else None,
+            sinks=attention_sinks,
             tp=tp,
         )
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(
-            config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, tp
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, norm_in_fp32
         )
+        if mlp is None:
+            mlp = GatedMLP(
+                config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, tp
+            )
+        self.mlp = mlp
 
     def forward(
         self,
@@ -78,17 +89,36 @@ class DenseDecoderLayer(nn.Module):
 
 
 class DenseModel(nn.Module):
-    """Embedding, decoder layers, final norm: the ``model.`` prefix of the checkpoint."""
+    """Embedding, decoder layers, final norm: the ``model.`` prefix of the checkpoint.
+
+    ``make_mlp(layer)`` builds a layer's feed-forward block (None: the gated MLP)."""
 
     def __init__(
-        self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel, qk_norm: bool
+        self,
+        config: ModelConfig,
+        backend: AttentionBackend,
+        tp: TensorParallel,
+        qk_norm: bool,
+        make_mlp: Callable[[int], nn.Module] | None = None,
+        attention_sinks: bool = False,
+        norm_in_fp32: bool = False,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            DenseDecoderLayer(config, i, backend, tp, qk_norm) for i in range(config.num_layers)
+            DenseDecoderLayer(
+                config,
+                i,
+                backend,
+                tp,
+                qk_norm,
+                make_mlp(i) if make_mlp else None,
+                attention_sinks,
+                norm_in_fp32,
+            )
+            for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm_in_fp32)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.rope_scaling, config.mrope_section
         )
@@ -120,18 +150,33 @@ class DenseCausalLM(nn.Module):
     # Every layer here is built on the tensor-parallel layers (see models/loader.py).
     supports_tensor_parallel: ClassVar[bool] = True
     qk_norm: ClassVar[bool] = False
+    attention_sinks: ClassVar[bool] = False
+    # RMSNorm scales in fp32 and then casts (gpt-oss), rather than casting then scaling.
+    norm_in_fp32: ClassVar[bool] = False
     packed_modules_mapping: ClassVar[WeightMapping] = STACKED_WEIGHT_MAPPING
 
     @classmethod
     def parse_config(cls, raw: dict[str, Any]) -> ModelConfig:
         return ModelConfig.from_hf(raw, cls.architecture)
 
+    def make_mlp(self, config: ModelConfig, layer: int, tp: TensorParallel) -> nn.Module | None:
+        """Layer ``layer``'s feed-forward block; None: the gated MLP."""
+        return None
+
     def __init__(
         self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel = SINGLE
     ) -> None:
         super().__init__()
         self.config = config
-        self.model = DenseModel(config, backend, tp, self.qk_norm)
+        self.model = DenseModel(
+            config,
+            backend,
+            tp,
+            self.qk_norm,
+            lambda layer: self.make_mlp(config, layer, tp),
+            self.attention_sinks,
+            self.norm_in_fp32,
+        )
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

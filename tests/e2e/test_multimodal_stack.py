@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -74,7 +73,11 @@ def test_anthropic_image_blocks_answer_like_openai_parts(vlm_stack: Stack) -> No
                 "content": [
                     {
                         "type": "image",
-                        "source": {"type": "base64", "media_type": "image/png", "data": png_base64(3)},
+                        "source": {
+                            "type": "base64",
+                            "media_type": "image/png",
+                            "data": png_base64(3),
+                        },
                     },
                     {"type": "text", "text": "What is in the picture?"},
                 ],

@@ -20,9 +20,7 @@ pytest.importorskip("triton")
 @pytest.fixture(scope="module")
 def lora_delta():
     interpreter = InterpretedTriton()
-    yield functools.partial(
-        interpreter.call, "engine_service.layers.triton_lora:add_lora_delta"
-    )
+    yield functools.partial(interpreter.call, "engine_service.layers.triton_lora:add_lora_delta")
     interpreter.close()
 
 

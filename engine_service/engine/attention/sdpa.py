@@ -1,7 +1,7 @@
 """The reference backend on ``torch.nn.functional.scaled_dot_product_attention``.
 
 It runs anywhere torch runs and implements the whole contract (custom masks, sliding
-windows), so it is the oracle the Triton kernels are checked against. Sequences computing
+windows, attention sinks), so it is the oracle the Triton kernels are checked against. Sequences computing
 one token without a tree (decodes) go through one padded batched call; every other
 sequence is its own call over its gathered context with the contract's dense mask.
 """
@@ -64,9 +64,34 @@ class _SdpaPlan:
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
 
+def sink_scale(
+    attn: torch.Tensor,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    sinks: torch.Tensor,
+) -> torch.Tensor:
+    """``attn`` (SDPA's output ``[B, Hq, q, D]``, a softmax over the visible keys) as if each
+    head's softmax also had the extra logit ``sinks[h]`` with a zero value: scaled by
+    ``Z / (Z + exp(sink)) = sigmoid(lse - sink)``, ``lse`` the log-sum-exp of the visible
+    scores. ``mask`` None: causal over ``q`` queries and as many keys."""
+    group = query.shape[1] // keys.shape[1]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+    scores = (query.float() @ keys.float().transpose(-1, -2)) * scale
+    if mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    factor = torch.sigmoid(lse - sinks.float()[None, :, None])
+    return (attn.float() * factor[..., None]).to(attn.dtype)
+
+
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
     supports_custom_mask = True
+    supports_sinks = True
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         starts = meta.query_start_loc_host[: meta.num_seqs + 1]
@@ -89,20 +114,22 @@ class SdpaBackend(AttentionBackend):
             plan.decode_lens = meta.seq_lens[seqs].long()
         meta.backend_data = plan
 
-    def forward(self, q, k, v, kv_cache, layer, meta, scale, window):
+    def forward(self, q, k, v, kv_cache, layer, meta, scale, window, sinks=None):
         write_kv(kv_cache, layer, k, v, meta.slot_mapping)
         key_cache, value_cache = kv_cache[:, layer, 0], kv_cache[:, layer, 1]
         plan: _SdpaPlan = meta.backend_data
         out = torch.empty_like(q)
         if plan.decode_seqs is not None:
-            out[plan.decode_rows] = self._decode(q, key_cache, value_cache, plan, scale, window)
+            out[plan.decode_rows] = self._decode(
+                q, key_cache, value_cache, plan, scale, window, sinks
+            )
         for seq, q0, q1, seq_len in plan.extends:
             out[q0:q1] = self._extend(
-                q, k, v, key_cache, value_cache, meta, seq, q0, q1, seq_len, scale, window
+                q, k, v, key_cache, value_cache, meta, seq, q0, q1, seq_len, scale, window, sinks
             )
         return out
 
-    def _decode(self, q, key_cache, value_cache, plan: _SdpaPlan, scale, window):
+    def _decode(self, q, key_cache, value_cache, plan: _SdpaPlan, scale, window, sinks):
         """Attention of the one-token sequences: ``[num_decodes, q_heads, head_dim]``."""
         tables = plan.decode_tables
         num, width = tables.shape[0], tables.shape[1] * key_cache.shape[1]
@@ -116,17 +143,17 @@ class SdpaBackend(AttentionBackend):
             if window is not None:
                 mask &= key_pos > seq_lens - 1 - window
             mask = plan.masks[window] = mask[:, None, None, :]
+        query = q[plan.decode_rows].unsqueeze(2)
         attn = F.scaled_dot_product_attention(
-            q[plan.decode_rows].unsqueeze(2),
-            keys,
-            values,
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
+            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )
+        if sinks is not None:
+            attn = sink_scale(attn, query, keys, mask, scale, sinks)
         return attn.squeeze(2)
 
-    def _extend(self, q, k, v, key_cache, value_cache, meta, seq, q0, q1, seq_len, scale, window):
+    def _extend(
+        self, q, k, v, key_cache, value_cache, meta, seq, q0, q1, seq_len, scale, window, sinks
+    ):
         num_q = q1 - q0
         num_cached = seq_len - num_q
         query = q[q0:q1].transpose(0, 1).unsqueeze(0)
@@ -147,6 +174,8 @@ class SdpaBackend(AttentionBackend):
             values = value_cache[table].flatten(0, 1)[:seq_len].transpose(0, 1).unsqueeze(0)
             mask = extend_mask(num_cached, meta.positions[q0:q1], window, custom)
         attn = _prefill_sdpa(query, keys, values, mask, scale)
+        if sinks is not None:
+            attn = sink_scale(attn, query, keys, mask, scale, sinks)
         return attn.squeeze(0).transpose(0, 1)
 
 

@@ -1,0 +1,170 @@
+"""Mixture-of-experts compute: our kernel against the per-expert loop, in the same run.
+
+The reference is :class:`~engine_service.layers.moe.LoopMoEKernel`, the per-expert loop of
+the reference implementations (``transformers``' eager MoE: one scan of the routing per
+expert, gather, two GEMMs, weighted ``index_add``). Ours is the device's default kernel: the
+fused Triton kernel on CUDA (``engine_service/layers/moe_triton.py``), the grouped torch
+kernel on the CPU (one sort, one GEMM pair per expert that got tokens, one scatter-add).
+Both run the same random weights and routings; outputs are compared before timing.
+
+Shapes (``--shapes``), each at a decode-sized and a prefill-sized token count:
+
+- ``mixtral``: Mixtral-8x7B's experts, 8 experts of 14336 x 4096, top-2;
+- ``deepseek``: DeepSeek-V3's routed experts, 256 experts of 2048 x 7168, top-8.
+
+On the CPU (``--device cpu``, one thread) both shapes are scaled down by ``--cpu-scale`` in
+the hidden and inner sizes (and DeepSeek's 256 experts to 64, top-6), so that the weights fit
+a small machine and the run ends in a minute or two; the table prints the shapes used.
+
+Keys: ``fused_over_loop`` (geometric mean over every shape and token count of loop time over
+ours), ``<shape>_fused_over_loop`` (the same over one shape's token counts) and
+``<shape>_<tokens>_fused_over_loop``. The expert-parallel keys of issue 12
+(``overlap_speedup``, ``ep_over_tp_tok_s``, two GPUs) belong to the parallel-engines work:
+see :func:`expert_parallel_results`.
+
+    python bench/moe.py --json bench/results/moe-cpu.json
+    python bench/moe.py --device cuda --json bench/results/moe-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import sync
+
+from engine_service.layers.moe import LoopMoEKernel, default_moe_kernel, select_experts
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    hidden: int
+    inner: int
+    num_experts: int
+    top_k: int
+
+
+FULL_SHAPES = {
+    "mixtral": MoEShape(4096, 14336, 8, 2),
+    "deepseek": MoEShape(7168, 2048, 256, 8),
+}
+TOKENS = {"cpu": (16, 256), "cuda": (32, 4096)}
+
+
+def cpu_shape(name: str, scale: int) -> MoEShape:
+    full = FULL_SHAPES[name]
+    if name == "deepseek":
+        return MoEShape(full.hidden // scale, full.inner // scale, 64, 6)
+    return MoEShape(full.hidden // scale, full.inner // scale, full.num_experts, full.top_k)
+
+
+def make_inputs(shape: MoEShape, num_tokens: int, dtype: torch.dtype, device: str, seed: int):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(num_tokens, shape.hidden, generator=gen, device=device).to(dtype)
+    w13 = torch.randn(
+        shape.num_experts, 2 * shape.inner, shape.hidden, generator=gen, device=device
+    ).to(dtype) * (shape.hidden**-0.5)
+    w2 = torch.randn(shape.num_experts, shape.hidden, shape.inner, generator=gen, device=device).to(
+        dtype
+    ) * (shape.inner**-0.5)
+    logits = torch.randn(num_tokens, shape.num_experts, generator=gen, device=device)
+    weights, ids = select_experts(logits, shape.top_k, renormalize=True)
+    return x, w13, w2, weights, ids
+
+
+def time_kernel(kernel, inputs, device: str, repeats: int) -> float:
+    """Median seconds of one call (after a warm-up call)."""
+    kernel.forward(*inputs, "silu")
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        kernel.forward(*inputs, "silu")
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def expert_parallel_results(args: argparse.Namespace) -> dict[str, float]:
+    """Place of the expert-parallel measurements of issue 12: EP=2 with micro-batch overlap
+    over EP=2 without (``overlap_speedup``) and over TP=2 (``ep_over_tp_tok_s``), two GPUs.
+    They need the parallel engines (``--enable-expert-parallel``), which this branch does not
+    have; the parallel-engines work fills this in. Until then no key is written."""
+    return {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--shapes", nargs="+", default=list(FULL_SHAPES), choices=list(FULL_SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=None)
+    parser.add_argument("--cpu-scale", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    repeats = args.repeats or (20 if device == "cuda" else 3)
+    ours, loop = default_moe_kernel(device), LoopMoEKernel()
+
+    results: dict[str, object] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": args.threads,
+        "ours": ours.name,
+        "reference": loop.name,
+        "shapes": {},
+    }
+    print(
+        f"{'shape':28} {'tokens':>7} {'loop ms':>10} {f'{ours.name} ms':>10} {'speedup':>8} {'max diff':>9}"
+    )
+    all_ratios = []
+    for name in args.shapes:
+        shape = FULL_SHAPES[name] if device == "cuda" else cpu_shape(name, args.cpu_scale)
+        results["shapes"][name] = vars(shape)
+        ratios = []
+        for num_tokens in args.tokens or TOKENS[device]:
+            inputs = make_inputs(shape, num_tokens, dtype, device, seed=num_tokens)
+            want = loop.forward(*inputs, "silu").float()
+            got = ours.forward(*inputs, "silu").float()
+            diff = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+            loop_s = time_kernel(loop, inputs, device, repeats)
+            ours_s = time_kernel(ours, inputs, device, repeats)
+            ratio = loop_s / ours_s
+            ratios.append(ratio)
+            results[f"{name}_{num_tokens}_fused_over_loop"] = round(ratio, 3)
+            results[f"{name}_{num_tokens}_loop_ms"] = round(loop_s * 1e3, 3)
+            results[f"{name}_{num_tokens}_ours_ms"] = round(ours_s * 1e3, 3)
+            label = f"{name} {shape.num_experts}x{shape.inner}x{shape.hidden} k{shape.top_k}"
+            print(
+                f"{label:28} {num_tokens:>7} {loop_s * 1e3:>10.2f} {ours_s * 1e3:>10.2f} "
+                f"{ratio:>7.2f}x {diff:>9.1e}",
+                flush=True,
+            )
+            del inputs
+        results[f"{name}_fused_over_loop"] = round(math.prod(ratios) ** (1 / len(ratios)), 3)
+        all_ratios += ratios
+    results["fused_over_loop"] = round(math.prod(all_ratios) ** (1 / len(all_ratios)), 3)
+    results.update(expert_parallel_results(args))
+    print(f"fused_over_loop (geometric mean): {results['fused_over_loop']:.2f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
