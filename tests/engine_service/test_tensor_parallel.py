@@ -290,3 +290,33 @@ def test_models_not_built_on_the_parallel_layers_refuse_several_ranks(tmp_path):
     ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="DeepseekV3ForCausalLM does not support tensor"):
         load_model(str(tmp_path), None, "float32", "cpu", tp=TensorParallel(0, 2))
+
+
+# -- mixture-of-experts models: tensor and expert parallel ----------------------------------
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_models_under_tensor_and_expert_parallelism_give_the_tokens_of_one_rank(
+    family, tmp_path
+):
+    """Experts split by their inner dimension (TP=2) and shared out whole over the ranks with
+    tokens exchanged all-to-all (TP=2 with --enable-expert-parallel) both give one process's
+    tokens and logprobs, under prefix hits, chunked prefill and preemption."""
+    make_checkpoint(tmp_path, family)
+    vocab = json.loads((tmp_path / "config.json").read_text())["vocab_size"]
+    pairs = workload(vocab)
+    knobs = dict(num_kv_blocks=40, block_size=4, max_num_batched_tokens=32)
+    expected = serve(make_engine(tmp_path, **knobs), pairs)
+    for parallel in (TP, {**TP, "enable_expert_parallel": True}):
+        engine = make_engine(tmp_path, **knobs, **parallel)
+        try:
+            got = serve(engine, pairs)
+            assert engine.scheduler.num_preemptions > 0
+            if parallel.get("enable_expert_parallel"):
+                experts = next(m for m in engine.model.modules() if hasattr(m, "ep"))
+                assert experts.ep is not None and experts.w13.shape[0] < experts.num_experts
+        finally:
+            engine.close()
+        assert_same(expected, got)
