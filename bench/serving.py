@@ -29,9 +29,12 @@ What makes the two runs comparable:
   path thus sees the same engine load and the same drift in the machine's other load, which on a shared machine moves TTFT by far more than the gateway
   does; run after run (``--sequential``: all of one path, then all of the other, per round)
   the drift between the two halves showed up as "overhead" of -5 to +25 ms.
-- Both clients are light and do comparable work per token: ``httpx`` streaming with one
-  ``json.loads`` per event for the gateway, the generated gRPC stub for the engine. The
-  gateway's figures include its HTTP hop (client and server side), which is its real cost.
+- Both clients are light and do comparable work per token: by default a socket-level HTTP
+  client (``LightClient``: kept-alive connections, chunked SSE read by hand, one
+  ``json.loads`` per event) for the gateway, the generated gRPC stub for the engine. The
+  gateway's figures include its HTTP hop (server side), which is its real cost; with
+  ``--client httpx`` they also include ``httpx``'s own per-request cost (~1.7 ms here), as an
+  application on the ``openai`` package would see it.
 - The gateway's prompt token count (its usage chunk) is checked against the tokenization
   used for the direct run.
 - The gateway's TTFT is its first event with text; it cannot send a token that is half a
@@ -56,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,11 +130,94 @@ def _pct(values_s: list[float], q: int) -> float:
     return statistics.quantiles(values_s, n=100, method="inclusive")[q - 1] * 1000
 
 
+# -- HTTP clients ----------------------------------------------------------------------------
+
+
+class LightClient:
+    """A streaming HTTP/1.1 client over kept-alive asyncio connections that reads the bytes
+    itself: next to no client-side cost, like the generated gRPC stub of the direct path
+    (``bench/gateway_hop.py`` measured ``httpx`` at ~1.7 ms per streamed request on this
+    machine, which ``gateway_overhead_ms_p50`` would otherwise count as the gateway's)."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        self._host, self._port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self._headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def stream_lines(self, path: str, body: dict[str, Any]):
+        """POSTs ``body`` as JSON; yields the response's lines (status checked first)."""
+        data = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nhost: {self._host}\r\ncontent-type: application/json\r\n"
+            f"{self._headers}content-length: {len(data)}\r\n\r\n"
+        ).encode()
+        if self._idle:
+            reader, writer = self._idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection(self._host, self._port)
+        writer.write(head + data)
+        status = await reader.readline()
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if not status.startswith(b"HTTP/1.1 200"):
+            writer.close()
+            raise RuntimeError(f"HTTP {status.decode().strip()}")
+        pending = b""
+        if headers.get("transfer-encoding") == "chunked":
+            while size := int((await reader.readline()).strip() or b"0", 16):
+                pending += await reader.readexactly(size)
+                await reader.readexactly(2)
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line.decode().rstrip("\r")
+            await reader.readexactly(2)  # the empty trailer
+        else:
+            pending = await reader.readexactly(int(headers.get("content-length", "0")))
+        for line in pending.split(b"\n"):
+            yield line.decode().rstrip("\r")
+        if headers.get("connection") == "close":
+            writer.close()
+        else:
+            self._idle.append((reader, writer))
+
+    async def aclose(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+
+
+class HttpxClient:
+    """The same interface over ``httpx`` (``--client httpx``): what the ``openai`` package
+    uses, its client-side cost included."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self._url = url
+        self._http = httpx.AsyncClient(timeout=600, headers=headers)
+
+    async def stream_lines(self, path: str, body: dict[str, Any]):
+        async with self._http.stream("POST", f"{self._url}{path}", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(
+                    f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                )
+            async for line in response.aiter_lines():
+                yield line
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def http_client(kind: str, url: str, headers: dict[str, str]) -> LightClient | HttpxClient:
+    return LightClient(url, headers) if kind == "light" else HttpxClient(url, headers)
+
+
 # -- the two paths ---------------------------------------------------------------------------
 
 
 async def through_gateway(
-    http: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, prompt_tokens: int
+    http: LightClient | HttpxClient, model: str, prompt: str, max_tokens: int, prompt_tokens: int
 ) -> Sample:
     """Streams one completion; ``prompt_tokens`` is what the direct run's tokenization of
     ``prompt`` gives, checked against the gateway's usage so both paths prefill alike."""
@@ -146,22 +233,19 @@ async def through_gateway(
     start = time.perf_counter()
     arrivals: list[float] = []
     output_tokens = 0
-    async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line.removeprefix("data: "))
-            if chunk.get("usage"):
-                output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk["usage"]["prompt_tokens"] != prompt_tokens:
-                    raise RuntimeError(
-                        f"the gateway counted {chunk['usage']['prompt_tokens']} prompt tokens, "
-                        f"the bench's tokenizer {prompt_tokens}"
-                    )
-            if any(choice.get("text") for choice in chunk.get("choices", [])):
-                arrivals.append(time.perf_counter())
+    async for line in http.stream_lines("/v1/completions", body):
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line.removeprefix("data: "))
+        if chunk.get("usage"):
+            output_tokens = chunk["usage"]["completion_tokens"]
+            if chunk["usage"]["prompt_tokens"] != prompt_tokens:
+                raise RuntimeError(
+                    f"the gateway counted {chunk['usage']['prompt_tokens']} prompt tokens, "
+                    f"the bench's tokenizer {prompt_tokens}"
+                )
+        if any(choice.get("text") for choice in chunk.get("choices", [])):
+            arrivals.append(time.perf_counter())
     end = time.perf_counter()
     if not arrivals:
         raise RuntimeError("no tokens came back")
@@ -376,24 +460,24 @@ async def measure(
 
     engine = first_ready_engine(controller)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    async with httpx.AsyncClient(timeout=600, headers=headers) as http:
-        models = (await http.get(f"{url}/v1/models")).json()["data"]
-        model = models[0]["id"]
+    async with httpx.AsyncClient(timeout=600, headers=headers) as plain:
+        model = (await plain.get(f"{url}/v1/models")).json()["data"][0]["id"]
+    http = http_client(args.client, url, headers)
+    try:
         channel = grpc.aio.insecure_channel(engine.address)
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         for prompt in warmup:  # both paths, so that neither pays first-call costs
             await through_gateway(
-                http, url, model, prompt.text, args.max_tokens, len(prompt.token_ids)
+                http, model, prompt.text, args.max_tokens, len(prompt.token_ids)
             )
             await direct_to_engine(stub, prompt.direct_token_ids, args.max_tokens)
-        limited_http = httpx.AsyncClient(
-            timeout=600, headers={"Authorization": f"Bearer {BENCH_KEY}"}
+        limited_http = http_client(
+            args.client, limited_url or url, {"Authorization": f"Bearer {BENCH_KEY}"}
         )
         if limited_url is not None:
             for prompt in warmup:
                 await through_gateway(
-                    limited_http, limited_url, model, prompt.text, args.max_tokens,
-                    len(prompt.token_ids),
+                    limited_http, model, prompt.text, args.max_tokens, len(prompt.token_ids),
                 )  # fmt: skip
 
         gateway, direct, limited = PathResult(), PathResult(), PathResult()
@@ -402,7 +486,7 @@ async def measure(
             async def via_gateway(i: int, prompts: list[Prompt] = prompts) -> Sample:
                 prompt = prompts[i]
                 return await through_gateway(
-                    http, url, model, prompt.text, args.max_tokens, len(prompt.token_ids)
+                    http, model, prompt.text, args.max_tokens, len(prompt.token_ids)
                 )
 
             async def via_engine(i: int, prompts: list[Prompt] = prompts) -> Sample:
@@ -413,8 +497,7 @@ async def measure(
                 assert limited_url is not None
                 prompt = prompts[i]
                 return await through_gateway(
-                    limited_http, limited_url, model, prompt.text, args.max_tokens,
-                    len(prompt.token_ids),
+                    limited_http, model, prompt.text, args.max_tokens, len(prompt.token_ids),
                 )  # fmt: skip
 
             runs = [(via_gateway, gateway), (via_engine, direct)]
@@ -431,6 +514,8 @@ async def measure(
                 await run_interleaved(offsets[: len(runs) * args.num_requests], runs)
         await channel.close()
         await limited_http.aclose()
+    finally:
+        await http.aclose()
 
     gateway_summary, direct_summary = gateway.summary(), direct.summary()
     limits: dict[str, Any] = {}
@@ -452,6 +537,7 @@ async def measure(
             "num_requests": args.num_requests,
             "rounds": args.rounds,
             "method": "sequential" if args.sequential else "interleaved",
+            "client": args.client,
             "prompt_tokens_mean": statistics.fmean(
                 len(p.token_ids) for prompts in rounds for p in prompts
             ),
@@ -531,6 +617,13 @@ def main(argv: list[str] | None = None) -> int:
         "interleaving them in one schedule",
     )
     parser.add_argument("--prompt-words", type=int, default=64)
+    parser.add_argument(
+        "--client",
+        choices=("light", "httpx"),
+        default="light",
+        help="HTTP client of the gateway path: a socket-level one as light as the direct "
+        "path's gRPC stub (default), or httpx with its own per-request cost",
+    )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
