@@ -11,14 +11,22 @@ their next routing table.
 Demand is the requests per adapter between heartbeats (``requests_total`` increments),
 decayed by half at every replan; the placement (:mod:`controller.lora_placement`) is
 computed again from it whenever a replica registers, beats or leaves.
+
+With a ``state_file`` the runtime adapters outlive the controller: every load and unload
+rewrites the file (atomically), and a controller that starts reads it back, so replicas that
+register with it (the engines that outlived it, restarts, scale-ups) catch up on them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 
 from controller.lora_placement import ReplicaSlots, plan_lora_placement
 from controller.registry import ReplicaRegistry
@@ -41,12 +49,49 @@ class FleetError(Exception):
 
 
 class LoRAFleet:
-    def __init__(self, registry: ReplicaRegistry) -> None:
+    def __init__(self, registry: ReplicaRegistry, state_file: Path | None = None) -> None:
         self._registry = registry
-        self._runtime: dict[str, engine_pb2.LoadLoRAAdapterRequest] = {}
+        self._state_file = state_file
+        self._runtime: dict[str, engine_pb2.LoadLoRAAdapterRequest] = self._read_state()
         self._demand: dict[str, float] = {}
         self._seen_totals: dict[tuple[str, str], int] = {}
         self._placement: dict[str, frozenset[str]] = {}
+
+    @property
+    def runtime_adapters(self) -> list[str]:
+        """Names of the adapters loaded at runtime (and remembered), in load order."""
+        return list(self._runtime)
+
+    def _read_state(self) -> dict[str, engine_pb2.LoadLoRAAdapterRequest]:
+        if self._state_file is None or not self._state_file.exists():
+            return {}
+        try:
+            entries = json.loads(self._state_file.read_text())
+            requests = [
+                json_format.ParseDict(entry, engine_pb2.LoadLoRAAdapterRequest())
+                for entry in entries
+            ]
+        except (OSError, ValueError, json_format.ParseError) as exc:
+            log.warning(
+                "ignoring an unreadable LoRA state file",
+                extra={"path": str(self._state_file), "error": str(exc)},
+            )
+            return {}
+        if requests:
+            log.info(
+                "runtime LoRA adapters restored",
+                extra={"adapters": [r.lora_name for r in requests]},
+            )
+        return {r.lora_name: r for r in requests}
+
+    def _write_state(self) -> None:
+        if self._state_file is None:
+            return
+        entries = [json_format.MessageToDict(r) for r in self._runtime.values()]
+        self._state_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = self._state_file.with_suffix(".tmp")
+        partial.write_text(json.dumps(entries, indent=2))
+        os.replace(partial, self._state_file)
 
     # -- runtime loads --------------------------------------------------------------------
 
@@ -76,6 +121,7 @@ class LoRAFleet:
                     extra={"replica_id": replica.replica_id, "error": str(result)},
                 )
         self._runtime[request.lora_name] = request
+        self._write_state()
         self.replan()
 
     async def unload(self, request: engine_pb2.UnloadLoRAAdapterRequest) -> None:
@@ -83,7 +129,8 @@ class LoRAFleet:
         holders = [r for r in self._lora_replicas() if any(a.name == name for a in r.lora_adapters)]
         if not holders and name not in self._runtime:
             raise FleetError(grpc.StatusCode.NOT_FOUND, f"adapter {name!r} is not loaded")
-        self._runtime.pop(name, None)
+        if self._runtime.pop(name, None) is not None:
+            self._write_state()
         for replica in holders:
             try:
                 await _call(

@@ -28,6 +28,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -244,6 +245,12 @@ def make_backend(
     return LocalProcessBackend(spec)
 
 
+def lora_state_file(settings: ControllerSettings) -> Path:
+    """Where runtime-loaded LoRA adapters are remembered across controller restarts: beside
+    the stack's other run files (its own ``run_dir`` when stacks share a data dir)."""
+    return (settings.run_dir or settings.data_dir).expanduser() / "lora_adapters.json"
+
+
 def kubernetes_parts(
     settings: ControllerSettings, registry: ReplicaRegistry
 ) -> tuple[KubeApi, KubernetesEnginePool, Autoscaler | None]:
@@ -346,7 +353,13 @@ async def serve(settings: ControllerSettings) -> None:
         if reconciler is not None:
             background.append(reconciler.run())
     controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-        ControllerServicer(registry, feed, pool, settings.heartbeat_interval_s),
+        ControllerServicer(
+            registry,
+            feed,
+            pool,
+            settings.heartbeat_interval_s,
+            LoRAFleet(registry, lora_state_file(settings)),
+        ),
         server.server,
     )
     stop = asyncio.Event()

@@ -126,3 +126,79 @@ def test_loads_and_unloads_reach_the_whole_fleet(world):
             await server.stop(grace_s=None)
 
     asyncio.run(main())
+
+
+def test_runtime_adapters_outlive_a_controller_restart(world, tmp_path):
+    """A controller that starts again reads back the adapters loaded at runtime (its state
+    file) and gives them to the engines that register with it; an unload is remembered too."""
+    from controller.lora_fleet import LoRAFleet
+
+    checkpoint, folders = world
+    state = tmp_path / "lora_adapters.json"
+
+    async def controller():
+        registry = ReplicaRegistry(6.0, 30.0, on_change=(feed := RouteFeed()).notify)
+        server = create_server("127.0.0.1", 0, [SERVICE_NAME])
+        controller_pb2_grpc.add_ControllerServiceServicer_to_server(
+            ControllerServicer(
+                registry, feed, None, heartbeat_interval_s=0.1, lora=LoRAFleet(registry, state)
+            ),
+            server.server,
+        )
+        await server.start()
+        await server.set_serving(True)
+        return registry, server, f"127.0.0.1:{server.port}"
+
+    def engine(address: str) -> EngineServer:
+        return EngineServer(
+            engine_settings(checkpoint, address, enable_lora=True, max_loras=2, max_lora_rank=8)
+        )
+
+    async def main() -> None:
+        registry, server, address = await controller()
+        first = engine(address)
+        await first.start()
+        try:
+            await _until(lambda: len(registry.replicas()) == 1)
+            async with insecure_channel(address) as channel:
+                await controller_pb2_grpc.ControllerServiceStub(channel).LoadLoRAAdapter(
+                    engine_pb2.LoadLoRAAdapterRequest(
+                        lora_name="sql", lora_path=str(folders["sql"])
+                    ),
+                    timeout=30,
+                )
+        finally:
+            await first.stop(grace_s=0.5)
+            await server.stop(grace_s=None)
+        assert "sql" in state.read_text()
+
+        registry, server, address = await controller()
+        second = engine(address)
+        await second.start()
+        try:
+            await _until(lambda: len(registry.replicas()) == 1)
+            await _until(
+                lambda: "sql" in {a.name for a in registry.get(second.replica_id).lora_adapters}
+            )
+            assert await _engine_adapters(second) == {"sql"}
+            async with insecure_channel(address) as channel:
+                await controller_pb2_grpc.ControllerServiceStub(channel).UnloadLoRAAdapter(
+                    engine_pb2.UnloadLoRAAdapterRequest(lora_name="sql"), timeout=30
+                )
+        finally:
+            await second.stop(grace_s=0.5)
+            await server.stop(grace_s=None)
+        assert LoRAFleet(ReplicaRegistry(6.0, 30.0), state).runtime_adapters == []
+
+    asyncio.run(main())
+
+
+def test_an_unreadable_state_file_is_ignored(tmp_path, caplog):
+    from controller.lora_fleet import LoRAFleet
+
+    state = tmp_path / "lora_adapters.json"
+    state.write_text("{not json")
+    with caplog.at_level("WARNING"):
+        fleet = LoRAFleet(ReplicaRegistry(6.0, 30.0), state)
+    assert fleet.runtime_adapters == []
+    assert "unreadable LoRA state file" in caplog.text
