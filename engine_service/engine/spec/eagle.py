@@ -17,6 +17,12 @@ feature of ``p``), so the head catches up on positions ``[fed, n - 1)``::
 After verification the accepted tokens' features are in the store (an accepted tree path
 moved there with its KV), and the next proposal feeds exactly those positions.
 
+One approximation: the head's entry at position ``p`` depends on token ``p + 1``, so in a
+block shared by requests that go on differently (a prefix hit, two equal prompts merged,
+``n`` samples of a prompt ending on a block boundary) the block's last entry is the one the
+last writer computed. Its siblings then draft from one slightly wrong key, which costs a
+little acceptance and never changes an output (verification decides).
+
 Trees (``tree_topk``) grow as the draft model's do (EAGLE-2: by path probability), except
 that a node's hidden input is its parent's output, so the tree runs one round at a time:
 every round runs all nodes so far under the tree mask (the earlier ones recompute what they
