@@ -255,6 +255,8 @@ def build_eagle_proposer(
             f"the target architecture {target.architecture} cannot feed an EAGLE head "
             "(it does not expose its hidden states)"
         )
+    if config.tensor_parallel_size > 1:
+        raise ValueError("EAGLE heads under tensor parallelism are not supported yet")
     assert spec.model is not None
     device = torch.device(config.device)
     dtype = resolve_dtype(config.dtype, target.torch_dtype)
