@@ -69,6 +69,94 @@ def make_draft(path: Path, vocab: int, dtype: torch.dtype) -> None:
     transformers.LlamaForCausalLM(config).to(dtype).save_pretrained(path)
 
 
+def trained_workloads(folder: Path, n: int, seed: int) -> dict[str, list[list[int]]]:
+    """Prompts from the held-out files bench/train_spec.py left out of training, as byte
+    tokens: ``text`` continues a file, ``edit`` gives a snippet and then its first lines
+    again (code editing: the answer repeats spans of the prompt)."""
+    texts = [t for t in json.loads((folder / "prompts.json").read_text()) if len(t) > 600]
+    rng = random.Random(seed)
+
+    def tokens(text: str) -> list[int]:
+        return [b + 3 for b in text.encode()]
+
+    def snippet(length: int) -> str:
+        text = rng.choice(texts)
+        start = text.find("\n", rng.randrange(0, len(text) - length)) + 1
+        return text[start : start + length]
+
+    text = [tokens(snippet(160)) for _ in range(n)]
+    edit = []
+    for _ in range(n):
+        code = snippet(240)
+        edit.append(tokens(code + "\n\n# the same, edited:\n" + code[:40]))
+    return {"text": text, "edit": edit}
+
+
+def run_trained(args, results: dict) -> None:
+    """Every method on the trained target, both workloads, batch 1 and 16."""
+    folder = args.trained
+    k = args.k
+    tree = {"topk": args.tree_topk, "num_draft_tokens": args.tree_nodes}
+    methods = {
+        "ngram": {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4},
+        "draft": {"model": str(folder / "draft"), "num_speculative_tokens": k},
+        "eagle": {"method": "eagle", "model": str(folder / "eagle"), "num_speculative_tokens": k},
+        "eagle_tree": {
+            "method": "eagle",
+            "model": str(folder / "eagle"),
+            "num_speculative_tokens": k,
+            "tree": tree,
+        },
+        "eagle3": {
+            "method": "eagle3",
+            "model": str(folder / "eagle3"),
+            "num_speculative_tokens": k,
+        },
+    }
+    # The workload each method's unsuffixed keys report: n-gram lookup is for outputs that
+    # repeat their prompt (code editing); the model-based methods for plain continuation.
+    primary = {name: "edit" if name == "ngram" else "text" for name in methods}
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    results["trained"] = json.loads((folder / "train.json").read_text())
+    print(
+        f"{'method':12} {'workload':8} {'batch':>5} {'off s':>8} {'on s':>8} {'speedup':>8} {'accept':>7}"
+    )
+    for batch in (1, 16):
+        loads = trained_workloads(folder, max(2, batch * 2), seed=batch)
+        base = dict(
+            model=str(folder / "target"), dtype=args.dtype, device=args.device, max_num_seqs=batch
+        )
+        plain = LLMEngine(EngineConfig(**base))
+        reference = {
+            load: timed(plain, prompts, params, args.device) for load, prompts in loads.items()
+        }
+        del plain
+        for name, spec in methods.items():
+            # One engine per method and batch for both workloads (start-up, CUDA graphs).
+            engine = LLMEngine(EngineConfig(**base, speculative_config=json.dumps(spec)))
+            for load, prompts in loads.items():
+                off_s, expected = reference[load]
+                rounds, accepted = (
+                    engine.scheduler.num_drafts,
+                    engine.scheduler.accepted_draft_tokens,
+                )
+                on_s, got = timed(engine, prompts, params, args.device)
+                if got != expected:
+                    raise SystemExit(f"{name}: speculative outputs differ from plain decoding")
+                rounds = engine.scheduler.num_drafts - rounds
+                accept = 1 + (engine.scheduler.accepted_draft_tokens - accepted) / max(1, rounds)
+                speedup = off_s / on_s
+                results[f"speedup_bs{batch}_{name}_{load}"] = speedup
+                results[f"accept_len_{name}_{load}_bs{batch}"] = accept
+                if load == primary[name]:
+                    results[f"speedup_bs{batch}_{name}"] = speedup
+                    results.setdefault(f"accept_len_{name}", accept)
+                print(
+                    f"{name:12} {load:8} {batch:>5} {off_s:>8.2f} {on_s:>8.2f} "
+                    f"{speedup:>7.2f}x {accept:>7.2f}"
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -78,6 +166,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--trained", type=Path, help="a folder from bench/train_spec.py: measure on it"
+    )
+    parser.add_argument("--tree-topk", type=int, default=3)
+    parser.add_argument("--tree-nodes", type=int, default=12)
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -89,6 +182,12 @@ def main() -> None:
         "preset": args.preset,
         "num_speculative_tokens": args.k,
     }
+    if args.trained is not None:
+        run_trained(args, results)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "target"
         draft = Path(tmp) / "draft"

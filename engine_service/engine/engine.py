@@ -174,6 +174,22 @@ class LLMEngine:
             self.max_model_len, self.structured, config.enable_jump_forward
         )
         self.scheduler = Scheduler(config, self.kv_manager, self.offload, self.acceptor)
+        # The proposer comes before the runner: an EAGLE head has the target keep the
+        # hidden states it reads, which CUDA graphs must capture.
+        self.proposer: Proposer | None = None
+        if config.speculative_config:
+            spec = SpeculativeConfig.parse(config.speculative_config)
+            self.proposer = build_proposer(
+                spec,
+                config,
+                self.model_config,
+                backend,
+                num_blocks,
+                self.max_model_len,
+                target_model=self.model,
+            )
+            if self.proposer.hidden_store is not None:
+                self.model.keep_hidden_states(self.proposer.hidden_store)
         graphs_max_tokens = 0
         # Not under parallelism yet: every rank would have to capture and replay in step.
         if (
@@ -197,24 +213,14 @@ class LLMEngine:
             lora_slots=self.lora.slots if self.lora is not None else None,
             channel=self._channel,
             tp_size=tp.size,
+            hidden_store=self.proposer.hidden_store if self.proposer is not None else None,
         )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
-        self.proposer: Proposer | None = None
         self.async_scheduling = config.async_scheduling
-        if config.speculative_config:
-            spec = SpeculativeConfig.parse(config.speculative_config)
+        if self.proposer is not None:
             # A tree reserves a slot per node; a chain one per token.
             self.scheduler.num_speculative_tokens = max(spec.num_speculative_tokens, spec.tree_size)
-            self.proposer = build_proposer(
-                spec,
-                config,
-                self.model_config,
-                backend,
-                num_blocks,
-                self.max_model_len,
-                target_model=self.model,
-            )
             # Proposals read each sequence's newest token on the host: no step runs ahead.
             self.async_scheduling = False
         # Overlapped steps on the CPU run the model on a worker thread (torch releases the

@@ -39,14 +39,21 @@ def num_kv_blocks(
     """``num_kv_blocks`` when given; else ``kv_cache_memory_bytes`` worth; else, on a GPU,
     what is left of ``gpu_memory_utilization`` after the weights and a step's reserve; on
     the CPU, 1 GiB worth. The budget covers the ``mtp`` proposer's cache too (one more
-    layer per block id). Under tensor parallelism the budgets are per rank (each rank
-    caches its own heads) and this is one rank's figure; the ranks take the smallest."""
+    layer per block id), and an EAGLE head's: one layer like the target's, plus the
+    target features it reads (the hidden size per token, three times that for EAGLE-3).
+    Under tensor parallelism the budgets are per rank (each rank caches its own heads) and
+    this is one rank's figure; the ranks take the smallest."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     per_block = kv_block_bytes(model, config.block_size, dtype, config.tensor_parallel_size)
     spec = config.speculative_config
-    if spec and SpeculativeConfig.parse(spec).method == "mtp":
+    method = SpeculativeConfig.parse(spec).method if spec else None
+    if method in ("mtp", "eagle", "eagle3"):
         per_block += per_block // model.num_layers
+    if method in ("eagle", "eagle3"):
+        element = torch.empty((), dtype=dtype).element_size()
+        width = model.hidden_size * (3 if method == "eagle3" else 1)
+        per_block += config.block_size * width * element
     if config.kv_cache_memory_bytes is not None:
         budget = config.kv_cache_memory_bytes
     elif device.type == "cuda":

@@ -34,6 +34,7 @@ import torch
 from engine_service.engine.batch import ScheduledBatch
 from engine_service.layers.lora import LoRASlots
 from engine_service.layers.paged_attention import AttentionBackend, AttentionMetadata
+from engine_service.models.hidden_states import HiddenStateStore
 
 if TYPE_CHECKING:
     from engine_service.engine.parallel.channel import StepChannel
@@ -101,10 +102,14 @@ class ModelRunner:
         lora_slots: LoRASlots | None = None,
         channel: StepChannel | None = None,
         tp_size: int = 1,
+        hidden_store: HiddenStateStore | None = None,
     ) -> None:
         self.model = model
         self.channel = channel
         self.lora_slots = lora_slots
+        # The target's kept hidden states (EAGLE) live per slot like the KV cache, so block
+        # copies and slot moves apply to them too.
+        self.hidden_store = hidden_store
         self.backend = backend
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -347,9 +352,12 @@ class ModelRunner:
         if self.channel is not None:
             self.channel.send_moves(copies)
         size = self.block_size
+        states = self.hidden_store.states if self.hidden_store is not None else None
         for src, dst in copies:
             source = self.kv_cache[src // size, :, :, src % size]
             self.kv_cache[dst // size, :, :, dst % size] = source
+            if states is not None:
+                states[dst // size, dst % size] = states[src // size, src % size]
 
     @torch.inference_mode()
     def execute(
@@ -382,14 +390,12 @@ class ModelRunner:
         Returns fp32 logits, or ``None`` on a rank other than the first."""
         for src, dst in block_copies:
             self.kv_cache[dst].copy_(self.kv_cache[src])
+            if self.hidden_store is not None:
+                self.hidden_store.states[dst].copy_(self.hidden_store.states[src])
         if self.lora_slots is not None:
             self.lora_slots.set(inputs.lora_token_slots)
         multimodal = inputs.mm_rows is not None or inputs.rope_positions is not None
-        if (
-            self.graphs is not None
-            and not multimodal
-            and self.graphs.fits(inputs)
-        ):
+        if self.graphs is not None and not multimodal and self.graphs.fits(inputs):
             hidden = self.graphs.replay(input_ids, inputs)
         elif multimodal:
             self.backend.prepare(inputs.meta, self.block_size)

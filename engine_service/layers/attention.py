@@ -25,6 +25,8 @@ class Attention(nn.Module):
     ``window`` set: this layer attends to the ``window`` most recent keys only.
     ``sinks`` set: a learned logit per query head joins every softmax as one more key with no
     value (gpt-oss), so a head can attend to nothing; the backend must support it.
+    ``input_size`` set: the projections read rows that wide instead of ``hidden_size``
+    (an EAGLE-3 head attends over its embedding and hidden state side by side).
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class Attention(nn.Module):
         qk_norm_eps: float | None = None,
         sinks: bool = False,
         tp: TensorParallel = SINGLE,
+        input_size: int | None = None,
     ) -> None:
         super().__init__()
         if sinks and not backend.supports_sinks:
@@ -54,7 +57,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.qkv_proj = QKVParallelLinear(
-            hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias, tp
+            input_size or hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias, tp
         )
         self.num_heads = self.qkv_proj.num_heads  # rank-local
         self.num_kv_heads = self.qkv_proj.num_kv_heads  # rank-local

@@ -26,6 +26,7 @@ from engine_service.layers.parallel import SINGLE, TensorParallel
 from engine_service.layers.rotary import RotaryEmbedding
 from engine_service.models.causal_lm import WeightMapping
 from engine_service.models.config import ModelConfig
+from engine_service.models.hidden_states import HiddenStateStore
 
 # The checkpoint's separate projections (and their biases) load as shards of stacked ones.
 STACKED_WEIGHT_MAPPING: WeightMapping = {
@@ -122,6 +123,8 @@ class DenseModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.rope_scaling, config.mrope_section
         )
+        # Set once at start when a proposer drafts from our hidden states (EAGLE).
+        self.hidden_store: HiddenStateStore | None = None
 
     def forward(
         self,
@@ -138,9 +141,17 @@ class DenseModel(nn.Module):
         if mm_rows is not None:
             hidden = hidden.index_copy(0, mm_rows, mm_embeds.to(hidden.dtype))
         cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
-        for layer in self.layers:
+        store = self.hidden_store
+        kept: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.layers):
+            if store is not None and index in store.layers:
+                kept[index] = hidden
             hidden = layer(hidden, cos_sin, kv_cache, meta)
-        return self.norm(hidden)
+        hidden = self.norm(hidden)
+        if store is not None:
+            rows = [kept[i] for i in store.layers] + ([hidden] if store.final else [])
+            store.write(rows, meta.slot_mapping)
+        return hidden
 
 
 class DenseCausalLM(nn.Module):
@@ -193,3 +204,14 @@ class DenseCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits of ``hidden``'s rows; under tensor parallelism on the first rank only."""
         return self.lm_head.compute_logits(hidden)
+
+    def keep_hidden_states(self, store: HiddenStateStore) -> None:
+        """From now on every forward pass writes the rows ``store`` asks for at its slots
+        (set before CUDA graphs are captured, so that replays write them too)."""
+        bad = [i for i in store.layers if not 0 <= i < self.config.num_layers]
+        if bad:
+            raise ValueError(
+                f"hidden states of layers {bad} asked for, but the target has "
+                f"{self.config.num_layers} layers"
+            )
+        self.model.hidden_store = store

@@ -198,7 +198,7 @@ def test_seeded_sampling_with_speculation_is_reproducible(target):
         ('{"method": "medusa", "num_speculative_tokens": 2}', "unknown speculative method"),
         ('{"method": "draft_model", "num_speculative_tokens": 2}', "needs .model."),
         ('{"method": "ngram"}', "num_speculative_tokens"),
-        ('{"method": "eagle", "model": "x", "num_speculative_tokens": 2}', "not supported"),
+        ('{"method": "eagle", "num_speculative_tokens": 2}', "needs .model.: the EAGLE head"),
         ('{"method": "ngram", "num_speculative_tokens": 2, "tree": {"topk": 2}}', "model-based"),
         (
             '{"model": "x", "num_speculative_tokens": 2, "tree": {"topk": 9, "num_draft_tokens": 9}}',

@@ -4,11 +4,14 @@
     {"method": "draft_model", "model": PATH_OR_ID, "num_speculative_tokens": 4}
     {"model": PATH_OR_ID, "num_speculative_tokens": 4}          # draft_model too
 
+    {"method": "eagle", "model": EAGLE_HEAD, "num_speculative_tokens": 4}     # EAGLE-1 head
+    {"method": "eagle3", "model": EAGLE3_HEAD, "num_speculative_tokens": 4}   # EAGLE-3 head
+
     {"model": PATH, "num_speculative_tokens": 4, "tree": {"topk": 2, "num_draft_tokens": 8}}
     {"method": "mtp", "num_speculative_tokens": 1}     # the target's own MTP layers (DeepSeek-V3)
 
-EAGLE/EAGLE-3 heads are named by the issue that adds them and refused here with that
-reason, so a config never silently runs something else.
+Methods not built yet are refused with that reason, so a config never silently runs
+something else.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_METHODS = ("ngram", "draft_model", "mtp")
-PLANNED_METHODS = ("eagle", "eagle3")
+SUPPORTED_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp")
+PLANNED_METHODS: tuple[str, ...] = ()
+# Methods whose "model" is a checkpoint that drafts (and so can draft trees).
+MODEL_METHODS = ("draft_model", "eagle", "eagle3")
 _KEYS = {
     "method",
     "model",
@@ -75,8 +80,9 @@ class SpeculativeConfig:
         k = raw.get("num_speculative_tokens")
         if not isinstance(k, int) or not 1 <= k <= 16:
             raise ValueError("num_speculative_tokens must be an integer from 1 to 16")
-        if method == "draft_model" and not raw.get("model"):
-            raise ValueError('method "draft_model" needs "model": the draft checkpoint')
+        if method in MODEL_METHODS and not raw.get("model"):
+            what = "the draft checkpoint" if method == "draft_model" else "the EAGLE head"
+            raise ValueError(f'method "{method}" needs "model": {what}')
         low = raw.get("prompt_lookup_min", raw.get("prompt_lookup_max", 1))
         high = raw.get("prompt_lookup_max", max(low, 4))
         if method == "ngram" and not (
@@ -86,9 +92,10 @@ class SpeculativeConfig:
         tree_topk = tree_size = 0
         tree = raw.get("tree")
         if tree is not None:
-            if method != "draft_model":
+            if method not in MODEL_METHODS:
                 raise ValueError(
-                    '"tree" needs a model-based draft (draft_model); ngram and mtp draft chains'
+                    f'"tree" needs a model-based draft ({", ".join(MODEL_METHODS)}); '
+                    "ngram and mtp draft chains"
                 )
             if not isinstance(tree, dict) or set(tree) - {"topk", "num_draft_tokens"}:
                 raise ValueError('"tree" takes {"topk": K, "num_draft_tokens": N}')

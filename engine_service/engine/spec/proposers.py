@@ -22,12 +22,17 @@ from engine_service.engine.request import Request
 from engine_service.engine.spec.config import SpeculativeConfig, check_same_tokenizer
 from engine_service.layers.paged_attention import AttentionBackend
 from engine_service.models.config import ModelConfig
+from engine_service.models.hidden_states import HiddenStateStore
 from engine_service.models.loader import load_model, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
 
 class Proposer(abc.ABC):
+    # The target features the proposer drafts from (EAGLE): the engine has the target keep
+    # them per slot. None: the proposer reads tokens only.
+    hidden_store: HiddenStateStore | None = None
+
     @abc.abstractmethod
     def propose(self, batch: ScheduledBatch) -> dict[int, list[int]]: ...
 
@@ -197,7 +202,7 @@ class DraftModelProposer(Proposer):
                             seq.request,
                             known[i],
                             len(tree.tokens),
-                            num_logits=len(tree.tokens),
+                            num_logits=len(tree.frontier),  # the newest nodes, last
                             draft_token_ids=list(tree.tokens),
                             custom_mask=mask[1:, 1:],
                             position_offsets=[d - n for n, d in enumerate(depths)][1:],
@@ -255,13 +260,15 @@ class _Tree:
     def growing(self) -> bool:
         return bool(self.frontier) and len(self.tokens) < self.size
 
-    def extend(self, logprobs: torch.Tensor, topk: int) -> None:
-        """Add the ``topk`` likeliest children of the frontier (rows: every node's next-token
-        log-probabilities), by path probability, as the new frontier."""
+    def extend(self, logprobs: torch.Tensor, topk: int, to_tokens=torch.Tensor.tolist) -> None:
+        """Add the ``topk`` likeliest children of the frontier (rows: the frontier nodes'
+        next-token log-probabilities, in order), by path probability, as the new frontier.
+        ``to_tokens`` turns vocabulary rows into token ids."""
         candidates = []
-        for node in self.frontier:
-            best = logprobs[node - 1].topk(topk)
-            for value, token in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+        best = logprobs.topk(topk)
+        values, tokens = best.values.tolist(), best.indices
+        for row, node in enumerate(self.frontier):
+            for value, token in zip(values[row], to_tokens(tokens[row]), strict=True):
                 candidates.append((self.scores[node - 1] + value, node, token))
         candidates.sort(reverse=True)
         self.frontier = []
@@ -282,7 +289,11 @@ def build_proposer(
     target_model: torch.nn.Module | None = None,
 ) -> Proposer:
     """The proposer ``spec`` names. A draft model is checked against the target's tokenizer
-    and gets a cache of its own over the target pool's block ids (plus the scratch block)."""
+    and gets a cache of its own over the target pool's block ids (plus the scratch block); an
+    EAGLE head is checked against the target (``target_model``, whose embedding and
+    ``lm_head`` it may share) and gets such a cache too, plus the store of target features
+    it reads (:attr:`Proposer.hidden_store`, which the engine hands the target and its
+    runner)."""
     if spec.method == "ngram":
         return NgramProposer(
             spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
@@ -302,6 +313,14 @@ def build_proposer(
         )
     assert spec.model is not None
     device = torch.device(config.device)
+    # A sequence's first proposal feeds the draft its whole prompt in one pass.
+    max_tokens = max(config.max_num_batched_tokens, max_model_len)
+    if spec.method in ("eagle", "eagle3"):
+        from engine_service.engine.spec.eagle import build_eagle_proposer  # builds on this module
+
+        return build_eagle_proposer(
+            spec, config, target, target_model, backend, num_blocks, max_model_len, max_tokens
+        )
     draft, draft_config, dtype = load_model(spec.model, backend, config.dtype, device, None)
     check_same_tokenizer(
         resolve_model_path(config.model, config.revision),
@@ -309,15 +328,34 @@ def build_proposer(
         target.vocab_size,
         draft_config.vocab_size,
     )
-    mc = draft_config
+    runner = draft_runner(
+        draft, draft_config, dtype, backend, config, num_blocks, max_model_len, max_tokens
+    )
+    logger.info(
+        "speculative decoding: draft model %s, %d tokens", spec.model, spec.num_speculative_tokens
+    )
+    return DraftModelProposer(
+        runner, spec.num_speculative_tokens, max_tokens, spec.tree_topk, spec.tree_size
+    )
+
+
+def draft_runner(
+    draft: torch.nn.Module,
+    mc: ModelConfig,
+    dtype: torch.dtype,
+    backend: AttentionBackend,
+    config: EngineConfig,
+    num_blocks: int,
+    max_model_len: int,
+    max_tokens: int,
+) -> ModelRunner:
+    """A runner over a draft's (or head's) own KV cache, indexed by the target's block ids."""
     cache = torch.zeros(
         (num_blocks + 1, *mc.kv_block_shape(config.block_size)),
         dtype=dtype,
-        device=device,
+        device=torch.device(config.device),
     )
-    # A sequence's first proposal feeds the draft its whole prompt in one pass.
-    max_tokens = max(config.max_num_batched_tokens, max_model_len)
-    runner = ModelRunner(
+    return ModelRunner(
         draft,
         backend,
         cache,
@@ -326,10 +364,4 @@ def build_proposer(
         max_num_seqs=config.max_num_seqs,
         max_blocks_per_seq=-(-max_model_len // config.block_size),
         scratch_block=num_blocks,
-    )
-    logger.info(
-        "speculative decoding: draft model %s, %d tokens", spec.model, spec.num_speculative_tokens
-    )
-    return DraftModelProposer(
-        runner, spec.num_speculative_tokens, max_tokens, spec.tree_topk, spec.tree_size
     )
