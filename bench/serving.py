@@ -152,12 +152,20 @@ class LightClient:
             f"POST {path} HTTP/1.1\r\nhost: {self._host}\r\ncontent-type: application/json\r\n"
             f"{self._headers}content-length: {len(data)}\r\n\r\n"
         ).encode()
-        if self._idle:
+        status = b""
+        while self._idle and not status:  # the server may have closed an idle connection
             reader, writer = self._idle.pop()
-        else:
+            try:
+                writer.write(head + data)
+                status = await reader.readline()
+            except ConnectionError:
+                status = b""
+            if not status:
+                writer.close()
+        if not status:
             reader, writer = await asyncio.open_connection(self._host, self._port)
-        writer.write(head + data)
-        status = await reader.readline()
+            writer.write(head + data)
+            status = await reader.readline()
         headers: dict[str, str] = {}
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode().partition(":")
