@@ -10,7 +10,9 @@ gateway (``/v1/completions``, streamed, text prompt) and straight to one engine 
 greedy with ``ignore_eos``, so both runs generate the same number of tokens. Reports TTFT,
 inter-token latency (ITL: the gaps between streamed tokens) and end-to-end latency at p50 and
 p99, request and output-token throughput, and ``gateway_overhead_ms_p50`` (the gateway's TTFT
-p50 minus the engine's); prints a table and writes JSON with ``--json``.
+p50 minus the engine's) with ``gateway_overhead_paired_ms_p50`` beside it (the median, over the
+requests sent together on both paths, of their TTFT difference: steadier on a busy machine);
+prints a table and writes JSON with ``--json``.
 
 With ``--limits`` (the default when the benchmark starts the stack and a ``redis-server`` is at
 hand) a third path runs the same requests through a second gateway with per-key rate limits
@@ -96,6 +98,9 @@ class Sample:
     e2e_s: float
     gaps_s: list[float]
     output_tokens: int
+    # (round, k) of an interleaved schedule: the k-th arrival group of that round, whose
+    # requests on the other paths were sent at nearly the same moment.
+    slot: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -120,6 +125,20 @@ class PathResult:
             "requests_per_s": len(ok) / self.wall_s if self.wall_s else 0.0,
             "output_tokens_per_s": tokens / self.wall_s if self.wall_s else 0.0,
         }
+
+
+def paired_overhead_ms_p50(gateway: PathResult, direct: PathResult) -> float:
+    """The median over arrival groups of (gateway TTFT - direct TTFT) of the two requests
+    sent together: each pair saw the same engine state and machine load, so the median of
+    the differences moves far less from run to run than the difference of the medians.
+    NaN when the paths were not interleaved."""
+    direct_by_slot = {s.slot: s for s in direct.samples if s.slot is not None}
+    diffs = [
+        g.ttft_s - direct_by_slot[g.slot].ttft_s
+        for g in gateway.samples
+        if g.slot is not None and g.slot in direct_by_slot
+    ]
+    return statistics.median(diffs) * 1000 if diffs else float("nan")
 
 
 def _pct(values_s: list[float], q: int) -> float:
@@ -308,7 +327,9 @@ async def run_schedule(offsets_s: list[float], send: Any, result: PathResult) ->
     result.wall_s += time.perf_counter() - t0
 
 
-async def run_interleaved(offsets_s: list[float], runs: list[tuple[Any, PathResult]]) -> None:
+async def run_interleaved(
+    offsets_s: list[float], runs: list[tuple[Any, PathResult]], round_number: int = 0
+) -> None:
     """One open-loop schedule for every path: with ``n`` paths, arrival ``n*k + j`` sends
     prompt ``k`` through ``runs[j]``. Each path's wall time is the schedule's, so its
     requests/s is its share."""
@@ -321,7 +342,9 @@ async def run_interleaved(offsets_s: list[float], runs: list[tuple[Any, PathResu
         await asyncio.sleep(max(0.0, t0 + offset_s - time.perf_counter()))
         result = parts[i % len(runs)]
         try:
-            result.samples.append(await send(i))
+            sample = await send(i)
+            sample.slot = (round_number, i // len(runs))
+            result.samples.append(sample)
         except Exception as exc:  # a failed request is a result too; it is reported
             result.errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -519,7 +542,7 @@ async def measure(
                 for send, result in runs:
                     await run_schedule(offsets[: args.num_requests], send, result)
             else:
-                await run_interleaved(offsets[: len(runs) * args.num_requests], runs)
+                await run_interleaved(offsets[: len(runs) * args.num_requests], runs, number)
         await channel.close()
         await limited_http.aclose()
     finally:
@@ -555,6 +578,7 @@ async def measure(
         "gateway": gateway_summary,
         "direct": direct_summary,
         "gateway_overhead_ms_p50": gateway_summary["ttft_ms_p50"] - direct_summary["ttft_ms_p50"],
+        "gateway_overhead_paired_ms_p50": paired_overhead_ms_p50(gateway, direct),
         "gateway_overhead_ms_p99": gateway_summary["ttft_ms_p99"] - direct_summary["ttft_ms_p99"],
         **limits,
         "errors": {
@@ -593,7 +617,10 @@ def print_table(report: dict[str, Any]) -> None:
         gateway, direct = report["gateway"][key], report["direct"][key]
         extra = f"{fmt.format(limited[key]):>16}" if limited else ""
         print(f"{label:<18}{fmt.format(gateway):>12}{fmt.format(direct):>16}{extra}")
-    print(f"gateway overhead, TTFT p50: {report['gateway_overhead_ms_p50']:.1f} ms")
+    print(
+        f"gateway overhead, TTFT p50: {report['gateway_overhead_ms_p50']:.1f} ms "
+        f"(median of paired differences: {report['gateway_overhead_paired_ms_p50']:.1f} ms)"
+    )
     if limited:
         print(
             f"rate limits (Redis) overhead, TTFT p50: {report['limits_overhead_ms_p50']:.1f} ms "
