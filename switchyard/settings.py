@@ -331,6 +331,18 @@ class EngineSettings(ServiceSettings):
         description="vision-language models: GiB of vision-encoder outputs kept by image "
         "content hash (LRU), so a repeated image is not encoded again; 0: off",
     )
+    role: Literal["prefill", "decode", "both"] = Field(
+        default="both",
+        description="prefill/decode disaggregation: prefill engines compute prompts and hand "
+        "their KV to decode engines, which generate the rest; both: an ordinary engine "
+        "(docs/disaggregation.md)",
+    )
+    kv_transfer_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="decode engines: longest a prompt's KV hand-off from a prefill engine may "
+        "take; past it the prompt is computed here instead",
+    )
 
     @field_validator("lora_modules", mode="before")
     @classmethod
