@@ -520,6 +520,13 @@ class GatewaySettings(ServiceSettings):
         description="prefix policy: fall back to the least-loaded replica when the best "
         "prefix holder has this many more requests than it",
     )
+    pd_min_prompt_tokens: int = Field(
+        default=256,
+        ge=0,
+        description="prefill/decode disaggregation: prompts of at least this many tokens are "
+        "computed by a prefill engine and handed to a decode engine; shorter ones only by the "
+        "decode engine (when prefill engines are routable; docs/disaggregation.md)",
+    )
     session_header: str = Field(
         default="x-session-id",
         description="prefix policy: requests with the same value of this header stick to one "
