@@ -54,12 +54,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import PRESETS, make_checkpoint  # noqa: E402
+from common import PRESETS, make_checkpoint
 
-from gateway.engine_client import EngineClient  # noqa: E402
-from gateway.route_sources import StaticRoutes  # noqa: E402
-from gateway.routing import LeastLoadPolicy, RequestInfo, Router  # noqa: E402
-from switchyard.v1 import common_pb2, engine_pb2, engine_pb2_grpc  # noqa: E402
+from gateway.engine_client import EngineClient
+from gateway.route_sources import StaticRoutes
+from gateway.routing import LeastLoadPolicy, RequestInfo, Router
+from switchyard.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16
