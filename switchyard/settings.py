@@ -387,6 +387,15 @@ class ControllerSettings(ServiceSettings):
         "(engines are started elsewhere and register themselves)",
     )
     engines: int = Field(default=1, ge=0, description="desired number of engine replicas")
+    prefill_engines: int = Field(
+        default=0,
+        ge=0,
+        description="desired prefill engines (--role prefill; local backend), a pool of its own "
+        "(docs/disaggregation.md)",
+    )
+    decode_engines: int = Field(
+        default=0, ge=0, description="desired decode engines (--role decode; local backend)"
+    )
     model: str = Field(default="demo", description="model the engines load (see EngineSettings)")
     served_model_name: str = Field(
         default="", description="served name passed to engines; empty: the value of model"
@@ -431,6 +440,16 @@ class ControllerSettings(ServiceSettings):
     )
     engine_port: int = Field(
         default=50100, ge=1, le=65535, description="gRPC port of the engine pods"
+    )
+    prefill_engine_deployment: str = Field(
+        default="",
+        description="kubernetes: Deployment of the prefill engines, followed and scaled as the "
+        "prefill-engines pool; empty: none",
+    )
+    decode_engine_deployment: str = Field(
+        default="",
+        description="kubernetes: Deployment of the decode engines (the decode-engines pool); "
+        "empty: none",
     )
     leader_election: bool = Field(
         default=False,
