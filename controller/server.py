@@ -267,12 +267,14 @@ def make_backend(
 
 def kubernetes_parts(
     settings: ControllerSettings, registry: ReplicaRegistry
-) -> tuple[KubeApi, KubernetesEnginePool, Autoscaler | None]:
-    """The API client, the pool that follows the engine Deployment, and the autoscaler when
+) -> tuple[KubeApi, KubernetesEnginePool | None, Autoscaler | None]:
+    """The API client, the pool that follows the engine Deployment (None when
+    ``engine_deployment`` is empty: disaggregated engines only), and the autoscaler when
     ``settings.autoscale`` is on."""
     api = KubeApi(settings.kubernetes_api) if settings.kubernetes_api else KubeApi.in_cluster()
     pool = kubernetes_pool(api, settings, registry, ENGINE_POOL)
-    assert pool is not None
+    if pool is None:
+        return api, None, None
     autoscaler = None
     if settings.autoscale:
         policy = AutoscalePolicy(
@@ -370,8 +372,9 @@ async def serve(settings: ControllerSettings) -> None:
     pools: dict[str, EnginePool] = {}
     if settings.backend == "kubernetes":
         api, engine_pool, autoscaler = kubernetes_parts(settings, registry)
-        pools[ENGINE_POOL] = engine_pool
-        background.append(engine_pool.run())
+        if engine_pool is not None:
+            pools[ENGINE_POOL] = engine_pool
+            background.append(engine_pool.run())
         if autoscaler is not None:
             background.append(autoscaler.run())
         for name in (PREFILL_POOL, DECODE_POOL):
