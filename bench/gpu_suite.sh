@@ -5,6 +5,7 @@
 #   throughput  bench/throughput.py --roofline: against transformers, and batch-1 decode
 #               beside the HBM roofline, for each preset
 #   prefix      bench/prefix.py parts a,c (host tier) on the 8B shape: TTFT cache on/off
+#   pd          bench/pd.py on the 8B shape, one GPU per engine (needs two GPUs; not default)
 # Usage: bench/gpu_suite.sh OUT_DIR [PRESET ...]; PARTS=check,overhead,... picks parts.
 set -euo pipefail
 out=${1:-bench/results}; shift || true
@@ -32,4 +33,7 @@ fi
 if [[ $parts == *prefix* ]]; then
   python3 bench/prefix.py --device cuda --dtype bfloat16 --preset llama-3.1-8b --parts a,c \
     --tiers host --json "$out/prefix-h200-8b.json" 2>&1 | quiet
+fi
+if [[ $parts == *pd* ]]; then
+  python3 bench/pd.py --device cuda --preset llama-3.1-8b --json "$out/pd-h200-8b.json" 2>&1 | quiet
 fi
