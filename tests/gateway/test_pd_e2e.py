@@ -19,7 +19,7 @@ import pytest
 from engine_service.server import EngineServer
 from gateway.route_sources import StaticRoutes
 from switchyard.settings import EngineSettings
-from switchyard.v1 import engine_pb2, engine_pb2_grpc
+from switchyard.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from tests.gateway.conftest import (
     MAX_MODEL_LEN,
     MODEL_NAME,
@@ -214,3 +214,86 @@ def test_requests_never_run_on_a_prefill_engine_while_a_decode_engine_is_ready(
         assert load(prefill).prompt_tokens_total == before
     finally:
         served.close()
+
+
+class DyingDecodeEngine(engine_pb2_grpc.EngineServiceServicer):
+    """A decode engine that dies mid-request: before its first token, or after one. It
+    reports the emptiest KV pool (a negative usage), so the router picks it first."""
+
+    def __init__(self, tokens_before_dying: int) -> None:
+        self.tokens_before_dying = tokens_before_dying
+        self.calls = 0
+
+    async def GetStats(self, request, context):  # type: ignore[no-untyped-def]
+        return engine_pb2.GetStatsResponse(
+            replica_id="dying",
+            model=MODEL_NAME,
+            max_model_len=MAX_MODEL_LEN,
+            role=common_pb2.REPLICA_ROLE_DECODE,
+            load=common_pb2.ReplicaLoad(kv_usage=-1.0),
+        )
+
+    async def Generate(self, request, context):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        assert request.prefill_address  # it was meant to import the prompt
+        if self.tokens_before_dying:
+            yield engine_pb2.GenerateResponse(token_ids=[100] * self.tokens_before_dying)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "engine process died")
+
+
+def start_double(background: BackgroundLoop, servicer: DyingDecodeEngine) -> tuple[Any, str]:
+    async def start() -> tuple[Any, int]:
+        server = grpc.aio.server()
+        engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = background.run(start())
+    return server, f"127.0.0.1:{port}"
+
+
+def test_a_decode_engine_dying_before_any_token_has_the_request_run_elsewhere(
+    background: BackgroundLoop,
+    checkpoint: Path,
+    pd_engines: tuple[EngineServer, EngineServer],
+    colocated: openai.OpenAI,
+) -> None:
+    prefill, decode = pd_engines
+    dying = DyingDecodeEngine(tokens_before_dying=0)
+    server, address = start_double(background, dying)
+    addresses = [f"127.0.0.1:{prefill.port}", address, f"127.0.0.1:{decode.port}"]
+    served = serve_gateway(background, checkpoint, StaticRoutes(addresses), pd_min_prompt_tokens=8)
+    try:
+        before = handoffs(decode)
+        kwargs = dict(max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+
+        got = summary(chat(client_for(served), **kwargs))
+
+        assert dying.calls == 1
+        assert got == summary(chat(colocated, **kwargs))
+        assert handoffs(decode) == before + 1  # re-run on the live pair, disaggregated
+    finally:
+        served.close()
+        background.run(server.stop(None))
+
+
+def test_a_decode_engine_dying_after_a_token_is_a_clear_error(
+    background: BackgroundLoop, checkpoint: Path, pd_engines: tuple[EngineServer, EngineServer]
+) -> None:
+    prefill, decode = pd_engines
+    dying = DyingDecodeEngine(tokens_before_dying=1)
+    server, address = start_double(background, dying)
+    addresses = [f"127.0.0.1:{prefill.port}", address, f"127.0.0.1:{decode.port}"]
+    served = serve_gateway(background, checkpoint, StaticRoutes(addresses), pd_min_prompt_tokens=8)
+    try:
+        prompts_before = load(decode).prompt_tokens_total
+        with pytest.raises(openai.APIStatusError) as failed:
+            chat(client_for(served), max_tokens=10, temperature=0)
+        assert failed.value.status_code == 503
+        assert failed.value.body["code"] == "engine_unavailable"
+        assert dying.calls == 1
+        assert load(decode).prompt_tokens_total == prompts_before  # not re-run
+    finally:
+        served.close()
+        background.run(server.stop(None))
