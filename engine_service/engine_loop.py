@@ -29,8 +29,8 @@ from typing import Any
 
 from engine_service.engine import EngineStats, LLMEngine, RequestOutput, SamplingParams
 from engine_service.engine.kv_events import KVEvent
-from engine_service.engine.multimodal import ImageInput
 from engine_service.engine.kv_handoff import HandoffEvent, KVExport
+from engine_service.engine.multimodal import ImageInput
 from engine_service.engine.structured import GrammarSpec
 from engine_service.engine.structured.backend import GrammarMatcher
 

@@ -145,10 +145,11 @@ class EngineClient:
 
     def _disaggregates(self, request: engine_pb2.GenerateRequest) -> bool:
         """Whether a prefill replica should compute the request's prompt: one sample, no
-        LoRA adapter, and a prompt of at least ``pd_min_prompt_tokens``."""
+        LoRA adapter, no images, and a prompt of at least ``pd_min_prompt_tokens``."""
         return (
             request.sampling.n <= 1
             and not request.adapter
+            and not request.images
             and len(request.prompt_token_ids) >= self._pd_min_prompt_tokens
         )
 

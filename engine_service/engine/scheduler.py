@@ -26,8 +26,8 @@ from engine_service.engine.batch import SampledTokens, ScheduledBatch, Scheduled
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVTier
-from engine_service.engine.multimodal import spans_in_chunk
 from engine_service.engine.kv_handoff import KVExport, KVImport
+from engine_service.engine.multimodal import spans_in_chunk
 from engine_service.engine.offload import OffloadManager, Restore
 from engine_service.engine.progress import TokenAcceptor
 from engine_service.engine.request import Request, RequestStatus
