@@ -8,6 +8,7 @@
 #   lora        bench/lora.py on the 8B shape: 8 rank-16 adapters mixed over the base model
 #   deepseek    bench/deepseek_gpu_check.py: latent attention and MTP against transformers
 #   multimodal  bench/multimodal.py: image cache TTFT, batched encoder
+#   pd          bench/pd.py on the 8B shape, one GPU per engine (needs two GPUs)
 # Usage: bench/gpu_suite.sh OUT_DIR [PRESET ...]; PARTS=check,overhead,... picks parts
 # (default: the first four; the others by name).
 set -euo pipefail
@@ -45,4 +46,7 @@ if [[ $parts == *deepseek* ]]; then
 fi
 if [[ $parts == *multimodal* ]]; then
   python3 bench/multimodal.py --device cuda --dtype bfloat16 --json "$out/multimodal-h200.json" 2>&1 | quiet
+fi
+if [[ $parts == *pd* ]]; then
+  python3 bench/pd.py --device cuda --preset llama-3.1-8b --json "$out/pd-h200-8b.json" 2>&1 | quiet
 fi

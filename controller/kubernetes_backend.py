@@ -95,6 +95,7 @@ class KubernetesEnginePool:
         selector: str,
         engine_port: int,
         model: str,
+        role: int = common_pb2.REPLICA_ROLE_UNSPECIFIED,
         scale_poll_s: float = 10.0,
         retry_s: float = 1.0,
         watch_timeout_s: int = 300,
@@ -106,6 +107,7 @@ class KubernetesEnginePool:
         self._selector = selector
         self._engine_port = engine_port
         self._model = model
+        self._role = role  # the role its pods run (until they register with their own)
         self._scale_poll_s = scale_poll_s
         self._retry_s = retry_s
         self._watch_timeout_s = watch_timeout_s
@@ -137,7 +139,7 @@ class KubernetesEnginePool:
     def replica_views(self) -> list[common_pb2.Replica]:
         """Registered replicas, plus the pods that are not (yet): STARTING while they come up,
         DRAINING while they are deleted."""
-        views = {r.replica_id: r for r in self._registry.replicas()}
+        views = {r.replica_id: r for r in self._registry.replicas() if self._owns(r)}
         for pod in self._pods.values():
             if pod.name not in views:
                 state = (
@@ -149,6 +151,11 @@ class KubernetesEnginePool:
                     replica_id=pod.name, address=pod.address, state=state
                 )
         return [views[name] for name in sorted(views)]
+
+    def _owns(self, replica: common_pb2.Replica) -> bool:
+        """Whether a registered replica is one of this pool's pods (pools share the
+        registry; each shows its own)."""
+        return replica.replica_id in self._pods or replica.role == self._role
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
@@ -215,7 +222,9 @@ class KubernetesEnginePool:
             self._registry.lift_draining(name)
             if self._registry.get(name) is None:
                 self._registry.register(
-                    common_pb2.Replica(replica_id=name, address=pod.address, model=self._model)
+                    common_pb2.Replica(
+                        replica_id=name, address=pod.address, model=self._model, role=self._role
+                    )
                 )
             log.info("engine pod ready", extra={"replica_id": name, "address": pod.address})
         elif not pod.routable and (was_routable or pod.deleting):

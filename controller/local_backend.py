@@ -62,6 +62,10 @@ class LocalEngineSpec:
     extra_args: tuple[str, ...] = ()
     log_level: str = "INFO"
     run_dir: Path | None = None  # logs and engines.json; None: data_dir
+    # Disaggregation: the pool these engines make up, and the --role they run with. Each
+    # pool records its engines in a file of its own and takes ports from its own range.
+    pool: str = "engines"
+    role: str = "both"
 
 
 @dataclass(slots=True)
@@ -142,6 +146,10 @@ def _port_or_free(host: str, preferred: int) -> int:
     raise OSError(f"no free port on {host}")
 
 
+# Where each pool's ports start, past the base ports: pools never contend for a port.
+_POOL_PORT_OFFSETS = {"engines": 0, "prefill-engines": 40, "decode-engines": 80}
+
+
 def _signal_group(pgid: int, signum: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
@@ -159,7 +167,7 @@ class LocalProcessBackend(Backend):
         self._processes: dict[str, _Process] = {}
         run_dir = spec.run_dir or spec.data_dir
         self._log_dir = run_dir / "logs"
-        self._state_path = run_dir / "engines.json"
+        self._state_path = run_dir / f"{spec.pool}.json"
         self._desired: int | None = None
         self.adopted_desired: int | None = None  # set when engines were adopted
         self._adopt()
@@ -302,11 +310,12 @@ class LocalProcessBackend(Backend):
 
     def _spawn(self, replica_id: str, ordinal: int, failures: int) -> _Process:
         spec = self._spec
-        port = _port_or_free(spec.host, spec.base_port + ordinal)
-        metrics_port = _port_or_free(spec.host, spec.base_metrics_port + ordinal)
+        offset = ordinal + _POOL_PORT_OFFSETS.get(spec.pool, 0)
+        port = _port_or_free(spec.host, spec.base_port + offset)
+        metrics_port = _port_or_free(spec.host, spec.base_metrics_port + offset)
         for preferred, chosen in (
-            (spec.base_port + ordinal, port),
-            (spec.base_metrics_port + ordinal, metrics_port),
+            (spec.base_port + offset, port),
+            (spec.base_metrics_port + offset, metrics_port),
         ):
             if chosen != preferred:
                 log.info(
@@ -323,6 +332,7 @@ class LocalProcessBackend(Backend):
             "--replica-id", replica_id,
             "--data-dir", str(spec.data_dir),
             "--log-level", spec.log_level,
+            *(["--role", spec.role] if spec.role != "both" else []),
             *(["--served-model-name", spec.served_model_name] if spec.served_model_name else []),
             *spec.extra_args,
         ]  # fmt: skip

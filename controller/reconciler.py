@@ -28,6 +28,10 @@ from switchyard.v1 import common_pb2
 log = logging.getLogger(__name__)
 
 ENGINE_POOL = "engines"
+# Prefill/decode disaggregation: pools of engines started with --role prefill / decode.
+PREFILL_POOL = "prefill-engines"
+DECODE_POOL = "decode-engines"
+POOL_ROLES = {ENGINE_POOL: "both", PREFILL_POOL: "prefill", DECODE_POOL: "decode"}
 
 _UNREGISTERED_STATE = {
     Phase.RUNNING: common_pb2.REPLICA_STATE_STARTING,
@@ -57,11 +61,14 @@ class Reconciler:
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         on_scale: Callable[[int], None] | None = None,
+        pool: str = ENGINE_POOL,
     ) -> None:
         """``on_scale`` hears every desired size, the first one included (the local backend
-        records it for a controller that may follow)."""
+        records it for a controller that may follow). ``pool`` names the pool, and through
+        it its replicas (``prefill-engines`` runs ``prefill-engine-0``, ...)."""
         if desired < 0:
             raise ValueError("desired must be >= 0")
+        self.pool = pool
         self._registry = registry
         self._backend = backend
         self._desired = desired
@@ -107,7 +114,7 @@ class Reconciler:
                 self._instances = instances
                 raise EngineCannotStart(instance.replica_id, instance.cannot_start)
         plan = plan_pool(
-            ENGINE_POOL,
+            self.pool,
             self._desired,
             instances,
             registered={r.replica_id for r in self._registry.replicas()},
@@ -119,6 +126,7 @@ class Reconciler:
             log.info(
                 "applying plan",
                 extra={
+                    "pool": self.pool,
                     "desired": self._desired,
                     "create": [replica_id for replica_id, _ in plan.create],
                     "restart": plan.restart,

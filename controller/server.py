@@ -42,13 +42,20 @@ from controller.leader import LeadershipLost, LeaseElector
 from controller.local_backend import LocalEngineSpec, LocalProcessBackend
 from controller.lora_fleet import FleetError, LoRAFleet
 from controller.plan import RestartPolicy
-from controller.reconciler import ENGINE_POOL, EngineCannotStart, Reconciler
+from controller.reconciler import (
+    DECODE_POOL,
+    ENGINE_POOL,
+    POOL_ROLES,
+    PREFILL_POOL,
+    EngineCannotStart,
+    Reconciler,
+)
 from controller.registry import ReplicaRegistry
 from switchyard.exit_codes import CANNOT_START
 from switchyard.grpc_utils import GrpcServer, create_server
 from switchyard.log import setup_logging
 from switchyard.settings import ControllerSettings, load_settings
-from switchyard.v1 import controller_pb2, controller_pb2_grpc, engine_pb2
+from switchyard.v1 import common_pb2, controller_pb2, controller_pb2_grpc, engine_pb2
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +102,26 @@ class RouteFeed:
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
-    """The wire side of the registry and the engine pool (the reconciler, or the Kubernetes
-    pool); ``reconciler`` is None when nothing keeps a pool (engines register from elsewhere
-    and Scale is refused)."""
+    """The wire side of the registry and the engine pools (reconcilers, or Kubernetes pools)
+    by name: ``engines``, and with disaggregation ``prefill-engines`` and ``decode-engines``.
+    ``reconciler`` is None (or empty) when nothing keeps a pool (engines register from
+    elsewhere and Scale is refused); a single pool stands for ``engines``."""
 
     def __init__(
         self,
         registry: ReplicaRegistry,
         feed: RouteFeed,
-        reconciler: EnginePool | None,
+        reconciler: EnginePool | dict[str, EnginePool] | None,
         heartbeat_interval_s: float,
         lora: LoRAFleet | None = None,
     ) -> None:
         self._registry = registry
         self._feed = feed
-        self._reconciler = reconciler
+        if reconciler is None:
+            reconciler = {}
+        elif not isinstance(reconciler, dict):
+            reconciler = {ENGINE_POOL: reconciler}
+        self._pools: dict[str, EnginePool] = reconciler
         self._heartbeat_interval_s = heartbeat_interval_s
         self._lora = lora or LoRAFleet(registry)
         self._catch_ups: set[asyncio.Task[None]] = set()
@@ -164,28 +176,34 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def ListReplicas(
         self, request: controller_pb2.ListReplicasRequest, context: grpc.aio.ServicerContext
     ) -> controller_pb2.ListReplicasResponse:
-        if self._reconciler is None:
+        if not self._pools:
             return controller_pb2.ListReplicasResponse(replicas=self._registry.replicas())
+        views = {r.replica_id: r for r in self._registry.replicas()}
+        for pool in self._pools.values():
+            for view in pool.replica_views():  # registered replicas, and those still coming
+                views.setdefault(view.replica_id, view)
+        ordered = sorted(views, key=lambda i: (len(i), i))
         return controller_pb2.ListReplicasResponse(
-            replicas=self._reconciler.replica_views(),
-            desired={ENGINE_POOL: self._reconciler.desired},
+            replicas=[views[replica_id] for replica_id in ordered],
+            desired={name: pool.desired for name, pool in self._pools.items()},
         )
 
     async def Scale(
         self, request: controller_pb2.ScaleRequest, context: grpc.aio.ServicerContext
     ) -> controller_pb2.ScaleResponse:
-        if request.pool != ENGINE_POOL:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown pool {request.pool!r}; the pools are: {ENGINE_POOL}",
-            )
-        if self._reconciler is None:
+        if not self._pools:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this controller runs with backend=none: engines are started elsewhere",
             )
-        assert self._reconciler is not None  # context.abort raised otherwise
-        previous = self._reconciler.scale(request.replicas)
+        pool = self._pools.get(request.pool)
+        if pool is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown pool {request.pool!r}; the pools are: {', '.join(self._pools)}",
+            )
+        assert pool is not None  # context.abort raised otherwise
+        previous = pool.scale(request.replicas)
         log.info(
             "scale", extra={"pool": request.pool, "previous": previous, "desired": request.replicas}
         )
@@ -224,9 +242,10 @@ def reachable_address(host: str, port: int) -> str:
 
 
 def make_backend(
-    settings: ControllerSettings, controller_address: str
+    settings: ControllerSettings, controller_address: str, pool: str = ENGINE_POOL
 ) -> LocalProcessBackend | None:
-    """The local backend, or None for ``none`` (``kubernetes``: see :func:`kubernetes_parts`)."""
+    """The local backend of ``pool``, or None for ``none`` (``kubernetes``: see
+    :func:`kubernetes_parts`)."""
     if settings.backend != "local":
         return None
     spec = LocalEngineSpec(
@@ -241,6 +260,8 @@ def make_backend(
         extra_args=tuple(settings.engine_args),
         log_level=settings.log_level,
         run_dir=settings.run_dir.expanduser() if settings.run_dir else None,
+        pool=pool,
+        role=POOL_ROLES[pool],
     )
     return LocalProcessBackend(spec)
 
@@ -253,19 +274,14 @@ def lora_state_file(settings: ControllerSettings) -> Path:
 
 def kubernetes_parts(
     settings: ControllerSettings, registry: ReplicaRegistry
-) -> tuple[KubeApi, KubernetesEnginePool, Autoscaler | None]:
-    """The API client, the pool that follows the engine Deployment, and the autoscaler when
+) -> tuple[KubeApi, KubernetesEnginePool | None, Autoscaler | None]:
+    """The API client, the pool that follows the engine Deployment (None when
+    ``engine_deployment`` is empty: disaggregated engines only), and the autoscaler when
     ``settings.autoscale`` is on."""
     api = KubeApi(settings.kubernetes_api) if settings.kubernetes_api else KubeApi.in_cluster()
-    pool = KubernetesEnginePool(
-        api,
-        registry,
-        namespace=current_namespace(settings.kubernetes_namespace),
-        deployment=settings.engine_deployment,
-        selector=settings.engine_selector,
-        engine_port=settings.engine_port,
-        model=settings.served_model_name or settings.model,
-    )
+    pool = kubernetes_pool(api, settings, registry, ENGINE_POOL)
+    if pool is None:
+        return api, None, None
     autoscaler = None
     if settings.autoscale:
         policy = AutoscalePolicy(
@@ -277,6 +293,40 @@ def kubernetes_parts(
         )
         autoscaler = Autoscaler(pool, registry, policy)
     return api, pool, autoscaler
+
+
+_ROLE_ENUMS = {
+    ENGINE_POOL: common_pb2.REPLICA_ROLE_UNSPECIFIED,
+    PREFILL_POOL: common_pb2.REPLICA_ROLE_PREFILL,
+    DECODE_POOL: common_pb2.REPLICA_ROLE_DECODE,
+}
+
+
+def kubernetes_pool(
+    api: KubeApi, settings: ControllerSettings, registry: ReplicaRegistry, pool: str
+) -> KubernetesEnginePool | None:
+    """The pool following ``pool``'s Deployment; None for a disaggregation pool whose
+    Deployment is not configured. The chart labels each Deployment's pods with its role."""
+    deployment = {
+        ENGINE_POOL: settings.engine_deployment,
+        PREFILL_POOL: settings.prefill_engine_deployment,
+        DECODE_POOL: settings.decode_engine_deployment,
+    }[pool]
+    if not deployment:
+        return None
+    selector = settings.engine_selector
+    if pool != ENGINE_POOL:
+        selector = f"{selector},switchyard.dev/role={POOL_ROLES[pool]}"
+    return KubernetesEnginePool(
+        api,
+        registry,
+        namespace=current_namespace(settings.kubernetes_namespace),
+        deployment=deployment,
+        selector=selector,
+        engine_port=settings.engine_port,
+        model=settings.served_model_name or settings.model,
+        role=_ROLE_ENUMS[pool],
+    )
 
 
 async def _lead_or_stop(elector: LeaseElector, server: GrpcServer, stop: asyncio.Event) -> bool:
@@ -325,22 +375,32 @@ async def serve(settings: ControllerSettings) -> None:
     server = create_server(settings.host, settings.port, [SERVICE_NAME])
     background: list[Coroutine[Any, Any, None]] = []
     api: KubeApi | None = None
-    backend: LocalProcessBackend | None = None
-    pool: EnginePool | None
+    backends: list[LocalProcessBackend] = []
+    pools: dict[str, EnginePool] = {}
     if settings.backend == "kubernetes":
-        api, kubernetes_pool, autoscaler = kubernetes_parts(settings, registry)
-        pool = kubernetes_pool
-        background.append(kubernetes_pool.run())
+        api, engine_pool, autoscaler = kubernetes_parts(settings, registry)
+        if engine_pool is not None:
+            pools[ENGINE_POOL] = engine_pool
+            background.append(engine_pool.run())
         if autoscaler is not None:
             background.append(autoscaler.run())
-    else:
-        backend = make_backend(settings, reachable_address(settings.host, server.port))
-        reconciler = None
-        if backend is not None:
+        for name in (PREFILL_POOL, DECODE_POOL):
+            role_pool = kubernetes_pool(api, settings, registry, name)
+            if role_pool is not None:
+                pools[name] = role_pool
+                background.append(role_pool.run())
+    elif settings.backend == "local":
+        sizes = {
+            ENGINE_POOL: settings.engines,
+            PREFILL_POOL: settings.prefill_engines,
+            DECODE_POOL: settings.decode_engines,
+        }
+        for name, size in sizes.items():
+            backend = make_backend(settings, reachable_address(settings.host, server.port), name)
+            assert backend is not None
+            backends.append(backend)
             # A controller restarted within a running stack keeps the size it was scaled to.
-            desired = settings.engines
-            if backend.adopted_desired is not None:
-                desired = backend.adopted_desired
+            desired = size if backend.adopted_desired is None else backend.adopted_desired
             reconciler = Reconciler(
                 registry,
                 backend,
@@ -348,15 +408,15 @@ async def serve(settings: ControllerSettings) -> None:
                 RestartPolicy(),
                 RECONCILE_INTERVAL_S,
                 on_scale=backend.record_desired,
+                pool=name,
             )
-        pool = reconciler
-        if reconciler is not None:
+            pools[name] = reconciler
             background.append(reconciler.run())
     controller_pb2_grpc.add_ControllerServiceServicer_to_server(
         ControllerServicer(
             registry,
             feed,
-            pool,
+            pools,
             settings.heartbeat_interval_s,
             LoRAFleet(registry, lora_state_file(settings)),
         ),
@@ -403,8 +463,8 @@ async def serve(settings: ControllerSettings) -> None:
         task.cancel()
     # Their failures, if any, are in ``failures`` already (the done-callback).
     await asyncio.gather(*tasks, return_exceptions=True)
-    if backend is not None:
-        await backend.close()  # engines deregister while the server still answers
+    # Engines deregister while the server still answers.
+    await asyncio.gather(*(backend.close() for backend in backends))
     if elector is not None and not lost:
         await elector.release()
     if api is not None:

@@ -29,6 +29,7 @@ from typing import Any
 
 from engine_service.engine import EngineStats, LLMEngine, RequestOutput, SamplingParams
 from engine_service.engine.kv_events import KVEvent
+from engine_service.engine.kv_handoff import HandoffEvent, KVExport
 from engine_service.engine.multimodal import ImageInput
 from engine_service.engine.structured import GrammarSpec
 from engine_service.engine.structured.backend import GrammarMatcher
@@ -46,6 +47,10 @@ class AddCommand:
     grammar: GrammarMatcher | None = None  # compiled off this thread for ``params.structured``
     adapter: str = ""  # a LoRA adapter's name; "" for the base model
     images: list[ImageInput] = field(default_factory=list)  # the prompt's images
+    # Disaggregation: export the prompt's KV from this block on (a prefill engine), or
+    # import it (a decode engine); see engine_service.engine.kv_handoff.
+    kv_export_skip_blocks: int | None = None
+    import_kv: bool = False
 
 
 @dataclass(slots=True)
@@ -77,7 +82,9 @@ class EngineLoop:
     Callers on any thread hand it commands with :meth:`add` and :meth:`abort`. It reports
     back on ``loop`` through ``loop.call_soon_threadsafe``: each step's outputs to
     ``on_outputs``, a rejected request (``add_request`` raised) to ``on_rejected``, a
-    failed step to ``on_step_failed``, and the engine's KV events to ``on_kv_events``.
+    failed step to ``on_step_failed``, the engine's KV events to ``on_kv_events``, and KV
+    hand-off events (reservations, prompt chunks, first tokens) to ``on_handoff``, before
+    the outputs of the same step.
     """
 
     def __init__(
@@ -88,8 +95,10 @@ class EngineLoop:
         on_rejected: Callable[[str, Exception], None],
         on_step_failed: Callable[[Exception], None],
         on_kv_events: Callable[[list[KVEvent]], None] | None = None,
+        on_handoff: Callable[[list[HandoffEvent]], None] | None = None,
     ) -> None:
         self._engine = engine
+        self._on_handoff = on_handoff
         self._on_kv_events = on_kv_events
         self._loop = loop
         self._on_outputs = on_outputs
@@ -161,7 +170,13 @@ class EngineLoop:
         engine = self._engine
         while True:
             with self._wakeup:
-                while not (self._commands or self._stopping or engine.has_unfinished()):
+                # Requests that only wait for their KV to arrive need no steps: a command
+                # (the KV's arrival) wakes the thread.
+                while not (
+                    self._commands
+                    or self._stopping
+                    or (engine.has_unfinished() and not engine.only_awaiting_kv())
+                ):
                     self._wakeup.wait()
                 if self._stopping:
                     return
@@ -186,6 +201,10 @@ class EngineLoop:
             self.stats = engine.stats()
             self._adds_taken = adds_taken
             self._published = (self.stats, adds_taken)
+            if self._on_handoff is not None:
+                handoff = engine.take_handoff_events()
+                if handoff:
+                    self._loop.call_soon_threadsafe(self._on_handoff, handoff)
             if outputs:
                 self._loop.call_soon_threadsafe(self._on_outputs, outputs)
             if self._on_kv_events is not None and engine.kv_events is not None:
@@ -214,6 +233,10 @@ class EngineLoop:
                 grammar=command.grammar,
                 adapter=command.adapter or None,
                 images=command.images,
+                kv_export=None
+                if command.kv_export_skip_blocks is None
+                else KVExport(command.kv_export_skip_blocks),
+                import_kv=command.import_kv,
             )
         except Exception as exc:
             self._loop.call_soon_threadsafe(self._on_rejected, command.request_id, exc)

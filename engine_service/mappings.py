@@ -49,6 +49,9 @@ def load_from_stats(
         remote_hit_tokens=stats.remote_hit_tokens,
         recomputed_tokens=stats.recomputed_tokens,
         spec_acceptance_length=stats.spec_mean_acceptance_length,
+        num_awaiting_kv=stats.num_awaiting_kv,
+        kv_handoffs_total=stats.handoff.exports_done + stats.handoff.imports_done,
+        kv_handoff_bytes_total=stats.handoff.export_bytes + stats.handoff.import_bytes,
     )
 
 

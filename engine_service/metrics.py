@@ -197,7 +197,45 @@ class _StatsCollector(Collector):
             per_position.add_metric([*labels, str(position)], accepted)
         yield per_position
         yield from _tier_metrics(labels, stats)
+        yield from _handoff_metrics(labels, stats)
         yield from lora_metrics(self._model_name, stats)
+
+
+def _handoff_metrics(labels: list[str], stats: EngineStats) -> Iterator[Metric]:
+    """Disaggregation figures of the engine core: blocks and bytes handed off each way."""
+    waiting = GaugeMetricFamily(
+        "switchyard:num_requests_awaiting_kv",
+        "Decode requests holding reserved blocks while their prompt's KV arrives.",
+        labels=["model_name"],
+    )
+    waiting.add_metric(labels, stats.num_awaiting_kv)
+    yield waiting
+    handoff = stats.handoff
+    for name, doc, sent, received in (
+        (
+            "switchyard:kv_handoff_bytes",
+            "KV bytes handed off: sent (prefill engine) or received (decode engine).",
+            handoff.export_bytes,
+            handoff.import_bytes,
+        ),
+        (
+            "switchyard:kv_handoffs",
+            "KV hand-offs completed: sent (prefill engine) or received (decode engine).",
+            handoff.exports_done,
+            handoff.imports_done,
+        ),
+    ):
+        counter = CounterMetricFamily(name, doc, labels=["model_name", "direction"])
+        counter.add_metric([*labels, "sent"], sent)
+        counter.add_metric([*labels, "received"], received)
+        yield counter
+    skipped = CounterMetricFamily(
+        "switchyard:kv_handoff_skipped_blocks",
+        "Prompt blocks a decode engine held by prefix hash and was not sent.",
+        labels=["model_name"],
+    )
+    skipped.add_metric(labels, handoff.skipped_blocks)
+    yield skipped
 
 
 def _tier_metrics(labels: list[str], stats: EngineStats) -> Iterator[Metric]:
@@ -301,6 +339,65 @@ class EngineMetrics:
             registry=self.registry,
         ).labels(model_name)
         self._model_name = model_name
+        # Disaggregation (decode side, per hand-off), after vLLM's KV-connector figures.
+        handoff = {
+            "seconds": (
+                "switchyard:kv_transfer_seconds",
+                "Time a KV hand-off added to the prefill engine's own prefill time.",
+                _TTFT_BUCKETS,
+            ),
+            "prefill": (
+                "switchyard:kv_transfer_prefill_seconds",
+                "Prefill time the prefill engine reported for a hand-off.",
+                _TTFT_BUCKETS,
+            ),
+            "ratio": (
+                "switchyard:kv_transfer_over_prefill",
+                "Hand-off time over prefill time.",
+                (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            ),
+            "bytes": (
+                "switchyard:kv_transfer_bytes",
+                "KV bytes received in one hand-off.",
+                tuple(float(1 << k) for k in range(10, 34, 2)),
+            ),
+        }
+        made = {
+            key: Histogram(name, doc, ["model_name"], buckets=b, registry=self.registry).labels(
+                model_name
+            )
+            for key, (name, doc, b) in handoff.items()
+        }
+        self.kv_transfer_seconds = made["seconds"]
+        self.kv_transfer_prefill_seconds = made["prefill"]
+        self.kv_transfer_over_prefill = made["ratio"]
+        self.kv_transfer_bytes = made["bytes"]
+        self._transfers = Counter(
+            "switchyard:kv_transfers",
+            "Decode-side KV hand-offs by outcome: done, or recomputed (failed, timed out, "
+            "refused).",
+            ["model_name", "outcome"],
+            registry=self.registry,
+        )
+        self.role = Gauge(
+            "switchyard:engine_role",
+            "1 for the role this engine serves (prefill, decode or both).",
+            ["model_name", "role"],
+            registry=self.registry,
+        )
+
+    def handoff_finished(
+        self, ok: bool, num_bytes: int, handoff_s: float, prefill_s: float
+    ) -> None:
+        """One decode-side hand-off: done (its figures observed) or recomputed."""
+        self._transfers.labels(self._model_name, "done" if ok else "recomputed").inc()
+        if not ok:
+            return
+        self.kv_transfer_bytes.observe(num_bytes)
+        self.kv_transfer_seconds.observe(handoff_s)
+        self.kv_transfer_prefill_seconds.observe(prefill_s)
+        if prefill_s > 0:
+            self.kv_transfer_over_prefill.observe(handoff_s / prefill_s)
 
     def request_refused(self) -> None:
         self._refused.inc()

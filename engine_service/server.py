@@ -41,6 +41,12 @@ logger = logging.getLogger(__name__)
 ENGINE_SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
 SHUTDOWN_GRACE_S = 5.0
 
+ROLES = {
+    "both": common_pb2.REPLICA_ROLE_UNSPECIFIED,
+    "prefill": common_pb2.REPLICA_ROLE_PREFILL,
+    "decode": common_pb2.REPLICA_ROLE_DECODE,
+}
+
 __all__ = ["EngineServer", "engine_config_from_settings", "serve"]
 
 
@@ -108,7 +114,10 @@ class EngineServer:
             metrics,
             max_queued_requests=max_queued,
             max_num_seqs=config.max_num_seqs,
+            role=ROLES[settings.role],
+            kv_transfer_timeout_s=settings.kv_transfer_timeout_s,
         )
+        metrics.role.labels(self.model_name, settings.role).set(1)
         self._servicer = servicer
         engine_loop = EngineLoop(
             engine,
@@ -117,9 +126,9 @@ class EngineServer:
             servicer.reject,
             servicer.fail_all,
             on_kv_events=servicer.kv_events.publish,
+            on_handoff=servicer.deliver_handoff,
         )
-        servicer.engine_loop = engine_loop
-        servicer.engine = engine
+        servicer.attach_engine(engine_loop, engine)
         self._engine_loop = engine_loop
         self._max_model_len = engine.max_model_len
         engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, grpc_server.server)
@@ -140,6 +149,7 @@ class EngineServer:
                 "model": self.model_name,
                 "max_model_len": engine.max_model_len,
                 "max_queued_requests": max_queued,
+                "role": settings.role,
             },
         )
         if settings.controller_address:
@@ -166,7 +176,8 @@ class EngineServer:
             replica_id=self.replica_id,
             address=f"{host}:{self.port}",
             model=self.model_name,
-            role=common_pb2.REPLICA_ROLE_UNSPECIFIED,
+            role=ROLES[self.settings.role],
+            kv_fingerprint=self._engine.kv_fingerprint if self._engine is not None else b"",
             state=common_pb2.REPLICA_STATE_READY,
             load=self._servicer.load()
             if self._servicer
@@ -192,6 +203,8 @@ class EngineServer:
             await self._controller.deregister(self.replica_id)
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
+        if self._servicer is not None:
+            await self._servicer.close()
         if self._engine_loop is not None:
             await asyncio.to_thread(self._engine_loop.stop)
         if self._engine is not None:

@@ -3,7 +3,9 @@
 Generate validates and maps the request, hands it to the :class:`EngineLoop` and streams the
 engine's outputs back; Abort, GetStats and WatchKVEvents answer from the loop's snapshot
 and the :class:`KVEventHub`; Load/UnloadLoRAAdapter go through
-:mod:`engine_service.lora_service`.
+:mod:`engine_service.lora_service`. Disaggregation (:mod:`engine_service.kv_handoff_service`):
+a Generate naming a ``prefill_address`` imports its prompt's KV from that engine, and Prefill
+serves such imports for another engine.
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ from dataclasses import dataclass, field
 import grpc
 
 from engine_service.engine import LLMEngine, RequestOutput
+from engine_service.engine.kv_handoff import HandoffEvent, KVReserved
 from engine_service.engine.lora_manager import LoRADisabledError
 from engine_service.engine_loop import AddCommand, EngineLoop
 from engine_service.kv_event_hub import KVEventHub
+from engine_service.kv_handoff_service import (
+    PrefillClient,
+    kv_layout,
+    layout_mismatch,
+    prefill_stream,
+)
 from engine_service.lora_service import adapter_infos, load_adapter, unload_adapter
 from engine_service.mappings import (
     grammar_spec_from_proto,
@@ -42,7 +51,9 @@ class _Stream:
     """What the event loop keeps for one Generate call."""
 
     n: int
-    queue: asyncio.Queue[RequestOutput | Exception] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[RequestOutput | HandoffEvent | Exception] = field(
+        default_factory=asyncio.Queue
+    )
     done: bool = False  # the engine holds nothing more for it (finished, rejected or aborted)
 
 
@@ -58,8 +69,18 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         metrics: EngineMetrics,
         max_queued_requests: int = 0,
         max_num_seqs: int = 0,
+        role: int = common_pb2.REPLICA_ROLE_UNSPECIFIED,
+        kv_transfer_timeout_s: float = 30.0,
     ) -> None:
         self.replica_id = replica_id
+        self.role = role
+        self.kv_transfer_timeout_s = kv_transfer_timeout_s
+        # Set with the engine (EngineServer): the KV layout, and the client that imports
+        # prompts from prefill engines.
+        self.layout: engine_pb2.KVLayout | None = None
+        self.prefill_client: PrefillClient | None = None
+        self._reservations: dict[str, asyncio.Future[int]] = {}
+        self._handoff_seconds_total = 0.0
         self.max_queued_requests = max_queued_requests  # 0: unbounded
         self.max_num_seqs = max_num_seqs
         metrics.max_queued_requests.set(max_queued_requests)
@@ -84,12 +105,27 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def load(self) -> common_pb2.ReplicaLoad:
         """The replica's load for heartbeats and GetStats, queue depth and capacity included."""
         assert self.engine_loop is not None
-        return load_from_stats(
+        load = load_from_stats(
             self.engine_loop.stats,
             num_queued=self.queue_depth(),
             max_num_seqs=self.max_num_seqs,
             max_queued_requests=self.max_queued_requests,
         )
+        load.kv_handoff_seconds_total = self._handoff_seconds_total
+        return load
+
+    def attach_engine(self, engine_loop: EngineLoop, engine: LLMEngine) -> None:
+        """Serve ``engine`` through ``engine_loop`` (before the server starts)."""
+        self.engine_loop = engine_loop
+        self.engine = engine
+        self.layout = kv_layout(engine)
+        self.prefill_client = PrefillClient(
+            self.layout, self.replica_id, engine_loop.call, self.kv_transfer_timeout_s
+        )
+
+    async def close(self) -> None:
+        if self.prefill_client is not None:
+            await self.prefill_client.close()
 
     # Callbacks from the engine thread, run on the event loop.
 
@@ -98,6 +134,19 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 stream.queue.put_nowait(output)
+
+    def deliver_handoff(self, events: list[HandoffEvent]) -> None:
+        """KV hand-off events of the engine: reservations wake the imports waiting for them;
+        prompt chunks and first tokens go to the Prefill streams they belong to."""
+        for event in events:
+            if isinstance(event, KVReserved):
+                reserved = self._reservations.pop(event.request_id, None)
+                if reserved is not None and not reserved.done():
+                    reserved.set_result(event.num_held_blocks)
+                continue
+            stream = self._streams.get(event.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(event)
 
     def reject(self, request_id: str, exc: Exception) -> None:
         stream = self._streams.get(request_id)
@@ -142,6 +191,19 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             )
         stream = _Stream(n=params.n)
         self._streams[request_id] = stream
+        # Disaggregated: the prompt's KV comes from a prefill engine. Requests the hand-off
+        # does not cover (n > 1, LoRA adapters, images) are computed here.
+        import_kv = (
+            bool(request.prefill_address)
+            and params.n == 1
+            and not request.adapter
+            and not request.images
+        )
+        handoff: asyncio.Task[None] | None = None
+        if import_kv:
+            reserved = asyncio.get_running_loop().create_future()
+            self._reservations[request_id] = reserved
+            handoff = asyncio.create_task(self._import_prompt(request, request_id, reserved))
         try:
             grammar = None
             if params.structured is not None:
@@ -163,6 +225,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                     grammar,
                     request.adapter,
                     images,
+                    import_kv=import_kv,
                 )
                 self.engine_loop.add(command)
             logger.info(
@@ -177,9 +240,109 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                 yield response
         finally:
             del self._streams[request_id]
+            self._reservations.pop(request_id, None)
+            if handoff is not None:
+                handoff.cancel()  # cancels the Prefill call: the prefill engine aborts too
             if not stream.done:
                 self.engine_loop.abort(request_id)
                 logger.info("request ended before finishing; aborted in the engine")
+
+    async def _import_prompt(
+        self,
+        request: engine_pb2.GenerateRequest,
+        request_id: str,
+        reserved: asyncio.Future[int],
+    ) -> None:
+        """Once the engine has reserved the prompt's blocks, have the prefill engine fill
+        them (or, failing that, recompute the prompt here)."""
+        assert self.prefill_client is not None
+        num_held_blocks = await reserved
+        outcome = await self.prefill_client.import_prompt(request, request_id, num_held_blocks)
+        self.metrics.handoff_finished(
+            outcome.ok, outcome.bytes_received, outcome.handoff_seconds, outcome.prefill_seconds
+        )
+        if outcome.ok:
+            self._handoff_seconds_total += outcome.handoff_seconds
+        logger.info(
+            "KV hand-off done" if outcome.ok else "KV hand-off failed; prompt recomputed",
+            extra={
+                "prefill_address": request.prefill_address,
+                "num_held_blocks": num_held_blocks,
+                "blocks_received": outcome.blocks_received,
+                "bytes_received": outcome.bytes_received,
+                "prefill_s": round(outcome.prefill_seconds, 4),
+                "handoff_s": round(outcome.handoff_seconds, 4),
+                "reason": outcome.reason,
+            },
+        )
+
+    async def Prefill(
+        self, request: engine_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[engine_pb2.PrefillResponse]:
+        """Compute a decode engine's prompt and stream its KV back (see
+        :mod:`engine_service.kv_handoff_service`)."""
+        assert self.engine_loop is not None and self.layout is not None
+        generate = request.request
+        request_id_var.set(generate.request_id)
+        mismatch = layout_mismatch(self.layout, request.layout)
+        if mismatch:
+            logger.error(
+                "KV hand-off refused: layouts differ",
+                extra={"decode_replica_id": request.decode_replica_id, "reason": mismatch},
+            )
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"prefill engine {self.replica_id} cannot hand KV to "
+                f"{request.decode_replica_id or 'the caller'}: {mismatch}",
+            )
+        # Its own key: a retried request may be prefilled here again for another decode engine.
+        key = f"{generate.request_id or uuid.uuid4().hex}@{request.decode_replica_id}"
+        if key in self._streams:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"prefill {key} is running")
+        prompt = list(generate.prompt_token_ids)
+        try:
+            params = sampling_params_from_proto(generate.sampling, len(prompt), self.max_model_len)
+            if generate.HasField("structured"):
+                params.structured = grammar_spec_from_proto(generate.structured)
+            if params.n != 1:
+                raise ValueError("a prefill for a decode engine takes n == 1")
+        except ValueError as exc:
+            await abort_with(context, exc)
+        stream = _Stream(n=1)
+        self._streams[key] = stream
+        try:
+            grammar = None
+            if params.structured is not None:
+                try:
+                    grammar = await self.engine_loop.compile_grammar(params.structured)
+                except ValueError as exc:
+                    stream.done = True
+                    await abort_with(context, exc)
+            self.engine_loop.add(
+                AddCommand(
+                    key,
+                    prompt,
+                    params,
+                    generate.priority,
+                    generate.cache_salt,
+                    grammar,
+                    generate.adapter,
+                    kv_export_skip_blocks=request.num_skip_blocks,
+                )
+            )
+            try:
+                async for message in prefill_stream(stream.queue):
+                    if message.HasField("result"):
+                        stream.done = True
+                    yield message
+            except Exception as exc:  # the engine refused or failed the request
+                stream.done = True
+                await abort_with(context, exc)
+        finally:
+            del self._streams[key]
+            if not stream.done:
+                self.engine_loop.abort(key)
+                logger.info("prefill ended before its first token; aborted in the engine")
 
     async def _stream_responses(
         self, stream: _Stream, arrival: float, context: grpc.aio.ServicerContext
@@ -247,6 +410,8 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             block_size=self.block_size,
             lora_adapters=adapter_infos(stats.lora),
             max_loras=stats.lora.max_loras if stats.lora is not None else 0,
+            role=self.role,
+            kv_layout=self.layout,
         )
 
     async def LoadLoRAAdapter(

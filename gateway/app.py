@@ -94,6 +94,7 @@ def create_app(
         metrics.engine_retries,
         timeout_s=settings.request_timeout_s,
         failover_wait_s=settings.failover_wait_s,
+        pd_min_prompt_tokens=settings.pd_min_prompt_tokens,
     )
     tokenizer = ModelTokenizer(model_path)
     chat = ChatFormat(

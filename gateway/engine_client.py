@@ -15,6 +15,13 @@ death) cannot take the fleet down over and over. Once a response has arrived, th
 may have seen output and a failure ends the request with an error instead. Leaving the
 iteration early, for any reason (a stop string, a client that went away), cancels the call,
 which aborts the request on the engine and frees its KV blocks.
+
+Prefill/decode disaggregation: when prefill replicas are routable, a request of one sample,
+without a LoRA adapter, whose prompt has at least ``pd_min_prompt_tokens`` tokens runs on a
+decode replica with ``prefill_address`` naming a prefill replica (see
+:meth:`Router.select_prefill`); the decode replica fetches the prompt's KV from it, and
+computes the prompt itself should that fail. Failover is the decode replica's: a retry picks
+both replicas again.
 """
 
 from __future__ import annotations
@@ -67,8 +74,10 @@ class EngineClient:
         *,
         timeout_s: float | None = None,
         failover_wait_s: float = 0.0,
+        pd_min_prompt_tokens: int = 0,
     ) -> None:
         self._router = router
+        self._pd_min_prompt_tokens = pd_min_prompt_tokens
         self._retries = retries
         self._timeout_s = timeout_s
         self._failover_wait_s = failover_wait_s
@@ -114,12 +123,15 @@ class EngineClient:
         tried: set[str],
         last_error: grpc.aio.AioRpcError | None,
         wait_until: float | None,
+        disaggregated: bool = False,
     ) -> Replica:
         """The next replica to try: an untried one; else, once an attempt failed UNAVAILABLE
         and until ``wait_until``, any routable one as soon as there is one. Failing that, the
         error to report is ``last_error`` (RESOURCE_EXHAUSTED when any replica was full)."""
         try:
-            return self._router.select(request_info, exclude=frozenset(tried))
+            return self._router.select(
+                request_info, exclude=frozenset(tried), disaggregated=disaggregated
+            )
         except NoReplicaAvailable:
             if last_error is None:
                 raise
@@ -128,8 +140,18 @@ class EngineClient:
             if self._router.ready_replicas():
                 # Marks have lapsed or a replica (re)joined: try again from scratch.
                 tried.clear()
-                return self._router.select(request_info)
+                return self._router.select(request_info, disaggregated=disaggregated)
         raise EngineError(last_error.code(), _failure_message(last_error)) from None
+
+    def _disaggregates(self, request: engine_pb2.GenerateRequest) -> bool:
+        """Whether a prefill replica should compute the request's prompt: one sample, no
+        LoRA adapter, no images, and a prompt of at least ``pd_min_prompt_tokens``."""
+        return (
+            request.sampling.n <= 1
+            and not request.adapter
+            and not request.images
+            and len(request.prompt_token_ids) >= self._pd_min_prompt_tokens
+        )
 
     async def generate(
         self, request: engine_pb2.GenerateRequest, request_info: RequestInfo
@@ -143,13 +165,22 @@ class EngineClient:
         wait_until: float | None = None
         for attempt in range(1, MAX_ATTEMPTS + 1):
             await self._close_departed()
-            replica = await self._select(request_info, tried, last_error, wait_until)
+            disaggregated = self._disaggregates(request) and self._router.has_prefill_replicas()
+            replica = await self._select(request_info, tried, last_error, wait_until, disaggregated)
             tried.add(replica.replica_id)
+            prefill = None
+            if disaggregated and not replica.is_prefill:
+                prefill = self._router.select_prefill(request_info, replica)
+            sent = request
+            if prefill is not None:
+                sent = engine_pb2.GenerateRequest()
+                sent.CopyFrom(request)
+                sent.prefill_address = prefill.address
             started = False
             address = replica.address
-            call = self._stub(address).Generate(request, timeout=self._timeout_s)
+            call = self._stub(address).Generate(sent, timeout=self._timeout_s)
             self._calls_by_address[address] = self._calls_by_address.get(address, 0) + 1
-            with self._router.track(replica):
+            with self._router.track(replica), self._router.track_optional(prefill):
                 try:
                     async for response in call:
                         if not started:

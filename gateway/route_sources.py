@@ -163,4 +163,6 @@ class StaticRoutes:
             lora_adapters=tuple((a.name, a.path) for a in stats.lora_adapters),
             lora_fingerprints=tuple((a.name, a.fingerprint) for a in stats.lora_adapters),
             max_loras=stats.max_loras,
+            role=stats.role,
+            kv_fingerprint=stats.kv_layout.fingerprint,
         )

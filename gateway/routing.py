@@ -14,6 +14,14 @@ Passive health: a replica whose connection failed (the engine client reports it 
 controller to notice; after that one request may find out again whether it answers. A
 response from it (:meth:`Router.mark_reachable`) or its leaving the routing table clears the
 mark. ``/health`` counts only replicas that are READY and not marked.
+
+Prefill/decode disaggregation: replicas carry a role (prefill, decode, or both). Requests go
+to decode and both replicas; prefill replicas are never the one a request runs on. With
+:meth:`Router.select_prefill` the engine client picks, for a long enough prompt, a prefill
+replica (by the policy: prefix-aware with the prefix policy, else least load) whose KV
+layout matches the decode replica's, and the decode replica imports the prompt's KV from it.
+While prefill replicas exist, the decode replica itself is the least loaded with the most
+free KV (its prompt arrives as KV; the decode phase is what it runs).
 """
 
 from __future__ import annotations
@@ -60,6 +68,12 @@ class Replica:
     placed_adapters: tuple[str, ...] = ()
     max_loras: int = 0
     lora_fingerprints: tuple[tuple[str, str], ...] = ()  # (name, content fingerprint)
+    role: int = common_pb2.REPLICA_ROLE_UNSPECIFIED  # ReplicaRole: both, prefill or decode
+    kv_fingerprint: bytes = b""  # the KV layout's fingerprint; b"": not reported
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.role == common_pb2.REPLICA_ROLE_PREFILL
 
     def serves_adapter(self, name: str) -> bool:
         return any(registered == name for registered, _ in self.lora_adapters)
@@ -82,6 +96,8 @@ class Replica:
             lora_fingerprints=tuple((a.name, a.fingerprint) for a in replica.lora_adapters),
             placed_adapters=tuple(replica.placed_adapters),
             max_loras=replica.max_loras,
+            role=replica.role,
+            kv_fingerprint=replica.kv_fingerprint,
         )
 
     def capacity(self) -> int:
@@ -227,10 +243,19 @@ class Router:
         lengths = [r.max_model_len for r in self.ready_replicas() if r.max_model_len > 0]
         return min(lengths) if lengths else None
 
-    def select(self, request_info: RequestInfo, exclude: frozenset[str] = frozenset()) -> Replica:
+    def select(
+        self,
+        request_info: RequestInfo,
+        exclude: frozenset[str] = frozenset(),
+        *,
+        disaggregated: bool = False,
+    ) -> Replica:
         """A READY replica not in ``exclude`` (replica ids), holding the request's LoRA
         adapter if it names one, and below its bound; raises ``NoReplicaAvailable`` when
-        none is ready, ``ReplicasBusy`` when all are full."""
+        none is ready, ``ReplicasBusy`` when all are full. Prefill replicas are left out
+        while any other replica is ready (see the module docstring); with ``disaggregated``
+        (a prefill replica computes the prompt) the pick is by load and free KV rather than
+        the policy."""
         adapter = request_info.adapter
         ready = [
             replace(replica, in_flight=self._in_flight.get(replica.replica_id, 0))
@@ -238,6 +263,8 @@ class Router:
             if replica.replica_id not in exclude
             and (not adapter or replica.serves_adapter(adapter))
         ]
+        if any(not replica.is_prefill for replica in ready):
+            ready = [replica for replica in ready if not replica.is_prefill]
         if not ready:
             held = f" holding adapter {adapter!r}" if adapter else ""
             raise NoReplicaAvailable(f"no engine replica{held} is ready to serve the request")
@@ -246,11 +273,48 @@ class Router:
             raise ReplicasBusy("every engine replica is at capacity")
         if not request_info.session_id:
             request_info = replace(request_info, session_id=session_id_var.get())
+        if disaggregated:
+            return min(candidates, key=lambda r: (replica_load(r), r.kv_usage, r.replica_id))
+        return self.policy.select(candidates, request_info)
+
+    def has_prefill_replicas(self) -> bool:
+        """Whether any READY prefill replica is routable now."""
+        return any(replica.is_prefill for replica in self.ready_replicas())
+
+    def select_prefill(self, request_info: RequestInfo, decode: Replica) -> Replica | None:
+        """A READY prefill replica, below its bound, whose KV layout matches ``decode``'s,
+        picked by the policy (prefix-aware with the prefix policy); None when there is none
+        (the decode replica then computes the prompt itself)."""
+        candidates = [
+            replace(replica, in_flight=self._in_flight.get(replica.replica_id, 0))
+            for replica in self.ready_replicas()
+            if replica.is_prefill
+            and replica.replica_id != decode.replica_id
+            and (
+                not replica.kv_fingerprint
+                or not decode.kv_fingerprint
+                or replica.kv_fingerprint == decode.kv_fingerprint
+            )
+        ]
+        candidates = [replica for replica in candidates if not self._full(replica)]
+        if not candidates:
+            return None
+        if not request_info.session_id:
+            request_info = replace(request_info, session_id=session_id_var.get())
         return self.policy.select(candidates, request_info)
 
     def _full(self, replica: Replica) -> bool:
         bound = self.max_in_flight_per_replica or replica.capacity()
         return bound > 0 and replica.in_flight >= bound
+
+    @contextmanager
+    def track_optional(self, replica: Replica | None) -> Iterator[None]:
+        """:meth:`track` when ``replica`` is given (a prefill replica, if one was picked)."""
+        if replica is None:
+            yield
+            return
+        with self.track(replica):
+            yield
 
     @contextmanager
     def track(self, replica: Replica) -> Iterator[None]:

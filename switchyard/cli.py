@@ -214,6 +214,11 @@ def _wait_ready(url: str, client: httpx.Client) -> bool:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.engines is None:  # ordinary engines only when the stack is not disaggregated
+        args.engines = 0 if args.prefill_engines or args.decode_engines else 1
+    if args.prefill_engines and not args.decode_engines and not args.engines:
+        print("--prefill-engines needs decode engines (--decode-engines)", file=sys.stderr)
+        return 1
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
     config_file = Path(args.config).expanduser().resolve() if args.config else None
     if config_file is not None and not config_file.is_file():
@@ -273,6 +278,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--host", "127.0.0.1",
         "--port", str(ports.controller),
         "--engines", str(args.engines),
+        "--prefill-engines", str(args.prefill_engines),
+        "--decode-engines", str(args.decode_engines),
         "--engine-base-port", str(ports.engine_base),
         "--engine-base-metrics-port", str(ports.engine_base_metrics),
         f"--engine-args={shlex.join(engine_args)}",
@@ -311,7 +318,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
         url = f"http://{shown_host}:{ports.gateway}"
         print(
-            f"Starting {args.engines} engine(s), the controller ({controller_address}), the KV "
+            f"Starting {_engine_counts(args)}, the controller ({controller_address}), the KV "
             f"service ({kv_address}), the tool service ({tool_address}) and the gateway; "
             f"logs in {log_dir}",
             flush=True,
@@ -326,6 +333,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         if stragglers:
             print(f"killed leftover processes {stragglers}", file=sys.stderr)
         print("Stopped.", flush=True)
+
+
+def _engine_counts(args: argparse.Namespace) -> str:
+    counts = [
+        f"{n} {kind}"
+        for n, kind in (
+            (args.engines, "engine(s)"),
+            (args.prefill_engines, "prefill engine(s)"),
+            (args.decode_engines, "decode engine(s)"),
+        )
+        if n
+    ]
+    return ", ".join(counts) or "no engines"
 
 
 def _supervise(
@@ -390,9 +410,12 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
     ``^``: placed on it by the controller) and ``n/m`` its device slots in use.
     """
     header = (
-        "ID", "ADDRESS", "STATE", "RUNNING", "WAITING", "KV USAGE",
+        "ID", "ADDRESS", "ROLE", "STATE", "RUNNING", "WAITING", "KV USAGE",
         "PREFIX HIT", "HOST HIT", "REMOTE HIT",
     )  # fmt: skip
+    with_pd = any(r.role != common_pb2.REPLICA_ROLE_UNSPECIFIED for r in reply.replicas)
+    if with_pd:
+        header = (*header, "HANDOFFS", "HANDOFF MiB", "HANDOFF S")
     with_spec = any(r.load.spec_acceptance_length for r in reply.replicas)
     if with_spec:
         header = (*header, "SPEC ACCEPT")
@@ -407,6 +430,7 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
             (
                 replica.replica_id,
                 replica.address or "-",
+                _ROLE_NAMES.get(replica.role, "both"),
                 state,
                 str(load.num_running),
                 str(load.num_waiting),
@@ -414,6 +438,7 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
                 f"{100 * load.prefix_hit_rate:.1f}%",
                 _share(load.host_hit_tokens, load.prefix_cache_queries),
                 _share(load.remote_hit_tokens, load.prefix_cache_queries),
+                *(_handoff_cells(replica) if with_pd else ()),
                 *((f"{load.spec_acceptance_length:.2f}",) if with_spec else ()),
                 *(_lora_cells(replica) if with_lora else ()),
             )
@@ -427,6 +452,21 @@ def format_status(reply: controller_pb2.ListReplicasResponse) -> str:
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
               for row in rows]  # fmt: skip
     return "\n".join(lines)
+
+
+_ROLE_NAMES = {common_pb2.REPLICA_ROLE_PREFILL: "prefill", common_pb2.REPLICA_ROLE_DECODE: "decode"}
+
+
+def _handoff_cells(replica: common_pb2.Replica) -> tuple[str, str, str]:
+    """KV hand-offs done (sent by a prefill engine, received by a decode engine), their
+    bytes, and (decode engines) the time they added to the prefills in all."""
+    load = replica.load
+    seconds = f"{load.kv_handoff_seconds_total:.2f}" if load.kv_handoff_seconds_total else "-"
+    return (
+        str(load.kv_handoffs_total),
+        f"{load.kv_handoff_bytes_total / 2**20:.1f}",
+        seconds,
+    )
 
 
 def _lora_cells(replica: common_pb2.Replica) -> tuple[str, str]:
@@ -496,7 +536,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--served-model-name", default="", help="name clients use (default: model)")
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
     up.add_argument("--port", type=int, help="gateway HTTP port (default: 8000)")
-    up.add_argument("--engines", type=_positive_int, default=1, help="engine replicas")
+    up.add_argument(
+        "--engines",
+        type=_positive_int,
+        default=None,
+        help="ordinary engine replicas (default: 1, or 0 with prefill/decode engines)",
+    )
+    up.add_argument(
+        "--prefill-engines",
+        type=_positive_int,
+        default=0,
+        help="prefill engines: compute prompts and hand their KV to decode engines",
+    )
+    up.add_argument(
+        "--decode-engines",
+        type=_positive_int,
+        default=0,
+        help="decode engines: generate from prompts a prefill engine computed",
+    )
     up.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
     up.add_argument(
         "--data-dir",
@@ -588,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     scale = sub.add_parser("scale", help="set the desired size of a pool")
-    scale.add_argument("pool", choices=["engines"])
+    scale.add_argument("pool", choices=["engines", "prefill-engines", "decode-engines"])
     scale.add_argument("replicas", type=_positive_int)
     scale.add_argument("--controller", default=controller_default, help="host:port")
     scale.set_defaults(func=cmd_scale)

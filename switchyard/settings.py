@@ -331,6 +331,18 @@ class EngineSettings(ServiceSettings):
         description="vision-language models: GiB of vision-encoder outputs kept by image "
         "content hash (LRU), so a repeated image is not encoded again; 0: off",
     )
+    role: Literal["prefill", "decode", "both"] = Field(
+        default="both",
+        description="prefill/decode disaggregation: prefill engines compute prompts and hand "
+        "their KV to decode engines, which generate the rest; both: an ordinary engine "
+        "(docs/disaggregation.md)",
+    )
+    kv_transfer_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="decode engines: longest a prompt's KV hand-off from a prefill engine may "
+        "take; past it the prompt is computed here instead",
+    )
 
     tensor_parallel_size: int = Field(
         default=1,
@@ -394,6 +406,15 @@ class ControllerSettings(ServiceSettings):
         "(engines are started elsewhere and register themselves)",
     )
     engines: int = Field(default=1, ge=0, description="desired number of engine replicas")
+    prefill_engines: int = Field(
+        default=0,
+        ge=0,
+        description="desired prefill engines (--role prefill; local backend), a pool of its own "
+        "(docs/disaggregation.md)",
+    )
+    decode_engines: int = Field(
+        default=0, ge=0, description="desired decode engines (--role decode; local backend)"
+    )
     model: str = Field(default="demo", description="model the engines load (see EngineSettings)")
     served_model_name: str = Field(
         default="", description="served name passed to engines; empty: the value of model"
@@ -438,6 +459,16 @@ class ControllerSettings(ServiceSettings):
     )
     engine_port: int = Field(
         default=50100, ge=1, le=65535, description="gRPC port of the engine pods"
+    )
+    prefill_engine_deployment: str = Field(
+        default="",
+        description="kubernetes: Deployment of the prefill engines, followed and scaled as the "
+        "prefill-engines pool; empty: none",
+    )
+    decode_engine_deployment: str = Field(
+        default="",
+        description="kubernetes: Deployment of the decode engines (the decode-engines pool); "
+        "empty: none",
     )
     leader_election: bool = Field(
         default=False,
@@ -526,6 +557,13 @@ class GatewaySettings(ServiceSettings):
         ge=0,
         description="prefix policy: fall back to the least-loaded replica when the best "
         "prefix holder has this many more requests than it",
+    )
+    pd_min_prompt_tokens: int = Field(
+        default=256,
+        ge=0,
+        description="prefill/decode disaggregation: prompts of at least this many tokens are "
+        "computed by a prefill engine and handed to a decode engine; shorter ones only by the "
+        "decode engine (when prefill engines are routable; docs/disaggregation.md)",
     )
     session_header: str = Field(
         default="x-session-id",

@@ -10,9 +10,10 @@ Everything runs on the caller's thread; services run this loop in a thread of th
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,12 +22,21 @@ from engine_service.engine.batch import SampledTokens, ScheduledBatch
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVEventLog, KVTier
+from engine_service.engine.kv_handoff import (
+    HandoffEvent,
+    KVExport,
+    KVImport,
+    KVImports,
+    KVReserved,
+    PrefillDone,
+    export_ready_blocks,
+)
 from engine_service.engine.lora_manager import LoRAAdapter, LoRADisabledError, LoRAManager
 from engine_service.engine.memory import allocate_kv_cache, num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.multimodal import EncoderCache, EncoderRunner, ImageInput
 from engine_service.engine.offload import OffloadManager, RemoteKVStore
-from engine_service.engine.outputs import EngineStats, LoRAStats, RequestOutput
+from engine_service.engine.outputs import EngineStats, LoRAStats, RequestOutput, TokenLogprob
 from engine_service.engine.parallel.channel import StepChannel
 from engine_service.engine.parallel.ranks import RankContext, WorkerRanks, init_distributed
 from engine_service.engine.progress import TokenAcceptor
@@ -145,15 +155,21 @@ class LLMEngine:
             num_blocks, config.block_size, mc, self.dtype, self.device, tp.size
         )
         self.kv_events = KVEventLog() if config.enable_kv_events else None
+        # What this engine's KV blocks mean: blocks move to or from another engine (the KV
+        # service, a prefill or decode engine) only under the same fingerprint.
+        self.kv_fingerprint = kv_fingerprint(
+            checkpoint_id(config.model), self.dtype, tuple(self.kv_cache.shape[1:])
+        )
+        self.kv_imports = KVImports(self.kv_cache, config.block_size)
+        self._handoff_events: list[HandoffEvent] = []
+        self._exporting: set[str] = set()  # request ids whose prompt KV is being exported
         self.offload: OffloadManager | None = None
         if config.enable_kv_offload:
             self.offload = OffloadManager(
                 self.kv_cache,
                 config.kv_offload_host_bytes,
                 remote_kv_store,
-                kv_fingerprint(
-                    checkpoint_id(config.model), self.dtype, tuple(self.kv_cache.shape[1:])
-                ),
+                self.kv_fingerprint,
                 write_through=config.kv_write_through,
                 events=self.kv_events,
                 remote_retry_s=config.kv_remote_retry_s,
@@ -256,6 +272,8 @@ class LLMEngine:
         grammar: GrammarMatcher | None = None,
         adapter: str | None = None,
         images: list[ImageInput] | None = None,
+        kv_export: KVExport | None = None,
+        import_kv: bool = False,
     ) -> None:
         """Queue a request; raises ``ValueError`` for input the engine cannot serve. Only
         requests with the same ``cache_salt`` share prefix-cache blocks.
@@ -263,6 +281,13 @@ class LLMEngine:
         ``images`` are the prompt's preprocessed images, each over its run of placeholder
         tokens (a vision-language model only); the blocks holding an image's placeholders
         are keyed by its content hash.
+
+        Disaggregation (:mod:`engine_service.engine.kv_handoff`): with ``kv_export`` the
+        request ends at its first token, and its prompt blocks from
+        ``kv_export.num_skip_blocks`` on come out of :meth:`take_handoff_events` as they are
+        computed. With ``import_kv`` its prompt's blocks are reserved and filled by
+        :meth:`receive_kv`; it runs once :meth:`finish_kv_import` hands it the first token.
+        Both take one sample (n == 1) and no LoRA adapter on the importing side.
 
         ``grammar`` is a matcher already compiled for ``params.structured`` (by
         ``self.structured.matcher`` on another thread, so the step thread never compiles);
@@ -297,6 +322,12 @@ class LLMEngine:
                 "engine runs at once"
             )
         images = self._check_images(prompt_token_ids, images or [])
+        if (kv_export is not None or import_kv) and params.n != 1:
+            raise ValueError("a disaggregated request (KV hand-off) takes n == 1")
+        if import_kv and lora_adapter is not None:
+            raise ValueError("a request with a LoRA adapter cannot import its prompt's KV")
+        if import_kv and images:
+            raise ValueError("a request with images cannot import its prompt's KV")
         if grammar is None and params.structured is not None:
             # Loads the tokenizer on first use and compiles the grammar unless it is cached.
             grammar = self.structured.matcher(params.structured)
@@ -319,9 +350,15 @@ class LLMEngine:
         first.pending_forks = [first.fork(i) for i in range(1, params.n)]
         self._samples[request_id] = [first, *first.pending_forks]
         self.prompt_tokens_total += len(prompt_token_ids)
-        if lora_adapter is None:
+        if kv_export is not None:
+            self._exporting.add(request_id)
+        if import_kv:
+            self.scheduler.add_importing(first)
+        elif lora_adapter is None:
+            first.kv_handoff = kv_export
             self.scheduler.add(first)
         else:
+            first.kv_handoff = kv_export
             lora_adapter.requests_total += 1
             self._lora_name_of[request_id] = lora_adapter.name
             self._lora_waiting.append((first, lora_adapter))
@@ -422,6 +459,7 @@ class LLMEngine:
             return False
         self._lora_waiting = [w for w in self._lora_waiting if w[0].request_id != request_id]
         self._release_lora(request_id)
+        self._exporting.discard(request_id)
         for request in samples:
             if request.is_finished:
                 continue
@@ -444,6 +482,130 @@ class LLMEngine:
             or bool(self._lora_waiting)
             or bool(self._pending_outputs)
             or self._in_flight is not None
+        )
+
+    def only_awaiting_kv(self) -> bool:
+        """Whether stepping is pointless until a KV transfer delivers: every unfinished
+        request holds reserved blocks and waits for its prompt's KV."""
+        return (
+            self.scheduler.only_awaiting_kv()
+            and not self._lora_waiting
+            and not self._pending_outputs
+            and self._in_flight is None
+        )
+
+    # -- KV hand-off (disaggregation) -----------------------------------------------------
+
+    def take_handoff_events(self) -> list[HandoffEvent]:
+        """Reservations made, prompt blocks computed and first tokens sampled for KV
+        hand-offs since the last call, in order."""
+        events: list[HandoffEvent] = [
+            KVReserved(r.request_id, r.kv_handoff.num_held_blocks)
+            for r in self.scheduler.take_reservations()
+        ]
+        events.extend(self._handoff_events)
+        self._handoff_events = []
+        return events
+
+    def _importing(self, request_id: str) -> Request | None:
+        samples = self._samples.get(request_id)
+        if not samples:
+            return None
+        request = samples[0]
+        state = request.kv_handoff
+        if not isinstance(state, KVImport) or not state.reserved:
+            return None
+        return request
+
+    def receive_kv(self, request_id: str, first_block: int, blocks: torch.Tensor) -> bool:
+        """Copy received prompt blocks into the request's reserved blocks. A chunk that does
+        not fit (order, range, shape, dtype) fails the transfer: the request recomputes its
+        prompt here. False when the request is not importing (any more)."""
+        request = self._importing(request_id)
+        if request is None:
+            return False
+        problem = self.kv_imports.check_chunk(request, first_block, blocks)
+        if problem:
+            self.fail_kv_import(request_id, problem)
+            return False
+        self.kv_imports.write(request, first_block, blocks)
+        return True
+
+    def finish_kv_import(
+        self,
+        request_id: str,
+        token_id: int,
+        logprob: TokenLogprob | None = None,
+        generator_state: bytes = b"",
+    ) -> bool:
+        """The prefill engine's first token: once every prompt block is in, the request
+        accepts it (stop checks, grammar, jump-forward, as if sampled here) and runs."""
+        request = self._importing(request_id)
+        if request is None:
+            return False
+        missing = self.kv_imports.missing(request)
+        vocab = self.model_config.vocab_size
+        if missing or not 0 <= token_id < vocab:
+            reason = f"{missing} prompt blocks missing" if missing else f"token {token_id}"
+            self.fail_kv_import(request_id, reason)
+            return False
+        if generator_state and request.generator is not None:
+            state = torch.frombuffer(bytearray(generator_state), dtype=torch.uint8)
+            request.generator.set_state(state)
+        self.kv_imports.stats.skipped_blocks += request.kv_handoff.num_held_blocks
+        self.kv_imports.stats.imports_done += 1
+        self.scheduler.complete_import(request)
+        self.acceptor.accept(request, token_id, logprob)
+        if request.is_finished:
+            self.scheduler.finish(request)
+        self._pending_outputs.append(self._output(request))
+        if request.is_finished:
+            self._forget_if_done(request_id)
+        return True
+
+    def fail_kv_import(self, request_id: str, reason: str) -> bool:
+        """Give up on the transfer: free the reserved blocks and compute the prompt here."""
+        samples = self._samples.get(request_id)
+        if not samples or not isinstance(samples[0].kv_handoff, KVImport):
+            return False
+        logger.warning("KV hand-off of %s failed (%s); recomputing the prompt", request_id, reason)
+        self.kv_imports.stats.import_failures += 1
+        self.scheduler.fail_import(samples[0])
+        return True
+
+    def _export_ready(self, batch: ScheduledBatch) -> None:
+        """Copy out the prompt blocks this finished step completed, for exporting requests."""
+        for seq in batch.sequences:
+            request = seq.request
+            if not isinstance(request.kv_handoff, KVExport):
+                continue
+            if request.is_finished or seq.epoch != request.num_preemptions:
+                continue
+            chunk = export_ready_blocks(
+                request, self.kv_cache, self.config.block_size, seq.start + seq.num_known_tokens
+            )
+            if chunk is not None:
+                self._handoff_events.append(chunk)
+
+    def _prefill_done(self, request: Request) -> None:
+        export = request.kv_handoff
+        assert isinstance(export, KVExport)
+        generator = request.generator
+        logprobs = request.unreported_logprobs
+        stats = self.kv_imports.stats
+        stats.exports_done += 1
+        stats.export_bytes += export.bytes_sent
+        self._handoff_events.append(
+            PrefillDone(
+                request_id=request.request_id,
+                token_id=request.all_token_ids[request.num_prompt_tokens],
+                logprob=logprobs[0] if logprobs else None,
+                generator_state=generator.get_state().numpy().tobytes() if generator else b"",
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+                prefill_seconds=time.monotonic() - export.started_at,
+                num_blocks_sent=export.next_block - export.num_skip_blocks,
+                bytes_sent=export.bytes_sent,
+            )
         )
 
     # -- the loop -------------------------------------------------------------------------
@@ -548,6 +710,8 @@ class LLMEngine:
         """Read a launched step's tokens back and commit them (the scheduler's update)."""
         flight.wait()
         result = flight.result
+        if self._exporting:
+            self._export_ready(flight.batch)
         token_list, logprobs = result.to_host(flight.meta)
         token_lists = logprob_lists = None
         if result.verified:
@@ -563,6 +727,10 @@ class LLMEngine:
             self.runner.move_slots(moves)
         outputs = []
         for request in touched:
+            if isinstance(request.kv_handoff, KVExport) and request.num_output_tokens:
+                self._prefill_done(request)
+                request.kv_handoff = None
+                self._exporting.discard(request.request_id)
             outputs.append(self._output(request))
             if request.is_finished:
                 self._forget_if_done(request.request_id)
@@ -615,6 +783,8 @@ class LLMEngine:
             spec_accepted_per_position=tuple(
                 self.scheduler.accepted_per_position[: self.scheduler.num_speculative_tokens]
             ),
+            num_awaiting_kv=len(self.scheduler.importing),
+            handoff=replace(self.kv_imports.stats),
             **self._offload_stats(),
             **self._encoder_stats(),
             lora=self._lora_stats(),

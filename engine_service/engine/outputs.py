@@ -61,6 +61,20 @@ class LoRAStats:
 
 
 @dataclass(slots=True)
+class HandoffStats:
+    """KV hand-offs (disaggregation) since start: sent by a prefill engine, received by a
+    decode engine, decode-side transfers that failed (the prompt was recomputed instead),
+    and prompt blocks a decode engine held itself and was not sent."""
+
+    exports_done: int = 0
+    export_bytes: int = 0
+    imports_done: int = 0
+    import_bytes: int = 0
+    import_failures: int = 0
+    skipped_blocks: int = 0
+
+
+@dataclass(slots=True)
 class EngineStats:
     """A snapshot of load and cache figures, cheap enough to take on every heartbeat."""
 
@@ -106,6 +120,10 @@ class EngineStats:
     mm_cache_bytes: int = 0
     # None when LoRA is off.
     lora: LoRAStats | None = None
+    # Disaggregation: requests holding reserved blocks while their prompt's KV arrives, and
+    # the hand-offs this engine sent (prefill) and received (decode).
+    num_awaiting_kv: int = 0
+    handoff: HandoffStats = field(default_factory=HandoffStats)
 
     @property
     def spec_mean_acceptance_length(self) -> float:

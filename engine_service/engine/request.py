@@ -87,6 +87,9 @@ class Request:
     mrope_delta: int = 0
     cache_salt: str | None = None
     kv_transfer: Any = None
+    # Prefill/decode disaggregation: a KVExport (prefill engine) or KVImport (decode engine),
+    # see engine_service.engine.kv_handoff; None for a request computed here from start to end.
+    kv_handoff: Any = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

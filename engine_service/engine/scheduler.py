@@ -26,6 +26,7 @@ from engine_service.engine.batch import SampledTokens, ScheduledBatch, Scheduled
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
 from engine_service.engine.kv_events import KVTier
+from engine_service.engine.kv_handoff import KVExport, KVImport
 from engine_service.engine.multimodal import spans_in_chunk
 from engine_service.engine.offload import OffloadManager, Restore
 from engine_service.engine.progress import TokenAcceptor
@@ -57,6 +58,10 @@ class Scheduler:
         self._waiting: list[tuple[tuple[int, int, int], Request]] = []
         self.running: list[Request] = []
         self.loading: list[Request] = []
+        # Disaggregation (decode side): requests whose prompt KV comes from a prefill engine,
+        # in arrival order; reserved ones hold their prompt's blocks while it arrives.
+        self.importing: list[Request] = []
+        self._reserved_now: list[Request] = []
         self.num_preemptions = 0
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -68,14 +73,40 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting) + len(self.loading)
+        return len(self._waiting) + len(self.loading) + len(self.importing) - self.num_reserved
+
+    @property
+    def num_reserved(self) -> int:
+        """Importing requests that hold their blocks (they run once their KV is in)."""
+        return sum(1 for r in self.importing if r.kv_handoff.reserved)
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         self._push_waiting(request)
 
+    def add_importing(self, request: Request) -> None:
+        """Queue a request whose prompt KV a prefill engine computes: its blocks are
+        reserved in arrival order, and it runs once :meth:`complete_import` is called."""
+        request.status = RequestStatus.WAITING
+        request.kv_handoff = KVImport()
+        self.importing.append(request)
+
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self.running or self.loading)
+        return bool(self._waiting or self.running or self.loading or self.importing)
+
+    def only_awaiting_kv(self) -> bool:
+        """Whether everything unfinished is reserved and waiting for its KV: no step can
+        make progress until a transfer delivers."""
+        return (
+            bool(self.importing)
+            and not (self._waiting or self.running or self.loading)
+            and self.num_reserved == len(self.importing)
+        )
+
+    def take_reservations(self) -> list[Request]:
+        """Importing requests that got their blocks since the last call."""
+        reserved, self._reserved_now = self._reserved_now, []
+        return [r for r in reserved if r in self.importing]
 
     # -- schedule -------------------------------------------------------------------------
 
@@ -110,13 +141,18 @@ class Scheduler:
                 budget -= num_new + room
                 i += 1
 
+        if self.importing and not batch.preempted:
+            self._reserve_imports()
+        num_reserved = self.num_reserved
         # New work waits while the pool is too tight to keep what already runs.
         while self._waiting and not batch.preempted and budget > 0:
             request = self._waiting[0][1]
             if request.num_pending_tokens:
                 break  # preempted while its token was in flight: admit once it is known
-            # Its pending samples join the running list when its prompt is done.
-            if len(self.running) + 1 + len(request.pending_forks) > self.config.max_num_seqs:
+            # Its pending samples join the running list when its prompt is done; reserved
+            # imports will join it too.
+            seats = len(self.running) + num_reserved + 1 + len(request.pending_forks)
+            if seats > self.config.max_num_seqs:
                 break
             computed_blocks: list[int] = []
             restores: list[Restore] = []
@@ -161,6 +197,51 @@ class Scheduler:
         batch.block_copies = self.kv.take_block_copies()
         return batch
 
+    def _reserve_imports(self) -> None:
+        """Give importing requests, in arrival order, blocks for their whole prompt: cached
+        ones from the prefix cache (they need not be sent), fresh ones for the rest."""
+        seats = len(self.running) + self.num_reserved
+        for request in self.importing:
+            state = request.kv_handoff
+            if state.reserved:
+                continue
+            if seats + 1 > self.config.max_num_seqs:
+                return
+            computed_blocks = self.kv.get_computed_blocks(request)
+            num_cached = len(computed_blocks) * self.kv.block_size
+            if not self.kv.allocate_slots(
+                request, request.num_tokens - num_cached, computed_blocks
+            ):
+                return
+            request.num_computed_tokens = num_cached
+            state.reserved = True
+            state.num_held_blocks = state.next_block = len(computed_blocks)
+            seats += 1
+            self._reserved_now.append(request)
+
+    def complete_import(self, request: Request) -> None:
+        """Its prompt's KV is in: the request runs from here, with nothing to compute until
+        its first token (already accepted) needs KV."""
+        self.importing.remove(request)
+        state = request.kv_handoff
+        request.kv_handoff = None
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_cached_tokens = state.num_held_blocks * self.kv.block_size
+        self.prefix_cache_queries += request.num_prompt_tokens
+        self.prefix_cache_hits += request.num_cached_tokens
+        self.kv.commit_computed_blocks(request, request.num_prompt_tokens)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def fail_import(self, request: Request) -> None:
+        """Its transfer failed: free what it reserved and queue it to compute its prompt
+        here like any other request."""
+        self.importing.remove(request)
+        self.kv.free(request)
+        request.kv_handoff = None
+        request.num_computed_tokens = 0
+        self.add(request)
+
     def _num_remaining(self, request: Request) -> int:
         """Tokens a running sequence still has to compute; 0 when the token in flight will
         end it anyway (its length limit), so no step is spent past the end."""
@@ -183,7 +264,7 @@ class Scheduler:
         :mod:`engine_service.engine.spec.grammar`), and so does min_tokens (stop tokens held
         back per position, :func:`engine_service.engine.spec.verify.hold_back_stops`)."""
         k = self.num_speculative_tokens
-        if not k or request.num_pending_tokens:
+        if not k or request.num_pending_tokens or request.kv_handoff is not None:
             return 0
         params = request.params
         if params.needs_penalties:
@@ -263,7 +344,14 @@ class Scheduler:
                     request.pending_row = -1
             if request.is_finished:
                 continue
-            if sampled.token_lists is None:
+            if isinstance(request.kv_handoff, KVExport):
+                # A prefill engine's request ends with its first token, as sampled: the decode
+                # engine's grammar jumps forward from it.
+                token, logprob = sampled.token_list[index], sampled.logprobs[index]
+                self.acceptor.accept(request, token, logprob, jump_forward=False)
+                if not request.is_finished:
+                    request.finish("length")
+            elif sampled.token_lists is None:
                 self.acceptor.accept(request, sampled.token_list[index], sampled.logprobs[index])
             else:
                 seq = batch.sequences[batch.sample_seqs[index]]
@@ -319,6 +407,8 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.loading:
             self.loading.remove(request)
+        elif request in self.importing:
+            self.importing.remove(request)
         elif any(r is request for _, r in self._waiting):
             self._waiting = [(k, r) for k, r in self._waiting if r is not request]
             heapq.heapify(self._waiting)

@@ -80,7 +80,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class ReplicaLoad(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_usage", "prefix_hit_rate", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "host_hit_tokens", "remote_hit_tokens", "recomputed_tokens", "max_num_seqs", "max_queued_requests", "spec_acceptance_length")
+    __slots__ = ("num_running", "num_waiting", "kv_usage", "prefix_hit_rate", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "host_hit_tokens", "remote_hit_tokens", "recomputed_tokens", "max_num_seqs", "max_queued_requests", "spec_acceptance_length", "num_awaiting_kv", "kv_handoffs_total", "kv_handoff_bytes_total", "kv_handoff_seconds_total")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,10 @@ class ReplicaLoad(_message.Message):
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SPEC_ACCEPTANCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    NUM_AWAITING_KV_FIELD_NUMBER: _ClassVar[int]
+    KV_HANDOFFS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_HANDOFF_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_HANDOFF_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_usage: float
@@ -111,10 +115,14 @@ class ReplicaLoad(_message.Message):
     max_num_seqs: int
     max_queued_requests: int
     spec_acceptance_length: float
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., remote_hit_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., spec_acceptance_length: _Optional[float] = ...) -> None: ...
+    num_awaiting_kv: int
+    kv_handoffs_total: int
+    kv_handoff_bytes_total: int
+    kv_handoff_seconds_total: float
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., remote_hit_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., spec_acceptance_length: _Optional[float] = ..., num_awaiting_kv: _Optional[int] = ..., kv_handoffs_total: _Optional[int] = ..., kv_handoff_bytes_total: _Optional[int] = ..., kv_handoff_seconds_total: _Optional[float] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("replica_id", "address", "model", "role", "state", "load", "adapters", "max_model_len", "metrics_address", "last_heartbeat_unix", "lora_adapters", "max_loras", "placed_adapters")
+    __slots__ = ("replica_id", "address", "model", "role", "state", "load", "adapters", "max_model_len", "metrics_address", "last_heartbeat_unix", "lora_adapters", "max_loras", "placed_adapters", "kv_fingerprint")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +136,7 @@ class Replica(_message.Message):
     LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     PLACED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    KV_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     address: str
     model: str
@@ -141,7 +150,8 @@ class Replica(_message.Message):
     lora_adapters: _containers.RepeatedCompositeFieldContainer[LoRAAdapterInfo]
     max_loras: int
     placed_adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[ReplicaRole, str]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., adapters: _Optional[_Iterable[str]] = ..., max_model_len: _Optional[int] = ..., metrics_address: _Optional[str] = ..., last_heartbeat_unix: _Optional[float] = ..., lora_adapters: _Optional[_Iterable[_Union[LoRAAdapterInfo, _Mapping]]] = ..., max_loras: _Optional[int] = ..., placed_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    kv_fingerprint: bytes
+    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[ReplicaRole, str]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., adapters: _Optional[_Iterable[str]] = ..., max_model_len: _Optional[int] = ..., metrics_address: _Optional[str] = ..., last_heartbeat_unix: _Optional[float] = ..., lora_adapters: _Optional[_Iterable[_Union[LoRAAdapterInfo, _Mapping]]] = ..., max_loras: _Optional[int] = ..., placed_adapters: _Optional[_Iterable[str]] = ..., kv_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class LoRAAdapterInfo(_message.Message):
     __slots__ = ("name", "path", "fingerprint", "resident", "requests_total")

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from switchyard.v1 import common_pb2 as switchyard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchyard/v1/engine.proto\x12\rswitchyard.v1\x1a\x1aswitchyard/v1/common.proto\"T\n\x16LoadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\x12\x14\n\x0cload_inplace\x18\x03 \x01(\x08\"J\n\x17LoadLoRAAdapterResponse\x12/\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1e.switchyard.v1.LoRAAdapterInfo\"-\n\x18UnloadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\"\x1b\n\x19UnloadLoRAAdapterResponse\"\x87\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.switchyard.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x33\n\nstructured\x18\x06 \x01(\x0b\x32\x1f.switchyard.v1.StructuredOutput\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12)\n\x06images\x18\x08 \x03(\x0b\x32\x19.switchyard.v1.ImageInput\"r\n\nImageInput\x12\x14\n\x0cpixel_values\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08grid_thw\x18\x04 \x03(\r\x12\x0e\n\x06offset\x18\x05 \x01(\r\x12\x0e\n\x06length\x18\x06 \x01(\r\"\xf0\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.switchyard.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1a\n\rstop_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\rB\x10\n\x0e_stop_token_id\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\x87\x02\n\x10GetStatsResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x04load\x18\x03 \x01(\x0b\x32\x1a.switchyard.v1.ReplicaLoad\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x18\n\x10num_blocks_total\x18\x05 \x01(\r\x12\x17\n\x0fnum_blocks_free\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x35\n\rlora_adapters\x18\x08 \x03(\x0b\x32\x1e.switchyard.v1.LoRAAdapterInfo\x12\x11\n\tmax_loras\x18\t \x01(\r\"\x16\n\x14WatchKVEventsRequest\"T\n\x07KVEvent\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12#\n\x04tier\x18\x02 \x01(\x0e\x32\x15.switchyard.v1.KVTier\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\"p\n\x0cKVEventBatch\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12&\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x16.switchyard.v1.KVEvent*G\n\x06KVTier\x12\x17\n\x13KV_TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eKV_TIER_DEVICE\x10\x01\x12\x10\n\x0cKV_TIER_HOST\x10\x02\x32\x8e\x04\n\rEngineService\x12M\n\x08Generate\x12\x1e.switchyard.v1.GenerateRequest\x1a\x1f.switchyard.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.switchyard.v1.AbortRequest\x1a\x1c.switchyard.v1.AbortResponse\x12K\n\x08GetStats\x12\x1e.switchyard.v1.GetStatsRequest\x1a\x1f.switchyard.v1.GetStatsResponse\x12S\n\rWatchKVEvents\x12#.switchyard.v1.WatchKVEventsRequest\x1a\x1b.switchyard.v1.KVEventBatch0\x01\x12`\n\x0fLoadLoRAAdapter\x12%.switchyard.v1.LoadLoRAAdapterRequest\x1a&.switchyard.v1.LoadLoRAAdapterResponse\x12\x66\n\x11UnloadLoRAAdapter\x12\'.switchyard.v1.UnloadLoRAAdapterRequest\x1a(.switchyard.v1.UnloadLoRAAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchyard/v1/engine.proto\x12\rswitchyard.v1\x1a\x1aswitchyard/v1/common.proto\"T\n\x16LoadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\x12\x14\n\x0cload_inplace\x18\x03 \x01(\x08\"J\n\x17LoadLoRAAdapterResponse\x12/\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1e.switchyard.v1.LoRAAdapterInfo\"-\n\x18UnloadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\"\x1b\n\x19UnloadLoRAAdapterResponse\"\xa0\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.switchyard.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x33\n\nstructured\x18\x06 \x01(\x0b\x32\x1f.switchyard.v1.StructuredOutput\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12)\n\x06images\x18\x08 \x03(\x0b\x32\x19.switchyard.v1.ImageInput\x12\x17\n\x0fprefill_address\x18\t \x01(\t\"r\n\nImageInput\x12\x14\n\x0cpixel_values\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08grid_thw\x18\x04 \x03(\r\x12\x0e\n\x06offset\x18\x05 \x01(\r\x12\x0e\n\x06length\x18\x06 \x01(\r\"W\n\x08KVLayout\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0b\x62lock_shape\x18\x04 \x03(\r\"\x9e\x01\n\x0ePrefillRequest\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1e.switchyard.v1.GenerateRequest\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.switchyard.v1.KVLayout\x12\x17\n\x0fnum_skip_blocks\x18\x03 \x01(\r\x12\x19\n\x11\x64\x65\x63ode_replica_id\x18\x04 \x01(\t\"v\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12,\n\x06result\x18\x04 \x01(\x0b\x32\x1c.switchyard.v1.PrefillResult\"\xc9\x01\n\rPrefillResult\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12,\n\x07logprob\x18\x02 \x01(\x0b\x32\x1b.switchyard.v1.TokenLogprob\x12\x17\n\x0fgenerator_state\x18\x03 \x01(\x0c\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fnum_blocks_sent\x18\x06 \x01(\r\x12\x12\n\nbytes_sent\x18\x07 \x01(\x04\"\xf0\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.switchyard.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1a\n\rstop_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\rB\x10\n\x0e_stop_token_id\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xdd\x02\n\x10GetStatsResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x04load\x18\x03 \x01(\x0b\x32\x1a.switchyard.v1.ReplicaLoad\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x18\n\x10num_blocks_total\x18\x05 \x01(\r\x12\x17\n\x0fnum_blocks_free\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x35\n\rlora_adapters\x18\x08 \x03(\x0b\x32\x1e.switchyard.v1.LoRAAdapterInfo\x12\x11\n\tmax_loras\x18\t \x01(\r\x12(\n\x04role\x18\n \x01(\x0e\x32\x1a.switchyard.v1.ReplicaRole\x12*\n\tkv_layout\x18\x0b \x01(\x0b\x32\x17.switchyard.v1.KVLayout\"\x16\n\x14WatchKVEventsRequest\"T\n\x07KVEvent\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12#\n\x04tier\x18\x02 \x01(\x0e\x32\x15.switchyard.v1.KVTier\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\"p\n\x0cKVEventBatch\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12&\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x16.switchyard.v1.KVEvent*G\n\x06KVTier\x12\x17\n\x13KV_TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eKV_TIER_DEVICE\x10\x01\x12\x10\n\x0cKV_TIER_HOST\x10\x02\x32\xda\x04\n\rEngineService\x12M\n\x08Generate\x12\x1e.switchyard.v1.GenerateRequest\x1a\x1f.switchyard.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.switchyard.v1.AbortRequest\x1a\x1c.switchyard.v1.AbortResponse\x12K\n\x08GetStats\x12\x1e.switchyard.v1.GetStatsRequest\x1a\x1f.switchyard.v1.GetStatsResponse\x12S\n\rWatchKVEvents\x12#.switchyard.v1.WatchKVEventsRequest\x1a\x1b.switchyard.v1.KVEventBatch0\x01\x12`\n\x0fLoadLoRAAdapter\x12%.switchyard.v1.LoadLoRAAdapterRequest\x1a&.switchyard.v1.LoadLoRAAdapterResponse\x12\x66\n\x11UnloadLoRAAdapter\x12\'.switchyard.v1.UnloadLoRAAdapterRequest\x1a(.switchyard.v1.UnloadLoRAAdapterResponse\x12J\n\x07Prefill\x12\x1d.switchyard.v1.PrefillRequest\x1a\x1e.switchyard.v1.PrefillResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchyard.v1.engine_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVTIER']._serialized_start=1513
-  _globals['_KVTIER']._serialized_end=1584
+  _globals['_KVTIER']._serialized_start=2198
+  _globals['_KVTIER']._serialized_end=2269
   _globals['_LOADLORAADAPTERREQUEST']._serialized_start=73
   _globals['_LOADLORAADAPTERREQUEST']._serialized_end=157
   _globals['_LOADLORAADAPTERRESPONSE']._serialized_start=159
@@ -43,25 +43,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADLORAADAPTERRESPONSE']._serialized_start=282
   _globals['_UNLOADLORAADAPTERRESPONSE']._serialized_end=309
   _globals['_GENERATEREQUEST']._serialized_start=312
-  _globals['_GENERATEREQUEST']._serialized_end=575
-  _globals['_IMAGEINPUT']._serialized_start=577
-  _globals['_IMAGEINPUT']._serialized_end=691
-  _globals['_GENERATERESPONSE']._serialized_start=694
-  _globals['_GENERATERESPONSE']._serialized_end=934
-  _globals['_ABORTREQUEST']._serialized_start=936
-  _globals['_ABORTREQUEST']._serialized_end=970
-  _globals['_ABORTRESPONSE']._serialized_start=972
-  _globals['_ABORTRESPONSE']._serialized_end=1002
-  _globals['_GETSTATSREQUEST']._serialized_start=1004
-  _globals['_GETSTATSREQUEST']._serialized_end=1021
-  _globals['_GETSTATSRESPONSE']._serialized_start=1024
-  _globals['_GETSTATSRESPONSE']._serialized_end=1287
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=1289
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=1311
-  _globals['_KVEVENT']._serialized_start=1313
-  _globals['_KVEVENT']._serialized_end=1397
-  _globals['_KVEVENTBATCH']._serialized_start=1399
-  _globals['_KVEVENTBATCH']._serialized_end=1511
-  _globals['_ENGINESERVICE']._serialized_start=1587
-  _globals['_ENGINESERVICE']._serialized_end=2113
+  _globals['_GENERATEREQUEST']._serialized_end=600
+  _globals['_IMAGEINPUT']._serialized_start=602
+  _globals['_IMAGEINPUT']._serialized_end=716
+  _globals['_KVLAYOUT']._serialized_start=718
+  _globals['_KVLAYOUT']._serialized_end=805
+  _globals['_PREFILLREQUEST']._serialized_start=808
+  _globals['_PREFILLREQUEST']._serialized_end=966
+  _globals['_PREFILLRESPONSE']._serialized_start=968
+  _globals['_PREFILLRESPONSE']._serialized_end=1086
+  _globals['_PREFILLRESULT']._serialized_start=1089
+  _globals['_PREFILLRESULT']._serialized_end=1290
+  _globals['_GENERATERESPONSE']._serialized_start=1293
+  _globals['_GENERATERESPONSE']._serialized_end=1533
+  _globals['_ABORTREQUEST']._serialized_start=1535
+  _globals['_ABORTREQUEST']._serialized_end=1569
+  _globals['_ABORTRESPONSE']._serialized_start=1571
+  _globals['_ABORTRESPONSE']._serialized_end=1601
+  _globals['_GETSTATSREQUEST']._serialized_start=1603
+  _globals['_GETSTATSREQUEST']._serialized_end=1620
+  _globals['_GETSTATSRESPONSE']._serialized_start=1623
+  _globals['_GETSTATSRESPONSE']._serialized_end=1972
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=1974
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=1996
+  _globals['_KVEVENT']._serialized_start=1998
+  _globals['_KVEVENT']._serialized_end=2082
+  _globals['_KVEVENTBATCH']._serialized_start=2084
+  _globals['_KVEVENTBATCH']._serialized_end=2196
+  _globals['_ENGINESERVICE']._serialized_start=2272
+  _globals['_ENGINESERVICE']._serialized_end=2874
 # @@protoc_insertion_point(module_scope)

@@ -44,7 +44,7 @@ class UnloadLoRAAdapterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "adapter", "structured", "cache_salt", "images")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "adapter", "structured", "cache_salt", "images", "prefill_address")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class GenerateRequest(_message.Message):
     STRUCTURED_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -61,7 +62,8 @@ class GenerateRequest(_message.Message):
     structured: _common_pb2.StructuredOutput
     cache_salt: str
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., adapter: _Optional[str] = ..., structured: _Optional[_Union[_common_pb2.StructuredOutput, _Mapping]] = ..., cache_salt: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ...) -> None: ...
+    prefill_address: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., adapter: _Optional[str] = ..., structured: _Optional[_Union[_common_pb2.StructuredOutput, _Mapping]] = ..., cache_salt: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., prefill_address: _Optional[str] = ...) -> None: ...
 
 class ImageInput(_message.Message):
     __slots__ = ("pixel_values", "shape", "dtype", "grid_thw", "offset", "length")
@@ -78,6 +80,60 @@ class ImageInput(_message.Message):
     offset: int
     length: int
     def __init__(self, pixel_values: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., grid_thw: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class KVLayout(_message.Message):
+    __slots__ = ("fingerprint", "block_size", "dtype", "block_shape")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: bytes
+    block_size: int
+    dtype: str
+    block_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, fingerprint: _Optional[bytes] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., block_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PrefillRequest(_message.Message):
+    __slots__ = ("request", "layout", "num_skip_blocks", "decode_replica_id")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    NUM_SKIP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    request: GenerateRequest
+    layout: KVLayout
+    num_skip_blocks: int
+    decode_replica_id: str
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_skip_blocks: _Optional[int] = ..., decode_replica_id: _Optional[str] = ...) -> None: ...
+
+class PrefillResponse(_message.Message):
+    __slots__ = ("first_block", "num_blocks", "data", "result")
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    first_block: int
+    num_blocks: int
+    data: bytes
+    result: PrefillResult
+    def __init__(self, first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ..., result: _Optional[_Union[PrefillResult, _Mapping]] = ...) -> None: ...
+
+class PrefillResult(_message.Message):
+    __slots__ = ("token_id", "logprob", "generator_state", "num_cached_tokens", "prefill_seconds", "num_blocks_sent", "bytes_sent")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: _common_pb2.TokenLogprob
+    generator_state: bytes
+    num_cached_tokens: int
+    prefill_seconds: float
+    num_blocks_sent: int
+    bytes_sent: int
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., generator_state: _Optional[bytes] = ..., num_cached_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., num_blocks_sent: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("index", "token_ids", "logprobs", "finished", "finish_reason", "stop_token_id", "num_prompt_tokens", "num_cached_tokens")
@@ -116,7 +172,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("replica_id", "model", "load", "max_model_len", "num_blocks_total", "num_blocks_free", "block_size", "lora_adapters", "max_loras")
+    __slots__ = ("replica_id", "model", "load", "max_model_len", "num_blocks_total", "num_blocks_free", "block_size", "lora_adapters", "max_loras", "role", "kv_layout")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +182,8 @@ class GetStatsResponse(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     model: str
     load: _common_pb2.ReplicaLoad
@@ -135,7 +193,9 @@ class GetStatsResponse(_message.Message):
     block_size: int
     lora_adapters: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoRAAdapterInfo]
     max_loras: int
-    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., load: _Optional[_Union[_common_pb2.ReplicaLoad, _Mapping]] = ..., max_model_len: _Optional[int] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., block_size: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[_Union[_common_pb2.LoRAAdapterInfo, _Mapping]]] = ..., max_loras: _Optional[int] = ...) -> None: ...
+    role: _common_pb2.ReplicaRole
+    kv_layout: KVLayout
+    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., load: _Optional[_Union[_common_pb2.ReplicaLoad, _Mapping]] = ..., max_model_len: _Optional[int] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., block_size: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[_Union[_common_pb2.LoRAAdapterInfo, _Mapping]]] = ..., max_loras: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.ReplicaRole, str]] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
 
 class WatchKVEventsRequest(_message.Message):
     __slots__ = ()

@@ -64,6 +64,11 @@ class EngineServiceStub:
                 request_serializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
                 _registered_method=True)
+        self.Prefill = channel.unary_stream(
+                '/switchyard.v1.EngineService/Prefill',
+                request_serializer=switchyard_dot_v1_dot_engine__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_engine__pb2.PrefillResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -117,6 +122,17 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefill(self, request, context):
+        """Prefill/decode disaggregation, called by a decode engine on a prefill engine: computes
+        the prompt and its first token, and streams the prompt's KV blocks back as they are
+        computed (chunk by chunk), then the first token. FAILED_PRECONDITION when the caller's
+        KV layout (model fingerprint, block size, dtype, block shape) differs from this
+        engine's. Cancelling the call aborts the request and frees its blocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +165,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.UnloadLoRAAdapter,
                     request_deserializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.SerializeToString,
+            ),
+            'Prefill': grpc.unary_stream_rpc_method_handler(
+                    servicer.Prefill,
+                    request_deserializer=switchyard_dot_v1_dot_engine__pb2.PrefillRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_engine__pb2.PrefillResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +334,33 @@ class EngineService:
             '/switchyard.v1.EngineService/UnloadLoRAAdapter',
             switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
             switchyard_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/switchyard.v1.EngineService/Prefill',
+            switchyard_dot_v1_dot_engine__pb2.PrefillRequest.SerializeToString,
+            switchyard_dot_v1_dot_engine__pb2.PrefillResponse.FromString,
             options,
             channel_credentials,
             insecure,

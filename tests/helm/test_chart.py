@@ -62,6 +62,8 @@ MATRIX: dict[str, dict[str, Any]] = {
     "lora": {"lora": {"enabled": True, "modules": ["sql=/adapters/sql",
                                                    {"name": "chat", "path": "org/chat-lora"}],
                       "maxLoras": 4, "maxLoraRank": 32, "adaptersClaim": "adapters"}},
+    "disaggregated": {"engine": {"prefill": {"replicas": 2}, "decode": {"replicas": 3},
+                                 "gpu": {"enabled": True}}},
     "monitoring-and-route": {"serviceMonitor": {"enabled": True},
                              "httpRoute": {"enabled": True, "parentRefs": [{"name": "gw"}],
                                            "hostnames": ["llm.example"]}},
@@ -465,3 +467,44 @@ def test_without_the_tool_service_the_gateway_has_no_tools(chart: helm.Chart) ->
     objects = render(chart, MATRIX["tools-off"])
     assert not [o for o in objects if o["metadata"]["name"].endswith("-tools")]
     assert "tool_service_address" not in config(objects)["gateway"]
+
+
+def test_disaggregation_renders_a_prefill_and_a_decode_deployment_the_controller_follows(
+    chart: helm.Chart,
+) -> None:
+    objects = render(chart, MATRIX["disaggregated"])
+    deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
+    assert f"{RELEASE}-switchyard-engine" not in deployments
+    controller = config(objects)["controller"]
+    assert controller["engine_deployment"] == ""
+    for role, replicas in (("prefill", 2), ("decode", 3)):
+        deployment = one(objects, "Deployment", f"{RELEASE}-switchyard-engine-{role}")
+        assert deployment["spec"]["replicas"] == replicas
+        assert controller[f"{role}_engine_deployment"] == deployment["metadata"]["name"]
+        # The pool's selector (the controller adds the role to engine_selector) finds exactly
+        # this Deployment's pods, and the Deployment's own selector tells them apart.
+        selector = dict(
+            term.split("=")
+            for term in f"{controller['engine_selector']},switchyard.dev/role={role}".split(",")
+        )
+        template = deployment["spec"]["template"]
+        assert selector.items() <= template["metadata"]["labels"].items()
+        assert deployment["spec"]["selector"]["matchLabels"]["switchyard.dev/role"] == role
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+        assert env["SWITCHYARD_ROLE"] == role
+    # One headless Service and one disruption budget cover both pools' pods.
+    service = one(objects, "Service", f"{RELEASE}-switchyard-engine")
+    assert "switchyard.dev/role" not in service["spec"]["selector"]
+
+
+def test_without_disaggregation_there_is_one_engine_deployment(chart: helm.Chart) -> None:
+    objects = render(chart, {"engine": {"replicas": 2}})
+    engines = [
+        o for o in objects if o["kind"] == "Deployment" and "engine" in o["metadata"]["name"]
+    ]
+    assert [o["metadata"]["name"] for o in engines] == [f"{RELEASE}-switchyard-engine"]
+    assert engines[0]["spec"]["replicas"] == 2
+    env = {e["name"] for e in engines[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "SWITCHYARD_ROLE" not in env
+    controller = config(objects)["controller"]
+    assert "prefill_engine_deployment" not in controller

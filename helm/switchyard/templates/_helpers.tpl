@@ -114,3 +114,11 @@ securityContext:
   seccompProfile:
     type: RuntimeDefault
 {{- end -}}
+
+{{/* Whether engines are split into prefill and decode Deployments: "true" or "". */}}
+{{- define "switchyard.disaggregated" -}}
+{{- $engine := .Values.engine -}}
+{{- if or (gt (int ($engine.prefill | default dict).replicas) 0) (gt (int ($engine.decode | default dict).replicas) 0) -}}
+true
+{{- end -}}
+{{- end -}}
