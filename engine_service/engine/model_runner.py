@@ -128,6 +128,7 @@ class ModelRunner:
                 config.num_heads // tp_size,
                 set(config.sliding_windows or [None]),
                 max_num_tokens,
+                sinks=getattr(model, "attention_sinks", False),
             )
         self.last_hidden: torch.Tensor | None = None
         self.graphs = None

@@ -32,6 +32,11 @@ Tiles outside ``[lo, hi)`` are never loaded; tiles wholly inside ``[full_lo, ful
 the mask. Softmax is online (running max and sum, as in FlashAttention), in fp32 with
 ``exp2``; fp32 inputs use IEEE-precision dots (no TF32), bf16/fp16 inputs tensor-core dots.
 
+Attention sinks (gpt-oss) are one more logit per query head with a zero value: a program
+starts its running softmax at the sink (max = sink, sum = 1) instead of empty, and adds nothing
+to the accumulator. A ``HAS_SINKS`` constexpr compiles this in only for models that have
+sinks; under key splits only split 0 starts from the sink, so the merge counts it once.
+
 Decode is the ``q_i = 1`` case with a small query tile (16 rows: the group, padded). When the
 grid is smaller than the GPU (few sequences, long contexts), each query tile's key tiles are
 split across up to 16 programs whose partial results a second small kernel merges by their
@@ -188,6 +193,7 @@ def _paged_extend_kernel(
     positions_ptr,
     mask_ptr,
     mask_offsets_ptr,
+    sinks_ptr,
     qk_scale,
     window,
     num_query_tiles,
@@ -210,6 +216,7 @@ def _paged_extend_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     CUSTOM_MASK: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     # The last query tiles see the most keys: start them first.
@@ -278,6 +285,14 @@ def _paged_extend_kernel(
 
     row_max = tl.full([BLOCK_M * GROUP_PAD], -1.0e30, tl.float32)
     row_sum = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+    if HAS_SINKS:
+        # The sink is one more key with a zero value: it starts the running softmax (max at
+        # the sink, sum exp2(0) = 1) and adds nothing to acc. Only split 0 counts it, so the
+        # combine's log-sum-exp merge sees it exactly once.
+        sink = tl.load(sinks_ptr + row_head, mask=row_ok, other=-float("inf")).to(tl.float32)
+        sink = tl.where(split == 0, sink * 1.4426950408889634, -float("inf"))  # to log2 units
+        row_max = tl.maximum(row_max, sink)
+        row_sum = tl.exp2(sink - row_max)
     acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     for key_tile in range(full_lo_tile, full_hi_tile):
         acc, row_max, row_sum = _attend_key_tile(
@@ -410,10 +425,12 @@ def paged_extend_attention(
     scale: float,
     window: int | None,
     config: ExtendConfig | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of a ragged batch over the paged cache: ``q`` ``[T, q_heads, head_dim]`` to
-    ``[T, q_heads, head_dim]`` in ``q``'s dtype, under the masking rules of
-    :mod:`engine_service.layers.paged_attention` (``window`` None: no sliding window).
+    ``[T, q_heads, head_dim]`` in ``q``'s dtype, under the masking and sink rules of
+    :mod:`engine_service.layers.paged_attention` (``window`` None: no sliding window;
+    ``sinks`` ``[q_heads]``: each head's sink logit joins its softmax with a zero value).
 
     Reads ``meta.query_start_loc``, ``seq_lens``, ``block_tables``, ``positions`` (only with a
     window), ``custom_mask`` and ``custom_mask_offsets`` (when a mask is given) and
@@ -435,6 +452,10 @@ def paged_extend_attention(
         raise ValueError(f"q is {q.dtype} but the cache is {kv_cache.dtype}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
+    if sinks is not None and tuple(sinks.shape) != (num_heads,):
+        raise ValueError(
+            f"sinks must be one logit per query head ({num_heads}), got {tuple(sinks.shape)}"
+        )
     if q.stride(2) != 1:
         q = q.contiguous()
     out = torch.empty_like(q)
@@ -486,6 +507,7 @@ def paged_extend_attention(
         meta.positions,
         mask,
         mask_offsets,
+        sinks.contiguous() if sinks is not None else meta.seq_lens,  # any pointer without
         scale * _LOG2E,
         window or 0,
         num_query_tiles,
@@ -508,6 +530,7 @@ def paged_extend_attention(
         HEAD_DIM_PAD=head_dim_pad,
         USE_WINDOW=window is not None,
         CUSTOM_MASK=custom,
+        HAS_SINKS=sinks is not None,
         IEEE=q.dtype == torch.float32,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -555,11 +578,13 @@ def warm_up(
     num_heads: int,
     windows: set[int | None],
     max_query_len: int,
+    sinks: bool = False,
 ) -> int:
     """Compile every kernel variant a step can pick (tile shapes by query length, key
     splits, with and without a window) on a dummy one-sequence batch, so that no serving step
-    stalls on Triton's JIT. Reads block 0 of the cache and writes nothing to it. Returns the
-    number of launches."""
+    stalls on Triton's JIT; ``sinks``: the model's layers pass sink logits, so the variants
+    with sinks are the ones compiled. Reads block 0 of the cache and writes nothing to it.
+    Returns the number of launches."""
     device = kv_cache.device
     block_size, num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4], kv_cache.shape[5]
     group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
@@ -590,12 +615,13 @@ def warm_up(
             seq_lens_host=torch.tensor([seq_len], dtype=torch.int32),
         )
         q = torch.zeros(query_len, num_heads, head_dim, dtype=kv_cache.dtype, device=device)
+        sink_logits = torch.zeros(num_heads, dtype=kv_cache.dtype, device=device) if sinks else None
         splits = 1
         while splits <= _MAX_SPLITS:
             for windowed in use_window:
                 window = block_size if windowed else None
                 paged_extend_attention(
-                    q, kv_cache, 0, meta, 1.0, window, replace(cfg, num_splits=splits)
+                    q, kv_cache, 0, meta, 1.0, window, replace(cfg, num_splits=splits), sink_logits
                 )
                 launches += 1
             splits *= 2

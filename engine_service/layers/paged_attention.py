@@ -93,10 +93,16 @@ class AttentionBackend(abc.ABC):
         meta.backend_data = None
 
     def warm_up(
-        self, kv_cache: torch.Tensor, num_heads: int, windows: set[int | None], max_tokens: int
+        self,
+        kv_cache: torch.Tensor,
+        num_heads: int,
+        windows: set[int | None],
+        max_tokens: int,
+        sinks: bool = False,
     ) -> None:
         """Compile or tune whatever later steps would otherwise build on first use (default:
-        nothing), once at start, before any graph is captured."""
+        nothing), once at start, before any graph is captured, for a model of ``num_heads``
+        query heads whose layers use ``windows`` and (``sinks``) pass sink logits."""
         return None
 
     def prepare_for_capture(self, meta: AttentionMetadata, block_size: int) -> None:

@@ -178,9 +178,11 @@ def dense_reference(
     meta: AttentionMetadata,
     scale: float,
     window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fp32 attention of every sequence over its gathered keys under a dense mask built from
-    the contract's rules; returned in ``q``'s dtype."""
+    the contract's rules; returned in ``q``'s dtype. ``sinks`` (``[q_heads]``): each head's
+    softmax gets one more column, its sink logit, whose value is zero."""
     out = torch.empty_like(q)
     block_size = kv_cache.shape[3]
     group = q.shape[1] // kv_cache.shape[4]
@@ -206,12 +208,18 @@ def dense_reference(
         visible = torch.cat([cached, fresh], dim=1)
         if window is not None:
             visible &= idx[None, :] > meta.positions[start:end, None] - window
-        attn = F.scaled_dot_product_attention(
-            q[start:end].float().transpose(0, 1),
-            keys.repeat_interleave(group, dim=1).transpose(0, 1),
-            values.repeat_interleave(group, dim=1).transpose(0, 1),
-            attn_mask=visible,
-            scale=scale,
-        )
+        query = q[start:end].float().transpose(0, 1)  # [heads, q, D]
+        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)
+        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
+        if sinks is None:
+            attn = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=visible, scale=scale
+            )
+        else:
+            scores = (query @ keys.transpose(1, 2)) * scale
+            scores = scores.masked_fill(~visible, float("-inf"))
+            sink_column = sinks.float()[:, None, None].expand(-1, query_len, 1)
+            probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)
+            attn = probs[..., :-1] @ values
         out[start:end] = attn.transpose(0, 1).to(q.dtype)
     return out

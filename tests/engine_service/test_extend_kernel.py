@@ -157,6 +157,88 @@ def test_mismatched_cache_is_rejected(extend_attention):
         extend_attention(case.q, case.kv_cache[:, 0], case.layer, case.meta, SCALE, None)
 
 
+# Attention sinks (gpt-oss): one logit per query head in every softmax, with no value. They
+# are drawn around the scores' size, so that they change the outputs by a visible amount.
+def random_sinks(num_heads, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(100 + seed)
+    return (torch.randn(num_heads, generator=gen) * 1.5).to(dtype)
+
+
+def assert_sinks_mattered(case, out, window):
+    plain = dense_reference(case.q, case.kv_cache, case.layer, case.meta, SCALE, window)
+    assert not torch.allclose(out, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_sinks_join_each_heads_softmax(extend_attention, window):
+    specs = mixed_specs(random.Random(20), num_seqs=6, max_context=45, max_query=20)
+    case = small_case(specs, seed=20)
+    sinks = random_sinks(case.q.shape[1], 20)
+    out = extend_attention(case.q, case.kv_cache, case.layer, case.meta, SCALE, window, None, sinks)
+    ref = dense_reference(case.q, case.kv_cache, case.layer, case.meta, SCALE, window, sinks)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_sinks_mattered(case, out, window)
+
+
+def test_sinks_with_a_group_that_is_not_a_power_of_two(extend_attention):
+    # Three query heads per KV head padded to four rows: the padding rows' sinks are never
+    # read from memory, the real heads each get their own.
+    specs = [SequenceSpec(n, 1) for n in (1, 5, 17)] + [SequenceSpec(9, 6), SequenceSpec(0, 11)]
+    case = small_case(specs, group=3, head_dim=24, seed=21)
+    sinks = random_sinks(case.q.shape[1], 21)
+    out = extend_attention(case.q, case.kv_cache, case.layer, case.meta, SCALE, 9, None, sinks)
+    ref = dense_reference(case.q, case.kv_cache, case.layer, case.meta, SCALE, 9, sinks)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_sinks_with_token_trees(extend_attention, window):
+    specs = mixed_specs(random.Random(22), num_seqs=8, max_context=30, max_query=12, trees=True)
+    case = small_case(specs, seed=22)
+    sinks = random_sinks(case.q.shape[1], 22)
+    out = extend_attention(case.q, case.kv_cache, case.layer, case.meta, SCALE, window, None, sinks)
+    ref = dense_reference(case.q, case.kv_cache, case.layer, case.meta, SCALE, window, sinks)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("trees", "window", "num_splits"),
+    [(False, None, 4), (False, 7, 4), (True, None, 4), (False, None, 16), (True, 7, 2)],
+)
+def test_sinks_count_once_across_key_splits(extend_attention, trees, window, num_splits):
+    # Each split folds its keys alone; the sink belongs to split 0 only, so the log-sum-exp
+    # merge sees it once. With 16 splits of 16-key tiles most splits of a short sequence
+    # hold no key at all, and a windowed decode can leave split 0 itself keyless.
+    specs = mixed_specs(random.Random(23), num_seqs=5, max_context=70, max_query=12, trees=trees)
+    specs += [SequenceSpec(1, 1), SequenceSpec(60, 1)]
+    case = small_case(specs, seed=23)
+    sinks = random_sinks(case.q.shape[1], 23)
+    split = ExtendConfig(rows=32, block_n=16, num_warps=4, num_stages=1, num_splits=num_splits)
+    out = extend_attention(
+        case.q, case.kv_cache, case.layer, case.meta, SCALE, window, split, sinks
+    )
+    ref = dense_reference(case.q, case.kv_cache, case.layer, case.meta, SCALE, window, sinks)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_sinks_mattered(case, out, window)
+
+
+def test_sinks_in_half_precision(extend_attention):
+    specs = mixed_specs(random.Random(24), num_seqs=5, max_context=40, max_query=16, trees=True)
+    case = small_case(specs, dtype=torch.float16, seed=24)
+    sinks = random_sinks(case.q.shape[1], 24, torch.float16)
+    out = extend_attention(case.q, case.kv_cache, case.layer, case.meta, SCALE, None, None, sinks)
+    ref = dense_reference(case.q, case.kv_cache, case.layer, case.meta, SCALE, None, sinks)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_sinks_of_the_wrong_shape_are_rejected(extend_attention):
+    case = small_case([SequenceSpec(3, 2)])
+    with pytest.raises(ValueError, match="one logit per query head"):
+        extend_attention(
+            case.q, case.kv_cache, case.layer, case.meta, SCALE, None, None, torch.zeros(2)
+        )
+
+
 def test_warm_up_launches_every_tile_shape_split_and_window_variant():
     """Engines call ``warm_up`` at start so no serving step waits on Triton's JIT."""
     interpreter = InterpretedTriton()
@@ -168,4 +250,16 @@ def test_warm_up_launches_every_tile_shape_split_and_window_variant():
     finally:
         interpreter.close()
     # Two tile shapes in fp32 (one-row decodes, 32-row extends) x five splits x two windows.
+    assert launches == 2 * 5 * 2
+
+
+def test_warm_up_with_sinks_compiles_the_sinks_variants():
+    interpreter = InterpretedTriton()
+    try:
+        kv_cache = torch.randn(4, 1, 2, 4, 2, 8)
+        launches = interpreter.call(
+            "engine_service.engine.triton_extend:warm_up", kv_cache, 4, {None, 6}, 16, True
+        )
+    finally:
+        interpreter.close()
     assert launches == 2 * 5 * 2

@@ -2,7 +2,8 @@
 
 Every step, decode-only or mixed, runs the paged extend kernel
 (:mod:`engine_service.engine.triton_extend`): queries of any length per sequence, causal,
-sliding-window and token-tree masks, no gather and no repeated heads. Measured on an H200,
+sliding-window and token-tree masks, per-head attention sinks (gpt-oss), no gather and no
+repeated heads. Measured on an H200,
 it beats the separate paged decode kernel (``triton_decode.py``, kept for the benchmark's
 comparison) on every decode shape, so decodes take it too. It reads only device tensors whose
 shapes the step's buckets fix, so whole steps capture into CUDA graphs.
@@ -20,12 +21,13 @@ class TritonBackend(AttentionBackend):
     supports_custom_mask = True
     supports_cuda_graphs = True
     supports_mixed_graphs = True
+    supports_sinks = True
 
-    def warm_up(self, kv_cache, num_heads, windows, max_tokens) -> None:
+    def warm_up(self, kv_cache, num_heads, windows, max_tokens, sinks=False) -> None:
         # Every tile shape and key split a step may pick, compiled before serving: a Triton
         # JIT compile in the middle of serving stalls every request in the step for seconds.
-        warm_up(kv_cache, num_heads, windows, max_tokens)
+        warm_up(kv_cache, num_heads, windows, max_tokens, sinks)
 
-    def forward(self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale, window):
+    def forward(self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale, window, sinks=None):
         write_kv(kv_cache, layer, k, v, meta.slot_mapping)
-        return paged_extend_attention(q, kv_cache, layer, meta, scale, window)
+        return paged_extend_attention(q, kv_cache, layer, meta, scale, window, sinks=sinks)
