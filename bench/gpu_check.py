@@ -4,8 +4,9 @@ Runs on a CUDA machine (CI has none), in two parts; exit status 1 on any mismatc
 
 - Kernel: the paged extend attention kernel (`triton_extend.py`) on random ragged batches
   (decodes, chunks over cached prefixes, prompts, token trees; GQA groups of 4 and 8; head
-  dims 64 and 128; sliding windows; keys split across programs) in bf16 and fp32, against the
-  dense-mask SDPA reference of `tests/engine_service/extend_reference.py`.
+  dims 64 and 128; sliding windows; keys split across programs; attention sinks, alone and
+  with windows, trees and splits) in bf16 and fp32, against the dense-mask reference of
+  `tests/engine_service/extend_reference.py`.
 - LoRA: the Triton shrink/expand deltas (`layers/triton_lora.py`) against the torch path,
   with each path's time per layer on 8B-shaped projections; and a multi-LoRA engine (base
   model and two adapters mixed) with CUDA graphs and overlap equal to the same engine eager.
@@ -13,8 +14,9 @@ Runs on a CUDA machine (CI has none), in two parts; exit status 1 on any mismatc
   token budget (so prompts are chunked and ride beside decodes), through
   `attention_backend="sdpa"` (eager, synchronous) and `"triton"` eager and with CUDA graphs
   for decode and mixed steps, synchronous and overlapped; tokens must agree and logprobs stay
-  close. A small Mixtral (every layer's experts through the fused MoE kernel) runs the
-  same way.
+  close. A small Mixtral (every layer's experts through the fused MoE kernel) and a small
+  gpt-oss (random attention sinks, sliding and full layers alternating, biased experts) run
+  the same way.
 - MoE: the fused Triton MoE kernel (`engine_service/layers/moe_triton.py`) against the
   per-expert loop on Mixtral-, DeepSeek- and gpt-oss-like shapes (biases and the clamped
   SwiGLU), bf16 and fp32, from one token to prefill sizes; and once captured in a CUDA graph
@@ -60,10 +62,20 @@ def check_extend_kernel(device: str = "cuda") -> int:
         for head_dim, group in ((64, 4), (128, 4), (128, 8)):
             for trees in (False, True):
                 for window in (None, 100):
-                    cases.append((dtype, head_dim, group, trees, window, None))
-        cases.append((dtype, 128, 4, True, 60, split))
-        cases.append((dtype, 64, 8, False, None, split))
-    for seed, (dtype, head_dim, group, trees, window, config) in enumerate(cases):
+                    cases.append((dtype, head_dim, group, trees, window, None, False))
+        cases.append((dtype, 128, 4, True, 60, split, False))
+        cases.append((dtype, 64, 8, False, None, split, False))
+        # Attention sinks (gpt-oss: head dim 64, GQA group 8, window 128 on every other layer).
+        for trees, window, config in (
+            (False, None, None),
+            (False, 128, None),
+            (True, 128, None),
+            (False, None, split),
+            (True, 60, split),
+        ):
+            cases.append((dtype, 64, 8, trees, window, config, True))
+        cases.append((dtype, 128, 4, False, 100, None, True))
+    for seed, (dtype, head_dim, group, trees, window, config, sinks) in enumerate(cases):
         specs = mixed_specs(rng, num_seqs=12, max_context=700, max_query=300, trees=trees)
         specs += [SequenceSpec(3000, 1), SequenceSpec(0, 1), SequenceSpec(1, 1)]
         case = build_case(
@@ -77,17 +89,24 @@ def check_extend_kernel(device: str = "cuda") -> int:
             seed=seed,
         )
         scale = head_dim**-0.5
+        sink_logits = None
+        if sinks:
+            gen = torch.Generator(device=device).manual_seed(seed)
+            sink_logits = torch.randn(case.q.shape[1], generator=gen, device=device) * 2
+            sink_logits = sink_logits.to(dtype)
         out = paged_extend_attention(
-            case.q, case.kv_cache, case.layer, case.meta, scale, window, config
+            case.q, case.kv_cache, case.layer, case.meta, scale, window, config, sink_logits
         )
-        ref = dense_reference(case.q, case.kv_cache, case.layer, case.meta, scale, window)
+        ref = dense_reference(
+            case.q, case.kv_cache, case.layer, case.meta, scale, window, sink_logits
+        )
         diff = (out.float() - ref.float()).abs().max().item()  # NaN (a stray read) fails too
         ok = diff <= KERNEL_TOLERANCE[dtype]
         failures += not ok
         print(
             f"extend {str(dtype)[6:]:8} d={head_dim:3} group={group} trees={trees!s:5} "
             f"window={window!s:4} splits={config.num_splits if config else 'auto'} "
-            f"max_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}",
+            f"sinks={sinks!s:5} max_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}",
             flush=True,
         )
     return failures
@@ -186,8 +205,13 @@ def write_adapter(path: Path, config, rank: int, seed: int) -> str:
     save_file(tensors, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(
         json.dumps(
-            {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "bias": "none",
-             "target_modules": list(sizes)}
+            {
+                "peft_type": "LORA",
+                "r": rank,
+                "lora_alpha": rank,
+                "bias": "none",
+                "target_modules": list(sizes),
+            }
         )
     )
     return str(path)
@@ -335,6 +359,17 @@ def main() -> int:
             transformers.MixtralConfig,
             {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 24},
         ),
+        (
+            "gpt-oss-sinks",
+            transformers.GptOssConfig,
+            {
+                "head_dim": 32,
+                "num_local_experts": 8,
+                "num_experts_per_tok": 2,
+                "sliding_window": 24,
+                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            },
+        ),
     ]
     for name, cls, extra in families[2:] if moe_only else families:
         config = cls(
@@ -350,7 +385,16 @@ def main() -> int:
         )
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as tmp:
-            transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+            model = transformers.AutoModelForCausalLM.from_config(config)
+            if name == "gpt-oss-sinks":
+                # Sinks and biases start at zero: random ones, so that dropping them shows.
+                with torch.no_grad():
+                    for layer in model.model.layers:
+                        layer.self_attn.sinks.normal_(0, 1.0)
+                        layer.mlp.router.bias.normal_(0, 0.5)
+                        layer.mlp.experts.gate_up_proj_bias.normal_(0, 0.2)
+                        layer.mlp.experts.down_proj_bias.normal_(0, 0.2)
+            model.save_pretrained(tmp)
             shared = [rng.randrange(3, 512) for _ in range(40)]
             prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 7, 33, 100, 250)]
             prompts += [shared + [rng.randrange(3, 512) for _ in range(n)] for n in (3, 20)]
