@@ -69,9 +69,7 @@ class StepGraphs:
         # and padding). Otherwise steps holding an adapter run eagerly.
         lora = runner.lora_slots
         self.lora_slots = (
-            torch.full((max_tokens,), -1, **int64)
-            if lora is not None and lora.graph_safe
-            else None
+            torch.full((max_tokens,), -1, **int64) if lora is not None and lora.graph_safe else None
         )
         self._graphs: dict[
             tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]

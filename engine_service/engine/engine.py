@@ -51,7 +51,7 @@ from engine_service.engine.spec.verify import verified_logprobs, verify
 from engine_service.engine.structured import StructuredOutputManager
 from engine_service.engine.structured.backend import GrammarMatcher
 from engine_service.layers.parallel import SINGLE
-from engine_service.models.loader import load_model
+from engine_service.models.loader import attention_needs, load_model
 from switchyard.fingerprint import checkpoint_id, kv_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,9 @@ class LLMEngine:
     def _setup(self, config: EngineConfig, remote_kv_store: RemoteKVStore | None) -> None:
         tp = self._rank_ctx.tp if self._rank_ctx is not None else SINGLE
         torch.manual_seed(config.seed)
-        backend = get_attention_backend(config.attention_backend, self.device)
+        backend = get_attention_backend(
+            config.attention_backend, self.device, attention_needs(config.model, config.revision)
+        )
         self.model, self.model_config, self.dtype = load_model(
             config.model, backend, config.dtype, self.device, config.revision, tp
         )

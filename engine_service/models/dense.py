@@ -170,6 +170,11 @@ class DenseCausalLM(nn.Module):
     def parse_config(cls, raw: dict[str, Any]) -> ModelConfig:
         return ModelConfig.from_hf(raw, cls.architecture)
 
+    @classmethod
+    def attention_needs(cls) -> frozenset[str]:
+        """The attention-backend capability flags this architecture's layers rely on."""
+        return frozenset({"supports_sinks"}) if cls.attention_sinks else frozenset()
+
     def make_mlp(self, config: ModelConfig, layer: int, tp: TensorParallel) -> nn.Module | None:
         """Layer ``layer``'s feed-forward block; None: the gated MLP."""
         return None

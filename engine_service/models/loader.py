@@ -74,6 +74,14 @@ def read_config(path: Path) -> tuple[dict, ModelConfig, type[CausalLM]]:
     return raw, config, model_cls
 
 
+def attention_needs(model: str, revision: str | None = None) -> frozenset[str]:
+    """The attention-backend capability flags (``supports_sinks``, ...) the checkpoint's
+    architecture needs, read from its config before anything is built."""
+    _, _, model_cls = read_config(resolve_model_path(model, revision))
+    needs = getattr(model_cls, "attention_needs", None)
+    return needs() if needs is not None else frozenset()
+
+
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():

@@ -117,3 +117,62 @@ def test_a_backend_without_sinks_is_refused_for_gpt_oss(tmp_path):
 
     with pytest.raises(ValueError, match="no-sinks attention backend does not support"):
         load_model(str(tmp_path), NoSinks())
+
+
+class _NoSinks(SdpaBackend):
+    name = "no-sinks"
+    supports_sinks = False
+
+
+@pytest.fixture
+def auto_prefers_a_backend_without_sinks(monkeypatch):
+    """``auto`` picks ``no-sinks`` first (as it picks Triton first on CUDA), SDPA after it."""
+    from engine_service.engine import attention
+
+    monkeypatch.setitem(attention._REGISTRY, "no-sinks", lambda: _NoSinks)
+    monkeypatch.setattr(attention, "_auto_order", lambda device: ["no-sinks", "sdpa"])
+
+
+def test_auto_backend_falls_back_with_a_warning_when_it_lacks_sinks(
+    tmp_path, auto_prefers_a_backend_without_sinks, caplog
+):
+    from engine_service.engine import EngineConfig, LLMEngine
+
+    make_checkpoint(tmp_path, "gpt_oss")
+    with caplog.at_level("WARNING", logger="engine_service.engine.attention"):
+        engine = LLMEngine(
+            EngineConfig(model=str(tmp_path), dtype="float32", num_kv_blocks=16, block_size=4)
+        )
+    assert type(engine.runner.backend) is SdpaBackend
+    assert "no-sinks lacks supports_sinks that the model needs; using sdpa" in caplog.text
+
+
+def test_auto_backend_keeps_its_first_pick_for_a_model_without_sinks(
+    tmp_path, auto_prefers_a_backend_without_sinks, caplog
+):
+    from engine_service.engine import EngineConfig, LLMEngine
+
+    make_checkpoint(tmp_path, "mixtral")
+    with caplog.at_level("WARNING", logger="engine_service.engine.attention"):
+        engine = LLMEngine(
+            EngineConfig(model=str(tmp_path), dtype="float32", num_kv_blocks=16, block_size=4)
+        )
+    assert type(engine.runner.backend) is _NoSinks
+    assert "lacks" not in caplog.text
+
+
+def test_a_named_backend_without_sinks_is_refused_not_replaced(
+    tmp_path, auto_prefers_a_backend_without_sinks
+):
+    from engine_service.engine import EngineConfig, LLMEngine
+
+    make_checkpoint(tmp_path, "gpt_oss")
+    config = EngineConfig(
+        model=str(tmp_path),
+        dtype="float32",
+        num_kv_blocks=16,
+        block_size=4,
+        attention_backend="no-sinks",
+    )
+    with pytest.raises(ValueError, match="no-sinks attention backend does not support"):
+        LLMEngine(config)

@@ -8,7 +8,8 @@ kernels and can be captured in CUDA graphs. The contract every backend implement
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -21,6 +22,8 @@ __all__ = [
     "get_attention_backend",
     "register_backend",
 ]
+
+logger = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, Callable[[], type[AttentionBackend]]] = {}
 
@@ -35,10 +38,30 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` is the Triton backend on a CUDA device with Triton installed, else SDPA."""
+def get_attention_backend(
+    name: str, device: torch.device, needs: Iterable[str] = ()
+) -> AttentionBackend:
+    """The backend called ``name`` for a model that needs the capability flags ``needs``
+    (such as ``supports_sinks``).
+
+    ``auto`` is the Triton backend on a CUDA device with Triton installed, else SDPA; when
+    that pick lacks something the model needs, the next backend that has it all is taken,
+    with a warning. A backend named explicitly is returned as it is, so that the model
+    refuses it at load with its own message rather than running on something else.
+    """
+    needs = set(needs)
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_available() else "sdpa"
+        order = _auto_order(device)
+        fits = [n for n in order if all(getattr(_REGISTRY[n](), f) for f in needs)]
+        name = fits[0] if fits else order[0]
+        if name != order[0]:
+            lacking = sorted(f for f in needs if not getattr(_REGISTRY[order[0]](), f))
+            logger.warning(
+                "attention backend auto: %s lacks %s that the model needs; using %s",
+                order[0],
+                ", ".join(lacking),
+                name,
+            )
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown attention backend {name!r}; choose auto, {', '.join(available_backends())}"
@@ -46,6 +69,14 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "triton" and device.type != "cuda":
         raise ValueError("the triton attention backend needs a CUDA device")
     return _REGISTRY[name]()()
+
+
+def _auto_order(device: torch.device) -> list[str]:
+    """Backends ``auto`` may take on ``device``, best first; SDPA, the reference that
+    implements the whole contract, last."""
+    if device.type == "cuda" and _triton_available():
+        return ["triton", "sdpa"]
+    return ["sdpa"]
 
 
 def _triton_available() -> bool:

@@ -25,7 +25,7 @@ from engine_service.engine.memory import allocate_kv_cache, num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.parallel.channel import Kind, StepChannel
 from engine_service.engine.parallel.ranks import RankContext, config_from_json, init_distributed
-from engine_service.models.loader import load_model
+from engine_service.models.loader import attention_needs, load_model
 from switchyard.exit_codes import CANNOT_START
 from switchyard.log import setup_logging
 
@@ -49,7 +49,9 @@ def _exit_when_orphaned(parent_pid: int, rank: int) -> None:
 def load_rank(ctx: RankContext, config: EngineConfig) -> ModelRunner:
     """Load this rank's shards and size the KV pool with the other ranks (as rank 0's
     :class:`LLMEngine` does, in the same order of collectives)."""
-    backend = get_attention_backend(config.attention_backend, ctx.device)
+    backend = get_attention_backend(
+        config.attention_backend, ctx.device, attention_needs(config.model, config.revision)
+    )
     model, model_config, dtype = load_model(
         config.model, backend, config.dtype, ctx.device, config.revision, ctx.tp
     )
