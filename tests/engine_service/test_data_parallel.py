@@ -80,11 +80,21 @@ def mixtral(tmp_path_factory):
     return path
 
 
-def test_two_data_parallel_ranks_with_expert_parallel_moe_give_the_tokens_of_one(mixtral):
-    vocab = json.loads((mixtral / "config.json").read_text())["vocab_size"]
+# Mixtral; Qwen2-MoE with its shared expert and a dense layer among the MoE ones; gpt-oss
+# with expert biases, attention sinks and sliding layers.
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_two_data_parallel_ranks_with_expert_parallel_moe_give_the_tokens_of_one(
+    family, mixtral, tmp_path
+):
+    if family == "mixtral":
+        path = mixtral
+    else:
+        path = tmp_path
+        make_checkpoint(path, family)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     first, late = workload(vocab)
-    expected = serve(make_engine(mixtral, **KNOBS), first, late)
-    engine = make_engine(mixtral, **KNOBS, **DP_EP)
+    expected = serve(make_engine(path, **KNOBS), first, late)
+    engine = make_engine(path, **KNOBS, **DP_EP)
     try:
         # Rank 0 holds the experts' first half, rank 1 (its own process) the rest.
         experts = next(m for m in engine.model.modules() if hasattr(m, "ep"))
