@@ -126,6 +126,8 @@ def test_requests_go_to_the_least_loaded_rank_and_abort_frees_their_rank(mixtral
         assert engine.abort("q0") and engine.abort("q2")
         engine.add_request("q3", [9, 9], params)  # rank 0 is the idle one now
         assert [s.load for s in engine._shards] == [1, 1]
+        with pytest.raises(ValueError, match="KV hand-off"):
+            engine.add_request("q4", [9, 8], params, import_kv=True)
         while engine.has_unfinished():
             engine.step()
         assert engine.stats().num_running == 0
