@@ -7,6 +7,9 @@ test_expert_parallel.py); this is the NCCL path, which only a GPU machine can ru
 - Engine: greedy requests with logprobs (shared prefixes, chunked prefill, overlapped
   scheduling) through an engine with ``tensor_parallel_size=2`` and through one on a single
   GPU; tokens must be equal and logprobs within 2e-3.
+- Data-parallel attention: a tiny Mixtral at ``data_parallel_size=2`` with expert
+  parallelism (each GPU its own batch and KV cache, steps and logits sent point to point
+  over NCCL, dummy batches on an idle rank) against one GPU; same tolerance.
 - Layer: a FusedMoE with ``expert_parallel`` over the two GPUs (NCCL all-to-all, with and
   without the micro-batch overlap) against the same layer on one GPU, in fp32.
 
@@ -51,6 +54,23 @@ def make_llama(path: Path) -> None:
     transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
 
 
+def make_mixtral(path: Path) -> None:
+    config = transformers.MixtralConfig(
+        vocab_size=1001,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(config).eval().save_pretrained(path)
+
+
 def run_engine(path: Path, prompts, **knobs) -> list:
     engine = LLMEngine(
         EngineConfig(
@@ -73,20 +93,23 @@ def run_engine(path: Path, prompts, **knobs) -> list:
     return [outputs[f"r{i}"] for i in range(len(prompts))]
 
 
-def check_engine(path: Path) -> bool:
+def check_engine(path: Path, **parallel_knobs) -> bool:
+    """``parallel_knobs`` default: tensor_parallel_size=2. Five requests: under data
+    parallelism rank 0 takes three, rank 1 two, and the ranks finish at different steps."""
     rng = random.Random(0)
     prefix = [rng.randrange(3, 1001) for _ in range(40)]
     prompts = [prefix + [rng.randrange(3, 1001) for _ in range(n)] for n in (5, 70, 130)]
     prompts += [[rng.randrange(3, 1001) for _ in range(n)] for n in (3, 200)]
     single = run_engine(path, prompts)
-    parallel = run_engine(path, prompts, tensor_parallel_size=2)
+    parallel = run_engine(path, prompts, **(parallel_knobs or {"tensor_parallel_size": 2}))
     ok = True
     for i, (a, b) in enumerate(zip(single, parallel)):
         tokens_a, tokens_b = [lp.token_id for lp in a], [lp.token_id for lp in b]
         worst = max(abs(x.logprob - y.logprob) for x, y in zip(a, b))
         same = tokens_a == tokens_b and worst <= LOGPROB_TOLERANCE
         ok &= same
-        print(f"engine request {i}: tokens {'equal' if tokens_a == tokens_b else 'DIFFER'}, "
+        verdict = "equal" if tokens_a == tokens_b else "DIFFER"
+        print(f"engine {parallel_knobs or 'tp=2'} request {i}: tokens {verdict}, "
               f"max |logprob diff| {worst:.2e}")  # fmt: skip
     return ok
 
@@ -150,6 +173,9 @@ def main() -> None:
         path = Path(tmp) / "llama"
         make_llama(path)
         engine_ok = check_engine(path)
+        mixtral = Path(tmp) / "mixtral"
+        make_mixtral(mixtral)
+        engine_ok &= check_engine(mixtral, data_parallel_size=2, enable_expert_parallel=True)
     moe_ok = check_moe()
     print("parallel check:", "PASS" if engine_ok and moe_ok else "FAIL")
     sys.exit(0 if engine_ok and moe_ok else 1)

@@ -112,7 +112,7 @@ class EngineLoop:
         # thread alone, and read by the step thread only through matchers it has compiled.
         self._compiler = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
         self.stats: EngineStats = engine.stats()
-        self._max_num_seqs = engine.config.max_num_seqs
+        self._max_num_seqs = engine.max_num_seqs
         # Adds handed over (event loop only), and how many of them the published stats
         # include; the two are published together so a reader never sees one without the
         # other.

@@ -104,7 +104,7 @@ class EngineServer:
         max_queued = settings.max_queued_requests
         if max_queued is None:
             max_queued = default_max_queued_requests(
-                config.max_num_seqs, config.block_size, engine.stats()
+                engine.max_num_seqs, config.block_size, engine.stats()
             )
         servicer = EngineServicer(
             self.replica_id,
@@ -113,7 +113,7 @@ class EngineServer:
             config.block_size,
             metrics,
             max_queued_requests=max_queued,
-            max_num_seqs=config.max_num_seqs,
+            max_num_seqs=engine.max_num_seqs,  # all data-parallel ranks together
             role=ROLES[settings.role],
             kv_transfer_timeout_s=settings.kv_transfer_timeout_s,
         )

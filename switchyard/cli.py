@@ -625,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-parallel-size",
         "-dp",
         type=int,
-        help="data-parallel attention ranks of each engine (only 1 for now)",
+        help="data-parallel attention ranks of each engine, each with its own batch and KV "
+        "cache (docs/parallel.md)",
     )
     engine.add_argument(
         "--enable-expert-parallel",

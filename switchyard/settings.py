@@ -353,8 +353,9 @@ class EngineSettings(ServiceSettings):
     data_parallel_size: int = Field(
         default=1,
         ge=1,
-        description="data-parallel attention ranks for expert-parallel MoE models (vLLM's "
-        "--data-parallel-size); only 1 is supported for now",
+        description="data-parallel attention ranks (vLLM's --data-parallel-size): each holds "
+        "the whole model with its own batch and KV cache, MoE layers exchange tokens "
+        "between them (with --enable-expert-parallel); tensor-parallel size 1 each for now",
     )
     enable_expert_parallel: bool = Field(
         default=False,

@@ -54,8 +54,11 @@ class EngineConfig:
     on ``tensor_parallel_size`` ranks, each holding a slice of every layer's heads, inner
     dimension and vocabulary; with ``enable_expert_parallel`` the MoE layers instead hold
     whole experts, ``1 / (data_parallel_size x tensor_parallel_size)`` of them per rank, and
-    exchange tokens all-to-all. ``data_parallel_size`` > 1 (data-parallel attention) is
-    refused for now. This process is rank 0; it starts the other ranks itself.
+    exchange tokens all-to-all. ``data_parallel_size`` > 1 is data-parallel attention: each
+    of that many ranks (tensor-parallel size 1 each) holds the whole model but its own batch
+    and KV pool, the MoE layers (expert parallel, required for MoE models) exchange tokens
+    between them; steps then run without overlapped scheduling. This process is rank 0; it
+    schedules every data-parallel rank and starts the other ranks itself.
     """
 
     model: str
@@ -132,12 +135,19 @@ class EngineConfig:
             raise ValueError("data_parallel_size must be at least 1")
         if self.data_parallel_size > 1:
             # vLLM's DP attention: each DP rank schedules its own batch and the MoE layers
-            # trade tokens. Not built: the ranks would need a scheduler each, kept in step.
-            raise ValueError(
-                "data_parallel_size > 1 (data-parallel attention) is not supported yet; "
-                "run more replicas for data parallelism, or use --tensor-parallel-size "
-                "(with --enable-expert-parallel for MoE models)"
-            )
+            # trade tokens (engine_service.engine.parallel.data_parallel).
+            if self.tensor_parallel_size > 1:
+                raise ValueError(
+                    "data_parallel_size > 1 with tensor_parallel_size > 1 is not supported "
+                    "yet: each data-parallel rank runs on one GPU (tensor-parallel groups "
+                    "inside data-parallel ranks are not built); use --data-parallel-size N "
+                    "with --tensor-parallel-size 1, or --tensor-parallel-size N alone"
+                )
+            if self.speculative_config:
+                raise ValueError(
+                    "speculative_config is not supported with data_parallel_size > 1 yet "
+                    "(the proposer would need a cache per data-parallel rank)"
+                )
         if self.world_size == 1:
             return
         # What would need each rank's own share moved or loaded besides the model.

@@ -5,6 +5,14 @@ the sampler extends those that reached their end, and the update frees what fini
 Constrained samples get their grammar masks filled while the model runs, and after sampling
 their matchers advance and jump over what the grammar forces (``engine/structured/``).
 Everything runs on the caller's thread; services run this loop in a thread of their own.
+
+Under data-parallel attention (``data_parallel_size`` > 1) the engine keeps one
+:class:`_Shard` (scheduler, KV pool, input builder) per data-parallel rank, gives each new
+request to the least loaded, and runs every rank's batch in the same step: the other ranks'
+inputs go out first, this process runs its own (rank 0's) batch, and the others' logits
+rows come back to be sampled here. When the MoE layers exchange tokens between the ranks
+(expert parallelism), a rank with nothing to run takes a one-token dummy batch on the
+scratch block, so every rank enters the layers' collectives together.
 """
 
 from __future__ import annotations
@@ -18,10 +26,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from engine_service.engine.attention import get_attention_backend
-from engine_service.engine.batch import SampledTokens, ScheduledBatch
+from engine_service.engine.batch import SampledTokens, ScheduledBatch, ScheduledSequence
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.kv_cache import KVCacheManager
-from engine_service.engine.kv_events import KVEventLog, KVTier
+from engine_service.engine.kv_events import KVEventLog, KVTier, SharedKVEvents
 from engine_service.engine.kv_handoff import (
     HandoffEvent,
     KVExport,
@@ -33,7 +41,7 @@ from engine_service.engine.kv_handoff import (
 )
 from engine_service.engine.lora_manager import LoRAAdapter, LoRADisabledError, LoRAManager
 from engine_service.engine.memory import allocate_kv_cache, num_kv_blocks
-from engine_service.engine.model_runner import ModelRunner
+from engine_service.engine.model_runner import ModelRunner, StepInputs
 from engine_service.engine.multimodal import EncoderCache, EncoderRunner, ImageInput
 from engine_service.engine.offload import OffloadManager, RemoteKVStore
 from engine_service.engine.outputs import EngineStats, LoRAStats, RequestOutput, TokenLogprob
@@ -50,6 +58,7 @@ from engine_service.engine.spec.proposers import Proposer, build_proposer
 from engine_service.engine.spec.verify import verified_logprobs, verify
 from engine_service.engine.structured import StructuredOutputManager
 from engine_service.engine.structured.backend import GrammarMatcher
+from engine_service.layers.moe import FusedMoE
 from engine_service.layers.parallel import SINGLE
 from engine_service.models.loader import attention_needs, load_model
 from switchyard.fingerprint import checkpoint_id, kv_fingerprint
@@ -75,6 +84,22 @@ class _InFlight:
             self.future = None
 
 
+@dataclass(slots=True)
+class _Shard:
+    """One data-parallel rank's share of the engine: its requests' scheduler and KV pool,
+    and the runner that builds its steps (rank 0's own runner, or one that only prepares
+    and sends them to that rank)."""
+
+    rank: int
+    kv_manager: KVCacheManager
+    scheduler: Scheduler
+    runner: ModelRunner
+
+    @property
+    def load(self) -> int:
+        return len(self.scheduler.running) + self.scheduler.num_waiting
+
+
 class LLMEngine:
     """A batched engine serving one model; not thread-safe (drive it from one thread).
 
@@ -96,9 +121,10 @@ class LLMEngine:
             if self._ranks is not None:
                 self._rank_ctx = init_distributed(config, 0, self._ranks.address)
                 self.device = self._rank_ctx.device
-                self._channel = StepChannel(
-                    self.device, self._rank_ctx.cpu_group, self._rank_ctx.device_group
-                )
+                if config.data_parallel_size == 1:  # else one channel per rank, in _setup
+                    self._channel = StepChannel(
+                        self.device, self._rank_ctx.cpu_group, self._rank_ctx.device_group
+                    )
             self._setup(config, remote_kv_store)
         except BaseException:
             if self._ranks is not None:
@@ -176,7 +202,10 @@ class LLMEngine:
                 events=self.kv_events,
                 remote_retry_s=config.kv_remote_retry_s,
             )
-        listeners = [x for x in (self.offload, self.kv_events) if x is not None]
+        device_events: KVEventLog | SharedKVEvents | None = self.kv_events
+        if self.kv_events is not None and config.data_parallel_size > 1:
+            device_events = SharedKVEvents(self.kv_events)  # the ranks' pools as one
+        listeners = [x for x in (self.offload, device_events) if x is not None]
         self.kv_manager = KVCacheManager(
             num_blocks, config.block_size, config.enable_prefix_caching, listeners
         )
@@ -233,9 +262,20 @@ class LLMEngine:
             tp_size=tp.size,
             hidden_store=self.proposer.hidden_store if self.proposer is not None else None,
         )
+        self._shards = [_Shard(0, self.kv_manager, self.scheduler, self.runner)]
+        self._shard_of: dict[str, _Shard] = {}
+        for dp_rank in range(1, config.data_parallel_size):
+            self._shards.append(self._peer_shard(dp_rank, num_blocks, listeners))
+        # Whether every rank must run every step: the MoE layers exchange tokens.
+        self._lockstep = config.data_parallel_size > 1 and any(
+            isinstance(m, FusedMoE) and m.ep is not None for m in self.model.modules()
+        )
+        self._dummy = self._dummy_batch(num_blocks)
+        self.dummy_steps = 0  # ranks' dummy batches run (data-parallel attention)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
-        self.async_scheduling = config.async_scheduling
+        # The ranks' steps are built, sent and sampled together, one step at a time.
+        self.async_scheduling = config.async_scheduling and config.data_parallel_size == 1
         if self.proposer is not None:
             # A tree reserves a slot per node; a chain one per token.
             self.scheduler.num_speculative_tokens = max(spec.num_speculative_tokens, spec.tree_size)
@@ -260,6 +300,42 @@ class LLMEngine:
             config.block_size,
             config.world_size,
         )
+
+    def _peer_shard(self, dp_rank: int, num_blocks: int, listeners: list) -> _Shard:
+        """Data-parallel rank ``dp_rank``'s scheduler and KV pool, kept here; its steps go
+        to it point to point (tensor-parallel size 1: it is global rank ``dp_rank``)."""
+        config, ctx = self.config, self._rank_ctx
+        assert ctx is not None and config.tensor_parallel_size == 1
+        kv_manager = KVCacheManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, listeners
+        )
+        scheduler = Scheduler(config, kv_manager, None, self.acceptor)
+        channel = StepChannel(self.device, ctx.cpu_group, ctx.device_group, peer=dp_rank)
+        runner = ModelRunner.for_peer(
+            self.model,
+            self.device,
+            config.block_size,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            -(-self.max_model_len // config.block_size),
+            num_blocks,
+            channel,
+        )
+        return _Shard(dp_rank, kv_manager, scheduler, runner)
+
+    @staticmethod
+    def _dummy_batch(scratch_block: int) -> ScheduledBatch:
+        """One token at position 0 whose KV goes to the scratch block (past the pool, never
+        read): what an idle rank runs so that its MoE layers join the others' exchanges."""
+        request = Request("dp-dummy", [0], SamplingParams(max_tokens=1), frozenset())
+        request.block_table = [scratch_block]
+        sequence = ScheduledSequence(request, start=0, num_tokens=1, num_logits=0)
+        return ScheduledBatch(sequences=[sequence], num_tokens=1, num_logits=0)
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences the engine runs at once: ``max_num_seqs`` per data-parallel rank."""
+        return self.config.max_num_seqs * self.config.data_parallel_size
 
     # -- requests -------------------------------------------------------------------------
 
@@ -326,6 +402,12 @@ class LLMEngine:
         images = self._check_images(prompt_token_ids, images or [])
         if (kv_export is not None or import_kv) and params.n != 1:
             raise ValueError("a disaggregated request (KV hand-off) takes n == 1")
+        if (kv_export is not None or import_kv) and len(self._shards) > 1:
+            # Its blocks would live in another data-parallel rank's process.
+            raise ValueError(
+                "a disaggregated request (KV hand-off) is not supported with "
+                "data_parallel_size > 1 yet"
+            )
         if import_kv and lora_adapter is not None:
             raise ValueError("a request with a LoRA adapter cannot import its prompt's KV")
         if import_kv and images:
@@ -358,7 +440,9 @@ class LLMEngine:
             self.scheduler.add_importing(first)
         elif lora_adapter is None:
             first.kv_handoff = kv_export
-            self.scheduler.add(first)
+            shard = min(self._shards, key=lambda s: s.load)  # the first on a tie
+            self._shard_of[request_id] = shard
+            shard.scheduler.add(first)
         else:
             first.kv_handoff = kv_export
             lora_adapter.requests_total += 1
@@ -459,13 +543,14 @@ class LLMEngine:
         samples = self._samples.pop(request_id, None)
         if samples is None:
             return False
+        scheduler = self._shard_of.pop(request_id, self._shards[0]).scheduler
         self._lora_waiting = [w for w in self._lora_waiting if w[0].request_id != request_id]
         self._release_lora(request_id)
         self._exporting.discard(request_id)
         for request in samples:
             if request.is_finished:
                 continue
-            self.scheduler.finish(request)
+            scheduler.finish(request)
             request.finish("abort")
             self._pending_outputs.append(self._output(request))
         return True
@@ -480,7 +565,7 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return (
-            self.scheduler.has_unfinished()
+            any(s.scheduler.has_unfinished() for s in self._shards)
             or bool(self._lora_waiting)
             or bool(self._pending_outputs)
             or self._in_flight is not None
@@ -620,6 +705,8 @@ class LLMEngine:
         back and committed, so the outputs returned are one step behind. Steps with a
         sample that needs its newest token on the host (grammar, penalties) drain first.
         """
+        if len(self._shards) > 1:
+            return self._step_data_parallel()
         outputs, self._pending_outputs = self._pending_outputs, []
         if self._lora_waiting:
             self._admit_lora_waiting()  # adapters whose folder read finished may start now
@@ -685,31 +772,85 @@ class LLMEngine:
                 logits = self.runner.execute(batch, inputs, prev_tokens)
                 if self.proposer is not None:
                     self.proposer.observe_target(batch, self.runner.last_hidden)
-            finally:
-                bitmask = masks.result() if masks is not None else None
-            meta = SamplingMetadata.build(
-                batch.sample_rows,
-                self.model_config.vocab_size,
-                self.device,
-                bitmask,
-                num_logits=batch.num_logits,
-            )
-            result = sample(logits, meta, self.generator)
-            if batch.has_drafts:
-                result.verified = verify(
-                    logits, batch, self.model_config.vocab_size, self.generator, draft_masks
-                )
-                result.verified_logprobs = verified_logprobs(logits, batch, result.verified)
-            result.start_host_copy()
-            return result, meta
+            except BaseException:
+                if masks is not None:
+                    masks.result()
+                raise
+            return self._sample(batch, logits, masks, draft_masks)
 
         if self._worker is not None:
             return _InFlight(batch, future=self._worker.submit(run))
         result, meta = run()
         return _InFlight(batch, result=result, meta=meta)
 
-    def _resolve(self, flight: _InFlight) -> list[RequestOutput]:
-        """Read a launched step's tokens back and commit them (the scheduler's update)."""
+    def _sample(
+        self, batch: ScheduledBatch, logits: torch.Tensor, masks, draft_masks=None
+    ) -> tuple[SamplerResult, SamplingMetadata]:
+        """Sample ``batch``'s rows of ``logits`` (once its grammar ``masks`` are filled) and
+        verify its drafts; the host copy of the tokens starts."""
+        bitmask = masks.result() if masks is not None else None
+        meta = SamplingMetadata.build(
+            batch.sample_rows,
+            self.model_config.vocab_size,
+            self.device,
+            bitmask,
+            num_logits=batch.num_logits,
+        )
+        result = sample(logits, meta, self.generator)
+        if batch.has_drafts:
+            result.verified = verify(
+                logits, batch, self.model_config.vocab_size, self.generator, draft_masks
+            )
+            result.verified_logprobs = verified_logprobs(logits, batch, result.verified)
+        result.start_host_copy()
+        return result, meta
+
+    def _step_data_parallel(self) -> list[RequestOutput]:
+        """One step of every data-parallel rank (synchronous): schedule each rank's batch,
+        send the other ranks theirs, run rank 0's, gather their logits, sample and commit."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        batches = [shard.scheduler.schedule() for shard in self._shards]
+        if not any(batches):
+            return outputs
+        self.steps_total += 1
+        masks = [
+            self.structured.start_masks([r.grammar for _, r in b.sample_rows]) if b else None
+            for b in batches
+        ]
+        steps: list[tuple[ScheduledBatch, StepInputs] | None] = []
+        for shard, batch in zip(self._shards, batches):
+            if not batch and self._lockstep:
+                batch = self._dummy  # an idle rank still joins the MoE exchanges
+                self.dummy_steps += 1
+            steps.append((batch, shard.runner.prepare(batch)) if batch else None)
+        # Every other rank's step goes out first: their forward passes run with this one.
+        for shard, step in zip(self._shards[1:], steps[1:]):
+            if step is not None:
+                _, inputs = step
+                assert shard.runner.channel is not None and inputs.broadcast is not None
+                shard.runner.channel.send_step(*inputs.broadcast, inputs.input_ids)
+        logits: list[torch.Tensor | None] = [None] * len(self._shards)
+        if steps[0] is not None:
+            logits[0] = self.runner.execute(*steps[0])
+        vocab = self.model_config.vocab_size
+        for d, (shard, batch) in enumerate(zip(self._shards, batches)):
+            if d == 0 or not batch:
+                continue
+            if batch.num_logits:  # the rank sends only rows it has
+                logits[d] = shard.runner.channel.recv_logits(batch.num_logits, vocab)
+            else:
+                logits[d] = torch.empty((0, vocab), dtype=torch.float32, device=self.device)
+        for shard, batch, rows, mask in zip(self._shards, batches, logits, masks):
+            if not batch:
+                continue
+            result, meta = self._sample(batch, rows, mask)
+            outputs.extend(self._resolve(_InFlight(batch, result, meta), shard))
+        return outputs
+
+    def _resolve(self, flight: _InFlight, shard: _Shard | None = None) -> list[RequestOutput]:
+        """Read a launched step's tokens back and commit them (the scheduler's update of
+        ``shard``, the first data-parallel rank's by default)."""
+        shard = shard or self._shards[0]
         flight.wait()
         result = flight.result
         if self._exporting:
@@ -720,11 +861,11 @@ class LLMEngine:
             token_lists = [result.verified.get(i, [t]) for i, t in enumerate(token_list)]
             spec_logprobs = result.verified_logprobs or {}
             logprob_lists = [spec_logprobs.get(i, [lp]) for i, lp in enumerate(logprobs)]
-        touched = self.scheduler.update(
+        touched = shard.scheduler.update(
             flight.batch,
             SampledTokens(result.token_ids, token_list, logprobs, token_lists, logprob_lists),
         )
-        moves = self.kv_manager.take_slot_copies()
+        moves = shard.kv_manager.take_slot_copies()
         if moves:  # accepted token-tree paths, packed before their freed tail is reused
             self.runner.move_slots(moves)
         outputs = []
@@ -761,20 +902,32 @@ class LLMEngine:
         samples = self._samples.get(request_id)
         if samples is not None and all(s.is_finished for s in samples):
             del self._samples[request_id]
+            self._shard_of.pop(request_id, None)
             self._release_lora(request_id)
 
     # -- helpers --------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
+        """The engine's figures; under data-parallel attention, summed over the ranks (one
+        replica whose capacity is theirs together)."""
+        shards = self._shards
+
+        def total(attribute: str) -> int:
+            return sum(getattr(s.scheduler, attribute) for s in shards)
+
+        blocks_total = sum(s.kv_manager.num_blocks for s in shards)
+        blocks_free = sum(s.kv_manager.num_free_blocks for s in shards)
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=self.scheduler.num_waiting,
-            kv_usage=self.kv_manager.usage,
-            num_blocks_total=self.kv_manager.num_blocks,
-            num_blocks_free=self.kv_manager.num_free_blocks,
-            prefix_cache_queries=self.scheduler.prefix_cache_queries,
-            prefix_cache_hits=self.scheduler.prefix_cache_hits,
-            num_preemptions=self.scheduler.num_preemptions,
+            num_running=sum(len(s.scheduler.running) for s in shards),
+            num_waiting=total("num_waiting"),
+            kv_usage=(
+                self.kv_manager.usage if len(shards) == 1 else 1.0 - blocks_free / blocks_total
+            ),
+            num_blocks_total=blocks_total,
+            num_blocks_free=blocks_free,
+            prefix_cache_queries=total("prefix_cache_queries"),
+            prefix_cache_hits=total("prefix_cache_hits"),
+            num_preemptions=total("num_preemptions"),
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.acceptor.generation_tokens_total,
             steps_total=self.steps_total,
@@ -816,11 +969,10 @@ class LLMEngine:
         )
 
     def _offload_stats(self) -> dict[str, int | bool]:
-        scheduler, offload = self.scheduler, self.offload
+        offload = self.offload
         figures: dict[str, int | bool] = {
-            "host_hit_tokens": scheduler.host_hit_tokens,
-            "remote_hit_tokens": scheduler.remote_hit_tokens,
-            "recomputed_tokens": scheduler.recomputed_tokens,
+            name: sum(getattr(s.scheduler, name) for s in self._shards)
+            for name in ("host_hit_tokens", "remote_hit_tokens", "recomputed_tokens")
         }
         if offload is not None:
             moved = offload.stats
@@ -838,9 +990,12 @@ class LLMEngine:
 
     def held_block_hashes(self) -> dict[KVTier, list[bytes]]:
         """Every block hash this engine holds, per tier (the KV events' starting point)."""
-        device = self.kv_manager.prefix_cache
+        device: dict[bytes, None] = {}  # the ranks' pools as one, in order
+        for shard in self._shards:
+            cache = shard.kv_manager.prefix_cache
+            device.update(dict.fromkeys(cache.block_hashes() if cache is not None else []))
         return {
-            KVTier.DEVICE: device.block_hashes() if device is not None else [],
+            KVTier.DEVICE: list(device),
             KVTier.HOST: self.offload.host_block_hashes() if self.offload is not None else [],
         }
 
@@ -854,9 +1009,16 @@ class LLMEngine:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
         if self._ranks is not None:
-            channel = self._channel
-            self._ranks.close(channel.send_shutdown if channel is not None else None)
+            self._ranks.close(self._send_shutdown)
             self._ranks = None
+
+    def _send_shutdown(self) -> None:
+        """SHUTDOWN to every other rank: one broadcast, or one message per data-parallel
+        rank."""
+        channels = [self._channel] if self._channel is not None else []
+        channels += [s.runner.channel for s in getattr(self, "_shards", [])[1:]]
+        for channel in channels:
+            channel.send_shutdown()
 
     def stream(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

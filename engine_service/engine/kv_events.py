@@ -56,3 +56,27 @@ class KVEventLog:
 
     def block_evicted(self, block_hash: bytes, block_id: int) -> None:
         self.record(False, KVTier.DEVICE, block_hash)
+
+
+class SharedKVEvents:
+    """The device-tier listener of several KV pools that one engine reports as one (the
+    pools of its data-parallel ranks): a block hash is stored when the first pool caches
+    it and removed when the last one evicts it, so routers see the union."""
+
+    def __init__(self, log: KVEventLog) -> None:
+        self.log = log
+        self._holders: dict[bytes, int] = {}
+
+    def block_cached(self, block_hash: bytes, block_id: int) -> None:
+        count = self._holders.get(block_hash, 0)
+        self._holders[block_hash] = count + 1
+        if count == 0:
+            self.log.block_cached(block_hash, block_id)
+
+    def block_evicted(self, block_hash: bytes, block_id: int) -> None:
+        count = self._holders.get(block_hash, 0)
+        if count <= 1:
+            self._holders.pop(block_hash, None)
+            self.log.block_evicted(block_hash, block_id)
+        else:
+            self._holders[block_hash] = count - 1

@@ -104,23 +104,22 @@ class ModelRunner:
         tp_size: int = 1,
         hidden_store: HiddenStateStore | None = None,
     ) -> None:
-        self.model = model
-        self.channel = channel
+        self._init_inputs(
+            model,
+            kv_cache.device,
+            block_size,
+            max_num_tokens,
+            max_num_seqs,
+            max_blocks_per_seq,
+            scratch_block,
+            channel,
+        )
         self.lora_slots = lora_slots
         # The target's kept hidden states (EAGLE) live per slot like the KV cache, so block
         # copies and slot moves apply to them too.
         self.hidden_store = hidden_store
         self.backend = backend
         self.kv_cache = kv_cache
-        self.block_size = block_size
-        self.device = kv_cache.device
-        self.scratch_block = scratch_block
-        self.max_blocks_per_seq = max_blocks_per_seq
-        pin = self.device.type == "cuda"
-        self._buffers = [
-            _HostBuffers(max_num_tokens, max_num_seqs, max_blocks_per_seq, pin) for _ in range(2)
-        ]
-        self._turn = 0
         config = getattr(model, "config", None)
         if config is not None and not getattr(model, "computes_own_attention", False):
             backend.warm_up(
@@ -136,6 +135,59 @@ class ModelRunner:
             from engine_service.engine.cuda_graphs import StepGraphs
 
             self.graphs = StepGraphs(self, graphs_max_tokens, max_num_seqs)
+
+    def _init_inputs(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        block_size: int,
+        max_num_tokens: int,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        scratch_block: int,
+        channel: StepChannel | None,
+    ) -> None:
+        """What :meth:`prepare` needs: the buffers, the sizes, the channel."""
+        self.model = model
+        self.channel = channel
+        self.lora_slots = None
+        self.block_size = block_size
+        self.device = device
+        self.scratch_block = scratch_block
+        self.max_blocks_per_seq = max_blocks_per_seq
+        pin = device.type == "cuda"
+        self._buffers = [
+            _HostBuffers(max_num_tokens, max_num_seqs, max_blocks_per_seq, pin) for _ in range(2)
+        ]
+        self._turn = 0
+
+    @classmethod
+    def for_peer(
+        cls,
+        model: torch.nn.Module,
+        device: torch.device,
+        block_size: int,
+        max_num_tokens: int,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        scratch_block: int,
+        channel: StepChannel,
+    ) -> ModelRunner:
+        """Rank 0's runner for another data-parallel rank's batches: it only prepares their
+        steps (:meth:`prepare`, whose message ``channel`` sends to that rank); ``model`` is
+        rank 0's copy, read for its config only. Never executes."""
+        runner = cls.__new__(cls)
+        runner._init_inputs(
+            model,
+            device,
+            block_size,
+            max_num_tokens,
+            max_num_seqs,
+            max_blocks_per_seq,
+            scratch_block,
+            channel,
+        )
+        return runner
 
     # -- inputs ---------------------------------------------------------------------------
 

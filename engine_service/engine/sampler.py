@@ -54,6 +54,8 @@ class SamplingMetadata:
     max_num_logprobs: int | None
     logprob_rows: list[int]
     logprob_index: torch.Tensor | None
+    # How many alternatives each of logprob_rows asked for (the step computes the most).
+    logprob_counts: list[int] | None = None
 
     @classmethod
     def build(
@@ -151,6 +153,7 @@ class SamplingMetadata:
             max_num_logprobs=max((params[i].logprobs for i in want), default=None),
             logprob_rows=want,
             logprob_index=tensor(want, torch.long) if want else None,
+            logprob_counts=[params[i].logprobs for i in want],
         )
 
 
@@ -195,8 +198,11 @@ class SamplerResult:
             chosen = chosen_lp.tolist()
             top_vals = top_lp.tolist() if top_lp is not None else None
             top_ids = top_ids_t.tolist() if top_ids_t is not None else None
+            counts = meta.logprob_counts
             for j, row in enumerate(meta.logprob_rows):
                 alternatives = list(zip(top_ids[j], top_vals[j])) if top_ids else []
+                if counts is not None:  # the row's own number, not the batch's largest
+                    alternatives = alternatives[: counts[j]]
                 logprobs[row] = TokenLogprob(token_list[row], chosen[j], alternatives)
         return token_list, logprobs
 

@@ -4,17 +4,19 @@ With ``--enable-expert-parallel`` the ``E`` experts of a MoE layer are shared ou
 ``P`` ranks (data-parallel x tensor-parallel, as in vLLM): rank ``r`` holds a contiguous
 range of them, the first ``E % P`` ranks one more than the rest. The ranks of a
 tensor-parallel group hold the same tokens after attention, so each takes its own share of
-them through the layer and the shares are gathered at the end::
+them through the layer and the shares are gathered within that group at the end. Ranks of
+different data-parallel ranks hold different batches (data-parallel attention): their
+token counts differ, down to zero, and nothing is gathered across them::
 
-    tokens [T, H] (same on every rank)
-      │ rank r keeps rows [lo_r, hi_r)                       (its share, ~T/P tokens)
+    tokens [T, H] (same on every rank of a tensor-parallel group; T differs between groups)
+      │ rank r keeps rows [lo_r, hi_r) of its group's tokens  (its share, ~T/TP tokens)
       │ route: (token, expert) pairs, sorted by the rank that owns the expert
-      ├─ all-to-all counts (one exchange for both micro-batches; the host needs the sizes)
+      ├─ all-to-all counts over all P ranks (one exchange for both micro-batches)
       ├─ micro-batch 0: dispatch ──▶ experts ──▶ combine ─┐
       │  micro-batch 1:    dispatch ──▶ experts ──▶ combine ─┐   dispatch 1 runs under
       │                                                   │  │   experts 0, combine 0
       │ weighted sum of each token's returned rows  ◀─────┴──┘   under experts 1
-      └ all-gather the shares ──▶ [T, H]
+      └ all-gather the shares within the tensor-parallel group ──▶ [T, H]
 
 A pair travels once per (token, expert), its router weight staying at home and applied when
 its row comes back. The two micro-batches are DeepSeek's inference overlap: their
@@ -74,16 +76,38 @@ class ExpertParallel:
 
     ``overlap`` splits each layer's tokens in two micro-batches whose communication and
     compute overlap; without it one batch goes through dispatch, experts and combine in turn.
+
+    ``share_rank`` / ``share_size`` / ``share_group``: the ranks that hold the same tokens
+    (this rank's tensor-parallel group) and its place among them; by default the whole
+    expert-parallel group (tensor parallelism alone). With ``share_size < size`` the
+    groups' batches differ (data-parallel attention) and may be empty.
     """
 
     def __init__(
-        self, rank: int, size: int, num_experts: int, group: Any = None, overlap: bool = True
+        self,
+        rank: int,
+        size: int,
+        num_experts: int,
+        group: Any = None,
+        overlap: bool = True,
+        *,
+        share_rank: int | None = None,
+        share_size: int | None = None,
+        share_group: Any = None,
     ) -> None:
         if num_experts < size:
             raise ValueError(
                 f"{num_experts} experts cannot be shared out over {size} expert-parallel ranks"
             )
         self.rank, self.size, self.group, self.overlap = rank, size, group, overlap
+        if share_size is None:
+            share_rank, share_size, share_group = rank, size, group
+        if size % share_size or not 0 <= share_rank < share_size:
+            raise ValueError(
+                f"token-sharing rank {share_rank} of {share_size} does not fit {size} "
+                "expert-parallel ranks"
+            )
+        self.share_rank, self.share_size, self.share_group = share_rank, share_size, share_group
         self.ranges = expert_ranges(num_experts, size)
         self.start, self.end = self.ranges[rank]
         self.num_local = self.end - self.start
@@ -116,12 +140,18 @@ class ExpertParallel:
     ) -> torch.Tensor:
         """``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` for every token ``t``, with the
         experts spread over the ranks; ``x``, ``weights``, ``ids`` are the same on every
-        rank. Returns ``[T, H]`` on every rank."""
-        lo, hi = _shares(x.shape[0], self.size)[self.rank]
+        rank of the token-sharing group (and ``T`` may differ, down to 0, between groups).
+        Returns ``[T, H]``."""
+        lo, hi = _shares(x.shape[0], self.share_size)[self.share_rank]
         share = x[lo:hi]
-        # Every rank must make the same number of exchanges: the count of micro-batches
-        # follows the whole batch, not this rank's share (which may be empty).
-        micro_batches = 2 if self.overlap and x.shape[0] >= 2 else 1
+        # Every rank must make the same number of exchanges. When all ranks hold the same
+        # tokens the count of micro-batches follows the whole batch, not this rank's share
+        # (which may be empty); when the batches differ it cannot follow either, so it is
+        # fixed (a micro-batch may be empty).
+        if self.share_size < self.size:
+            micro_batches = 2 if self.overlap else 1
+        else:
+            micro_batches = 2 if self.overlap and x.shape[0] >= 2 else 1
         splits = _shares(hi - lo, micro_batches)
         batches = [
             self._pairs(weights[lo + a : lo + b], ids[lo + a : lo + b], a) for a, b in splits
@@ -132,7 +162,8 @@ class ExpertParallel:
         for mb in batches:  # experts of one while the other's rows travel
             for work in mb.pending:
                 work.wait()
-            out = compute(mb.rows, mb.local_ids)
+            # No row for this rank's experts: nothing to run (kernels need a row).
+            out = compute(mb.rows, mb.local_ids) if mb.rows.shape[0] else mb.rows
             mb.returned = torch.empty(
                 (sum(mb.send_counts), x.shape[1]), dtype=out.dtype, device=out.device
             )
@@ -200,15 +231,17 @@ class ExpertParallel:
         ]
 
     def _gather_shares(self, result: torch.Tensor, total: int) -> torch.Tensor:
-        """Every rank's share side by side again: ``[T, H]`` on every rank."""
-        shares = _shares(total, self.size)
+        """Every share of the token-sharing group side by side again: ``[T, H]``."""
+        if self.share_size == 1:
+            return result
+        shares = _shares(total, self.share_size)
         longest = max(hi - lo for lo, hi in shares)
         padded = torch.zeros((longest, result.shape[1]), dtype=result.dtype, device=result.device)
         padded[: result.shape[0]] = result
         gathered = torch.empty(
-            (self.size * longest, result.shape[1]), dtype=result.dtype, device=result.device
+            (self.share_size * longest, result.shape[1]), dtype=result.dtype, device=result.device
         )
-        dist.all_gather_single(gathered, padded, group=self.group)
+        dist.all_gather_single(gathered, padded, group=self.share_group)
         pieces = [
             gathered[r * longest : r * longest + (hi - lo)] for r, (lo, hi) in enumerate(shares)
         ]

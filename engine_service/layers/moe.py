@@ -239,9 +239,25 @@ class FusedMoE(nn.Module):
         self.tp = tp
         self.kernel = kernel
         # Expert parallel: whole experts, this rank's range of them; else a slice of all.
+        if tp.dp_size > 1 and not tp.expert_parallel:
+            # vLLM shards such experts tensor-parallel over all DP x TP ranks, gathering
+            # every data-parallel rank's tokens into each layer; not built.
+            raise ValueError(
+                "a mixture-of-experts model with data_parallel_size > 1 needs "
+                "enable_expert_parallel (--enable-expert-parallel): its experts are shared "
+                "out over the data-parallel ranks and tokens exchanged all-to-all"
+            )
         self.ep = (
-            ExpertParallel(tp.rank, tp.size, num_experts, tp.group)
-            if tp.expert_parallel and tp.size > 1
+            ExpertParallel(
+                tp.ep_rank,
+                tp.ep_size,
+                num_experts,
+                tp.ep_group,
+                share_rank=tp.rank,
+                share_size=tp.size,
+                share_group=tp.group,
+            )
+            if tp.expert_parallel and tp.ep_size > 1
             else None
         )
         slices = 1 if self.ep is not None else tp.size

@@ -20,18 +20,38 @@ class TensorParallel:
     """This rank's place in the tensor-parallel group (``group=None``: the default group).
 
     ``expert_parallel``: the MoE layers hold whole experts, a share of them per rank of
-    this group, instead of a slice of every expert (vLLM's ``--enable-expert-parallel``;
-    see :mod:`engine_service.layers.expert_parallel`). Other layers ignore it.
+    the expert-parallel group, instead of a slice of every expert (vLLM's
+    ``--enable-expert-parallel``; see :mod:`engine_service.layers.expert_parallel`). Other
+    layers ignore it.
+
+    ``dp_rank`` / ``dp_size``: this tensor-parallel group's place among the engine's
+    data-parallel ranks (data-parallel attention: each holds its own batch). The
+    expert-parallel group spans all ``dp_size x size`` ranks, ``ep_group`` (``None``: the
+    default group); rank ``dp_rank * size + rank`` of it.
     """
 
     rank: int = 0
     size: int = 1
     group: Any = None
     expert_parallel: bool = False
+    dp_rank: int = 0
+    dp_size: int = 1
+    ep_group: Any = None
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
             raise ValueError(f"tensor-parallel rank {self.rank} of size {self.size} is invalid")
+        if self.dp_size < 1 or not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"data-parallel rank {self.dp_rank} of size {self.dp_size} is invalid")
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's place in the expert-parallel group (data-parallel x tensor-parallel)."""
+        return self.dp_rank * self.size + self.rank
+
+    @property
+    def ep_size(self) -> int:
+        return self.dp_size * self.size
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the group, in place (identity for one rank)."""

@@ -113,10 +113,10 @@ def load_model(
     (this rank's shards of them under tensor parallelism ``tp``)."""
     path = resolve_model_path(model, revision)
     _, config, model_cls = read_config(path)
-    if tp.size > 1 and not getattr(model_cls, "supports_tensor_parallel", False):
+    if tp.ep_size > 1 and not getattr(model_cls, "supports_tensor_parallel", False):
         raise ValueError(
-            f"{config.architecture} does not support tensor or expert parallelism yet "
-            "(--tensor-parallel-size 1)"
+            f"{config.architecture} does not support tensor, expert or data parallelism yet "
+            "(--tensor-parallel-size 1 --data-parallel-size 1)"
         )
     torch_dtype = resolve_dtype(dtype, config.torch_dtype)
     device = torch.device(device)

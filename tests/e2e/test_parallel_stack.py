@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.chaos.checks import complete
@@ -18,6 +19,8 @@ from tests.e2e.stack import (
     REPO_ROOT,
     Stack,
     engine_pid,
+    engine_stats,
+    list_replicas,
     marked_pids,
     ready_replicas,
     start_stack,
@@ -86,3 +89,32 @@ def test_a_two_rank_engine_is_one_replica_that_restarts_whole(checkpoint: Path, 
         time.sleep(0.2)
     assert code == 0, stack.output.read_text()
     assert marked_pids(stack.mark) == []
+
+
+def test_a_data_parallel_engine_is_one_replica_whose_capacity_is_its_ranks_together(
+    checkpoint: Path, tmp_path: Path
+):
+    """``switchyard up -dp 2``: two ranks, each with its own batch and KV pool, are one
+    replica; the controller sees their slots and KV blocks added up, and requests spread
+    over both ranks come back through the gateway."""
+    stack = start_stack(
+        checkpoint, tmp_path, engines=1, extra_args=["-dp", "2", "--max-num-seqs", "8"]
+    )
+    try:
+        assert list(ready_replicas(stack)) == ["engine-0"]
+        assert status(stack).count("READY") == 1
+        assert len(worker_pids(stack)) == 1
+        [replica] = list_replicas(stack).replicas
+        assert replica.load.max_num_seqs == 16  # 8 per data-parallel rank
+        single_rank_blocks = engine_stats(replica.address).num_blocks_total // 2
+        assert single_rank_blocks > 0
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(
+                pool.map(lambda i: complete(stack, prompt=f"request {i}", max_tokens=6), range(3))
+            )
+        for reply in replies:
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["usage"]["completion_tokens"] == 6
+    finally:
+        code = stop_stack(stack)
+    assert code == 0, stack.output.read_text()

@@ -1,7 +1,9 @@
 """Expert parallelism at the layer level, with real collectives (gloo, two processes): a
 FusedMoE whose experts are shared out over two ranks, tokens dispatched and combined
 all-to-all, gives the single-process layer's output, with and without the micro-batch
-overlap, for batches of every size down to one token (an empty share on one rank)."""
+overlap, for batches of every size down to one token (an empty share on one rank); and under
+data-parallel attention, where each rank brings its own batch of a different size (down to
+none), each rank gets its own tokens' output."""
 
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ def _layer(tp: TensorParallel) -> torch.nn.Module:
     return net.moe
 
 
-def _inputs(num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(num_tokens)
+def _inputs(num_tokens: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(num_tokens if seed is None else seed)
     x = torch.randn(num_tokens, HIDDEN, generator=generator)
     router_logits = torch.randn(num_tokens, EXPERTS, generator=generator)
     if num_tokens > 4:
@@ -87,3 +89,49 @@ def test_two_expert_parallel_ranks_give_the_single_process_output(tmp_path):
             for result in ranks:
                 for overlap in (True, False):
                     torch.testing.assert_close(result[(overlap, n)], expected)
+
+
+# Data-parallel attention: (rank 0's tokens, rank 1's tokens) per layer call; a rank with no
+# token at all, and ranks whose micro-batches are empty, still take part in the exchanges.
+DP_TOKEN_COUNTS = ((13, 0), (0, 5), (1, 4), (7, 2), (1, 1), (0, 1))
+
+
+def _dp_inputs(rank: int, counts: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _inputs(counts[rank], seed=100 * rank + 10 * counts[0] + counts[1])
+
+
+def _dp_rank(rank: int, size: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        # Tensor-parallel size 1 inside each of the `size` data-parallel ranks.
+        moe = _layer(TensorParallel(0, 1, expert_parallel=True, dp_rank=rank, dp_size=size))
+        results = {"first": moe.first_expert, "share_size": moe.ep.share_size}
+        with torch.no_grad():
+            for overlap in (True, False):
+                moe.ep.overlap = overlap
+                for counts in DP_TOKEN_COUNTS:
+                    results[(overlap, counts)] = moe(*_dp_inputs(rank, counts))
+        torch.save(results, f"{out_dir}/dp{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_with_their_own_batches_get_their_own_outputs(tmp_path):
+    mp.spawn(_dp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    single = _layer(TensorParallel())
+    ranks = [torch.load(tmp_path / f"dp{r}.pt") for r in range(2)]
+    assert [r["first"] for r in ranks] == [0, 3]  # experts shared out over the DP ranks
+    assert [r["share_size"] for r in ranks] == [1, 1]  # no tokens shared between them
+    with torch.no_grad():
+        for rank, result in enumerate(ranks):
+            for counts in DP_TOKEN_COUNTS:
+                expected = single(*_dp_inputs(rank, counts))
+                for overlap in (True, False):
+                    got = result[(overlap, counts)]
+                    assert got.shape == (counts[rank], HIDDEN)
+                    torch.testing.assert_close(got, expected)
+
+
+def test_a_moe_layer_under_data_parallelism_needs_expert_parallelism():
+    with pytest.raises(ValueError, match="needs enable_expert_parallel"):
+        FusedMoE(EXPERTS, TOP_K, HIDDEN, INNER, tp=TensorParallel(0, 1, dp_rank=1, dp_size=2))

@@ -160,8 +160,8 @@ def test_speculative_token_trees_under_tensor_parallelism_stay_exact(llama, tmp_
 
 
 def test_unsupported_combinations_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="data-parallel attention"):
-        EngineConfig(model="m", data_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor-parallel groups inside data-parallel"):
+        EngineConfig(model="m", data_parallel_size=2, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="enable_lora"):
         EngineConfig(model="m", tensor_parallel_size=2, enable_lora=True)
     with pytest.raises(ValueError, match="enable_kv_offload"):
@@ -288,7 +288,7 @@ def test_models_not_built_on_the_parallel_layers_refuse_several_ranks(tmp_path):
         vocab_size=128,
         architectures=["DeepseekV3ForCausalLM"],
     ).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM does not support tensor"):
+    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM does not support tensor, expert or data"):
         load_model(str(tmp_path), None, "float32", "cpu", tp=TensorParallel(0, 2))
 
 

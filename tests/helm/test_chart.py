@@ -271,6 +271,12 @@ def test_a_parallel_engine_pod_asks_for_a_gpu_per_rank(chart: helm.Chart) -> Non
     two = {"engine": {"gpu": {"enabled": True, "count": 3},
                       "parallel": {"tensorParallelSize": 2}}}  # fmt: skip
     assert container(render(chart, two), "engine")["resources"]["limits"]["nvidia.com/gpu"] == 2
+    # Data-parallel attention: a GPU per data-parallel rank too.
+    dp = {"engine": {"gpu": {"enabled": True},
+                     "parallel": {"dataParallelSize": 2, "enableExpertParallel": True}}}  # fmt: skip
+    objects = render(chart, dp)
+    assert container(objects, "engine")["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert config(objects)["engine"]["data_parallel_size"] == 2
     defaults = config(render(chart, {}))["engine"]
     assert not {"tensor_parallel_size", "data_parallel_size", "enable_expert_parallel"} & set(
         defaults

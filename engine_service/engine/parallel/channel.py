@@ -14,6 +14,10 @@ samples. A message is three broadcasts from rank 0, in this order::
 
 Token ids travel on the device group because rank 0 fills a step's pending rows from the
 previous step's samples on the device (no host sync); the rest is host data already.
+
+Under data-parallel attention each rank runs its own batch: rank 0 sends each its own
+message point to point instead (a channel with a ``peer``), and a rank sends its logits
+rows back to rank 0 after the forward pass (``send_logits`` / ``recv_logits``).
 The CPU group is gloo, also when the device group is NCCL, and waits without a deadline:
 an idle engine sends nothing for as long as it is idle, and a rank that dies closes its
 sockets, which fails the other ranks' broadcasts at once.
@@ -109,16 +113,42 @@ def pack_step(
 
 
 class StepChannel:
-    """Both ends of the broadcast: rank 0 calls ``send_*``, the others ``recv``."""
+    """Both ends of the broadcast: rank 0 calls ``send_*``, the others ``recv``.
 
-    def __init__(self, device: torch.device, cpu_group: Any, device_group: Any = None) -> None:
+    ``peer`` (data-parallel attention): the one rank this channel talks to, point to point
+    instead of broadcasting: on rank 0 the rank it sends to, on that rank 0.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        cpu_group: Any,
+        device_group: Any = None,
+        peer: int | None = None,
+    ) -> None:
         self.device = device
         self.cpu_group = cpu_group
         self.device_group = device_group
         self.source = 0  # rank 0 of the default group
+        self.peer = peer
 
     def _broadcast(self, tensor: torch.Tensor, group: Any) -> None:
-        dist.broadcast(tensor, src=self.source, group=group)
+        if self.peer is None:
+            dist.broadcast(tensor, src=self.source, group=group)
+        elif dist.get_rank() == self.source:
+            dist.send(tensor, dst=self.peer, group=group)
+        else:
+            dist.recv(tensor, src=self.peer, group=group)
+
+    def send_logits(self, logits: torch.Tensor) -> None:
+        """A data-parallel rank's logits rows, to rank 0 (after its forward pass)."""
+        dist.send(logits.contiguous(), dst=self.source, group=self.device_group)
+
+    def recv_logits(self, rows: int, vocab: int) -> torch.Tensor:
+        """Rank 0: the ``[rows, vocab]`` fp32 logits of this channel's peer."""
+        logits = torch.empty((rows, vocab), dtype=torch.float32, device=self.device)
+        dist.recv(logits, src=self.peer, group=self.device_group)
+        return logits
 
     # -- rank 0 ---------------------------------------------------------------------------
 

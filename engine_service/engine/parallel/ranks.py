@@ -109,8 +109,16 @@ def init_distributed(config: EngineConfig, rank: int, address: str) -> RankConte
         if backend == "gloo"
         else dist.new_group(backend="gloo", timeout=_NO_DEADLINE)
     )
+    tp_size, dp_size = config.tensor_parallel_size, config.data_parallel_size
+    # Data-parallel ranks run tensor-parallel size 1 (config.py refuses more), so the
+    # tensor-parallel "group" of each is itself and the expert-parallel group is the world.
     tp = TensorParallel(
-        rank, config.tensor_parallel_size, None, expert_parallel=config.enable_expert_parallel
+        rank % tp_size,
+        tp_size,
+        None,
+        expert_parallel=config.enable_expert_parallel,
+        dp_rank=rank // tp_size,
+        dp_size=dp_size,
     )
     return RankContext(rank, world, device, tp, cpu_group, None)
 

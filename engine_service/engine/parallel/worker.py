@@ -78,8 +78,12 @@ def load_rank(ctx: RankContext, config: EngineConfig) -> ModelRunner:
 
 
 def run_steps(ctx: RankContext, runner: ModelRunner) -> None:
-    """Run what rank 0 broadcasts until its SHUTDOWN."""
-    channel = StepChannel(ctx.device, ctx.cpu_group, ctx.device_group)
+    """Run what rank 0 broadcasts until its SHUTDOWN. A data-parallel rank gets its own
+    batch's steps from rank 0 alone and sends its logits rows back."""
+    data_parallel = ctx.tp.dp_size > 1
+    channel = StepChannel(
+        ctx.device, ctx.cpu_group, ctx.device_group, peer=0 if data_parallel else None
+    )
     while True:
         message = channel.recv()
         if message.kind == Kind.SHUTDOWN:
@@ -88,7 +92,10 @@ def run_steps(ctx: RankContext, runner: ModelRunner) -> None:
             runner.move_slots(message.moves)
             continue
         step = message.step
-        runner.run_step(step.inputs.input_ids, step.inputs, step.block_copies)
+        logits = runner.run_step(step.inputs.input_ids, step.inputs, step.block_copies)
+        if data_parallel and step.inputs.logits_indices.numel():
+            assert logits is not None  # tensor-parallel size 1: every rank has whole logits
+            channel.send_logits(logits)
 
 
 def main(argv: list[str] | None = None) -> None:
