@@ -89,6 +89,14 @@ class EngineServer:
         settings = self.settings
         model_path = await asyncio.to_thread(resolve_model, settings.model, settings.data_dir)
         config = engine_config_from_settings(settings, model_path)
+        if settings.role != "both" and (
+            config.tensor_parallel_size > 1 or config.data_parallel_size > 1
+        ):
+            # A hand-off moves one process's blocks; a split engine's KV lives in several.
+            raise ValueError(
+                f"--role {settings.role} is not supported with --tensor-parallel-size or "
+                "--data-parallel-size above 1 yet: KV hand-off moves one rank's blocks only"
+            )
         logger.info("loading model %s on %s", model_path, config.device)
         if settings.kv_service_address and config.enable_kv_offload:
             self._kv_store = KVServiceStore(settings.kv_service_address)

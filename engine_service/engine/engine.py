@@ -408,6 +408,12 @@ class LLMEngine:
                 "a disaggregated request (KV hand-off) is not supported with "
                 "data_parallel_size > 1 yet"
             )
+        if (kv_export is not None or import_kv) and self.config.tensor_parallel_size > 1:
+            # Each rank holds its own heads' KV; rank 0 alone would move a fraction of it.
+            raise ValueError(
+                "a disaggregated request (KV hand-off) is not supported with "
+                "tensor_parallel_size > 1 yet"
+            )
         if import_kv and lora_adapter is not None:
             raise ValueError("a request with a LoRA adapter cannot import its prompt's KV")
         if import_kv and images:

@@ -171,7 +171,7 @@ def test_unsupported_combinations_are_refused_with_the_reason():
 # -- a dying rank ---------------------------------------------------------------------------
 
 
-def start_service(checkpoint: Path) -> subprocess.Popen:
+def start_service(checkpoint: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [
             sys.executable,
@@ -195,6 +195,7 @@ def start_service(checkpoint: Path) -> subprocess.Popen:
             "32",
             "--tensor-parallel-size",
             "2",
+            *extra,
         ],
         cwd=REPO,
         stderr=subprocess.PIPE,
@@ -241,6 +242,19 @@ def test_a_head_count_the_ranks_cannot_split_cannot_start(tmp_path):
             process.kill()
     assert process.returncode == CANNOT_START, stderr
     assert "attention heads (3) is not divisible by tensor-parallel size 2" in stderr
+
+
+def test_a_split_engine_cannot_take_a_disaggregation_role(llama):
+    """A KV hand-off moves one process's blocks; a tensor-parallel engine's KV is spread over
+    its ranks, so --role prefill/decode with several ranks is refused before loading."""
+    process = start_service(llama, "--role", "decode")
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == CANNOT_START, stderr
+    assert "--role decode is not supported with --tensor-parallel-size" in stderr
 
 
 def test_a_killed_rank_takes_the_replica_down_with_a_clear_log_line(llama):
