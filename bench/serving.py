@@ -498,9 +498,7 @@ async def measure(
         channel = grpc.aio.insecure_channel(engine.address)
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         for prompt in warmup:  # both paths, so that neither pays first-call costs
-            await through_gateway(
-                http, model, prompt.text, args.max_tokens, len(prompt.token_ids)
-            )
+            await through_gateway(http, model, prompt.text, args.max_tokens, len(prompt.token_ids))
             await direct_to_engine(stub, prompt.direct_token_ids, args.max_tokens)
         limited_http = http_client(
             args.client, limited_url or url, {"Authorization": f"Bearer {BENCH_KEY}"}

@@ -302,7 +302,9 @@ def test_models_not_built_on_the_parallel_layers_refuse_several_ranks(tmp_path):
         vocab_size=128,
         architectures=["DeepseekV3ForCausalLM"],
     ).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM does not support tensor, expert or data"):
+    with pytest.raises(
+        ValueError, match="DeepseekV3ForCausalLM does not support tensor, expert or data"
+    ):
         load_model(str(tmp_path), None, "float32", "cpu", tp=TensorParallel(0, 2))
 
 
