@@ -258,17 +258,16 @@ class Scheduler:
 
     def _draft_room(self, request: Request, budget: int) -> int:
         """Draft slots for a decoding sequence: the configured number, within the step's
-        budget, the request's max_tokens and the context; none for samples with penalties
-        (they count each token before the next is drawn) and none while a token is in
-        flight. Grammars compose (a mask per drafted position,
-        :mod:`engine_service.engine.spec.grammar`), and so does min_tokens (stop tokens held
-        back per position, :func:`engine_service.engine.spec.verify.hold_back_stops`)."""
+        budget, the request's max_tokens and the context; none while a token is in flight.
+        Grammars compose (a mask per drafted position,
+        :mod:`engine_service.engine.spec.grammar`), so do min_tokens (stop tokens held back
+        per position, :func:`engine_service.engine.spec.verify.hold_back_stops`) and
+        penalties (each position counts the drafts before it, in
+        :func:`~engine_service.engine.spec.verify.verify`; such samples draft chains)."""
         k = self.num_speculative_tokens
         if not k or request.num_pending_tokens or request.kv_handoff is not None:
             return 0
         params = request.params
-        if params.needs_penalties:
-            return 0
         return max(
             0,
             min(

@@ -86,7 +86,12 @@ class EagleProposer(Proposer):
         chains, trees = [], []
         for i, seq in chosen:
             request = seq.request
-            as_tree = self.tree_topk > 0 and request.params.greedy and request.grammar is None
+            as_tree = (
+                self.tree_topk > 0
+                and request.params.greedy
+                and request.grammar is None
+                and not request.params.needs_penalties  # verified as chains (counts per path)
+            )
             (trees if as_tree else chains).append((i, seq))
         drafts: dict[int, list[int]] = {}
         if chains:

@@ -18,11 +18,18 @@ mismatch: token for token the non-speculative output.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from engine_service.engine.batch import ScheduledBatch, tree_mask
 from engine_service.engine.outputs import TokenLogprob
-from engine_service.engine.sampler import SamplingMetadata, processed_probs, race
+from engine_service.engine.sampler import (
+    SamplingMetadata,
+    apply_penalties,
+    processed_probs,
+    race,
+)
 from engine_service.engine.structured import apply_bitmask
 
 
@@ -56,6 +63,16 @@ def verify(
     device = logits.device
     # The verified positions' own rows (the batch's other rows belong to other sequences).
     logits = logits[torch.tensor([row for row, _ in rows], device=device)]
+    if meta.output_counts is not None:
+        # Penalties count the output so far: position j also counts drafts 1..j, the tokens
+        # it is verified after (the order the plain sampler applies them in: penalties, then
+        # the grammar's mask).
+        counts = meta.output_counts.clone()
+        for _, first, drafts in spans:
+            for i, draft in enumerate(drafts):
+                counts[first + i + 1 : first + len(drafts) + 1, draft] += 1
+        meta = replace(meta, output_counts=counts)
+        logits = apply_penalties(logits, meta)
     for index, first, drafts in spans:
         mask = (grammar_masks or {}).get(index)
         span = slice(first, first + len(drafts) + 1)
