@@ -224,6 +224,7 @@ class LLMEngine:
         # The proposer comes before the runner: an EAGLE head has the target keep the
         # hidden states it reads, which CUDA graphs must capture.
         self.proposer: Proposer | None = None
+        spec: SpeculativeConfig | None = None
         if config.speculative_config:
             spec = SpeculativeConfig.parse(config.speculative_config)
             self.proposer = build_proposer(
@@ -261,6 +262,7 @@ class LLMEngine:
             channel=self._channel,
             tp_size=tp.size,
             hidden_store=self.proposer.hidden_store if self.proposer is not None else None,
+            custom_masks=spec is not None and spec.tree_size > 0,
         )
         self._shards = [_Shard(0, self.kv_manager, self.scheduler, self.runner)]
         self._shard_of: dict[str, _Shard] = {}

@@ -103,6 +103,7 @@ class ModelRunner:
         channel: StepChannel | None = None,
         tp_size: int = 1,
         hidden_store: HiddenStateStore | None = None,
+        custom_masks: bool = False,
     ) -> None:
         self._init_inputs(
             model,
@@ -128,6 +129,7 @@ class ModelRunner:
                 set(config.sliding_windows or [None]),
                 max_num_tokens,
                 sinks=getattr(model, "attention_sinks", False),
+                custom_masks=custom_masks,
             )
         self.last_hidden: torch.Tensor | None = None
         self.graphs = None

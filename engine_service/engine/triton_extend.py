@@ -579,26 +579,29 @@ def warm_up(
     windows: set[int | None],
     max_query_len: int,
     sinks: bool = False,
+    custom_masks: bool = False,
 ) -> int:
     """Compile every kernel variant a step can pick (tile shapes by query length, key
     splits, with and without a window) on a dummy one-sequence batch, so that no serving step
     stalls on Triton's JIT; ``sinks``: the model's layers pass sink logits, so the variants
-    with sinks are the ones compiled. Reads block 0 of the cache and writes nothing to it.
-    Returns the number of launches."""
+    with sinks are the ones compiled; ``custom_masks``: steps may carry token trees
+    (speculative verification), so the custom-mask variants are compiled too. Reads block 0
+    of the cache and writes nothing to it. Returns the number of launches."""
     device = kv_cache.device
     block_size, num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4], kv_cache.shape[5]
     group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     launches = 0
     # One query length per distinct tile shape pick_config can return.
-    configs: dict[ExtendConfig, int] = {}
-    query_len = 1
-    while query_len <= max(1, max_query_len):
-        cfg = pick_config(query_len, group_pad, head_dim_pad, kv_cache.dtype, False)
-        configs.setdefault(cfg, query_len)
-        query_len *= 2
+    configs: dict[tuple[ExtendConfig, bool], int] = {}
+    for custom in (False, True) if custom_masks else (False,):
+        query_len = 1
+        while query_len <= max(1, max_query_len):
+            cfg = pick_config(query_len, group_pad, head_dim_pad, kv_cache.dtype, custom)
+            configs.setdefault((cfg, custom), query_len)
+            query_len *= 2
     use_window = {w is not None for w in windows}
-    for cfg, query_len in configs.items():
+    for (cfg, custom), query_len in configs.items():
         seq_len = query_len + block_size
         int32 = dict(dtype=torch.int32, device=device)
         meta = AttentionMetadata(
@@ -614,6 +617,11 @@ def warm_up(
             query_start_loc_host=torch.tensor([0, query_len], dtype=torch.int32),
             seq_lens_host=torch.tensor([seq_len], dtype=torch.int32),
         )
+        if custom:  # the causal triangle, given as a mask
+            meta.custom_mask = torch.ones(
+                query_len, query_len, dtype=torch.bool, device=device
+            ).tril().flatten()
+            meta.custom_mask_offsets = torch.zeros(1, **int32)
         q = torch.zeros(query_len, num_heads, head_dim, dtype=kv_cache.dtype, device=device)
         sink_logits = torch.zeros(num_heads, dtype=kv_cache.dtype, device=device) if sinks else None
         splits = 1

@@ -99,10 +99,12 @@ class AttentionBackend(abc.ABC):
         windows: set[int | None],
         max_tokens: int,
         sinks: bool = False,
+        custom_masks: bool = False,
     ) -> None:
         """Compile or tune whatever later steps would otherwise build on first use (default:
         nothing), once at start, before any graph is captured, for a model of ``num_heads``
-        query heads whose layers use ``windows`` and (``sinks``) pass sink logits."""
+        query heads whose layers use ``windows`` and (``sinks``) pass sink logits, in steps
+        that may carry ``custom_masks`` (token trees)."""
         return None
 
     def prepare_for_capture(self, meta: AttentionMetadata, block_size: int) -> None:

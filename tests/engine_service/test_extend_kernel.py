@@ -263,3 +263,20 @@ def test_warm_up_with_sinks_compiles_the_sinks_variants():
     finally:
         interpreter.close()
     assert launches == 2 * 5 * 2
+
+
+def test_warm_up_with_token_trees_compiles_the_custom_mask_variants():
+    """Engines that verify token trees warm the custom-mask variants too (each tile shape the
+    masked path picks, every split and window), on a causal triangle given as a mask."""
+    from engine_service.engine.triton_extend import pick_config
+
+    masked_shapes = {pick_config(q, 2, 16, torch.float32, True) for q in (1, 2, 4, 8, 16)}
+    interpreter = InterpretedTriton()
+    try:
+        kv_cache = torch.randn(4, 1, 2, 4, 2, 8)
+        launches = interpreter.call(
+            "engine_service.engine.triton_extend:warm_up", kv_cache, 4, {None, 6}, 16, False, True
+        )
+    finally:
+        interpreter.close()
+    assert launches == (2 + len(masked_shapes)) * 5 * 2

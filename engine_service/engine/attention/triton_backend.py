@@ -23,10 +23,12 @@ class TritonBackend(AttentionBackend):
     supports_mixed_graphs = True
     supports_sinks = True
 
-    def warm_up(self, kv_cache, num_heads, windows, max_tokens, sinks=False) -> None:
+    def warm_up(
+        self, kv_cache, num_heads, windows, max_tokens, sinks=False, custom_masks=False
+    ) -> None:
         # Every tile shape and key split a step may pick, compiled before serving: a Triton
         # JIT compile in the middle of serving stalls every request in the step for seconds.
-        warm_up(kv_cache, num_heads, windows, max_tokens, sinks)
+        warm_up(kv_cache, num_heads, windows, max_tokens, sinks, custom_masks)
 
     def forward(self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale, window, sinks=None):
         write_kv(kv_cache, layer, k, v, meta.slot_mapping)

@@ -271,7 +271,15 @@ def build_eagle_proposer(
     )
     store = head.feature_store(target, num_blocks, config.block_size, dtype, device)
     runner = draft_runner(
-        head, head.config, dtype, backend, config, num_blocks, max_model_len, max_tokens
+        head,
+        head.config,
+        dtype,
+        backend,
+        config,
+        num_blocks,
+        max_model_len,
+        max_tokens,
+        custom_masks=spec.tree_size > 0,
     )
     logger.info(
         "speculative decoding: EAGLE-%d head %s, %d tokens",

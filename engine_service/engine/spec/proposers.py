@@ -334,7 +334,15 @@ def build_proposer(
         draft_config.vocab_size,
     )
     runner = draft_runner(
-        draft, draft_config, dtype, backend, config, num_blocks, max_model_len, max_tokens
+        draft,
+        draft_config,
+        dtype,
+        backend,
+        config,
+        num_blocks,
+        max_model_len,
+        max_tokens,
+        custom_masks=spec.tree_size > 0,
     )
     logger.info(
         "speculative decoding: draft model %s, %d tokens", spec.model, spec.num_speculative_tokens
@@ -353,8 +361,10 @@ def draft_runner(
     num_blocks: int,
     max_model_len: int,
     max_tokens: int,
+    custom_masks: bool = False,
 ) -> ModelRunner:
-    """A runner over a draft's (or head's) own KV cache, indexed by the target's block ids."""
+    """A runner over a draft's (or head's) own KV cache, indexed by the target's block ids;
+    ``custom_masks``: it drafts token trees (its kernels' mask variants compile at start)."""
     cache = torch.zeros(
         (num_blocks + 1, *mc.kv_block_shape(config.block_size)),
         dtype=dtype,
@@ -369,4 +379,5 @@ def draft_runner(
         max_num_seqs=config.max_num_seqs,
         max_blocks_per_seq=-(-max_model_len // config.block_size),
         scratch_block=num_blocks,
+        custom_masks=custom_masks,
     )
