@@ -618,9 +618,9 @@ def warm_up(
             seq_lens_host=torch.tensor([seq_len], dtype=torch.int32),
         )
         if custom:  # the causal triangle, given as a mask
-            meta.custom_mask = torch.ones(
-                query_len, query_len, dtype=torch.bool, device=device
-            ).tril().flatten()
+            meta.custom_mask = (
+                torch.ones(query_len, query_len, dtype=torch.bool, device=device).tril().flatten()
+            )
             meta.custom_mask_offsets = torch.zeros(1, **int32)
         q = torch.zeros(query_len, num_heads, head_dim, dtype=kv_cache.dtype, device=device)
         sink_logits = torch.zeros(num_heads, dtype=kv_cache.dtype, device=device) if sinks else None
