@@ -112,23 +112,33 @@ def background() -> Iterator[BackgroundLoop]:
     loop.close()
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint: Path, background: BackgroundLoop) -> Iterator[EngineServer]:
-    """The real engine service, in-process, without a controller."""
+def start_engine(background: BackgroundLoop, checkpoint: Path, **overrides: Any) -> EngineServer:
+    """The real engine service on ``checkpoint``, in-process, without a controller, started
+    on ``background``'s loop; ``overrides`` change its settings."""
     settings = EngineSettings(
-        model=str(checkpoint),
-        served_model_name=MODEL_NAME,
-        device="cpu",
-        dtype="float32",
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        controller_address="",
-        num_kv_blocks=128,
-        max_model_len=MAX_MODEL_LEN,
-        data_dir=checkpoint.parent,
+        **{
+            "model": str(checkpoint),
+            "served_model_name": MODEL_NAME,
+            "device": "cpu",
+            "dtype": "float32",
+            "host": "127.0.0.1",
+            "port": 0,
+            "metrics_port": 0,
+            "controller_address": "",
+            "num_kv_blocks": 128,
+            "max_model_len": MAX_MODEL_LEN,
+            "data_dir": checkpoint.parent,
+            **overrides,
+        }
     )
     server = EngineServer(settings)
     background.run(server.start())
+    return server
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint: Path, background: BackgroundLoop) -> Iterator[EngineServer]:
+    """The real engine service, in-process, without a controller."""
+    server = start_engine(background, checkpoint)
     yield server
     background.run(server.stop(grace_s=1))

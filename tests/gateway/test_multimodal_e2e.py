@@ -22,9 +22,14 @@ import pytest
 
 from engine_service.server import EngineServer
 from gateway.route_sources import StaticRoutes
-from switchyard.settings import EngineSettings
 from switchyard.v1 import engine_pb2, engine_pb2_grpc
-from tests.gateway.conftest import MODEL_NAME, BackgroundLoop, ServedApp, serve_gateway
+from tests.gateway.conftest import (
+    MODEL_NAME,
+    BackgroundLoop,
+    ServedApp,
+    serve_gateway,
+    start_engine,
+)
 from tests.multimodal_support import make_llava_checkpoint, random_image
 
 BLOCK = 4
@@ -58,21 +63,9 @@ def vlm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vlm_engine(vlm_checkpoint: Path, background: BackgroundLoop) -> Iterator[EngineServer]:
-    settings = EngineSettings(
-        model=str(vlm_checkpoint),
-        served_model_name=MODEL_NAME,
-        device="cpu",
-        dtype="float32",
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        controller_address="",
-        num_kv_blocks=256,
-        block_size=BLOCK,
-        data_dir=vlm_checkpoint.parent,
+    server = start_engine(
+        background, vlm_checkpoint, num_kv_blocks=256, block_size=BLOCK, max_model_len=None
     )
-    server = EngineServer(settings)
-    background.run(server.start())
     yield server
     background.run(server.stop(grace_s=1))
 

@@ -18,7 +18,6 @@ import pytest
 
 from engine_service.server import EngineServer
 from gateway.route_sources import StaticRoutes
-from switchyard.settings import EngineSettings
 from switchyard.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from tests.gateway.conftest import (
     MAX_MODEL_LEN,
@@ -26,6 +25,7 @@ from tests.gateway.conftest import (
     BackgroundLoop,
     ServedApp,
     serve_gateway,
+    start_engine,
 )
 
 MESSAGES = [
@@ -38,26 +38,6 @@ SCHEMA: dict[str, Any] = {
     "required": ["city", "days"],
     "additionalProperties": False,
 }
-
-
-def start_engine(background: BackgroundLoop, checkpoint: Path, **overrides: Any) -> EngineServer:
-    settings = EngineSettings(
-        model=str(checkpoint),
-        served_model_name=MODEL_NAME,
-        device="cpu",
-        dtype="float32",
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        controller_address="",
-        num_kv_blocks=128,
-        max_model_len=MAX_MODEL_LEN,
-        data_dir=checkpoint.parent,
-        **overrides,
-    )
-    server = EngineServer(settings)
-    background.run(server.start())
-    return server
 
 
 @pytest.fixture(scope="module")

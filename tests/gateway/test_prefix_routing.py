@@ -21,9 +21,13 @@ from gateway.route_sources import StaticRoutes
 from gateway.routing import Replica, RequestInfo, RoundRobinPolicy
 from switchyard.block_hash import block_extra_keys, chained_block_hashes
 from switchyard.grpc_utils import insecure_channel
-from switchyard.settings import EngineSettings
 from switchyard.v1 import common_pb2, engine_pb2, engine_pb2_grpc
-from tests.gateway.conftest import MAX_MODEL_LEN, MODEL_NAME, BackgroundLoop, serve_gateway
+from tests.gateway.conftest import (
+    MODEL_NAME,
+    BackgroundLoop,
+    serve_gateway,
+    start_engine,
+)
 
 BLOCK = 4
 DEVICE = 1
@@ -191,28 +195,9 @@ def test_round_robin_takes_each_replica_in_turn():
 # -- the whole path: engines' KV events, the gateway's index, and the HTTP API ----------------
 
 
-def start_engine(checkpoint: Path, background: BackgroundLoop) -> EngineServer:
-    settings = EngineSettings(
-        model=str(checkpoint),
-        served_model_name=MODEL_NAME,
-        device="cpu",
-        dtype="float32",
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        controller_address="",
-        num_kv_blocks=128,
-        max_model_len=MAX_MODEL_LEN,
-        data_dir=checkpoint.parent,
-    )
-    server = EngineServer(settings)
-    background.run(server.start())
-    return server
-
-
 @pytest.fixture(scope="module")
 def engines(checkpoint: Path, background: BackgroundLoop) -> Iterator[list[EngineServer]]:
-    servers = [start_engine(checkpoint, background) for _ in range(2)]
+    servers = [start_engine(background, checkpoint) for _ in range(2)]
     yield servers
     for server in servers:
         background.run(server.stop(grace_s=1))
