@@ -40,6 +40,16 @@ def group_tokens(token_slots: torch.Tensor, num_slots: int) -> tuple[torch.Tenso
     return sorted_tokens, counts.to(torch.int32), starts.to(torch.int32)
 
 
+@triton.jit
+def _run_tokens(sorted_ptr, starts_ptr, slot, block, count, BLOCK_M: tl.constexpr):
+    """Block ``block`` of ``slot``'s run of token ids (int64) and which rows are real."""
+    start = tl.load(starts_ptr + slot)
+    offs = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = offs < count
+    tokens = tl.load(sorted_ptr + start + offs, mask=valid, other=0).to(tl.int64)
+    return tokens, valid
+
+
 @triton.jit(do_not_specialize=["num_tokens"])
 def _shrink_kernel(
     x_ptr,
@@ -64,10 +74,7 @@ def _shrink_kernel(
     count = tl.load(counts_ptr + slot)
     if block * BLOCK_M >= count:
         return
-    start = tl.load(starts_ptr + slot)
-    offs = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = offs < count
-    tokens = tl.load(sorted_ptr + start + offs, mask=valid, other=0).to(tl.int64)
+    tokens, valid = _run_tokens(sorted_ptr, starts_ptr, slot, block, count, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < RANK
     a_base = a_ptr + ((piece * NUM_SLOTS + slot) * RANK).to(tl.int64) * in_features
@@ -122,10 +129,7 @@ def _expand_kernel(
     count = tl.load(counts_ptr + slot)
     if block * BLOCK_M >= count:
         return
-    start = tl.load(starts_ptr + slot)
-    offs = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = offs < count
-    tokens = tl.load(sorted_ptr + start + offs, mask=valid, other=0).to(tl.int64)
+    tokens, valid = _run_tokens(sorted_ptr, starts_ptr, slot, block, count, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < RANK
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
