@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
+from engine_service.engine import EngineConfig, LLMEngine
 from engine_service.engine.memory import kv_block_bytes
 from engine_service.models.deepseek_v3 import grouped_topk
 from tests.engine_service.helpers import greedy, make_engine
@@ -21,7 +21,7 @@ from tests.engine_service.test_cross_replica import (  # noqa: F401 - kv_service
     remote_engine,
     wait_for,
 )
-from tests.engine_service.test_parity import LOGPROB_TOL, MAX_NEW, MODES, _prompts, _reference
+from tests.engine_service.test_parity import MODES, _prompts, _reference, run_waves
 
 TINY = dict(
     vocab_size=320,
@@ -95,33 +95,13 @@ def references(deepseek):
         return prompts, [_reference(model, p) for p in prompts]
 
 
-def _run_waves(engine: LLMEngine, prompts, expected, label: str) -> None:
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, logprobs=0)
-    for wave in range(2):  # the second wave hits what the first cached
-        ids = [f"{wave}-{i}" for i in range(len(prompts))]
-        for rid, prompt in zip(ids, prompts):
-            engine.add_request(rid, prompt, params)
-        tokens = {rid: [] for rid in ids}
-        logprobs = {rid: [] for rid in ids}
-        while engine.has_unfinished():
-            for out in engine.step():
-                tokens[out.request_id].extend(out.new_token_ids)
-                logprobs[out.request_id].extend(lp.logprob for lp in out.new_logprobs or [])
-        for i, rid in enumerate(ids):
-            want_tokens, want_logprobs = expected[i]
-            assert tokens[rid] == want_tokens, f"{label} prompt {i} wave {wave}"
-            assert torch.allclose(
-                torch.tensor(logprobs[rid]), torch.tensor(want_logprobs), atol=LOGPROB_TOL
-            ), f"{label} prompt {i} wave {wave}"
-
-
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_greedy_tokens_and_logprobs_match_transformers(deepseek, references, mode):
     path, _ = deepseek
     prompts, expected = references
     settings = {"num_kv_blocks": 256, "block_size": 8, **MODES[mode]}
     engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", **settings))
-    _run_waves(engine, prompts, expected, f"deepseek/{mode}")
+    run_waves(engine, prompts, expected, f"deepseek/{mode}")
     stats = engine.stats()
     if mode == "prefix-cache-on":
         assert stats.prefix_cache_hits > 0
@@ -144,7 +124,7 @@ def test_without_query_compression_or_interleaved_rope(tmp_path):
     engine = LLMEngine(
         EngineConfig(model=str(tmp_path), dtype="float32", num_kv_blocks=64, block_size=8)
     )
-    _run_waves(engine, prompts, expected, "deepseek/no-q-lora")
+    run_waves(engine, prompts, expected, "deepseek/no-q-lora")
 
 
 def test_the_cache_holds_one_latent_per_token_and_layer(deepseek):

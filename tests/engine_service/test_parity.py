@@ -65,16 +65,11 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_greedy_tokens_and_logprobs_match_transformers(family_checkpoint, references, mode):
-    family, path, _ = family_checkpoint
-    _, prompts, expected = references
-    settings = {"num_kv_blocks": 256, "block_size": 8, **MODES[mode]}
-    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", **settings))
+def run_waves(engine: LLMEngine, prompts, expected, label: str) -> None:
+    """Runs ``prompts`` greedily twice on ``engine`` (the second wave hits what the first
+    cached); tokens must equal ``expected``'s, logprobs within LOGPROB_TOL."""
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, logprobs=0)
-
-    # Two waves, so that the second one can hit what the first one cached.
-    for wave in range(2):
+    for wave in range(2):  # the second wave hits what the first cached
         ids = [f"{wave}-{i}" for i in range(len(prompts))]
         for rid, prompt in zip(ids, prompts):
             engine.add_request(rid, prompt, params)
@@ -86,10 +81,19 @@ def test_greedy_tokens_and_logprobs_match_transformers(family_checkpoint, refere
                 logprobs[out.request_id].extend(lp.logprob for lp in out.new_logprobs or [])
         for i, rid in enumerate(ids):
             want_tokens, want_logprobs = expected[i]
-            assert tokens[rid] == want_tokens, f"{family}/{mode} prompt {i} wave {wave}"
+            assert tokens[rid] == want_tokens, f"{label} prompt {i} wave {wave}"
             assert torch.allclose(
                 torch.tensor(logprobs[rid]), torch.tensor(want_logprobs), atol=LOGPROB_TOL
-            ), f"{family}/{mode} prompt {i} wave {wave}"
+            ), f"{label} prompt {i} wave {wave}"
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_greedy_tokens_and_logprobs_match_transformers(family_checkpoint, references, mode):
+    family, path, _ = family_checkpoint
+    _, prompts, expected = references
+    settings = {"num_kv_blocks": 256, "block_size": 8, **MODES[mode]}
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", **settings))
+    run_waves(engine, prompts, expected, f"{family}/{mode}")
 
     stats = engine.stats()
     if mode == "prefix-cache-on":
