@@ -17,6 +17,7 @@ a GPU-session job (docs/speculative-decoding.md).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -123,8 +124,14 @@ def run_trained(args, results: dict) -> None:
     )
     for batch in (1, 16):
         loads = trained_workloads(folder, max(2, batch * 2), seed=batch)
+        # A fixed KV budget: engines built one after another must not each size their
+        # cache from the memory the previous one has not given back yet.
         base = dict(
-            model=str(folder / "target"), dtype=args.dtype, device=args.device, max_num_seqs=batch
+            model=str(folder / "target"),
+            dtype=args.dtype,
+            device=args.device,
+            max_num_seqs=batch,
+            kv_cache_memory_bytes=2 << 30,
         )
         plain = LLMEngine(EngineConfig(**base))
         reference = {
@@ -155,6 +162,8 @@ def run_trained(args, results: dict) -> None:
                     f"{name:12} {load:8} {batch:>5} {off_s:>8.2f} {on_s:>8.2f} "
                     f"{speedup:>7.2f}x {accept:>7.2f}"
                 )
+            del engine
+            gc.collect()
 
 
 def main() -> None:
