@@ -143,6 +143,12 @@ class EngineConfig:
                     "inside data-parallel ranks are not built); use --data-parallel-size N "
                     "with --tensor-parallel-size 1, or --tensor-parallel-size N alone"
                 )
+            if self.enable_lora:
+                raise ValueError(
+                    "enable_lora is not supported with data_parallel_size > 1 yet (adapter "
+                    "requests are not spread over the data-parallel ranks); LoRA works with "
+                    "--tensor-parallel-size N"
+                )
             if self.speculative_config:
                 raise ValueError(
                     "speculative_config is not supported with data_parallel_size > 1 yet "
@@ -155,7 +161,6 @@ class EngineConfig:
             "enable_kv_offload (--kv-offload-host-bytes, --kv-service-address)": (
                 self.enable_kv_offload
             ),
-            "enable_lora (--enable-lora)": self.enable_lora,
         }
         for what, on in unsupported.items():
             if on:

@@ -158,6 +158,8 @@ class LLMEngine:
             self.lora = LoRAManager(
                 self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras
             )
+            if self._channel is not None:  # the other ranks repeat every slot write
+                self.lora.slot_listeners.append(self._channel.queue_slot_write)
             for name, source in config.lora_modules:
                 self.lora.add(name, source)
         # Requests whose adapter waits for a free device slot, in arrival order, and the
