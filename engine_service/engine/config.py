@@ -46,6 +46,8 @@ class EngineConfig:
     up to ``max_lora_rank``; ``max_loras`` of them sit on the device at once (a batch mixes
     them freely with the base model), ``max_cpu_loras`` (default ``max_loras``) in host
     memory. ``lora_modules`` are (name, PEFT folder or hub id) pairs loaded at start.
+    Under tensor parallelism every rank holds its slice of each adapter, as of the weights;
+    under data parallelism every rank holds every slot.
 
     Images (vision-language models): encoder outputs are kept by image content hash, least
     recently used evicted first, up to ``mm_encoder_cache_gb`` GiB (0: off).
@@ -143,25 +145,14 @@ class EngineConfig:
                     "inside data-parallel ranks are not built); use --data-parallel-size N "
                     "with --tensor-parallel-size 1, or --tensor-parallel-size N alone"
                 )
-            if self.enable_lora:
-                raise ValueError(
-                    "enable_lora is not supported with data_parallel_size > 1 yet (adapter "
-                    "requests are not spread over the data-parallel ranks); LoRA works with "
-                    "--tensor-parallel-size N"
-                )
             if self.speculative_config:
                 raise ValueError(
                     "speculative_config is not supported with data_parallel_size > 1 yet "
                     "(the proposer would need a cache per data-parallel rank)"
                 )
-        if self.world_size == 1:
-            return
-        # What would need each rank's own share moved or loaded besides the model.
-        unsupported = {
-            "enable_kv_offload (--kv-offload-host-bytes, --kv-service-address)": (
-                self.enable_kv_offload
-            ),
-        }
-        for what, on in unsupported.items():
-            if on:
-                raise ValueError(f"{what} is not supported with more than one rank yet")
+        if self.world_size > 1 and self.enable_kv_offload:
+            # Each rank's own share of every block would have to move between the tiers.
+            raise ValueError(
+                "enable_kv_offload (--kv-offload-host-bytes, --kv-service-address) is not "
+                "supported with more than one rank yet"
+            )

@@ -176,10 +176,12 @@ class ModelRunner:
         max_blocks_per_seq: int,
         scratch_block: int,
         channel: StepChannel,
+        lora_slots: LoRASlots | None = None,
     ) -> ModelRunner:
         """Rank 0's runner for another data-parallel rank's batches: it only prepares their
         steps (:meth:`prepare`, whose message ``channel`` sends to that rank); ``model`` is
-        rank 0's copy, read for its config only. Never executes."""
+        rank 0's copy, read for its config only, and ``lora_slots`` (set when the engine
+        serves adapters) only says that steps carry adapter slots. Never executes."""
         runner = cls.__new__(cls)
         runner._init_inputs(
             model,
@@ -191,6 +193,7 @@ class ModelRunner:
             scratch_block,
             channel,
         )
+        runner.lora_slots = lora_slots
         return runner
 
     # -- inputs ---------------------------------------------------------------------------

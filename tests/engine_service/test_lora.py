@@ -538,3 +538,32 @@ def test_two_tensor_parallel_ranks_serve_adapters_as_one_rank_does(setup, tmp_pa
         _assert_matches(got, _reference(models[adapter], prompt), (adapter, prompt))
     _assert_matches(replaced[0], _reference(models["narrow"], prompts[2]), "wide replaced")
     _assert_matches(replaced[1], _reference(models[None], prompts[2]), "base")
+
+
+def test_two_data_parallel_ranks_serve_adapters_as_one_rank_does(setup):
+    """DP=2 over gloo: each rank holds the whole model and every adapter slot (rank 0's
+    writes repeat on rank 1), adapter requests go to either rank, and a mixed batch gives one
+    rank's tokens, transformers' with each adapter merged; ``narrow`` is loaded at runtime."""
+    _, folders, models = setup
+    prompts = _prompts(models[None].config.vocab_size)
+    jobs = [(p, a) for p in prompts for a in (None, "wide", "narrow")]
+    single = _run(_engine(setup, max_num_batched_tokens=16), jobs)
+    engine = _engine(
+        setup,
+        max_num_batched_tokens=16,
+        data_parallel_size=2,
+        lora_modules=(("wide", str(folders["wide"])),),
+    )
+    try:
+        engine.add_lora("narrow", str(folders["narrow"]))
+        scheduler = engine._shards[1].scheduler
+        on_rank_1: list[int] = []
+        add = scheduler.add
+        scheduler.add = lambda request: on_rank_1.append(request.adapter_slot) or add(request)
+        parallel = _run(engine, jobs)
+    finally:
+        engine.close()
+    assert len(set(on_rank_1) - {0}) == 2  # both adapters ran on rank 1
+    for (prompt, adapter), got, alone in zip(jobs, parallel, single):
+        assert got[0] == alone[0], (adapter, prompt)
+        _assert_matches(got, _reference(models[adapter], prompt), (adapter, prompt))
