@@ -16,6 +16,12 @@ use separate slots, but share their KV blocks: the prefix-cache key is the versi
 *content fingerprint* (a digest of the config fields that change the maths and of every
 tensor), never its name or path, so new weights read from an old path never hit stale KV.
 
+In a parallel engine this manager lives on rank 0 alone: it reads, validates and caches
+adapters and decides the slots. Every slot write or clear is a :class:`SlotWrite` that its
+``slot_listeners`` (the step channels) send on, and every other rank applies it to its own
+deltas with :func:`apply_slot_write`, keeping its shard of each pair; so all ranks' slots
+hold the same adapters.
+
 Nothing here blocks the step loop: :meth:`LoRAManager.acquire` either returns a slot at once
 or ``None`` (every slot is pinned, or the adapter is being read from its folder again on a
 worker thread), and the engine keeps such a request aside and asks again.
