@@ -10,6 +10,9 @@ test_expert_parallel.py); this is the NCCL path, which only a GPU machine can ru
 - Data-parallel attention: a tiny Mixtral at ``data_parallel_size=2`` with expert
   parallelism (each GPU its own batch and KV cache, steps and logits sent point to point
   over NCCL, dummy batches on an idle rank) against one GPU; same tolerance.
+- LoRA: the engine check again with two adapters (ranks 16 and 8, every projection) and
+  the base model mixed in the batch, at ``tensor_parallel_size=2`` (adapter slot weights
+  sent to rank 1 over NCCL, the Triton shrink/expand on each rank's shards) against one GPU.
 - Layer: a FusedMoE with ``expert_parallel`` over the two GPUs (NCCL all-to-all, with and
   without the micro-batch overlap) against the same layer on one GPU, in fp32.
 
@@ -71,7 +74,14 @@ def make_mixtral(path: Path) -> None:
     transformers.MixtralForCausalLM(config).eval().save_pretrained(path)
 
 
-def run_engine(path: Path, prompts, **knobs) -> list:
+def run_engine(path: Path, prompts, adapters: dict[str, str] | None = None, **knobs) -> list:
+    """Every prompt's greedy logprobs; with ``adapters`` (name: folder), request ``i`` asks
+    for the base model or one of them in turn."""
+    lora = (
+        dict(enable_lora=True, max_loras=len(adapters), max_lora_rank=16,
+             lora_modules=tuple(adapters.items()))
+        if adapters else {}
+    )  # fmt: skip
     engine = LLMEngine(
         EngineConfig(
             model=str(path),
@@ -79,12 +89,14 @@ def run_engine(path: Path, prompts, **knobs) -> list:
             device="cuda",
             num_kv_blocks=512,
             max_num_batched_tokens=64,
+            **lora,
             **knobs,
         )
     )
     params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=2, ignore_eos=True)
+    names = [None, *(adapters or {})]
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, params)
+        engine.add_request(f"r{i}", prompt, params, adapter=names[i % len(names)])
     outputs: dict[str, list] = {}
     while engine.has_unfinished():
         for output in engine.step():
@@ -93,15 +105,16 @@ def run_engine(path: Path, prompts, **knobs) -> list:
     return [outputs[f"r{i}"] for i in range(len(prompts))]
 
 
-def check_engine(path: Path, **parallel_knobs) -> bool:
+def check_engine(path: Path, adapters: dict[str, str] | None = None, **parallel_knobs) -> bool:
     """``parallel_knobs`` default: tensor_parallel_size=2. Five requests: under data
     parallelism rank 0 takes three, rank 1 two, and the ranks finish at different steps."""
     rng = random.Random(0)
     prefix = [rng.randrange(3, 1001) for _ in range(40)]
     prompts = [prefix + [rng.randrange(3, 1001) for _ in range(n)] for n in (5, 70, 130)]
     prompts += [[rng.randrange(3, 1001) for _ in range(n)] for n in (3, 200)]
-    single = run_engine(path, prompts)
-    parallel = run_engine(path, prompts, **(parallel_knobs or {"tensor_parallel_size": 2}))
+    single = run_engine(path, prompts, adapters)
+    parallel_knobs = parallel_knobs or {"tensor_parallel_size": 2}
+    parallel = run_engine(path, prompts, adapters, **parallel_knobs)
     ok = True
     for i, (a, b) in enumerate(zip(single, parallel)):
         tokens_a, tokens_b = [lp.token_id for lp in a], [lp.token_id for lp in b]
@@ -109,7 +122,8 @@ def check_engine(path: Path, **parallel_knobs) -> bool:
         same = tokens_a == tokens_b and worst <= LOGPROB_TOLERANCE
         ok &= same
         verdict = "equal" if tokens_a == tokens_b else "DIFFER"
-        print(f"engine {parallel_knobs or 'tp=2'} request {i}: tokens {verdict}, "
+        what = f"{parallel_knobs}{' with adapters' if adapters else ''}"
+        print(f"engine {what} request {i}: tokens {verdict}, "
               f"max |logprob diff| {worst:.2e}")  # fmt: skip
     return ok
 
@@ -173,6 +187,14 @@ def main() -> None:
         path = Path(tmp) / "llama"
         make_llama(path)
         engine_ok = check_engine(path)
+        from bench.gpu_check import write_adapter
+
+        config = transformers.AutoConfig.from_pretrained(path)
+        adapters = {
+            "a16": write_adapter(Path(tmp) / "a16", config, 16, 1),
+            "a8": write_adapter(Path(tmp) / "a8", config, 8, 2),
+        }
+        engine_ok &= check_engine(path, adapters)
         mixtral = Path(tmp) / "mixtral"
         make_mixtral(mixtral)
         engine_ok &= check_engine(mixtral, data_parallel_size=2, enable_expert_parallel=True)

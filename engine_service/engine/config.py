@@ -46,6 +46,8 @@ class EngineConfig:
     up to ``max_lora_rank``; ``max_loras`` of them sit on the device at once (a batch mixes
     them freely with the base model), ``max_cpu_loras`` (default ``max_loras``) in host
     memory. ``lora_modules`` are (name, PEFT folder or hub id) pairs loaded at start.
+    Under tensor parallelism every rank holds its slice of each adapter, as of the weights;
+    under data parallelism every rank holds every slot.
 
     Images (vision-language models): encoder outputs are kept by image content hash, least
     recently used evicted first, up to ``mm_encoder_cache_gb`` GiB (0: off).
@@ -148,15 +150,9 @@ class EngineConfig:
                     "speculative_config is not supported with data_parallel_size > 1 yet "
                     "(the proposer would need a cache per data-parallel rank)"
                 )
-        if self.world_size == 1:
-            return
-        # What would need each rank's own share moved or loaded besides the model.
-        unsupported = {
-            "enable_kv_offload (--kv-offload-host-bytes, --kv-service-address)": (
-                self.enable_kv_offload
-            ),
-            "enable_lora (--enable-lora)": self.enable_lora,
-        }
-        for what, on in unsupported.items():
-            if on:
-                raise ValueError(f"{what} is not supported with more than one rank yet")
+        if self.world_size > 1 and self.enable_kv_offload:
+            # Each rank's own share of every block would have to move between the tiers.
+            raise ValueError(
+                "enable_kv_offload (--kv-offload-host-bytes, --kv-service-address) is not "
+                "supported with more than one rank yet"
+            )

@@ -158,6 +158,8 @@ class LLMEngine:
             self.lora = LoRAManager(
                 self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras
             )
+            if self._channel is not None:  # the other ranks repeat every slot write
+                self.lora.slot_listeners.append(self._channel.queue_slot_write)
             for name, source in config.lora_modules:
                 self.lora.add(name, source)
         # Requests whose adapter waits for a free device slot, in arrival order, and the
@@ -322,7 +324,10 @@ class LLMEngine:
             -(-self.max_model_len // config.block_size),
             num_blocks,
             channel,
+            self.lora.slots if self.lora is not None else None,
         )
+        if self.lora is not None:  # that rank repeats every slot write
+            self.lora.slot_listeners.append(channel.queue_slot_write)
         return _Shard(dp_rank, kv_manager, scheduler, runner)
 
     @staticmethod
@@ -534,7 +539,10 @@ class LLMEngine:
             self._lora_slot_of[request.request_id] = slot
             for sample in (request, *request.pending_forks):
                 sample.adapter_slot = slot + 1
-            self.scheduler.add(request)
+            # Every data-parallel rank holds every slot (rank 0's writes repeat there).
+            shard = min(self._shards, key=lambda s: s.load)
+            self._shard_of[request.request_id] = shard
+            shard.scheduler.add(request)
         self._lora_waiting = still
 
     def _release_lora(self, request_id: str) -> None:
@@ -817,8 +825,12 @@ class LLMEngine:
         """One step of every data-parallel rank (synchronous): schedule each rank's batch,
         send the other ranks theirs, run rank 0's, gather their logits, sample and commit."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self._lora_waiting:
+            self._admit_lora_waiting()
         batches = [shard.scheduler.schedule() for shard in self._shards]
         if not any(batches):
+            if self.lora is not None and self.lora.reads_in_flight:
+                self.lora.wait_for_reads(_FETCH_WAIT_S)
             return outputs
         self.steps_total += 1
         masks = [

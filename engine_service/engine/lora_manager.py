@@ -16,6 +16,12 @@ use separate slots, but share their KV blocks: the prefix-cache key is the versi
 *content fingerprint* (a digest of the config fields that change the maths and of every
 tensor), never its name or path, so new weights read from an old path never hit stale KV.
 
+In a parallel engine this manager lives on rank 0 alone: it reads, validates and caches
+adapters and decides the slots. Every slot write or clear is a :class:`SlotWrite` that its
+``slot_listeners`` (the step channels) send on, and every other rank applies it to its own
+deltas with :func:`apply_slot_write`, keeping its shard of each pair; so all ranks' slots
+hold the same adapters.
+
 Nothing here blocks the step loop: :meth:`LoRAManager.acquire` either returns a slot at once
 or ``None`` (every slot is pinned, or the adapter is being read from its folder again on a
 worker thread), and the engine keeps such a request aside and asks again.
@@ -29,6 +35,7 @@ import math
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine_service.engine.outputs import LoRAAdapterStats, LoRAStats
-from engine_service.layers.linear import LinearBase, RowParallelLinear
+from engine_service.layers.linear import LinearBase
 from engine_service.layers.lora import LoRASlots, TorchLoRA, attach_lora
 from engine_service.models.loader import resolve_model_path
 from engine_service.models.weights import resolve_name
@@ -221,11 +228,9 @@ def load_peft_adapter(name: str, source: str, net: nn.Module, max_rank: int) -> 
             raise ValueError(f"{where}: the model has no adaptable layer for {module!r}")
         used.add(module.rsplit(".", 1)[-1])
         a, b = pair["A"], pair["B"]
-        in_size = (
-            layer.full_input_size if isinstance(layer, RowParallelLinear) else layer.input_size
-        )
-        shards = getattr(layer, "shards", None)
-        out_size = shards[shard_id].source_size if shards is not None else layer.output_size
+        if shard_id not in dict(layer.lora_output_slices()):
+            raise ValueError(f"{where}: the model has no adaptable layer for {module!r}")
+        in_size, out_size = layer.lora_full_sizes(shard_id)
         if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (rank, in_size):
             raise ValueError(
                 f"{where}: {module}.lora_A has shape {tuple(a.shape)}, expected ({rank}, {in_size})"
@@ -252,6 +257,79 @@ def load_peft_adapter(name: str, source: str, net: nn.Module, max_rank: int) -> 
         fingerprint=_fingerprint(rank, scaling, tensors),
         weights=weights,
     )
+
+
+def attach_adapter_slots(
+    net: nn.Module, max_loras: int, max_rank: int
+) -> tuple[LoRASlots, dict[str, TorchLoRA]]:
+    """Give every adaptable layer of ``net`` its ``max_loras`` empty slots: what rank 0's
+    :class:`LoRAManager` and every other rank of a parallel engine do alike, so that their
+    deltas come in the same order (:class:`SlotWrite` relies on it)."""
+    targets = {name.rsplit(".", 1)[-1] for name in adaptable_modules(net)}
+    return attach_lora(net, targets, max_loras, max_rank)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotWrite:
+    """One device slot's new content, laid out for the wire: what rank 0 writes into its
+    own slot and every other rank of a parallel engine repeats (:func:`apply_slot_write`),
+    so that all ranks' slots hold the same adapter.
+
+    ``pieces`` has one flag per output piece of every delta, in the deltas' order (a stacked
+    qkv layer has three pieces): whether the adapter has a pair there. ``weights`` is those
+    pairs' full (unsharded) ``A [rank, in]`` then ``B [out_piece, rank]``, scaling folded
+    into ``B``, flattened end to end in the deltas' dtype; each rank keeps its own part
+    (:meth:`LinearBase.shard_lora`). No piece set: the slot is cleared.
+    """
+
+    slot: int
+    rank: int
+    pieces: tuple[bool, ...]
+    weights: torch.Tensor
+
+
+def make_slot_write(
+    deltas: dict[str, TorchLoRA], slot: int, adapter: LoRAAdapter | None = None
+) -> SlotWrite:
+    """The write that puts ``adapter`` (with its weights in host memory) into ``slot``, or
+    clears ``slot`` (``None``)."""
+    like = next(iter(deltas.values())).lora_a_all
+    weights = adapter.weights if adapter is not None else None
+    pieces: list[bool] = []
+    flat: list[torch.Tensor] = []
+    for name, delta in deltas.items():
+        for shard_id, _ in delta.pieces:
+            pair = weights.get((name, shard_id)) if weights is not None else None
+            pieces.append(pair is not None)
+            if pair is not None:
+                flat += [pair[0].reshape(-1), pair[1].reshape(-1)]
+    packed = (
+        torch.cat(flat).to(device=like.device, dtype=like.dtype)
+        if flat
+        else torch.empty(0, dtype=like.dtype, device=like.device)
+    )
+    rank = adapter.rank if adapter is not None and flat else 0
+    return SlotWrite(slot, rank, tuple(pieces), packed)
+
+
+def apply_slot_write(deltas: dict[str, TorchLoRA], write: SlotWrite) -> None:
+    """Write (or clear) one slot of every delta from ``write``; each layer keeps this
+    rank's part of each pair."""
+    flags = iter(write.pieces)
+    offset, rank = 0, write.rank
+    for delta in deltas.values():
+        delta.clear_adapter(write.slot)
+        for shard_id, _ in delta.pieces:
+            if not next(flags):
+                continue
+            in_size, out_size = delta.layer.lora_full_sizes(shard_id)
+            a = write.weights[offset : offset + rank * in_size].view(rank, in_size)
+            offset += rank * in_size
+            b = write.weights[offset : offset + out_size * rank].view(out_size, rank)
+            offset += out_size * rank
+            delta.set_adapter(write.slot, shard_id, a, b, 1.0)
+    if offset != write.weights.numel() or next(flags, None) is not None:
+        raise ValueError("a LoRA slot write does not fit this model's adapter layers")
 
 
 @dataclass(slots=True)
@@ -284,10 +362,12 @@ class LoRAManager:
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.max_cpu_loras = max_cpu_loras
-        targets = {name.rsplit(".", 1)[-1] for name in adaptable_modules(net)}
         self.slots: LoRASlots
         self.deltas: dict[str, TorchLoRA]
-        self.slots, self.deltas = attach_lora(net, targets, max_loras, max_rank)
+        self.slots, self.deltas = attach_adapter_slots(net, max_loras, max_rank)
+        # Called with every slot write and clear, after this process's own: a parallel
+        # engine's channel, which repeats it on the other ranks.
+        self.slot_listeners: list[Callable[[SlotWrite], None]] = []
         self.adapters: dict[str, LoRAAdapter] = {}
         self._slots = [_Slot() for _ in range(max_loras)]
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # fingerprint -> version
@@ -406,19 +486,21 @@ class LoRAManager:
 
     def _write(self, index: int, adapter: LoRAAdapter) -> None:
         started = time.perf_counter()
-        weights = self._weights(adapter)
-        for delta in self.deltas.values():
-            delta.clear_adapter(index)
-        for (module, shard_id), (a, b) in weights.items():
-            self.deltas[module].set_adapter(index, shard_id, a, b, 1.0)
+        self._cache(adapter)
+        assert adapter.weights is not None
+        self._apply(make_slot_write(self.deltas, index, adapter))
         self._slots[index].adapter = adapter
         self.loads_total += 1
         self.load_seconds_total += time.perf_counter() - started
 
     def _clear(self, index: int) -> None:
-        for delta in self.deltas.values():
-            delta.clear_adapter(index)
+        self._apply(make_slot_write(self.deltas, index))
         self._slots[index].adapter = None
+
+    def _apply(self, write: SlotWrite) -> None:
+        apply_slot_write(self.deltas, write)
+        for listener in self.slot_listeners:
+            listener(write)
 
     def _finish_read(self, adapter: LoRAAdapter) -> bool:
         """Whether the re-read of an evicted adapter is done (its weights set); starts it
@@ -455,11 +537,6 @@ class LoRAManager:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.shutdown(wait=True, cancel_futures=True)
-
-    def _weights(self, adapter: LoRAAdapter):
-        self._cache(adapter)
-        assert adapter.weights is not None
-        return adapter.weights
 
     def _cache(self, adapter: LoRAAdapter) -> None:
         self._host[adapter.fingerprint] = adapter

@@ -8,8 +8,10 @@ whose shape fits a captured CUDA graph replay it (:mod:`engine_service.engine.cu
 
 With LoRA, the step's per-token adapter slots (``ScheduledSequence.adapter_slot - 1``, ``-1``
 for the base model) go into the model's :class:`LoRASlots` right before its forward pass;
-a step without adapters sets ``None`` and the deltas do nothing. The torch deltas read the
-slots on the host, so a step with adapters always runs eagerly, never from a graph.
+a step without adapters sets ``None`` and the deltas do nothing. Steps with adapters replay
+CUDA graphs when every delta runs without host syncs (the graphs read the slots from a
+static buffer), else they run eagerly. Under tensor parallelism the slots travel in the
+step's broadcast, so every rank's deltas read the same ones.
 
 With images, the step's :class:`~engine_service.engine.multimodal.MMSpan` rows of encoder
 output (computed by the engine before ``prepare``) replace the placeholder tokens'
@@ -174,10 +176,12 @@ class ModelRunner:
         max_blocks_per_seq: int,
         scratch_block: int,
         channel: StepChannel,
+        lora_slots: LoRASlots | None = None,
     ) -> ModelRunner:
         """Rank 0's runner for another data-parallel rank's batches: it only prepares their
         steps (:meth:`prepare`, whose message ``channel`` sends to that rank); ``model`` is
-        rank 0's copy, read for its config only. Never executes."""
+        rank 0's copy, read for its config only, and ``lora_slots`` (set when the engine
+        serves adapters) only says that steps carry adapter slots. Never executes."""
         runner = cls.__new__(cls)
         runner._init_inputs(
             model,
@@ -189,6 +193,7 @@ class ModelRunner:
             scratch_block,
             channel,
         )
+        runner.lora_slots = lora_slots
         return runner
 
     # -- inputs ---------------------------------------------------------------------------
@@ -255,11 +260,12 @@ class ModelRunner:
         if any(s.custom_mask is not None for s in seqs):
             custom_mask, offsets = self._custom_masks(batch)
 
-        lora_token_slots = None
+        lora_token_slots = lora_host = None
         if self.lora_slots is not None:
             adapter_slots = np.fromiter((s.adapter_slot for s in seqs), np.int64, num_seqs)
             if adapter_slots.any():
-                np.subtract(np.repeat(adapter_slots, q_lens), 1, out=buf.lora_slots[:num_tokens])
+                lora_host = buf.lora_slots[:num_tokens]
+                np.subtract(np.repeat(adapter_slots, q_lens), 1, out=lora_host)
                 lora_token_slots = self._to_device(buf.lora_slots_t[:num_tokens])
 
         mm_rows = mm_embeds = None
@@ -292,6 +298,7 @@ class ModelRunner:
                 block_tables=packed,
                 logits_indices=buf.logits[:total_logits],
                 block_copies=batch.block_copies,
+                lora_slots=lora_host,
                 custom_mask=custom_mask,
                 custom_mask_offsets=offsets,
             )

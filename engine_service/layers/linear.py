@@ -100,6 +100,11 @@ class LinearBase(nn.Module, abc.ABC):
         """The output pieces (shard id, local width) that each get their own LoRA pair."""
 
     @abc.abstractmethod
+    def lora_full_sizes(self, shard_id: ShardId = None) -> tuple[int, int]:
+        """(in, out_piece): the unsharded features of one output piece's LoRA pair, as a
+        PEFT checkpoint holds it (``A [r, in]``, ``B [out_piece, r]``)."""
+
+    @abc.abstractmethod
     def shard_lora(
         self, lora_a: torch.Tensor, lora_b: torch.Tensor, shard_id: ShardId = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +163,11 @@ class ColumnParallelLinear(LinearBase):
     def lora_output_slices(self) -> list[tuple[ShardId, int]]:
         return [(shard_id, shard.size) for shard_id, shard in self.shards.items()]
 
+    def lora_full_sizes(self, shard_id: ShardId = None) -> tuple[int, int]:
+        return self.input_size, self.shards[shard_id].source_size
+
     def shard_lora(self, lora_a, lora_b, shard_id=None):
+        # A whole on every rank; B's rows sliced as the base weight's rows of this piece.
         shard = self.shards[shard_id]
         return lora_a, lora_b.narrow(0, shard.source_start, shard.size)
 
@@ -257,5 +266,11 @@ class RowParallelLinear(LinearBase):
     def lora_output_slices(self) -> list[tuple[ShardId, int]]:
         return [(None, self.output_size)]
 
+    def lora_full_sizes(self, shard_id: ShardId = None) -> tuple[int, int]:
+        return self.full_input_size, self.output_size
+
     def shard_lora(self, lora_a, lora_b, shard_id=None):
+        # A's columns sliced as the base weight's; B whole. Each rank's delta
+        # (x_r A_r^T) B^T is then a partial sum like its base result, and the one
+        # all-reduce that sums those sums the deltas too: B (sum_r x_r A_r^T) = sum_r B(...).
         return lora_a.narrow(1, self.tp.rank * self.input_size, self.input_size), lora_b

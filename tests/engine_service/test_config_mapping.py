@@ -52,8 +52,8 @@ NON_DEFAULT = {
     "mm_encoder_cache_gb": 0.25,
 }
 
-# Parallel knobs: checked on their own, as LoRA is refused with several ranks (and data
-# parallelism above 1 is refused outright).
+# Parallel knobs: checked on their own, as data parallelism above 1 refuses speculation
+# (in NON_DEFAULT), and above 1 with tensor parallelism outright.
 PARALLEL = {"tensor_parallel_size": 2, "enable_expert_parallel": True, "data_parallel_size": 1}
 
 

@@ -163,5 +163,3 @@ def test_unsupported_data_parallel_combinations_are_refused_with_the_reason():
         EngineConfig(model="m", data_parallel_size=2, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="speculative_config is not supported"):
         EngineConfig(model="m", data_parallel_size=2, speculative_config='{"method": "ngram"}')
-    with pytest.raises(ValueError, match="enable_lora"):
-        EngineConfig(model="m", data_parallel_size=2, enable_lora=True)

@@ -431,3 +431,139 @@ def test_speculation_with_adapters_matches_transformers_with_them_merged(setup, 
     for rid, (prompt, adapter) in zip(ids, jobs):
         assert tokens[rid] == _reference(models[adapter], prompt)[0], (adapter, prompt)
     assert engine.scheduler.num_drafts > 0
+
+
+# -- tensor parallelism ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 1], ids=["kv-split", "kv-replicated"])
+def test_each_rank_holds_the_slice_of_an_adapter_that_its_weights_hold(num_kv_heads):
+    """Column layers (a stacked q/k/v here) keep A whole and, of each piece's B, the rows
+    their base weight keeps (key/value heads fewer than the ranks: both hold the same ones);
+    row layers keep A's columns of their input slice and B whole. Two ranks' results then
+    equal one rank's: side by side for the column layer, summed for the row layer, which is
+    the all-reduce its base result takes anyway, so the delta costs no communication."""
+    from torch import nn
+
+    from engine_service.engine.lora_manager import (
+        LoRAAdapter,
+        apply_slot_write,
+        attach_adapter_slots,
+        make_slot_write,
+    )
+    from engine_service.layers.linear import QKVParallelLinear, RowParallelLinear
+    from engine_service.layers.parallel import SINGLE, TensorParallel
+
+    hidden, head_dim, heads, rank = 32, 8, 4, 3
+    g = torch.Generator().manual_seed(0)
+    sizes = {"q": heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
+    base = {s: torch.randn(n, hidden, generator=g) for s, n in sizes.items()}
+    base_o = torch.randn(hidden, heads * head_dim, generator=g)
+    pairs = {
+        ("qkv_proj", s): (torch.randn(rank, hidden, generator=g), torch.randn(n, rank, generator=g))
+        for s, n in sizes.items()
+    }
+    pairs[("o_proj", None)] = (
+        torch.randn(rank, heads * head_dim, generator=g),
+        torch.randn(hidden, rank, generator=g),
+    )
+    adapter = LoRAAdapter("a", Path("."), ".", rank, 1.0, [], "", weights=pairs)
+    token_slots = torch.tensor([1, -1, 1, 1, -1])  # base-model tokens among the adapter's
+
+    def layers(tp: TensorParallel) -> nn.Module:
+        net = nn.Module()
+        net.qkv_proj = QKVParallelLinear(hidden, head_dim, heads, num_kv_heads, tp=tp)
+        net.o_proj = RowParallelLinear(heads * head_dim, hidden, tp=tp)
+        for shard, weight in base.items():
+            net.qkv_proj.weight_loader(net.qkv_proj.weight, weight, shard)
+        net.o_proj.weight_loader(net.o_proj.weight, base_o)
+        slots, deltas = attach_adapter_slots(net, max_loras=2, max_rank=4)
+        apply_slot_write(deltas, make_slot_write(deltas, 1, adapter))
+        slots.set(token_slots)
+        return net
+
+    x = torch.randn(5, hidden, generator=g)
+    z = torch.randn(5, heads * head_dim, generator=g)
+    one = layers(SINGLE)
+    qkv, o = one.qkv_proj.local_forward(x), one.o_proj.local_forward(z)
+    plain = x @ torch.cat(list(base.values())).T
+    assert not torch.allclose(qkv[0], plain[0]) and torch.allclose(qkv[1], plain[1])
+    per_rank = z.shape[1] // 2
+    o_sum = torch.zeros_like(o)
+    for r in range(2):
+        part = layers(TensorParallel(r, 2))
+        local = part.qkv_proj.local_forward(x)
+        for shard_id, shard in part.qkv_proj.shards.items():
+            whole = one.qkv_proj.shards[shard_id].offset + shard.source_start
+            torch.testing.assert_close(
+                local[:, shard.offset : shard.offset + shard.size],
+                qkv[:, whole : whole + shard.size],
+            )
+        o_sum += part.o_proj.local_forward(z[:, r * per_rank : (r + 1) * per_rank])
+    torch.testing.assert_close(o_sum, o)
+
+
+def test_two_tensor_parallel_ranks_serve_adapters_as_one_rank_does(setup, tmp_path):
+    """TP=2 over gloo (this process is rank 0, rank 1 a child): a batch mixing both adapters
+    (ranks 4 and 8) and the base model, prefills chunked, gives one rank's tokens and
+    logprobs, which are transformers' with each adapter merged. ``narrow`` is loaded at
+    runtime, and ``wide`` reloaded in place with other weights: rank 0's slot writes and
+    clears reach rank 1. An adapter on the vocabulary-parallel head is refused at load."""
+    _, folders, models = setup
+    prompts = _prompts(models[None].config.vocab_size)
+    jobs = [(p, a) for p in prompts for a in (None, "wide", "narrow")]
+    single = _run(_engine(setup, max_num_batched_tokens=16), jobs)
+    head = make_peft_adapter(
+        models[None], tmp_path / "head", 5, r=2, lora_alpha=4, target_modules=["lm_head"]
+    )
+    engine = _engine(
+        setup,
+        max_num_batched_tokens=16,
+        tensor_parallel_size=2,
+        lora_modules=(("wide", str(folders["wide"])),),
+    )
+    try:
+        engine.add_lora("narrow", str(folders["narrow"]))
+        parallel = _run(engine, jobs)
+        engine.add_lora("wide", str(folders["narrow"]), replace=True)
+        replaced = _run(engine, [(prompts[2], "wide"), (prompts[2], None)])
+        with pytest.raises(ValueError, match=r"\['lm_head'\] are not adaptable layers"):
+            engine.add_lora("head", str(head))
+        assert "head" not in engine.lora.adapters
+    finally:
+        engine.close()
+    for (prompt, adapter), got, alone in zip(jobs, parallel, single):
+        assert got[0] == alone[0], (adapter, prompt)
+        assert max(abs(a - b) for a, b in zip(got[1], alone[1])) < 1e-4, (adapter, prompt)
+        _assert_matches(got, _reference(models[adapter], prompt), (adapter, prompt))
+    _assert_matches(replaced[0], _reference(models["narrow"], prompts[2]), "wide replaced")
+    _assert_matches(replaced[1], _reference(models[None], prompts[2]), "base")
+
+
+def test_two_data_parallel_ranks_serve_adapters_as_one_rank_does(setup):
+    """DP=2 over gloo: each rank holds the whole model and every adapter slot (rank 0's
+    writes repeat on rank 1), adapter requests go to either rank, and a mixed batch gives one
+    rank's tokens, transformers' with each adapter merged; ``narrow`` is loaded at runtime."""
+    _, folders, models = setup
+    prompts = _prompts(models[None].config.vocab_size)
+    jobs = [(p, a) for p in prompts for a in (None, "wide", "narrow")]
+    single = _run(_engine(setup, max_num_batched_tokens=16), jobs)
+    engine = _engine(
+        setup,
+        max_num_batched_tokens=16,
+        data_parallel_size=2,
+        lora_modules=(("wide", str(folders["wide"])),),
+    )
+    try:
+        engine.add_lora("narrow", str(folders["narrow"]))
+        scheduler = engine._shards[1].scheduler
+        on_rank_1: list[int] = []
+        add = scheduler.add
+        scheduler.add = lambda request: on_rank_1.append(request.adapter_slot) or add(request)
+        parallel = _run(engine, jobs)
+    finally:
+        engine.close()
+    assert len(set(on_rank_1) - {0}) == 2  # both adapters ran on rank 1
+    for (prompt, adapter), got, alone in zip(jobs, parallel, single):
+        assert got[0] == alone[0], (adapter, prompt)
+        _assert_matches(got, _reference(models[adapter], prompt), (adapter, prompt))

@@ -9,11 +9,19 @@ samples. A message is three broadcasts from rank 0, in this order::
 
     payload of a STEP:  positions [T] | slots [T] | query_start [B+1] | seq_lens [B]
                         | block_tables [B*W] | logits_indices [L] | block_copies [2C]
+                        | lora_slots [T]                           (when a token has an adapter)
                         | mask_offsets [B+1] | custom_mask [M]     (the last two when M > 0)
     payload of MOVES:   (src, dst) slot pairs [2C]
+    payload of LORA:    one flag per adapter piece [P], then       (see lora_manager.SlotWrite)
+    weights  dtype [n]           device group  the pieces' pairs, flattened (LORA only)
 
 Token ids travel on the device group because rank 0 fills a step's pending rows from the
 previous step's samples on the device (no host sync); the rest is host data already.
+
+A LORA message repeats one of rank 0's adapter slot writes (or clears) on the other ranks.
+Rank 0 writes its own slot when it admits a request, possibly while the step before runs
+on the device worker thread; so the write is queued here and goes out just before the next
+STEP or MOVES, from the thread that sends those, and every rank applies it in that order.
 
 Under data-parallel attention each rank runs its own batch: rank 0 sends each its own
 message point to point instead (a channel with a ``peer``), and a rank sends its logits
@@ -26,6 +34,7 @@ sockets, which fails the other ranks' broadcasts at once.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,16 +42,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine_service.engine.lora_manager import SlotWrite
 from engine_service.engine.model_runner import StepInputs
 from engine_service.layers.paged_attention import AttentionMetadata
 
-HEADER_LEN = 10
+HEADER_LEN = 11
 
 
 class Kind(enum.IntEnum):
     STEP = 1
     MOVES = 2  # KV slot moves after speculative verification (ModelRunner.move_slots)
     SHUTDOWN = 3
+    LORA = 4  # an adapter slot write (lora_manager.SlotWrite)
 
 
 @dataclass(slots=True)
@@ -58,6 +69,7 @@ class Message:
     kind: Kind
     step: StepMessage | None = None
     moves: list[tuple[int, int]] | None = None
+    slot_write: SlotWrite | None = None
 
 
 def pack_step(
@@ -74,6 +86,7 @@ def pack_step(
     block_tables: np.ndarray,
     logits_indices: np.ndarray,
     block_copies: list[tuple[int, int]],
+    lora_slots: np.ndarray | None,
     custom_mask: torch.Tensor | None,
     custom_mask_offsets: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +101,8 @@ def pack_step(
         logits_indices,
         np.asarray(block_copies, dtype=np.int64).reshape(-1),
     ]
+    if lora_slots is not None:
+        pieces.append(lora_slots)
     mask_len = 0
     if custom_mask is not None:
         assert custom_mask_offsets is not None
@@ -104,6 +119,7 @@ def pack_step(
             max_query_len,
             max_seq_len,
             len(block_copies),
+            len(lora_slots) if lora_slots is not None else 0,
             mask_len,
             payload.numel(),
         ],
@@ -131,6 +147,8 @@ class StepChannel:
         self.device_group = device_group
         self.source = 0  # rank 0 of the default group
         self.peer = peer
+        # Rank 0's adapter slot writes not sent yet (appended and taken from two threads).
+        self._slot_writes: deque[SlotWrite] = deque()
 
     def _broadcast(self, tensor: torch.Tensor, group: Any) -> None:
         if self.peer is None:
@@ -152,14 +170,31 @@ class StepChannel:
 
     # -- rank 0 ---------------------------------------------------------------------------
 
+    def queue_slot_write(self, write: SlotWrite) -> None:
+        """Send ``write`` to the other ranks before the next step (a LoRA slot listener)."""
+        self._slot_writes.append(write)
+
+    def _send_slot_writes(self) -> None:
+        while self._slot_writes:
+            write = self._slot_writes.popleft()
+            header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+            header[:4] = torch.tensor([Kind.LORA, write.slot, write.rank, write.weights.numel()])
+            header[-1] = len(write.pieces)
+            self._broadcast(header, self.cpu_group)
+            self._broadcast(torch.tensor(write.pieces, dtype=torch.int64), self.cpu_group)
+            if write.weights.numel():
+                self._broadcast(write.weights, self.device_group)
+
     def send_step(
         self, header: torch.Tensor, payload: torch.Tensor, input_ids: torch.Tensor
     ) -> None:
+        self._send_slot_writes()
         self._broadcast(header, self.cpu_group)
         self._broadcast(payload, self.cpu_group)
         self._broadcast(input_ids.contiguous(), self.device_group)
 
     def send_moves(self, copies: list[tuple[int, int]]) -> None:
+        self._send_slot_writes()
         payload = torch.tensor(copies, dtype=torch.int64).reshape(-1)
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
         header[0], header[-1] = Kind.MOVES, payload.numel()
@@ -173,7 +208,8 @@ class StepChannel:
 
     # -- the other ranks ------------------------------------------------------------------
 
-    def recv(self) -> Message:
+    def recv(self, lora_dtype: torch.dtype | None = None) -> Message:
+        """The next message; ``lora_dtype`` is the dtype of adapter slot weights."""
         header = torch.empty(HEADER_LEN, dtype=torch.int64)
         self._broadcast(header, self.cpu_group)
         kind = Kind(int(header[0]))
@@ -184,10 +220,20 @@ class StepChannel:
         if kind == Kind.MOVES:
             pairs = payload.view(-1, 2).tolist()
             return Message(kind, moves=[(int(a), int(b)) for a, b in pairs])
+        if kind == Kind.LORA:
+            if lora_dtype is None:
+                raise RuntimeError("an adapter slot write reached a rank without LoRA")
+            _, slot, rank, numel = header[:4].tolist()
+            weights = torch.empty(numel, dtype=lora_dtype, device=self.device)
+            if numel:
+                self._broadcast(weights, self.device_group)
+            pieces = tuple(bool(flag) for flag in payload.tolist())
+            return Message(kind, slot_write=SlotWrite(slot, rank, pieces, weights))
         return Message(kind, step=self._unpack_step(header.tolist(), payload))
 
     def _unpack_step(self, header: list[int], payload: torch.Tensor) -> StepMessage:
-        _, num_tokens, num_seqs, width, num_logits, max_q, max_s, num_copies, mask_len, _ = header
+        (_, num_tokens, num_seqs, width, num_logits, max_q, max_s, num_copies, lora_len,
+         mask_len, _) = header  # fmt: skip
         sizes = [
             num_tokens,
             num_tokens,
@@ -196,11 +242,12 @@ class StepChannel:
             num_seqs * width,
             num_logits,
             2 * num_copies,
+            lora_len,
         ]
         if mask_len:
             sizes += [num_seqs + 1, mask_len]
         parts = list(payload.split(sizes))
-        positions, slots, query_start, seq_lens, tables, logits_indices, copies = parts[:7]
+        positions, slots, query_start, seq_lens, tables, logits_indices, copies, lora = parts[:8]
         input_ids = torch.empty(num_tokens, dtype=torch.int64, device=self.device)
         self._broadcast(input_ids, self.device_group)
 
@@ -223,8 +270,8 @@ class StepChannel:
             seq_lens_host=seq_lens_host,
         )
         if mask_len:
-            meta.custom_mask_offsets = to(parts[7])
-            meta.custom_mask = to(parts[8], torch.bool)
+            meta.custom_mask_offsets = to(parts[8])
+            meta.custom_mask = to(parts[9], torch.bool)
         inputs = StepInputs(
             input_ids=input_ids,
             positions=meta.positions,
@@ -232,6 +279,7 @@ class StepChannel:
             logits_indices=to(logits_indices),
             pending_rows=None,
             pending_src=None,
+            lora_token_slots=to(lora) if lora_len else None,
         )
         pairs = copies.view(-1, 2).tolist()
         return StepMessage(inputs, [(int(a), int(b)) for a, b in pairs])

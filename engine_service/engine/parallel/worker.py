@@ -16,15 +16,18 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
 from engine_service.engine.attention import get_attention_backend
 from engine_service.engine.config import EngineConfig
+from engine_service.engine.lora_manager import apply_slot_write, attach_adapter_slots
 from engine_service.engine.memory import allocate_kv_cache, num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.parallel.channel import Kind, StepChannel
 from engine_service.engine.parallel.ranks import RankContext, config_from_json, init_distributed
+from engine_service.layers.lora import TorchLoRA
 from engine_service.models.loader import attention_needs, load_model
 from switchyard.exit_codes import CANNOT_START
 from switchyard.log import setup_logging
@@ -46,7 +49,17 @@ def _exit_when_orphaned(parent_pid: int, rank: int) -> None:
         time.sleep(_PARENT_POLL_S)
 
 
-def load_rank(ctx: RankContext, config: EngineConfig) -> ModelRunner:
+@dataclass(slots=True)
+class Rank:
+    """What a rank runs: its runner, and its adapter slots' deltas (``None`` without LoRA),
+    which rank 0's slot writes fill (:func:`apply_slot_write`)."""
+
+    ctx: RankContext
+    runner: ModelRunner
+    lora_deltas: dict[str, TorchLoRA] | None
+
+
+def load_rank(ctx: RankContext, config: EngineConfig) -> Rank:
     """Load this rank's shards and size the KV pool with the other ranks (as rank 0's
     :class:`LLMEngine` does, in the same order of collectives)."""
     backend = get_attention_backend(
@@ -55,6 +68,13 @@ def load_rank(ctx: RankContext, config: EngineConfig) -> ModelRunner:
     model, model_config, dtype = load_model(
         config.model, backend, config.dtype, ctx.device, config.revision, ctx.tp
     )
+    # Empty adapter slots, as rank 0's LoRAManager makes them (and before the KV pool is
+    # sized, as there); rank 0 sends every slot write.
+    lora_slots = lora_deltas = None
+    if config.enable_lora:
+        lora_slots, lora_deltas = attach_adapter_slots(
+            model, config.max_loras, config.max_lora_rank
+        )
     num_blocks = ctx.agree_min(num_kv_blocks(config, model_config, dtype, ctx.device))
     limit = min(
         config.max_model_len or model_config.max_position_embeddings, num_blocks * config.block_size
@@ -71,25 +91,34 @@ def load_rank(ctx: RankContext, config: EngineConfig) -> ModelRunner:
         max_num_seqs=config.max_num_seqs,
         max_blocks_per_seq=-(-limit // config.block_size),
         scratch_block=num_blocks,
+        lora_slots=lora_slots,
         tp_size=ctx.tp.size,
     )
     logger.info("engine rank %d ready: %d KV blocks", ctx.rank, num_blocks)
-    return runner
+    return Rank(ctx, runner, lora_deltas)
 
 
-def run_steps(ctx: RankContext, runner: ModelRunner) -> None:
+def run_steps(rank: Rank) -> None:
     """Run what rank 0 broadcasts until its SHUTDOWN. A data-parallel rank gets its own
     batch's steps from rank 0 alone and sends its logits rows back."""
+    ctx, runner = rank.ctx, rank.runner
     data_parallel = ctx.tp.dp_size > 1
     channel = StepChannel(
         ctx.device, ctx.cpu_group, ctx.device_group, peer=0 if data_parallel else None
     )
+    lora_dtype = None
+    if rank.lora_deltas is not None:
+        lora_dtype = next(iter(rank.lora_deltas.values())).lora_a_all.dtype
     while True:
-        message = channel.recv()
+        message = channel.recv(lora_dtype)
         if message.kind == Kind.SHUTDOWN:
             return
         if message.kind == Kind.MOVES:
             runner.move_slots(message.moves)
+            continue
+        if message.kind == Kind.LORA:
+            assert rank.lora_deltas is not None and message.slot_write is not None
+            apply_slot_write(rank.lora_deltas, message.slot_write)
             continue
         step = message.step
         logits = runner.run_step(step.inputs.input_ids, step.inputs, step.block_copies)
@@ -115,12 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(config.seed)
     try:
         ctx = init_distributed(config, args.rank, args.address)
-        runner = load_rank(ctx, config)
+        rank = load_rank(ctx, config)
     except _CONFIG_ERRORS as exc:
         logger.error("engine rank %d cannot start: %s", args.rank, exc)
         sys.exit(CANNOT_START)
     try:
-        run_steps(ctx, runner)
+        run_steps(rank)
     except Exception as exc:  # a collective failed: rank 0 or a peer is gone
         logger.error("engine rank %d lost its peers: %s", args.rank, exc)
         sys.exit(1)
