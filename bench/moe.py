@@ -96,6 +96,46 @@ def time_kernel(kernel, inputs, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+# Tile shapes tried by --sweep-tiles: (block_m, block_n, block_k, num_warps, num_stages).
+SWEEP_TILES = [
+    (16, 64, 128, 4, 4),
+    (32, 64, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 128, 64, 8, 3),
+    (64, 128, 128, 8, 3),
+    (64, 256, 64, 8, 3),
+    (128, 64, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 8, 4),
+]
+
+
+def sweep_tiles(inputs, loop_s: float, repeats: int) -> dict[str, float]:
+    """Loop time over the fused kernel's under each of SWEEP_TILES (one case)."""
+    from engine_service.layers.moe_triton import MoETiles, fused_moe
+
+    class Fixed:
+        def __init__(self, tiles):
+            self.tiles = tiles
+
+        def forward(self, x, w13, w2, weights, ids, act):
+            return fused_moe(x, w13, w2, weights, ids, act, tiles=self.tiles)
+
+    ratios = {}
+    for bm, bn, bk, warps, stages in SWEEP_TILES:
+        key = f"{bm}x{bn}x{bk}w{warps}s{stages}"
+        try:
+            seconds = time_kernel(
+                Fixed(MoETiles(bm, bn, bk, warps, stages)), inputs, "cuda", repeats
+            )
+        except Exception as exc:  # a shape the compiler refuses (shared memory): skip it
+            print(f"    tiles {key}: {type(exc).__name__}")
+            continue
+        ratios[key] = round(loop_s / seconds, 3)
+        print(f"    tiles {key:18} {seconds * 1e3:8.2f} ms {loop_s / seconds:6.2f}x", flush=True)
+    return ratios
+
+
 def expert_parallel_results(args: argparse.Namespace) -> dict[str, float]:
     """Place of the expert-parallel measurements of issue 12: EP=2 with micro-batch overlap
     over EP=2 without (``overlap_speedup``) and over TP=2 (``ep_over_tp_tok_s``), two GPUs.
@@ -114,6 +154,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--sweep-tiles",
+        action="store_true",
+        help="CUDA: also time the fused kernel under each candidate tile shape (SWEEP_TILES)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = args.device
@@ -155,6 +200,10 @@ def main() -> None:
                 f"{ratio:>7.2f}x {diff:>9.1e}",
                 flush=True,
             )
+            if args.sweep_tiles and device == "cuda":
+                results.setdefault("tiles_sweep", {})[f"{name}_{num_tokens}"] = sweep_tiles(
+                    inputs, loop_s, repeats
+                )
             del inputs
         results[f"{name}_fused_over_loop"] = round(math.prod(ratios) ** (1 / len(ratios)), 3)
         all_ratios += ratios
