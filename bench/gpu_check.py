@@ -22,7 +22,7 @@ Runs on a CUDA machine (CI has none), in two parts; exit status 1 on any mismatc
   SwiGLU), bf16 and fp32, from one token to prefill sizes; and once captured in a CUDA graph
   and replayed with a new routing (the kernel must not synchronise with the host).
 
-    python bench/gpu_check.py [--kernel-only | --moe-only]
+    python bench/gpu_check.py [--kernel-only | --moe-only | --lora-only]
 """
 
 from __future__ import annotations
@@ -339,6 +339,8 @@ def check_lora_kernels(device: str = "cuda") -> int:
 
 
 def main() -> int:
+    if "--lora-only" in sys.argv[1:]:
+        return 1 if check_lora_kernels() else 0
     moe_only = "--moe-only" in sys.argv[1:]
     failures = check_moe_kernel()
     if not moe_only:
