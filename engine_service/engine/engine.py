@@ -237,6 +237,8 @@ class LLMEngine:
                 num_blocks,
                 self.max_model_len,
                 target_model=self.model,
+                tp=tp,
+                channel=self._channel,
             )
             if self.proposer.hidden_store is not None:
                 self.model.keep_hidden_states(self.proposer.hidden_store)

@@ -286,6 +286,7 @@ class ModelRunner:
             from engine_service.engine.parallel.channel import pack_step
 
             broadcast = pack_step(
+                kind=self.channel.step_kind,
                 num_tokens=num_tokens,
                 num_seqs=num_seqs,
                 width=width,

@@ -72,6 +72,14 @@ class TensorParallel:
         dist.all_gather_single(gathered, x, group=self.group)
         return torch.cat(gathered.chunk(self.size, dim=0), dim=-1)
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """The group's first rank's ``x`` on every rank, in place (each passes a tensor of
+        the same shape and dtype): inputs that only the first rank holds."""
+        if self.size > 1:
+            first = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+            dist.broadcast(x, src=first, group=self.group)
+        return x
+
     def gather(self, x: torch.Tensor) -> torch.Tensor | None:
         """Every rank's ``x`` side by side along the last dimension, on the group's first
         rank only (``None`` elsewhere): logits go to the rank that samples."""

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from engine_service.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine_service.layers.linear import ReplicatedLinear
 from engine_service.layers.mla import MLAPlan, MultiHeadLatentAttention
 from engine_service.layers.mlp import GatedMLP
@@ -211,7 +212,7 @@ class DeepseekV3Model(nn.Module):
 
     def __init__(self, config: DeepseekV3Config, tp: TensorParallel) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
             DeepseekV3DecoderLayer(config, i, tp) for i in range(config.num_layers)
         )
@@ -290,6 +291,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     architecture: ClassVar[str] = "DeepseekV3ForCausalLM"
     # MLA reads its latent cache itself; the engine's attention backend is not used.
     computes_own_attention: ClassVar[bool] = True
+    # Every layer is built on the tensor-parallel layers (see models/loader.py).
+    supports_tensor_parallel: ClassVar[bool] = True
     packed_modules_mapping: WeightMapping
 
     @classmethod
@@ -303,25 +306,26 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config = config
         self.packed_modules_mapping = _mapping(config.num_routed_experts)
         self.model = DeepseekV3Model(config, tp)
-        self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_cache, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of ``hidden``'s rows; under tensor parallelism on the first rank only."""
+        return self.lm_head.compute_logits(hidden)
 
 
 # -- multi-token prediction ------------------------------------------------------------------
 
 
 class SharedHead(nn.Module):
-    def __init__(self, config: DeepseekV3Config) -> None:
+    def __init__(self, config: DeepseekV3Config, tp: TensorParallel) -> None:
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.head = ReplicatedLinear(config.hidden_size, config.vocab_size)
+        self.head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
 
 
 class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
@@ -333,7 +337,7 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.eh_proj = ReplicatedLinear(2 * config.hidden_size, config.hidden_size)
-        self.shared_head = SharedHead(config)
+        self.shared_head = SharedHead(config, tp)
 
 
 class _MTPLayers(nn.Module):
@@ -357,12 +361,16 @@ class DeepseekV3MTP(nn.Module):
     :meth:`compute_logits` keeps the rows' pre-norm hidden states in :attr:`last_hidden`,
     which feed the next draft position. The token embedding is the target's own (DeepSeek
     shares it; the checkpoint's copy under each MTP layer is not loaded again).
+
+    Under tensor parallelism the layer is split like the target's and every rank runs each
+    MTP step; only the first rank (the proposer's) holds :attr:`previous_hidden`, which the
+    forward broadcasts to the others before it reads it.
     """
 
     computes_own_attention: ClassVar[bool] = True
 
     def __init__(
-        self, config: DeepseekV3Config, embed_tokens: nn.Embedding, tp: TensorParallel = SINGLE
+        self, config: DeepseekV3Config, embed_tokens: nn.Module, tp: TensorParallel = SINGLE
     ) -> None:
         super().__init__()
         self.config = config
@@ -372,6 +380,7 @@ class DeepseekV3MTP(nn.Module):
             config.qk_rope_head_dim, config.rope_theta, config.rope_scaling
         )
         self._embed = (embed_tokens,)  # shared with the target, not a parameter here
+        self.tp = tp
         self.previous_hidden: torch.Tensor | None = None
         self.last_hidden: torch.Tensor | None = None
         self.step = 0
@@ -384,22 +393,30 @@ class DeepseekV3MTP(nn.Module):
         return layers[self.step % len(layers)]
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        assert self.previous_hidden is not None, "set previous_hidden before an MTP forward"
         layer = self._layer()
         embeds = self._embed[0](input_ids)
+        previous = self._previous_hidden(input_ids.shape[0], embeds)
         # Position 0 has no previous token: its embedding is masked, as in training.
         embeds = torch.where(positions[:, None] == 0, 0, embeds)
-        hidden = layer.eh_proj(
-            torch.cat((layer.enorm(embeds), layer.hnorm(self.previous_hidden.to(embeds.dtype))), -1)
-        )
+        hidden = layer.eh_proj(torch.cat((layer.enorm(embeds), layer.hnorm(previous)), -1))
         cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
         plan = MLAPlan.build(meta, kv_cache.shape[3])
         return layer(hidden, cos_sin, kv_cache, meta, plan)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _previous_hidden(self, num_rows: int, like: torch.Tensor) -> torch.Tensor:
+        """The target hidden states of the step's rows: the proposer's on the first rank,
+        broadcast from there to the others under tensor parallelism."""
+        if self.tp.rank == 0:
+            assert self.previous_hidden is not None, "set previous_hidden before an MTP forward"
+            previous = self.previous_hidden.to(like.dtype).contiguous()
+        else:
+            previous = like.new_empty(num_rows, self.config.hidden_size)
+        return self.tp.broadcast(previous)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         self.last_hidden = hidden
         head = self._layer().shared_head
-        return head.head(head.norm(hidden))
+        return head.head.compute_logits(head.norm(hidden))
 
 
 def mtp_tensors(

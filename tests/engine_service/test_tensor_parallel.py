@@ -30,6 +30,9 @@ from tests.engine_service.helpers import (
     make_llama_checkpoint,
     run_all,
 )
+from tests.engine_service.test_deepseek import make_deepseek_checkpoint
+from tests.engine_service.test_deepseek_mtp import MTP, write_mtp_checkpoint
+from tests.engine_service.test_parity import _prompts
 from tests.engine_service.test_speculative import repetitive_prompts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -287,23 +290,54 @@ def test_rank_1_follows_a_killed_rank_0(llama):
             process.kill()
 
 
-def test_models_not_built_on_the_parallel_layers_refuse_several_ranks(tmp_path):
-    """DeepSeek-V3 (latent attention) and the vision-language models do not split yet: a
-    parallel engine refuses them by name instead of computing wrong tokens."""
-    from engine_service.layers.parallel import TensorParallel
-    from engine_service.models.loader import load_model
+def test_deepseek_v3_under_tensor_and_expert_parallelism_gives_the_tokens_of_one_rank(tmp_path):
+    """Latent attention split by heads (the latent and rope-key projections, and so the
+    latent cache, whole on every rank), dense and shared-expert MLPs split, routed experts
+    split (TP=2) or shared out (TP=2 with --enable-expert-parallel): one process's tokens
+    and logprobs under prefix hits, chunked prefill and preemption."""
+    model = make_deepseek_checkpoint(tmp_path)
+    c = model.config
+    pairs = workload(c.vocab_size)
+    knobs = dict(num_kv_blocks=40, block_size=4, max_num_batched_tokens=32)
+    expected = serve(make_engine(tmp_path, **knobs), pairs)
+    for parallel in (TP, {**TP, "enable_expert_parallel": True}):
+        engine = make_engine(tmp_path, **knobs, **parallel)
+        try:
+            attn = engine.model.model.layers[0].self_attn
+            assert attn.num_heads == c.num_attention_heads // 2
+            assert attn.kv_b_proj.weight.shape[0] == 2 * (c.qk_nope_head_dim + c.v_head_dim)
+            assert attn.kv_a_proj_with_mqa.weight.shape[0] == c.kv_lora_rank + c.qk_rope_head_dim
+            width = c.kv_lora_rank + c.qk_rope_head_dim
+            assert tuple(engine.kv_cache.shape[1:]) == (c.num_hidden_layers, 1, 4, 1, width)
+            assert engine.model.lm_head.weight.shape[0] == c.vocab_size // 2
+            got = serve(engine, pairs)
+            assert engine.scheduler.num_preemptions > 0
+            assert engine.scheduler.prefix_cache_hits > 0
+        finally:
+            engine.close()
+        assert_same(expected, got)
 
-    transformers.DeepseekV3Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=128,
-        architectures=["DeepseekV3ForCausalLM"],
-    ).save_pretrained(tmp_path)
-    with pytest.raises(
-        ValueError, match="DeepseekV3ForCausalLM does not support tensor, expert or data"
-    ):
-        load_model(str(tmp_path), None, "float32", "cpu", tp=TensorParallel(0, 2))
+
+def test_deepseek_mtp_layers_split_like_the_target_draft_as_on_one_rank(tmp_path):
+    """The ``mtp`` proposer's layer runs on both ranks, split like the target: the same
+    drafts are proposed and accepted as on one process, and the tokens are speculation
+    off's."""
+    write_mtp_checkpoint(tmp_path)
+    prompts = _prompts(320)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    knobs = dict(num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
+    expected = make_engine(tmp_path, **knobs).generate(prompts, params)
+    single = make_engine(tmp_path, **knobs, speculative_config=MTP % 2)
+    assert single.generate(prompts, params) == expected
+    engine = make_engine(tmp_path, **knobs, **TP, speculative_config=MTP % 2)
+    try:
+        assert engine.generate(prompts, params) == expected
+        stats, want = engine.stats(), single.stats()
+        assert stats.spec_num_accepted_tokens > 0
+        assert stats.spec_accepted_per_position == want.spec_accepted_per_position
+        assert stats.spec_num_draft_tokens == want.spec_num_draft_tokens
+    finally:
+        engine.close()
 
 
 # -- mixture-of-experts models: tensor and expert parallel ----------------------------------

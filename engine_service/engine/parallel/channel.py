@@ -5,7 +5,7 @@ samples. A message is three broadcasts from rank 0, in this order::
 
     header   int64 [HEADER_LEN]  CPU group   kind and sizes (below)
     payload  int64 [n]           CPU group   the step's host arrays, laid end to end
-    tokens   int64 [T]           device group the step's token ids (STEP only)
+    tokens   int64 [T]           device group the step's token ids (STEP and DRAFT_STEP)
 
     payload of a STEP:  positions [T] | slots [T] | query_start [B+1] | seq_lens [B]
                         | block_tables [B*W] | logits_indices [L] | block_copies [2C]
@@ -14,6 +14,9 @@ samples. A message is three broadcasts from rank 0, in this order::
     payload of MOVES:   (src, dst) slot pairs [2C]
     payload of LORA:    one flag per adapter piece [P], then       (see lora_manager.SlotWrite)
     weights  dtype [n]           device group  the pieces' pairs, flattened (LORA only)
+
+A DRAFT_STEP is a STEP of the ``mtp`` proposer's runner (the checkpoint's MTP layers, split
+like the target and run by every rank on a cache of their own); its layout is a STEP's.
 
 Token ids travel on the device group because rank 0 fills a step's pending rows from the
 previous step's samples on the device (no host sync); the rest is host data already.
@@ -54,6 +57,7 @@ class Kind(enum.IntEnum):
     MOVES = 2  # KV slot moves after speculative verification (ModelRunner.move_slots)
     SHUTDOWN = 3
     LORA = 4  # an adapter slot write (lora_manager.SlotWrite)
+    DRAFT_STEP = 5  # a step of the MTP proposer's runner
 
 
 @dataclass(slots=True)
@@ -74,6 +78,7 @@ class Message:
 
 def pack_step(
     *,
+    kind: Kind = Kind.STEP,
     num_tokens: int,
     num_seqs: int,
     width: int,
@@ -90,8 +95,8 @@ def pack_step(
     custom_mask: torch.Tensor | None,
     custom_mask_offsets: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(header, payload) of a STEP from rank 0's host arrays (copied: the runner's
-    buffers are reused by the next step while this one may still be sent)."""
+    """(header, payload) of a STEP (or DRAFT_STEP) from rank 0's host arrays (copied: the
+    runner's buffers are reused by the next step while this one may still be sent)."""
     pieces = [
         positions,
         slots,
@@ -111,7 +116,7 @@ def pack_step(
     payload = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces]))
     header = torch.tensor(
         [
-            Kind.STEP,
+            kind,
             num_tokens,
             num_seqs,
             width,
@@ -132,7 +137,9 @@ class StepChannel:
     """Both ends of the broadcast: rank 0 calls ``send_*``, the others ``recv``.
 
     ``peer`` (data-parallel attention): the one rank this channel talks to, point to point
-    instead of broadcasting: on rank 0 the rank it sends to, on that rank 0.
+    instead of broadcasting: on rank 0 the rank it sends to, on that rank 0. ``step_kind``:
+    what the steps prepared for this channel are (a DRAFT_STEP channel serves the MTP
+    proposer's runner; :meth:`for_drafts`).
     """
 
     def __init__(
@@ -141,6 +148,7 @@ class StepChannel:
         cpu_group: Any,
         device_group: Any = None,
         peer: int | None = None,
+        step_kind: Kind = Kind.STEP,
     ) -> None:
         self.device = device
         self.cpu_group = cpu_group
@@ -149,6 +157,13 @@ class StepChannel:
         self.peer = peer
         # Rank 0's adapter slot writes not sent yet (appended and taken from two threads).
         self._slot_writes: deque[SlotWrite] = deque()
+        self.step_kind = step_kind
+
+    def for_drafts(self) -> StepChannel:
+        """The same ranks and groups, for the MTP proposer's steps (DRAFT_STEP)."""
+        return StepChannel(
+            self.device, self.cpu_group, self.device_group, self.peer, Kind.DRAFT_STEP
+        )
 
     def _broadcast(self, tensor: torch.Tensor, group: Any) -> None:
         if self.peer is None:

@@ -27,6 +27,8 @@ from engine_service.engine.memory import allocate_kv_cache, num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.parallel.channel import Kind, StepChannel
 from engine_service.engine.parallel.ranks import RankContext, config_from_json, init_distributed
+from engine_service.engine.spec.config import SpeculativeConfig
+from engine_service.engine.spec.mtp import load_mtp
 from engine_service.layers.lora import TorchLoRA
 from engine_service.models.loader import attention_needs, load_model
 from switchyard.exit_codes import CANNOT_START
@@ -51,12 +53,15 @@ def _exit_when_orphaned(parent_pid: int, rank: int) -> None:
 
 @dataclass(slots=True)
 class Rank:
-    """What a rank runs: its runner, and its adapter slots' deltas (``None`` without LoRA),
-    which rank 0's slot writes fill (:func:`apply_slot_write`)."""
+    """What a rank runs: its runner, its adapter slots' deltas (``None`` without LoRA),
+    which rank 0's slot writes fill (:func:`apply_slot_write`), and the ``mtp`` proposer's
+    runner when speculation drafts with the checkpoint's MTP layers (split like the target;
+    every rank runs their steps)."""
 
     ctx: RankContext
     runner: ModelRunner
     lora_deltas: dict[str, TorchLoRA] | None
+    draft: ModelRunner | None = None
 
 
 def load_rank(ctx: RankContext, config: EngineConfig) -> Rank:
@@ -94,12 +99,17 @@ def load_rank(ctx: RankContext, config: EngineConfig) -> Rank:
         lora_slots=lora_slots,
         tp_size=ctx.tp.size,
     )
+    draft = None
+    spec = config.speculative_config
+    if spec and SpeculativeConfig.parse(spec).method == "mtp":
+        _, draft = load_mtp(config, model_config, model, backend, num_blocks, limit, ctx.tp)
     logger.info("engine rank %d ready: %d KV blocks", ctx.rank, num_blocks)
-    return Rank(ctx, runner, lora_deltas)
+    return Rank(ctx, runner, lora_deltas, draft)
 
 
 def run_steps(rank: Rank) -> None:
-    """Run what rank 0 broadcasts until its SHUTDOWN. A data-parallel rank gets its own
+    """Run what rank 0 broadcasts until its SHUTDOWN: the target's steps on the rank's
+    runner, the MTP proposer's on its draft runner. A data-parallel rank gets its own
     batch's steps from rank 0 alone and sends its logits rows back."""
     ctx, runner = rank.ctx, rank.runner
     data_parallel = ctx.tp.dp_size > 1
@@ -121,6 +131,10 @@ def run_steps(rank: Rank) -> None:
             apply_slot_write(rank.lora_deltas, message.slot_write)
             continue
         step = message.step
+        if message.kind == Kind.DRAFT_STEP:
+            assert rank.draft is not None, "an MTP step reached a rank without the MTP layers"
+            rank.draft.run_step(step.inputs.input_ids, step.inputs, step.block_copies)
+            continue
         logits = runner.run_step(step.inputs.input_ids, step.inputs, step.block_copies)
         if data_parallel and step.inputs.logits_indices.numel():
             assert logits is not None  # tensor-parallel size 1: every rank has whole logits

@@ -31,9 +31,11 @@ import torch
 from engine_service.engine.batch import ScheduledBatch, ScheduledSequence
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.model_runner import ModelRunner
+from engine_service.engine.parallel.channel import StepChannel
 from engine_service.engine.request import Request
 from engine_service.engine.spec.proposers import Proposer
 from engine_service.layers.paged_attention import AttentionBackend
+from engine_service.layers.parallel import SINGLE, TensorParallel
 from engine_service.models.config import ModelConfig
 from engine_service.models.deepseek_v3 import DeepseekV3MTP, check_mtp_checkpoint, mtp_tensors
 from engine_service.models.loader import _checkpoint_tensors, _weight_files, resolve_model_path
@@ -194,16 +196,51 @@ def build_mtp_proposer(
     backend: AttentionBackend,
     num_blocks: int,
     max_model_len: int,
+    tp: TensorParallel = SINGLE,
+    channel: StepChannel | None = None,
 ) -> MTPProposer:
-    """Load the checkpoint's first MTP layer beside the target (sharing its embedding) and
-    give it a latent cache over the target pool's block ids; refuse a checkpoint without."""
+    """The proposer over :func:`load_mtp`'s layer; under tensor parallelism its runner
+    sends each MTP step to the other ranks through ``channel``'s draft twin."""
+    mtp, runner = load_mtp(
+        config,
+        target_config,
+        target,
+        backend,
+        num_blocks,
+        max_model_len,
+        tp,
+        channel.for_drafts() if channel is not None else None,
+    )
+    logger.info("speculative decoding: MTP layer of %s, %d tokens", config.model, num_tokens)
+    return MTPProposer(runner, mtp, num_tokens, _max_tokens(config, max_model_len))
+
+
+def _max_tokens(config: EngineConfig, max_model_len: int) -> int:
+    # A sequence's first proposal feeds the MTP layer its whole prompt in one pass.
+    return max(config.max_num_batched_tokens, max_model_len)
+
+
+def load_mtp(
+    config: EngineConfig,
+    target_config: ModelConfig,
+    target: torch.nn.Module,
+    backend: AttentionBackend,
+    num_blocks: int,
+    max_model_len: int,
+    tp: TensorParallel = SINGLE,
+    channel: StepChannel | None = None,
+) -> tuple[DeepseekV3MTP, ModelRunner]:
+    """Load the checkpoint's first MTP layer beside the target (sharing its embedding, on
+    its device; this rank's shards under ``tp``) with a latent cache over the target pool's
+    block ids, and its runner; refuse a checkpoint without. Every rank of a parallel engine
+    calls this (the other ranks from ``parallel/worker.py``)."""
     path = resolve_model_path(config.model, config.revision)
     ds_config = check_mtp_checkpoint(target_config, path)
-    device = torch.device(config.device)
     dtype = target.lm_head.weight.dtype
+    device = target.lm_head.weight.device
     embed = target.model.embed_tokens
     with torch.device("meta"):
-        mtp = DeepseekV3MTP(ds_config, embed)
+        mtp = DeepseekV3MTP(ds_config, embed, tp)
     materialize(mtp, device, dtype)
     try:
         load_weights(
@@ -221,16 +258,16 @@ def build_mtp_proposer(
     cache = torch.zeros(
         (num_blocks + 1, *mtp.kv_block_shape(config.block_size)), dtype=dtype, device=device
     )
-    max_tokens = max(config.max_num_batched_tokens, max_model_len)
     runner = ModelRunner(
         mtp,
         backend,
         cache,
         config.block_size,
-        max_num_tokens=max_tokens,
+        max_num_tokens=_max_tokens(config, max_model_len),
         max_num_seqs=config.max_num_seqs,
         max_blocks_per_seq=-(-max_model_len // config.block_size),
         scratch_block=num_blocks,
+        channel=channel,
+        tp_size=tp.size,
     )
-    logger.info("speculative decoding: MTP layer of %s, %d tokens", config.model, num_tokens)
-    return MTPProposer(runner, mtp, num_tokens, max_tokens)
+    return mtp, runner

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,9 +22,13 @@ from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.request import Request
 from engine_service.engine.spec.config import SpeculativeConfig, check_same_tokenizer
 from engine_service.layers.paged_attention import AttentionBackend
+from engine_service.layers.parallel import SINGLE, TensorParallel
 from engine_service.models.config import ModelConfig
 from engine_service.models.hidden_states import HiddenStateStore
 from engine_service.models.loader import load_model, resolve_model_path
+
+if TYPE_CHECKING:
+    from engine_service.engine.parallel.channel import StepChannel
 
 logger = logging.getLogger(__name__)
 
@@ -292,13 +297,16 @@ def build_proposer(
     num_blocks: int,
     max_model_len: int,
     target_model: torch.nn.Module | None = None,
+    tp: TensorParallel = SINGLE,
+    channel: StepChannel | None = None,
 ) -> Proposer:
     """The proposer ``spec`` names. A draft model is checked against the target's tokenizer
     and gets a cache of its own over the target pool's block ids (plus the scratch block); an
     EAGLE head is checked against the target (``target_model``, whose embedding and
     ``lm_head`` it may share) and gets such a cache too, plus the store of target features
     it reads (:attr:`Proposer.hidden_store`, which the engine hands the target and its
-    runner)."""
+    runner). Under tensor parallelism (``tp``, rank 0's ``channel``) the ``mtp`` layers are
+    split like the target and run on every rank; a draft model runs whole on rank 0."""
     if spec.method == "ngram":
         return NgramProposer(
             spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
@@ -315,6 +323,8 @@ def build_proposer(
             backend,
             num_blocks,
             max_model_len,
+            tp,
+            channel,
         )
     assert spec.model is not None
     device = torch.device(config.device)
