@@ -15,6 +15,7 @@ import pytest
 
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.engine_service.conftest import make_checkpoint
+from tests.engine_service.test_deepseek import make_deepseek_checkpoint
 from tests.engine_service.helpers import assert_pool_entirely_free, make_engine
 from tests.engine_service.test_tensor_parallel import assert_same
 
@@ -81,13 +82,17 @@ def mixtral(tmp_path_factory):
 
 
 # Mixtral; Qwen2-MoE with its shared expert and a dense layer among the MoE ones; gpt-oss
-# with expert biases, attention sinks and sliding layers.
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+# with expert biases, attention sinks and sliding layers; DeepSeek-V3 with latent attention
+# (its latent cache per rank), grouped routing and shared experts.
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
 def test_two_data_parallel_ranks_with_expert_parallel_moe_give_the_tokens_of_one(
     family, mixtral, tmp_path
 ):
     if family == "mixtral":
         path = mixtral
+    elif family == "deepseek_v3":
+        path = tmp_path
+        make_deepseek_checkpoint(path)
     else:
         path = tmp_path
         make_checkpoint(path, family)
