@@ -844,13 +844,19 @@ class LLMEngine:
             if not batch and self._lockstep:
                 batch = self._dummy  # an idle rank still joins the MoE exchanges
                 self.dummy_steps += 1
-            steps.append((batch, shard.runner.prepare(batch)) if batch else None)
+            encoder_outputs = None
+            if batch and self.encoder is not None and any(s.mm_spans for s in batch.sequences):
+                # Rank 0 encodes every rank's images; the embeddings go with the step.
+                encoder_outputs = self.encoder.outputs_for(batch)
+            steps.append((batch, shard.runner.prepare(batch, encoder_outputs)) if batch else None)
         # Every other rank's step goes out first: their forward passes run with this one.
         for shard, step in zip(self._shards[1:], steps[1:]):
             if step is not None:
                 _, inputs = step
                 assert shard.runner.channel is not None and inputs.broadcast is not None
-                shard.runner.channel.send_step(*inputs.broadcast, inputs.input_ids)
+                shard.runner.channel.send_step(
+                    *inputs.broadcast, inputs.input_ids, inputs.mm_embeds
+                )
         logits: list[torch.Tensor | None] = [None] * len(self._shards)
         if steps[0] is not None:
             logits[0] = self.runner.execute(*steps[0])

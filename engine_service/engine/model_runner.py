@@ -268,15 +268,15 @@ class ModelRunner:
                 np.subtract(np.repeat(adapter_slots, q_lens), 1, out=lora_host)
                 lora_token_slots = self._to_device(buf.lora_slots_t[:num_tokens])
 
-        mm_rows = mm_embeds = None
+        mm_rows = mm_embeds = None  # on the host until the step's message is packed
         if encoder_outputs:
             mm_rows, mm_embeds = self._mm_rows(batch, query_start, encoder_outputs)
         rope_positions = None
         if getattr(self.model.config, "mrope_section", None) and any(
             s.request.mrope_positions is not None for s in seqs
         ):
-            rope_positions = self._to_device(
-                self._mrope_positions(batch, query_start, positions, bool(encoder_outputs))
+            rope_positions = self._mrope_positions(
+                batch, query_start, positions, bool(encoder_outputs)
             )
 
         packed = buf.packed_tables[: num_seqs * width].reshape(num_seqs, width)
@@ -302,6 +302,9 @@ class ModelRunner:
                 lora_slots=lora_host,
                 custom_mask=custom_mask,
                 custom_mask_offsets=offsets,
+                mm_rows=mm_rows,
+                mm_embeds=mm_embeds,
+                rope_positions=rope_positions,
             )
         to = self._to_device
         meta = AttentionMetadata(
@@ -327,9 +330,9 @@ class ModelRunner:
             pending_rows=to(buf.pending_rows_t[:num_pending]) if num_pending else None,
             pending_src=to(buf.pending_src_t[:num_pending]) if num_pending else None,
             lora_token_slots=lora_token_slots,
-            mm_rows=mm_rows,
+            mm_rows=to(mm_rows) if mm_rows is not None else None,
             mm_embeds=mm_embeds,
-            rope_positions=rope_positions,
+            rope_positions=to(rope_positions) if rope_positions is not None else None,
             broadcast=broadcast,
         )
 
@@ -339,15 +342,15 @@ class ModelRunner:
         query_start: np.ndarray,
         encoder_outputs: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The query rows that take image embeddings, and the embeddings, in row order."""
+        """The query rows that take image embeddings (on the host), and the embeddings, in
+        row order."""
         rows, pieces = [], []
         for i, s in enumerate(batch.sequences):
             for span in s.mm_spans:
                 first = int(query_start[i]) + span.image.offset + span.lo - s.start
                 rows.append(np.arange(first, first + span.hi - span.lo))
                 pieces.append(encoder_outputs[span.image.mm_hash][span.lo : span.hi])
-        row_ids = torch.from_numpy(np.concatenate(rows))
-        return self._to_device(row_ids), torch.cat(pieces)
+        return torch.from_numpy(np.concatenate(rows)), torch.cat(pieces)
 
     def _mrope_positions(
         self,
@@ -440,7 +443,7 @@ class ModelRunner:
             input_ids[inputs.pending_rows] = prev_sampled[inputs.pending_src]
         if self.channel is not None:
             assert inputs.broadcast is not None
-            self.channel.send_step(*inputs.broadcast, input_ids)
+            self.channel.send_step(*inputs.broadcast, input_ids, inputs.mm_embeds)
         logits = self.run_step(input_ids, inputs, batch.block_copies)
         assert logits is not None
         return logits

@@ -90,6 +90,8 @@ class LlavaForConditionalGeneration(VisionLanguageCausalLM):
         self.image_size = vision_config.image_size
         self.num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
         num_layers = 1 if isinstance(self.feature_layer, int) else len(self.feature_layer)
+        if not self.has_vision:
+            return
         self.model.vision_tower = AutoModel.from_config(vision_config)
         self.model.multi_modal_projector = LlavaProjector(
             vision_config.hidden_size * num_layers,

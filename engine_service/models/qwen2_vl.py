@@ -91,7 +91,8 @@ class Qwen2VLForConditionalGeneration(VisionLanguageCausalLM):
             * vision_config.temporal_patch_size
             * vision_config.patch_size**2
         )
-        self.model.visual = self._vision_class(hf["model_type"])(vision_config)
+        if self.has_vision:
+            self.model.visual = self._vision_class(hf["model_type"])(vision_config)
 
     @staticmethod
     def _vision_class(model_type: str) -> type[nn.Module]:

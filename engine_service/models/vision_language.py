@@ -11,6 +11,11 @@ The module tree follows the checkpoints' current layout, so tensor names load as
 
 Older checkpoints (``language_model.model.*``, ``vision_tower.vision_model.*``, ``visual.*``)
 are renamed on load by each family's ``checkpoint_renames``.
+
+Under tensor parallelism the language model is split like the dense families'; the vision
+tower and projector are whole, and only on the engine's first rank, which encodes every
+image and sends the embeddings with the step (``engine/parallel/channel.py``). The other
+ranks build no vision side: its checkpoint tensors are skipped there.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from engine_service.layers.linear import ReplicatedLinear
+from engine_service.layers.embedding import ParallelLMHead
 from engine_service.layers.paged_attention import AttentionBackend, AttentionMetadata
 from engine_service.layers.parallel import TensorParallel
 from engine_service.models.config import ModelConfig
@@ -77,6 +82,8 @@ class VisionLanguageCausalLM(nn.Module):
     ``self.model``'s vision side and implement ``encode_images`` / ``check_image``."""
 
     architecture: ClassVar[str]
+    # The language model is built on the tensor-parallel layers (see models/loader.py).
+    supports_tensor_parallel: ClassVar[bool] = True
     packed_modules_mapping = STACKED_WEIGHT_MAPPING
     unmapped_prefixes: ClassVar[tuple[str, ...]] = ()
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
@@ -85,9 +92,11 @@ class VisionLanguageCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
         super().__init__()
         self.config = config
+        # Only the engine's first rank encodes images (it alone schedules and samples).
+        self.has_vision = tp.rank == 0 and tp.dp_rank == 0
         self.model = nn.Module()
         self.model.language_model = DenseModel(config, backend, tp, qk_norm=False)
-        self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
@@ -101,7 +110,8 @@ class VisionLanguageCausalLM(nn.Module):
         return name
 
     def after_load(self) -> None:
-        rebuild_meta_buffers(self.vision_tower())
+        if self.has_vision:
+            rebuild_meta_buffers(self.vision_tower())
 
     def forward(
         self,
@@ -114,8 +124,9 @@ class VisionLanguageCausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model.language_model(input_ids, positions, kv_cache, meta, mm_rows, mm_embeds)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of ``hidden``'s rows; under tensor parallelism on the first rank only."""
+        return self.lm_head.compute_logits(hidden)
 
     def _vision_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         weight = next(self.vision_tower().parameters())

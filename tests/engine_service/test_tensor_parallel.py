@@ -32,8 +32,11 @@ from tests.engine_service.helpers import (
 )
 from tests.engine_service.test_deepseek import make_deepseek_checkpoint
 from tests.engine_service.test_deepseek_mtp import MTP, write_mtp_checkpoint
+from tests.engine_service.test_multimodal import PROMPTS as MM_PROMPTS
+from tests.engine_service.test_multimodal import _run as run_multimodal
 from tests.engine_service.test_parity import _prompts
 from tests.engine_service.test_speculative import repetitive_prompts
+from tests.multimodal_support import expand_prompt, make_qwen2_vl_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TP = {"tensor_parallel_size": 2}
@@ -338,6 +341,34 @@ def test_deepseek_mtp_layers_split_like_the_target_draft_as_on_one_rank(tmp_path
         assert stats.spec_num_draft_tokens == want.spec_num_draft_tokens
     finally:
         engine.close()
+
+
+def test_a_vision_language_model_split_over_ranks_gives_the_tokens_of_one(tmp_path):
+    """Qwen2-VL (M-RoPE) with one and two images per prompt and a text-only prompt, in
+    steps of 8 tokens that end inside images. At TP=2 the language model is split and rank
+    0 alone holds the vision tower: it encodes the images and sends their embeddings and
+    the rotary positions with each step. At DP=2 rank 1 runs its own requests' steps with
+    the embeddings rank 0 sends it. Tokens and logprobs are one process's."""
+    path = make_qwen2_vl_checkpoint(tmp_path / "ckpt")
+    prompts = [expand_prompt(path, messages, images)[:2] for messages, images in MM_PROMPTS]
+    knobs = dict(num_kv_blocks=96, block_size=4, max_num_batched_tokens=8)
+    expected = run_multimodal(make_engine(path, **knobs), prompts)
+    for parallel in (TP, {"data_parallel_size": 2}):
+        engine = make_engine(path, **knobs, **parallel)
+        try:
+            if parallel is TP:
+                language = engine.model.model.language_model
+                assert language.layers[0].self_attn.num_heads == 2
+                assert engine.model.lm_head.weight.shape[0] == -(
+                    -engine.model.config.vocab_size // 2
+                )
+            got = run_multimodal(engine, prompts)
+            assert engine.encoder.encoder_runs > 0
+        finally:
+            engine.close()
+        for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, expected):
+            assert tokens == want_tokens, parallel
+            assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < 1e-4
 
 
 # -- mixture-of-experts models: tensor and expert parallel ----------------------------------

@@ -1,19 +1,26 @@
 """How rank 0 tells the other ranks what to run: one message per step, broadcast.
 
 Every rank runs the same forward pass on the same flat batch; only rank 0 schedules and
-samples. A message is three broadcasts from rank 0, in this order::
+samples. A message is three or four broadcasts from rank 0, in this order::
 
     header   int64 [HEADER_LEN]  CPU group   kind and sizes (below)
     payload  int64 [n]           CPU group   the step's host arrays, laid end to end
     tokens   int64 [T]           device group the step's token ids (STEP and DRAFT_STEP)
+    images   float [I, H]        device group image embeddings (a STEP with I > 0 only)
 
     payload of a STEP:  positions [T] | slots [T] | query_start [B+1] | seq_lens [B]
                         | block_tables [B*W] | logits_indices [L] | block_copies [2C]
                         | lora_slots [T]                           (when a token has an adapter)
-                        | mask_offsets [B+1] | custom_mask [M]     (the last two when M > 0)
+                        | mask_offsets [B+1] | custom_mask [M]     (the two when M > 0)
+                        | image_rows [I]                          (when I > 0)
+                        | rope_positions [R*T]                    (M-RoPE, R = 1 or 3)
     payload of MOVES:   (src, dst) slot pairs [2C]
     payload of LORA:    one flag per adapter piece [P], then       (see lora_manager.SlotWrite)
     weights  dtype [n]           device group  the pieces' pairs, flattened (LORA only)
+
+Images (vision-language models): rank 0 alone holds the vision tower and runs it; the
+embeddings of the step's image rows travel with the step, as the query rows they replace
+and the rows themselves, and under M-RoPE the step's rotary positions too.
 
 A DRAFT_STEP is a STEP of the ``mtp`` proposer's runner (the checkpoint's MTP layers, split
 like the target and run by every rank on a cache of their own); its layout is a STEP's.
@@ -49,7 +56,9 @@ from engine_service.engine.lora_manager import SlotWrite
 from engine_service.engine.model_runner import StepInputs
 from engine_service.layers.paged_attention import AttentionMetadata
 
-HEADER_LEN = 11
+HEADER_LEN = 15
+# The dtypes image embeddings travel in (the header names one by its index).
+_EMBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Kind(enum.IntEnum):
@@ -94,6 +103,9 @@ def pack_step(
     lora_slots: np.ndarray | None,
     custom_mask: torch.Tensor | None,
     custom_mask_offsets: torch.Tensor | None,
+    mm_rows: torch.Tensor | None = None,
+    mm_embeds: torch.Tensor | None = None,
+    rope_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(header, payload) of a STEP (or DRAFT_STEP) from rank 0's host arrays (copied: the
     runner's buffers are reused by the next step while this one may still be sent)."""
@@ -113,6 +125,15 @@ def pack_step(
         assert custom_mask_offsets is not None
         mask_len = int(custom_mask.numel())
         pieces += [custom_mask_offsets.cpu().numpy(), custom_mask.cpu().numpy()]
+    num_image_rows = embed_width = embed_dtype = rope_rows = 0
+    if mm_rows is not None:
+        assert mm_embeds is not None
+        num_image_rows, embed_width = mm_embeds.shape
+        embed_dtype = _EMBED_DTYPES.index(mm_embeds.dtype)
+        pieces.append(mm_rows.numpy())
+    if rope_positions is not None:
+        rope_rows = 1 if rope_positions.dim() == 1 else rope_positions.shape[0]
+        pieces.append(rope_positions.numpy().reshape(-1))
     payload = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces]))
     header = torch.tensor(
         [
@@ -126,6 +147,10 @@ def pack_step(
             len(block_copies),
             len(lora_slots) if lora_slots is not None else 0,
             mask_len,
+            num_image_rows,
+            embed_width,
+            embed_dtype,
+            rope_rows,
             payload.numel(),
         ],
         dtype=torch.int64,
@@ -201,12 +226,18 @@ class StepChannel:
                 self._broadcast(write.weights, self.device_group)
 
     def send_step(
-        self, header: torch.Tensor, payload: torch.Tensor, input_ids: torch.Tensor
+        self,
+        header: torch.Tensor,
+        payload: torch.Tensor,
+        input_ids: torch.Tensor,
+        mm_embeds: torch.Tensor | None = None,
     ) -> None:
         self._send_slot_writes()
         self._broadcast(header, self.cpu_group)
         self._broadcast(payload, self.cpu_group)
         self._broadcast(input_ids.contiguous(), self.device_group)
+        if mm_embeds is not None:
+            self._broadcast(mm_embeds.contiguous(), self.device_group)
 
     def send_moves(self, copies: list[tuple[int, int]]) -> None:
         self._send_slot_writes()
@@ -247,8 +278,23 @@ class StepChannel:
         return Message(kind, step=self._unpack_step(header.tolist(), payload))
 
     def _unpack_step(self, header: list[int], payload: torch.Tensor) -> StepMessage:
-        (_, num_tokens, num_seqs, width, num_logits, max_q, max_s, num_copies, lora_len,
-         mask_len, _) = header  # fmt: skip
+        (
+            _,
+            num_tokens,
+            num_seqs,
+            width,
+            num_logits,
+            max_q,
+            max_s,
+            num_copies,
+            lora_len,
+            mask_len,
+            num_image_rows,
+            embed_width,
+            embed_dtype,
+            rope_rows,
+            _,
+        ) = header
         sizes = [
             num_tokens,
             num_tokens,
@@ -261,10 +307,21 @@ class StepChannel:
         ]
         if mask_len:
             sizes += [num_seqs + 1, mask_len]
+        sizes += [num_image_rows, rope_rows * num_tokens]
         parts = list(payload.split(sizes))
         positions, slots, query_start, seq_lens, tables, logits_indices, copies, lora = parts[:8]
+        image_rows, rope_positions = parts[-2:]
         input_ids = torch.empty(num_tokens, dtype=torch.int64, device=self.device)
         self._broadcast(input_ids, self.device_group)
+        mm_rows = mm_embeds = None
+        if num_image_rows:
+            mm_embeds = torch.empty(
+                (num_image_rows, embed_width),
+                dtype=_EMBED_DTYPES[embed_dtype],
+                device=self.device,
+            )
+            self._broadcast(mm_embeds, self.device_group)
+            mm_rows = image_rows.to(self.device)
 
         def to(t: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
             return t.to(device=self.device, dtype=dtype)
@@ -295,6 +352,13 @@ class StepChannel:
             pending_rows=None,
             pending_src=None,
             lora_token_slots=to(lora) if lora_len else None,
+            mm_rows=mm_rows,
+            mm_embeds=mm_embeds,
+            rope_positions=(
+                rope_positions.view(rope_rows, num_tokens).squeeze(0).to(self.device)
+                if rope_rows
+                else None
+            ),
         )
         pairs = copies.view(-1, 2).tolist()
         return StepMessage(inputs, [(int(a), int(b)) for a, b in pairs])
