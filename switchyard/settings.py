@@ -354,8 +354,9 @@ class EngineSettings(ServiceSettings):
         default=1,
         ge=1,
         description="data-parallel attention ranks (vLLM's --data-parallel-size): each holds "
-        "the whole model with its own batch and KV cache, MoE layers exchange tokens "
-        "between them (with --enable-expert-parallel); tensor-parallel size 1 each for now",
+        "the whole model (split over --tensor-parallel-size GPUs of its own) with its own "
+        "batch and KV cache; MoE layers exchange tokens between them with "
+        "--enable-expert-parallel",
     )
     enable_expert_parallel: bool = Field(
         default=False,

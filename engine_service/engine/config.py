@@ -57,10 +57,12 @@ class EngineConfig:
     dimension and vocabulary; with ``enable_expert_parallel`` the MoE layers instead hold
     whole experts, ``1 / (data_parallel_size x tensor_parallel_size)`` of them per rank, and
     exchange tokens all-to-all. ``data_parallel_size`` > 1 is data-parallel attention: each
-    of that many ranks (tensor-parallel size 1 each) holds the whole model but its own batch
-    and KV pool, the MoE layers (expert parallel, required for MoE models) exchange tokens
-    between them; steps then run without overlapped scheduling. This process is rank 0; it
-    schedules every data-parallel rank and starts the other ranks itself.
+    of that many data-parallel ranks (``tensor_parallel_size`` ranks each, splitting the
+    model among them) runs its own batch in its own KV pool; with expert parallelism the MoE
+    layers exchange tokens between them, without it each data-parallel rank holds every
+    expert (split over its tensor-parallel ranks). Steps then run without overlapped
+    scheduling. This process is rank 0; it schedules every data-parallel rank and starts
+    the other ranks itself.
     """
 
     model: str
@@ -135,21 +137,13 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size must be at least 1")
         if self.data_parallel_size < 1:
             raise ValueError("data_parallel_size must be at least 1")
-        if self.data_parallel_size > 1:
-            # vLLM's DP attention: each DP rank schedules its own batch and the MoE layers
-            # trade tokens (engine_service.engine.parallel.data_parallel).
-            if self.tensor_parallel_size > 1:
-                raise ValueError(
-                    "data_parallel_size > 1 with tensor_parallel_size > 1 is not supported "
-                    "yet: each data-parallel rank runs on one GPU (tensor-parallel groups "
-                    "inside data-parallel ranks are not built); use --data-parallel-size N "
-                    "with --tensor-parallel-size 1, or --tensor-parallel-size N alone"
-                )
-            if self.speculative_config:
-                raise ValueError(
-                    "speculative_config is not supported with data_parallel_size > 1 yet "
-                    "(the proposer would need a cache per data-parallel rank)"
-                )
+        # vLLM's DP attention: each DP rank schedules its own batch and the MoE layers
+        # trade tokens (engine_service.engine.parallel.data_parallel).
+        if self.data_parallel_size > 1 and self.speculative_config:
+            raise ValueError(
+                "speculative_config is not supported with data_parallel_size > 1 yet "
+                "(the proposer would need a cache per data-parallel rank)"
+            )
         if self.world_size > 1 and self.enable_kv_offload:
             # Each rank's own share of every block would have to move between the tiers.
             raise ValueError(

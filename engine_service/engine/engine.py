@@ -121,9 +121,15 @@ class LLMEngine:
             if self._ranks is not None:
                 self._rank_ctx = init_distributed(config, 0, self._ranks.address)
                 self.device = self._rank_ctx.device
-                if config.data_parallel_size == 1:  # else one channel per rank, in _setup
+                ctx = self._rank_ctx
+                if config.data_parallel_size == 1:
+                    self._channel = StepChannel(self.device, ctx.cpu_group, ctx.device_group)
+                elif config.tensor_parallel_size > 1:
+                    # Data parallel: rank 0's steps go to the rest of its tensor-parallel
+                    # group; the other data-parallel ranks' channels are made in _setup.
+                    peers = tuple(range(1, config.tensor_parallel_size))
                     self._channel = StepChannel(
-                        self.device, self._rank_ctx.cpu_group, self._rank_ctx.device_group
+                        self.device, ctx.cpu_group, ctx.device_group, peers=peers
                     )
             self._setup(config, remote_kv_store)
         except BaseException:
@@ -309,14 +315,17 @@ class LLMEngine:
 
     def _peer_shard(self, dp_rank: int, num_blocks: int, listeners: list) -> _Shard:
         """Data-parallel rank ``dp_rank``'s scheduler and KV pool, kept here; its steps go
-        to it point to point (tensor-parallel size 1: it is global rank ``dp_rank``)."""
+        point to point to the ranks of its tensor-parallel group (global ranks
+        ``dp_rank * tp .. dp_rank * tp + tp - 1``), whose first sends the logits back."""
         config, ctx = self.config, self._rank_ctx
-        assert ctx is not None and config.tensor_parallel_size == 1
+        assert ctx is not None
+        tp = config.tensor_parallel_size
         kv_manager = KVCacheManager(
             num_blocks, config.block_size, config.enable_prefix_caching, listeners
         )
         scheduler = Scheduler(config, kv_manager, None, self.acceptor)
-        channel = StepChannel(self.device, ctx.cpu_group, ctx.device_group, peer=dp_rank)
+        peers = tuple(range(dp_rank * tp, (dp_rank + 1) * tp))
+        channel = StepChannel(self.device, ctx.cpu_group, ctx.device_group, peers=peers)
         runner = ModelRunner.for_peer(
             self.model,
             self.device,

@@ -238,15 +238,9 @@ class FusedMoE(nn.Module):
         self.renormalize, self.hidden_act = renormalize, hidden_act
         self.tp = tp
         self.kernel = kernel
-        # Expert parallel: whole experts, this rank's range of them; else a slice of all.
-        if tp.dp_size > 1 and not tp.expert_parallel:
-            # vLLM shards such experts tensor-parallel over all DP x TP ranks, gathering
-            # every data-parallel rank's tokens into each layer; not built.
-            raise ValueError(
-                "a mixture-of-experts model with data_parallel_size > 1 needs "
-                "enable_expert_parallel (--enable-expert-parallel): its experts are shared "
-                "out over the data-parallel ranks and tokens exchanged all-to-all"
-            )
+        # Expert parallel: whole experts, this rank's range of them (over all data-parallel
+        # x tensor-parallel ranks); else a slice of all, over this rank's tensor-parallel
+        # group only (each data-parallel rank then holds every expert, split TP ways).
         self.ep = (
             ExpertParallel(
                 tp.ep_rank,

@@ -15,8 +15,8 @@ import pytest
 
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.engine_service.conftest import make_checkpoint
-from tests.engine_service.test_deepseek import make_deepseek_checkpoint
 from tests.engine_service.helpers import assert_pool_entirely_free, make_engine
+from tests.engine_service.test_deepseek import make_deepseek_checkpoint
 from tests.engine_service.test_tensor_parallel import assert_same
 
 DP_EP = {"data_parallel_size": 2, "enable_expert_parallel": True}
@@ -158,13 +158,44 @@ def test_a_dense_model_runs_plainly_replicated_on_data_parallel_ranks(tmp_path):
     assert_same(expected, got)
 
 
-def test_a_moe_model_without_expert_parallelism_is_refused_by_every_rank(mixtral):
-    with pytest.raises(ValueError, match="needs enable_expert_parallel"):
-        make_engine(mixtral, **KNOBS, data_parallel_size=2)
+def test_a_moe_model_without_expert_parallelism_holds_every_expert_on_each_rank(mixtral):
+    """Without --enable-expert-parallel each data-parallel rank holds all the experts and
+    runs them on its own tokens: no exchange, no dummy batches, one process's tokens."""
+    first, late = workload(json.loads((mixtral / "config.json").read_text())["vocab_size"])
+    expected = serve(make_engine(mixtral, **KNOBS), first, late)
+    engine = make_engine(mixtral, **KNOBS, data_parallel_size=2)
+    try:
+        experts = next(m for m in engine.model.modules() if hasattr(m, "ep"))
+        assert experts.ep is None and experts.w13.shape[0] == experts.num_experts
+        got = serve(engine, first, late)
+        assert engine.dummy_steps == 0
+    finally:
+        engine.close()
+    assert_same(expected, got)
+
+
+def test_tensor_parallel_groups_inside_data_parallel_ranks_give_the_tokens_of_one(mixtral):
+    """DP=2 x TP=2, four processes: each data-parallel rank's attention split over its two
+    ranks (rank 0 sends each group its steps, the group's first rank sends the logits back),
+    the experts shared out over all four with tokens exchanged all-to-all. A small workload:
+    four requests over the two data-parallel ranks."""
+    first, _ = workload(json.loads((mixtral / "config.json").read_text())["vocab_size"])
+    first = first[:4]
+    expected = serve(make_engine(mixtral, **KNOBS), first, [], late_after=0)
+    engine = make_engine(mixtral, **KNOBS, **DP_EP, tensor_parallel_size=2)
+    try:
+        attn = engine.model.model.layers[0].self_attn
+        assert attn.num_heads == engine.model_config.num_heads // 2
+        experts = next(m for m in engine.model.modules() if hasattr(m, "ep"))
+        assert experts.ep is not None and (experts.ep.size, experts.ep.share_size) == (4, 2)
+        assert experts.w13.shape[0] == experts.num_experts // 4
+        got = serve(engine, first, [], late_after=0)
+        assert [s.scheduler.prefix_cache_queries > 0 for s in engine._shards] == [True, True]
+    finally:
+        engine.close()
+    assert_same(expected, got)
 
 
 def test_unsupported_data_parallel_combinations_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="tensor-parallel groups inside data-parallel"):
-        EngineConfig(model="m", data_parallel_size=2, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="speculative_config is not supported"):
         EngineConfig(model="m", data_parallel_size=2, speculative_config='{"method": "ngram"}')

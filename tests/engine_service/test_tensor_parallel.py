@@ -166,8 +166,6 @@ def test_speculative_token_trees_under_tensor_parallelism_stay_exact(llama, tmp_
 
 
 def test_unsupported_combinations_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="tensor-parallel groups inside data-parallel"):
-        EngineConfig(model="m", data_parallel_size=2, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="enable_kv_offload"):
         EngineConfig(model="m", tensor_parallel_size=2, enable_kv_offload=True)
 

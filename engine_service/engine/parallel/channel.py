@@ -33,9 +33,10 @@ Rank 0 writes its own slot when it admits a request, possibly while the step bef
 on the device worker thread; so the write is queued here and goes out just before the next
 STEP or MOVES, from the thread that sends those, and every rank applies it in that order.
 
-Under data-parallel attention each rank runs its own batch: rank 0 sends each its own
-message point to point instead (a channel with a ``peer``), and a rank sends its logits
-rows back to rank 0 after the forward pass (``send_logits`` / ``recv_logits``).
+Under data-parallel attention each data-parallel rank runs its own batch: rank 0 sends the
+message of each to the ranks of its tensor-parallel group point to point instead (a channel
+with ``peers``), and the first rank of that group sends its logits rows back to rank 0 after
+the forward pass (``send_logits`` / ``recv_logits``).
 The CPU group is gloo, also when the device group is NCCL, and waits without a deadline:
 an idle engine sends nothing for as long as it is idle, and a rank that dies closes its
 sockets, which fails the other ranks' broadcasts at once.
@@ -161,8 +162,9 @@ def pack_step(
 class StepChannel:
     """Both ends of the broadcast: rank 0 calls ``send_*``, the others ``recv``.
 
-    ``peer`` (data-parallel attention): the one rank this channel talks to, point to point
-    instead of broadcasting: on rank 0 the rank it sends to, on that rank 0. ``step_kind``:
+    ``peers`` (data-parallel attention): the ranks this channel talks to, point to point
+    instead of broadcasting: on rank 0 the ranks of one data-parallel rank's tensor-parallel
+    group, whose first rank sends the logits back; on those ranks ``(0,)``. ``step_kind``:
     what the steps prepared for this channel are (a DRAFT_STEP channel serves the MTP
     proposer's runner; :meth:`for_drafts`).
     """
@@ -172,14 +174,14 @@ class StepChannel:
         device: torch.device,
         cpu_group: Any,
         device_group: Any = None,
-        peer: int | None = None,
+        peers: tuple[int, ...] | None = None,
         step_kind: Kind = Kind.STEP,
     ) -> None:
         self.device = device
         self.cpu_group = cpu_group
         self.device_group = device_group
         self.source = 0  # rank 0 of the default group
-        self.peer = peer
+        self.peers = peers
         # Rank 0's adapter slot writes not sent yet (appended and taken from two threads).
         self._slot_writes: deque[SlotWrite] = deque()
         self.step_kind = step_kind
@@ -187,25 +189,28 @@ class StepChannel:
     def for_drafts(self) -> StepChannel:
         """The same ranks and groups, for the MTP proposer's steps (DRAFT_STEP)."""
         return StepChannel(
-            self.device, self.cpu_group, self.device_group, self.peer, Kind.DRAFT_STEP
+            self.device, self.cpu_group, self.device_group, self.peers, Kind.DRAFT_STEP
         )
 
     def _broadcast(self, tensor: torch.Tensor, group: Any) -> None:
-        if self.peer is None:
+        if self.peers is None:
             dist.broadcast(tensor, src=self.source, group=group)
         elif dist.get_rank() == self.source:
-            dist.send(tensor, dst=self.peer, group=group)
+            for peer in self.peers:
+                dist.send(tensor, dst=peer, group=group)
         else:
-            dist.recv(tensor, src=self.peer, group=group)
+            dist.recv(tensor, src=self.source, group=group)
 
     def send_logits(self, logits: torch.Tensor) -> None:
-        """A data-parallel rank's logits rows, to rank 0 (after its forward pass)."""
+        """A data-parallel rank's logits rows, to rank 0 (after its forward pass; from the
+        first rank of its tensor-parallel group, which gathered them)."""
         dist.send(logits.contiguous(), dst=self.source, group=self.device_group)
 
     def recv_logits(self, rows: int, vocab: int) -> torch.Tensor:
-        """Rank 0: the ``[rows, vocab]`` fp32 logits of this channel's peer."""
+        """Rank 0: the ``[rows, vocab]`` fp32 logits of this channel's data-parallel rank."""
+        assert self.peers
         logits = torch.empty((rows, vocab), dtype=torch.float32, device=self.device)
-        dist.recv(logits, src=self.peer, group=self.device_group)
+        dist.recv(logits, src=self.peers[0], group=self.device_group)
         return logits
 
     # -- rank 0 ---------------------------------------------------------------------------

@@ -110,12 +110,18 @@ def init_distributed(config: EngineConfig, rank: int, address: str) -> RankConte
         else dist.new_group(backend="gloo", timeout=_NO_DEADLINE)
     )
     tp_size, dp_size = config.tensor_parallel_size, config.data_parallel_size
-    # Data-parallel ranks run tensor-parallel size 1 (config.py refuses more), so the
-    # tensor-parallel "group" of each is itself and the expert-parallel group is the world.
+    # Global rank d * tp_size + t is rank t of data-parallel rank d's tensor-parallel group;
+    # the expert-parallel group is the world. Every rank makes every group, in one order.
+    tp_group = None
+    if dp_size > 1 and tp_size > 1:
+        groups = [
+            dist.new_group(list(range(d * tp_size, (d + 1) * tp_size))) for d in range(dp_size)
+        ]
+        tp_group = groups[rank // tp_size]
     tp = TensorParallel(
         rank % tp_size,
         tp_size,
-        None,
+        tp_group,
         expert_parallel=config.enable_expert_parallel,
         dp_rank=rank // tp_size,
         dp_size=dp_size,

@@ -109,12 +109,13 @@ def load_rank(ctx: RankContext, config: EngineConfig) -> Rank:
 
 def run_steps(rank: Rank) -> None:
     """Run what rank 0 broadcasts until its SHUTDOWN: the target's steps on the rank's
-    runner, the MTP proposer's on its draft runner. A data-parallel rank gets its own
-    batch's steps from rank 0 alone and sends its logits rows back."""
+    runner, the MTP proposer's on its draft runner. Under data parallelism a rank gets its
+    data-parallel rank's steps from rank 0 alone, and the first rank of each tensor-parallel
+    group sends the logits rows back."""
     ctx, runner = rank.ctx, rank.runner
     data_parallel = ctx.tp.dp_size > 1
     channel = StepChannel(
-        ctx.device, ctx.cpu_group, ctx.device_group, peer=0 if data_parallel else None
+        ctx.device, ctx.cpu_group, ctx.device_group, peers=(0,) if data_parallel else None
     )
     lora_dtype = None
     if rank.lora_deltas is not None:
@@ -136,8 +137,8 @@ def run_steps(rank: Rank) -> None:
             rank.draft.run_step(step.inputs.input_ids, step.inputs, step.block_copies)
             continue
         logits = runner.run_step(step.inputs.input_ids, step.inputs, step.block_copies)
-        if data_parallel and step.inputs.logits_indices.numel():
-            assert logits is not None  # tensor-parallel size 1: every rank has whole logits
+        # The first rank of each data-parallel rank's tensor-parallel group gathered them.
+        if data_parallel and logits is not None and step.inputs.logits_indices.numel():
             channel.send_logits(logits)
 
 
