@@ -1,8 +1,9 @@
-"""GPU check of the parallel engines on two CUDA devices (NCCL), against one device.
+"""GPU check of the parallel engines on two (or four) CUDA devices (NCCL), against one.
 
 CI runs the same checks on the CPU with gloo (tests/engine_service/test_tensor_parallel.py,
-test_expert_parallel.py); this is the NCCL path, which only a GPU machine can run (the
-``nvidia-h200-x2`` kind). Exit status 1 on any mismatch.
+test_expert_parallel.py, test_data_parallel.py); this is the NCCL path, which only a GPU
+machine can run (the ``nvidia-h200-x2`` kind; ``nvidia-h200-x4`` adds the DP x TP check).
+Exit status 1 on any mismatch.
 
 - Engine: greedy requests with logprobs (shared prefixes, chunked prefill, overlapped
   scheduling) through an engine with ``tensor_parallel_size=2`` and through one on a single
@@ -13,6 +14,10 @@ test_expert_parallel.py); this is the NCCL path, which only a GPU machine can ru
 - LoRA: the engine check again with two adapters (ranks 16 and 8, every projection) and
   the base model mixed in the batch, at ``tensor_parallel_size=2`` (adapter slot weights
   sent to rank 1 over NCCL, the Triton shrink/expand on each rank's shards) against one GPU.
+- DeepSeek-V3 (latent attention split by heads, latent cache on every rank, grouped
+  routing): a tiny one at ``tensor_parallel_size=2``, then with expert parallelism.
+- With four GPUs: the Mixtral at ``data_parallel_size=2, tensor_parallel_size=2`` with
+  expert parallelism (tensor-parallel groups inside the data-parallel ranks).
 - Layer: a FusedMoE with ``expert_parallel`` over the two GPUs (NCCL all-to-all, with and
   without the micro-batch overlap) against the same layer on one GPU, in fp32.
 
@@ -72,6 +77,33 @@ def make_mixtral(path: Path) -> None:
     )
     torch.manual_seed(0)
     transformers.MixtralForCausalLM(config).eval().save_pretrained(path)
+
+
+def make_deepseek(path: Path) -> None:
+    config = transformers.DeepseekV3Config(
+        vocab_size=1001,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        n_shared_experts=1,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        kv_lora_rank=64,
+        q_lora_rank=96,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(0)
+    transformers.DeepseekV3ForCausalLM(config).eval().save_pretrained(path)
 
 
 def run_engine(path: Path, prompts, adapters: dict[str, str] | None = None, **knobs) -> list:
@@ -198,6 +230,16 @@ def main() -> None:
         mixtral = Path(tmp) / "mixtral"
         make_mixtral(mixtral)
         engine_ok &= check_engine(mixtral, data_parallel_size=2, enable_expert_parallel=True)
+        deepseek = Path(tmp) / "deepseek"
+        make_deepseek(deepseek)
+        engine_ok &= check_engine(deepseek, tensor_parallel_size=2)
+        engine_ok &= check_engine(deepseek, tensor_parallel_size=2, enable_expert_parallel=True)
+        if torch.cuda.device_count() >= 4:
+            engine_ok &= check_engine(
+                mixtral, data_parallel_size=2, tensor_parallel_size=2, enable_expert_parallel=True
+            )
+        else:
+            print("dp=2 x tp=2: skipped (needs 4 CUDA devices)")
     moe_ok = check_moe()
     print("parallel check:", "PASS" if engine_ok and moe_ok else "FAIL")
     sys.exit(0 if engine_ok and moe_ok else 1)
