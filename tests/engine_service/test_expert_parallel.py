@@ -132,6 +132,10 @@ def test_data_parallel_ranks_with_their_own_batches_get_their_own_outputs(tmp_pa
                     torch.testing.assert_close(got, expected)
 
 
-def test_a_moe_layer_under_data_parallelism_needs_expert_parallelism():
-    with pytest.raises(ValueError, match="needs enable_expert_parallel"):
-        FusedMoE(EXPERTS, TOP_K, HIDDEN, INNER, tp=TensorParallel(0, 1, dp_rank=1, dp_size=2))
+def test_a_moe_layer_under_data_parallelism_without_expert_parallelism_holds_every_expert():
+    """Each data-parallel rank runs all experts on its own tokens, split only over its own
+    tensor-parallel group (here two ranks: half of each expert's inner dimension)."""
+    tp = TensorParallel(1, 2, dp_rank=1, dp_size=2)
+    moe = FusedMoE(EXPERTS, TOP_K, HIDDEN, INNER, tp=tp)
+    assert moe.ep is None
+    assert moe.w13.shape == (EXPERTS, INNER, HIDDEN)  # gate and up halves: 2 x INNER / 2
