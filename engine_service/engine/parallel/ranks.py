@@ -97,12 +97,9 @@ def init_distributed(config: EngineConfig, rank: int, address: str) -> RankConte
         backend = "nccl"
     else:
         backend = "gloo"
+    timeout = _NO_DEADLINE if backend == "gloo" else _START_TIMEOUT
     dist.init_process_group(
-        backend,
-        init_method=f"tcp://{address}",
-        rank=rank,
-        world_size=world,
-        timeout=_NO_DEADLINE if backend == "gloo" else _START_TIMEOUT,
+        backend, init_method=f"tcp://{address}", rank=rank, world_size=world, timeout=timeout
     )
     cpu_group = (
         dist.group.WORLD
@@ -115,7 +112,8 @@ def init_distributed(config: EngineConfig, rank: int, address: str) -> RankConte
     tp_group = None
     if dp_size > 1 and tp_size > 1:
         groups = [
-            dist.new_group(list(range(d * tp_size, (d + 1) * tp_size))) for d in range(dp_size)
+            dist.new_group(list(range(d * tp_size, (d + 1) * tp_size)), timeout=timeout)
+            for d in range(dp_size)
         ]
         tp_group = groups[rank // tp_size]
     tp = TensorParallel(
