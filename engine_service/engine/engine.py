@@ -825,9 +825,7 @@ class LLMEngine:
         )
         result = sample(logits, meta, self.generator)
         if batch.has_drafts:
-            result.verified = verify(
-                logits, batch, self.model_config.vocab_size, self.generator, draft_masks
-            )
+            result.verified = verify(logits, batch, meta, self.generator, draft_masks)
             result.verified_logprobs = verified_logprobs(logits, batch, result.verified)
         result.start_host_copy()
         return result, meta

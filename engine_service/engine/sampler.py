@@ -119,7 +119,7 @@ class SamplingMetadata:
                 stop_rows.extend([i] * len(stops))
                 stop_tokens.extend(stops)
 
-        seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+        seeded = [i for i, r in enumerate(requests) if draws_seeded(r)]
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         return cls(
             logits_rows=None if identity else tensor(rows, torch.long),
@@ -155,6 +155,46 @@ class SamplingMetadata:
             logprob_index=tensor(want, torch.long) if want else None,
             logprob_counts=[params[i].logprobs for i in want],
         )
+
+
+    def for_rows(self, index: torch.Tensor, all_greedy: bool) -> SamplingMetadata:
+        """The sampling state of sample rows ``index`` (a device tensor, repeats allowed), to
+        process other logits rows as those rows' own: greedy or not, temperature, top-k,
+        top-p, min-p and the penalties' counts. Grammar masks, min_tokens, seeded noise and
+        logprobs are left to the caller. ``all_greedy``: whether every selected row is."""
+
+        def pick(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[index]
+
+        return SamplingMetadata(
+            logits_rows=None,
+            all_greedy=all_greedy,
+            greedy=pick(self.greedy),
+            temperature=pick(self.temperature),
+            top_k=pick(self.top_k),
+            top_p=pick(self.top_p),
+            min_p=pick(self.min_p),
+            output_counts=pick(self.output_counts),
+            prompt_seen=pick(self.prompt_seen),
+            repetition=pick(self.repetition),
+            frequency=pick(self.frequency),
+            presence=pick(self.presence),
+            early_stop_rows=None,
+            early_stop_tokens=None,
+            grammar_rows=None,
+            grammar_bitmask=None,
+            seeded_rows=None,
+            seeded_noise=None,
+            max_num_logprobs=None,
+            logprob_rows=[],
+            logprob_index=None,
+        )
+
+
+def draws_seeded(request: Request) -> bool:
+    """Whether the request's draws take their noise from its own generator (one vocabulary
+    row of exponentials per sampled token, in output order)."""
+    return request.generator is not None and not request.params.greedy
 
 
 @dataclass(slots=True)

@@ -259,11 +259,11 @@ class Scheduler:
     def _draft_room(self, request: Request, budget: int) -> int:
         """Draft slots for a decoding sequence: the configured number, within the step's
         budget, the request's max_tokens and the context; none while a token is in flight.
-        Grammars compose (a mask per drafted position,
+        Grammars compose (a mask per drafted node,
         :mod:`engine_service.engine.spec.grammar`), so do min_tokens (stop tokens held back
-        per position, :func:`engine_service.engine.spec.verify.hold_back_stops`) and
-        penalties (each position counts the drafts before it, in
-        :func:`~engine_service.engine.spec.verify.verify`; such samples draft chains)."""
+        by depth, :func:`engine_service.engine.spec.verify.hold_back_stops`) and penalties
+        (each node counts the drafts on its path,
+        :func:`~engine_service.engine.spec.verify.add_path_counts`), in chains and trees."""
         k = self.num_speculative_tokens
         if not k or request.num_pending_tokens or request.kv_handoff is not None:
             return 0

@@ -17,6 +17,7 @@ import torch
 
 from engine_service.engine import SamplingParams
 from engine_service.engine.batch import ScheduledBatch, ScheduledSequence
+from engine_service.engine.sampler import SamplingMetadata
 from engine_service.engine.spec.config import SpeculativeConfig
 from engine_service.engine.spec.proposers import NgramProposer
 from engine_service.engine.spec.verify import verify
@@ -134,7 +135,8 @@ def test_rejection_sampling_draws_from_the_targets_distribution():
     batch.num_logits = 2 * num
     generator = torch.Generator().manual_seed(0)
 
-    committed = verify(logits.repeat(2 * num, 1), batch, vocab, generator)
+    meta = SamplingMetadata.build(batch.sample_rows, vocab, torch.device("cpu"), num_logits=2 * num)
+    committed = verify(logits.repeat(2 * num, 1), batch, meta, generator)
 
     first = torch.tensor([committed[i][0] for i in range(num)])
     observed = torch.bincount(first, minlength=vocab).float() / num
@@ -157,7 +159,8 @@ def test_greedy_verification_accepts_exactly_the_agreeing_prefix():
     batch.sample_seqs.append(0)
     batch.num_logits = 4
 
-    committed = verify(logits, batch, 8, torch.Generator())
+    meta = SamplingMetadata.build(batch.sample_rows, 8, torch.device("cpu"), num_logits=4)
+    committed = verify(logits, batch, meta, torch.Generator())
 
     assert committed == {0: [3, 5, 1]}  # two drafts agreed, the third was replaced
 
@@ -179,10 +182,12 @@ PENALTIES = {
 @pytest.mark.parametrize("penalty", sorted(PENALTIES))
 @pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree-config"])
 def test_penalised_requests_speculate_and_equal_plain_decoding(target, penalty, tree):
-    """Each verified position counts the drafts before it, as plain decoding counts the
-    tokens it has emitted: greedy outputs with penalties equal plain decoding's (and differ
-    from unpenalised ones), with drafts accepted and rejected (the draft is the target
-    without penalties); penalised samples draft chains even when trees are configured."""
+    """Each verified node counts the drafts on its path, as plain decoding counts the tokens
+    it has emitted: greedy outputs with penalties equal plain decoding's (and differ from
+    unpenalised ones), with drafts accepted and rejected (the draft is the target without
+    penalties). With a tree configured, penalised samples verify trees, and the accepted
+    paths often run through a later branch: where the penalty moves the target off the
+    draft's first choice, it is often the draft's second."""
     spec = {"model": str(target), "num_speculative_tokens": 4}
     if tree:
         spec["tree"] = {"topk": 3, "num_draft_tokens": 9}
@@ -199,24 +204,24 @@ def test_penalised_requests_speculate_and_equal_plain_decoding(target, penalty, 
     assert got != unpenalised
     scheduler = speculative.scheduler
     assert 0 < scheduler.accepted_draft_tokens < scheduler.draft_tokens
-    assert scheduler.tree_tokens_moved == 0  # chains only
+    assert (scheduler.tree_tokens_moved > 0) == tree
     assert_pool_entirely_free(speculative.kv_manager)
 
 
-def test_counting_the_drafts_matters_for_penalised_verification(target, monkeypatch):
-    """Without adding each position's earlier drafts to its counts, a penalised request's
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_counting_the_drafts_matters_for_penalised_verification(target, monkeypatch, tree):
+    """Without adding the drafts on each node's path to its counts, a penalised request's
     output differs from plain decoding: the test above checks the counting, not luck."""
     import engine_service.engine.spec.verify as verify_module
 
-    original = verify_module.replace
-
-    def stale_counts(meta, **changes):  # keeps the request's counts, drops the drafts'
-        return original(meta)
-
-    monkeypatch.setattr(verify_module, "replace", stale_counts)
-    spec = json.dumps({"model": str(target), "num_speculative_tokens": 4})
+    # The request's own counts only, the path's drafts left out.
+    monkeypatch.setattr(verify_module, "add_path_counts", lambda counts, trees: None)
+    spec = {"model": str(target), "num_speculative_tokens": 4}
+    if tree:
+        spec["tree"] = {"topk": 3, "num_draft_tokens": 9}
+    spec = json.dumps(spec)
     prompts = repetitive_prompts(random.Random(4))
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, presence_penalty=0.5)
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, presence_penalty=1.0)
     got = make_engine(target, speculative_config=spec).generate(prompts, params)
     assert got != make_engine(target).generate(prompts, params)
 

@@ -83,22 +83,9 @@ class EagleProposer(Proposer):
         if not chosen:
             return {}
         roots = self._catch_up(chosen)
-        chains, trees = [], []
-        for i, seq in chosen:
-            request = seq.request
-            as_tree = (
-                self.tree_topk > 0
-                and request.params.greedy
-                and request.grammar is None
-                and not request.params.needs_penalties  # verified as chains (counts per path)
-            )
-            (trees if as_tree else chains).append((i, seq))
-        drafts: dict[int, list[int]] = {}
-        if chains:
-            drafts.update(self._chains(chains, roots))
-        if trees:
-            drafts.update(self._trees(trees, roots))
-        return drafts
+        if self.tree_topk:
+            return self._trees(chosen, roots)
+        return self._chains(chosen, roots)
 
     def _catch_up(self, chosen) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Feed each sequence's positions the head has not seen; per sequence the root's

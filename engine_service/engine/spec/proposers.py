@@ -101,7 +101,8 @@ class DraftModelProposer(Proposer):
     EAGLE-2: the root's ``topk`` likeliest tokens, then each round the ``topk`` likeliest
     extensions of the newest nodes by path probability, until the tree is full or
     ``num_tokens`` deep; each round runs the draft over the whole tree under its mask.
-    Sampled and constrained samples keep chains (their verification is for chains).
+    Every sample gets a tree, greedy or sampled, penalised or constrained: verification
+    (:mod:`~engine_service.engine.spec.verify`) is lossless for any tree.
     """
 
     def __init__(
@@ -128,22 +129,9 @@ class DraftModelProposer(Proposer):
             return {}
         known = {i: s.request.num_tokens for i, s in chosen}
         root_logits = self._catch_up(chosen, known)
-        drafts: dict[int, list[int]] = {}
-        chains, trees = [], []
-        for i, seq in chosen:
-            request = seq.request
-            as_tree = (
-                self.tree_topk > 0
-                and request.params.greedy
-                and request.grammar is None
-                and not request.params.needs_penalties  # verified as chains (counts per path)
-            )
-            (trees if as_tree else chains).append((i, seq))
-        if chains:
-            drafts.update(self._chains(chains, known, root_logits))
-        if trees:
-            drafts.update(self._trees(trees, known, root_logits))
-        return drafts
+        if self.tree_topk:
+            return self._trees(chosen, known, root_logits)
+        return self._chains(chosen, known, root_logits)
 
     def tree_parents(self) -> dict[int, list[int]]:
         return self.parents
@@ -190,7 +178,7 @@ class DraftModelProposer(Proposer):
                 drafts[i].append(int(logits[i][0].argmax()))
         return drafts
 
-    def _trees(self, trees, known, root_logits) -> None:
+    def _trees(self, trees, known, root_logits) -> dict[int, list[int]]:
         """Grow every tree in lockstep, one batched draft forward per round."""
         grown = {}
         for i, seq in trees:

@@ -1,121 +1,202 @@
-"""Verification of proposed tokens against the target model: greedy and rejection sampling.
+"""Verification of proposed tokens against the target model: chains and trees, greedy and
+sampled, by one rule.
 
-A sequence that proposed drafts ``d_1 .. d_k`` ran ``k + 1`` logits rows: row ``j`` is the
-target's distribution ``p_j`` for the token after ``d_j`` (row 0: after the last known
-token). Proposals here are deterministic (n-gram lookup, a draft model's argmax), so the
-proposal distribution is one-hot and the speculative-sampling rule of Leviathan et al.
-(2023) / Chen et al. (2023) reads:
+A sequence that proposed drafts ran one logits row per node of its draft tree: row
+``first + i`` is the target's distribution after node ``i`` (node 0 is the newest known
+token; a chain is the tree whose draft ``i`` hangs under ``i - 1``). Each row is processed
+as the plain sampler would process it after the path to its node: penalties count the
+path's drafts, the grammar's mask is the one after them, ``min_tokens`` holds stops back by
+the node's depth, then temperature, top-k, top-p and min-p. Each row then gives one token,
+the argmax for greedy requests and one draw for sampled ones, and a walk from the root
+follows the child whose token is the one its parent drew, until none is::
 
-    accept d_{j+1} with probability min(1, p_j(d_{j+1}) / q_j(d_{j+1})) = p_j(d_{j+1})
-    at the first rejection, sample from the residual  norm(max(p_j - q_j, 0))
-                                                      = p_j with d_{j+1} removed
-    when all k are accepted, sample one more token from p_k
+    node   0 ─ 1 ─ 3          drawn at 0: the token of 1  ─▶ go to 1
+             │   └ 4          drawn at 1: the token of 4  ─▶ go to 4
+             └ 2              drawn at 4: x (4 is a leaf)  ─▶ commit tokens(1), tokens(4), x
 
-which makes every emitted token distributed exactly as the target alone would draw it.
-Greedy rows accept while ``argmax p_j == d_{j+1}`` and emit the argmax at the first
-mismatch: token for token the non-speculative output.
+Why this is lossless. The walk reaches a node through the draws at its ancestors alone,
+which are independent of the node's own draw, so every committed token is drawn from the
+target's distribution given the tokens committed before it, whatever the tree holds. For
+proposals that are deterministic, as ours are (n-gram lookup, a draft's argmax, EAGLE-2's
+top-k children), this is the multi-draft speculative-sampling rule of Leviathan et al.
+(2023) and SpecInfer (Miao et al. 2024) with one-hot proposals: trying the children in turn,
+accepting child ``c`` with probability ``min(1, p(c) / q(c)) = p(c)`` and otherwise going on
+against the residual ``norm(max(p - q, 0))`` (``p`` with ``c`` removed), accepts some child
+with probability ``sum_c p(c)`` and emits any other ``x`` with probability ``p(x)``: exactly
+the draw-and-match above, with one draw per node instead of one uniform per child.
+
+Seeds. A draw is the sampler's race, ``argmax(p / E)`` with ``E ~ Exp(1)``. A seeded
+request's plain decoding takes ``E`` for its ``t``-th sampled token from its own generator,
+one vocabulary row per token in order. Here every node at depth ``d`` uses the row of token
+``t0 + d`` (``t0``: the step's first, whose row the step's sampler drew), and afterwards the
+generator is set where plain decoding leaves it after the committed tokens: a seeded
+request's tokens are the ones it gets without speculation, whatever was drafted.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass
 
 import torch
 
-from engine_service.engine.batch import ScheduledBatch, tree_mask
+from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
 from engine_service.engine.outputs import TokenLogprob
+from engine_service.engine.request import Request
 from engine_service.engine.sampler import (
     SamplingMetadata,
     apply_penalties,
+    draws_seeded,
     processed_probs,
     race,
 )
-from engine_service.engine.structured import apply_bitmask
+from engine_service.engine.structured import allocate_bitmask, apply_bitmask
+
+
+@dataclass(slots=True)
+class _Verified:
+    """One sequence's draft tree among the rows being verified."""
+
+    index: int  # its sample row
+    request: Request
+    seq: ScheduledSequence
+    base: int  # the root's row among the verified rows; node i is row base + i
+    parents: list[int]
+    ancestors: torch.Tensor  # [n + 1, n + 1]: node i's path, itself included (tree_mask)
+    depths: list[int]
+
+    @property
+    def span(self) -> slice:
+        return slice(self.base, self.base + len(self.depths))
 
 
 @torch.inference_mode()
 def verify(
     logits: torch.Tensor,
     batch: ScheduledBatch,
-    vocab_size: int,
+    meta: SamplingMetadata,
     generator: torch.Generator,
     grammar_masks: dict[int, torch.Tensor] | None = None,
 ) -> dict[int, list[int]]:
     """Tokens to commit for every sample row whose sequence verified drafts, by row index
-    into ``batch.sample_rows``. ``logits``: fp32 ``[batch.num_logits, vocab]``;
-    ``grammar_masks``: per sample row, the bitmask of each verified position
-    (:func:`~engine_service.engine.spec.grammar.draft_grammar_masks`)."""
-    result: dict[int, list[int]] = {}
-    rows: list[tuple[int, object]] = []  # (logits row, request), one per verified position
-    spans: list[tuple[int, int, list[int]]] = []  # (sample row, first position, drafts)
+    into ``batch.sample_rows``, and each such sequence's ``accepted_path``.
+
+    ``logits``: fp32 ``[batch.num_logits, vocab]``; ``meta``: the step's sampling metadata
+    over ``batch.sample_rows`` (its seeded rows' noise is the root's); ``grammar_masks``: per
+    sample row, the bitmask of each tree node
+    (:func:`~engine_service.engine.spec.grammar.draft_grammar_masks`). A seeded request's
+    generator is left after the noise of the tokens committed."""
+    trees: list[_Verified] = []
+    logits_rows: list[int] = []
     for index, (first, request) in enumerate(batch.sample_rows):
         seq = batch.sequences[batch.sample_seqs[index]]
         if not seq.draft_token_ids:
             continue
-        if seq.draft_parents is not None:
-            result[index] = _walk_tree(logits, first, seq, (grammar_masks or {}).get(index))
-            continue
-        spans.append((index, len(rows), seq.draft_token_ids))
-        rows.extend((first + j, request) for j in range(len(seq.draft_token_ids) + 1))
-    if not spans:
-        return result
-    meta = SamplingMetadata.build(rows, vocab_size, logits.device)
+        parents = seq.draft_parents or list(range(len(seq.draft_token_ids)))
+        ancestors, depths = tree_mask(parents)
+        trees.append(_Verified(index, request, seq, len(logits_rows), parents, ancestors, depths))
+        logits_rows.extend(range(first, first + len(depths)))
+    if not trees:
+        return {}
     device = logits.device
-    # The verified positions' own rows (the batch's other rows belong to other sequences).
-    logits = logits[torch.tensor([row for row, _ in rows], device=device)]
-    if meta.output_counts is not None:
-        # Penalties count the output so far: position j also counts drafts 1..j, the tokens
-        # it is verified after (the order the plain sampler applies them in: penalties, then
-        # the grammar's mask).
-        counts = meta.output_counts.clone()
-        for _, first, drafts in spans:
-            for i, draft in enumerate(drafts):
-                counts[first + i + 1 : first + len(drafts) + 1, draft] += 1
-        meta = replace(meta, output_counts=counts)
-        logits = apply_penalties(logits, meta)
-    for index, first, drafts in spans:
-        mask = (grammar_masks or {}).get(index)
-        span = slice(first, first + len(drafts) + 1)
-        if mask is not None:
-            logits[span] = apply_bitmask(logits[span], mask)
-        request = batch.sample_rows[index][1]
-        logits[span] = hold_back_stops(logits[span], request, list(range(len(drafts) + 1)))
-    position_drafts = torch.full((len(rows),), -1, dtype=torch.long)
-    for _, first, drafts in spans:
-        position_drafts[first : first + len(drafts)] = torch.tensor(drafts)
-    has_draft = position_drafts >= 0
-    draft_ids = position_drafts.clamp(min=0).to(device)
+    vocab = logits.shape[-1]
+    rows = logits[torch.tensor(logits_rows, device=device)]
+    node_sample = torch.tensor([t.index for t in trees for _ in t.depths], device=device)
+    all_greedy = all(t.request.params.greedy for t in trees)
+    node_meta = meta.for_rows(node_sample, all_greedy)
 
-    greedy_tokens = logits.argmax(dim=-1)
-    if meta.all_greedy:
-        accepted = greedy_tokens == draft_ids
-        emitted = greedy_tokens
-    else:
-        probs = processed_probs(logits, meta)
-        p_draft = probs.gather(1, draft_ids[:, None]).squeeze(1)
-        uniform = _uniforms(rows, meta, generator, device)
-        sampled_accept = uniform < p_draft
-        # Residual rows drop the rejected draft; the last row of a span keeps p whole.
-        residual = probs.clone()
-        drop = torch.nonzero(has_draft).squeeze(1).to(device)
-        residual[drop, draft_ids[drop]] = 0.0
-        residual_sum = residual.sum(dim=-1, keepdim=True)
-        residual = torch.where(residual_sum > 0, residual / residual_sum.clamp_min(1e-30), probs)
-        drawn = race(residual, meta, generator)
-        accepted = torch.where(meta.greedy, greedy_tokens == draft_ids, sampled_accept)
-        emitted = torch.where(meta.greedy, greedy_tokens, drawn)
+    # The plain sampler's order: penalties, the grammar's mask, min_tokens, then the draw.
+    if node_meta.output_counts is not None:
+        add_path_counts(node_meta.output_counts, trees)
+        rows = apply_penalties(rows, node_meta)
+    constrained = [t for t in trees if grammar_masks and t.index in grammar_masks]
+    if constrained:
+        bitmask = allocate_bitmask(len(logits_rows), vocab, pin_memory=False)
+        for t in constrained:
+            bitmask[t.span] = grammar_masks[t.index]
+        rows = apply_bitmask(rows, bitmask)
+    for t in trees:
+        tree_rows = rows[t.span]
+        held = hold_back_stops(tree_rows, t.request, t.depths)
+        if held is not tree_rows:
+            rows[t.span] = held
+    emitted = rows.argmax(dim=-1)
+    states: dict[int, list[torch.Tensor]] = {}
+    if not all_greedy:
+        node_meta.seeded_rows, node_meta.seeded_noise, states = _seeded_noise(
+            trees, batch, meta, vocab, device
+        )
+        drawn = race(processed_probs(rows, node_meta), node_meta, generator)
+        emitted = torch.where(node_meta.greedy, emitted, drawn)
 
-    accepted_list = accepted.tolist()
     emitted_list = emitted.tolist()
-    for index, first, drafts in spans:
-        tokens: list[int] = []
-        for j, draft in enumerate(drafts):
-            if not accepted_list[first + j]:
-                break
-            tokens.append(draft)
-        tokens.append(emitted_list[first + len(tokens)])
-        result[index] = tokens
+    result: dict[int, list[int]] = {}
+    for t in trees:
+        drafts = t.seq.draft_token_ids
+        children: dict[tuple[int, int], int] = {}
+        for node, (parent, token) in enumerate(zip(t.parents, drafts, strict=True), start=1):
+            children.setdefault((parent, token), node)
+        node, path = 0, []
+        while (node, emitted_list[t.base + node]) in children:
+            node = children[(node, emitted_list[t.base + node])]
+            path.append(node)
+        t.seq.accepted_path = path
+        result[t.index] = [drafts[n - 1] for n in path] + [emitted_list[t.base + node]]
+        if t.index in states:
+            # Plain decoding would have drawn the noise of len(path) + 1 tokens by now.
+            t.request.generator.set_state(states[t.index][len(path)])
     return result
+
+
+def add_path_counts(counts: torch.Tensor, trees: list[_Verified]) -> None:
+    """Penalties count the output so far: node ``i``'s row (``counts`` row ``base + i``,
+    holding the request's output counts) also counts the drafts on the path to ``i``, the
+    tokens it would follow if accepted. Only penalised requests' rows are touched."""
+    node_rows, tokens = [], []
+    for t in trees:
+        if not t.request.params.needs_penalties:
+            continue
+        nodes, on_path = t.ancestors[:, 1:].nonzero(as_tuple=True)  # drafts are nodes 1..n
+        node_rows.append(nodes + t.base)
+        tokens.append(torch.tensor(t.seq.draft_token_ids, dtype=torch.long)[on_path])
+    if not node_rows:
+        return
+    index = (torch.cat(node_rows).to(counts.device), torch.cat(tokens).to(counts.device))
+    counts.index_put_(index, torch.ones(len(index[0]), device=counts.device), accumulate=True)
+
+
+def _seeded_noise(trees: list[_Verified], batch: ScheduledBatch, meta, vocab: int, device):
+    """Exponential noise for the nodes of seeded sampled requests: depth ``d`` takes the
+    row of the request's token ``t0 + d``, depth 0 the row the step's sampler drew (``meta``),
+    the deeper ones drawn here from the request's generator. Returns (node rows, their noise,
+    per sample row the generator's state after each depth's row)."""
+    seeded_samples = [i for i, (_, r) in enumerate(batch.sample_rows) if draws_seeded(r)]
+    rank = {sample: j for j, sample in enumerate(seeded_samples)}
+    node_rows: list[int] = []
+    noise: list[torch.Tensor] = []
+    states: dict[int, list[torch.Tensor]] = {}
+    for t in trees:
+        if t.index not in rank:
+            continue
+        generator = t.request.generator
+        after = [generator.get_state()]
+        deeper = []
+        for _ in range(max(t.depths)):
+            deeper.append(torch.empty(vocab).exponential_(generator=generator))
+            after.append(generator.get_state())
+        states[t.index] = after
+        by_depth = torch.cat([meta.seeded_noise[rank[t.index]][None], _to(deeper, device)])
+        noise.append(by_depth[torch.tensor(t.depths, device=device)])
+        node_rows.extend(range(t.base, t.base + len(t.depths)))
+    if not node_rows:
+        return None, None, states
+    return torch.tensor(node_rows, device=device), torch.cat(noise), states
+
+
+def _to(rows: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    stacked = torch.stack(rows)
+    if device.type != "cuda":
+        return stacked
+    return stacked.pin_memory().to(device, non_blocking=True)
 
 
 def hold_back_stops(rows: torch.Tensor, request, offsets: list[int]) -> torch.Tensor:
@@ -144,47 +225,12 @@ def hold_back_stops(rows: torch.Tensor, request, offsets: list[int]) -> torch.Te
     return held
 
 
-def _walk_tree(logits: torch.Tensor, first: int, seq, mask: torch.Tensor | None) -> list[int]:
-    """Greedy verification of a token tree (trees are drafted for greedy samples only):
-    from the root, follow the child whose token is the target's argmax at its parent, and
-    emit the argmax where no child matches. Records the accepted drafts on the sequence.
-
-    Row ``first + i`` holds the target's distribution after tree node ``i`` (0: the root)."""
-    rows = logits[first : first + len(seq.draft_token_ids) + 1]
-    if mask is not None:
-        rows = apply_bitmask(rows, mask)
-    _, depths = tree_mask(seq.draft_parents)
-    rows = hold_back_stops(rows, seq.request, depths)
-    best = rows.argmax(dim=-1).tolist()
-    children: dict[tuple[int, int], int] = {}
-    for node, (parent, token) in enumerate(
-        zip(seq.draft_parents, seq.draft_token_ids, strict=True), start=1
-    ):
-        children.setdefault((parent, token), node)
-    node, path = 0, []
-    while (node, best[node]) in children:
-        node = children[(node, best[node])]
-        path.append(node)
-    seq.accepted_path = path
-    return [seq.draft_token_ids[n - 1] for n in path] + [best[node]]
-
-
-def _uniforms(rows, meta: SamplingMetadata, generator, device) -> torch.Tensor:
-    """One uniform per verified position; a seeded request's from its own generator."""
-    uniform = torch.rand(len(rows), generator=generator, device=device)
-    seeded = [i for i, (_, r) in enumerate(rows) if r.generator is not None]
-    if seeded:
-        values = torch.stack([torch.rand((), generator=rows[i][1].generator) for i in seeded])
-        uniform[torch.tensor(seeded, device=device)] = values.to(device)
-    return uniform
-
-
 def verified_logprobs(
     logits: torch.Tensor, batch: ScheduledBatch, verified: dict[int, list[int]]
 ) -> dict[int, list[TokenLogprob]]:
     """The target's own logprobs (unmasked, as the sampler reports them) of every committed
     token of a verified run, for the samples that asked for logprobs: the row a token was
-    judged at is its chain position, or in a tree the accepted node before it."""
+    judged at is the root's or that of the accepted node before it."""
     out: dict[int, list[TokenLogprob]] = {}
     for index, tokens in verified.items():
         first, request = batch.sample_rows[index]
@@ -192,10 +238,7 @@ def verified_logprobs(
         if k is None:
             continue
         seq = batch.sequences[batch.sample_seqs[index]]
-        if seq.draft_parents is None:
-            rows = [first + j for j in range(len(tokens))]
-        else:
-            rows = [first, *(first + node for node in seq.accepted_path)][: len(tokens)]
+        rows = [first, *(first + node for node in seq.accepted_path)][: len(tokens)]
         raw = torch.log_softmax(logits[torch.tensor(rows, device=logits.device)], dim=-1)
         chosen = raw.gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1)
         top = raw.topk(k, dim=-1) if k else None
