@@ -156,7 +156,6 @@ class SamplingMetadata:
             logprob_counts=[params[i].logprobs for i in want],
         )
 
-
     def for_rows(self, index: torch.Tensor, all_greedy: bool) -> SamplingMetadata:
         """The sampling state of sample rows ``index`` (a device tensor, repeats allowed), to
         process other logits rows as those rows' own: greedy or not, temperature, top-k,

@@ -17,17 +17,21 @@ import torch
 
 from engine_service.engine import SamplingParams
 from engine_service.engine.batch import ScheduledBatch, ScheduledSequence
+from engine_service.engine.request import Request
 from engine_service.engine.sampler import SamplingMetadata
 from engine_service.engine.spec.config import SpeculativeConfig
 from engine_service.engine.spec.proposers import NgramProposer
 from engine_service.engine.spec.verify import verify
 from tests.engine_service.helpers import (
+    EOS,
     VOCAB,
     assert_pool_entirely_free,
     greedy,
     make_engine,
     make_llama_checkpoint,
     make_request,
+    run_all,
+    tokens_of,
 )
 
 
@@ -147,6 +151,122 @@ def test_rejection_sampling_draws_from_the_targets_distribution():
     assert lengths == {1, 2}
 
 
+# A tree of five drafts over a six-token vocabulary (node: token):
+#     0 ─ 1: 1 ─ 3: 2
+#     │        └ 4: 4
+#     └ 2: 3 ─ 5: 0
+TREE_PARENTS = [0, 0, 1, 1, 2]
+TREE_TOKENS = [1, 3, 2, 4, 0]
+
+
+def reference_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """What plain sampling draws from, written out row by row: temperature, then the top-k
+    tokens, the smallest head holding top-p of the mass, and the tokens within min-p of the
+    likeliest."""
+    out = []
+    for row in (logits / params.temperature).softmax(-1).tolist():
+        order = sorted(range(len(row)), key=lambda t: -row[t])
+        keep = order[: params.top_k] if params.top_k else order
+        mass, head = 0.0, []
+        for token in keep:
+            if mass >= params.top_p:
+                break
+            head.append(token)
+            mass += row[token]
+        head = [t for t in head if row[t] >= params.min_p * row[order[0]]]
+        kept = [row[t] if t in head else 0.0 for t in range(len(row))]
+        out.append([p / sum(kept) for p in kept])
+    return torch.tensor(out)
+
+
+def committed_run_distribution(node_probs: torch.Tensor) -> dict[tuple[int, ...], float]:
+    """The exact probability of every run a tree verification can commit, if each token is
+    drawn from the target given the run before it: the tokens down the tree while they match
+    a child, then the first that does not (or the draw at a leaf)."""
+    children = {(p, t): n for n, (p, t) in enumerate(zip(TREE_PARENTS, TREE_TOKENS), start=1)}
+    runs: dict[tuple[int, ...], float] = {}
+
+    def visit(node: int, run: tuple[int, ...], mass: float) -> None:
+        for token, p in enumerate(node_probs[node].tolist()):
+            if p == 0.0:
+                continue
+            if (node, token) in children:
+                visit(children[(node, token)], (*run, token), mass * p)
+            else:
+                runs[(*run, token)] = mass * p
+
+    visit(0, (), 1.0)
+    return runs
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["unseeded", "seeded"])
+@pytest.mark.parametrize(
+    "truncation",
+    [{}, {"temperature": 0.7, "top_k": 3}, {"temperature": 1.3, "top_p": 0.75}, {"min_p": 0.2}],
+    ids=["plain", "top-k", "top-p", "min-p"],
+)
+def test_tree_verification_draws_runs_from_the_targets_distribution(truncation, seeded):
+    """Many sequences verify the same drafted tree, each node with its own target
+    distribution: the committed runs (down the tree while the draws match a child, then one
+    more token) must follow the target's own distribution over runs, truncated by top-k,
+    top-p and min-p as plain sampling truncates it; a chi-square test over every run. A
+    seeded request draws from its own generator and leaves it where plain decoding would
+    after the tokens it committed."""
+    vocab, num = 6, 12000
+    node_logits = 1.5 * torch.randn(
+        len(TREE_TOKENS) + 1, vocab, generator=torch.Generator().manual_seed(3)
+    )
+    params = {"temperature": 1.0, "max_tokens": 8, **truncation}
+    batch = ScheduledBatch()
+    size = len(TREE_TOKENS) + 1
+    for i in range(num):
+        sampling = SamplingParams(seed=i if seeded else None, **params)
+        request = Request(f"r{i}", [1, 2, 3], sampling, frozenset({EOS}))
+        batch.sequences.append(
+            ScheduledSequence(
+                request,
+                3,
+                size,
+                num_logits=size,
+                draft_token_ids=list(TREE_TOKENS),
+                draft_parents=list(TREE_PARENTS),
+            )
+        )
+        batch.sample_rows.append((size * i, request))
+        batch.sample_seqs.append(i)
+    batch.num_logits = size * num
+    meta = SamplingMetadata.build(
+        batch.sample_rows, vocab, torch.device("cpu"), num_logits=size * num
+    )
+
+    committed = verify(node_logits.repeat(num, 1), batch, meta, torch.Generator().manual_seed(0))
+
+    expected = committed_run_distribution(reference_probs(node_logits, SamplingParams(**params)))
+    observed: dict[tuple[int, ...], int] = {}
+    for i in range(num):
+        run_tokens = tuple(committed[i])
+        assert run_tokens in expected, run_tokens  # never a token truncation removed
+        observed[run_tokens] = observed.get(run_tokens, 0) + 1
+    # Chi-square over the runs, the rare ones (expected count under 5) pooled.
+    common = [run for run, p in expected.items() if p * num >= 5]
+    cells = [(observed.get(r, 0), expected[r] * num) for r in common]
+    rare = num - sum(expected[r] * num for r in common)
+    if rare > 0:
+        cells.append((num - sum(o for o, _ in cells), rare))
+    statistic = sum((o - e) ** 2 / e for o, e in cells)
+    df = len(cells) - 1
+    # Wilson-Hilferty: the chi-square quantile four standard deviations out (p ~ 3e-5).
+    bound = df * (1 - 2 / (9 * df) + 4 * (2 / (9 * df)) ** 0.5) ** 3
+    assert statistic < bound, (statistic, bound)
+    assert max(len(run) for run in observed) == 3  # runs went down to the leaves
+    if seeded:
+        for i in range(0, num, 997):
+            plain = torch.Generator().manual_seed(i)
+            for _ in committed[i]:
+                torch.empty(vocab).exponential_(generator=plain)
+            assert torch.equal(batch.sample_rows[i][1].generator.get_state(), plain.get_state())
+
+
 def test_greedy_verification_accepts_exactly_the_agreeing_prefix():
     logits = torch.full((4, 8), -5.0)
     for row, best in enumerate([3, 5, 1, 6]):
@@ -226,13 +346,91 @@ def test_counting_the_drafts_matters_for_penalised_verification(target, monkeypa
     assert got != make_engine(target).generate(prompts, params)
 
 
-def test_seeded_sampling_with_speculation_is_reproducible(target):
-    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3})
+@pytest.mark.parametrize("case", ["ngram", "tree_same"])
+def test_seeded_sampling_with_speculation_is_reproducible(target, other_draft, case):
+    """Two engines give a seeded request the same tokens, and they are the ones it gets
+    without speculation: each draw uses the noise of its token's position."""
+    spec = json.dumps(SPEC_CASES[case]((target, other_draft)))
     prompt = [5, 6, 7, 5, 6, 7, 5, 6, 7, 5]
     params = SamplingParams(temperature=0.8, seed=11, max_tokens=16, ignore_eos=True)
     first = make_engine(target, speculative_config=spec).generate([prompt], params)
     second = make_engine(target, speculative_config=spec).generate([prompt], params)
-    assert first == second
+    assert first == second == make_engine(target).generate([prompt], params)
+
+
+MIXED_PARAMS = {
+    "greedy": greedy(24, ignore_eos=True),
+    "greedy-penalised": greedy(24, ignore_eos=True, repetition_penalty=1.2),
+    "seeded": SamplingParams(temperature=0.5, seed=3, max_tokens=24, ignore_eos=True),
+    "truncated": SamplingParams(
+        temperature=1.0, top_k=12, top_p=0.9, min_p=0.02, seed=4, max_tokens=24, ignore_eos=True
+    ),
+    "pair": SamplingParams(n=2, temperature=0.7, seed=5, max_tokens=24, ignore_eos=True),
+    "penalised": SamplingParams(
+        temperature=0.6,
+        seed=6,
+        frequency_penalty=0.3,
+        presence_penalty=0.2,
+        repetition_penalty=1.1,
+        max_tokens=24,
+        ignore_eos=True,
+    ),
+    "unseeded": SamplingParams(temperature=0.9, max_tokens=24, ignore_eos=True),
+}
+
+
+@pytest.mark.parametrize("case", ["tree_same", "tree_other", "draft_same", "draft_other"])
+def test_greedy_and_sampled_requests_verify_in_the_same_steps_and_equal_plain_decoding(
+    target, near_draft, case
+):
+    """Greedy, seeded sampled (temperature, top-k, top-p, min-p, n = 2) and penalised
+    requests in one batch, all verifying trees when a tree is configured (chains otherwise):
+    every request but the unseeded one gets exactly its tokens without speculation, token
+    for token, whatever was drafted and accepted (the target as its own draft is often
+    accepted, a perturbed copy mostly rejected)."""
+    spec = json.dumps(SPEC_CASES[case]((target, near_draft)))
+    prompts = repetitive_prompts(random.Random(6))
+
+    def outputs(engine):
+        for i, (name, params) in enumerate(MIXED_PARAMS.items()):
+            engine.add_request(name, prompts[i % len(prompts)], params)
+        return {key: tokens_of(out) for key, out in run_all(engine).items()}
+
+    speculative = make_engine(target, speculative_config=spec)
+    got, expected = outputs(speculative), outputs(make_engine(target))
+
+    unseeded = [key for key in got if key[0] == "unseeded"]
+    assert [len(got[key]) for key in unseeded] == [24]
+    for key in unseeded:
+        del got[key], expected[key]
+    assert got == expected
+    scheduler = speculative.scheduler
+    assert scheduler.num_drafts > 0
+    if case.endswith("same"):
+        assert scheduler.accepted_draft_tokens > 0
+    if case == "tree_same":
+        assert scheduler.tree_tokens_moved > 0
+    assert_pool_entirely_free(speculative.kv_manager)
+
+
+def test_sampled_requests_accept_tree_drafts(target):
+    """Sampled requests alone, drafted by the target itself: their trees are verified and
+    accepted (off the first child too, whichever the draw matched), more tokens a round
+    than a chain of the same depth gets."""
+    params = SamplingParams(temperature=0.5, seed=8, max_tokens=24, ignore_eos=True)
+    prompts = repetitive_prompts(random.Random(6))
+
+    def accepted_per_round(tree: bool) -> float:
+        spec = {"model": str(target), "num_speculative_tokens": 3}
+        if tree:
+            spec["tree"] = {"topk": 3, "num_draft_tokens": 9}
+        engine = make_engine(target, speculative_config=json.dumps(spec))
+        assert engine.generate(prompts, params) == make_engine(target).generate(prompts, params)
+        if tree:
+            assert engine.scheduler.tree_tokens_moved > 0
+        return engine.scheduler.accepted_draft_tokens / engine.scheduler.num_drafts
+
+    assert accepted_per_round(True) > accepted_per_round(False) > 0
 
 
 @pytest.mark.parametrize(
