@@ -17,6 +17,9 @@ import torch
 import transformers
 
 from engine_service.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from engine_service.engine.batch import ScheduledBatch, ScheduledSequence
+from engine_service.engine.request import Request
+from engine_service.engine.spec.grammar import draft_grammar_masks
 from engine_service.engine.structured import GrammarSpec, StructuredOutputManager
 from switchyard.demo import make_test_checkpoint
 
@@ -379,42 +382,109 @@ def test_matcher_rollback_restores_mask_and_forced_bytes(
     assert torch.equal(after[0], before[0]) and after[1] == before[1]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_draft_tree_gets_a_mask_per_node_and_loses_what_the_grammar_forbids(
+    checkpoint: Path, engine: LLMEngine, tokenizer: Any, backend: str
+) -> None:
+    """The matcher walks a draft tree depth first: every kept node's mask is the grammar's
+    after the drafts on its path, drafts the mask at their parent forbids go with their
+    subtrees, nothing hangs under a node that completes the grammar, and the matcher ends
+    where it started."""
+    manager = StructuredOutputManager(
+        str(checkpoint), None, engine.model_config.vocab_size, engine.eos_token_ids
+    )
+    grammar = GrammarSpec("regex", "[ab][cd][ef]", backend)
+    a, b, c, e, x = (tokenizer.convert_tokens_to_ids(ch) for ch in "abcex")
+    #   0 ─ 1:x ─ 2:c           x is forbidden at the root: 1 and 2 go
+    #     ├ 3:a ─ 4:c ─ 6:e ─ 7:a  "ace" completes the grammar: 7 goes
+    #     │     └ 5:e           e is forbidden after "a": 5 goes
+    #     └ 8:b
+    parents = [0, 1, 0, 3, 3, 4, 6, 0]
+    tokens = [x, c, a, c, e, e, a, b]
+    request = make_request_with_grammar(manager.matcher(grammar))
+    batch = ScheduledBatch()
+    batch.sequences.append(
+        ScheduledSequence(request, 4, 1, 1, draft_room=len(tokens), draft_token_ids=[])
+    )
+    batch.sample_rows.append((0, request))
+    batch.sample_seqs.append(0)
+    batch.place_drafts({0: tokens}, {0: parents})
+    words = (manager.vocab_size + 31) // 32
+
+    masks = draft_grammar_masks(batch, manager.vocab_size)
+
+    seq = batch.sequences[0]
+    assert seq.draft_token_ids == [a, c, e, b]
+    assert seq.draft_parents == [0, 1, 2, 0]
+    assert seq.num_logits == 5 and masks[0].shape == (5, words)
+    for row, path in [(0, []), (1, [a]), (2, [a, c]), (4, [b])]:
+        fresh = manager.matcher(grammar)
+        assert all(fresh.accept_token(t) for t in path)
+        expected = torch.full((1, words), -1, dtype=torch.int32)
+        fresh.fill_bitmask(expected, 0)
+        assert torch.equal(masks[0][row], expected[0]), path
+    again = torch.full((1, words), -1, dtype=torch.int32)
+    request.grammar.fill_bitmask(again, 0)
+    assert torch.equal(again[0], masks[0][0])  # the matcher is back at the root
+
+
+def make_request_with_grammar(matcher: Any) -> Request:
+    request = Request("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=8), frozenset({0}))
+    request.grammar = matcher
+    return request
+
+
+@pytest.mark.parametrize(
+    ("tree", "backend"),
+    [(False, "llguidance"), (True, "llguidance"), (True, "xgrammar")],
+    ids=["chain", "tree-llguidance", "tree-xgrammar"],
+)
 @pytest.mark.parametrize("jump_forward", [True, False])
 def test_constrained_samples_speculate_with_a_mask_per_drafted_position(
-    checkpoint: Path, tokenizer: Any, jump_forward: bool
+    checkpoint: Path, tokenizer: Any, jump_forward: bool, tree: bool, backend: str
 ) -> None:
-    """Each drafted position is verified under the grammar's mask after the drafts before
-    it: greedy constrained outputs equal those without speculation, sampled ones validate,
-    and unconstrained samples in the same steps speculate beside them."""
-    # The target as its own draft proposes its unconstrained argmax: where the grammar allows
-    # it the drafts are accepted, where it does not they are cut at the first forbidden one.
-    spec = json.dumps({"model": str(checkpoint), "num_speculative_tokens": 3})
+    """Each drafted node is verified under the grammar's mask after the drafts on its path
+    (the matcher walks the tree depth first, rolling back): greedy constrained outputs, and
+    seeded sampled ones, equal those without speculation and validate, and unconstrained
+    samples in the same steps speculate beside them."""
+    # The target as its own draft proposes its unconstrained argmax (and, in a tree, its
+    # next likeliest tokens): where the grammar allows them the drafts are accepted, where
+    # it does not they are dropped with what hangs under them.
+    spec: dict[str, Any] = {"model": str(checkpoint), "num_speculative_tokens": 3}
+    if tree:
+        spec["tree"] = {"topk": 3, "num_draft_tokens": 9}
     settings = {"enable_jump_forward": jump_forward}
-    engine = make_engine(checkpoint, speculative_config=spec, **settings)
+    engine = make_engine(checkpoint, speculative_config=json.dumps(spec), **settings)
     plain = make_engine(checkpoint, **settings)
     schema = SCHEMAS[next(iter(SCHEMAS))]
-    grammar = GrammarSpec("json_schema", json.dumps(schema))
+    grammar = GrammarSpec("json_schema", json.dumps(schema), backend)
     greedy_params = SamplingParams(temperature=0.0, max_tokens=200, structured=grammar)
     repeating = prompt(tokenizer, "one two three one two three one two three one two")
     free = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    engine.add_request("greedy-schema", prompt(tokenizer), greedy_params)
-    for seed in range(2):
-        engine.add_request(f"schema-{seed}", prompt(tokenizer), sampled(grammar, seed))
-    engine.add_request("free", repeating, free)
 
+    def add_all(target: LLMEngine) -> None:
+        target.add_request("greedy-schema", prompt(tokenizer), greedy_params)
+        for seed in range(2):
+            target.add_request(f"schema-{seed}", prompt(tokenizer), sampled(grammar, seed))
+        target.add_request("free", repeating, free)
+
+    add_all(engine)
     outputs = run(engine)
+    add_all(plain)
+    expected = run(plain)
 
     for name in ("greedy-schema", "schema-0", "schema-1"):
         sample = outputs[(name, 0)]
         assert sample[-1].finish_reason == "stop"
         jsonschema.validate(json.loads(text_of(tokenizer, sample)), schema)
-    greedy_tokens = [t for o in outputs[("greedy-schema", 0)] for t in o.new_token_ids]
-    assert greedy_tokens == plain.generate([prompt(tokenizer)], greedy_params)[0][0]
-    free_tokens = [t for o in outputs[("free", 0)] for t in o.new_token_ids]
-    assert free_tokens == plain.generate([repeating], free)[0][0]
+    tokens = {key: [t for o in outs for t in o.new_token_ids] for key, outs in outputs.items()}
+    assert tokens == {
+        key: [t for o in outs for t in o.new_token_ids] for key, outs in expected.items()
+    }
     assert engine.scheduler.num_drafts > 0
 
     # Constrained samples alone: their own drafts were verified and some accepted.
-    alone = make_engine(checkpoint, speculative_config=spec, **settings)
+    alone = make_engine(checkpoint, speculative_config=json.dumps(spec), **settings)
+    greedy_tokens = tokens[("greedy-schema", 0)]
     assert alone.generate([prompt(tokenizer)], greedy_params)[0][0] == greedy_tokens
     assert alone.scheduler.accepted_draft_tokens > 0
