@@ -17,6 +17,7 @@ import random
 import pytest
 import transformers
 
+from engine_service.engine import SamplingParams
 from tests.engine_service.eagle_heads import (
     ReferenceHead,
     make_copyable_target,
@@ -29,6 +30,8 @@ from tests.engine_service.helpers import (
     assert_pool_entirely_free,
     greedy,
     make_engine,
+    run_all,
+    tokens_of,
 )
 
 
@@ -202,6 +205,39 @@ def test_accepted_drafts_feed_the_head_exactly(copyable, tree, settings):
             assert drafts == reference.chain(known, len(drafts))
         else:
             assert (drafts, parents) == reference.tree(known, 4, 3, len(drafts))
+
+
+def test_sampled_and_penalised_samples_on_eagle_trees_equal_plain_decoding(copyable):
+    """Seeded sampled samples (with top-p, with penalties, n = 2) and a penalised greedy one
+    verify EAGLE trees beside each other: each gets exactly its tokens without speculation,
+    with drafts accepted along paths through later branches."""
+    target, head = copyable
+    spec = {
+        "method": "eagle",
+        "model": str(head),
+        "num_speculative_tokens": 4,
+        "tree": {"topk": 3, "num_draft_tokens": 10},
+    }
+    prompts = prompts_with_prefix_hits(3)[:4]
+    params = [
+        SamplingParams(temperature=0.7, seed=1, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_p=0.8, seed=2, max_tokens=24, ignore_eos=True),
+        SamplingParams(
+            n=2, temperature=0.8, seed=3, frequency_penalty=0.4, max_tokens=24, ignore_eos=True
+        ),
+        greedy(24, ignore_eos=True, presence_penalty=0.6),
+    ]
+
+    def outputs(engine):
+        for i, (prompt, sampling) in enumerate(zip(prompts, params, strict=True)):
+            engine.add_request(f"r{i}", prompt, sampling)
+        return {key: tokens_of(out) for key, out in run_all(engine).items()}
+
+    engine = make_engine(target, speculative_config=json.dumps(spec))
+    assert outputs(engine) == outputs(make_engine(target))
+    assert engine.scheduler.accepted_draft_tokens > engine.scheduler.num_drafts // 2
+    assert engine.scheduler.tree_tokens_moved > 0
+    assert_pool_entirely_free(engine.kv_manager)
 
 
 @pytest.mark.parametrize(
