@@ -8,10 +8,13 @@ has material. JSON keys: ``accept_len_<method>`` (tokens committed per verificat
 
 With random weights (no model hub here) a draft model agrees with the target only by chance,
 so acceptance says little about real models; ``draft_self`` (the target as its own draft)
-shows the mechanics' cost at full acceptance. The issue's trained target and EAGLE head are
-a GPU-session job (docs/speculative-decoding.md).
+shows the mechanics' cost at full acceptance. With ``--trained`` (a folder from
+bench/train_spec.py) every method runs on a trained target, and the draft and EAGLE chain
+and tree also on a ``sampled`` workload (seeded, temperature 0.7, top-p 0.95: outputs must
+still equal plain decoding's token for token); see docs/speculative-decoding.md.
 
     python bench/spec.py --json bench/results/spec-cpu.json
+    python bench/spec.py --trained OUT [--methods eagle eagle_tree]
 """
 
 from __future__ import annotations
@@ -105,6 +108,10 @@ def trained_workloads(folder: Path, n: int, seed: int) -> dict[str, list[list[in
     return {"text": text, "edit": edit}
 
 
+# Methods also measured on sampled requests: a chain against a tree from the same head.
+SAMPLED_METHODS = ("draft", "eagle", "eagle_tree")
+
+
 def run_trained(args, results: dict) -> None:
     """Every method on the trained target, both workloads, batch 1 and 16."""
     folder = args.trained
@@ -126,16 +133,28 @@ def run_trained(args, results: dict) -> None:
             "num_speculative_tokens": k,
         },
     }
+    if args.methods:
+        methods = {name: spec for name, spec in methods.items() if name in args.methods}
     # The workload each method's unsuffixed keys report: n-gram lookup is for outputs that
     # repeat their prompt (code editing); the model-based methods for plain continuation.
     primary = {name: "edit" if name == "ngram" else "text" for name in methods}
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    # ``sampled``: the text prompts, drawn at temperature 0.7 with a seed, so that outputs
+    # with speculation must still equal those without, token for token.
+    params = {
+        "text": greedy,
+        "edit": greedy,
+        "sampled": SamplingParams(
+            temperature=0.7, top_p=0.95, seed=0, max_tokens=args.max_tokens, ignore_eos=True
+        ),
+    }
     results["trained"] = json.loads((folder / "train.json").read_text())
     print(
         f"{'method':12} {'workload':8} {'batch':>5} {'off s':>8} {'on s':>8} {'speedup':>8} {'accept':>7}"
     )
     for batch in (1, 16):
         loads = trained_workloads(folder, max(2, batch * 2), seed=batch)
+        loads["sampled"] = loads["text"]
         # A fixed KV budget: engines built one after another must not each size their
         # cache from the memory the previous one has not given back yet.
         base = dict(
@@ -147,19 +166,22 @@ def run_trained(args, results: dict) -> None:
         )
         plain = LLMEngine(EngineConfig(**base))
         reference = {
-            load: timed(plain, prompts, params, args.device) for load, prompts in loads.items()
+            load: timed(plain, prompts, params[load], args.device)
+            for load, prompts in loads.items()
         }
         del plain
         for name, spec in methods.items():
             # One engine per method and batch for both workloads (start-up, CUDA graphs).
             engine = LLMEngine(EngineConfig(**base, speculative_config=json.dumps(spec)))
             for load, prompts in loads.items():
+                if load == "sampled" and name not in SAMPLED_METHODS:
+                    continue
                 off_s, expected = reference[load]
                 rounds, accepted = (
                     engine.scheduler.num_drafts,
                     engine.scheduler.accepted_draft_tokens,
                 )
-                on_s, got = timed(engine, prompts, params, args.device)
+                on_s, got = timed(engine, prompts, params[load], args.device)
                 equal = agreement(got, expected)
                 results[f"outputs_equal_{name}_{load}_bs{batch}"] = equal == 1.0
                 if equal < 1.0:
@@ -167,7 +189,9 @@ def run_trained(args, results: dict) -> None:
                     # a verification step's GEMM shapes differ from a decode step's, so a
                     # near-tie can round the other way. Recorded, not hidden.
                     if args.dtype == "float32":
-                        raise SystemExit(f"{name}: speculative outputs differ from plain decoding")
+                        raise SystemExit(
+                            f"{name} ({load}): speculative outputs differ from plain decoding"
+                        )
                     print(f"{name}: {load} bs{batch}: {equal:.1%} of tokens before divergence")
                     results[f"agreement_{name}_{load}_bs{batch}"] = equal
                 rounds = engine.scheduler.num_drafts - rounds
@@ -200,6 +224,9 @@ def main() -> None:
     )
     parser.add_argument("--tree-topk", type=int, default=3)
     parser.add_argument("--tree-nodes", type=int, default=12)
+    parser.add_argument(
+        "--methods", nargs="*", help="with --trained: only these (ngram draft eagle ...)"
+    )
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)

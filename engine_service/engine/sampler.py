@@ -8,7 +8,9 @@ min-p and a draw for the others. Reported logprobs are therefore the model's own
 The draw is an exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` per token picks token
 ``i`` with probability ``p_i``. Unseeded rows take ``E`` from the engine's generator; a seeded
 row draws its ``E`` from its own generator (seeded with seed + sample index), one draw per
-token, so its tokens depend on its seed alone: not on the batch, the step, or a preemption.
+token, so its tokens depend on its seed alone: not on the batch, the step, a preemption, or
+speculative decoding (whose verification draws token ``t``'s noise for every drafted
+position ``t``, :mod:`engine_service.engine.spec.verify`).
 
 Everything below runs on the logits' device without a loop over rows; the host builds the
 metadata once per step and reads back one tensor of token ids (and logprobs if asked).

@@ -1,10 +1,11 @@
-"""Speculative decoding on tiny random Llamas: lossless outputs, rejection sampling, opt-outs.
+"""Speculative decoding on tiny random Llamas: lossless outputs for every kind of request.
 
 Random weights make acceptance rates meaningless, so these tests check what must hold at any
-acceptance rate: greedy outputs equal the non-speculative ones token for token (n-gram lookup
-and a draft model, with prefix hits, chunked prefill and preemption), sampled tokens follow
-the target's distribution, and requests speculation cannot serve exactly are served without
-it.
+acceptance rate: greedy outputs equal the non-speculative ones token for token (n-gram lookup,
+a draft model, chains and trees, with prefix hits, chunked prefill and preemption), runs
+committed by sampled verification follow the target's distribution (chains and trees, with
+top-k, top-p and min-p), and seeded sampled, penalised and mixed batches on trees get
+exactly the tokens plain decoding gives them.
 """
 
 from __future__ import annotations
