@@ -44,6 +44,7 @@ from engine_service.engine.outputs import TokenLogprob
 from engine_service.engine.request import Request
 from engine_service.engine.sampler import (
     SamplingMetadata,
+    _pinned_to,
     apply_penalties,
     draws_seeded,
     processed_probs,
@@ -164,7 +165,13 @@ def add_path_counts(counts: torch.Tensor, trees: list[_Verified]) -> None:
     counts.index_put_(index, torch.ones(len(index[0]), device=counts.device), accumulate=True)
 
 
-def _seeded_noise(trees: list[_Verified], batch: ScheduledBatch, meta, vocab: int, device):
+def _seeded_noise(
+    trees: list[_Verified],
+    batch: ScheduledBatch,
+    meta: SamplingMetadata,
+    vocab: int,
+    device: torch.device,
+):
     """Exponential noise for the nodes of seeded sampled requests: depth ``d`` takes the
     row of the request's token ``t0 + d``, depth 0 the row the step's sampler drew (``meta``),
     the deeper ones drawn here from the request's generator. Returns (node rows, their noise,
@@ -184,19 +191,14 @@ def _seeded_noise(trees: list[_Verified], batch: ScheduledBatch, meta, vocab: in
             deeper.append(torch.empty(vocab).exponential_(generator=generator))
             after.append(generator.get_state())
         states[t.index] = after
-        by_depth = torch.cat([meta.seeded_noise[rank[t.index]][None], _to(deeper, device)])
+        by_depth = torch.cat(
+            [meta.seeded_noise[rank[t.index]][None], _pinned_to(torch.stack(deeper), device)]
+        )
         noise.append(by_depth[torch.tensor(t.depths, device=device)])
         node_rows.extend(range(t.base, t.base + len(t.depths)))
     if not node_rows:
         return None, None, states
     return torch.tensor(node_rows, device=device), torch.cat(noise), states
-
-
-def _to(rows: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    stacked = torch.stack(rows)
-    if device.type != "cuda":
-        return stacked
-    return stacked.pin_memory().to(device, non_blocking=True)
 
 
 def hold_back_stops(rows: torch.Tensor, request, offsets: list[int]) -> torch.Tensor:
