@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine_service.engine.spec.config import SpeculativeConfig
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -36,7 +38,9 @@ class EngineConfig:
     are identical, the outputs of a step arrive one step later.
 
     Speculation: ``speculative_config`` is vLLM's ``--speculative-config`` JSON (empty: off);
-    see :mod:`engine_service.engine.spec`. It turns overlapped scheduling off.
+    see :mod:`engine_service.engine.spec`. It turns overlapped scheduling off. With several
+    ranks every method works, but ``mtp`` not with ``data_parallel_size`` > 1 (see
+    ``SpeculativeConfig.check_parallel``).
 
     Structured output: ``grammar_backend`` compiles the constraints that name no backend
     (``"llguidance"`` or ``"xgrammar"``); ``enable_jump_forward`` appends the bytes a grammar
@@ -137,14 +141,13 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size must be at least 1")
         if self.data_parallel_size < 1:
             raise ValueError("data_parallel_size must be at least 1")
-        # vLLM's DP attention: each DP rank schedules its own batch and the MoE layers
-        # trade tokens (engine_service.engine.parallel.data_parallel).
-        if self.data_parallel_size > 1 and self.speculative_config:
-            raise ValueError(
-                "speculative_config is not supported with data_parallel_size > 1 yet "
-                "(the proposer would need a cache per data-parallel rank)"
+        if self.world_size == 1:
+            return
+        if self.speculative_config:
+            SpeculativeConfig.parse(self.speculative_config).check_parallel(
+                self.tensor_parallel_size, self.data_parallel_size
             )
-        if self.world_size > 1 and self.enable_kv_offload:
+        if self.enable_kv_offload:
             # Each rank's own share of every block would have to move between the tiers.
             raise ValueError(
                 "enable_kv_offload (--kv-offload-host-bytes, --kv-service-address) is not "

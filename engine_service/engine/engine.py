@@ -12,7 +12,9 @@ request to the least loaded, and runs every rank's batch in the same step: the o
 inputs go out first, this process runs its own (rank 0's) batch, and the others' logits
 rows come back to be sampled here. When the MoE layers exchange tokens between the ranks
 (expert parallelism), a rank with nothing to run takes a one-token dummy batch on the
-scratch block, so every rank enters the layers' collectives together.
+scratch block, so every rank enters the layers' collectives together. With speculation each
+data-parallel rank has its own proposer (n-gram lookup shares one): a model-based one runs
+its steps in that rank's process, where the rank's features and draft caches live.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class _Shard:
     kv_manager: KVCacheManager
     scheduler: Scheduler
     runner: ModelRunner
+    proposer: Proposer | None = None
 
     @property
     def load(self) -> int:
@@ -243,6 +246,7 @@ class LLMEngine:
                 num_blocks,
                 self.max_model_len,
                 target_model=self.model,
+                device=self.device,
                 tp=tp,
                 channel=self._channel,
             )
@@ -274,7 +278,7 @@ class LLMEngine:
             hidden_store=self.proposer.hidden_store if self.proposer is not None else None,
             custom_masks=spec is not None and spec.tree_size > 0,
         )
-        self._shards = [_Shard(0, self.kv_manager, self.scheduler, self.runner)]
+        self._shards = [_Shard(0, self.kv_manager, self.scheduler, self.runner, self.proposer)]
         self._shard_of: dict[str, _Shard] = {}
         for dp_rank in range(1, config.data_parallel_size):
             self._shards.append(self._peer_shard(dp_rank, num_blocks, listeners))
@@ -289,8 +293,11 @@ class LLMEngine:
         # The ranks' steps are built, sent and sampled together, one step at a time.
         self.async_scheduling = config.async_scheduling and config.data_parallel_size == 1
         if self.proposer is not None:
-            # A tree reserves a slot per node; a chain one per token.
-            self.scheduler.num_speculative_tokens = max(spec.num_speculative_tokens, spec.tree_size)
+            for shard in self._shards:
+                # A tree reserves a slot per node; a chain one per token.
+                shard.scheduler.num_speculative_tokens = max(
+                    spec.num_speculative_tokens, spec.tree_size
+                )
             # Proposals read each sequence's newest token on the host: no step runs ahead.
             self.async_scheduling = False
         # Overlapped steps on the CPU run the model on a worker thread (torch releases the
@@ -339,7 +346,10 @@ class LLMEngine:
         )
         if self.lora is not None:  # that rank repeats every slot write
             self.lora.slot_listeners.append(channel.queue_slot_write)
-        return _Shard(dp_rank, kv_manager, scheduler, runner)
+        proposer = None
+        if self.proposer is not None:  # its model runs in that rank's group, on its batch
+            proposer = self.proposer.for_peer(channel.for_drafts())
+        return _Shard(dp_rank, kv_manager, scheduler, runner, proposer)
 
     @staticmethod
     def _dummy_batch(scratch_block: int) -> ScheduledBatch:
@@ -842,6 +852,14 @@ class LLMEngine:
                 self.lora.wait_for_reads(_FETCH_WAIT_S)
             return outputs
         self.steps_total += 1
+        # Each rank's drafts (a model-based proposer's steps run on that rank, in turn).
+        draft_masks: list[dict[int, torch.Tensor]] = [{} for _ in batches]
+        for d, (shard, batch) in enumerate(zip(self._shards, batches)):
+            if shard.proposer is not None and any(s.draft_room for s in batch.sequences):
+                drafts = shard.proposer.propose(batch)
+                if drafts:
+                    batch.place_drafts(drafts, shard.proposer.tree_parents())
+                    draft_masks[d] = draft_grammar_masks(batch, self.model_config.vocab_size)
         masks = [
             self.structured.start_masks([r.grammar for _, r in b.sample_rows]) if b else None
             for b in batches
@@ -875,10 +893,12 @@ class LLMEngine:
                 logits[d] = shard.runner.channel.recv_logits(batch.num_logits, vocab)
             else:
                 logits[d] = torch.empty((0, vocab), dtype=torch.float32, device=self.device)
-        for shard, batch, rows, mask in zip(self._shards, batches, logits, masks):
+        for shard, batch, rows, mask, drafted in zip(
+            self._shards, batches, logits, masks, draft_masks
+        ):
             if not batch:
                 continue
-            result, meta = self._sample(batch, rows, mask)
+            result, meta = self._sample(batch, rows, mask, drafted)
             outputs.extend(self._resolve(_InFlight(batch, result, meta), shard))
         return outputs
 
@@ -902,7 +922,7 @@ class LLMEngine:
         )
         moves = shard.kv_manager.take_slot_copies()
         if moves:  # accepted token-tree paths, packed before their freed tail is reused
-            self.runner.move_slots(moves)
+            shard.runner.move_slots(moves)
         outputs = []
         for request in touched:
             if isinstance(request.kv_handoff, KVExport) and request.num_output_tokens:
@@ -967,12 +987,12 @@ class LLMEngine:
             generation_tokens_total=self.acceptor.generation_tokens_total,
             steps_total=self.steps_total,
             jump_forward_tokens=self.acceptor.jump_forward_tokens,
-            spec_num_drafts=self.scheduler.num_drafts,
-            spec_num_draft_tokens=self.scheduler.draft_tokens,
-            spec_num_accepted_tokens=self.scheduler.accepted_draft_tokens,
+            spec_num_drafts=total("num_drafts"),
+            spec_num_draft_tokens=total("draft_tokens"),
+            spec_num_accepted_tokens=total("accepted_draft_tokens"),
             spec_accepted_per_position=tuple(
-                self.scheduler.accepted_per_position[: self.scheduler.num_speculative_tokens]
-            ),
+                sum(counts) for counts in zip(*(s.scheduler.accepted_per_position for s in shards))
+            )[: self.scheduler.num_speculative_tokens],
             num_awaiting_kv=len(self.scheduler.importing),
             handoff=replace(self.kv_imports.stats),
             **self._offload_stats(),

@@ -41,15 +41,19 @@ def num_kv_blocks(
     the CPU, 1 GiB worth. The budget covers the ``mtp`` proposer's cache too (one more
     layer per block id), and an EAGLE head's: one layer like the target's, plus the
     target features it reads (the hidden size per token, three times that for EAGLE-3).
-    Under tensor parallelism the budgets are per rank (each rank caches its own heads) and
-    this is one rank's figure; the ranks take the smallest."""
+    Under tensor parallelism the budgets are per rank (each rank caches its own heads, and
+    the EAGLE head's layer and features whole) and this is one rank's figure; the ranks take
+    the smallest."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     per_block = kv_block_bytes(model, config.block_size, dtype, config.tensor_parallel_size)
     spec = config.speculative_config
     method = SpeculativeConfig.parse(spec).method if spec else None
-    if method in ("mtp", "eagle", "eagle3"):
+    if method == "mtp":
         per_block += per_block // model.num_layers
+    if method in ("eagle", "eagle3"):
+        # The head's layer is whole on every tensor-parallel rank (its heads not split).
+        per_block += kv_block_bytes(model, config.block_size, dtype) // model.num_layers
     if method in ("eagle", "eagle3"):
         element = torch.empty((), dtype=dtype).element_size()
         width = model.hidden_size * (3 if method == "eagle3" else 1)

@@ -21,7 +21,10 @@ cache indices. Such steps run eagerly too.
 Under tensor parallelism this runner, on rank 0, also broadcasts each step through its
 ``channel`` (:mod:`engine_service.engine.parallel.channel`) right before running it; the
 other ranks' runners get the same inputs and call :meth:`ModelRunner.run_step`. Only rank 0
-gets logits.
+gets logits. A draft model's runner does the same with a channel of draft steps. Under
+data-parallel attention rank 0 keeps a *remote* runner per other rank
+(:meth:`ModelRunner.for_peer`): it prepares that rank's steps and sends them; executing one
+(a draft model's steps) waits for the rank's logits.
 """
 
 from __future__ import annotations
@@ -154,11 +157,13 @@ class ModelRunner:
         """What :meth:`prepare` needs: the buffers, the sizes, the channel."""
         self.model = model
         self.channel = channel
+        self.remote = False  # the model runs in the channel's peer (see for_peer)
         self.lora_slots = None
         self.block_size = block_size
         self.device = device
         self.scratch_block = scratch_block
         self.max_blocks_per_seq = max_blocks_per_seq
+        self.max_num_tokens, self.max_num_seqs = max_num_tokens, max_num_seqs
         pin = device.type == "cuda"
         self._buffers = [
             _HostBuffers(max_num_tokens, max_num_seqs, max_blocks_per_seq, pin) for _ in range(2)
@@ -178,10 +183,11 @@ class ModelRunner:
         channel: StepChannel,
         lora_slots: LoRASlots | None = None,
     ) -> ModelRunner:
-        """Rank 0's runner for another data-parallel rank's batches: it only prepares their
+        """Rank 0's runner for another data-parallel rank's batches: it prepares their
         steps (:meth:`prepare`, whose message ``channel`` sends to that rank); ``model`` is
         rank 0's copy, read for its config only, and ``lora_slots`` (set when the engine
-        serves adapters) only says that steps carry adapter slots. Never executes."""
+        serves adapters) only says that steps carry adapter slots. :meth:`execute` sends the
+        step and waits for that rank's logits; :meth:`move_slots` only sends the moves."""
         runner = cls.__new__(cls)
         runner._init_inputs(
             model,
@@ -194,7 +200,22 @@ class ModelRunner:
             channel,
         )
         runner.lora_slots = lora_slots
+        runner.remote = True
         return runner
+
+    def remote_twin(self, channel: StepChannel) -> ModelRunner:
+        """A remote runner (:meth:`for_peer`) of this one's model and sizes, for the rank at
+        the other end of ``channel``, which holds its own copy of the model."""
+        return ModelRunner.for_peer(
+            self.model,
+            self.device,
+            self.block_size,
+            self.max_num_tokens,
+            self.max_num_seqs,
+            self.max_blocks_per_seq,
+            self.scratch_block,
+            channel,
+        )
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -417,6 +438,8 @@ class ModelRunner:
         the device now, before anything can reuse a freed source block."""
         if self.channel is not None:
             self.channel.send_moves(copies)
+        if self.remote:
+            return
         size = self.block_size
         states = self.hidden_store.states if self.hidden_store is not None else None
         for src, dst in copies:
@@ -444,6 +467,8 @@ class ModelRunner:
         if self.channel is not None:
             assert inputs.broadcast is not None
             self.channel.send_step(*inputs.broadcast, input_ids, inputs.mm_embeds)
+            if self.remote:
+                return self.channel.recv_logits(batch.num_logits, self.model.config.vocab_size)
         logits = self.run_step(input_ids, inputs, batch.block_copies)
         assert logits is not None
         return logits

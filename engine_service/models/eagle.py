@@ -62,6 +62,16 @@ class EagleHead(nn.Module, abc.ABC):
         """The target's feature rows to the head's hidden input width."""
         return features
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    @property
+    def draft_vocab_size(self) -> int:
+        """Columns of :meth:`compute_logits`: the head's vocabulary (EAGLE-3's reduced one,
+        or the target's when it shares the target's ``lm_head``)."""
+        return self.config.vocab_size
+
     @abc.abstractmethod
     def forward(
         self,
@@ -174,6 +184,11 @@ class Eagle3Head(EagleHead):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features.to(self.fc.weight.dtype))
+
+    @property
+    def draft_vocab_size(self) -> int:
+        shared_vocab = getattr(self.lm_head, "vocab_size", None)  # the target's ParallelLMHead
+        return shared_vocab or self.lm_head.weight.shape[0]
 
     def forward(self, input_ids, positions, hidden, kv_cache, meta):
         embeds = self.embed_tokens(input_ids)

@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
+from engine_service.engine import LLMEngine, SamplingParams
 from tests.engine_service.conftest import make_checkpoint
 from tests.engine_service.helpers import assert_pool_entirely_free, make_engine
 from tests.engine_service.test_deepseek import make_deepseek_checkpoint
@@ -194,8 +194,3 @@ def test_tensor_parallel_groups_inside_data_parallel_ranks_give_the_tokens_of_on
     finally:
         engine.close()
     assert_same(expected, got)
-
-
-def test_unsupported_data_parallel_combinations_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="speculative_config is not supported"):
-        EngineConfig(model="m", data_parallel_size=2, speculative_config='{"method": "ngram"}')

@@ -1,6 +1,7 @@
 """Tensor parallelism on the CPU (gloo, two processes): the same tokens and logprobs as one
-process, for every dense family, under prefix hits, chunked prefill, preemption, parallel
-samples and speculative token trees; and a rank that dies ends its replica.
+process, for every dense family, under prefix hits, chunked prefill, preemption and parallel
+samples; and a rank that dies ends its replica. Speculative decoding on several ranks is
+``test_speculative_parallel.py``'s.
 
 The test process is rank 0; each TP engine starts its rank 1 as a child process.
 """
@@ -18,8 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
 
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 from switchyard.exit_codes import CANNOT_START
@@ -35,7 +34,6 @@ from tests.engine_service.test_deepseek_mtp import MTP, write_mtp_checkpoint
 from tests.engine_service.test_multimodal import PROMPTS as MM_PROMPTS
 from tests.engine_service.test_multimodal import _run as run_multimodal
 from tests.engine_service.test_parity import _prompts
-from tests.engine_service.test_speculative import repetitive_prompts
 from tests.multimodal_support import expand_prompt, make_qwen2_vl_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,33 +134,6 @@ def llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tp-llama")
     make_llama_checkpoint(path)
     return path
-
-
-def test_speculative_token_trees_under_tensor_parallelism_stay_exact(llama, tmp_path):
-    """A draft model (unsharded, on rank 0) proposes trees; the sharded target verifies them
-    with tree masks, and accepted off-branch paths move their KV on every rank."""
-    model = transformers.LlamaForCausalLM.from_pretrained(llama)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.08 * torch.randn(parameter.shape, generator=generator))
-    model.save_pretrained(tmp_path)
-    spec = json.dumps(
-        {
-            "model": str(tmp_path),
-            "num_speculative_tokens": 3,
-            "tree": {"topk": 4, "num_draft_tokens": 12},
-        }
-    )
-    prompts = repetitive_prompts(random.Random(9))
-    params = SamplingParams(temperature=0.0, max_tokens=32)
-    expected = make_engine(llama).generate(prompts, params)
-    engine = make_engine(llama, speculative_config=spec, **TP)
-    try:
-        assert engine.generate(prompts, params) == expected
-        assert engine.scheduler.tree_tokens_moved > 0
-    finally:
-        engine.close()
 
 
 def test_unsupported_combinations_are_refused_with_the_reason():

@@ -7,6 +7,8 @@ samples. A message is three or four broadcasts from rank 0, in this order::
     payload  int64 [n]           CPU group   the step's host arrays, laid end to end
     tokens   int64 [T]           device group the step's token ids (STEP and DRAFT_STEP)
     images   float [I, H]        device group image embeddings (a STEP with I > 0 only)
+    hidden   fp32 [T, width]     device group an EAGLE head's hidden inputs (a DRAFT_STEP
+                                              whose header gives a width only)
 
     payload of a STEP:  positions [T] | slots [T] | query_start [B+1] | seq_lens [B]
                         | block_tables [B*W] | logits_indices [L] | block_copies [2C]
@@ -22,8 +24,11 @@ Images (vision-language models): rank 0 alone holds the vision tower and runs it
 embeddings of the step's image rows travel with the step, as the query rows they replace
 and the rows themselves, and under M-RoPE the step's rotary positions too.
 
-A DRAFT_STEP is a STEP of the ``mtp`` proposer's runner (the checkpoint's MTP layers, split
-like the target and run by every rank on a cache of their own); its layout is a STEP's.
+A DRAFT_STEP is a STEP of the proposer's model rather than the target's: the ``mtp``
+proposer's runner (the checkpoint's MTP layers, split like the target), a draft model's
+(split like the target) or an EAGLE head's (whole on every rank), each run by every rank on
+a cache of its own (:mod:`engine_service.engine.spec.ranks`); its layout is a STEP's. The
+hidden rows an EAGLE head feeds back travel as fp32, which holds bf16 and fp16 exactly.
 
 Token ids travel on the device group because rank 0 fills a step's pending rows from the
 previous step's samples on the device (no host sync); the rest is host data already.
@@ -36,7 +41,8 @@ STEP or MOVES, from the thread that sends those, and every rank applies it in th
 Under data-parallel attention each data-parallel rank runs its own batch: rank 0 sends the
 message of each to the ranks of its tensor-parallel group point to point instead (a channel
 with ``peers``), and the first rank of that group sends its logits rows back to rank 0 after
-the forward pass (``send_logits`` / ``recv_logits``).
+the forward pass (``send_logits`` / ``recv_logits``; after an EAGLE head's draft step, its
+output rows follow the logits the same way).
 The CPU group is gloo, also when the device group is NCCL, and waits without a deadline:
 an idle engine sends nothing for as long as it is idle, and a rank that dies closes its
 sockets, which fails the other ranks' broadcasts at once.
@@ -57,7 +63,8 @@ from engine_service.engine.lora_manager import SlotWrite
 from engine_service.engine.model_runner import StepInputs
 from engine_service.layers.paged_attention import AttentionMetadata
 
-HEADER_LEN = 15
+HEADER_LEN = 16
+_HIDDEN_WIDTH = 14  # header field: width of a DRAFT_STEP's hidden rows (0: none)
 # The dtypes image embeddings travel in (the header names one by its index).
 _EMBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -67,15 +74,18 @@ class Kind(enum.IntEnum):
     MOVES = 2  # KV slot moves after speculative verification (ModelRunner.move_slots)
     SHUTDOWN = 3
     LORA = 4  # an adapter slot write (lora_manager.SlotWrite)
-    DRAFT_STEP = 5  # a step of the MTP proposer's runner
+    DRAFT_STEP = 5  # a step of the proposer's model (MTP layers, draft model, EAGLE head)
 
 
 @dataclass(slots=True)
 class StepMessage:
-    """A step as the ranks receive it: the runner's inputs and the block copies first."""
+    """A step as the ranks receive it: the runner's inputs and the block copies first;
+    for an EAGLE head's draft step, the hidden rows it feeds in (fp32; ``None``: the
+    target's features at the step's slots)."""
 
     inputs: StepInputs
     block_copies: list[tuple[int, int]]
+    hidden: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -152,6 +162,7 @@ def pack_step(
             embed_width,
             embed_dtype,
             rope_rows,
+            0,  # hidden width: set by send_step when hidden rows go along
             payload.numel(),
         ],
         dtype=torch.int64,
@@ -165,8 +176,8 @@ class StepChannel:
     ``peers`` (data-parallel attention): the ranks this channel talks to, point to point
     instead of broadcasting: on rank 0 the ranks of one data-parallel rank's tensor-parallel
     group, whose first rank sends the logits back; on those ranks ``(0,)``. ``step_kind``:
-    what the steps prepared for this channel are (a DRAFT_STEP channel serves the MTP
-    proposer's runner; :meth:`for_drafts`).
+    what the steps prepared for this channel are (a DRAFT_STEP channel serves the proposer's
+    runner; :meth:`for_drafts`).
     """
 
     def __init__(
@@ -187,7 +198,7 @@ class StepChannel:
         self.step_kind = step_kind
 
     def for_drafts(self) -> StepChannel:
-        """The same ranks and groups, for the MTP proposer's steps (DRAFT_STEP)."""
+        """The same ranks and groups, for the proposer's steps (DRAFT_STEP)."""
         return StepChannel(
             self.device, self.cpu_group, self.device_group, self.peers, Kind.DRAFT_STEP
         )
@@ -202,14 +213,16 @@ class StepChannel:
             dist.recv(tensor, src=self.source, group=group)
 
     def send_logits(self, logits: torch.Tensor) -> None:
-        """A data-parallel rank's logits rows, to rank 0 (after its forward pass; from the
-        first rank of its tensor-parallel group, which gathered them)."""
-        dist.send(logits.contiguous(), dst=self.source, group=self.device_group)
+        """A data-parallel rank's logits rows (or an EAGLE head's output rows), fp32, to
+        rank 0 (after its forward pass; from the first rank of its tensor-parallel group,
+        which gathered them)."""
+        dist.send(logits.float().contiguous(), dst=self.source, group=self.device_group)
 
-    def recv_logits(self, rows: int, vocab: int) -> torch.Tensor:
-        """Rank 0: the ``[rows, vocab]`` fp32 logits of this channel's data-parallel rank."""
+    def recv_logits(self, rows: int, width: int) -> torch.Tensor:
+        """Rank 0: the ``[rows, width]`` fp32 logits (or head outputs) of this channel's
+        data-parallel rank."""
         assert self.peers
-        logits = torch.empty((rows, vocab), dtype=torch.float32, device=self.device)
+        logits = torch.empty((rows, width), dtype=torch.float32, device=self.device)
         dist.recv(logits, src=self.peers[0], group=self.device_group)
         return logits
 
@@ -236,13 +249,21 @@ class StepChannel:
         payload: torch.Tensor,
         input_ids: torch.Tensor,
         mm_embeds: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> None:
+        """A step (``header`` and ``payload`` from :func:`pack_step`); ``hidden``: the
+        ``[T, width]`` rows an EAGLE head's draft step feeds in."""
         self._send_slot_writes()
+        if hidden is not None:
+            header = header.clone()
+            header[_HIDDEN_WIDTH] = hidden.shape[1]
         self._broadcast(header, self.cpu_group)
         self._broadcast(payload, self.cpu_group)
         self._broadcast(input_ids.contiguous(), self.device_group)
         if mm_embeds is not None:
             self._broadcast(mm_embeds.contiguous(), self.device_group)
+        if hidden is not None:
+            self._broadcast(hidden.float().contiguous(), self.device_group)
 
     def send_moves(self, copies: list[tuple[int, int]]) -> None:
         self._send_slot_writes()
@@ -298,6 +319,7 @@ class StepChannel:
             embed_width,
             embed_dtype,
             rope_rows,
+            hidden_width,
             _,
         ) = header
         sizes = [
@@ -365,5 +387,11 @@ class StepChannel:
                 else None
             ),
         )
+        hidden = None
+        if hidden_width:
+            hidden = torch.empty(
+                (num_tokens, hidden_width), dtype=torch.float32, device=self.device
+            )
+            self._broadcast(hidden, self.device_group)
         pairs = copies.view(-1, 2).tolist()
-        return StepMessage(inputs, [(int(a), int(b)) for a, b in pairs])
+        return StepMessage(inputs, [(int(a), int(b)) for a, b in pairs], hidden)

@@ -27,8 +27,7 @@ from engine_service.engine.memory import allocate_kv_cache, num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.parallel.channel import Kind, StepChannel
 from engine_service.engine.parallel.ranks import RankContext, config_from_json, init_distributed
-from engine_service.engine.spec.config import SpeculativeConfig
-from engine_service.engine.spec.mtp import load_mtp
+from engine_service.engine.spec.ranks import DraftRank, build_draft_rank
 from engine_service.layers.lora import TorchLoRA
 from engine_service.models.loader import attention_needs, load_model
 from switchyard.exit_codes import CANNOT_START
@@ -54,19 +53,21 @@ def _exit_when_orphaned(parent_pid: int, rank: int) -> None:
 @dataclass(slots=True)
 class Rank:
     """What a rank runs: its runner, its adapter slots' deltas (``None`` without LoRA),
-    which rank 0's slot writes fill (:func:`apply_slot_write`), and the ``mtp`` proposer's
-    runner when speculation drafts with the checkpoint's MTP layers (split like the target;
-    every rank runs their steps)."""
+    which rank 0's slot writes fill (:func:`apply_slot_write`), and its part in drafting
+    (``None`` when the proposer gives it none): the MTP layers' or a draft model's shard, or
+    an EAGLE head."""
 
     ctx: RankContext
     runner: ModelRunner
     lora_deltas: dict[str, TorchLoRA] | None
-    draft: ModelRunner | None = None
+    drafter: DraftRank | None = None
 
 
 def load_rank(ctx: RankContext, config: EngineConfig) -> Rank:
     """Load this rank's shards and size the KV pool with the other ranks (as rank 0's
-    :class:`LLMEngine` does, in the same order of collectives)."""
+    :class:`LLMEngine` does, in the same order of collectives); with speculation, this
+    rank's part of the proposer's model too (before the runner: an EAGLE head has the target
+    keep its features)."""
     backend = get_attention_backend(
         config.attention_backend, ctx.device, attention_needs(config.model, config.revision)
     )
@@ -87,6 +88,9 @@ def load_rank(ctx: RankContext, config: EngineConfig) -> Rank:
     kv_cache = allocate_kv_cache(
         num_blocks, config.block_size, model_config, dtype, ctx.device, ctx.tp.size
     )
+    drafter = build_draft_rank(
+        config, model_config, model, backend, num_blocks, limit, ctx.device, ctx.tp
+    )
     runner = ModelRunner(
         model,
         backend,
@@ -98,21 +102,18 @@ def load_rank(ctx: RankContext, config: EngineConfig) -> Rank:
         scratch_block=num_blocks,
         lora_slots=lora_slots,
         tp_size=ctx.tp.size,
+        hidden_store=drafter.hidden_store if drafter is not None else None,
     )
-    draft = None
-    spec = config.speculative_config
-    if spec and SpeculativeConfig.parse(spec).method == "mtp":
-        _, draft = load_mtp(config, model_config, model, backend, num_blocks, limit, ctx.tp)
     logger.info("engine rank %d ready: %d KV blocks", ctx.rank, num_blocks)
-    return Rank(ctx, runner, lora_deltas, draft)
+    return Rank(ctx, runner, lora_deltas, drafter)
 
 
 def run_steps(rank: Rank) -> None:
     """Run what rank 0 broadcasts until its SHUTDOWN: the target's steps on the rank's
-    runner, the MTP proposer's on its draft runner. Under data parallelism a rank gets its
-    data-parallel rank's steps from rank 0 alone, and the first rank of each tensor-parallel
-    group sends the logits rows back."""
-    ctx, runner = rank.ctx, rank.runner
+    runner, draft steps on its drafter. Under data parallelism a rank gets its data-parallel
+    rank's steps from rank 0 alone, and the first rank of each tensor-parallel group sends
+    the logits rows back (and after an EAGLE head's draft step, its output rows)."""
+    ctx, runner, drafter = rank.ctx, rank.runner, rank.drafter
     data_parallel = ctx.tp.dp_size > 1
     channel = StepChannel(
         ctx.device, ctx.cpu_group, ctx.device_group, peers=(0,) if data_parallel else None
@@ -133,8 +134,13 @@ def run_steps(rank: Rank) -> None:
             continue
         step = message.step
         if message.kind == Kind.DRAFT_STEP:
-            assert rank.draft is not None, "an MTP step reached a rank without the MTP layers"
-            rank.draft.run_step(step.inputs.input_ids, step.inputs, step.block_copies)
+            assert drafter is not None, "a draft step reached a rank without a proposer"
+            logits, rows = drafter.run(step)
+            if data_parallel and ctx.tp.rank == 0:  # the group's first: gathered logits
+                assert logits is not None
+                channel.send_logits(logits)
+                if rows is not None:
+                    channel.send_logits(rows)
             continue
         logits = runner.run_step(step.inputs.input_ids, step.inputs, step.block_copies)
         # The first rank of each data-parallel rank's tensor-parallel group gathered them.

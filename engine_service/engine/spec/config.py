@@ -10,6 +10,10 @@
     {"model": PATH, "num_speculative_tokens": 4, "tree": {"topk": 2, "num_draft_tokens": 8}}
     {"method": "mtp", "num_speculative_tokens": 1}     # the target's own MTP layers (DeepSeek-V3)
 
+    # under --tensor-parallel-size N: a draft model splits like the target, or stays whole
+    # on the first rank with
+    {"model": PATH, "num_speculative_tokens": 4, "draft_tensor_parallel_size": 1}
+
 Methods not built yet are refused with that reason, so a config never silently runs
 something else.
 """
@@ -48,6 +52,49 @@ class SpeculativeConfig:
     # branching at each node and the tree's size; 0: chains.
     tree_topk: int = 0
     tree_size: int = 0
+    # vLLM's key: 1 keeps a draft model whole on the first tensor-parallel rank; None or the
+    # target's size splits it like the target.
+    draft_tensor_parallel_size: int | None = None
+
+    def steps_on_every_rank(self, tensor_parallel_size: int) -> bool:
+        """Whether the proposer's model runs on every tensor-parallel rank, the first rank
+        sending each of its steps to the others: the MTP layers and a draft model split like
+        the target (a draft model whole on the first rank alone with
+        ``draft_tensor_parallel_size`` 1), an EAGLE head whole on each rank beside the
+        target's vocabulary-parallel embedding and ``lm_head``. No for n-gram lookup, and
+        with one rank."""
+        if tensor_parallel_size == 1 or self.method == "ngram":
+            return False
+        return self.method != "draft_model" or self.draft_tensor_parallel_size != 1
+
+    def check_parallel(self, tensor_parallel_size: int, data_parallel_size: int) -> None:
+        """``ValueError`` for what this proposer cannot do over several ranks."""
+        if self.method == "mtp" and data_parallel_size > 1:
+            raise ValueError(
+                'speculative method "mtp" is not supported with data_parallel_size > 1 yet: '
+                "the MTP proposer keeps each request's target hidden states in the first "
+                "rank's process, and a data-parallel rank computes its own elsewhere"
+            )
+        tp, draft_tp = tensor_parallel_size, self.draft_tensor_parallel_size
+        if draft_tp is None or self.method == "ngram":
+            return
+        if draft_tp not in (1, tp):
+            raise ValueError(
+                f"draft_tensor_parallel_size must be 1 (the draft whole on the first rank) "
+                f"or the target's tensor_parallel_size {tp}, got {draft_tp}"
+            )
+        if draft_tp == 1 and tp > 1 and self.method != "draft_model":
+            what = "the MTP layers run" if self.method == "mtp" else "an EAGLE head runs"
+            raise ValueError(
+                f"{what} on every tensor-parallel rank (beside the target's "
+                f"vocabulary-parallel embedding and lm_head): draft_tensor_parallel_size "
+                f"must be {tp} or left out"
+            )
+        if draft_tp == 1 and tp > 1 and data_parallel_size > 1:
+            raise ValueError(
+                "draft_tensor_parallel_size 1 is not supported with data_parallel_size > 1: "
+                "each data-parallel rank's draft splits over its tensor-parallel group"
+            )
 
     @classmethod
     def parse(cls, value: str | dict[str, Any]) -> SpeculativeConfig:
@@ -104,7 +151,10 @@ class SpeculativeConfig:
                 raise ValueError('"tree" needs integer "topk" and "num_draft_tokens"')
             if not 1 <= tree_topk <= 8 or not tree_topk <= tree_size <= 64:
                 raise ValueError("tree topk must be 1-8 and num_draft_tokens from topk to 64")
-        return cls(method, k, raw.get("model"), low, high, tree_topk, tree_size)
+        draft_tp = raw.get("draft_tensor_parallel_size")
+        if draft_tp is not None and not (isinstance(draft_tp, int) and draft_tp >= 1):
+            raise ValueError("draft_tensor_parallel_size must be a positive integer")
+        return cls(method, k, raw.get("model"), low, high, tree_topk, tree_size, draft_tp)
 
 
 def check_same_tokenizer(target: Path, draft: Path, target_vocab: int, draft_vocab: int) -> None:

@@ -27,6 +27,16 @@ Trees (``tree_topk``) grow as the draft model's do (EAGLE-2: by path probability
 that a node's hidden input is its parent's output, so the tree runs one round at a time:
 every round runs all nodes so far under the tree mask (the earlier ones recompute what they
 computed before) and expands the newest.
+
+Several ranks. Under tensor parallelism every rank holds the head's layers whole and runs
+each head step (:func:`run_head`): the target's hidden states are whole on every rank after
+each layer's all-reduce, so each rank's feature store holds the same rows, and the target's
+vocabulary-parallel embedding (summed over the ranks) and ``lm_head`` (gathered on the first
+rank) work as in the target's own forward. Rank 0 decides alone: it sends each head step
+with the hidden rows it feeds back (its own outputs), reads the gathered logits and picks the
+drafts. Under data-parallel attention each rank drafts for its own batch from its own
+features: rank 0 keeps a remote proposer per other rank (:meth:`EagleProposer.for_peer`)
+whose head steps run in that rank's process and send back their logits and output rows.
 """
 
 from __future__ import annotations
@@ -37,10 +47,16 @@ import torch
 
 from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
 from engine_service.engine.config import EngineConfig
-from engine_service.engine.model_runner import ModelRunner
+from engine_service.engine.model_runner import ModelRunner, StepInputs
+from engine_service.engine.parallel.channel import StepChannel
 from engine_service.engine.request import Request
 from engine_service.engine.spec.config import SpeculativeConfig
-from engine_service.engine.spec.proposers import Proposer, _Tree, draft_runner
+from engine_service.engine.spec.proposers import (
+    Proposer,
+    _Tree,
+    draft_max_tokens,
+    draft_runner,
+)
 from engine_service.layers.paged_attention import AttentionBackend
 from engine_service.models.config import ModelConfig
 from engine_service.models.eagle import EagleHead, load_eagle_head
@@ -62,8 +78,10 @@ class EagleProposer(Proposer):
         tree_size: int = 0,
     ) -> None:
         self.head = head
-        self.runner = runner  # builds the head's step inputs; its cache is the head's KV
-        self.hidden_store = hidden_store
+        # Builds the head's step inputs; its cache is the head's KV. A remote runner (data
+        # parallel): the head, its KV and the features are another rank's.
+        self.runner = runner
+        self.hidden_store = hidden_store if not runner.remote else None
         self.num_tokens = num_tokens
         self.max_tokens = max_tokens
         self.tree_topk = tree_topk
@@ -74,6 +92,17 @@ class EagleProposer(Proposer):
 
     def tree_parents(self) -> dict[int, list[int]]:
         return self.parents
+
+    def for_peer(self, channel: StepChannel) -> Proposer:
+        return EagleProposer(
+            self.head,
+            self.runner.remote_twin(channel),
+            None,
+            self.num_tokens,
+            self.max_tokens,
+            self.tree_topk,
+            self.tree_size,
+        )
 
     @torch.inference_mode()
     def propose(self, batch: ScheduledBatch) -> dict[int, list[int]]:
@@ -210,17 +239,8 @@ class EagleProposer(Proposer):
                 batch.num_tokens += sequence.num_tokens
                 batch.num_logits += sequence.num_logits
             inputs = self.runner.prepare(batch)
-            if hidden_in is None:
-                hidden = self.head.project(self.hidden_store.read(inputs.meta.slot_mapping))
-            else:
-                hidden = torch.cat(hidden_in[start:stop])
-            runner = self.runner
-            runner.backend.prepare(inputs.meta, runner.block_size)
-            rows = self.head(
-                inputs.input_ids, inputs.positions, hidden, runner.kv_cache, inputs.meta
-            )
-            rows = rows[inputs.logits_indices]
-            logits = self.head.compute_logits(rows).float()
+            hidden = None if hidden_in is None else torch.cat(hidden_in[start:stop])
+            rows, logits = self._execute(batch, inputs, hidden)
             first = 0
             for key, sequence in group:
                 last = first + sequence.num_logits
@@ -229,28 +249,69 @@ class EagleProposer(Proposer):
             start = stop
         return out
 
+    def _execute(
+        self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One head step here, on every tensor-parallel rank, or on the data-parallel rank
+        this proposer drafts for; its (output rows, fp32 logits) at the logits rows."""
+        channel = self.runner.channel
+        if channel is not None:
+            assert inputs.broadcast is not None
+            channel.send_step(*inputs.broadcast, inputs.input_ids, hidden=hidden)
+            if self.runner.remote:
+                logits = channel.recv_logits(batch.num_logits, self.head.draft_vocab_size)
+                rows = channel.recv_logits(batch.num_logits, self.head.config.hidden_size)
+                return rows.to(self.head.dtype), logits
+        rows, logits = run_head(self.head, self.runner, self.hidden_store, inputs, hidden)
+        assert logits is not None  # the first rank's
+        return rows, logits
 
-def build_eagle_proposer(
+
+@torch.inference_mode()
+def run_head(
+    head: EagleHead,
+    runner: ModelRunner,
+    store: HiddenStateStore | None,
+    inputs: StepInputs,
+    hidden: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward of ``head`` over prepared ``inputs``, as every rank that holds it runs it:
+    the hidden input is ``hidden`` (``[T, H]``, the outputs fed back) or, when ``None``, the
+    target's features at the step's slots in ``store``. Returns the output rows at the
+    logits rows and their fp32 logits over the head's vocabulary (``None`` on ranks other
+    than the first when the head shares the target's vocabulary-parallel ``lm_head``)."""
+    if hidden is None:
+        assert store is not None
+        hidden = head.project(store.read(inputs.meta.slot_mapping))
+    runner.backend.prepare(inputs.meta, runner.block_size)
+    rows = head(
+        inputs.input_ids, inputs.positions, hidden.to(head.dtype), runner.kv_cache, inputs.meta
+    )
+    rows = rows[inputs.logits_indices]
+    logits = head.compute_logits(rows)
+    return rows, logits.float() if logits is not None else None
+
+
+def load_eagle_head_runner(
     spec: SpeculativeConfig,
     config: EngineConfig,
     target: ModelConfig,
-    target_model: torch.nn.Module | None,
+    target_model: torch.nn.Module,
     backend: AttentionBackend,
     num_blocks: int,
     max_model_len: int,
-    max_tokens: int,
-) -> EagleProposer:
-    """Load the head ``spec`` names and check it against the target; the proposer's
-    ``hidden_store`` is what the engine must have the target keep."""
-    if target_model is None or not hasattr(target_model, "keep_hidden_states"):
+    device: torch.device,
+    channel: StepChannel | None = None,
+) -> tuple[EagleHead, HiddenStateStore, ModelRunner]:
+    """The head ``spec`` names for ``target_model``, the store of target features it reads
+    (which the target must be told to keep), and a runner over the head's own KV cache; what
+    every rank that holds the head builds. ``channel``: rank 0's, for the head's steps."""
+    if not hasattr(target_model, "keep_hidden_states"):
         raise ValueError(
             f"the target architecture {target.architecture} cannot feed an EAGLE head "
             "(it does not expose its hidden states)"
         )
-    if config.tensor_parallel_size > 1:
-        raise ValueError("EAGLE heads under tensor parallelism are not supported yet")
     assert spec.model is not None
-    device = torch.device(config.device)
     dtype = resolve_dtype(config.dtype, target.torch_dtype)
     version = 3 if spec.method == "eagle3" else 1
     head = load_eagle_head(
@@ -265,15 +326,47 @@ def build_eagle_proposer(
         config,
         num_blocks,
         max_model_len,
-        max_tokens,
+        draft_max_tokens(config, max_model_len),
         custom_masks=spec.tree_size > 0,
+        device=device,
+        channel=channel,
+    )
+    return head, store, runner
+
+
+def build_eagle_proposer(
+    spec: SpeculativeConfig,
+    config: EngineConfig,
+    target: ModelConfig,
+    target_model: torch.nn.Module | None,
+    backend: AttentionBackend,
+    num_blocks: int,
+    max_model_len: int,
+    device: torch.device,
+    channel: StepChannel | None = None,
+) -> EagleProposer:
+    """Load the head ``spec`` names and check it against the target; the proposer's
+    ``hidden_store`` is what the engine must have the target keep."""
+    if target_model is None:
+        raise ValueError(
+            f"the target architecture {target.architecture} cannot feed an EAGLE head "
+            "(it does not expose its hidden states)"
+        )
+    head, store, runner = load_eagle_head_runner(
+        spec, config, target, target_model, backend, num_blocks, max_model_len, device, channel
     )
     logger.info(
         "speculative decoding: EAGLE-%d head %s, %d tokens",
-        version,
+        3 if spec.method == "eagle3" else 1,
         spec.model,
         spec.num_speculative_tokens,
     )
     return EagleProposer(
-        head, runner, store, spec.num_speculative_tokens, max_tokens, spec.tree_topk, spec.tree_size
+        head,
+        runner,
+        store,
+        spec.num_speculative_tokens,
+        draft_max_tokens(config, max_model_len),
+        spec.tree_topk,
+        spec.tree_size,
     )

@@ -18,7 +18,9 @@ import torch
 
 from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
 from engine_service.engine.config import EngineConfig
+from engine_service.engine.memory import rank_kv_block_shape
 from engine_service.engine.model_runner import ModelRunner
+from engine_service.engine.parallel.channel import StepChannel
 from engine_service.engine.request import Request
 from engine_service.engine.spec.config import SpeculativeConfig, check_same_tokenizer
 from engine_service.layers.paged_attention import AttentionBackend
@@ -51,6 +53,12 @@ class Proposer(abc.ABC):
         (a buffer the next step may overwrite), for proposers that draft from them."""
         return None
 
+    def for_peer(self, channel: StepChannel) -> Proposer:
+        """A proposer of the same kind for another data-parallel rank's batches: its model
+        (a whole copy) and caches live in that rank's process, which runs the steps sent
+        through ``channel`` (of draft steps, to that rank) and sends back their results."""
+        raise NotImplementedError(f"{type(self).__name__} drafts on one rank only")
+
     def close(self) -> None:
         return None
 
@@ -65,6 +73,9 @@ class NgramProposer(Proposer):
         self.num_tokens = num_tokens
         self.lookup_min = lookup_min
         self.lookup_max = lookup_max
+
+    def for_peer(self, channel: StepChannel) -> Proposer:
+        return self  # no state and no model: the tokens are all it reads
 
     def propose(self, batch: ScheduledBatch) -> dict[int, list[int]]:
         drafts = {}
@@ -135,6 +146,15 @@ class DraftModelProposer(Proposer):
 
     def tree_parents(self) -> dict[int, list[int]]:
         return self.parents
+
+    def for_peer(self, channel: StepChannel) -> Proposer:
+        return DraftModelProposer(
+            self.runner.remote_twin(channel),
+            self.num_tokens,
+            self.max_tokens,
+            self.tree_topk,
+            self.tree_size,
+        )
 
     def _catch_up(self, chosen, known: dict[int, int]) -> dict[int, torch.Tensor]:
         """Feed each sequence's unseen known tokens; the draft's logits after the last."""
@@ -285,6 +305,7 @@ def build_proposer(
     num_blocks: int,
     max_model_len: int,
     target_model: torch.nn.Module | None = None,
+    device: torch.device | None = None,
     tp: TensorParallel = SINGLE,
     channel: StepChannel | None = None,
 ) -> Proposer:
@@ -293,8 +314,14 @@ def build_proposer(
     EAGLE head is checked against the target (``target_model``, whose embedding and
     ``lm_head`` it may share) and gets such a cache too, plus the store of target features
     it reads (:attr:`Proposer.hidden_store`, which the engine hands the target and its
-    runner). Under tensor parallelism (``tp``, rank 0's ``channel``) the ``mtp`` layers are
-    split like the target and run on every rank; a draft model runs whole on rank 0."""
+    runner).
+
+    Under tensor parallelism (``tp``, rank 0's place; ``channel``, rank 0's channel of the
+    target's steps) a proposer whose model runs on every rank
+    (:meth:`SpeculativeConfig.steps_on_every_rank`: the MTP layers, a draft model split like
+    the target, an EAGLE head) sends each of its steps through the channel's draft twin
+    before running its own part; the other ranks hold theirs
+    (:mod:`engine_service.engine.spec.ranks`)."""
     if spec.method == "ngram":
         return NgramProposer(
             spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
@@ -315,23 +342,77 @@ def build_proposer(
             channel,
         )
     assert spec.model is not None
-    device = torch.device(config.device)
-    # A sequence's first proposal feeds the draft its whole prompt in one pass.
-    max_tokens = max(config.max_num_batched_tokens, max_model_len)
+    device = device or torch.device(config.device)
+    draft_channel = None
+    if spec.steps_on_every_rank(tp.size) and channel is not None:
+        draft_channel = channel.for_drafts()
+    else:
+        tp = SINGLE
+    max_tokens = draft_max_tokens(config, max_model_len)
     if spec.method in ("eagle", "eagle3"):
         from engine_service.engine.spec.eagle import build_eagle_proposer  # builds on this module
 
         return build_eagle_proposer(
-            spec, config, target, target_model, backend, num_blocks, max_model_len, max_tokens
+            spec,
+            config,
+            target,
+            target_model,
+            backend,
+            num_blocks,
+            max_model_len,
+            device,
+            draft_channel,
         )
-    draft, draft_config, dtype = load_model(spec.model, backend, config.dtype, device, None)
+    runner = load_draft_model(
+        spec, config, backend, num_blocks, max_model_len, device, tp, draft_channel
+    )
     check_same_tokenizer(
         resolve_model_path(config.model, config.revision),
         resolve_model_path(spec.model),
         target.vocab_size,
-        draft_config.vocab_size,
+        runner.model.config.vocab_size,
     )
-    runner = draft_runner(
+    logger.info(
+        "speculative decoding: draft model %s, %d tokens%s",
+        spec.model,
+        spec.num_speculative_tokens,
+        f", split over {tp.size} ranks" if tp.size > 1 else "",
+    )
+    return DraftModelProposer(
+        runner, spec.num_speculative_tokens, max_tokens, spec.tree_topk, spec.tree_size
+    )
+
+
+def draft_max_tokens(config: EngineConfig, max_model_len: int) -> int:
+    """The most tokens one draft forward takes: a sequence's first proposal feeds the draft
+    its whole prompt in one pass."""
+    return max(config.max_num_batched_tokens, max_model_len)
+
+
+def load_draft_model(
+    spec: SpeculativeConfig,
+    config: EngineConfig,
+    backend: AttentionBackend,
+    num_blocks: int,
+    max_model_len: int,
+    device: torch.device,
+    tp: TensorParallel = SINGLE,
+    channel: StepChannel | None = None,
+) -> ModelRunner:
+    """The draft model ``spec`` names, split as ``tp`` says, and a runner over its cache
+    (this rank's key/value heads); what every rank that holds a share runs. ``channel``:
+    rank 0's, through which the runner sends its steps to the other shares."""
+    assert spec.model is not None
+    try:
+        draft, draft_config, dtype = load_model(spec.model, backend, config.dtype, device, None, tp)
+    except ValueError as exc:
+        if tp.size == 1:
+            raise
+        raise ValueError(
+            f"the draft model does not split over tensor-parallel size {tp.size}: {exc}; "
+            'give "draft_tensor_parallel_size": 1 to keep it whole on the first rank'
+        ) from exc
+    return draft_runner(
         draft,
         draft_config,
         dtype,
@@ -339,14 +420,11 @@ def build_proposer(
         config,
         num_blocks,
         max_model_len,
-        max_tokens,
+        draft_max_tokens(config, max_model_len),
         custom_masks=spec.tree_size > 0,
-    )
-    logger.info(
-        "speculative decoding: draft model %s, %d tokens", spec.model, spec.num_speculative_tokens
-    )
-    return DraftModelProposer(
-        runner, spec.num_speculative_tokens, max_tokens, spec.tree_topk, spec.tree_size
+        device=device,
+        tp_size=tp.size,
+        channel=channel,
     )
 
 
@@ -360,13 +438,17 @@ def draft_runner(
     max_model_len: int,
     max_tokens: int,
     custom_masks: bool = False,
+    device: torch.device | None = None,
+    tp_size: int = 1,
+    channel: StepChannel | None = None,
 ) -> ModelRunner:
     """A runner over a draft's (or head's) own KV cache, indexed by the target's block ids;
-    ``custom_masks``: it drafts token trees (its kernels' mask variants compile at start)."""
+    ``custom_masks``: it drafts token trees (its kernels' mask variants compile at start);
+    ``tp_size``: the draft is split over that many ranks (each caches its own heads)."""
     cache = torch.zeros(
-        (num_blocks + 1, *mc.kv_block_shape(config.block_size)),
+        (num_blocks + 1, *rank_kv_block_shape(mc, config.block_size, tp_size)),
         dtype=dtype,
-        device=torch.device(config.device),
+        device=device or torch.device(config.device),
     )
     return ModelRunner(
         draft,
@@ -377,5 +459,7 @@ def draft_runner(
         max_num_seqs=config.max_num_seqs,
         max_blocks_per_seq=-(-max_model_len // config.block_size),
         scratch_block=num_blocks,
+        channel=channel,
+        tp_size=tp_size,
         custom_masks=custom_masks,
     )
