@@ -20,12 +20,20 @@ Exit status 1 on any mismatch.
   expert parallelism (tensor-parallel groups inside the data-parallel ranks).
 - Layer: a FusedMoE with ``expert_parallel`` over the two GPUs (NCCL all-to-all, with and
   without the micro-batch overlap) against the same layer on one GPU, in fp32.
+- Speculation over the ranks: with ``tensor_parallel_size=2`` n-gram lookup, a draft model
+  split over the GPUs and one whole on the first, EAGLE-1 chains and trees and an EAGLE-3
+  head (reduced vocabulary) stepping on both GPUs (draft steps and hidden rows broadcast
+  over NCCL); with ``data_parallel_size=2`` an EAGLE head and a draft model drafting on each
+  GPU for its own batch (steps, logits and head outputs sent point to point). Random heads
+  and a draft close to the target: greedy tokens must equal the same layout's without
+  speculation.
 
     python bench/parallel_check.py
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -160,6 +168,77 @@ def check_engine(path: Path, adapters: dict[str, str] | None = None, **parallel_
     return ok
 
 
+def write_drafters(path: Path, out: Path) -> None:
+    """Random EAGLE-1 and EAGLE-3 heads for the llama at ``path`` (train_spec's layouts,
+    untrained), and a draft: the target with a little noise (drafts often accepted)."""
+    from train_spec import Eagle1, Eagle3, save_head
+
+    cfg = transformers.LlamaConfig.from_pretrained(path)
+    torch.manual_seed(1)
+    base = {**cfg.to_dict(), "num_hidden_layers": 1}
+    save_head(out / "eagle", Eagle1(cfg).state(), {**base, "architectures": ["LlamaForCausalLM"]})
+    draft_vocab = 300
+    kept = torch.randperm(cfg.vocab_size)[:draft_vocab].sort().values
+    t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+    t2d[kept] = True
+    save_head(
+        out / "eagle3",
+        {**Eagle3(cfg, draft_vocab).state(), "d2t": kept - torch.arange(draft_vocab), "t2d": t2d},
+        {
+            **base,
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "draft_vocab_size": draft_vocab,
+            "eagle_aux_hidden_state_layer_ids": [0, 2, 3],
+        },
+    )
+    draft = transformers.LlamaForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for parameter in draft.parameters():
+            parameter.add_(0.002 * torch.randn_like(parameter))
+    draft.save_pretrained(out / "draft")
+
+
+def check_speculation(path: Path, tmp: Path) -> bool:
+    """Every method over two GPUs against the same layout without speculation."""
+    write_drafters(path, tmp)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 1001) for _ in range(n)] for n in (5, 40, 130)]
+    motif = [rng.randrange(3, 1001) for _ in range(6)]
+    prompts.append(motif * 8)  # something for n-gram lookup to find
+
+    def spec(method: str, model: str | None = None, **extra) -> str:
+        config = {"method": method, "num_speculative_tokens": 4, **extra}
+        if model:
+            config["model"] = str(tmp / model)
+        return json.dumps(config)
+
+    tree = {"topk": 3, "num_draft_tokens": 10}
+    cases = {
+        "tensor_parallel_size": [
+            spec("ngram", prompt_lookup_min=1),
+            spec("draft_model", "draft", tree=tree),
+            spec("draft_model", "draft", draft_tensor_parallel_size=1),
+            spec("eagle", "eagle"),
+            spec("eagle", "eagle", tree=tree),
+            spec("eagle3", "eagle3"),
+        ],
+        "data_parallel_size": [
+            spec("eagle", "eagle", tree=tree),
+            spec("draft_model", "draft", tree=tree),
+        ],
+    }
+    ok = True
+    for layout, specs in cases.items():
+        expected = [[lp.token_id for lp in r] for r in run_engine(path, prompts, **{layout: 2})]
+        for speculative_config in specs:
+            got = run_engine(path, prompts, **{layout: 2}, speculative_config=speculative_config)
+            same = [[lp.token_id for lp in r] for r in got] == expected
+            ok &= same
+            print(f"speculation {layout}=2 {speculative_config}: tokens "
+                  f"{'equal' if same else 'DIFFER'}")  # fmt: skip
+    return ok
+
+
 def build_moe(tp: TensorParallel, device) -> FusedMoE:
     moe = FusedMoE(EXPERTS, TOP_K, HIDDEN, INNER, tp=tp).to(device)
     for e in range(EXPERTS):
@@ -240,6 +319,7 @@ def main() -> None:
             )
         else:
             print("dp=2 x tp=2: skipped (needs 4 CUDA devices)")
+        engine_ok &= check_speculation(path, Path(tmp))
     moe_ok = check_moe()
     print("parallel check:", "PASS" if engine_ok and moe_ok else "FAIL")
     sys.exit(0 if engine_ok and moe_ok else 1)
