@@ -81,7 +81,7 @@ class EagleProposer(Proposer):
         # Builds the head's step inputs; its cache is the head's KV. A remote runner (data
         # parallel): the head, its KV and the features are another rank's.
         self.runner = runner
-        self.hidden_store = hidden_store if not runner.remote else None
+        self.hidden_store = hidden_store  # None with a remote runner
         self.num_tokens = num_tokens
         self.max_tokens = max_tokens
         self.tree_topk = tree_topk
