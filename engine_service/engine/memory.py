@@ -54,7 +54,6 @@ def num_kv_blocks(
     if method in ("eagle", "eagle3"):
         # The head's layer is whole on every tensor-parallel rank (its heads not split).
         per_block += kv_block_bytes(model, config.block_size, dtype) // model.num_layers
-    if method in ("eagle", "eagle3"):
         element = torch.empty((), dtype=dtype).element_size()
         width = model.hidden_size * (3 if method == "eagle3" else 1)
         per_block += config.block_size * width * element
