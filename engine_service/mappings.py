@@ -6,7 +6,6 @@ servicer turns into ``INVALID_ARGUMENT``.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
@@ -20,8 +19,6 @@ from switchyard.block_hash import MediaSpan, image_hash
 from switchyard.lora_modules import parse_lora_modules
 from switchyard.settings import EngineSettings
 from switchyard.v1 import common_pb2, engine_pb2
-
-logger = logging.getLogger(__name__)
 
 # The host tier stages blocks on their way to the KV service; it gets at least this much.
 KV_STAGING_HOST_BYTES = 64 << 20
@@ -162,17 +159,6 @@ def engine_config_from_settings(settings: EngineSettings, model_path: str) -> En
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kv_service_address = settings.kv_service_address
-    parallel = settings.tensor_parallel_size * settings.data_parallel_size > 1
-    if parallel and kv_service_address and not settings.kv_offload_host_bytes:
-        # `switchyard up` and the chart point every engine at the KV service; a parallel
-        # engine cannot offload yet (each rank would move its own heads), so it serves
-        # without. Asking for a host tier explicitly is refused by EngineConfig instead.
-        logger.warning(
-            "KV offload to the KV service is not supported with several ranks yet; "
-            "this engine serves without it",
-            extra={"kv_service_address": kv_service_address},
-        )
-        kv_service_address = ""
     return EngineConfig(
         model=model_path,
         dtype=settings.dtype,

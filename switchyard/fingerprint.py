@@ -46,15 +46,33 @@ def checkpoint_id(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def kv_fingerprint(model: str, dtype: str | torch.dtype, block_shape: Sequence[int]) -> bytes:
+def kv_fingerprint(
+    model: str,
+    dtype: str | torch.dtype,
+    block_shape: Sequence[int],
+    tp_size: int = 1,
+    kv_shard: int = 0,
+) -> bytes:
     """The ``FINGERPRINT_BYTES`` fingerprint of KV blocks written by ``model`` (an engine
     passes :func:`checkpoint_id` of its checkpoint; any stable model name works for tools
     and tests) in ``dtype`` (``torch.bfloat16`` and ``"bfloat16"`` are the same) with one
     block shaped ``block_shape``, e.g. ``(num_layers, 2, block_size, num_kv_heads,
-    head_dim)``. Each part is length-prefixed, so no two different inputs run together."""
+    head_dim)``. Each part is length-prefixed, so no two different inputs run together.
+
+    A rank of a tensor-parallel engine (``tp_size`` > 1) caches one slice of the key/value
+    heads, ``kv_shard`` (see ``engine_service.layers.parallel.kv_shard``; ranks that hold
+    the same heads, or the same whole latent, share a slice): both count, so the ranks of one
+    engine never read each other's slices and a block of another layout (one rank, another
+    size) never passes for one of theirs, while engines of one layout share every slice.
+    With one rank the fingerprint is what it always was."""
     digest = hashlib.blake2b(digest_size=FINGERPRINT_BYTES, person=b"switchyard-kvfp")
     dtype_name = str(dtype).removeprefix("torch.")
-    for part in (model, dtype_name, ",".join(str(int(d)) for d in block_shape)):
+    parts = [model, dtype_name, ",".join(str(int(d)) for d in block_shape)]
+    if tp_size > 1:
+        if not 0 <= kv_shard < tp_size:
+            raise ValueError(f"kv_shard {kv_shard} is not a slice of {tp_size} ranks")
+        parts.append(f"tp{tp_size}:{kv_shard}")
+    for part in parts:
         encoded = part.encode()
         digest.update(len(encoded).to_bytes(4, "little"))
         digest.update(encoded)

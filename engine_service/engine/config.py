@@ -31,7 +31,10 @@ class EngineConfig:
     store the engine is given, if any; with ``kv_write_through`` every block also goes
     there once computed, so other replicas can reuse it. After a failed call to the store,
     the engine serves without it for ``kv_remote_retry_s``. ``enable_kv_events`` records which
-    blocks the engine holds, for prefix-aware routing.
+    blocks the engine holds, for prefix-aware routing. ``kv_offload_host_bytes`` is per rank
+    on a parallel engine, as the KV pool's budgets are: each rank offloads and restores its
+    own share of every block (its heads), as rank 0 decides, and stores it in the remote
+    store under a fingerprint of its own; each data-parallel rank's pool has its own tiers.
 
     Scheduling: with ``async_scheduling`` the host schedules and prepares step N+1 while
     the device runs step N (SGLang's overlap scheduler, vLLM's async scheduling); results
@@ -146,10 +149,4 @@ class EngineConfig:
         if self.speculative_config:
             SpeculativeConfig.parse(self.speculative_config).check_parallel(
                 self.tensor_parallel_size, self.data_parallel_size
-            )
-        if self.enable_kv_offload:
-            # Each rank's own share of every block would have to move between the tiers.
-            raise ValueError(
-                "enable_kv_offload (--kv-offload-host-bytes, --kv-service-address) is not "
-                "supported with more than one rank yet"
             )

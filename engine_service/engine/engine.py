@@ -42,12 +42,14 @@ from engine_service.engine.kv_handoff import (
     export_ready_blocks,
 )
 from engine_service.engine.lora_manager import LoRAAdapter, LoRADisabledError, LoRAManager
-from engine_service.engine.memory import allocate_kv_cache, num_kv_blocks
+from engine_service.engine.memory import allocate_kv_cache, kv_block_bytes, num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner, StepInputs
 from engine_service.engine.multimodal import EncoderCache, EncoderRunner, ImageInput
 from engine_service.engine.offload import OffloadManager, RemoteKVStore
+from engine_service.engine.offload_rank import RankOffload, rank_kv_fingerprint
 from engine_service.engine.outputs import EngineStats, LoRAStats, RequestOutput, TokenLogprob
 from engine_service.engine.parallel.channel import StepChannel
+from engine_service.engine.parallel.offload_link import OffloadLink
 from engine_service.engine.parallel.ranks import RankContext, WorkerRanks, init_distributed
 from engine_service.engine.progress import TokenAcceptor
 from engine_service.engine.request import Request
@@ -63,7 +65,6 @@ from engine_service.engine.structured.backend import GrammarMatcher
 from engine_service.layers.moe import FusedMoE
 from engine_service.layers.parallel import SINGLE
 from engine_service.models.loader import attention_needs, load_model
-from switchyard.fingerprint import checkpoint_id, kv_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +90,16 @@ class _InFlight:
 @dataclass(slots=True)
 class _Shard:
     """One data-parallel rank's share of the engine: its requests' scheduler and KV pool,
-    and the runner that builds its steps (rank 0's own runner, or one that only prepares
-    and sends them to that rank)."""
+    the runner that builds its steps (rank 0's own runner, or one that only prepares and
+    sends them to that rank), its proposer (speculation) and the offload decisions for its
+    pool."""
 
     rank: int
     kv_manager: KVCacheManager
     scheduler: Scheduler
     runner: ModelRunner
     proposer: Proposer | None = None
+    offload: OffloadManager | None = None
 
     @property
     def load(self) -> int:
@@ -118,7 +121,16 @@ class LLMEngine:
         self._rank_ctx: RankContext | None = None
         self._channel: StepChannel | None = None
         if config.world_size > 1:
-            self._ranks = WorkerRanks(config)
+            store_spec = None
+            if config.enable_kv_offload and remote_kv_store is not None:
+                store_spec = remote_kv_store.reopen_spec()
+                if store_spec is None:
+                    raise ValueError(
+                        f"{type(remote_kv_store).__name__} cannot be opened by the engine's "
+                        "other ranks (it has no reopen_spec), so a parallel engine cannot "
+                        "offload to it"
+                    )
+            self._ranks = WorkerRanks(config, kv_store_spec=store_spec)
             self._ranks.start()
         try:
             if self._ranks is not None:
@@ -195,28 +207,22 @@ class LLMEngine:
         )
         self.kv_events = KVEventLog() if config.enable_kv_events else None
         # What this engine's KV blocks mean: blocks move to or from another engine (the KV
-        # service, a prefill or decode engine) only under the same fingerprint.
-        self.kv_fingerprint = kv_fingerprint(
-            checkpoint_id(config.model), self.dtype, tuple(self.kv_cache.shape[1:])
+        # service, a prefill or decode engine) only under the same fingerprint. Under tensor
+        # parallelism it is rank 0's (its slice of the heads); every rank has its own.
+        self.kv_fingerprint, _ = rank_kv_fingerprint(
+            config.model, mc, config.block_size, self.kv_cache, tp
         )
         self.kv_imports = KVImports(self.kv_cache, config.block_size)
         self._handoff_events: list[HandoffEvent] = []
         self._exporting: set[str] = set()  # request ids whose prompt KV is being exported
+        events: KVEventLog | SharedKVEvents | None = self.kv_events
+        if self.kv_events is not None and config.data_parallel_size > 1:
+            events = SharedKVEvents(self.kv_events)  # the ranks' pools and host tiers as one
+        self._remote_kv_store = remote_kv_store
         self.offload: OffloadManager | None = None
         if config.enable_kv_offload:
-            self.offload = OffloadManager(
-                self.kv_cache,
-                config.kv_offload_host_bytes,
-                remote_kv_store,
-                self.kv_fingerprint,
-                write_through=config.kv_write_through,
-                events=self.kv_events,
-                remote_retry_s=config.kv_remote_retry_s,
-            )
-        device_events: KVEventLog | SharedKVEvents | None = self.kv_events
-        if self.kv_events is not None and config.data_parallel_size > 1:
-            device_events = SharedKVEvents(self.kv_events)  # the ranks' pools as one
-        listeners = [x for x in (self.offload, device_events) if x is not None]
+            self.offload = self._offload_manager(0, self._channel, events)
+        listeners = [x for x in (self.offload, events) if x is not None]
         self.kv_manager = KVCacheManager(
             num_blocks, config.block_size, config.enable_prefix_caching, listeners
         )
@@ -278,10 +284,12 @@ class LLMEngine:
             hidden_store=self.proposer.hidden_store if self.proposer is not None else None,
             custom_masks=spec is not None and spec.tree_size > 0,
         )
-        self._shards = [_Shard(0, self.kv_manager, self.scheduler, self.runner, self.proposer)]
+        self._shards = [
+            _Shard(0, self.kv_manager, self.scheduler, self.runner, self.proposer, self.offload)
+        ]
         self._shard_of: dict[str, _Shard] = {}
         for dp_rank in range(1, config.data_parallel_size):
-            self._shards.append(self._peer_shard(dp_rank, num_blocks, listeners))
+            self._shards.append(self._peer_shard(dp_rank, num_blocks, events))
         # Whether every rank must run every step: the MoE layers exchange tokens.
         self._lockstep = config.data_parallel_size > 1 and any(
             isinstance(m, FusedMoE) and m.ep is not None for m in self.model.modules()
@@ -320,19 +328,60 @@ class LLMEngine:
             config.world_size,
         )
 
-    def _peer_shard(self, dp_rank: int, num_blocks: int, listeners: list) -> _Shard:
-        """Data-parallel rank ``dp_rank``'s scheduler and KV pool, kept here; its steps go
-        point to point to the ranks of its tensor-parallel group (global ranks
-        ``dp_rank * tp .. dp_rank * tp + tp - 1``), whose first sends the logits back."""
+    def _offload_manager(
+        self,
+        dp_rank: int,
+        channel: StepChannel | None,
+        events: KVEventLog | SharedKVEvents | None,
+    ) -> OffloadManager:
+        """Offload decisions for data-parallel rank ``dp_rank``'s KV pool: its blocks live on
+        that rank's tensor-parallel group (global ranks ``dp_rank * tp ..``), rank 0's own
+        share here (``local``), the others' reached through ``channel`` and the pool's
+        offload group. Host slots are counted per rank, of that rank's share of a block."""
+        config, ctx = self.config, self._rank_ctx
+        tp = config.tensor_parallel_size
+        block_bytes = kv_block_bytes(self.model_config, config.block_size, self.dtype, tp)
+        num_slots = config.kv_offload_host_bytes // block_bytes
+        local = None
+        if dp_rank == 0:
+            local = RankOffload(
+                self.kv_cache, num_slots, self.kv_fingerprint, self._remote_kv_store
+            )
+        peers = None
+        ranks = tuple(r for r in range(dp_rank * tp, (dp_rank + 1) * tp) if r != 0)
+        if ranks:
+            assert ctx is not None and channel is not None
+            peers = OffloadLink(channel, ctx.offload_groups[dp_rank], ranks)
+        return OffloadManager(
+            num_slots,
+            local,
+            peers,
+            remote=self._remote_kv_store is not None,
+            write_through=config.kv_write_through,
+            events=events,
+            remote_retry_s=config.kv_remote_retry_s,
+        )
+
+    def _peer_shard(
+        self, dp_rank: int, num_blocks: int, events: KVEventLog | SharedKVEvents | None
+    ) -> _Shard:
+        """Data-parallel rank ``dp_rank``'s scheduler, KV pool and offload decisions, kept
+        here; its steps go point to point to the ranks of its tensor-parallel group (global
+        ranks ``dp_rank * tp .. dp_rank * tp + tp - 1``), whose first sends the logits
+        back."""
         config, ctx = self.config, self._rank_ctx
         assert ctx is not None
         tp = config.tensor_parallel_size
+        peers = tuple(range(dp_rank * tp, (dp_rank + 1) * tp))
+        channel = StepChannel(self.device, ctx.cpu_group, ctx.device_group, peers=peers)
+        offload = None
+        if config.enable_kv_offload:
+            offload = self._offload_manager(dp_rank, channel, events)
+        listeners = [x for x in (offload, events) if x is not None]
         kv_manager = KVCacheManager(
             num_blocks, config.block_size, config.enable_prefix_caching, listeners
         )
-        scheduler = Scheduler(config, kv_manager, None, self.acceptor)
-        peers = tuple(range(dp_rank * tp, (dp_rank + 1) * tp))
-        channel = StepChannel(self.device, ctx.cpu_group, ctx.device_group, peers=peers)
+        scheduler = Scheduler(config, kv_manager, offload, self.acceptor)
         runner = ModelRunner.for_peer(
             self.model,
             self.device,
@@ -349,7 +398,7 @@ class LLMEngine:
         proposer = None
         if self.proposer is not None:  # its model runs in that rank's group, on its batch
             proposer = self.proposer.for_peer(channel.for_drafts())
-        return _Shard(dp_rank, kv_manager, scheduler, runner, proposer)
+        return _Shard(dp_rank, kv_manager, scheduler, runner, proposer, offload)
 
     @staticmethod
     def _dummy_batch(scratch_block: int) -> ScheduledBatch:
@@ -847,7 +896,14 @@ class LLMEngine:
         if self._lora_waiting:
             self._admit_lora_waiting()
         batches = [shard.scheduler.schedule() for shard in self._shards]
+        offloads = [shard.offload for shard in self._shards if shard.offload is not None]
+        for offload in offloads:
+            # Each pool's saves and restores, before its rank's next forward pass.
+            offload.apply_transfers()
         if not any(batches):
+            fetching = [offload for offload in offloads if offload.fetches_in_flight]
+            if fetching:
+                fetching[0].wait(_FETCH_WAIT_S)
             if self.lora is not None and self.lora.reads_in_flight:
                 self.lora.wait_for_reads(_FETCH_WAIT_S)
             return outputs
@@ -1024,41 +1080,47 @@ class LLMEngine:
         )
 
     def _offload_stats(self) -> dict[str, int | bool]:
-        offload = self.offload
+        """Offload figures, summed over the data-parallel ranks' pools."""
         figures: dict[str, int | bool] = {
             name: sum(getattr(s.scheduler, name) for s in self._shards)
             for name in ("host_hit_tokens", "remote_hit_tokens", "recomputed_tokens")
         }
-        if offload is not None:
-            moved = offload.stats
+        offloads = [s.offload for s in self._shards if s.offload is not None]
+        if offloads:
+
+            def total(name: str) -> int:
+                return sum(getattr(o.stats, name) for o in offloads)
+
             figures.update(
-                offloaded_blocks=moved.offloaded_blocks,
-                restored_blocks_host=moved.restored_blocks_host,
-                restored_blocks_remote=moved.restored_blocks_remote,
-                remote_put_blocks=moved.remote_put_blocks,
-                remote_errors=moved.remote_errors,
-                host_blocks=offload.num_host_blocks,
-                host_capacity_blocks=offload.host_capacity_blocks,
-                remote_available=offload.remote_available,
+                offloaded_blocks=total("offloaded_blocks"),
+                restored_blocks_host=total("restored_blocks_host"),
+                restored_blocks_remote=total("restored_blocks_remote"),
+                remote_put_blocks=total("remote_put_blocks"),
+                remote_errors=total("remote_errors"),
+                host_blocks=sum(o.num_host_blocks for o in offloads),
+                host_capacity_blocks=sum(o.host_capacity_blocks for o in offloads),
+                remote_available=all(o.remote_available for o in offloads),
             )
         return figures
 
     def held_block_hashes(self) -> dict[KVTier, list[bytes]]:
-        """Every block hash this engine holds, per tier (the KV events' starting point)."""
-        device: dict[bytes, None] = {}  # the ranks' pools as one, in order
+        """Every block hash this engine holds, per tier (the KV events' starting point);
+        the data-parallel ranks' pools and host tiers as one."""
+        device: dict[bytes, None] = {}  # in order, once each
+        host: dict[bytes, None] = {}
         for shard in self._shards:
             cache = shard.kv_manager.prefix_cache
             device.update(dict.fromkeys(cache.block_hashes() if cache is not None else []))
-        return {
-            KVTier.DEVICE: list(device),
-            KVTier.HOST: self.offload.host_block_hashes() if self.offload is not None else [],
-        }
+            if shard.offload is not None:
+                host.update(dict.fromkeys(shard.offload.host_block_hashes()))
+        return {KVTier.DEVICE: list(device), KVTier.HOST: list(host)}
 
     def close(self) -> None:
         """Stop background work (offload and device workers); the engine is unusable
         afterwards."""
-        if self.offload is not None:
-            self.offload.close()
+        for shard in getattr(self, "_shards", []):
+            if shard.offload is not None:  # before SHUTDOWN: it stops the ranks' I/O threads
+                shard.offload.close()
         if self.lora is not None:
             self.lora.close()
         if self._worker is not None:

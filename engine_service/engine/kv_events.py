@@ -59,24 +59,31 @@ class KVEventLog:
 
 
 class SharedKVEvents:
-    """The device-tier listener of several KV pools that one engine reports as one (the
-    pools of its data-parallel ranks): a block hash is stored when the first pool caches
-    it and removed when the last one evicts it, so routers see the union."""
+    """The event log of several KV pools that one engine reports as one (the pools of its
+    data-parallel ranks, and their host tiers): per tier, a block hash is stored when the
+    first pool holds it and removed when the last one lets it go, so routers see the union.
+    A listener of each pool's device prefix cache, and the event log of each pool's
+    offload manager."""
 
     def __init__(self, log: KVEventLog) -> None:
         self.log = log
-        self._holders: dict[bytes, int] = {}
+        self._holders: dict[tuple[KVTier, bytes], int] = {}
+
+    def record(self, stored: bool, tier: KVTier, block_hash: bytes) -> None:
+        key = (tier, block_hash)
+        count = self._holders.get(key, 0)
+        if stored:
+            self._holders[key] = count + 1
+            if count == 0:
+                self.log.record(True, tier, block_hash)
+        elif count <= 1:
+            self._holders.pop(key, None)
+            self.log.record(False, tier, block_hash)
+        else:
+            self._holders[key] = count - 1
 
     def block_cached(self, block_hash: bytes, block_id: int) -> None:
-        count = self._holders.get(block_hash, 0)
-        self._holders[block_hash] = count + 1
-        if count == 0:
-            self.log.block_cached(block_hash, block_id)
+        self.record(True, KVTier.DEVICE, block_hash)
 
     def block_evicted(self, block_hash: bytes, block_id: int) -> None:
-        count = self._holders.get(block_hash, 0)
-        if count <= 1:
-            self._holders.pop(block_hash, None)
-            self.log.block_evicted(block_hash, block_id)
-        else:
-            self._holders[block_hash] = count - 1
+        self.record(False, KVTier.DEVICE, block_hash)

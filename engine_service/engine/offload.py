@@ -3,12 +3,14 @@
 ::
 
     device pool ──evicted (and, write-through, on commit)──▶ host tier ──put (worker)──▶ remote store
-        ▲                                                     │   ▲                         │
-        └──── restore: a copy in the step, before the forward ┘   └── fetch (worker) ◀──────┘
+        ▲                                                     │                             │
+        ├──── restore: a copy in the step, before the forward ┘                             │
+        └──── restore: a copy in the step, from a finished fetch ◀── fetch (worker) ◀───────┘
 
-- The **host tier** is a bounded LRU of whole blocks in one host tensor (pinned when the pool
-  is on CUDA). A cached block evicted from the device pool is copied there before its memory
-  is reused. A block moves as one contiguous run (all layers together), which the layout
+- The **host tier** is a bounded LRU of whole blocks (:class:`HostTier` keeps the slots; the
+  bytes live in a host buffer, pinned when the pool is on CUDA). A cached block evicted from
+  the device pool is copied there before its memory is reused. A block moves as one
+  contiguous run (all layers together), which the layout
   ``kv_cache[num_blocks, *model_config.kv_block_shape(block_size)]`` makes possible (keys and
   values per head, or one latent per token for DeepSeek's MLA: sizes follow the model).
 - The **remote store** (the KV service, plugged in by the engine service behind
@@ -22,25 +24,45 @@
   host tier, a worker thread asks the remote store for the longest stored prefix and fetches
   it, while the request waits aside; the step loop only polls, it never waits on I/O.
 
-Copies are queued as ordered transfers and applied by :meth:`OffloadManager.apply_transfers`
-once the scheduler is done and again after the step's commits, always before the next
-forward pass writes into a block. Everything but the worker runs on the engine thread.
+Decisions and bytes are apart, so that one manager serves a pool split over ranks. The
+:class:`OffloadManager` (on the engine thread of rank 0) decides which block goes to which
+host slot, what is restored, put and fetched; a
+:class:`~engine_service.engine.offload_rank.RankOffload` per rank holding a share of the pool
+(its key/value heads under tensor parallelism) carries the decisions out on that share: the
+copies as ops applied in order between two forward passes, the puts and fetches under the
+rank's own fingerprint. Rank 0's share is ``local``; the other ranks' get the same ops and
+tasks through an :class:`~engine_service.engine.parallel.offload_link.OffloadLink`. A fetch
+counts only the blocks that every rank got; a rank that cannot reach the store turns the
+whole fetch into a miss.
+
+Ops are queued as decided and applied by :meth:`OffloadManager.apply_transfers` once the
+scheduler is done, always before the next forward pass writes into a block. Everything but
+the worker runs on the engine thread.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 import logging
 import queue
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine_service.engine.kv_events import KVEventLog, KVTier
+from engine_service.engine.kv_events import KVTier
+from engine_service.engine.offload_rank import Op
 from engine_service.engine.request import Request
+
+if TYPE_CHECKING:
+    from engine_service.engine.kv_events import KVEventLog, SharedKVEvents
+    from engine_service.engine.offload_rank import RankOffload
+    from engine_service.engine.parallel.offload_link import OffloadLink
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +79,7 @@ class RemoteUnavailable(Exception):
 class RemoteKVStore(abc.ABC):
     """A store of KV blocks shared by replicas, addressed by (fingerprint, block hash).
 
-    Contract: every method blocks and is called only from the offload worker thread; a
+    Contract: every method blocks and is called only from an offload worker thread; a
     failure raises :class:`RemoteUnavailable`. Payloads are the raw bytes of one block.
     """
 
@@ -73,16 +95,34 @@ class RemoteKVStore(abc.ABC):
     def put(self, fingerprint: bytes, blocks: list[tuple[bytes, bytes]]) -> int:
         """Store ``(block_hash, payload)`` pairs; return how many the store accepted."""
 
+    def reopen_spec(self) -> tuple[str, dict[str, Any]] | None:
+        """How another process (a rank of a parallel engine) opens the same store: a
+        ``module:callable`` and its keyword arguments (JSON values), for
+        :func:`open_remote_store`; None when the store exists in this process only."""
+        return None
+
+
+def open_remote_store(spec: tuple[str, dict[str, Any]]) -> RemoteKVStore:
+    """The store a :meth:`RemoteKVStore.reopen_spec` names (imported here, so that the engine
+    core itself imports no client library)."""
+    factory_path, kwargs = spec
+    module_name, _, name = factory_path.partition(":")
+    factory = getattr(importlib.import_module(module_name), name)
+    store = factory(**kwargs)
+    if not isinstance(store, RemoteKVStore):
+        raise TypeError(f"{factory_path} did not make a RemoteKVStore")
+    return store
+
 
 class HostTier:
-    """A bounded LRU of whole blocks in one host tensor, ``buffer[slot]`` per block.
+    """The slots of a bounded LRU of whole blocks (``buffer[slot]`` per block, on each rank).
 
     A slot can be *held* (a remote put reading it, a restore scheduled from it); held slots
     are never evicted or reused until released.
     """
 
-    def __init__(self, num_slots: int, block_shape: tuple[int, ...], dtype: torch.dtype, pin: bool):
-        self.buffer = torch.empty((num_slots, *block_shape), dtype=dtype, pin_memory=pin)
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
         self._slots: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
         self._free = list(range(num_slots))
         self._holds: dict[int, int] = {}
@@ -134,44 +174,39 @@ class HostTier:
 class Prefetch:
     """A request's lower-tier lookup, kept on ``Request.kv_transfer``.
 
-    ``blocks`` are what the remote store returned, by hash, until the request is admitted.
+    ``fetched`` maps the hashes of the blocks that every rank fetched to their index in
+    fetch ``fetch_id``; the ranks keep those blocks until a restore or :meth:`forget
+    <OffloadManager.forget>` drops them (``fetch_id`` -1: nothing held). ``abandoned``: the
+    request went away while its fetch ran.
     """
 
     done: bool = True
-    blocks: dict[bytes, torch.Tensor] = field(default_factory=dict)
+    fetch_id: int = -1
+    fetched: dict[bytes, int] = field(default_factory=dict)
+    abandoned: bool = False
 
 
 @dataclass(slots=True)
 class Restore:
-    """A block to bring back into the device pool, from ``tier``."""
+    """A block to bring back into the device pool: from host slot ``ref`` (``tier`` HOST),
+    or from block ``ref`` of the request's fetch (``tier`` None: the remote store)."""
 
     block_hash: bytes
-    source: torch.Tensor
-    tier: KVTier | None  # None: the remote store
-
-
-@dataclass(slots=True)
-class _Save:
-    block_id: int
-    slot: int
-
-
-@dataclass(slots=True)
-class _Load:
-    source: torch.Tensor
-    block_id: int
+    tier: KVTier | None
+    ref: int
 
 
 @dataclass(slots=True)
 class _Fetch:
     request: Request
     block_hashes: list[bytes]
+    fetch_id: int
 
 
 @dataclass(slots=True)
 class _Put:
     blocks: list[tuple[bytes, int]]  # (hash, host slot)
-    ready: torch.cuda.Event | None  # the device-to-host copies are done when it fires
+    after_seq: int  # the ops batch that filled the slots
 
 
 @dataclass(slots=True)
@@ -180,46 +215,45 @@ class OffloadStats:
     restored_blocks_host: int = 0
     restored_blocks_remote: int = 0
     dropped_blocks: int = 0  # no host slot free (all held)
-    remote_put_blocks: int = 0  # accepted by the remote store
+    remote_put_blocks: int = 0  # accepted by the remote store (on every rank)
     remote_errors: int = 0
 
 
 class OffloadManager:
-    """The host tier, the remote store and the worker between them, for one engine.
+    """The host tier, the remote store and the worker between them, for one KV pool.
 
     It listens to the device prefix cache (saving blocks on eviction, and on commit with
     write-through), answers the scheduler's lower-tier lookups, and queues the copies.
+    ``num_slots`` host slots on every rank of the pool; ``local``: rank 0's share (None
+    when the pool is another data-parallel rank's); ``peers``: the pool's other ranks;
+    ``remote``: every rank of the pool has a remote store.
     """
 
     def __init__(
         self,
-        kv_cache: torch.Tensor,
-        host_bytes: int,
-        remote: RemoteKVStore | None,
-        fingerprint: bytes,
+        num_slots: int,
+        local: RankOffload | None,
+        peers: OffloadLink | None = None,
         *,
+        remote: bool,
         write_through: bool,
-        events: KVEventLog | None,
+        events: KVEventLog | SharedKVEvents | None,
         remote_retry_s: float = 2.0,
     ) -> None:
-        self._kv_cache = kv_cache
-        block_shape = tuple(kv_cache.shape[1:])
-        block_bytes = kv_cache[0].numel() * kv_cache.element_size()
-        num_slots = host_bytes // block_bytes
-        pin = kv_cache.device.type == "cuda"
-        self._host = HostTier(num_slots, block_shape, kv_cache.dtype, pin) if num_slots else None
-        self._block_shape = block_shape
-        self._block_bytes = block_bytes
+        self._host = HostTier(num_slots) if num_slots else None
+        self.local = local
+        self._peers = peers
         self._remote = remote
-        self._fingerprint = fingerprint
-        self._write_through = write_through and remote is not None
+        self._write_through = write_through and remote
         self._events = events
         self.stats = OffloadStats()
 
-        self._transfers: list[_Save | _Load] = []
+        self._ops: list[tuple[int, int, int, int]] = []
+        self._seq = 0  # ops batches applied
         self._step_holds: list[int] = []
         self._pending_puts: list[tuple[bytes, int]] = []
         self._remote_known: OrderedDict[bytes, None] = OrderedDict()
+        self._next_fetch_id = 0
 
         # Worker state. The worker posts finished work to _done; the engine thread polls it.
         self._cond = threading.Condition()
@@ -231,13 +265,13 @@ class OffloadManager:
         self._remote_retry_s = remote_retry_s
         self._remote_down_until = 0.0  # written by the worker, read by the engine thread
         self._worker: threading.Thread | None = None
-        if remote is not None:
+        if remote:
             self._worker = threading.Thread(target=self._work, name="kv-offload", daemon=True)
             self._worker.start()
 
     @property
     def host_capacity_blocks(self) -> int:
-        return 0 if self._host is None else self._host.buffer.shape[0]
+        return 0 if self._host is None else self._host.num_slots
 
     @property
     def num_host_blocks(self) -> int:
@@ -248,9 +282,10 @@ class OffloadManager:
 
     @property
     def remote_available(self) -> bool:
-        return self._remote is not None and time.monotonic() >= self._remote_down_until
+        return self._remote and time.monotonic() >= self._remote_down_until
 
     def close(self) -> None:
+        """Stop the worker (and, on a parallel engine, the other ranks' I/O threads)."""
         if self._worker is not None:
             with self._cond:
                 self._stopping = True
@@ -278,9 +313,9 @@ class OffloadManager:
             if evicted is not None:
                 self._events.record(False, KVTier.HOST, evicted)
             self._events.record(True, KVTier.HOST, block_hash)
-        self._transfers.append(_Save(block_id, slot))
+        self._ops.append((Op.SAVE, block_id, slot, 0))
         self.stats.offloaded_blocks += 1
-        if self._remote is not None and block_hash not in self._remote_known:
+        if self._remote and block_hash not in self._remote_known:
             host.hold(slot)
             self._pending_puts.append((block_hash, slot))
 
@@ -299,9 +334,11 @@ class OffloadManager:
             restores = self._match(None, block_hashes)
             rest = block_hashes[len(restores) :]
             if rest and self.remote_available:
-                request.kv_transfer = Prefetch(done=False)
+                fetch_id = self._next_fetch_id
+                self._next_fetch_id += 1
+                request.kv_transfer = Prefetch(done=False, fetch_id=fetch_id)
                 with self._cond:
-                    self._fetches.append(_Fetch(request, rest))
+                    self._fetches.append(_Fetch(request, rest, fetch_id))
                     self._in_flight_fetches += 1
                     self._cond.notify()
                 return None
@@ -319,24 +356,44 @@ class OffloadManager:
                 # Held until the copy is queued, so that a save in this step cannot reuse it.
                 self._host.hold(slot)
                 self._step_holds.append(slot)
-                restores.append(Restore(block_hash, self._host.buffer[slot], KVTier.HOST))
+                restores.append(Restore(block_hash, KVTier.HOST, slot))
                 continue
-            fetched = prefetch.blocks.get(block_hash) if prefetch is not None else None
-            if fetched is None:
+            index = prefetch.fetched.get(block_hash) if prefetch is not None else None
+            if index is None:
                 break
-            restores.append(Restore(block_hash, fetched, None))
+            restores.append(Restore(block_hash, None, index))
         return restores
 
     def restore(self, request: Request, restores: list[Restore], block_ids: list[int]) -> None:
         """Queue the copies of ``restores`` into the freshly allocated ``block_ids``."""
+        prefetch = request.kv_transfer
         for item, block_id in zip(restores, block_ids, strict=True):
-            self._transfers.append(_Load(item.source, block_id))
             if item.tier is KVTier.HOST:
+                self._ops.append((Op.LOAD_HOST, item.ref, block_id, 0))
                 self.stats.restored_blocks_host += 1
             else:
+                assert isinstance(prefetch, Prefetch)
+                self._ops.append((Op.LOAD_FETCHED, prefetch.fetch_id, item.ref, block_id))
                 self.stats.restored_blocks_remote += 1
-        if isinstance(request.kv_transfer, Prefetch):
-            request.kv_transfer.blocks.clear()
+        if isinstance(prefetch, Prefetch):
+            self._drop_fetch(prefetch)
+
+    def forget(self, request: Request) -> None:
+        """The request is gone (finished or aborted): the ranks drop what it fetched, now
+        or, if its fetch still runs, when it ends."""
+        prefetch = request.kv_transfer
+        if not isinstance(prefetch, Prefetch):
+            return
+        if prefetch.done:
+            self._drop_fetch(prefetch)
+        else:
+            prefetch.abandoned = True
+
+    def _drop_fetch(self, prefetch: Prefetch) -> None:
+        if prefetch.fetch_id >= 0:
+            self._ops.append((Op.DROP, prefetch.fetch_id, 0, 0))
+            prefetch.fetch_id = -1
+        prefetch.fetched.clear()
 
     def poll(self) -> list[Request]:
         """Requests whose remote fetch finished since the last poll; releases the host
@@ -349,7 +406,12 @@ class OffloadManager:
                 return ready
             if isinstance(item, _Fetch):
                 self._in_flight_fetches -= 1
-                ready.append(item.request)
+                prefetch = item.request.kv_transfer
+                assert isinstance(prefetch, Prefetch)
+                if prefetch.abandoned:
+                    self._drop_fetch(prefetch)
+                else:
+                    ready.append(item.request)
             else:
                 assert self._host is not None
                 for _, slot in item.blocks:
@@ -371,29 +433,24 @@ class OffloadManager:
     # -- the copies -----------------------------------------------------------------------
 
     def apply_transfers(self) -> None:
-        """Run the queued copies in order, then hand new host blocks to the remote store."""
-        transfers, self._transfers = self._transfers, []
-        kv_cache = self._kv_cache
-        for transfer in transfers:
-            if isinstance(transfer, _Save):
-                assert self._host is not None
-                self._host.buffer[transfer.slot].copy_(
-                    kv_cache[transfer.block_id], non_blocking=True
-                )
-            else:
-                kv_cache[transfer.block_id].copy_(transfer.source, non_blocking=True)
+        """Apply the queued ops on every rank of the pool (rank 0's now, the others' before
+        their next step), then hand new host blocks to the remote store."""
+        if self._ops:
+            self._seq += 1
+            ops = torch.tensor(self._ops, dtype=torch.int64)
+            self._ops = []
+            if self._peers is not None:
+                self._peers.send_ops(self._seq, ops)
+            if self.local is not None:
+                self.local.apply(self._seq, ops)
         if self._step_holds:
             assert self._host is not None
             for slot in self._step_holds:
                 self._host.release(slot)
             self._step_holds = []
         if self._pending_puts:
-            ready = None
-            if kv_cache.device.type == "cuda":
-                ready = torch.cuda.Event()
-                ready.record()
             with self._cond:
-                self._puts.append(_Put(self._pending_puts, ready))
+                self._puts.append(_Put(self._pending_puts, self._seq))
                 self._cond.notify()
             self._pending_puts = []
 
@@ -405,57 +462,79 @@ class OffloadManager:
                 while not (self._fetches or self._puts or self._stopping):
                     self._cond.wait()
                 if self._stopping:
-                    return
+                    break
                 if self._fetches:
                     task: _Fetch | _Put = self._fetches.popleft()
                 else:
                     task = self._puts.popleft()
                     while self._puts and len(task.blocks) < _PUT_BATCH_BLOCKS:
                         more = self._puts.popleft()
-                        task = _Put(task.blocks + more.blocks, more.ready or task.ready)
+                        task = _Put(task.blocks + more.blocks, more.after_seq)
             if isinstance(task, _Fetch):
                 self._fetch(task)
             else:
                 self._put(task)
             self._done.put(task)
+        if self._peers is not None:
+            self._peers.stop()
+
+    def _on_ranks(self, send_to_peers: Callable[[OffloadLink], None], run_local) -> int:
+        """Run one task on every rank of the pool (the other ranks get it first, so that
+        they work while rank 0 does); the smallest count any rank handled, or -1 when a
+        rank's store failed (logged, and backed off here)."""
+        if self._peers is not None:
+            send_to_peers(self._peers)
+        counts: list[int] = []
+        failure: str | None = None
+        if self.local is not None:
+            try:
+                counts.append(run_local())
+            except RemoteUnavailable as exc:
+                failure = str(exc)
+            except Exception as exc:  # still read the peers' answers, and never stall
+                logger.exception("offload task failed on engine rank 0")
+                failure = repr(exc)
+        if self._peers is not None:
+            for peer, (count, ok) in zip(self._peers.peers, self._peers.recv_answers()):
+                counts.append(count)
+                if not ok and failure is None:
+                    failure = f"engine rank {peer} could not reach it"
+        if failure is not None:
+            self._remote_failed(failure)
+            return -1
+        self._remote_ok()
+        return min(counts)
 
     def _fetch(self, task: _Fetch) -> None:
         prefetch = task.request.kv_transfer
-        assert isinstance(prefetch, Prefetch) and self._remote is not None
-        try:
-            if self.remote_available:
-                num_present = self._remote.lookup(self._fingerprint, task.block_hashes)
-                wanted = task.block_hashes[:num_present]
-                payloads = self._remote.get(self._fingerprint, wanted) if wanted else []
-                for block_hash, payload in zip(wanted, payloads):
-                    if payload is None or len(payload) != self._block_bytes:
-                        break
-                    block = torch.frombuffer(bytearray(payload), dtype=self._kv_cache.dtype)
-                    prefetch.blocks[block_hash] = block.view(self._block_shape)
-                    self._remember_remote(block_hash)
-                self._remote_ok()
-        except RemoteUnavailable as exc:
-            self._remote_failed(exc)
+        assert isinstance(prefetch, Prefetch)
+        if self.remote_available:
+            fetch_id, hashes, local = task.fetch_id, task.block_hashes, self.local
+            count = self._on_ranks(
+                lambda peers: peers.send_fetch(fetch_id, hashes),
+                lambda: local.fetch(fetch_id, hashes),
+            )
+            # A rank may hold more blocks than every rank has: the drop clears them.
+            wanted = hashes[: max(count, 0)]
+            prefetch.fetched = {block_hash: i for i, block_hash in enumerate(wanted)}
+            for block_hash in wanted:
+                self._remember_remote(block_hash)
+        else:
+            prefetch.fetch_id = -1  # no rank was asked
         prefetch.done = True
 
     def _put(self, task: _Put) -> None:
-        assert self._remote is not None and self._host is not None
         if not self.remote_available:
             return
-        if task.ready is not None:
-            task.ready.synchronize()
-        buffer = self._host.buffer
-        blocks = [
-            (block_hash, buffer[slot].reshape(-1).view(torch.uint8).numpy().tobytes())
-            for block_hash, slot in task.blocks
-        ]
-        try:
-            self.stats.remote_put_blocks += self._remote.put(self._fingerprint, blocks)
-        except RemoteUnavailable as exc:
-            self._remote_failed(exc)
+        blocks, after_seq, local = task.blocks, task.after_seq, self.local
+        accepted = self._on_ranks(
+            lambda peers: peers.send_put(after_seq, blocks),
+            lambda: local.put(blocks, after_seq),
+        )
+        if accepted < 0:
             return
-        self._remote_ok()
-        for block_hash, _ in task.blocks:
+        self.stats.remote_put_blocks += accepted
+        for block_hash, _ in blocks:
             self._remember_remote(block_hash)
 
     def _remember_remote(self, block_hash: bytes) -> None:
@@ -470,15 +549,16 @@ class OffloadManager:
             logger.info("remote KV store reachable again; offloading and fetching resume")
             self._remote_down_until = 0.0
 
-    def _remote_failed(self, exc: RemoteUnavailable) -> None:
+    def _remote_failed(self, reason: str) -> None:
         self.stats.remote_errors += 1
         if not self._remote_down_until:
             logger.warning(
                 "remote KV store unavailable (%s); serving from local tiers and recomputing "
                 "misses, retrying every %.1fs",
-                exc,
+                reason,
                 self._remote_retry_s,
             )
             # The store may come back empty: forget what it held.
             self._remote_known.clear()
         self._remote_down_until = time.monotonic() + self._remote_retry_s
+

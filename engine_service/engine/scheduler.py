@@ -156,7 +156,8 @@ class Scheduler:
                 break
             computed_blocks: list[int] = []
             restores: list[Restore] = []
-            if request.num_computed_tokens == 0 and not request.block_table:
+            looked_up = request.num_computed_tokens == 0 and not request.block_table
+            if looked_up:
                 computed_blocks = self.kv.get_computed_blocks(request)
                 if self.offload is not None:
                     hashes = self.kv.hashes_after_prefix(request, len(computed_blocks))
@@ -176,8 +177,8 @@ class Scheduler:
             heapq.heappop(self._waiting)
             if num_cached:
                 request.num_computed_tokens = num_cached
-            if restores:
-                assert self.offload is not None
+            if self.offload is not None and looked_up:
+                # Also without restores: what the request fetched is dropped either way.
                 first = len(computed_blocks)
                 block_ids = request.block_table[first : first + len(restores)]
                 self.offload.restore(request, restores, block_ids)
@@ -412,6 +413,8 @@ class Scheduler:
             self._waiting = [(k, r) for k, r in self._waiting if r is not request]
             heapq.heapify(self._waiting)
         self.kv.free(request)
+        if self.offload is not None:
+            self.offload.forget(request)
         for fork in request.pending_forks:
             self.kv.free(fork)
         request.pending_forks = []

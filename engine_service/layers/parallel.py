@@ -108,3 +108,15 @@ def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
     """Key/value heads each rank holds (and caches): an even share, or one replicated head
     when there are fewer heads than ranks (see ``QKVParallelLinear``)."""
     return num_kv_heads // tp_size if num_kv_heads >= tp_size else 1
+
+
+def kv_shard(num_kv_heads: int, tp_rank: int, tp_size: int) -> tuple[int, bool]:
+    """Which slice of the key/value heads rank ``tp_rank`` caches, and whether it is the
+    first rank caching that slice. With fewer heads than ranks a head is replicated on
+    ``tp_size / num_kv_heads`` ranks (``QKVParallelLinear``), and a latent cache (one
+    "head") is whole on every rank: those ranks hold equal bytes, and one of them is enough
+    to store them."""
+    if num_kv_heads >= tp_size:
+        return tp_rank, True
+    replicas = tp_size // num_kv_heads
+    return tp_rank // replicas, tp_rank % replicas == 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 from engine_service.engine import EngineConfig
 from engine_service.mappings import engine_config_from_settings
 from switchyard.settings import EngineSettings
@@ -77,12 +75,12 @@ def test_parallel_settings_reach_the_engine_config() -> None:
     assert config.world_size == 2
 
 
-def test_a_parallel_engine_serves_without_the_kv_service_that_up_points_it_at() -> None:
-    settings = EngineSettings(device="cpu", tensor_parallel_size=2, kv_service_address="kv:1")
-    assert not engine_config_from_settings(settings, "/models/m").enable_kv_offload
-    asked = EngineSettings(device="cpu", tensor_parallel_size=2, kv_offload_host_bytes=1 << 26)
-    with pytest.raises(ValueError, match="enable_kv_offload"):
-        engine_config_from_settings(asked, "/models/m")
+def test_a_parallel_engine_offloads_to_the_kv_service_that_up_points_it_at() -> None:
+    settings = EngineSettings(
+        device="cpu", tensor_parallel_size=2, data_parallel_size=2, kv_service_address="kv:1"
+    )
+    config = engine_config_from_settings(settings, "/models/m")
+    assert config.enable_kv_offload and config.kv_offload_host_bytes >= 64 << 20
 
 
 def test_setting_defaults_equal_engine_config_defaults() -> None:

@@ -194,7 +194,7 @@ def test_latent_blocks_come_back_from_the_host_tier(deepseek):
     assert engine.kv_events is not None and engine.kv_events.drain()
 
     # Scrambled host copies change the output: the restored latents are really read.
-    engine.offload._host.buffer.normal_(std=10.0)  # type: ignore[union-attr]
+    engine.offload.local.host.normal_(std=10.0)  # type: ignore[union-attr]
     engine.generate([prompts[1]], greedy(6))
     assert engine.generate([prompts[0]], greedy(6))[0][0] != expected[0]
 

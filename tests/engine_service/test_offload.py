@@ -6,7 +6,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine_service.engine.kv_events import KVEventLog, KVTier
 from engine_service.engine.offload import HostTier
@@ -68,14 +67,14 @@ def test_restored_blocks_carry_the_offloaded_values(checkpoint):
     expected = engine.generate([prompts[0]], greedy(8))[0][0]
     engine.generate([prompts[1]], greedy(8))  # pushes the system prompt to the host tier
     assert engine.offload is not None
-    engine.offload._host.buffer.normal_(std=10.0)  # type: ignore[union-attr]
+    engine.offload.local.host.normal_(std=10.0)  # type: ignore[union-attr]
     restored_before = engine.stats().restored_blocks_host
     assert engine.generate([prompts[0]], greedy(8))[0][0] != expected
     assert engine.stats().restored_blocks_host > restored_before
 
 
 def test_host_tier_evicts_least_recently_used_but_never_a_held_slot():
-    tier = HostTier(2, (4,), torch.float32, pin=False)
+    tier = HostTier(2)
     slot_a, _ = tier.reserve(b"a")
     slot_b, _ = tier.reserve(b"b")
     assert tier.lookup(b"a") == slot_a  # a is now the most recently used

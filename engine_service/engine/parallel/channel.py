@@ -19,6 +19,8 @@ samples. A message is three or four broadcasts from rank 0, in this order::
     payload of MOVES:   (src, dst) slot pairs [2C]
     payload of LORA:    one flag per adapter piece [P], then       (see lora_manager.SlotWrite)
     weights  dtype [n]           device group  the pieces' pairs, flattened (LORA only)
+    payload of OFFLOAD: the ops [4n] of one batch (offload_rank.Op); the header's second
+                        field numbers the batch
 
 Images (vision-language models): rank 0 alone holds the vision tower and runs it; the
 embeddings of the step's image rows travel with the step, as the query rows they replace
@@ -37,6 +39,10 @@ A LORA message repeats one of rank 0's adapter slot writes (or clears) on the ot
 Rank 0 writes its own slot when it admits a request, possibly while the step before runs
 on the device worker thread; so the write is queued here and goes out just before the next
 STEP or MOVES, from the thread that sends those, and every rank applies it in that order.
+
+An OFFLOAD message carries rank 0's copies between a rank's KV pool and its host tier
+(:mod:`~engine_service.engine.parallel.offload_link`); rank 0 sends it from the thread
+that steps the engine while no step is being sent, right before the step that needs it.
 
 Under data-parallel attention each data-parallel rank runs its own batch: rank 0 sends the
 message of each to the ranks of its tensor-parallel group point to point instead (a channel
@@ -75,6 +81,7 @@ class Kind(enum.IntEnum):
     SHUTDOWN = 3
     LORA = 4  # an adapter slot write (lora_manager.SlotWrite)
     DRAFT_STEP = 5  # a step of the proposer's model (MTP layers, draft model, EAGLE head)
+    OFFLOAD = 6  # copies between the KV pool and the host tier (offload_rank.Op rows)
 
 
 @dataclass(slots=True)
@@ -94,6 +101,7 @@ class Message:
     step: StepMessage | None = None
     moves: list[tuple[int, int]] | None = None
     slot_write: SlotWrite | None = None
+    offload: tuple[int, torch.Tensor] | None = None  # (batch number, ops [n, 4])
 
 
 def pack_step(
@@ -273,6 +281,13 @@ class StepChannel:
         self._broadcast(header, self.cpu_group)
         self._broadcast(payload, self.cpu_group)
 
+    def send_offload(self, seq: int, ops: torch.Tensor) -> None:
+        """Offload ops batch ``seq`` (``[n, 4]`` int64), to be applied before the next step."""
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        header[0], header[1], header[-1] = Kind.OFFLOAD, seq, ops.numel()
+        self._broadcast(header, self.cpu_group)
+        self._broadcast(ops.reshape(-1).contiguous(), self.cpu_group)
+
     def send_shutdown(self) -> None:
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
         header[0] = Kind.SHUTDOWN
@@ -292,6 +307,8 @@ class StepChannel:
         if kind == Kind.MOVES:
             pairs = payload.view(-1, 2).tolist()
             return Message(kind, moves=[(int(a), int(b)) for a, b in pairs])
+        if kind == Kind.OFFLOAD:
+            return Message(kind, offload=(int(header[1]), payload.view(-1, 4)))
         if kind == Kind.LORA:
             if lora_dtype is None:
                 raise RuntimeError("an adapter slot write reached a rank without LoRA")

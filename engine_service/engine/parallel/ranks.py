@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 _NO_DEADLINE = datetime.timedelta(days=3650)
 # Joining the group and loading the model: longer than any load, shorter than forever.
 _START_TIMEOUT = datetime.timedelta(minutes=30)
+# How a rank opens the remote KV store: RemoteKVStore.reopen_spec(), as JSON.
+KV_STORE_ENV = "SWITCHYARD_ENGINE_RANK_KV_STORE"
 
 
 def rank_device(device: str, rank: int) -> torch.device:
@@ -70,6 +72,10 @@ class RankContext:
     tp: TensorParallel
     cpu_group: Any  # gloo, for step headers and host data
     device_group: Any  # the device's backend (None: the default group)
+    # With KV offload, per data-parallel rank: the gloo group of rank 0 and the ranks of
+    # that rank's KV pool, for remote store tasks (parallel/offload_link.py); None where
+    # rank 0 holds the whole pool.
+    offload_groups: tuple[Any, ...] = ()
 
     def agree_min(self, value: int) -> int:
         """The smallest ``value`` over the ranks (each sizes its own KV pool)."""
@@ -124,7 +130,15 @@ def init_distributed(config: EngineConfig, rank: int, address: str) -> RankConte
         dp_rank=rank // tp_size,
         dp_size=dp_size,
     )
-    return RankContext(rank, world, device, tp, cpu_group, None)
+    offload_groups = []
+    if config.enable_kv_offload:
+        for d in range(dp_size):
+            members = sorted({0, *range(d * tp_size, (d + 1) * tp_size)})
+            group = None
+            if len(members) > 1:  # idle between tasks for as long as the engine is
+                group = dist.new_group(members, backend="gloo", timeout=_NO_DEADLINE)
+            offload_groups.append(group)
+    return RankContext(rank, world, device, tp, cpu_group, None, tuple(offload_groups))
 
 
 def config_to_json(config: EngineConfig) -> str:
@@ -161,8 +175,10 @@ class WorkerRanks:
         self,
         config: EngineConfig,
         on_rank_exit: Callable[[int, int | None], None] = _exit_process,
+        kv_store_spec: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
+        self.kv_store_spec = kv_store_spec
         self.address = f"127.0.0.1:{any_free_port('127.0.0.1')}"
         self._on_rank_exit = on_rank_exit
         self._closing = threading.Event()
@@ -170,7 +186,9 @@ class WorkerRanks:
 
     def start(self) -> None:
         """Spawn the other ranks (they join :func:`init_distributed` at ``address``)."""
-        config_json = config_to_json(self.config)
+        env = {**os.environ, "SWITCHYARD_ENGINE_RANK_CONFIG": config_to_json(self.config)}
+        if self.kv_store_spec is not None:  # each rank opens the remote KV store itself
+            env[KV_STORE_ENV] = json.dumps(self.kv_store_spec)
         for rank in range(1, self.config.world_size):
             proc = subprocess.Popen(
                 [
@@ -184,7 +202,7 @@ class WorkerRanks:
                     "--parent-pid",
                     str(os.getpid()),
                 ],
-                env={**os.environ, "SWITCHYARD_ENGINE_RANK_CONFIG": config_json},
+                env=env,
                 stdin=subprocess.DEVNULL,
             )
             self.processes.append(proc)

@@ -3,13 +3,15 @@ to stop or until rank 0 is gone (see :mod:`engine_service.engine.parallel.ranks`
 
 Started by rank 0 as ``python -m engine_service.engine.parallel.worker --rank R --address
 HOST:PORT --parent-pid PID`` with the engine's config (JSON) in
-``SWITCHYARD_ENGINE_RANK_CONFIG``. Exit status 0 after a SHUTDOWN, :data:`CANNOT_START` when
+``SWITCHYARD_ENGINE_RANK_CONFIG`` and, when the engine offloads to a remote KV store, how to
+open it in ``SWITCHYARD_ENGINE_RANK_KV_STORE``. Exit status 0 after a SHUTDOWN, :data:`CANNOT_START` when
 the config or checkpoint does not fit, 1 when rank 0 went away.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -23,10 +25,18 @@ import torch
 from engine_service.engine.attention import get_attention_backend
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.lora_manager import apply_slot_write, attach_adapter_slots
-from engine_service.engine.memory import allocate_kv_cache, num_kv_blocks
+from engine_service.engine.memory import allocate_kv_cache, kv_block_bytes, num_kv_blocks
 from engine_service.engine.model_runner import ModelRunner
+from engine_service.engine.offload import RemoteKVStore, open_remote_store
+from engine_service.engine.offload_rank import RankOffload, rank_kv_fingerprint
 from engine_service.engine.parallel.channel import Kind, StepChannel
-from engine_service.engine.parallel.ranks import RankContext, config_from_json, init_distributed
+from engine_service.engine.parallel.offload_link import serve_tasks
+from engine_service.engine.parallel.ranks import (
+    KV_STORE_ENV,
+    RankContext,
+    config_from_json,
+    init_distributed,
+)
 from engine_service.engine.spec.ranks import DraftRank, build_draft_rank
 from engine_service.layers.lora import TorchLoRA
 from engine_service.models.loader import attention_needs, load_model
@@ -53,21 +63,25 @@ def _exit_when_orphaned(parent_pid: int, rank: int) -> None:
 @dataclass(slots=True)
 class Rank:
     """What a rank runs: its runner, its adapter slots' deltas (``None`` without LoRA),
-    which rank 0's slot writes fill (:func:`apply_slot_write`), and its part in drafting
+    which rank 0's slot writes fill (:func:`apply_slot_write`), its part in drafting
     (``None`` when the proposer gives it none): the MTP layers' or a draft model's shard, or
-    an EAGLE head."""
+    an EAGLE head, and its side of KV offload (``None`` without)."""
 
     ctx: RankContext
     runner: ModelRunner
     lora_deltas: dict[str, TorchLoRA] | None
     drafter: DraftRank | None = None
+    offload: RankOffload | None = None
 
 
-def load_rank(ctx: RankContext, config: EngineConfig) -> Rank:
+def load_rank(
+    ctx: RankContext, config: EngineConfig, remote: RemoteKVStore | None = None
+) -> Rank:
     """Load this rank's shards and size the KV pool with the other ranks (as rank 0's
     :class:`LLMEngine` does, in the same order of collectives); with speculation, this
     rank's part of the proposer's model too (before the runner: an EAGLE head has the target
-    keep its features)."""
+    keep its features); with offload, the rank's host tier and its link to the ``remote``
+    store."""
     backend = get_attention_backend(
         config.attention_backend, ctx.device, attention_needs(config.model, config.revision)
     )
@@ -104,8 +118,16 @@ def load_rank(ctx: RankContext, config: EngineConfig) -> Rank:
         tp_size=ctx.tp.size,
         hidden_store=drafter.hidden_store if drafter is not None else None,
     )
+    offload = None
+    if config.enable_kv_offload:
+        fingerprint, first = rank_kv_fingerprint(
+            config.model, model_config, config.block_size, kv_cache, ctx.tp
+        )
+        block_bytes = kv_block_bytes(model_config, config.block_size, dtype, ctx.tp.size)
+        num_slots = config.kv_offload_host_bytes // block_bytes
+        offload = RankOffload(kv_cache, num_slots, fingerprint, remote, stores_blocks=first)
     logger.info("engine rank %d ready: %d KV blocks", ctx.rank, num_blocks)
-    return Rank(ctx, runner, lora_deltas, drafter)
+    return Rank(ctx, runner, lora_deltas, drafter, offload)
 
 
 def run_steps(rank: Rank) -> None:
@@ -131,6 +153,11 @@ def run_steps(rank: Rank) -> None:
         if message.kind == Kind.LORA:
             assert rank.lora_deltas is not None and message.slot_write is not None
             apply_slot_write(rank.lora_deltas, message.slot_write)
+            continue
+        if message.kind == Kind.OFFLOAD:
+            assert rank.offload is not None, "an offload op reached a rank without offload"
+            assert message.offload is not None
+            rank.offload.apply(*message.offload)
             continue
         step = message.step
         if message.kind == Kind.DRAFT_STEP:
@@ -165,10 +192,22 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(config.seed)
     try:
         ctx = init_distributed(config, args.rank, args.address)
-        rank = load_rank(ctx, config)
+        remote = None
+        if KV_STORE_ENV in os.environ:
+            remote = open_remote_store(tuple(json.loads(os.environ[KV_STORE_ENV])))
+        rank = load_rank(ctx, config, remote)
     except _CONFIG_ERRORS as exc:
         logger.error("engine rank %d cannot start: %s", args.rank, exc)
         sys.exit(CANNOT_START)
+    if remote is not None:
+        assert rank.offload is not None
+        group = ctx.offload_groups[ctx.tp.dp_rank]
+        threading.Thread(
+            target=serve_tasks,
+            args=(rank.offload, group, args.rank),
+            name="kv-offload-io",
+            daemon=True,
+        ).start()
     try:
         run_steps(rank)
     except Exception as exc:  # a collective failed: rank 0 or a peer is gone
