@@ -561,4 +561,3 @@ class OffloadManager:
             # The store may come back empty: forget what it held.
             self._remote_known.clear()
         self._remote_down_until = time.monotonic() + self._remote_retry_s
-

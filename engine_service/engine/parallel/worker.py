@@ -74,9 +74,7 @@ class Rank:
     offload: RankOffload | None = None
 
 
-def load_rank(
-    ctx: RankContext, config: EngineConfig, remote: RemoteKVStore | None = None
-) -> Rank:
+def load_rank(ctx: RankContext, config: EngineConfig, remote: RemoteKVStore | None = None) -> Rank:
     """Load this rank's shards and size the KV pool with the other ranks (as rank 0's
     :class:`LLMEngine` does, in the same order of collectives); with speculation, this
     rank's part of the proposer's model too (before the runner: an EAGLE head has the target
