@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
+from engine_service.engine import LLMEngine, SamplingParams
 from switchyard.exit_codes import CANNOT_START
 from tests.engine_service.conftest import make_checkpoint
 from tests.engine_service.helpers import (
@@ -134,11 +134,6 @@ def llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tp-llama")
     make_llama_checkpoint(path)
     return path
-
-
-def test_unsupported_combinations_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="enable_kv_offload"):
-        EngineConfig(model="m", tensor_parallel_size=2, enable_kv_offload=True)
 
 
 # -- a dying rank ---------------------------------------------------------------------------
