@@ -304,7 +304,8 @@ class EngineSettings(ServiceSettings):
         default=0,
         ge=0,
         description="host-memory tier for KV blocks evicted from the device (0: none; with "
-        "kv_service_address set, at least 64 MiB, through which blocks reach the service)",
+        "kv_service_address set, at least 64 MiB, through which blocks reach the service); "
+        "per rank on a parallel engine",
     )
     kv_write_through: bool = Field(
         default=True,
