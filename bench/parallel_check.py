@@ -27,17 +27,26 @@ Exit status 1 on any mismatch.
   GPU for its own batch (steps, logits and head outputs sent point to point). Random heads
   and a draft close to the target: greedy tokens must equal the same layout's without
   speculation.
+- KV offload: at ``tensor_parallel_size=2`` and ``data_parallel_size=2`` (and DP=2 x TP=2
+  on four GPUs), a small KV pool whose shared prefixes are evicted between requests and
+  restored from each rank's pinned host tier, and a second engine of the same layout that
+  reads the prefixes from a KV service (in this process, on disk) written by the first,
+  against the same layout without offload: tokens equal, logprobs within 2e-3, restores
+  counted. ``--offload-only`` runs these alone.
 
-    python bench/parallel_check.py
+    python bench/parallel_check.py [--offload-only]
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -239,6 +248,138 @@ def check_speculation(path: Path, tmp: Path) -> bool:
     return ok
 
 
+def offload_engine(path: Path, remote: str | None = None, **knobs) -> LLMEngine:
+    store = None
+    if remote is not None:
+        from engine_service.kv_connector import KVServiceStore
+
+        store = KVServiceStore(remote)
+    config = EngineConfig(
+        model=str(path),
+        dtype="float32",
+        device="cuda",
+        block_size=16,
+        max_num_batched_tokens=256,
+        **knobs,
+    )
+    return LLMEngine(config, store)
+
+
+def greedy_in_waves(engine: LLMEngine, waves: list[list[list[int]]]) -> list[list]:
+    """Each wave's prompts together, one wave after the other (so that later waves evict
+    the blocks of earlier ones; under data parallelism a wave's prompts go to different
+    ranks); every prompt's greedy logprobs, in order."""
+    params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=1, ignore_eos=True)
+    results = []
+    for w, wave in enumerate(waves):
+        got: dict[str, list] = {f"w{w}p{i}": [] for i in range(len(wave))}
+        for rid, prompt in zip(got, wave):
+            engine.add_request(rid, prompt, params)
+        while engine.has_unfinished():
+            for output in engine.step():
+                got[output.request_id].extend(output.new_logprobs or [])
+        results.extend(got.values())
+    return results
+
+
+def same_greedy(what: str, expected: list[list], got: list[list]) -> bool:
+    ok = True
+    for i, (a, b) in enumerate(zip(expected, got)):
+        tokens_a, tokens_b = [lp.token_id for lp in a], [lp.token_id for lp in b]
+        worst = max(abs(x.logprob - y.logprob) for x, y in zip(a, b))
+        same = tokens_a == tokens_b and worst <= LOGPROB_TOLERANCE
+        ok &= same
+        print(f"offload {what} request {i}: tokens {'equal' if tokens_a == tokens_b else 'DIFFER'}, "
+              f"max |logprob diff| {worst:.2e}")  # fmt: skip
+    return ok
+
+
+class KVServiceThread:
+    """The KV service (disk store under ``work``) on an event loop of its own thread."""
+
+    def __init__(self, work: Path) -> None:
+        from kv_service.server import KVServer
+        from switchyard.settings import KVServiceSettings
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        settings = KVServiceSettings(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=0,
+            kv_store=f"disk:{work / 'kv'}",
+            kv_memory_bytes=0,  # every read goes to the disk
+            data_dir=work,
+        )
+        self.server = KVServer(settings)
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+
+def check_offload(path: Path, work: Path, num_kv_blocks: int, **parallel) -> bool:
+    """Two 320-token prefixes (20 blocks of 16) pushed out of a small pool by unrelated
+    400-token prompts and restored from the host tier; then a second engine of the same
+    layout reads them from the KV service the first wrote to (write-through)."""
+    rng = random.Random(5)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(3, 1001) for _ in range(n)]
+
+    systems = [tokens(320), tokens(320)]
+    waves = []
+    for n in (5, 9, 17):
+        waves.append([system + tokens(n) for system in systems])
+        waves.append([tokens(400), tokens(400)])
+    reader_wave = [system + tokens(11) for system in systems]
+    reference = offload_engine(path, num_kv_blocks=512, **parallel)
+    expected = greedy_in_waves(reference, [*waves, reader_wave])
+    reference.close()
+    service = KVServiceThread(work)
+    knobs = dict(
+        num_kv_blocks=num_kv_blocks,
+        enable_kv_offload=True,
+        kv_offload_host_bytes=64 << 20,
+        **parallel,
+    )
+    prefix_blocks = 2 * 320 // 16
+    ok = True
+    try:
+        writer = offload_engine(path, service.address, **knobs)
+        try:
+            ok &= same_greedy(f"{parallel} host tier", expected, greedy_in_waves(writer, waves))
+            deadline = time.monotonic() + 30
+            while writer.stats().remote_put_blocks < prefix_blocks:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            stats = writer.stats()
+        finally:
+            writer.close()
+        print(f"offload {parallel} host tier: offloaded {stats.offloaded_blocks}, restored "
+              f"{stats.restored_blocks_host}, put {stats.remote_put_blocks} blocks, "
+              f"remote errors {stats.remote_errors}")  # fmt: skip
+        ok &= stats.restored_blocks_host > 0 and stats.remote_put_blocks >= prefix_blocks
+        reader = offload_engine(path, service.address, **knobs)
+        try:
+            got = greedy_in_waves(reader, [reader_wave])
+            ok &= same_greedy(f"{parallel} KV service", expected[-2:], got)
+            hits = reader.stats().remote_hit_tokens
+        finally:
+            reader.close()
+        print(f"offload {parallel} KV service: {hits} prompt tokens restored from the service "
+              f"(the prefixes hold {2 * 320})")  # fmt: skip
+        ok &= hits == 2 * 320
+    finally:
+        service.close()
+    return ok
+
+
 def build_moe(tp: TensorParallel, device) -> FusedMoE:
     moe = FusedMoE(EXPERTS, TOP_K, HIDDEN, INNER, tp=tp).to(device)
     for e in range(EXPERTS):
@@ -294,6 +435,10 @@ def check_moe() -> bool:
 def main() -> None:
     if torch.cuda.device_count() < 2:
         sys.exit(f"needs 2 CUDA devices, {torch.cuda.device_count()} visible")
+    if "--offload-only" in sys.argv[1:]:
+        ok = main_offload()
+        print("parallel offload check:", "PASS" if ok else "FAIL")
+        sys.exit(0 if ok else 1)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "llama"
         make_llama(path)
@@ -321,8 +466,29 @@ def main() -> None:
             print("dp=2 x tp=2: skipped (needs 4 CUDA devices)")
         engine_ok &= check_speculation(path, Path(tmp))
     moe_ok = check_moe()
-    print("parallel check:", "PASS" if engine_ok and moe_ok else "FAIL")
-    sys.exit(0 if engine_ok and moe_ok else 1)
+    offload_ok = main_offload()
+    ok = engine_ok and moe_ok and offload_ok
+    print("parallel check:", "PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)
+
+
+def main_offload() -> bool:
+    # One pool for both prompts of a wave under TP, one per data-parallel rank under DP:
+    # either way a wave of 400-token prompts evicts most of the prefixes.
+    layouts = [(64, {"tensor_parallel_size": 2}), (32, {"data_parallel_size": 2})]
+    if torch.cuda.device_count() >= 4:
+        layouts.append((32, {"data_parallel_size": 2, "tensor_parallel_size": 2}))
+    else:
+        print("offload dp=2 x tp=2: skipped (needs 4 CUDA devices)")
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "llama"
+        make_llama(path)
+        for i, (num_kv_blocks, parallel) in enumerate(layouts):
+            work = Path(tmp) / f"offload-{i}"
+            work.mkdir()
+            ok &= check_offload(path, work, num_kv_blocks, **parallel)
+    return ok
 
 
 if __name__ == "__main__":
