@@ -225,3 +225,41 @@ def _answers(store: KVServiceStore, fingerprint: bytes, block_hash: bytes) -> bo
     except RemoteUnavailable:
         return False
     return True
+
+
+def test_fetched_blocks_are_let_go_once_restored_or_when_their_request_goes_away(
+    checkpoint, expected, kv_service, tmp_path
+):
+    port = free_port()
+    kv_service.start("memory", port, tmp_path)
+    writer, reader = remote_engine(checkpoint, port), remote_engine(checkpoint, port)
+    try:
+        writer.generate([PROMPT_A], greedy(8))
+        wait_for(lambda: writer.stats().remote_put_blocks >= SYSTEM_BLOCKS)
+        assert reader.offload is not None and reader.offload.local is not None
+        held = reader.offload.local
+
+        reader.add_request("gone", PROMPT_B, greedy(8))
+        reader.step()  # its fetch starts; it waits aside
+        assert reader.offload.fetches_in_flight == 1
+        assert reader.abort("gone")
+        wait_for(lambda: not reader.step() and reader.offload.fetches_in_flight == 0)
+        reader.step()  # applies the drop
+        assert held.num_fetches_held == 0
+
+        reader.add_request("b", PROMPT_B, greedy(8))
+        tokens: list[int] = []
+
+        def admitted() -> bool:
+            tokens.extend(t for o in reader.step() for t in o.new_token_ids)
+            return reader.stats().restored_blocks_remote == SYSTEM_BLOCKS
+
+        wait_for(admitted)
+        # The restore's copies ran in the step that admitted it, and the drop right after.
+        assert held.num_fetches_held == 0 and reader.has_unfinished()
+        while reader.has_unfinished():
+            tokens.extend(t for o in reader.step() for t in o.new_token_ids)
+        assert tokens == expected["b"]
+    finally:
+        writer.close()
+        reader.close()
