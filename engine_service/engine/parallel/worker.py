@@ -4,8 +4,10 @@ to stop or until rank 0 is gone (see :mod:`engine_service.engine.parallel.ranks`
 Started by rank 0 as ``python -m engine_service.engine.parallel.worker --rank R --address
 HOST:PORT --parent-pid PID`` with the engine's config (JSON) in
 ``SWITCHYARD_ENGINE_RANK_CONFIG`` and, when the engine offloads to a remote KV store, how to
-open it in ``SWITCHYARD_ENGINE_RANK_KV_STORE``. Exit status 0 after a SHUTDOWN, :data:`CANNOT_START` when
-the config or checkpoint does not fit, 1 when rank 0 went away.
+open it in ``SWITCHYARD_ENGINE_RANK_KV_STORE`` (the rank then runs rank 0's store tasks on
+an I/O thread of its own, :func:`~engine_service.engine.parallel.offload_link.serve_tasks`).
+Exit status 0 after a SHUTDOWN, :data:`CANNOT_START` when the config or checkpoint does not
+fit, 1 when rank 0 went away.
 """
 
 from __future__ import annotations
