@@ -18,12 +18,12 @@ a small machine and the run ends in a minute or two; the table prints the shapes
 
 Keys: ``fused_over_loop`` (geometric mean over every shape and token count of loop time over
 ours), ``<shape>_fused_over_loop`` (the same over one shape's token counts) and
-``<shape>_<tokens>_fused_over_loop``. The expert-parallel keys of issue 12
-(``overlap_speedup``, ``ep_over_tp_tok_s``, two GPUs) belong to the parallel-engines work:
-see :func:`expert_parallel_results`.
+``<shape>_<tokens>_fused_over_loop``. With two GPUs visible (or ``--expert-parallel``, gloo
+on the CPU) it also writes ``overlap_speedup`` and ``ep_over_tp_tok_s`` from
+``bench/moe_parallel.py`` (see :func:`expert_parallel_results`).
 
     python bench/moe.py --json bench/results/moe-cpu.json
-    python bench/moe.py --device cuda --json bench/results/moe-h200.json
+    python bench/moe.py --device cuda --json bench/results/moe-h200.json        # 2 GPUs: EP keys too
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,11 +139,28 @@ def sweep_tiles(inputs, loop_s: float, repeats: int) -> dict[str, float]:
 
 
 def expert_parallel_results(args: argparse.Namespace) -> dict[str, float]:
-    """Place of the expert-parallel measurements of issue 12: EP=2 with micro-batch overlap
-    over EP=2 without (``overlap_speedup``) and over TP=2 (``ep_over_tp_tok_s``), two GPUs.
-    They need the parallel engines (``--enable-expert-parallel``), which this branch does not
-    have; the parallel-engines work fills this in. Until then no key is written."""
-    return {}
+    """Issue 12's expert-parallel keys: EP=2 with micro-batch overlap over EP=2 without
+    (``overlap_speedup``) and over TP=2 (``ep_over_tp_tok_s``), measured by
+    ``bench/moe_parallel.py`` in two processes (NCCL on two GPUs, gloo on the CPU). Runs when
+    ``--expert-parallel`` is given, or on CUDA when two devices are visible."""
+    two_gpus = args.device == "cuda" and torch.cuda.device_count() >= 2
+    if not (args.expert_parallel or two_gpus):
+        return {}
+    if args.device == "cuda" and not two_gpus:
+        print("expert-parallel keys: two CUDA devices are needed, skipped")
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ep.json"
+        script = Path(__file__).with_name("moe_parallel.py")
+        subprocess.run(
+            [sys.executable, str(script), "--device", args.device, "--json", str(out)], check=True
+        )
+        measured = json.loads(out.read_text())
+    return {
+        "overlap_speedup": round(measured["overlap_speedup"], 3),
+        "ep_over_tp_tok_s": round(measured["ep_over_tp_tok_s"], 3),
+        "expert_parallel": measured,
+    }
 
 
 def main() -> None:
@@ -154,6 +173,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="also measure EP=2 with and without overlap and TP=2 (bench/moe_parallel.py)",
+    )
     parser.add_argument(
         "--sweep-tiles",
         action="store_true",
