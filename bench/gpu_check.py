@@ -17,12 +17,19 @@ Runs on a CUDA machine (CI has none), in two parts; exit status 1 on any mismatc
   close. A small Mixtral (every layer's experts through the fused MoE kernel) and a small
   gpt-oss (random attention sinks, sliding and full layers alternating, biased experts) run
   the same way.
+- Speculation: EAGLE chains and trees (greedy and seeded sampled), EAGLE-3 and a draft
+  model (chains and trees) with CUDA graphs (target tree verification, the proposers' step
+  graphs, whole draft chains and whole tree growths in one graph each) against the same
+  engines eager and against plain decoding: tokens must be equal, every graph kind the
+  method can use must have replayed (counts printed), and the drafts of the two engines are
+  compared one for one (agreement printed; padded GEMMs may round differently, so only a
+  large disagreement fails).
 - MoE: the fused Triton MoE kernel (`engine_service/layers/moe_triton.py`) against the
   per-expert loop on Mixtral-, DeepSeek- and gpt-oss-like shapes (biases and the clamped
   SwiGLU), bf16 and fp32, from one token to prefill sizes; and once captured in a CUDA graph
   and replayed with a new routing (the kernel must not synchronise with the host).
 
-    python bench/gpu_check.py [--kernel-only | --moe-only | --lora-only]
+    python bench/gpu_check.py [--kernel-only | --moe-only | --lora-only | --spec-only]
 """
 
 from __future__ import annotations
@@ -270,6 +277,128 @@ def run(
     return tokens, logprobs
 
 
+def check_speculative_graphs(device: str = "cuda") -> int:
+    """Speculation with CUDA graphs against the same engine eager (module docstring);
+    returns the number of failures."""
+    import json
+
+    from tests.engine_service.eagle_heads import (
+        make_copyable_target,
+        write_copying_head,
+        write_eagle_head,
+    )
+
+    failures = 0
+    vocab, eos = 512, 2
+    rng = random.Random(1)
+    shared = [rng.randrange(3, vocab) for _ in range(40)]
+    prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in (1, 5, 17, 60, 150)]
+    prompts += [shared + [rng.randrange(3, vocab) for _ in range(n)] for n in (3, 21)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        # A head that usually agrees with its one-layer target: long accepted runs.
+        target = make_copyable_target(root / "target", vocab, eos)
+        write_copying_head(root / "head", root / "target")
+        write_eagle_head(root / "eagle3", root / "target", 3, draft_vocab=300, aux_layers=(0, 0, 0))
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # a draft model: the target, perturbed
+            for parameter in target.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        target.save_pretrained(root / "draft")
+        tree = {"topk": 4, "num_draft_tokens": 16}
+        specs = {
+            "eagle": {"method": "eagle", "model": str(root / "head"), "num_speculative_tokens": 4},
+            "eagle_tree": {
+                "method": "eagle",
+                "model": str(root / "head"),
+                "num_speculative_tokens": 4,
+                "tree": tree,
+            },
+            "eagle3": {
+                "method": "eagle3",
+                "model": str(root / "eagle3"),
+                "num_speculative_tokens": 3,
+            },
+            "draft": {"model": str(root / "draft"), "num_speculative_tokens": 4},
+            "draft_tree": {"model": str(root / "draft"), "num_speculative_tokens": 4, "tree": tree},
+        }
+        greedy = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+        # Seeded samples equal plain decoding's exactly in fp32 (trees verify every sample).
+        seeded = [
+            SamplingParams(max_tokens=48, temperature=0.8, seed=i, ignore_eos=True)
+            for i in range(len(prompts))
+        ]
+        specs["eagle_tree_seeded"] = specs["eagle_tree"]
+
+        def engine(spec, graphs):
+            return LLMEngine(
+                EngineConfig(
+                    model=str(root / "target"),
+                    device=device,
+                    dtype="float32",
+                    attention_backend="triton",
+                    enable_cuda_graphs=graphs,
+                    num_kv_blocks=512,
+                    max_num_seqs=16,
+                    max_num_batched_tokens=256,
+                    cuda_graph_max_batch=256,
+                    speculative_config=json.dumps(spec) if spec else None,
+                )
+            )
+
+        def generate(llm, params):
+            proposals = []
+            if llm.proposer is not None:
+                propose = llm.proposer.propose
+
+                def recording(batch):
+                    drafts = propose(batch)
+                    parents = llm.proposer.tree_parents()
+                    for i, tokens in sorted(drafts.items()):
+                        known = list(batch.sequences[i].request.all_token_ids)
+                        proposals.append((known, tokens, parents.get(i)))
+                    return drafts
+
+                llm.proposer.propose = recording
+            outputs = [samples[0] for samples in llm.generate(prompts, params)]
+            return outputs, proposals
+
+        plain_greedy, _ = generate(engine(None, True), greedy)
+        plain_seeded, _ = generate(engine(None, True), seeded)
+        for name, spec in specs.items():
+            params, plain = (
+                (seeded, plain_seeded) if name.endswith("seeded") else (greedy, plain_greedy)
+            )
+            eager_tokens, eager_drafts = generate(engine(spec, False), params)
+            llm = engine(spec, True)
+            tokens, drafts = generate(llm, params)
+            proposer = llm.proposer
+            step_replays = proposer.runner.graphs.replays if proposer.runner.graphs else {}
+            chain_replays = proposer.chain_graphs.replays if proposer.chain_graphs else 0
+            tree_replays = proposer.tree_graphs.replays if proposer.tree_graphs else 0
+            target_replays = llm.runner.graphs.replays
+            pairs = list(zip(drafts, eager_drafts, strict=False))
+            agree = sum(a == b for a, b in pairs) / max(1, len(pairs))
+            used = (
+                tree_replays > 0 and target_replays.get("tree", 0) > 0
+                if "tree" in name
+                else chain_replays > 0 and target_replays.get("mixed", 0) > 0
+            )
+            ok = tokens == plain and eager_tokens == plain and used and agree >= 0.9
+            failures += not ok
+            accepted = llm.scheduler.accepted_draft_tokens / max(1, llm.scheduler.num_drafts)
+            print(
+                f"spec {name:17} graphs vs eager: tokens_equal={tokens == eager_tokens} "
+                f"equal_to_plain={tokens == plain} drafts_agree={agree:.2f} "
+                f"accepted_per_round={accepted:.2f} target_replays={target_replays} "
+                f"proposer_replays={step_replays} chain_replays={chain_replays} "
+                f"tree_replays={tree_replays} "
+                f"{'ok' if ok else 'MISMATCH'}",
+                flush=True,
+            )
+    return failures
+
+
 def check_lora_kernels(device: str = "cuda") -> int:
     """The Triton LoRA shrink/expand deltas against the torch path (dense and grouped) on
     a stacked qkv and a down projection of the 8B shape, 8 adapter slots of ranks 8-16 and
@@ -341,6 +470,8 @@ def check_lora_kernels(device: str = "cuda") -> int:
 def main() -> int:
     if "--lora-only" in sys.argv[1:]:
         return 1 if check_lora_kernels() else 0
+    if "--spec-only" in sys.argv[1:]:
+        return 1 if check_speculative_graphs() else 0
     moe_only = "--moe-only" in sys.argv[1:]
     failures = check_moe_kernel()
     if not moe_only:
@@ -352,6 +483,8 @@ def main() -> int:
             failures += 1
     if "--kernel-only" in sys.argv[1:]:
         return 1 if failures else 0
+    if not moe_only:
+        failures += check_speculative_graphs()
     rng = random.Random(0)
     families = [
         ("llama", transformers.LlamaConfig, {}),

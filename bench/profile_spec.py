@@ -91,6 +91,7 @@ def main() -> None:
             "ms_per_token": 1000 * wall / args.max_tokens,
             "rounds": rounds,
             "ms_per_round": 1000 * wall / rounds,
+            "graph_replays": graph_replays(engine),
         }
         if name == "off":
             reference = out
@@ -100,6 +101,23 @@ def main() -> None:
         del engine
         torch.cuda.empty_cache() if args.device.startswith("cuda") else None
     (args.out / "profile-spec.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+def graph_replays(engine: LLMEngine) -> dict[str, object]:
+    """How many steps replayed CUDA graphs (all runs of the engine): the target's by kind,
+    the proposer's step graphs by kind, its whole-chain and whole-tree graphs."""
+    out: dict[str, object] = {}
+    if engine.runner.graphs is not None:
+        out["target"] = dict(engine.runner.graphs.replays)
+    proposer = engine.proposer
+    runner = getattr(proposer, "runner", None)
+    if runner is not None and runner.graphs is not None:
+        out["proposer"] = dict(runner.graphs.replays)
+    for name in ("chain_graphs", "tree_graphs"):
+        graphs = getattr(proposer, name, None)
+        if graphs is not None:
+            out[name.removesuffix("_graphs") + "s"] = graphs.replays
+    return out
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine_service.engine.request import Request
@@ -131,7 +132,7 @@ def tree_mask(parents: list[int]) -> tuple[torch.Tensor, list[int]]:
     (1-based) hangs under ``parents[i - 1]``: each node sees its ancestors and itself. Also
     each node's depth (root 0)."""
     size = len(parents) + 1
-    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask = np.zeros((size, size), dtype=bool)  # built in numpy: a torch op per row is slow
     depths = [0] * size
     mask[0, 0] = True
     for node in range(1, size):
@@ -141,7 +142,7 @@ def tree_mask(parents: list[int]) -> tuple[torch.Tensor, list[int]]:
         mask[node] = mask[parent]
         mask[node, node] = True
         depths[node] = depths[parent] + 1
-    return mask, depths
+    return torch.from_numpy(mask), depths
 
 
 @dataclass(slots=True)

@@ -1,14 +1,25 @@
 """CUDA graphs of the whole forward pass, for decode steps and for mixed steps alike.
 
-Graphs are captured at start for token-count buckets up to ``max_tokens``. Two kinds per
-bucket ``T``:
+Graphs are captured at start for token-count buckets up to ``max_tokens``. Up to three kinds
+per bucket ``T``:
 
 - *decode*: ``T`` sequences of one query token each;
 - *mixed*: up to ``min(T, max_seqs)`` sequences sharing ``T`` query tokens in any split:
-  decodes beside small prefill chunks and extends over cached prefixes.
+  decodes beside small prefill chunks and extends over cached prefixes;
+- *tree* (``trees=True``, buckets up to 512 tokens): the mixed layout under a custom mask,
+  for steps that carry token trees (speculative verification, tree drafting). The flat mask
+  and its per-sequence offsets are copied into static buffers sized for the largest such
+  bucket (a step of ``T`` tokens has at most ``T * T`` mask entries).
 
-The two differ in the attention launch the backend picks (tile shapes for one query row
-against tiles for longer runs), which is fixed at capture.
+The kinds differ in the attention launch the backend picks (tile shapes for one query row
+against tiles for longer runs, the mask variant), which is fixed at capture.
+
+The same class captures a proposer's forward passes (a draft model's, an EAGLE head's; see
+:mod:`engine_service.engine.spec.graphs`): ``hidden_width`` gives the graphs a static input
+of one hidden row per token, for models whose forward takes one (EAGLE heads), and ``pool``
+lets them share the target's graph memory pool. Graphs sharing a pool may reuse each other's
+scratch memory, so a replay's output is valid until the next replay of any of them: callers
+read it (or copy what they keep) first.
 
 A live step is copied into the static input buffers of the smallest bucket that holds it
 and padded: padding tokens write their K/V into the scratch block the pool never hands out,
@@ -33,6 +44,8 @@ if TYPE_CHECKING:
     from engine_service.engine.model_runner import ModelRunner, StepInputs
 
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Tree graphs' static mask holds (largest tree bucket)^2 entries: 256 KiB at 512 tokens.
+_TREE_MAX_TOKENS = 512
 
 
 class StepGraphs:
@@ -43,6 +56,9 @@ class StepGraphs:
         max_seqs: int,
         capture: bool = True,
         mixed: bool | None = None,
+        trees: bool = False,
+        hidden_width: int = 0,
+        pool=None,
     ) -> None:
         self.runner = runner
         self.max_tokens = max_tokens
@@ -50,6 +66,14 @@ class StepGraphs:
         self.capture = capture
         self.buckets = sorted({b for b in _BUCKETS if b < max_tokens} | {max_tokens})
         self.mixed_ok = runner.backend.supports_mixed_graphs if mixed is None else mixed
+        # Trees ride the mixed layout; one-token "trees" are chains and never carry a mask.
+        self.tree_buckets = (
+            [b for b in self.buckets if 1 < b <= _TREE_MAX_TOKENS]
+            if trees and self.mixed_ok
+            else []
+        )
+        self.pool = pool  # the memory pool the graphs share (given, or the first capture's)
+        self.replays: dict[str, int] = {}  # per kind, for benchmarks and checks
         # A decode step has at most max_seqs sequences: no larger decode bucket is needed.
         self.max_decode_bucket = self._bucket(min(max_seqs, max_tokens))
         device = runner.device
@@ -71,6 +95,16 @@ class StepGraphs:
         self.lora_slots = (
             torch.full((max_tokens,), -1, **int64) if lora is not None and lora.graph_safe else None
         )
+        self.mask = self.mask_offsets = None
+        if self.tree_buckets:
+            self.mask = torch.zeros(self.tree_buckets[-1] ** 2, dtype=torch.bool, device=device)
+            # int32, as the kernels' warm-up compiles them (a step's offsets fit: <= 512^2).
+            self.mask_offsets = torch.zeros(seqs + 1, **int32)
+        # A hidden row per token (EAGLE heads read the target's feature, or their own output).
+        self.hidden_in = None
+        if hidden_width:
+            dtype = next(runner.model.parameters()).dtype
+            self.hidden_in = torch.zeros(max_tokens, hidden_width, dtype=dtype, device=device)
         self._graphs: dict[
             tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]
         ] = {}
@@ -80,12 +114,16 @@ class StepGraphs:
 
     def _kind(self, inputs: StepInputs) -> str | None:
         meta = inputs.meta
-        if meta.custom_mask is not None or meta.num_tokens > self.max_tokens:
+        if meta.num_tokens > self.max_tokens:
             return None
         if inputs.lora_token_slots is not None and self.lora_slots is None:
             return None
         bucket = self._bucket(meta.num_tokens)
-        if meta.max_query_len == 1:
+        if meta.custom_mask is not None:
+            if meta.num_seqs > min(bucket, self.max_seqs):
+                return None
+            kind = "tree"
+        elif meta.max_query_len == 1:
             kind = "decode"
         elif self.mixed_ok and meta.num_seqs <= min(bucket, self.max_seqs):
             kind = "mixed"
@@ -101,15 +139,26 @@ class StepGraphs:
 
     # -- replay ---------------------------------------------------------------------------
 
-    def replay(self, input_ids: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-        """Hidden states ``[num_tokens, hidden]`` of the live step, from its graph."""
+    def replay(
+        self, input_ids: torch.Tensor, inputs: StepInputs, hidden_in: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` of the live step, from its graph (a view of
+        the graph's output: the next replay overwrites it). ``hidden_in``: the step's hidden
+        input rows, for graphs built with ``hidden_width``."""
         kind = self._kind(inputs)
         assert kind is not None
+        assert (hidden_in is None) == (self.hidden_in is None), "hidden rows iff hidden_width"
+        self.replays[kind] = self.replays.get(kind, 0) + 1
         meta = inputs.meta
         n, b = meta.num_tokens, meta.num_seqs
         bucket = self._bucket(n)
         graph, hidden, captured = self._graphs[(kind, bucket)]
         self.input_ids[:n].copy_(input_ids)
+        if hidden_in is not None:
+            self.hidden_in[:n].copy_(hidden_in)
+        if kind == "tree":
+            self.mask[: meta.custom_mask.numel()].copy_(meta.custom_mask)
+            self.mask_offsets[: b + 1].copy_(meta.custom_mask_offsets)
         self.positions[:n].copy_(inputs.positions)
         self.slots[:n].copy_(meta.slot_mapping)
         self.slots[n:bucket].fill_(self.scratch_slot)
@@ -144,16 +193,23 @@ class StepGraphs:
         return hidden[:n]
 
     def _eager(self, meta: AttentionMetadata) -> torch.Tensor:
-        runner = self.runner
-        runner.backend.prepare(meta, runner.block_size)
+        self.runner.backend.prepare(meta, self.runner.block_size)
+        return self._forward(meta)
+
+    def _forward(self, meta: AttentionMetadata) -> torch.Tensor:
+        """The model over the static buffers of ``meta``'s bucket (captured, or the twin)."""
+        runner, n = self.runner, meta.num_tokens
+        if self.hidden_in is None:
+            return runner.model(self.input_ids[:n], meta.positions, runner.kv_cache, meta)
         return runner.model(
-            self.input_ids[: meta.num_tokens], meta.positions, runner.kv_cache, meta
+            self.input_ids[:n], meta.positions, self.hidden_in[:n], runner.kv_cache, meta
         )
 
     # -- capture --------------------------------------------------------------------------
 
     def _meta(self, kind: str, bucket: int) -> AttentionMetadata:
         num_seqs = bucket if kind == "decode" else min(bucket, self.max_seqs)
+        tree = kind == "tree"
         return AttentionMetadata(
             num_tokens=bucket,
             num_seqs=num_seqs,
@@ -171,65 +227,73 @@ class StepGraphs:
             seq_lens_host=self.seq_lens[:num_seqs]
             if not self.capture
             else torch.zeros(num_seqs, dtype=torch.int32),
+            custom_mask=self.mask if tree else None,
+            custom_mask_offsets=self.mask_offsets[: num_seqs + 1] if tree else None,
         )
+
+    def _kinds(self) -> list[tuple[str, int]]:
+        """Every (kind, bucket) a step can have."""
+        shapes = []
+        for bucket in reversed(self.buckets):
+            if bucket <= self.max_decode_bucket:
+                shapes.append(("decode", bucket))
+            if self.mixed_ok and bucket > 1:
+                shapes.append(("mixed", bucket))
+            if bucket in self.tree_buckets:
+                shapes.append(("tree", bucket))
+        return shapes
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        model, runner = self.runner.model, self.runner
+        runner = self.runner
         if not self.capture:
-            for bucket in self.buckets:
-                if bucket <= self.max_decode_bucket:
-                    self._graphs[("decode", bucket)] = (None, None, self._meta("decode", bucket))
-                if self.mixed_ok and bucket > 1:
-                    self._graphs[("mixed", bucket)] = (None, None, self._meta("mixed", bucket))
+            for kind, bucket in self._kinds():
+                self._graphs[(kind, bucket)] = (None, None, self._meta(kind, bucket))
             return
-        pool = None
-        kinds = ["decode", "mixed"] if self.mixed_ok else ["decode"]
-        for bucket in reversed(self.buckets):
-            for kind in kinds:
-                if (kind == "mixed" and bucket == 1) or (
-                    kind == "decode"
-                    and bucket > self.max_seqs
-                    and bucket != self._bucket(self.max_seqs)
-                ):
-                    continue  # no step can have that shape
-                meta = self._meta(kind, bucket)
-                # A valid layout to warm up and capture with: one token per sequence (decode)
-                # or every token in the first sequence (mixed), all over the scratch block.
-                if kind == "decode":
-                    self.query_start[: meta.num_seqs + 1].copy_(
-                        torch.arange(meta.num_seqs + 1, device=self.query_start.device)
-                    )
-                    self.seq_lens[: meta.num_seqs].fill_(1)
-                else:
-                    self.query_start[0] = 0
-                    self.query_start[1 : meta.num_seqs + 1].fill_(bucket)
-                    self.seq_lens[0] = bucket
-                    self.seq_lens[1 : meta.num_seqs].fill_(0)
-                self.positions[:bucket].copy_(
-                    torch.arange(bucket, device=self.positions.device) % runner.block_size
-                    if kind == "decode"
-                    else torch.arange(bucket, device=self.positions.device)
+        pool = self.pool
+        for kind, bucket in self._kinds():
+            meta = self._meta(kind, bucket)
+            # A valid layout to warm up and capture with: one token per sequence (decode)
+            # or every token in the first sequence (mixed, tree: under the causal mask), all
+            # over the scratch block.
+            if kind == "decode":
+                self.query_start[: meta.num_seqs + 1].copy_(
+                    torch.arange(meta.num_seqs + 1, device=self.query_start.device)
                 )
-                runner.backend.prepare_for_capture(meta, runner.block_size)
-                if self.lora_slots is not None:
-                    runner.lora_slots.set(self.lora_slots[:bucket])
-                args = (self.input_ids[:bucket], self.positions[:bucket], runner.kv_cache, meta)
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        model(*args)
-                torch.cuda.current_stream().wait_stream(stream)
-                if self.lora_slots is not None:
-                    # Clear what the warm-up cached per step (token groups, masks), so that
-                    # the graph computes them from the slots buffer on every replay.
-                    runner.lora_slots.set(self.lora_slots[:bucket])
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    hidden = model(*args)
-                pool = graph.pool()
-                self._graphs[(kind, bucket)] = (graph, hidden, meta)
+                self.seq_lens[: meta.num_seqs].fill_(1)
+            else:
+                self.query_start[0] = 0
+                self.query_start[1 : meta.num_seqs + 1].fill_(bucket)
+                self.seq_lens[0] = bucket
+                self.seq_lens[1 : meta.num_seqs].fill_(0)
+            if kind == "tree":
+                causal = torch.ones(bucket, bucket, dtype=torch.bool, device=self.mask.device)
+                self.mask[: bucket * bucket].copy_(causal.tril().flatten())
+                self.mask_offsets.zero_()
+            self.positions[:bucket].copy_(
+                torch.arange(bucket, device=self.positions.device) % runner.block_size
+                if kind == "decode"
+                else torch.arange(bucket, device=self.positions.device)
+            )
+            runner.backend.prepare_for_capture(meta, runner.block_size)
+            if self.lora_slots is not None:
+                runner.lora_slots.set(self.lora_slots[:bucket])
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(meta)
+            torch.cuda.current_stream().wait_stream(stream)
+            if self.lora_slots is not None:
+                # Clear what the warm-up cached per step (token groups, masks), so that
+                # the graph computes them from the slots buffer on every replay.
+                runner.lora_slots.set(self.lora_slots[:bucket])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self._forward(meta)
+            pool = graph.pool()
+            self._graphs[(kind, bucket)] = (graph, hidden, meta)
+        self.pool = pool
         if self.lora_slots is not None:
             runner.lora_slots.set(None)
         torch.cuda.synchronize()

@@ -284,6 +284,11 @@ class LLMEngine:
             hidden_store=self.proposer.hidden_store if self.proposer is not None else None,
             custom_masks=spec is not None and spec.tree_size > 0,
         )
+        if self.proposer is not None and self.runner.graphs is not None:
+            # The proposer's forwards replay graphs too, in the target graphs' memory pool.
+            self.proposer.capture_graphs(
+                graphs_max_tokens, config.max_num_seqs, pool=self.runner.graphs.pool
+            )
         self._shards = [
             _Shard(0, self.kv_manager, self.scheduler, self.runner, self.proposer, self.offload)
         ]

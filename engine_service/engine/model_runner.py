@@ -141,7 +141,7 @@ class ModelRunner:
         if graphs_max_tokens > 0:
             from engine_service.engine.cuda_graphs import StepGraphs
 
-            self.graphs = StepGraphs(self, graphs_max_tokens, max_num_seqs)
+            self.graphs = StepGraphs(self, graphs_max_tokens, max_num_seqs, trees=custom_masks)
 
     def _init_inputs(
         self,

@@ -37,6 +37,13 @@ with the hidden rows it feeds back (its own outputs), reads the gathered logits 
 drafts. Under data-parallel attention each rank drafts for its own batch from its own
 features: rank 0 keeps a remote proposer per other rank (:meth:`EagleProposer.for_peer`)
 whose head steps run in that rank's process and send back their logits and output rows.
+
+CUDA graphs (:meth:`EagleProposer.capture_graphs`): catch-ups and tree rounds replay the
+head's step graphs, whose static hidden-input buffer takes the rows the head reads (the
+target's features, or its own outputs); a greedy chain's drafts after the first are one
+replay of :class:`~engine_service.engine.spec.graphs.ChainGraphs`, each step's output row
+and argmax feeding the next on the device, and a full-size tree's rounds one replay of
+:class:`~engine_service.engine.spec.graphs.TreeGraphs`.
 """
 
 from __future__ import annotations
@@ -47,15 +54,19 @@ import torch
 
 from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
 from engine_service.engine.config import EngineConfig
+from engine_service.engine.cuda_graphs import StepGraphs
 from engine_service.engine.model_runner import ModelRunner, StepInputs
 from engine_service.engine.parallel.channel import StepChannel
 from engine_service.engine.request import Request
 from engine_service.engine.spec.config import SpeculativeConfig
+from engine_service.engine.spec.graphs import ChainGraphs, DraftModelCalls, TreeGraphs, greedy_ids
 from engine_service.engine.spec.proposers import (
     Proposer,
     _Tree,
     draft_max_tokens,
     draft_runner,
+    drafting_graphs,
+    grow_full_trees,
 )
 from engine_service.layers.paged_attention import AttentionBackend
 from engine_service.models.config import ModelConfig
@@ -89,6 +100,8 @@ class EagleProposer(Proposer):
         self.parents: dict[int, list[int]] = {}
         # id(request) -> (request, its preemption count, head positions fed)
         self._fed: dict[int, tuple[Request, int, int]] = {}
+        self.chain_graphs: ChainGraphs | None = None  # chains after the first draft
+        self.tree_graphs: TreeGraphs | None = None  # trees after the root
 
     def tree_parents(self) -> dict[int, list[int]]:
         return self.parents
@@ -102,6 +115,39 @@ class EagleProposer(Proposer):
             self.max_tokens,
             self.tree_topk,
             self.tree_size,
+        )
+
+    def capture_graphs(
+        self, max_tokens: int, max_seqs: int, pool=None, capture: bool = True
+    ) -> None:
+        runner, width = self.runner, self.head.config.hidden_size
+        runner.graphs = StepGraphs(
+            runner,
+            max_tokens,
+            max_seqs,
+            capture=capture,
+            mixed=None if capture else True,  # the twin runs every layout (reference backend)
+            trees=self.tree_topk > 0,
+            hidden_width=width,
+            pool=pool,
+        )
+        head, cache = self.head, runner.kv_cache
+        calls = DraftModelCalls(
+            forward=lambda ids, positions, hidden, meta: head(ids, positions, hidden, cache, meta),
+            logits=head.compute_logits,
+            to_target=head.draft_to_target,
+        )
+        self.chain_graphs, self.tree_graphs = drafting_graphs(
+            runner,
+            calls,
+            self.num_tokens,
+            self.tree_topk,
+            self.tree_size,
+            max_tokens,
+            max_seqs,
+            hidden_width=width,
+            capture=capture,
+            pool=runner.graphs.pool,
         )
 
     @torch.inference_mode()
@@ -139,6 +185,18 @@ class EagleProposer(Proposer):
 
     def _chains(self, chains, roots) -> dict[int, list[int]]:
         """Greedy chains, one batched head forward per token after the first."""
+        if self.chain_graphs is not None:
+            # Draft r (r >= 2) is computed at the head's position start + r - 2.
+            rows = self.chain_graphs.drafts(
+                greedy_ids(
+                    torch.stack([roots[i][0] for i, _ in chains]), self.head.draft_to_target
+                ),
+                torch.stack([roots[i][1] for i, _ in chains]),
+                [seq.start for _, seq in chains],
+                [min(seq.draft_room, self.num_tokens) for _, seq in chains],
+                [seq.request.block_table for _, seq in chains],
+            )
+            return {i: row for (i, _), row in zip(chains, rows, strict=True)}
         drafts = {i: [self._token(roots[i][0].argmax())] for i, _ in chains}
         hidden = {i: roots[i][1] for i, _ in chains}
         depth = {i: min(seq.draft_room, self.num_tokens) for i, seq in chains}
@@ -164,6 +222,12 @@ class EagleProposer(Proposer):
 
     def _trees(self, trees, roots) -> dict[int, list[int]]:
         """Token trees by confidence; node ``m``'s hidden input is its parent's output."""
+        drafts: dict[int, list[int]] = {}
+        if self.tree_graphs is not None:
+            logits = {i: root[0] for i, root in roots.items()}
+            hidden = {i: root[1] for i, root in roots.items()}
+            drafts = grow_full_trees(self, trees, [seq.start for _, seq in trees], logits, hidden)
+            trees = [(i, seq) for i, seq in trees if i not in drafts]
         grown: dict[int, _Tree] = {}
         outputs: dict[int, list[torch.Tensor]] = {}  # per tree: output of node m at m - 1
         for i, seq in trees:
@@ -205,7 +269,7 @@ class EagleProposer(Proposer):
                 grown[i].extend(logits.log_softmax(-1), self.tree_topk, self._tokens)
         for i, _ in trees:
             self.parents[i] = grown[i].parents
-        return {i: grown[i].tokens for i, _ in trees}
+        return drafts | {i: grown[i].tokens for i, _ in trees}
 
     def _token(self, index: torch.Tensor) -> int:
         return self._tokens(index.reshape(1))[0]
@@ -283,10 +347,13 @@ def run_head(
     if hidden is None:
         assert store is not None
         hidden = head.project(store.read(inputs.meta.slot_mapping))
-    runner.backend.prepare(inputs.meta, runner.block_size)
-    rows = head(
-        inputs.input_ids, inputs.positions, hidden.to(head.dtype), runner.kv_cache, inputs.meta
-    )
+    if runner.graphs is not None and runner.graphs.fits(inputs):  # one rank: its graphs
+        rows = runner.graphs.replay(inputs.input_ids, inputs, hidden)
+    else:
+        runner.backend.prepare(inputs.meta, runner.block_size)
+        rows = head(
+            inputs.input_ids, inputs.positions, hidden.to(head.dtype), runner.kv_cache, inputs.meta
+        )
     rows = rows[inputs.logits_indices]
     logits = head.compute_logits(rows)
     return rows, logits.float() if logits is not None else None

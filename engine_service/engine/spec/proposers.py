@@ -18,11 +18,18 @@ import torch
 
 from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
 from engine_service.engine.config import EngineConfig
+from engine_service.engine.cuda_graphs import StepGraphs
 from engine_service.engine.memory import rank_kv_block_shape
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.parallel.channel import StepChannel
 from engine_service.engine.request import Request
 from engine_service.engine.spec.config import SpeculativeConfig, check_same_tokenizer
+from engine_service.engine.spec.graphs import (
+    ChainGraphs,
+    DraftModelCalls,
+    TreeGraphs,
+    greedy_ids,
+)
 from engine_service.layers.paged_attention import AttentionBackend
 from engine_service.layers.parallel import SINGLE, TensorParallel
 from engine_service.models.config import ModelConfig
@@ -58,6 +65,16 @@ class Proposer(abc.ABC):
         (a whole copy) and caches live in that rank's process, which runs the steps sent
         through ``channel`` (of draft steps, to that rank) and sends back their results."""
         raise NotImplementedError(f"{type(self).__name__} drafts on one rank only")
+
+    def capture_graphs(
+        self, max_tokens: int, max_seqs: int, pool=None, capture: bool = True
+    ) -> None:
+        """Capture the proposer's forward passes as CUDA graphs, once the target's are
+        (steps of up to ``max_tokens`` tokens and ``max_seqs`` sequences, in the target
+        graphs' memory ``pool``); ``capture=False`` builds the CPU twin of the same buffers
+        and padding instead (:mod:`engine_service.engine.spec.graphs`). Default: nothing to
+        capture (n-gram lookup runs no model; MTP's forwards run eagerly)."""
+        return None
 
     def close(self) -> None:
         return None
@@ -132,6 +149,8 @@ class DraftModelProposer(Proposer):
         self.parents: dict[int, list[int]] = {}  # the last proposal's trees, by sequence
         # id(request) -> (request, its preemption count, tokens fed to the draft)
         self._seen: dict[int, tuple[Request, int, int]] = {}
+        self.chain_graphs: ChainGraphs | None = None  # chains after the first draft
+        self.tree_graphs: TreeGraphs | None = None  # trees after the root
 
     def propose(self, batch: ScheduledBatch) -> dict[int, list[int]]:
         self.parents = {}
@@ -156,6 +175,41 @@ class DraftModelProposer(Proposer):
             self.tree_size,
         )
 
+    def capture_graphs(
+        self, max_tokens: int, max_seqs: int, pool=None, capture: bool = True
+    ) -> None:
+        """Catch-ups and per-step forwards replay the draft runner's step graphs (through
+        :meth:`ModelRunner.execute`); whole chains and trees replay drafting graphs."""
+        runner = self.runner
+        if getattr(runner.model, "computes_own_attention", False):
+            return  # its attention is its own, not the backend's: eager, like such targets
+        runner.graphs = StepGraphs(
+            runner,
+            max_tokens,
+            max_seqs,
+            capture=capture,
+            mixed=None if capture else True,  # the twin runs every layout (reference backend)
+            trees=self.tree_topk > 0,
+            pool=pool,
+        )
+        model, cache = runner.model, runner.kv_cache
+        calls = DraftModelCalls(
+            forward=lambda ids, positions, _, meta: model(ids, positions, cache, meta),
+            logits=model.compute_logits,
+        )
+        self.chain_graphs, self.tree_graphs = drafting_graphs(
+            runner,
+            calls,
+            self.num_tokens,
+            self.tree_topk,
+            self.tree_size,
+            max_tokens,
+            max_seqs,
+            hidden_width=0,
+            capture=capture,
+            pool=runner.graphs.pool,
+        )
+
     def _catch_up(self, chosen, known: dict[int, int]) -> dict[int, torch.Tensor]:
         """Feed each sequence's unseen known tokens; the draft's logits after the last."""
         sequences = []
@@ -173,6 +227,16 @@ class DraftModelProposer(Proposer):
         return {i: rows[0] for i, rows in logits.items()}
 
     def _chains(self, chains, known, root_logits) -> dict[int, list[int]]:
+        if self.chain_graphs is not None:
+            # Draft r (r >= 2) is computed at cache index known + r - 2.
+            rows = self.chain_graphs.drafts(
+                greedy_ids(torch.stack([root_logits[i] for i, _ in chains])),
+                None,
+                [known[i] for i, _ in chains],
+                [min(seq.draft_room, self.num_tokens) for _, seq in chains],
+                [seq.request.block_table for _, seq in chains],
+            )
+            return {i: row for (i, _), row in zip(chains, rows, strict=True)}
         drafts = {i: [int(root_logits[i].argmax())] for i, _ in chains}
         depth = {i: min(seq.draft_room, self.num_tokens) for i, seq in chains}
         for round_index in range(1, max(depth.values())):
@@ -200,6 +264,11 @@ class DraftModelProposer(Proposer):
 
     def _trees(self, trees, known, root_logits) -> dict[int, list[int]]:
         """Grow every tree in lockstep, one batched draft forward per round."""
+        drafts: dict[int, list[int]] = {}
+        if self.tree_graphs is not None:
+            base = [known[i] for i, _ in trees]
+            drafts = grow_full_trees(self, trees, base, root_logits, None)
+            trees = [(i, seq) for i, seq in trees if i not in drafts]
         grown = {}
         for i, seq in trees:
             size = min(seq.draft_room, self.tree_size)
@@ -232,7 +301,7 @@ class DraftModelProposer(Proposer):
                 grown[i].extend(logits[i].log_softmax(-1), self.tree_topk)
         for i, _ in trees:
             self.parents[i] = grown[i].parents
-        return {i: grown[i].tokens for i, _ in trees}
+        return drafts | {i: grown[i].tokens for i, _ in trees}
 
     def _forward(self, sequences) -> dict[int, torch.Tensor]:
         """Draft logits for ``(key, sequence)`` pairs, split into forwards that fit."""
@@ -284,9 +353,9 @@ class _Tree:
         ``to_tokens`` turns vocabulary rows into token ids."""
         candidates = []
         best = logprobs.topk(topk)
-        values, tokens = best.values.tolist(), best.indices
+        values, tokens = best.values.tolist(), to_tokens(best.indices)  # two reads, not one a row
         for row, node in enumerate(self.frontier):
-            for value, token in zip(values[row], to_tokens(tokens[row]), strict=True):
+            for value, token in zip(values[row], tokens[row], strict=True):
                 candidates.append((self.scores[node - 1] + value, node, token))
         candidates.sort(reverse=True)
         self.frontier = []
@@ -295,6 +364,66 @@ class _Tree:
             self.scores.append(score)
             self.parents.append(node)
             self.frontier.append(len(self.tokens))
+
+
+def grow_full_trees(proposer, trees, base, roots, root_hidden) -> dict[int, list[int]]:
+    """The drafts of the ``trees`` (``(sequence index, sequence)`` pairs) that get all of
+    the proposer's ``tree_size`` nodes, grown by its :class:`TreeGraphs` (trees with less
+    draft room are left to the host); their parents go into ``proposer.parents``.
+    ``base``: each tree's node-1 cache index; ``roots``: root logits by sequence index;
+    ``root_hidden``: an EAGLE head's root output rows by sequence index."""
+    full = [r for r, (_, seq) in enumerate(trees) if seq.draft_room >= proposer.tree_size]
+    if not full:
+        return {}
+    keys = [trees[r][0] for r in full]
+    grown = proposer.tree_graphs.grow(
+        torch.stack([roots[i] for i in keys]),
+        torch.stack([root_hidden[i] for i in keys]) if root_hidden is not None else None,
+        [base[r] for r in full],
+        [trees[r][1].request.block_table for r in full],
+    )
+    drafts = {}
+    for i, (tokens, parents) in zip(keys, grown, strict=True):
+        drafts[i], proposer.parents[i] = tokens, parents
+    return drafts
+
+
+def drafting_graphs(
+    runner: ModelRunner,
+    calls: DraftModelCalls,
+    num_tokens: int,
+    tree_topk: int,
+    tree_size: int,
+    max_tokens: int,
+    max_seqs: int,
+    hidden_width: int,
+    capture: bool,
+    pool,
+) -> tuple[ChainGraphs | None, TreeGraphs | None]:
+    """A proposer's whole-loop graphs: chains of ``num_tokens`` drafts or, with
+    ``tree_topk`` (every sample then drafts a tree), trees, for as many trees as fit
+    ``max_tokens`` tokens a round (larger batches of trees run in several replays)."""
+    chains = trees = None
+    if num_tokens > 1 and not tree_topk:
+        chains = ChainGraphs(
+            runner, calls, num_tokens - 1, max_seqs, hidden_width, capture=capture, pool=pool
+        )
+        pool = chains.pool
+    # Tree rounds are mixed-layout steps under a mask (the step graphs' ``mixed_ok``).
+    mixed = runner.graphs is not None and runner.graphs.mixed_ok
+    if tree_topk > 0 and mixed and min(tree_topk, tree_size) < tree_size and num_tokens > 1:
+        trees = TreeGraphs(
+            runner,
+            calls,
+            tree_topk,
+            tree_size,
+            num_tokens,
+            max(1, min(max_seqs, max_tokens // tree_size)),
+            hidden_width,
+            capture=capture,
+            pool=pool,
+        )
+    return chains, trees
 
 
 def build_proposer(

@@ -1,0 +1,492 @@
+"""CUDA graphs of a proposer's whole drafting loop: a greedy chain's drafts after the first,
+or a token tree's growth after the root, for a whole batch in one replay.
+
+The first draft (or the root's children) comes from the proposer's catch-up forward, a step
+of its :class:`~engine_service.engine.cuda_graphs.StepGraphs`. What follows needs nothing
+from the host: every input of every later step is derived on the device, and the argmax or
+the tree's choice of new nodes feeds the next step directly.
+
+Chains (:class:`ChainGraphs`), ``num_steps`` one-token steps::
+
+    row b, step j (0-based)   cache index  p = base[b] + j
+                              slot         block_tables[b, p // block_size] * block_size
+                                           + p % block_size         (scratch once j >= depth[b])
+                              context      p + 1 keys
+                              input        step j - 1's draft (j = 0: the first draft) and,
+                                           for an EAGLE head, step j - 1's output row
+    out[b, j] = the argmax of step j's logits, as a target id
+
+Trees (:class:`TreeGraphs`) grow as EAGLE-2 does and as the proposers' host code does
+(:class:`~engine_service.engine.spec.proposers._Tree`): each round runs every node so far
+under the tree's ancestor mask and adds the ``topk`` best children of the newest nodes by
+path log-probability. A round's node count is fixed by ``topk``, the tree size and the depth
+limit, so the rounds unroll into one graph. Node ``m`` (1-based) of row ``b`` sits at cache
+index ``base[b] + m - 1`` with rotary position ``base[b] - 1 + depth(m)``; an EAGLE head
+reads its parent's output row (node 0: the root's). Path scores add in float64, as the host
+adds Python floats, and ties order as the host's tuple sort does (score, then node, then
+token, all descending), so the trees are the host's exactly.
+
+One graph per batch bucket (padded like the decode buckets of the target's graphs). A
+round's host work is writing the rows' bases and block tables once, one replay and one read
+of the result. Padding rows, and chain rows past their own depth, keep running but write
+their K/V into the scratch block and read only valid blocks: what they draft is never read.
+
+The steps' attention metadata is built inside the graph, so the backend's
+``prepare_for_capture`` runs once per step shape and ``prepare_for_replay`` (a refresh from a
+host-built step) is never called: the Triton backend needs neither.
+
+With ``capture=False`` the same steps run eagerly on the same static buffers, preparing the
+backend each step: the CPU twin that tests the derivation and padding without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine_service.engine.cuda_graphs import _BUCKETS
+from engine_service.layers.paged_attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from engine_service.engine.model_runner import ModelRunner
+
+
+@dataclass(slots=True)
+class DraftModelCalls:
+    """How a proposer's model drafts: ``forward(token ids [T], positions [T], hidden rows
+    [T, H] or None, metadata)`` to output rows ``[T, H]`` (over the runner's KV cache);
+    ``logits(rows)`` over the proposer's vocabulary; ``to_target`` maps a reduced vocabulary
+    to target ids (EAGLE-3's ``d2t``), None when they are the same."""
+
+    forward: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor | None, AttentionMetadata], torch.Tensor
+    ]
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    to_target: torch.Tensor | None = None
+
+    def target_ids(self, index: torch.Tensor) -> torch.Tensor:
+        return self.to_target[index] if self.to_target is not None else index
+
+
+def greedy_ids(logits: torch.Tensor, to_target: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's argmax, as target token ids (``to_target``: a reduced draft vocabulary's
+    map). The tensor form of what the eager chains take with ``int(row.argmax())``."""
+    index = logits.argmax(dim=-1)
+    return to_target[index] if to_target is not None else index
+
+
+class _DraftGraphs:
+    """What chain and tree graphs share: the batch buckets, the rows' base cache indices
+    and block tables (staged on the host, copied once per run), capture and replay."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        calls: DraftModelCalls,
+        max_seqs: int,
+        capture: bool,
+        pool,
+    ) -> None:
+        self.runner = runner
+        self.calls = calls
+        self.max_seqs = max_seqs
+        self.capture = capture
+        self.pool = pool
+        self.buckets = sorted({b for b in _BUCKETS if b < max_seqs} | {max_seqs})
+        self.replays = 0
+        device = runner.device
+        width = runner.max_blocks_per_seq
+        self.scratch_slot = runner.scratch_block * runner.block_size
+        self.base = torch.zeros(max_seqs, dtype=torch.int64, device=device)
+        self.tables = torch.full(
+            (max_seqs, width), runner.scratch_block, dtype=torch.int32, device=device
+        )
+        # Host staging (pinned on CUDA). One set is enough: a run's result is read back, a
+        # sync, before the next run writes here again.
+        pin = device.type == "cuda"
+        self._host_rows = torch.zeros(2, max_seqs, dtype=torch.int64, pin_memory=pin)
+        self._host_tables = torch.zeros(max_seqs * width, dtype=torch.int32, pin_memory=pin)
+        self._graphs: dict[int, torch.cuda.CUDAGraph | None] = {}
+        # Per bucket, the metadata of each step the loop runs (the subclass builds them).
+        self._step_metas: dict[int, list[AttentionMetadata]] = {}
+
+    def _bucket(self, num_seqs: int) -> int:
+        return next(b for b in self.buckets if b >= num_seqs)
+
+    def _stage(
+        self, bucket: int, base: list[int], extra: list[int], tables: list[list[int]], last: int
+    ) -> None:
+        """Copy the rows' ``base`` cache indices, one more integer per row (``extra``, into
+        row 1 of the staging, for the subclass) and block tables up to cache index ``last``
+        into the device buffers; padding rows get base 0 and the scratch block."""
+        n, size = len(base), self.runner.block_size
+        rows = self._host_rows.numpy()
+        rows[0, :n], rows[1, :n] = base, extra
+        rows[:, n:bucket] = 0
+        width = min(last // size + 1, self.tables.shape[1])
+        packed = self._host_tables[: bucket * width].numpy().reshape(bucket, width)
+        packed.fill(self.runner.scratch_block)
+        for row, table in enumerate(tables):
+            table = table[:width]
+            packed[row, : len(table)] = table
+        self.base[:bucket].copy_(self._to_device(self._host_rows[0, :bucket]))
+        self.tables[:bucket, :width].copy_(
+            self._to_device(self._host_tables[: bucket * width]).view(bucket, width)
+        )
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.runner.device.type == "cpu":
+            return host
+        return host.to(self.runner.device, non_blocking=True)
+
+    def _slots(self, index: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Slots of cache indices ``index`` ``[B, n]`` through the rows' block tables (a
+        column past the table's width is clamped: such a row's slot is never live)."""
+        size, width = self.runner.block_size, tables.shape[1]
+        column = torch.clamp(index // size, max=width - 1)
+        return tables.gather(1, column).long() * size + index % size
+
+    def _meta(self, bucket: int, num_tokens: int, max_query_len: int, **buffers):
+        runner, host = self.runner, not self.capture  # the twin's buffers are host tensors
+        query_start, seq_lens = buffers["query_start"], buffers["seq_lens"]
+        return AttentionMetadata(
+            num_tokens=num_tokens,
+            num_seqs=bucket,
+            max_query_len=max_query_len,
+            max_seq_len=runner.max_blocks_per_seq * runner.block_size,
+            query_start_loc=query_start,
+            seq_lens=seq_lens,
+            positions=buffers["positions"],
+            slot_mapping=buffers["slots"],
+            block_tables=self.tables[:bucket],
+            query_start_loc_host=query_start
+            if host
+            else torch.zeros(bucket + 1, dtype=torch.int32),
+            seq_lens_host=seq_lens if host else torch.zeros(bucket, dtype=torch.int32),
+            custom_mask=buffers.get("mask"),
+            custom_mask_offsets=buffers.get("mask_offsets"),
+        )
+
+    # -- capture and replay ---------------------------------------------------------------
+
+    def _body(self, bucket: int, prepare: bool) -> None:
+        """The drafting loop over the static buffers of ``bucket``: what a graph captures
+        (``prepare``: the twin, which prepares the backend before each step)."""
+        raise NotImplementedError
+
+    def _launch(self, bucket: int) -> None:
+        self.replays += 1
+        graph = self._graphs[bucket]
+        if graph is None:
+            self._body(bucket, prepare=True)
+        else:
+            graph.replay()
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        if not self.capture:
+            self._graphs = dict.fromkeys(self.buckets)
+            return
+        runner, pool = self.runner, self.pool
+        # The rows start empty (base 0, scratch tables): warm-ups write only into scratch.
+        for bucket in reversed(self.buckets):
+            for meta in self._step_metas[bucket]:
+                runner.backend.prepare_for_capture(meta, runner.block_size)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._body(bucket, prepare=False)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._body(bucket, prepare=False)
+            pool = graph.pool()
+            self._graphs[bucket] = graph
+        self.pool = pool
+        torch.cuda.synchronize()
+
+
+class ChainGraphs(_DraftGraphs):
+    """``num_steps`` greedy draft steps for up to ``max_seqs`` sequences; ``hidden_width``:
+    the rows an EAGLE head feeds back (0: none, a draft model)."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        calls: DraftModelCalls,
+        num_steps: int,
+        max_seqs: int,
+        hidden_width: int = 0,
+        capture: bool = True,
+        pool=None,
+    ) -> None:
+        assert num_steps >= 1
+        super().__init__(runner, calls, max_seqs, capture, pool)
+        self.num_steps = num_steps
+        device = runner.device
+        int64 = dict(dtype=torch.int64, device=device)
+        self.tokens = torch.zeros(max_seqs, **int64)
+        self.hidden = None
+        if hidden_width:
+            dtype = next(runner.model.parameters()).dtype
+            self.hidden = torch.zeros(max_seqs, hidden_width, dtype=dtype, device=device)
+        self.depth = torch.zeros(max_seqs, **int64)
+        self.positions = torch.zeros(max_seqs, **int64)
+        self.slots = torch.full((max_seqs,), self.scratch_slot, **int64)
+        self.seq_lens = torch.ones(max_seqs, dtype=torch.int32, device=device)
+        self.query_start = torch.arange(max_seqs + 1, dtype=torch.int32, device=device)
+        self.out = torch.zeros(max_seqs, num_steps, **int64)
+        for bucket in self.buckets:  # every step: one token per row
+            meta = self._meta(
+                bucket,
+                bucket,
+                1,
+                query_start=self.query_start[: bucket + 1],
+                seq_lens=self.seq_lens[:bucket],
+                positions=self.positions[:bucket],
+                slots=self.slots[:bucket],
+            )
+            self._step_metas[bucket] = [meta]
+        self._capture_all()
+
+    @torch.inference_mode()
+    def run(
+        self,
+        first_tokens: torch.Tensor,
+        first_hidden: torch.Tensor | None,
+        base: list[int],
+        depth: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Drafts ``[B, num_steps]`` (device; row ``b`` is valid up to ``depth[b]``) after
+        each row's first draft ``first_tokens[b]`` (device), whose step sits at cache index
+        ``base[b]`` of a sequence with block table ``block_tables[b]``. The result is a view
+        of a static buffer: read it before the next run."""
+        n = len(base)
+        bucket = self._bucket(n)
+        last = max(b + max(d, 1) - 1 for b, d in zip(base, depth, strict=True))
+        self._stage(bucket, base, depth, block_tables, last)
+        self.depth[:bucket].copy_(self._to_device(self._host_rows[1, :bucket]))
+        self.tokens[:n].copy_(first_tokens)
+        if self.hidden is not None:
+            assert first_hidden is not None
+            self.hidden[:n].copy_(first_hidden)
+        self._launch(bucket)
+        return self.out[:n]
+
+    def drafts(
+        self,
+        first_tokens: torch.Tensor,
+        first_hidden: torch.Tensor | None,
+        base: list[int],
+        depth: list[int],
+        block_tables: list[list[int]],
+    ) -> list[list[int]]:
+        """Each row's whole chain on the host: its first draft, then ``depth[b] - 1`` more
+        from :meth:`run` (``base[b]``: the cache index of its second draft's step), read
+        back once for the batch."""
+        rows: list[list[int]] = []
+        for lo in range(0, len(base), self.max_seqs):  # more rows than the largest bucket
+            hi = lo + self.max_seqs
+            tokens = first_tokens[lo:hi, None]
+            steps = [d - 1 for d in depth[lo:hi]]
+            if max(steps) > 0:
+                hidden = first_hidden[lo:hi] if first_hidden is not None else None
+                rest = self.run(tokens[:, 0], hidden, base[lo:hi], steps, block_tables[lo:hi])
+                tokens = torch.cat((tokens, rest), dim=1)
+            rows += tokens.tolist()  # before the next run overwrites ``rest``
+        return [row[:d] for row, d in zip(rows, depth, strict=True)]
+
+    def _body(self, bucket: int, prepare: bool) -> None:
+        (meta,), calls = self._step_metas[bucket], self.calls
+        base, depth, tables = self.base[:bucket], self.depth[:bucket], self.tables[:bucket]
+        tokens = self.tokens[:bucket]
+        hidden = self.hidden[:bucket] if self.hidden is not None else None
+        for j in range(self.num_steps):
+            position = base + j
+            live = depth > j
+            slots = self._slots(position[:, None], tables)[:, 0]
+            self.slots[:bucket].copy_(torch.where(live, slots, self.scratch_slot))
+            self.positions[:bucket].copy_(position)
+            # A row past its depth sees one key (its table's first, a valid block).
+            self.seq_lens[:bucket].copy_(torch.where(live, position + 1, 1))
+            if prepare:
+                self.runner.backend.prepare(meta, self.runner.block_size)
+            rows = calls.forward(tokens, self.positions[:bucket], hidden, meta)
+            tokens = greedy_ids(calls.logits(rows).float(), calls.to_target)
+            hidden = rows if hidden is not None else None
+            self.out[:bucket, j].copy_(tokens)
+
+
+class TreeGraphs(_DraftGraphs):
+    """Token trees of ``size`` nodes at most, ``topk`` children a round, at most
+    ``depth`` deep (the root's children are depth 1), for up to ``max_seqs`` sequences;
+    ``hidden_width``: an EAGLE head, whose nodes read their parent's output row."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        calls: DraftModelCalls,
+        topk: int,
+        size: int,
+        depth: int,
+        max_seqs: int,
+        hidden_width: int = 0,
+        capture: bool = True,
+        pool=None,
+    ) -> None:
+        super().__init__(runner, calls, max_seqs, capture, pool)
+        self.topk, self.size = topk, size
+        # Each round: (nodes run, of which the newest are the frontier, nodes it adds).
+        self.rounds: list[tuple[int, int, int]] = []
+        nodes = frontier = min(topk, size)
+        self.first = nodes
+        for _ in range(1, depth):
+            if nodes >= size:
+                break
+            added = min(topk, size - nodes)
+            self.rounds.append((nodes, frontier, added))
+            nodes, frontier = nodes + added, added
+        self.num_nodes = nodes
+        device = runner.device
+        int64 = dict(dtype=torch.int64, device=device)
+        s = max_seqs
+        self.tokens = torch.zeros(s, size, **int64)  # node m at column m - 1
+        self.parents = torch.zeros(s, size, **int64)  # 0: the root
+        self.scores = torch.zeros(s, size, dtype=torch.float64, device=device)
+        self.depths = torch.zeros(s, size + 1, **int64)  # node m at column m (root: 0)
+        self.ancestors = torch.zeros(s, size, size, dtype=torch.bool, device=device)
+        self.eye = torch.eye(size, dtype=torch.bool, device=device)
+        self.nodes = torch.arange(size, **int64)
+        self.outputs = None  # node m's output row at [:, m] (root: 0)
+        if hidden_width:
+            dtype = next(runner.model.parameters()).dtype
+            self.outputs = torch.zeros(s, size + 1, hidden_width, dtype=dtype, device=device)
+            self.hidden_in = torch.zeros(s * size, hidden_width, dtype=dtype, device=device)
+        # Each round's step: the mixed layout under the tree mask.
+        tokens = s * size
+        self.input_ids = torch.zeros(tokens, **int64)
+        self.positions = torch.zeros(tokens, **int64)
+        self.slots = torch.full((tokens,), self.scratch_slot, **int64)
+        self.seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
+        self.query_start = torch.zeros(s + 1, dtype=torch.int32, device=device)
+        self.steps = torch.arange(s + 1, dtype=torch.int32, device=device)
+        self.mask = torch.zeros(s * size * size, dtype=torch.bool, device=device)
+        self.mask_offsets = torch.zeros(s + 1, dtype=torch.int32, device=device)
+        for bucket in self.buckets:  # a round's step: every row's nodes so far
+            self._step_metas[bucket] = [
+                self._meta(
+                    bucket,
+                    bucket * nodes,
+                    nodes,
+                    query_start=self.query_start[: bucket + 1],
+                    seq_lens=self.seq_lens[:bucket],
+                    positions=self.positions[: bucket * nodes],
+                    slots=self.slots[: bucket * nodes],
+                    mask=self.mask[: bucket * nodes * nodes],
+                    mask_offsets=self.mask_offsets[: bucket + 1],
+                )
+                for nodes, _, _ in self.rounds
+            ]
+        self._capture_all()
+
+    @torch.inference_mode()
+    def grow(
+        self,
+        root_logits: torch.Tensor,
+        root_hidden: torch.Tensor | None,
+        base: list[int],
+        block_tables: list[list[int]],
+    ) -> list[tuple[list[int], list[int]]]:
+        """Each row's tree as (tokens, parents), read back once: the root's ``topk`` best
+        children from ``root_logits[b]`` (the proposer's vocabulary, device), then the
+        rounds; node 1 sits at cache index ``base[b]``."""
+        trees: list[tuple[list[int], list[int]]] = []
+        for lo in range(0, len(base), self.max_seqs):  # more rows than the largest bucket
+            hi = lo + self.max_seqs
+            hidden = root_hidden[lo:hi] if root_hidden is not None else None
+            out = self._run(root_logits[lo:hi], hidden, base[lo:hi], block_tables[lo:hi])
+            for tokens, parents in out.tolist():
+                trees.append((tokens, parents))
+        return trees
+
+    def _run(self, root_logits, root_hidden, base, block_tables) -> torch.Tensor:
+        n, first = len(base), self.first
+        bucket = self._bucket(n)
+        self._stage(bucket, base, [0] * n, block_tables, max(base) + self.num_nodes - 1)
+        top = root_logits.log_softmax(dim=-1).topk(first)
+        self.tokens[:n, :first].copy_(self.calls.target_ids(top.indices))
+        self.scores[:n, :first].copy_(top.values.double())
+        if self.outputs is not None:
+            assert root_hidden is not None
+            self.outputs[:n, 0].copy_(root_hidden)
+        self._launch(bucket)
+        return torch.stack((self.tokens[:n], self.parents[:n]), dim=1)[:, :, : self.num_nodes]
+
+    def _body(self, bucket: int, prepare: bool) -> None:
+        calls, first, b = self.calls, self.first, bucket
+        base, tables = self.base[:b], self.tables[:b]
+        tokens, parents = self.tokens[:b], self.parents[:b]
+        depths, ancestors = self.depths[:b], self.ancestors[:b]
+        # The root's children: depth 1, each its own only ancestor among the nodes.
+        parents.zero_()
+        depths.zero_()
+        depths[:, 1 : first + 1] = 1
+        ancestors.zero_()
+        ancestors[:, :first] = self.eye[:first]
+        for (nodes, frontier, added), meta in zip(self.rounds, self._step_metas[b], strict=True):
+            count = b * nodes
+            index = base[:, None] + self.nodes[:nodes]  # node m at base + m - 1
+            self.slots[:count].copy_(self._slots(index, tables).reshape(-1))
+            self.positions[:count].copy_((base[:, None] - 1 + depths[:, 1 : nodes + 1]).reshape(-1))
+            self.input_ids[:count].copy_(tokens[:, :nodes].reshape(-1))
+            self.seq_lens[:b].copy_(base + nodes)
+            self.query_start[: b + 1].copy_(self.steps[: b + 1] * nodes)
+            self.mask[: count * nodes].copy_(ancestors[:, :nodes, :nodes].reshape(-1))
+            self.mask_offsets[: b + 1].copy_(self.steps[: b + 1] * (nodes * nodes))
+            hidden = None
+            if self.outputs is not None:
+                width = self.outputs.shape[2]
+                rows = parents[:, :nodes, None].expand(b, nodes, width)
+                hidden = self.hidden_in[:count]
+                hidden.copy_(self.outputs[:b].gather(1, rows).reshape(count, width))
+            if prepare:
+                self.runner.backend.prepare(meta, self.runner.block_size)
+            out = calls.forward(self.input_ids[:count], self.positions[:count], hidden, meta)
+            newest = out.view(b, nodes, -1)[:, nodes - frontier :]  # the frontier's rows
+            if self.outputs is not None:
+                self.outputs[:b, nodes - frontier + 1 : nodes + 1] = newest
+            self._extend(newest, nodes, frontier, added)
+
+    def _extend(self, newest: torch.Tensor, nodes: int, frontier: int, added: int) -> None:
+        """Add the ``added`` best children of the frontier (nodes ``nodes - frontier + 1 ..
+        nodes``, output rows ``newest``) by path score, as :meth:`_Tree.extend` does."""
+        b, topk, calls = newest.shape[0], self.topk, self.calls
+        logprobs = calls.logits(newest.reshape(b * frontier, -1)).float().log_softmax(dim=-1)
+        best = logprobs.topk(topk)
+        children = calls.target_ids(best.indices).view(b, frontier * topk)
+        path = self.scores[:b, nodes - frontier : nodes, None] + best.values.double().view(
+            b, frontier, topk
+        )
+        path = path.view(b, frontier * topk)
+        node_ids = self.nodes[nodes - frontier : nodes, None] + 1  # each frontier node
+        node_ids = node_ids.expand(frontier, topk).reshape(1, -1).expand(b, -1)  # topk times
+        # Descending by (score, node, token): stable sorts, least significant key first.
+        order = children.argsort(dim=1, descending=True, stable=True)
+        for key in (node_ids, path):
+            step = key.gather(1, order).argsort(dim=1, descending=True, stable=True)
+            order = order.gather(1, step)
+        chosen = order[:, :added]
+        new = slice(nodes, nodes + added)
+        parent = node_ids.gather(1, chosen)
+        self.tokens[:b, new] = children.gather(1, chosen)
+        self.scores[:b, new] = path.gather(1, chosen)
+        self.parents[:b, new] = parent
+        self.depths[:b, nodes + 1 : nodes + added + 1] = self.depths[:b].gather(1, parent) + 1
+        size = self.size
+        above = self.ancestors[:b].gather(1, (parent - 1)[:, :, None].expand(b, added, size))
+        self.ancestors[:b, new] = above | self.eye[new]

@@ -1,0 +1,278 @@
+"""The CUDA-graph path of speculative decoding, through its CPU twin.
+
+CI has no GPU, so the graphs run with ``capture=False``: every step the GPU would replay is
+copied into the same static, padded buffers and run eagerly on them (SDPA backend). That
+covers the target's tree-verification graphs (the static mask buffer), the proposers' step
+graphs (catch-ups, tree rounds; an EAGLE head's static hidden-input rows) and the chain
+graphs (every draft after the first derived on the device: positions, slots through the
+block tables, lengths, argmax fed back, rows past their depth kept on the scratch block).
+Drafts must equal the eager proposer's, one for one, and outputs plain decoding's.
+``bench/gpu_check.py`` runs the captured graphs themselves on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import transformers
+
+from engine_service.engine import SamplingParams
+from engine_service.engine.batch import tree_mask
+from engine_service.engine.cuda_graphs import StepGraphs
+from engine_service.engine.spec.graphs import DraftModelCalls, TreeGraphs
+from engine_service.engine.spec.proposers import _Tree
+from tests.engine_service.eagle_heads import (
+    make_copyable_target,
+    write_copying_head,
+    write_eagle_head,
+)
+from tests.engine_service.helpers import (
+    EOS,
+    VOCAB,
+    assert_pool_entirely_free,
+    greedy,
+    make_engine,
+    make_llama_checkpoint,
+    run_all,
+    tokens_of,
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A copyable one-layer target with a head that usually agrees with it (long accepted
+    runs: multi-token catch-ups, tree paths off the first branch), a four-layer target with
+    a random EAGLE-3 head (reduced vocabulary through d2t), a two-layer target with a
+    perturbed copy of itself as a draft model."""
+    root = tmp_path_factory.mktemp("spec-graphs")
+    make_copyable_target(root / "copyable", VOCAB, EOS)
+    write_copying_head(root / "copying-head", root / "copyable")
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        eos_token_id=EOS,
+        bos_token_id=1,
+    )
+    torch.manual_seed(11)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(root / "four")
+    write_eagle_head(
+        root / "eagle3",
+        root / "four",
+        3,
+        draft_vocab=200,
+        aux_layers=(0, 2, 3),
+        with_embedding=False,
+    )
+    target = make_llama_checkpoint(root / "two")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in target.parameters():
+            parameter.add_(0.08 * torch.randn(parameter.shape, generator=generator))
+    target.save_pretrained(root / "near-draft")
+    return root
+
+
+def case(models, name: str) -> tuple[object, dict]:
+    """(target path, speculative config) of a case."""
+    tree = {"topk": 3, "num_draft_tokens": 9}
+    if name.startswith("eagle3"):
+        spec = {"method": "eagle3", "model": str(models / "eagle3"), "num_speculative_tokens": 4}
+        target = models / "four"
+    elif name.startswith("eagle"):
+        spec = {
+            "method": "eagle",
+            "model": str(models / "copying-head"),
+            "num_speculative_tokens": 4,
+        }
+        target = models / "copyable"
+    elif name == "draft_self":  # the target as its own draft: every draft accepted
+        spec = {"model": str(models / "two"), "num_speculative_tokens": 4}
+        target = models / "two"
+    else:
+        spec = {"model": str(models / "near-draft"), "num_speculative_tokens": 3}
+        target = models / "two"
+    if name.endswith("tree"):
+        spec["tree"] = tree
+    return target, spec
+
+
+def with_twin_graphs(engine, max_tokens: int, max_seqs: int):
+    """The engine with the CPU twins of the graphs a CUDA engine captures: the target's
+    (tree masks included) and the proposer's."""
+    runner = engine.runner
+    runner.graphs = StepGraphs(runner, max_tokens, max_seqs, capture=False, mixed=True, trees=True)
+    engine.proposer.capture_graphs(max_tokens, max_seqs, capture=False)
+    return engine
+
+
+def record_proposals(engine) -> list:
+    """Every proposal, with the known tokens it was made after."""
+    proposer, seen = engine.proposer, []
+    propose = proposer.propose
+
+    def recording(batch):
+        drafts = propose(batch)
+        parents = proposer.tree_parents()
+        seen.extend(
+            (list(batch.sequences[i].request.all_token_ids), tokens, parents.get(i))
+            for i, tokens in sorted(drafts.items())
+        )
+        return drafts
+
+    proposer.propose = recording
+    return seen
+
+
+def prompts(seed: int) -> list[list[int]]:
+    """Mixed lengths (some catch-ups fit a graph, some run eagerly), two sharing a prefix."""
+    rng = random.Random(seed)
+    out = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (5, 12, 3, 27, 8, 2)]
+    return [*out, [*out[3][:16], 7, 8], [*out[3][:16], 9]]
+
+
+def run(engine, batch, max_tokens=20):
+    outputs = engine.generate(batch, greedy(max_tokens, ignore_eos=True))
+    return [samples[0] for samples in outputs]
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "max_seqs"),
+    [
+        ("eagle", {}, 8),
+        ("eagle", {"max_num_batched_tokens": 16}, 4),  # chunked; chains split over buckets
+        ("eagle_tree", {}, 8),
+        ("eagle_tree", {"num_kv_blocks": 28}, 8),  # preemption while drafting
+        ("eagle3", {}, 8),
+        ("draft_self", {}, 8),
+        ("draft_tree", {"max_num_batched_tokens": 16}, 8),
+    ],
+)
+def test_padded_proposer_and_tree_graphs_give_the_eager_drafts(models, name, settings, max_seqs):
+    target, spec = case(models, name)
+    config = dict(speculative_config=json.dumps(spec), **settings)
+    eager = make_engine(target, **config)
+    twin = with_twin_graphs(make_engine(target, **config), max_tokens=48, max_seqs=max_seqs)
+    eager_drafts, twin_drafts = record_proposals(eager), record_proposals(twin)
+    batch = prompts(1)
+
+    expected = run(make_engine(target, **settings), batch)
+    assert run(eager, batch) == expected
+    assert run(twin, batch) == expected
+    assert twin_drafts == eager_drafts
+    if name != "eagle3":  # a random head: acceptance by chance
+        assert twin.scheduler.accepted_draft_tokens > 0
+    assert_pool_entirely_free(twin.kv_manager)
+
+    # Every graph kind the case can use was used.
+    proposer = twin.proposer
+    steps, target_steps = proposer.runner.graphs.replays, twin.runner.graphs.replays
+    if name.endswith("tree"):
+        assert proposer.tree_graphs.replays > 0 and target_steps.get("tree", 0) > 0, target_steps
+        assert proposer.chain_graphs is None  # with a tree, every sample drafts one
+        # Trees with less draft room (near max_tokens) grow round by round, in step graphs.
+        assert steps.get("tree", 0) > 0, steps
+    else:
+        assert proposer.chain_graphs.replays > 0
+        assert target_steps.get("mixed", 0) > 0, target_steps
+    assert steps.get("decode", 0) + steps.get("mixed", 0) > 0, steps  # catch-ups
+    if name in ("eagle", "draft_self"):
+        assert steps.get("mixed", 0) > 0, steps  # catch-ups over accepted runs
+
+
+def test_sampled_and_penalised_trees_through_the_graphs_equal_plain_decoding(models):
+    """Seeded sampled samples (top-p, penalties, n = 2) beside a penalised greedy one, all
+    drafting trees grown in the tree graphs and verified in the target's tree graphs: each
+    gets its tokens without speculation, from the eager proposer's drafts."""
+    target, spec = case(models, "eagle_tree")
+    params = [
+        SamplingParams(temperature=0.7, seed=1, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_p=0.8, seed=2, max_tokens=20, ignore_eos=True),
+        SamplingParams(
+            n=2, temperature=0.8, seed=3, frequency_penalty=0.4, max_tokens=20, ignore_eos=True
+        ),
+        greedy(20, ignore_eos=True, presence_penalty=0.6),
+    ]
+    batch = prompts(3)[:4]
+
+    def outputs(engine):
+        for i, (prompt, sampling) in enumerate(zip(batch, params, strict=True)):
+            engine.add_request(f"r{i}", prompt, sampling)
+        return {key: tokens_of(out) for key, out in run_all(engine).items()}
+
+    config = dict(speculative_config=json.dumps(spec))
+    eager = make_engine(target, **config)
+    twin = with_twin_graphs(make_engine(target, **config), max_tokens=48, max_seqs=8)
+    eager_drafts, twin_drafts = record_proposals(eager), record_proposals(twin)
+
+    expected = outputs(make_engine(target))
+    assert outputs(eager) == expected
+    assert outputs(twin) == expected
+    assert twin_drafts == eager_drafts
+    assert twin.proposer.tree_graphs.replays > 0
+    assert twin.runner.graphs.replays.get("tree", 0) > 0
+    assert twin.scheduler.accepted_draft_tokens > 0
+    assert_pool_entirely_free(twin.kv_manager)
+
+
+def test_chain_rows_past_their_depth_touch_only_the_scratch_block(models):
+    """A chain row with less draft room stops early: its later steps must write their K/V
+    into the scratch block, never into blocks of its own or another sequence's table."""
+    target, spec = case(models, "draft_self")
+    engine = with_twin_graphs(make_engine(target, speculative_config=json.dumps(spec)), 24, 8)
+    proposer = engine.proposer
+    runner, chains = proposer.runner, proposer.chain_graphs
+    block = runner.block_size
+    cache = runner.kv_cache
+    cache.zero_()
+    first = torch.tensor([5, 6])
+    # Row 0 drafts 3 steps from index 9, row 1 none (depth 0) from index 2.
+    tables = [[3, 4, 5, 6], [7, 8]]
+    drafts = chains.run(first, None, [9, 2], [3, 0], tables)
+
+    assert drafts.shape == (2, proposer.num_tokens - 1)
+    written = {int(b) for b in torch.nonzero(cache.flatten(1).abs().sum(1)).flatten()}
+    # Indices 9, 10, 11 of row 0: blocks 9 // 4 = 2 and 11 // 4 = 2, i.e. table[2] = 5.
+    assert written == {5, runner.scratch_block}
+    assert cache[5, :, :, : 9 % block].abs().sum() == 0  # offsets before index 9 untouched
+
+
+def test_tree_growth_on_the_device_orders_ties_as_the_host_does(models):
+    """The device's choice of new nodes (TreeGraphs) against the host's (_Tree.extend) on
+    log-probabilities and path scores full of exact ties: by score, then node, then token,
+    all descending; depths and ancestor masks follow the chosen parents."""
+    target, spec = case(models, "draft_tree")
+    runner = make_engine(target, speculative_config=json.dumps(spec)).proposer.runner
+    # Rows are logits already: the test hands _extend the frontier's rows directly.
+    calls = DraftModelCalls(forward=None, logits=lambda rows: rows)
+    topk, size, trees = 3, 9, 2
+    graphs = TreeGraphs(runner, calls, topk, size, 3, trees, capture=False)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        logits = torch.randint(-2, 1, (trees, topk, 7), generator=generator).float()
+        scores = torch.randint(-2, 1, (trees, topk), generator=generator).double() / 2
+        graphs.scores[:trees, :topk] = scores
+        graphs.depths.zero_()
+        graphs.depths[:, 1 : topk + 1] = 1
+        graphs.ancestors.zero_()
+        graphs.ancestors[:, :topk] = graphs.eye[:topk]
+
+        graphs._extend(logits, topk, topk, topk)
+
+        for b in range(trees):
+            host = _Tree(size, [0] * topk, scores[b].tolist())
+            host.extend(logits[b].log_softmax(-1), topk)
+            assert graphs.parents[b, topk : 2 * topk].tolist() == host.parents[topk:]
+            assert graphs.tokens[b, topk : 2 * topk].tolist() == host.tokens[topk:]
+            assert graphs.scores[b, topk : 2 * topk].tolist() == host.scores[topk:]
+            mask, depths = tree_mask(host.parents)
+            assert graphs.depths[b, : 2 * topk + 1].tolist() == depths
+            assert torch.equal(graphs.ancestors[b, : 2 * topk, : 2 * topk], mask[1:, 1:])
