@@ -50,7 +50,7 @@ def _run_tokens(sorted_ptr, starts_ptr, slot, block, count, BLOCK_M: tl.constexp
     return tokens, valid
 
 
-@triton.jit(do_not_specialize=["num_tokens", "k_per_split"])
+@triton.jit(do_not_specialize=["num_tokens"])
 def _shrink_kernel(
     x_ptr,
     a_ptr,
@@ -61,9 +61,7 @@ def _shrink_kernel(
     num_tokens,
     in_features,
     stride_x,
-    k_per_split,
     NUM_SLOTS: tl.constexpr,
-    PIECES: tl.constexpr,
     RANK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -71,62 +69,54 @@ def _shrink_kernel(
     IEEE: tl.constexpr,
 ):
     block = tl.program_id(0)
-    slot = tl.program_id(1)
-    split = tl.program_id(2)
+    piece = tl.program_id(1)
+    slot = tl.program_id(2)
     count = tl.load(counts_ptr + slot)
     if block * BLOCK_M >= count:
         return
     tokens, valid = _run_tokens(sorted_ptr, starts_ptr, slot, block, count, BLOCK_M)
-    # Column j of the tile is rank j % RANK of piece j // RANK: every piece in one product.
-    cols_r = tl.arange(0, BLOCK_R)
-    piece = cols_r // RANK
-    ranks = cols_r % RANK
-    col_ok = cols_r < PIECES * RANK
-    a_rows = ((piece * NUM_SLOTS + slot) * RANK + ranks).to(tl.int64) * in_features
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < RANK
+    a_base = a_ptr + ((piece * NUM_SLOTS + slot) * RANK).to(tl.int64) * in_features
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, in_features)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_end
+    for k0 in range(0, in_features, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < in_features
         x = tl.load(
-            x_ptr + tokens[:, None] * stride_x + ks[None, :],
-            mask=valid[:, None] & k_ok[None, :],
+            x_ptr + tokens[:, None] * stride_x + cols[None, :],
+            mask=valid[:, None] & col_ok[None, :],
             other=0.0,
         )
         a = tl.load(
-            a_ptr + a_rows[None, :] + ks[:, None],
-            mask=k_ok[:, None] & col_ok[None, :],
+            a_base + ranks[None, :] * in_features + cols[:, None],
+            mask=col_ok[:, None] & rank_ok[None, :],
             other=0.0,
         )
         if IEEE:
             acc += tl.dot(x, a, input_precision="ieee")
         else:
             acc += tl.dot(x, a)
-    # h is [splits, pieces, T, RANK]: each split writes its own partial sums (no atomics,
-    # so the result does not depend on the order programs finish in).
-    h_rows = ((split * PIECES + piece[None, :]) * num_tokens + tokens[:, None]) * RANK
-    tl.store(h_ptr + h_rows + ranks[None, :], acc, mask=valid[:, None] & col_ok[None, :])
+    h_rows = (piece * num_tokens + tokens) * RANK
+    tl.store(
+        h_ptr + h_rows[:, None] + ranks[None, :],
+        acc,
+        mask=valid[:, None] & rank_ok[None, :],
+    )
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
+@triton.jit(do_not_specialize=["num_tokens", "y_offset"])
 def _expand_kernel(
     h_ptr,
-    b0_ptr,
-    b1_ptr,
-    b2_ptr,
+    b_ptr,
     y_ptr,
     sorted_ptr,
     counts_ptr,
     starts_ptr,
     num_tokens,
+    piece,
+    out_features,
     stride_y,
-    width0,
-    width1,
-    width2,
-    NUM_SLOTS: tl.constexpr,
-    PIECES: tl.constexpr,
-    SPLITS: tl.constexpr,
+    y_offset,
     RANK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -139,44 +129,18 @@ def _expand_kernel(
     count = tl.load(counts_ptr + slot)
     if block * BLOCK_M >= count:
         return
-    # Which piece this column block falls in: blocks never straddle two pieces.
-    blocks0 = tl.cdiv(width0, BLOCK_N)
-    blocks1 = tl.cdiv(width1, BLOCK_N)
-    # Runtime values from the start (not constants), so that the branches can reassign them.
-    piece = col_block * 0
-    b_ptr = b0_ptr
-    width = width0 + piece
-    y_offset = piece
-    local_block = col_block
-    if PIECES > 1:  # noqa: SIM102 - a compile-time branch around a runtime one
-        if col_block >= blocks0:
-            piece = 1
-            b_ptr = b1_ptr
-            width = width1
-            y_offset = width0
-            local_block = col_block - blocks0
-    if PIECES > 2:  # noqa: SIM102 - a compile-time branch around a runtime one
-        if col_block >= blocks0 + blocks1:
-            piece = 2
-            b_ptr = b2_ptr
-            width = width2
-            y_offset = width0 + width1
-            local_block = col_block - blocks0 - blocks1
     tokens, valid = _run_tokens(sorted_ptr, starts_ptr, slot, block, count, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < RANK
-    cols = local_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < width
-    h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for split in tl.static_range(SPLITS):
-        h_rows = ((split * PIECES + piece) * num_tokens + tokens) * RANK
-        h += tl.load(
-            h_ptr + h_rows[:, None] + ranks[None, :],
-            mask=valid[:, None] & rank_ok[None, :],
-            other=0.0,
-        )
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < out_features
+    h = tl.load(
+        h_ptr + ((piece * num_tokens + tokens) * RANK)[:, None] + ranks[None, :],
+        mask=valid[:, None] & rank_ok[None, :],
+        other=0.0,
+    )
     b = tl.load(
-        b_ptr + (slot * RANK + ranks[:, None]).to(tl.int64) * width + cols[None, :],
+        b_ptr + (slot * RANK + ranks[:, None]).to(tl.int64) * out_features + cols[None, :],
         mask=rank_ok[:, None] & col_ok[None, :],
         other=0.0,
     )
@@ -195,37 +159,19 @@ def _block_m(num_tokens: int) -> int:
     return 16 if num_tokens <= 16 else 32 if num_tokens <= 256 else 64
 
 
-# Enough programs to fill an H100/H200's 132 SMs: the shrink's reduction over the input
-# features is split when a step has few token blocks (decode), since one program walking
-# all of K alone is bound by its loads' latency.
-_TARGET_PROGRAMS = 128
-_MAX_SPLITS = 8
-_BLOCK_K = 64
-
-
-def _splits(num_tokens: int, in_features: int) -> int:
-    blocks = triton.cdiv(num_tokens, _block_m(num_tokens))
-    splits = max(1, min(_MAX_SPLITS, _TARGET_PROGRAMS // blocks))
-    return max(1, min(splits, triton.cdiv(in_features, 4 * _BLOCK_K)))
-
-
 def lora_shrink(
     x: torch.Tensor, lora_a_all: torch.Tensor, groups: tuple[torch.Tensor, ...]
 ) -> torch.Tensor:
-    """``h [splits, pieces, T, rank]`` fp32: each token's ``A x`` under its own slot, every
-    piece, as partial sums over ``splits`` ranges of the input features (the expand adds
-    them). Rows of base tokens are left unwritten. ``lora_a_all`` is
-    ``[pieces, slots, rank, in]``."""
+    """``h [pieces, T, rank]`` fp32: each token's ``A x`` under its own slot, every piece.
+    Rows of base tokens are left unwritten. ``lora_a_all`` is ``[pieces, slots, rank, in]``."""
     sorted_tokens, counts, starts = groups
     pieces, num_slots, rank, in_features = lora_a_all.shape
     num_tokens = x.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
-    splits = _splits(num_tokens, in_features)
-    k_per_split = triton.cdiv(triton.cdiv(in_features, splits), _BLOCK_K) * _BLOCK_K
-    h = torch.empty(splits, pieces, num_tokens, rank, dtype=torch.float32, device=x.device)
+    h = torch.empty(pieces, num_tokens, rank, dtype=torch.float32, device=x.device)
     block_m = _block_m(num_tokens)
-    grid = (triton.cdiv(num_tokens, block_m), num_slots, splits)
+    grid = (triton.cdiv(num_tokens, block_m), pieces, num_slots)
     _shrink_kernel[grid](
         x,
         lora_a_all,
@@ -236,13 +182,11 @@ def lora_shrink(
         num_tokens,
         in_features,
         x.stride(0),
-        k_per_split,
         NUM_SLOTS=num_slots,
-        PIECES=pieces,
         RANK=rank,
         BLOCK_M=block_m,
-        BLOCK_K=_BLOCK_K,
-        BLOCK_R=max(16, triton.next_power_of_2(pieces * rank)),
+        BLOCK_K=64,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
         IEEE=x.dtype == torch.float32,
     )
     return h
@@ -250,47 +194,38 @@ def lora_shrink(
 
 def lora_expand(
     h: torch.Tensor,
-    lora_b: list[torch.Tensor],
+    piece: int,
+    lora_b: torch.Tensor,
     groups: tuple[torch.Tensor, ...],
     y: torch.Tensor,
+    y_offset: int,
 ) -> None:
-    """``y[t, piece p's columns] += h[:, p, t].sum(0) B_p[slot(t)]`` in place for every
-    token with an adapter and up to three pieces in one launch; each ``lora_b`` is
-    ``[slots, rank, out_p]`` (B transposed, scale folded in), the pieces' columns side by
-    side in ``y``."""
+    """``y[t, y_offset : y_offset + out] += h[piece, t] B[slot(t)]`` in place for every token
+    with an adapter; ``lora_b`` is ``[slots, rank, out]`` (B transposed, scale folded in)."""
     sorted_tokens, counts, starts = groups
-    splits, pieces, num_tokens, rank = h.shape
-    assert pieces == len(lora_b) <= 3, "the expand kernel takes one to three pieces"
+    num_slots, rank, out_features = lora_b.shape
+    num_tokens = h.shape[1]
     assert y.stride(1) == 1, "LoRA expand writes rows of a row-major output"
-    num_slots = lora_b[0].shape[0]
-    widths = [b.shape[2] for b in lora_b] + [0] * (3 - pieces)
-    padded = list(lora_b) + [lora_b[0]] * (3 - pieces)
     block_m = _block_m(num_tokens)
     block_n = 64
-    col_blocks = sum(triton.cdiv(w, block_n) for w in widths)
-    grid = (triton.cdiv(num_tokens, block_m), col_blocks, num_slots)
+    grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n), num_slots)
     _expand_kernel[grid](
         h,
-        padded[0],
-        padded[1],
-        padded[2],
+        lora_b,
         y,
         sorted_tokens,
         counts,
         starts,
         num_tokens,
+        piece,
+        out_features,
         y.stride(0),
-        widths[0],
-        widths[1],
-        widths[2],
-        NUM_SLOTS=num_slots,
-        PIECES=pieces,
-        SPLITS=splits,
+        y_offset,
         RANK=rank,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        IEEE=lora_b[0].dtype == torch.float32,
+        IEEE=lora_b.dtype == torch.float32,
     )
 
 
@@ -303,19 +238,14 @@ def add_lora_delta(
     widths: list[int],
     groups: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
-    """One layer's whole delta: shrink every piece at once, then expand them into their
-    columns of ``y`` (in place; ``y`` is returned), three pieces per launch. ``groups``
-    (from :func:`group_tokens`) may be shared by every layer of a step."""
+    """One layer's whole delta: shrink every piece at once, then expand each into its
+    columns of ``y`` (in place; ``y`` is returned). ``groups`` (from :func:`group_tokens`)
+    may be shared by every layer of a step."""
     if groups is None:
         groups = group_tokens(token_slots, lora_a_all.shape[1])
-    assert [b.shape[2] for b in lora_b] == list(widths)
     h = lora_shrink(x, lora_a_all, groups)
     offset = 0
-    for first in range(0, len(lora_b), 3):
-        chunk = lora_b[first : first + 3]
-        width = sum(b.shape[2] for b in chunk)
-        lora_expand(
-            h[:, first : first + 3].contiguous(), chunk, groups, y[:, offset : offset + width]
-        )
+    for piece, (b, width) in enumerate(zip(lora_b, widths)):
+        lora_expand(h, piece, b, groups, y, offset)
         offset += width
     return y
