@@ -149,6 +149,9 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
         openapi_url="/openapi.json",
+        # The gateway exports Prometheus metrics and sets up no OpenTelemetry; FastAPI's own
+        # would otherwise look for configured providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_openapi(app, served_model_name=served_model_name, with_api_keys=access.auth_enabled)
     install_error_handlers(app)

@@ -138,7 +138,7 @@ class Generator:
         )
         samples = [
             _Sample(
-                IncrementalDetokenizer(self.tokenizer.tokenizer, spec.prompt_token_ids),
+                IncrementalDetokenizer(self.tokenizer.decoder, spec.prompt_token_ids),
                 StopStringMatcher(spec.stop),
             )
             for _ in range(max(spec.sampling.n, 1))

@@ -79,6 +79,8 @@ class MetricsMiddleware:
         self._app = app
         self._metrics = metrics
         self._endpoints = frozenset(endpoints)
+        # Each endpoint's children, looked up once: ``labels`` takes a lock and builds a key.
+        self._children: dict[str, tuple[Gauge, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,7 +90,13 @@ class MetricsMiddleware:
         endpoint = path if path in self._endpoints else "other"
         started = time.perf_counter()
         status = 500
-        in_flight = self._metrics.in_flight.labels(endpoint)
+        children = self._children.get(endpoint)
+        if children is None:
+            children = self._children[endpoint] = (
+                self._metrics.in_flight.labels(endpoint),
+                self._metrics.latency.labels(endpoint),
+            )
+        in_flight, latency = children
         in_flight.inc()
 
         async def send_and_observe(message: Message) -> None:
@@ -102,4 +110,4 @@ class MetricsMiddleware:
         finally:
             in_flight.dec()
             self._metrics.requests.labels(endpoint, str(status)).inc()
-            self._metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            latency.observe(time.perf_counter() - started)

@@ -564,7 +564,7 @@ class _ChatShape(_Shape):
 class _CompletionShape(_Shape):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.logprobs = [CompletionLogprobs() for _ in range(self.n)]
+        self.logprobs = [CompletionLogprobs() for _ in range(self.n if self.with_logprobs else 0)]
 
     def _logprobs(self, delta: SampleDelta, text_offset: int) -> CompletionLogprobs:
         """The delta's tokens, the first placed at ``text_offset`` (the sample's text length

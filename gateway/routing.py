@@ -258,7 +258,7 @@ class Router:
         the policy."""
         adapter = request_info.adapter
         ready = [
-            replace(replica, in_flight=self._in_flight.get(replica.replica_id, 0))
+            self._with_in_flight(replica)
             for replica in self.ready_replicas()
             if replica.replica_id not in exclude
             and (not adapter or replica.serves_adapter(adapter))
@@ -271,8 +271,8 @@ class Router:
         candidates = [replica for replica in ready if not self._full(replica)]
         if not candidates:
             raise ReplicasBusy("every engine replica is at capacity")
-        if not request_info.session_id:
-            request_info = replace(request_info, session_id=session_id_var.get())
+        if not request_info.session_id and (session_id := session_id_var.get()):
+            request_info = replace(request_info, session_id=session_id)
         if disaggregated:
             return min(candidates, key=lambda r: (replica_load(r), r.kv_usage, r.replica_id))
         return self.policy.select(candidates, request_info)
@@ -286,7 +286,7 @@ class Router:
         picked by the policy (prefix-aware with the prefix policy); None when there is none
         (the decode replica then computes the prompt itself)."""
         candidates = [
-            replace(replica, in_flight=self._in_flight.get(replica.replica_id, 0))
+            self._with_in_flight(replica)
             for replica in self.ready_replicas()
             if replica.is_prefill
             and replica.replica_id != decode.replica_id
@@ -299,9 +299,15 @@ class Router:
         candidates = [replica for replica in candidates if not self._full(replica)]
         if not candidates:
             return None
-        if not request_info.session_id:
-            request_info = replace(request_info, session_id=session_id_var.get())
+        if not request_info.session_id and (session_id := session_id_var.get()):
+            request_info = replace(request_info, session_id=session_id)
         return self.policy.select(candidates, request_info)
+
+    def _with_in_flight(self, replica: Replica) -> Replica:
+        """``replica`` carrying this gateway's in-flight count (copied only when it differs:
+        this runs for every replica on every request)."""
+        in_flight = self._in_flight.get(replica.replica_id, 0)
+        return replica if replica.in_flight == in_flight else replace(replica, in_flight=in_flight)
 
     def _full(self, replica: Replica) -> bool:
         bound = self.max_in_flight_per_replica or replica.capacity()

@@ -45,9 +45,16 @@ class EventStream(Response):
             gone = True
             task.cancel()
 
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        watcher = asyncio.create_task(watch())
+        # The first events are framed before the headers go out: the handlers build this
+        # response once the first delta is in, so the first text follows the headers at once
+        # instead of after a write and a task start.
+        watcher: asyncio.Task[None] | None = None
         try:
+            first = await anext(self.events, b"")
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if first:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+            watcher = asyncio.create_task(watch())
             async for chunk in self.events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -56,7 +63,8 @@ class EventStream(Response):
                 raise
             task.uncancel()  # the client left: nothing more to send, and nothing failed
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 await aclose()
