@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from gateway.detokenizer import IncrementalDetokenizer
-from gateway.tokenization import ModelTokenizer, _byte_level_decoder
+from gateway.tokenization import ModelTokenizer, _byte_level_decoder, _direct_decoding_matches
 
 
 def byte_token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -100,5 +100,42 @@ def test_token_bytes_are_exact_even_for_partial_characters(checkpoint: Path) -> 
         first_byte = byte_token_ids(model_tokenizer.tokenizer, "😀")[0]
         assert model_tokenizer.token_bytes(first_byte) == b"\xf0"
         assert model_tokenizer.token_text(first_byte) == "bytes:\\xf0"
+    finally:
+        model_tokenizer.close()
+
+
+def test_the_gateway_detokenizes_through_the_rust_tokenizer_with_the_wrappers_text(
+    checkpoint: Path,
+) -> None:
+    model_tokenizer = ModelTokenizer(str(checkpoint))
+    try:
+        wrapper = model_tokenizer.tokenizer
+        assert model_tokenizer.decoder is wrapper.backend_tokenizer
+        rng = random.Random(11)
+        prompt = wrapper.encode("The quick brown fox")
+        texts = ["Hi 😀 你好, déjà vu!", " it is . is it ? don 't", "<|eot_id|> after a special"]
+        cases = [wrapper.encode(text, add_special_tokens=False) for text in texts]
+        cases += [[rng.randrange(len(wrapper)) for _ in range(30)] for _ in range(30)]
+        for ids in cases:
+            deltas = stream(
+                IncrementalDetokenizer(model_tokenizer.decoder, prompt), ids, [1] * len(ids)
+            )
+            assert "".join(deltas) == wrapper.decode(ids, skip_special_tokens=True)
+    finally:
+        model_tokenizer.close()
+
+
+def test_a_wrapper_that_rewrites_decoded_text_is_kept(checkpoint: Path) -> None:
+    """A tokenizer whose wrapper cleans up spaces (``" ."`` to ``"."``) decodes differently
+    from its Rust core: detokenization must keep going through the wrapper."""
+    model_tokenizer = ModelTokenizer(str(checkpoint))
+    try:
+        wrapper = model_tokenizer.tokenizer
+        wrapper.clean_up_tokenization_spaces = True
+        # The library skips the clean-up for BPE unless told that corrupting is intended.
+        wrapper.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+        ids = wrapper.encode("yes . no", add_special_tokens=False)
+        assert wrapper.decode(ids) != wrapper.backend_tokenizer.decode(ids), "clean-up applies"
+        assert not _direct_decoding_matches(wrapper)
     finally:
         model_tokenizer.close()
