@@ -18,11 +18,12 @@ import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
 import orjson
+import pydantic_core
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
@@ -336,11 +337,11 @@ class OpenAIRoutes:
         # wakeup of the client, which on a busy host costs more than building the events.
         async with aclosing(deltas):
             try:
-                events = _sse_events([*shape.opening_chunks(), *shape.chunks(first)], exclude)
+                events = _sse_events(shape.opening_chunks(), exclude) + shape.events(first, exclude)
                 if events:
                     yield events
                 async for delta in deltas:
-                    events = _sse_events(shape.chunks(delta), exclude)
+                    events = shape.events(delta, exclude)
                     if events:
                         yield events
             except GENERATION_FAILURES as exc:
@@ -430,6 +431,7 @@ class _Shape(ABC):
         self.texts = [""] * n
         self.num_tokens = [0] * n
         self.finish_reasons: list[str | None] = [None] * n
+        self._templates: dict[int, _TextEventTemplate] = {}
 
     def record(self, delta: SampleDelta) -> None:
         self.texts[delta.index] += delta.text
@@ -458,6 +460,24 @@ class _Shape(ABC):
 
     @abstractmethod
     def chunks(self, delta: SampleDelta) -> list[BaseModel]: ...
+
+    def events(self, delta: SampleDelta, exclude: set[str] | None) -> bytes:
+        """The delta's chunks as framed server-sent events (``b""`` when it has none)."""
+        return _sse_events(self.chunks(delta), exclude)
+
+    @abstractmethod
+    def text_chunk(self, index: int, text: str) -> BaseModel:
+        """The chunk of sample ``index`` that carries ``text`` and nothing else."""
+
+    def _text_event(self, index: int, text: str, exclude: set[str] | None) -> bytes:
+        """``_sse(self.text_chunk(index, text), exclude)``, the same bytes, without building
+        the chunk: most events of a stream are of this kind."""
+        template = self._templates.get(index)
+        if template is None:
+            template = self._templates[index] = _TextEventTemplate(
+                lambda text: self.text_chunk(index, text), exclude
+            )
+        return template.render(text)
 
     @abstractmethod
     def usage_chunk(self, usage: Usage) -> BaseModel: ...
@@ -514,7 +534,25 @@ class _ChatShape(_Shape):
 
     def chunks(self, delta: SampleDelta) -> list[BaseModel]:
         self.record(delta)
+        return self._chunks(delta, self._parse(delta))
+
+    def events(self, delta: SampleDelta, exclude: set[str] | None) -> bytes:
+        self.record(delta)
         parsed = self._parse(delta)
+        if (
+            parsed.content
+            and not parsed.reasoning
+            and not parsed.tool_calls
+            and not self.with_logprobs
+            and delta.finish_reason is None
+        ):
+            return self._text_event(delta.index, parsed.content, exclude)
+        return _sse_events(self._chunks(delta, parsed), exclude)
+
+    def text_chunk(self, index: int, text: str) -> BaseModel:
+        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=text))])
+
+    def _chunks(self, delta: SampleDelta, parsed: ParsedDelta) -> list[BaseModel]:
         deltas: list[ChatDelta] = []
         if parsed.content or parsed.reasoning or (self.with_logprobs and delta.logprobs):
             deltas.append(
@@ -595,6 +633,18 @@ class _CompletionShape(_Shape):
     def opening_chunks(self) -> list[BaseModel]:
         return []
 
+    def events(self, delta: SampleDelta, exclude: set[str] | None) -> bytes:
+        if delta.text and not self.with_logprobs and delta.finish_reason is None:
+            self.record(delta)
+            return self._text_event(delta.index, delta.text, exclude)
+        return _sse_events(self.chunks(delta), exclude)
+
+    def text_chunk(self, index: int, text: str) -> BaseModel:
+        choice = CompletionChoice(index=index, text=text)
+        return Completion(
+            id=self.request_id, created=self.created, model=self.model, choices=[choice]
+        )
+
     def chunks(self, delta: SampleDelta) -> list[BaseModel]:
         if not delta.text and not delta.logprobs and delta.finish_reason is None:
             return []
@@ -656,6 +706,28 @@ def _sse(chunk: BaseModel, exclude: set[str] | None) -> bytes:
 
 def _sse_events(chunks: list[BaseModel], exclude: set[str] | None) -> bytes:
     return b"".join(_sse(chunk, exclude) for chunk in chunks)
+
+
+class _TextEventTemplate:
+    """The framed event of a chunk whose only varying part is one string: pydantic renders
+    the chunk once with a marker for the string, and each event is that rendering with the
+    string's JSON (pydantic's serializer again) where the marker's was. Should the marker's
+    JSON show up more than once (a model name holding it), every event is rendered whole."""
+
+    _MARKER = "\x00text\x00"
+
+    def __init__(self, chunk: Callable[[str], BaseModel], exclude: set[str] | None) -> None:
+        self._chunk = chunk
+        self._exclude = exclude
+        rendered = _sse(chunk(self._MARKER), exclude)
+        parts = rendered.split(pydantic_core.to_json(self._MARKER))
+        self._parts = (parts[0], parts[1]) if len(parts) == 2 else None
+
+    def render(self, text: str) -> bytes:
+        if self._parts is None:
+            return _sse(self._chunk(text), self._exclude)
+        head, tail = self._parts
+        return head + pydantic_core.to_json(text) + tail
 
 
 def _chat_logprob(tokenizer: ModelTokenizer, entry: common_pb2.TokenLogprob) -> TokenLogprob:
