@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(settings, routes_source=StaticRoutes(addresses) if addresses else None)
     # What start-up built (the tokenizer, the libraries, the app's schemas: ~400,000 objects)
     # lives as long as the process. Frozen, the collector no longer walks it: untouched, a
-    # full collection paused the event loop for a few hundred milliseconds now and then.
+    # full collection paused the event loop for up to a few hundred ms on a busy host.
     gc.collect()
     gc.freeze()
     # uvloop and httptools: the event loop and HTTP parser written in C (uvicorn[standard]).
