@@ -21,6 +21,7 @@ from engine_service.engine import SamplingParams
 from tests.engine_service.eagle_heads import (
     ReferenceHead,
     make_copyable_target,
+    make_four_layer_target,
     write_copying_head,
     write_eagle_head,
 )
@@ -39,22 +40,7 @@ from tests.engine_service.helpers import (
 def target(tmp_path_factory):
     """Four layers, so that an EAGLE-3 head has low, middle and high layers to read."""
     path = tmp_path_factory.mktemp("eagle-target")
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        eos_token_id=EOS,
-        bos_token_id=1,
-    )
-    import torch
-
-    torch.manual_seed(11)
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
+    make_four_layer_target(path)
     return path
 
 

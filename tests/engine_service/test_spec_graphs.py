@@ -17,7 +17,6 @@ import random
 
 import pytest
 import torch
-import transformers
 
 from engine_service.engine import SamplingParams
 from engine_service.engine.batch import tree_mask
@@ -26,6 +25,7 @@ from engine_service.engine.spec.graphs import DraftModelCalls, TreeGraphs
 from engine_service.engine.spec.proposers import _Tree
 from tests.engine_service.eagle_heads import (
     make_copyable_target,
+    make_four_layer_target,
     write_copying_head,
     write_eagle_head,
 )
@@ -50,20 +50,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec-graphs")
     make_copyable_target(root / "copyable", VOCAB, EOS)
     write_copying_head(root / "copying-head", root / "copyable")
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        eos_token_id=EOS,
-        bos_token_id=1,
-    )
-    torch.manual_seed(11)
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(root / "four")
+    make_four_layer_target(root / "four")
     write_eagle_head(
         root / "eagle3",
         root / "four",

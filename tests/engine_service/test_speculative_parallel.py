@@ -16,12 +16,12 @@ import random
 
 import pytest
 import torch
-import transformers
 
 from engine_service.engine import EngineConfig
 from tests.engine_service.conftest import make_checkpoint
 from tests.engine_service.eagle_heads import (
     make_copyable_target,
+    make_four_layer_target,
     write_copying_head,
     write_eagle_head,
 )
@@ -46,21 +46,7 @@ def checkpoints(tmp_path_factory):
     one-layer target with a head that nearly copies it, and a draft whose three attention
     heads do not split over two ranks."""
     root = tmp_path_factory.mktemp("spec-parallel")
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        eos_token_id=EOS,
-        bos_token_id=1,
-    )
-    torch.manual_seed(11)
-    target = transformers.LlamaForCausalLM(config).eval()
-    target.save_pretrained(root / "target")
+    target = make_four_layer_target(root / "target")
     write_eagle_head(root / "eagle", root / "target", 1)
     write_eagle_head(
         root / "eagle3",
