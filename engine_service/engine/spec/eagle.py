@@ -54,7 +54,6 @@ import torch
 
 from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
 from engine_service.engine.config import EngineConfig
-from engine_service.engine.cuda_graphs import StepGraphs
 from engine_service.engine.model_runner import ModelRunner, StepInputs
 from engine_service.engine.parallel.channel import StepChannel
 from engine_service.engine.request import Request
@@ -63,9 +62,9 @@ from engine_service.engine.spec.graphs import ChainGraphs, DraftModelCalls, Tree
 from engine_service.engine.spec.proposers import (
     Proposer,
     _Tree,
+    capture_drafting,
     draft_max_tokens,
     draft_runner,
-    drafting_graphs,
     grow_full_trees,
 )
 from engine_service.layers.paged_attention import AttentionBackend
@@ -121,34 +120,13 @@ class EagleProposer(Proposer):
         self, max_tokens: int, max_seqs: int, pool=None, capture: bool = True
     ) -> None:
         runner, width = self.runner, self.head.config.hidden_size
-        runner.graphs = StepGraphs(
-            runner,
-            max_tokens,
-            max_seqs,
-            capture=capture,
-            mixed=None if capture else True,  # the twin runs every layout (reference backend)
-            trees=self.tree_topk > 0,
-            hidden_width=width,
-            pool=pool,
-        )
         head, cache = self.head, runner.kv_cache
         calls = DraftModelCalls(
             forward=lambda ids, positions, hidden, meta: head(ids, positions, hidden, cache, meta),
             logits=head.compute_logits,
             to_target=head.draft_to_target,
         )
-        self.chain_graphs, self.tree_graphs = drafting_graphs(
-            runner,
-            calls,
-            self.num_tokens,
-            self.tree_topk,
-            self.tree_size,
-            max_tokens,
-            max_seqs,
-            hidden_width=width,
-            capture=capture,
-            pool=runner.graphs.pool,
-        )
+        capture_drafting(self, calls, max_tokens, max_seqs, width, capture, pool)
 
     @torch.inference_mode()
     def propose(self, batch: ScheduledBatch) -> dict[int, list[int]]:

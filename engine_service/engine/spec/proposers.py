@@ -183,32 +183,12 @@ class DraftModelProposer(Proposer):
         runner = self.runner
         if getattr(runner.model, "computes_own_attention", False):
             return  # its attention is its own, not the backend's: eager, like such targets
-        runner.graphs = StepGraphs(
-            runner,
-            max_tokens,
-            max_seqs,
-            capture=capture,
-            mixed=None if capture else True,  # the twin runs every layout (reference backend)
-            trees=self.tree_topk > 0,
-            pool=pool,
-        )
         model, cache = runner.model, runner.kv_cache
         calls = DraftModelCalls(
             forward=lambda ids, positions, _, meta: model(ids, positions, cache, meta),
             logits=model.compute_logits,
         )
-        self.chain_graphs, self.tree_graphs = drafting_graphs(
-            runner,
-            calls,
-            self.num_tokens,
-            self.tree_topk,
-            self.tree_size,
-            max_tokens,
-            max_seqs,
-            hidden_width=0,
-            capture=capture,
-            pool=runner.graphs.pool,
-        )
+        capture_drafting(self, calls, max_tokens, max_seqs, 0, capture, pool)
 
     def _catch_up(self, chosen, known: dict[int, int]) -> dict[int, torch.Tensor]:
         """Feed each sequence's unseen known tokens; the draft's logits after the last."""
@@ -388,21 +368,32 @@ def grow_full_trees(proposer, trees, base, roots, root_hidden) -> dict[int, list
     return drafts
 
 
-def drafting_graphs(
-    runner: ModelRunner,
+def capture_drafting(
+    proposer,
     calls: DraftModelCalls,
-    num_tokens: int,
-    tree_topk: int,
-    tree_size: int,
     max_tokens: int,
     max_seqs: int,
     hidden_width: int,
     capture: bool,
     pool,
-) -> tuple[ChainGraphs | None, TreeGraphs | None]:
-    """A proposer's whole-loop graphs: chains of ``num_tokens`` drafts or, with
+) -> None:
+    """A model-based proposer's graphs: its runner's step graphs (catch-ups, single draft
+    steps, partial trees) and its whole-loop graphs, chains of ``num_tokens`` drafts or, with
     ``tree_topk`` (every sample then drafts a tree), trees, for as many trees as fit
     ``max_tokens`` tokens a round (larger batches of trees run in several replays)."""
+    runner = proposer.runner
+    num_tokens, tree_topk, tree_size = proposer.num_tokens, proposer.tree_topk, proposer.tree_size
+    runner.graphs = StepGraphs(
+        runner,
+        max_tokens,
+        max_seqs,
+        capture=capture,
+        mixed=None if capture else True,  # the twin runs every layout (reference backend)
+        trees=tree_topk > 0,
+        hidden_width=hidden_width,
+        pool=pool,
+    )
+    pool = runner.graphs.pool
     chains = trees = None
     if num_tokens > 1 and not tree_topk:
         chains = ChainGraphs(
@@ -410,8 +401,7 @@ def drafting_graphs(
         )
         pool = chains.pool
     # Tree rounds are mixed-layout steps under a mask (the step graphs' ``mixed_ok``).
-    mixed = runner.graphs is not None and runner.graphs.mixed_ok
-    if tree_topk > 0 and mixed and min(tree_topk, tree_size) < tree_size and num_tokens > 1:
+    if tree_topk > 0 and runner.graphs.mixed_ok and tree_topk < tree_size and num_tokens > 1:
         trees = TreeGraphs(
             runner,
             calls,
@@ -423,7 +413,7 @@ def drafting_graphs(
             capture=capture,
             pool=pool,
         )
-    return chains, trees
+    proposer.chain_graphs, proposer.tree_graphs = chains, trees
 
 
 def build_proposer(
