@@ -44,7 +44,7 @@ class LoRASlots:
         self.token_slots = token_slots
         self._masks = {}
 
-    def groups(self, num_slots: int) -> tuple[torch.Tensor, ...]:
+    def groups(self, num_slots: int) -> Any:
         """The step's tokens grouped by slot for the Triton kernels (see
         :func:`engine_service.layers.triton_lora.group_tokens`), built once per step."""
         key = ("groups", num_slots)
@@ -205,6 +205,36 @@ class TritonLoRA(TorchLoRA):
         )
 
 
+def warm_up_triton(deltas: Iterable[TorchLoRA]) -> int:
+    """Compile every Triton variant the deltas can pick (a tile shape per step size class and
+    layer shape) on dummy rows of slot 0, so that no serving step stalls on Triton's JIT; the
+    outputs are scratch. Returns the number of deltas run."""
+    from engine_service.layers.triton_lora import block_m
+
+    sizes = {block_m(n): n for n in (1, 17, 257)}  # one step size per tile shape
+    seen = set()
+    for delta in deltas:
+        if not isinstance(delta, TritonLoRA):
+            continue
+        weight = delta.lora_a_all
+        key = (tuple(delta.lora_a_all.shape), tuple(w for _, w in delta.pieces), weight.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        for num_tokens in sizes.values():
+            like = dict(dtype=weight.dtype, device=weight.device)
+            x = torch.zeros(num_tokens, delta.layer.input_size, **like)
+            y = torch.zeros(num_tokens, sum(w for _, w in delta.pieces), **like)
+            slots = LoRASlots()
+            slots.set(torch.zeros(num_tokens, dtype=torch.int64, device=weight.device))
+            previous, delta.slots = delta.slots, slots
+            try:
+                delta.add_delta(x, y)
+            finally:
+                delta.slots = previous
+    return len(seen) * len(sizes)
+
+
 def lora_backend(device: torch.device, backend: str = "auto") -> type[TorchLoRA]:
     """The delta class for ``backend``: ``"torch"``, ``"triton"``, or ``"auto"`` (Triton's
     kernels on CUDA when Triton imports, the torch path otherwise)."""
@@ -243,4 +273,5 @@ def attach_lora(
     if not deltas:
         raise ValueError(f"no linear layer of the model is named any of {list(targets)}")
     slots.graph_safe = all(delta.graph_safe for delta in deltas.values())
+    warm_up_triton(deltas.values())
     return slots, deltas

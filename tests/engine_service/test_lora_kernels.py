@@ -76,6 +76,10 @@ CASES = {
     "split_reduction": ([1, -1, 0, 1, 0, 0], 600, [24, 40], 2, 16, [16, 8]),
     # four pieces: two expand launches
     "four_pieces": ([0, 1, -1, 1], 32, [16, 24, 8, 16], 2, 8, [8, 4]),
+    # a rank whose three pieces do not fit one shrink tile: two shrink launches
+    "wide_rank": ([1, 0, -1, 1, 1], 40, [24, 16, 16], 2, 96, [96, 64]),
+    # every slot partly fills a block, and one slot is unused
+    "sparse_slots": ([3, 0, 3, -1, 0, 3] * 7, 48, [32], 5, 8, [8, 4, 8, 8, 2]),
 }
 
 
@@ -113,10 +117,33 @@ def test_a_step_without_adapter_tokens_changes_nothing(lora_delta):
     assert torch.equal(lora_delta(x, y.clone(), token_slots, lora_a, lora_b, widths), y)
 
 
-def test_grouping_orders_tokens_by_slot_with_base_tokens_last():
+def test_grouping_orders_tokens_by_slot_and_cuts_runs_into_blocks():
     from engine_service.layers.triton_lora import group_tokens
 
-    sorted_tokens, counts, starts = group_tokens(torch.tensor([1, -1, 0, 1, 0, -1, 2]), 3)
-    assert sorted_tokens.tolist() == [2, 4, 0, 3, 6, 1, 5]
-    assert counts.tolist() == [2, 2, 1]
-    assert starts.tolist() == [0, 2, 4]
+    slots = torch.tensor([1, -1, 0, 1, 0, -1, 2] + [1] * 20)
+    groups = group_tokens(slots, 3)
+    assert groups.block_m == 32
+    assert groups.sorted_tokens[:5].tolist() == [2, 4, 0, 3, 7]
+    # one block per slot (2, 22 and 1 tokens), then the table's unused tail
+    used = groups.block_rows > 0
+    assert groups.block_slot[used].tolist() == [0, 1, 2]
+    assert groups.block_row[used].tolist() == [0, 2, 24]
+    assert groups.block_rows[used].tolist() == [2, 22, 1]
+    assert groups.block_rows.shape[0] == 1 + 3 and used.sum() == 3
+
+
+def test_grouping_of_long_runs_covers_every_token_once():
+    from engine_service.layers.triton_lora import group_tokens
+
+    gen = torch.Generator().manual_seed(1)
+    slots = torch.randint(-1, 4, (700,), generator=gen)
+    groups = group_tokens(slots, 4)
+    covered = []
+    for slot, row, rows in zip(
+        groups.block_slot.tolist(), groups.block_row.tolist(), groups.block_rows.tolist()
+    ):
+        assert rows <= groups.block_m
+        tokens = groups.sorted_tokens[row : row + rows].tolist()
+        assert all(slots[t] == slot for t in tokens)
+        covered += tokens
+    assert sorted(covered) == [t for t in range(700) if slots[t] >= 0]
