@@ -19,6 +19,7 @@ layouts, with ``OUT/prompts.json`` (held-out files' text for the benchmark) and
 
     python bench/train_spec.py --out /tmp/spec-trained                       # CPU toy, minutes
     python bench/train_spec.py --out /tmp/spec-trained --device cuda --size gpu
+    python bench/train_spec.py --out /tmp/spec-trained --device cuda --size gpu-large
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ SIZES = {
     # (target layers, hidden, heads, kv heads, intermediate), seq len, batch, steps per model
     "toy": dict(layers=4, hidden=128, heads=4, kv=2, inter=344, seq=128, batch=16, steps=300),
     "gpu": dict(layers=8, hidden=512, heads=8, kv=4, inter=1408, seq=256, batch=64, steps=1500),
+    # Deeper and wider (~300M parameters): a plain token costs more next to a one-layer head,
+    # closer to the proportions of the 7-8B targets speculation is published on.
+    "gpu-large": dict(
+        layers=24, hidden=1024, heads=16, kv=4, inter=2816, seq=256, batch=64, steps=1500
+    ),
 }
 
 
