@@ -38,6 +38,7 @@ import transformers
 from safetensors.torch import save_file
 from torch import nn
 
+MODELS = ("eagle", "eagle3", "draft")
 VOCAB = 259  # 256 bytes after pad 0, bos 1, eos 2
 SIZES = {
     # (target layers, hidden, heads, kv heads, intermediate), seq len, batch, steps per model
@@ -258,6 +259,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps per model (default: by size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=MODELS,
+        help="which of the proposers to train besides the target (default: all)",
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     if args.device == "cpu":
@@ -270,6 +278,7 @@ def main() -> None:
     print(f"corpus: {len(ids) / 1e6:.1f}M byte tokens, {len(held_out)} held-out files")
     data = batches(ids, size["seq"], size["batch"], generator, device)
     recipe: dict = {**size, "size": args.size, "seed": args.seed, "steps": steps}
+    recipe["models"] = ["target", *args.models]
 
     # 1. target
     cfg = transformers.LlamaConfig(
@@ -303,79 +312,84 @@ def main() -> None:
     layers = size["layers"]
     aux = (2, layers // 2, layers - 3) if layers >= 6 else (0, layers // 2, layers - 1)
 
-    # 2. EAGLE-1: at p, (token p+1, feature p) -> feature p+1 and the target's next token
-    head1 = Eagle1(cfg).to(device)
+    if "eagle" in args.models:
+        # 2. EAGLE-1: at p, (token p+1, feature p) -> feature p+1 and the target's next token
+        head1 = Eagle1(cfg).to(device)
 
-    def eagle1_loss(x):
-        hs, logits = features(x)
-        f = hs[-1]
-        out = head1(embed(x[:, 1:]), f[:, :-1])
-        regress = F.smooth_l1_loss(out, f[:, 1:])
-        want = logits[:, 1:].softmax(-1)
-        got = target.lm_head(out).float().log_softmax(-1)
-        return regress + 0.1 * -(want * got).sum(-1).mean()
+        def eagle1_loss(x):
+            hs, logits = features(x)
+            f = hs[-1]
+            out = head1(embed(x[:, 1:]), f[:, :-1])
+            regress = F.smooth_l1_loss(out, f[:, 1:])
+            want = logits[:, 1:].softmax(-1)
+            got = target.lm_head(out).float().log_softmax(-1)
+            return regress + 0.1 * -(want * got).sum(-1).mean()
 
-    recipe["eagle_loss"] = train(head1, eagle1_loss, data, steps, 3e-3, device, "eagle")
-    head_cfg = {**cfg.to_dict(), "num_hidden_layers": 1, "architectures": ["LlamaForCausalLM"]}
-    save_head(args.out / "eagle", head1.state(), head_cfg)
+        recipe["eagle_loss"] = train(head1, eagle1_loss, data, steps, 3e-3, device, "eagle")
+        head_cfg = {**cfg.to_dict(), "num_hidden_layers": 1, "architectures": ["LlamaForCausalLM"]}
+        save_head(args.out / "eagle", head1.state(), head_cfg)
 
-    # 3. EAGLE-3 over a reduced vocabulary: the most frequent tokens
-    counts = torch.bincount(ids, minlength=VOCAB)
-    draft_vocab = min(VOCAB, 128)
-    kept = counts.topk(draft_vocab).indices.sort().values.to(device)
-    head3 = Eagle3(cfg, draft_vocab).to(device)
+    if "eagle3" in args.models:
+        # 3. EAGLE-3 over a reduced vocabulary: the most frequent tokens
+        counts = torch.bincount(ids, minlength=VOCAB)
+        draft_vocab = min(VOCAB, 128)
+        kept = counts.topk(draft_vocab).indices.sort().values.to(device)
+        head3 = Eagle3(cfg, draft_vocab).to(device)
 
-    def eagle3_loss(x):
-        hs, logits = features(x)
-        feats = torch.cat([hs[i] for i in aux], -1)
-        want = logits[..., kept].softmax(-1)  # the target's distribution on the kept tokens
-        hidden = head3.fc(feats[:, :-2])
-        loss = 0.0
-        for unroll in range(2):  # step 2 reads step 1's outputs: the drafting it will do
-            tokens = x[:, 1 + unroll : x.shape[1] - 1 + unroll]
-            out = head3(embed(tokens), hidden, unroll)
-            got = head3.logits(out).float().log_softmax(-1)
-            loss = loss + -(want[:, 1 + unroll : want.shape[1] - 1 + unroll] * got).sum(-1).mean()
-            hidden = out
-        return loss
+        def eagle3_loss(x):
+            hs, logits = features(x)
+            feats = torch.cat([hs[i] for i in aux], -1)
+            want = logits[..., kept].softmax(-1)  # the target's distribution on the kept tokens
+            hidden = head3.fc(feats[:, :-2])
+            loss = 0.0
+            for unroll in range(2):  # step 2 reads step 1's outputs: the drafting it will do
+                tokens = x[:, 1 + unroll : x.shape[1] - 1 + unroll]
+                out = head3(embed(tokens), hidden, unroll)
+                got = head3.logits(out).float().log_softmax(-1)
+                loss = (
+                    loss + -(want[:, 1 + unroll : want.shape[1] - 1 + unroll] * got).sum(-1).mean()
+                )
+                hidden = out
+            return loss
 
-    recipe["eagle3_loss"] = train(head3, eagle3_loss, data, steps, 3e-3, device, "eagle3")
-    t2d = torch.zeros(VOCAB, dtype=torch.bool)
-    t2d[kept.cpu()] = True
-    tensors = {**head3.state(), "d2t": kept.cpu() - torch.arange(draft_vocab), "t2d": t2d}
-    save_head(
-        args.out / "eagle3",
-        tensors,
-        {
-            **cfg.to_dict(),
-            "num_hidden_layers": 1,
-            "architectures": ["LlamaForCausalLMEagle3"],
-            "draft_vocab_size": draft_vocab,
-            "eagle_aux_hidden_state_layer_ids": list(aux),
-        },
-    )
+        recipe["eagle3_loss"] = train(head3, eagle3_loss, data, steps, 3e-3, device, "eagle3")
+        t2d = torch.zeros(VOCAB, dtype=torch.bool)
+        t2d[kept.cpu()] = True
+        tensors = {**head3.state(), "d2t": kept.cpu() - torch.arange(draft_vocab), "t2d": t2d}
+        save_head(
+            args.out / "eagle3",
+            tensors,
+            {
+                **cfg.to_dict(),
+                "num_hidden_layers": 1,
+                "architectures": ["LlamaForCausalLMEagle3"],
+                "draft_vocab_size": draft_vocab,
+                "eagle_aux_hidden_state_layer_ids": list(aux),
+            },
+        )
 
-    # 4. a one-layer draft, distilled from the target
-    draft_cfg = transformers.LlamaConfig(
-        **{
-            **cfg.to_dict(),
-            "num_hidden_layers": 1,
-            "hidden_size": size["hidden"] // 2,
-            "intermediate_size": size["inter"] // 2,
-            "num_attention_heads": size["heads"] // 2,
-            "num_key_value_heads": max(1, size["kv"] // 2),
-            "head_dim": None,
-        }
-    )
-    draft = transformers.LlamaForCausalLM(draft_cfg).to(device)
+    if "draft" in args.models:
+        # 4. a one-layer draft, distilled from the target
+        draft_cfg = transformers.LlamaConfig(
+            **{
+                **cfg.to_dict(),
+                "num_hidden_layers": 1,
+                "hidden_size": size["hidden"] // 2,
+                "intermediate_size": size["inter"] // 2,
+                "num_attention_heads": size["heads"] // 2,
+                "num_key_value_heads": max(1, size["kv"] // 2),
+                "head_dim": None,
+            }
+        )
+        draft = transformers.LlamaForCausalLM(draft_cfg).to(device)
 
-    def distill(x):
-        _, logits = features(x)
-        got = draft(x).logits.float().log_softmax(-1)
-        return -(logits.softmax(-1) * got).sum(-1).mean()
+        def distill(x):
+            _, logits = features(x)
+            got = draft(x).logits.float().log_softmax(-1)
+            return -(logits.softmax(-1) * got).sum(-1).mean()
 
-    recipe["draft_loss"] = train(draft, distill, data, steps, 3e-3, device, "draft")
-    draft.save_pretrained(args.out / "draft")
+        recipe["draft_loss"] = train(draft, distill, data, steps, 3e-3, device, "draft")
+        draft.save_pretrained(args.out / "draft")
 
     (args.out / "prompts.json").write_text(json.dumps(held_out))
     (args.out / "train.json").write_text(json.dumps(recipe, indent=2))
