@@ -65,12 +65,41 @@ def time_graph(fn, repeat: int, replays: int = 20) -> float:
     return start.elapsed_time(end) / replays / repeat
 
 
+SWEEP = {  # triton_lora's module settings, one at a time against the defaults
+    "_BLOCK_K": (32, 128),
+    "_BLOCK_N": (32, 128),
+    "_TARGET_PROGRAMS": (64, 256),
+    "_MAX_SPLITS": (4, 32),
+}
+
+
+def sweep(measure) -> dict[str, float]:
+    """LoRA ms per layer with each setting of :data:`SWEEP` in turn (the others default)."""
+    from engine_service.layers import triton_lora
+
+    results = {}
+    for name, values in SWEEP.items():
+        default = getattr(triton_lora, name)
+        for value in values:
+            setattr(triton_lora, name, value)
+            try:
+                results[f"{name}={value}"] = measure()
+            finally:
+                setattr(triton_lora, name, default)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 64, 256, 2048])
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=8, help="layer passes per graph")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time the deltas under other tile and split settings of triton_lora",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -114,9 +143,11 @@ def main() -> None:
 
         base = time_graph(lambda: passes(False), args.repeat)
         lora = time_graph(lambda: passes(True), args.repeat)
-        rows.append({"tokens": num_tokens, "base_ms": base, "lora_ms": lora,
-                     "group_ms_per_step": group,
-                     "lora_layer_over_base": base / lora})  # fmt: skip
+        row = {"tokens": num_tokens, "base_ms": base, "lora_ms": lora,
+               "group_ms_per_step": group, "lora_layer_over_base": base / lora}  # fmt: skip
+        if args.sweep:
+            row["sweep"] = sweep(lambda: time_graph(lambda: passes(True), args.repeat))
+        rows.append(row)
         for proj in projections.values():
             proj.lora = None
     print(
@@ -127,6 +158,8 @@ def main() -> None:
             f"{row['tokens']:>7} {row['base_ms']:>14.4f} {row['lora_ms']:>10.4f} "
             f"{row['lora_layer_over_base']:>10.3f} {row['group_ms_per_step']:>9.4f}"
         )
+        for setting, ms in row.get("sweep", {}).items():
+            print(f"{'':>7} {setting:>24} {ms:>10.4f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         result = {
