@@ -231,6 +231,7 @@ def run(
     prompts,
     overlap: bool = False,
     adapters: dict[str, str] | None = None,
+    base_only: bool = False,
 ):
     lora = (
         dict(enable_lora=True, max_loras=len(adapters), max_lora_rank=16,
@@ -269,12 +270,50 @@ def run(
     logprobs = {i: [] for i in range(len(prompts))}
     names = [None, *(adapters or {})]
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params, adapter=names[i % len(names)] if adapters else None)
+        adapter = names[i % len(names)] if adapters and not base_only else None
+        engine.add_request(str(i), p, params, adapter=adapter)
     while engine.has_unfinished():
         for out in engine.step():
             tokens[int(out.request_id)].extend(out.new_token_ids)
             logprobs[int(out.request_id)].extend(lp.logprob for lp in out.new_logprobs)
     return tokens, logprobs
+
+
+def check_lora_engine(path: Path, prompts) -> int:
+    """Multi-LoRA (Triton deltas) with graphs and overlap against the same engine eager;
+    requests cycle through the base model and two adapters of ranks 16 and 8. Then base-only
+    traffic on the LoRA engine (the graphs captured without deltas) against an engine without
+    LoRA. Returns the number of failures."""
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(path)
+    adapters = {
+        "a16": write_adapter(path / "a16", config, 16, 1),
+        "a8": write_adapter(path / "a8", config, 8, 2),
+    }
+    ref_tokens, ref_lp = run(path, "triton", False, prompts, adapters=adapters)
+    base_tokens, base_lp = run(path, "triton", False, prompts)
+    changed = any(ref_tokens[i] != base_tokens[i] for i in (1, 2, 4, 5))
+    tokens, lp = run(path, "triton", True, prompts, True, adapters=adapters)
+    same = tokens == ref_tokens
+    diff = max(abs(a - b) for i in lp for a, b in zip(lp[i], ref_lp[i]))
+    ok = same and diff < 2e-3 and changed and bool(run.replays.get("decode"))
+    failures = int(not ok)
+    print(
+        f"{'llama-lora':16} triton  graphs=True  overlap=True  "
+        f"replays={run.replays} adapters_change_output={changed} "
+        f"tokens_equal={same} max_logprob_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}"
+    )
+    tokens, lp = run(path, "triton", True, prompts, True, adapters=adapters, base_only=True)
+    same = tokens == base_tokens
+    diff = max(abs(a - b) for i in lp for a, b in zip(lp[i], base_lp[i]))
+    ok = same and diff < 2e-3 and bool(run.replays.get("decode"))
+    failures += not ok
+    print(
+        f"{'llama-lora-base':16} triton  graphs=True  overlap=True  replays={run.replays} "
+        f"tokens_equal={same} max_logprob_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}"
+    )
+    return failures
 
 
 def check_speculative_graphs(device: str = "cuda") -> int:
@@ -469,7 +508,19 @@ def check_lora_kernels(device: str = "cuda") -> int:
 
 def main() -> int:
     if "--lora-only" in sys.argv[1:]:
-        return 1 if check_lora_kernels() else 0
+        failures = check_lora_kernels()
+        config = transformers.LlamaConfig(
+            vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+            initializer_range=0.1,
+        )  # fmt: skip
+        rng = random.Random(0)
+        prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 7, 33, 100, 250)]
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+            failures += check_lora_engine(Path(tmp), prompts)
+        return 1 if failures else 0
     if "--spec-only" in sys.argv[1:]:
         return 1 if check_speculative_graphs() else 0
     moe_only = "--moe-only" in sys.argv[1:]
@@ -552,26 +603,7 @@ def main() -> int:
                     f"max_logprob_diff={diff:.2e} {'ok' if ok else 'MISMATCH'}"
                 )
             if name == "llama":
-                # Multi-LoRA (Triton deltas) with and without graphs; requests cycle through
-                # the base model and two adapters of ranks 16 and 8.
-                adapters = {
-                    "a16": write_adapter(Path(tmp) / "a16", config, 16, 1),
-                    "a8": write_adapter(Path(tmp) / "a8", config, 8, 2),
-                }
-                ref_tokens, ref_lp = run(Path(tmp), "triton", False, prompts, adapters=adapters)
-                base_tokens, _ = run(Path(tmp), "triton", False, prompts)
-                changed = any(ref_tokens[i] != base_tokens[i] for i in (1, 2, 4, 5))
-                tokens, lp = run(Path(tmp), "triton", True, prompts, True, adapters=adapters)
-                same = tokens == ref_tokens
-                diff = max(abs(a - b) for i in lp for a, b in zip(lp[i], ref_lp[i]))
-                ok = same and diff < 2e-3 and changed and bool(run.replays.get("decode"))
-                failures += not ok
-                print(
-                    f"{'llama-lora':16} triton  graphs=True  overlap=True  "
-                    f"replays={run.replays} adapters_change_output={changed} "
-                    f"tokens_equal={same} max_logprob_diff={diff:.2e} "
-                    f"{'ok' if ok else 'MISMATCH'}"
-                )
+                failures += check_lora_engine(Path(tmp), prompts)
     return 1 if failures else 0
 
 

@@ -11,6 +11,10 @@ per bucket ``T``:
   and its per-sequence offsets are copied into static buffers sized for the largest such
   bucket (a step of ``T`` tokens has at most ``T * T`` mask entries).
 
+With LoRA (deltas that read no device data on the host), every shape is captured twice: with
+the deltas, reading each token's adapter slot from a static buffer, for steps that hold an
+adapter; and without, for base-only steps, which then launch nothing for LoRA.
+
 The kinds differ in the attention launch the backend picks (tile shapes for one query row
 against tiles for longer runs, the mask variant), which is fixed at capture.
 
@@ -34,6 +38,7 @@ static, padded buffers: the CPU twin that tests the bucketing and padding withou
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -108,6 +113,10 @@ class StepGraphs:
         self._graphs: dict[
             tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]
         ] = {}
+        # With LoRA: the same shapes captured without the deltas, for base-only steps.
+        self._base_graphs: dict[
+            tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]
+        ] = {}
         self._capture_all()
 
     # -- choosing -------------------------------------------------------------------------
@@ -152,7 +161,9 @@ class StepGraphs:
         meta = inputs.meta
         n, b = meta.num_tokens, meta.num_seqs
         bucket = self._bucket(n)
-        graph, hidden, captured = self._graphs[(kind, bucket)]
+        base_only = self.lora_slots is not None and inputs.lora_token_slots is None
+        graphs = self._base_graphs if base_only and self.capture else self._graphs
+        graph, hidden, captured = graphs[(kind, bucket)]
         self.input_ids[:n].copy_(input_ids)
         if hidden_in is not None:
             self.hidden_in[:n].copy_(hidden_in)
@@ -177,16 +188,12 @@ class StepGraphs:
         else:
             self.query_start[b + 1 : num_seqs + 1].fill_(n)
             self.seq_lens[b:num_seqs].fill_(0)
-        if self.lora_slots is not None:
-            live = inputs.lora_token_slots
-            if live is None:
-                self.lora_slots[:bucket].fill_(-1)
-            else:
-                self.lora_slots[:n].copy_(live)
-                self.lora_slots[n:bucket].fill_(-1)
+        if self.lora_slots is not None and not base_only:
+            self.lora_slots[:n].copy_(inputs.lora_token_slots)
+            self.lora_slots[n:bucket].fill_(-1)
         if not self.capture:
             if self.lora_slots is not None:
-                self.runner.lora_slots.set(self.lora_slots[:bucket])
+                self.runner.lora_slots.set(None if base_only else self.lora_slots[:bucket])
             return self._eager(captured)[:n]
         self.runner.backend.prepare_for_replay(captured, meta, self.runner.block_size)
         graph.replay()
@@ -251,7 +258,10 @@ class StepGraphs:
                 self._graphs[(kind, bucket)] = (None, None, self._meta(kind, bucket))
             return
         pool = self.pool
-        for kind, bucket in self._kinds():
+        # With LoRA, each shape is captured twice: with the deltas (steps holding an
+        # adapter) and without (base-only steps, which then launch nothing for LoRA).
+        variants = (True, False) if self.lora_slots is not None else (False,)
+        for (kind, bucket), with_lora in itertools.product(self._kinds(), variants):
             meta = self._meta(kind, bucket)
             # A valid layout to warm up and capture with: one token per sequence (decode)
             # or every token in the first sequence (mixed, tree: under the causal mask), all
@@ -277,14 +287,14 @@ class StepGraphs:
             )
             runner.backend.prepare_for_capture(meta, runner.block_size)
             if self.lora_slots is not None:
-                runner.lora_slots.set(self.lora_slots[:bucket])
+                runner.lora_slots.set(self.lora_slots[:bucket] if with_lora else None)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     self._forward(meta)
             torch.cuda.current_stream().wait_stream(stream)
-            if self.lora_slots is not None:
+            if with_lora:
                 # Clear what the warm-up cached per step (token groups, masks), so that
                 # the graph computes them from the slots buffer on every replay.
                 runner.lora_slots.set(self.lora_slots[:bucket])
@@ -292,7 +302,8 @@ class StepGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self._forward(meta)
             pool = graph.pool()
-            self._graphs[(kind, bucket)] = (graph, hidden, meta)
+            graphs = self._graphs if with_lora or self.lora_slots is None else self._base_graphs
+            graphs[(kind, bucket)] = (graph, hidden, meta)
         self.pool = pool
         if self.lora_slots is not None:
             runner.lora_slots.set(None)

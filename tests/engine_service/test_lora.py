@@ -341,6 +341,31 @@ def test_steps_with_adapters_replay_step_graphs(setup):
     assert any(slots is None for slots in replays)
 
 
+def test_base_only_steps_replay_graphs_without_the_deltas(setup, monkeypatch):
+    """With LoRA on, every shape is captured twice: base-only steps replay the variant
+    without deltas, so they do no LoRA work at all (here: no dense delta runs while they
+    replay), and steps holding an adapter still get it."""
+    from engine_service.layers.lora import TorchLoRA
+
+    _, _, models = setup
+    engine = _engine(setup, max_num_batched_tokens=16)
+    replays = _twin_graphs(engine)
+    calls = []
+    dense = TorchLoRA._add_dense
+    monkeypatch.setattr(
+        TorchLoRA,
+        "_add_dense",
+        lambda self, x, y: calls.append(replays[-1] is not None) or dense(self, x, y),
+    )
+    base_only = _run(engine, [([4, 4, 4], None)])[0]
+    _assert_matches(base_only, _reference(models[None], [4, 4, 4]), "base")
+    assert replays and all(slots is None for slots in replays)
+    assert calls == []
+    adapted = _run(engine, [([4, 4, 4], "wide")])[0]
+    _assert_matches(adapted, _reference(models["wide"], [4, 4, 4]), "wide")
+    assert calls and all(calls)
+
+
 def test_steps_with_adapters_run_eagerly_when_the_deltas_sync(setup, monkeypatch):
     """The grouped torch path reads the step's adapters on the host, so a graph cannot carry
     it: steps holding an adapter run eagerly, base-only steps may still replay."""
