@@ -3,8 +3,17 @@
 Builds the `bench/train_spec.py` checkpoints (``--steps`` few: acceptance does not matter
 here, only the cost of a round), then decodes one prompt with speculation off and with each
 method under cProfile, and prints per method the wall time per generated token and per
-verification round, and the functions with the most own time (host syncs show up as the
-time of the call that waits, e.g. ``tolist`` or ``item``).
+verification round (engine step), and the functions with the most own time (host syncs show
+up as the time of the call that waits, e.g. ``tolist`` or ``item``).
+
+Before the profiled run, a timed run (no profiler) splits each round's wall time into the
+model's forward passes (target and proposer, timed around the models' ``forward`` and
+``compute_logits`` and the graphs' replays, or their CPU twins' eager runs) and the host work
+of each phase of the engine's step, exclusive of the model and of nested phases: schedule,
+propose, place (drafts into the batch, grammar masks), prepare (the target step's inputs),
+execute, sample, verify, resolve (the read-back), update (the scheduler's commit). On a CPU
+the model's time is the CPU's; the phases' host time is what a GPU round pays too.
+``--twin-graphs`` runs the CPU twins of the CUDA graphs (the host path a GPU engine takes).
 
     python bench/profile_spec.py --trained DIR --device cuda --dtype bfloat16 --out DIR
 """
@@ -36,6 +45,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--methods", default="off,ngram,draft,eagle,eagle_tree")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs (least per phase)")
+    parser.add_argument("--batch", type=int, default=1, help="copies of the prompt at once")
+    parser.add_argument("--twin-graphs", action="store_true", help="CPU twins of the graphs")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     folder = args.trained
@@ -54,6 +66,7 @@ def main() -> None:
     }
     text = json.loads((folder / "prompts.json").read_text())[0][:200]
     prompt = [b + 3 for b in text.encode()]
+    prompts = [prompt] * args.batch
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {}
@@ -64,23 +77,33 @@ def main() -> None:
             model=str(folder / "target"),
             dtype=args.dtype,
             device=args.device,
-            max_num_seqs=4,
+            max_num_seqs=max(4, args.batch),
             kv_cache_memory_bytes=1 << 30,
             speculative_config=json.dumps(spec) if spec else None,
         )
         engine = LLMEngine(config)
-        engine.generate([prompt], params)  # warm-up, graphs
-        engine.generate([prompt], params)
+        if args.twin_graphs and spec is not None:
+            with_twin_graphs(engine)
+        engine.generate(prompts, params)  # warm-up, graphs
+        runs = []
+        for _ in range(args.repeat):
+            steps = engine.steps_total
+            timer = PhaseTimer(engine, args.device)
+            with timer:
+                engine.generate(prompts, params)
+            runs.append(timer.per_round(engine.steps_total - steps))
+        # Each phase's least time over the runs: a shared machine only ever adds time.
+        phases = {key: min(run[key] for run in runs) for key in runs[0]}
         sync(args.device)
-        rounds = engine.scheduler.num_drafts
+        steps = engine.steps_total
         profiler = cProfile.Profile()
         start = time.perf_counter()
         profiler.enable()
-        out = engine.generate([prompt], params)
+        out = engine.generate(prompts, params)
         sync(args.device)
         profiler.disable()
         wall = time.perf_counter() - start
-        rounds = max(1, engine.scheduler.num_drafts - rounds)
+        rounds = engine.steps_total - steps  # one verification round a step (and the prefill)
         stream = io.StringIO()
         stats = pstats.Stats(profiler, stream=stream)
         stats.sort_stats("tottime").print_stats(35)
@@ -92,6 +115,7 @@ def main() -> None:
             "rounds": rounds,
             "ms_per_round": 1000 * wall / rounds,
             "graph_replays": graph_replays(engine),
+            "timed_ms_per_round": phases,
         }
         if name == "off":
             reference = out
@@ -101,6 +125,105 @@ def main() -> None:
         del engine
         torch.cuda.empty_cache() if args.device.startswith("cuda") else None
     (args.out / "profile-spec.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+_PHASES = {
+    "schedule": ("scheduler", "schedule"),
+    "propose": ("proposer", "propose"),
+    "prepare": ("runner", "prepare"),
+    "execute": ("runner", "execute"),
+    "sample": (None, "_sample"),
+    "resolve": (None, "_resolve"),
+    "update": ("scheduler", "update"),
+}
+
+
+class PhaseTimer:
+    """Wall time per phase of the engine's steps, exclusive of nested phases and of the
+    models' forward passes (which count as ``model``); install with ``with``."""
+
+    def __init__(self, engine: LLMEngine, device: str) -> None:
+        self.engine, self.device = engine, device
+        self.totals: dict[str, float] = {}
+        self.stack: list[list[float]] = []  # [phase start, time spent in nested phases]
+        self.undo: list = []
+
+    def _timed(self, name: str, fn):
+        def timed(*args, **kwargs):
+            self.stack.append([time.perf_counter(), 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if name == "model":
+                    sync(self.device)
+                start, nested = self.stack.pop()
+                spent = time.perf_counter() - start
+                self.totals[name] = self.totals.get(name, 0.0) + spent - nested
+                if self.stack:
+                    self.stack[-1][1] += spent
+
+        return timed
+
+    def _wrap(self, owner, attribute: str, name: str) -> None:
+        original = getattr(owner, attribute)
+        own = attribute in vars(owner)  # else a method of its class, found again once deleted
+        setattr(owner, attribute, self._timed(name, original))
+        self.undo.append((owner, attribute, original if own else None))
+
+    def __enter__(self) -> PhaseTimer:
+        engine = self.engine
+        for name, (owner, attribute) in _PHASES.items():
+            target = engine if owner is None else getattr(engine, owner)
+            if target is not None:
+                self._wrap(target, attribute, name)
+        import engine_service.engine.batch as batch_module
+        import engine_service.engine.engine as engine_module
+
+        self._wrap(batch_module.ScheduledBatch, "place_drafts", "place")
+        self._wrap(engine_module, "draft_grammar_masks", "place")
+        self._wrap(engine_module, "verify", "verify")
+        models = [engine.model]
+        proposer = engine.proposer
+        for model in (getattr(proposer, "head", None), getattr(proposer, "runner", None)):
+            model = getattr(model, "model", model)
+            if model is not None and all(model is not m for m in models):
+                models.append(model)
+        # A graph's replay is device work; its CPU twin's eager ops count as the model's too.
+        from engine_service.engine.cuda_graphs import StepGraphs
+        from engine_service.engine.spec.graphs import _DraftGraphs
+
+        self._wrap(StepGraphs, "_eager", "model")
+        self._wrap(_DraftGraphs, "_launch", "model")
+        for model in models:  # their __call__ (forward) and compute_logits
+            self._wrap(model, "forward", "model")
+            self._wrap(model, "compute_logits", "model")
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sync(self.device)
+        self.wall = time.perf_counter() - self.start
+        for owner, attribute, original in reversed(self.undo):
+            if original is None:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, original)
+
+    def per_round(self, rounds: int) -> dict[str, float]:
+        out = {name: 1000 * t / rounds for name, t in sorted(self.totals.items())}
+        out["other"] = 1000 * (self.wall - sum(self.totals.values())) / rounds
+        out["host"] = 1000 * self.wall / rounds - out.get("model", 0.0)
+        out["wall"] = 1000 * self.wall / rounds
+        return {name: round(value, 3) for name, value in out.items()}
+
+
+def with_twin_graphs(engine: LLMEngine, max_tokens: int = 64) -> None:
+    """The CPU twins of the graphs a CUDA engine captures (the host path it takes)."""
+    from engine_service.engine.cuda_graphs import StepGraphs
+
+    runner, seqs = engine.runner, engine.config.max_num_seqs
+    runner.graphs = StepGraphs(runner, max_tokens, seqs, capture=False, mixed=True, trees=True)
+    engine.proposer.capture_graphs(max_tokens, seqs, capture=False)
 
 
 def graph_replays(engine: LLMEngine) -> dict[str, object]:

@@ -59,7 +59,7 @@ from engine_service.engine.scheduler import Scheduler
 from engine_service.engine.spec.config import SpeculativeConfig
 from engine_service.engine.spec.grammar import draft_grammar_masks
 from engine_service.engine.spec.proposers import Proposer, build_proposer
-from engine_service.engine.spec.verify import verified_logprobs, verify
+from engine_service.engine.spec.verify import verify
 from engine_service.engine.structured import StructuredOutputManager
 from engine_service.engine.structured.backend import GrammarMatcher
 from engine_service.layers.moe import FusedMoE
@@ -889,8 +889,7 @@ class LLMEngine:
         )
         result = sample(logits, meta, self.generator)
         if batch.has_drafts:
-            result.verified = verify(logits, batch, meta, self.generator, draft_masks)
-            result.verified_logprobs = verified_logprobs(logits, batch, result.verified)
+            result.verification = verify(logits, batch, meta, self.generator, draft_masks)
         result.start_host_copy()
         return result, meta
 

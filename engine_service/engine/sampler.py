@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 import torch
 
@@ -207,7 +208,10 @@ class SamplerResult:
     top_logprobs: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
 
-    # Tokens to commit per sample row that verified drafts (speculative decoding).
+    # Speculative decoding: the step's verification on the device (a
+    # :class:`~engine_service.engine.spec.verify.Verification`, read back with the tokens),
+    # and after :meth:`to_host` the tokens to commit per sample row that verified drafts.
+    verification: Any = None
     verified: dict[int, list[int]] | None = None
     verified_logprobs: dict[int, list[TokenLogprob]] | None = None
     _host: tuple[torch.Tensor | None, ...] | None = None
@@ -217,6 +221,8 @@ class SamplerResult:
         """Queue the copies to the host behind the step's kernels; :meth:`to_host` then waits
         for this step alone, not for steps queued after it (overlapped scheduling)."""
         tensors = (self.token_ids, self.chosen_logprobs, self.top_logprobs, self.top_ids)
+        if self.verification is not None:
+            tensors += self.verification.host_tensors()
         if not self.token_ids.is_cuda:
             self._host = tensors
             return
@@ -227,12 +233,15 @@ class SamplerResult:
         self._ready.record()
 
     def to_host(self, meta: SamplingMetadata) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Token ids and per-row logprobs as Python values (the step's one sync)."""
+        """Token ids and per-row logprobs as Python values (the step's one sync); with a
+        verification, also :attr:`verified` and :attr:`verified_logprobs`."""
         if self._host is None:
             self.start_host_copy()
         if self._ready is not None:
             self._ready.synchronize()
-        token_ids, chosen_lp, top_lp, top_ids_t = self._host
+        token_ids, chosen_lp, top_lp, top_ids_t = self._host[:4]
+        if self.verification is not None:
+            self.verified, self.verified_logprobs = self.verification.read(self._host[4:])
         token_list = token_ids.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(token_list)
         if chosen_lp is not None:

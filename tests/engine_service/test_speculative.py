@@ -120,6 +120,11 @@ def test_greedy_speculation_equals_plain_decoding(target, other_draft, case, set
     assert_pool_entirely_free(speculative.kv_manager)
 
 
+def committed_tokens(verification) -> dict[int, list[int]]:
+    """A verification's tokens to commit by sample row, read back as the engine reads them."""
+    return verification.read(verification.host_tensors())[0]
+
+
 def test_rejection_sampling_draws_from_the_targets_distribution():
     """Many sequences verify one draft each against the same target distribution: the first
     committed token must follow that distribution whatever the draft was."""
@@ -141,7 +146,7 @@ def test_rejection_sampling_draws_from_the_targets_distribution():
     generator = torch.Generator().manual_seed(0)
 
     meta = SamplingMetadata.build(batch.sample_rows, vocab, torch.device("cpu"), num_logits=2 * num)
-    committed = verify(logits.repeat(2 * num, 1), batch, meta, generator)
+    committed = committed_tokens(verify(logits.repeat(2 * num, 1), batch, meta, generator))
 
     first = torch.tensor([committed[i][0] for i in range(num)])
     observed = torch.bincount(first, minlength=vocab).float() / num
@@ -240,7 +245,9 @@ def test_tree_verification_draws_runs_from_the_targets_distribution(truncation, 
         batch.sample_rows, vocab, torch.device("cpu"), num_logits=size * num
     )
 
-    committed = verify(node_logits.repeat(num, 1), batch, meta, torch.Generator().manual_seed(0))
+    committed = committed_tokens(
+        verify(node_logits.repeat(num, 1), batch, meta, torch.Generator().manual_seed(0))
+    )
 
     expected = committed_run_distribution(reference_probs(node_logits, SamplingParams(**params)))
     observed: dict[tuple[int, ...], int] = {}
@@ -281,7 +288,7 @@ def test_greedy_verification_accepts_exactly_the_agreeing_prefix():
     batch.num_logits = 4
 
     meta = SamplingMetadata.build(batch.sample_rows, 8, torch.device("cpu"), num_logits=4)
-    committed = verify(logits, batch, meta, torch.Generator())
+    committed = committed_tokens(verify(logits, batch, meta, torch.Generator()))
 
     assert committed == {0: [3, 5, 1]}  # two drafts agreed, the third was replaced
 

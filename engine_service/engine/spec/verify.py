@@ -25,18 +25,28 @@ against the residual ``norm(max(p - q, 0))`` (``p`` with ``c`` removed), accepts
 with probability ``sum_c p(c)`` and emits any other ``x`` with probability ``p(x)``: exactly
 the draw-and-match above, with one draw per node instead of one uniform per child.
 
+On the device. The walk is tensor code over the padded trees of the whole batch: a node
+matches when its parent's draw is its token, it is accepted when every node on its path
+matches, and the accepted nodes form one path whose deepest node gives the count and, with
+its ancestors, the drafts to commit. The committed tokens, their counts and the paths come
+back to the host in the step's one read-back, with the sampled tokens
+(:meth:`Verification.read`).
+
 Seeds. A draw is the sampler's race, ``argmax(p / E)`` with ``E ~ Exp(1)``. A seeded
 request's plain decoding takes ``E`` for its ``t``-th sampled token from its own generator,
 one vocabulary row per token in order. Here every node at depth ``d`` uses the row of token
 ``t0 + d`` (``t0``: the step's first, whose row the step's sampler drew), and afterwards the
 generator is set where plain decoding leaves it after the committed tokens: a seeded
-request's tokens are the ones it gets without speculation, whatever was drafted.
+request's tokens are the ones it gets without speculation, whatever was drafted. That needs
+the committed count before the next step draws, so a step with seeded sampled drafts reads
+its counts back at once (a second read-back, for those requests only).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
@@ -54,20 +64,127 @@ from engine_service.engine.structured import allocate_bitmask, apply_bitmask
 
 
 @dataclass(slots=True)
-class _Verified:
-    """One sequence's draft tree among the rows being verified."""
+class _Trees:
+    """The draft trees being verified, padded to ``width`` nodes each (the root included):
+    tree ``v`` is sample row ``index[v]``; its node ``i`` is logits row ``rows[v * width +
+    i]`` and row ``v * width + i`` of the verified rows. Padding nodes repeat the root's row
+    and have no draft (``-1``), so they are never accepted. Built with numpy, no loop over
+    nodes."""
 
-    index: int  # its sample row
-    request: Request
-    seq: ScheduledSequence
-    base: int  # the root's row among the verified rows; node i is row base + i
-    parents: list[int]
-    ancestors: torch.Tensor  # [n + 1, n + 1]: node i's path, itself included (tree_mask)
-    depths: list[int]
+    index: list[int]
+    seqs: list[ScheduledSequence]
+    requests: list[Request]
+    sizes: list[int]  # nodes per tree, the root included
+    width: int
+    rows: np.ndarray  # [V * width] logits rows
+    drafts: np.ndarray  # [V, width]: node i's token (-1: the root, padding, a duplicate)
+    parents: np.ndarray  # [V, width] (the root's and padding's: 0)
+    depths: np.ndarray  # [V, width]
+    ancestors: np.ndarray  # [V, width, width] bool: node i's path, the root and i included
 
-    @property
-    def span(self) -> slice:
-        return slice(self.base, self.base + len(self.depths))
+    @classmethod
+    def gather(cls, batch: ScheduledBatch) -> _Trees | None:
+        picked = [
+            (index, first, request, batch.sequences[batch.sample_seqs[index]])
+            for index, (first, request) in enumerate(batch.sample_rows)
+        ]
+        picked = [p for p in picked if p[3].draft_token_ids]
+        if not picked:
+            return None
+        sizes = [len(seq.draft_token_ids) + 1 for *_, seq in picked]
+        num, width = len(picked), max(sizes)
+        steps = np.arange(width)
+        drafts = np.full((num, width), -1, dtype=np.int64)
+        parents = np.zeros((num, width), dtype=np.int64)
+        depths = np.zeros((num, width), dtype=np.int64)
+        ancestors = np.zeros((num, width, width), dtype=bool)
+        ancestors[:] = np.eye(width, dtype=bool)
+        ancestors[:, :, 0] = True
+        chain = np.tril(np.ones((width, width), dtype=bool))
+        for v, (*_, seq) in enumerate(picked):
+            n = sizes[v]
+            drafts[v, 1:n] = seq.draft_token_ids
+            if seq.draft_parents is None:  # a chain: draft i hangs under i - 1
+                parents[v, 1:n] = steps[: n - 1]
+                ancestors[v, :n, :n] = chain[:n, :n]
+            else:
+                parents[v, 1:n] = seq.draft_parents
+                mask = seq.custom_mask  # place_drafts' tree_mask of these parents
+                if mask is None or mask.shape[0] != n:
+                    mask, _ = tree_mask(seq.draft_parents)
+                ancestors[v, :n, :n] = mask.numpy()
+        depths[:] = ancestors.sum(axis=2) - 1
+        # A later sibling with an earlier one's token is never reached: the walk takes the
+        # first child whose token was drawn.
+        same = (parents[:, :, None] == parents[:, None, :]) & (
+            drafts[:, :, None] == drafts[:, None, :]
+        )
+        drafts[(np.tril(same, k=-1) & (drafts[:, None, :] >= 0)).any(axis=2)] = -1
+        firsts = np.array([p[1] for p in picked], dtype=np.int64)
+        within = np.where(steps[None, :] < np.array(sizes)[:, None], steps[None, :], 0)
+        return cls(
+            index=[p[0] for p in picked],
+            seqs=[p[3] for p in picked],
+            requests=[p[2] for p in picked],
+            sizes=sizes,
+            width=width,
+            rows=(firsts[:, None] + within).reshape(-1),
+            drafts=drafts,
+            parents=parents,
+            depths=depths,
+            ancestors=ancestors,
+        )
+
+    def span(self, v: int) -> slice:
+        """Tree ``v``'s real nodes among the verified rows."""
+        return slice(v * self.width, v * self.width + self.sizes[v])
+
+
+@dataclass(slots=True)
+class Verification:
+    """A step's verification on the device: per verified tree, how many tokens to commit,
+    which, the accepted path and (for samples that asked) their logprobs; turned into
+    Python values by :meth:`read` from the step's one read-back."""
+
+    trees: _Trees
+    packed: torch.Tensor  # int64 [V, 1 + width + width - 1]: count, tokens, path
+    # Logprob samples (tree numbers), their chosen logprobs [L, width], top-k values and
+    # ids [L, width, k] (k may be 0), and each one's own k.
+    logprob_trees: list[int]
+    logprob_tensors: tuple[torch.Tensor, ...] = ()
+    logprob_counts: list[int] | None = None
+
+    def host_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.packed, *self.logprob_tensors)
+
+    def read(
+        self, host: tuple[torch.Tensor, ...]
+    ) -> tuple[dict[int, list[int]], dict[int, list[TokenLogprob]]]:
+        """From the host copies of :meth:`host_tensors`: the tokens to commit and their
+        logprobs by sample row; sets each sequence's ``accepted_path``."""
+        trees, width = self.trees, self.trees.width
+        packed = host[0].tolist()
+        committed: dict[int, list[int]] = {}
+        for v, values in enumerate(packed):
+            count = values[0]
+            trees.seqs[v].accepted_path = values[1 + width : 1 + width + count]
+            committed[trees.index[v]] = values[1 : 2 + count]
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        if self.logprob_trees:
+            chosen = host[1].tolist()
+            top_values = host[2].tolist() if len(host) > 2 else None
+            top_ids = host[3].tolist() if len(host) > 3 else None
+            for j, v in enumerate(self.logprob_trees):
+                tokens, k = committed[trees.index[v]], self.logprob_counts[j]
+                logprobs[trees.index[v]] = [
+                    TokenLogprob(
+                        token,
+                        chosen[j][d],
+                        list(zip(top_ids[j][d][:k], top_values[j][d][:k])) if top_ids else [],
+                    )
+                    for d, token in enumerate(tokens)
+                ]
+        return committed, logprobs
 
 
 @torch.inference_mode()
@@ -77,49 +194,55 @@ def verify(
     meta: SamplingMetadata,
     generator: torch.Generator,
     grammar_masks: dict[int, torch.Tensor] | None = None,
-) -> dict[int, list[int]]:
-    """Tokens to commit for every sample row whose sequence verified drafts, by row index
-    into ``batch.sample_rows``, and each such sequence's ``accepted_path``.
+) -> Verification | None:
+    """Verify every sample row whose sequence drafted, on the device (no read-back, except
+    for seeded sampled drafts: see the module's docstring); None when nothing drafted.
 
     ``logits``: fp32 ``[batch.num_logits, vocab]``; ``meta``: the step's sampling metadata
     over ``batch.sample_rows`` (its seeded rows' noise is the root's); ``grammar_masks``: per
     sample row, the bitmask of each tree node
     (:func:`~engine_service.engine.spec.grammar.draft_grammar_masks`). A seeded request's
     generator is left after the noise of the tokens committed."""
-    trees: list[_Verified] = []
-    logits_rows: list[int] = []
-    for index, (first, request) in enumerate(batch.sample_rows):
-        seq = batch.sequences[batch.sample_seqs[index]]
-        if not seq.draft_token_ids:
-            continue
-        parents = seq.draft_parents or list(range(len(seq.draft_token_ids)))
-        ancestors, depths = tree_mask(parents)
-        trees.append(_Verified(index, request, seq, len(logits_rows), parents, ancestors, depths))
-        logits_rows.extend(range(first, first + len(depths)))
-    if not trees:
-        return {}
+    trees = _Trees.gather(batch)
+    if trees is None:
+        return None
     device = logits.device
+    num, width = len(trees.index), trees.width
     vocab = logits.shape[-1]
-    rows = logits[torch.tensor(logits_rows, device=device)]
-    node_sample = torch.tensor([t.index for t in trees for _ in t.depths], device=device)
-    all_greedy = all(t.request.params.greedy for t in trees)
+    int_host = torch.from_numpy(
+        np.concatenate(
+            (
+                trees.rows,
+                trees.drafts.reshape(-1),
+                trees.parents.reshape(-1),
+                trees.depths.reshape(-1),
+            )
+        )
+    )
+    ints = _pinned_to(int_host, device).view(4, num, width)
+    rows_index, drafts, parents, depths = ints[0].reshape(-1), ints[1], ints[2], ints[3]
+    ancestors = _pinned_to(torch.from_numpy(trees.ancestors), device)
+    rows = logits[rows_index]
+    node_sample = torch.tensor(trees.index, device=device).repeat_interleave(width)
+    all_greedy = all(r.params.greedy for r in trees.requests)
     node_meta = meta.for_rows(node_sample, all_greedy)
 
     # The plain sampler's order: penalties, the grammar's mask, min_tokens, then the draw.
     if node_meta.output_counts is not None:
         add_path_counts(node_meta.output_counts, trees)
         rows = apply_penalties(rows, node_meta)
-    constrained = [t for t in trees if grammar_masks and t.index in grammar_masks]
+    constrained = [v for v, i in enumerate(trees.index) if grammar_masks and i in grammar_masks]
     if constrained:
-        bitmask = allocate_bitmask(len(logits_rows), vocab, pin_memory=False)
-        for t in constrained:
-            bitmask[t.span] = grammar_masks[t.index]
+        bitmask = allocate_bitmask(num * width, vocab, pin_memory=False)
+        for v in constrained:
+            bitmask[trees.span(v)] = grammar_masks[trees.index[v]]
         rows = apply_bitmask(rows, bitmask)
-    for t in trees:
-        tree_rows = rows[t.span]
-        held = hold_back_stops(tree_rows, t.request, t.depths)
-        if held is not tree_rows:
-            rows[t.span] = held
+    for v, request in enumerate(trees.requests):
+        if request.num_output_tokens < request.params.min_tokens:
+            tree_rows = rows[trees.span(v)]
+            held = hold_back_stops(tree_rows, request, trees.depths[v, : trees.sizes[v]])
+            if held is not tree_rows:
+                tree_rows.copy_(held)
     emitted = rows.argmax(dim=-1)
     states: dict[int, list[torch.Tensor]] = {}
     if not all_greedy:
@@ -129,44 +252,87 @@ def verify(
         drawn = race(processed_probs(rows, node_meta), node_meta, generator)
         emitted = torch.where(node_meta.greedy, emitted, drawn)
 
-    emitted_list = emitted.tolist()
-    result: dict[int, list[int]] = {}
-    for t in trees:
-        drafts = t.seq.draft_token_ids
-        children: dict[tuple[int, int], int] = {}
-        for node, (parent, token) in enumerate(zip(t.parents, drafts, strict=True), start=1):
-            children.setdefault((parent, token), node)
-        node, path = 0, []
-        while (node, emitted_list[t.base + node]) in children:
-            node = children[(node, emitted_list[t.base + node])]
-            path.append(node)
-        t.seq.accepted_path = path
-        result[t.index] = [drafts[n - 1] for n in path] + [emitted_list[t.base + node]]
-        if t.index in states:
-            # Plain decoding would have drawn the noise of len(path) + 1 tokens by now.
-            t.request.generator.set_state(states[t.index][len(path)])
-    return result
+    # The walk: node i matches when its parent drew its token; it is accepted when every
+    # node on its path matches. One child of a node can match, so the accepted nodes form
+    # a path from the root: the deepest ends it.
+    emitted = emitted.view(num, width)
+    matched = emitted.gather(1, parents) == drafts
+    matched[:, 0] = True
+    accepted = ~(ancestors & ~matched[:, None, :]).any(dim=-1)
+    deepest = torch.where(accepted, depths, -1).argmax(dim=1, keepdim=True)
+    count = depths.gather(1, deepest)  # accepted drafts
+    on_path = ancestors.gather(1, deepest[:, :, None].expand(num, 1, width))[:, 0]
+    on_path[:, 0] = False
+    # Path node at depth d goes to column d - 1; other nodes to the spare last column.
+    column = torch.where(on_path, depths - 1, width - 1)
+    nodes = torch.arange(width, device=device).expand(num, width)
+    path = torch.zeros_like(drafts).scatter_(1, column, nodes)[:, : width - 1]
+    tokens = torch.cat((drafts.gather(1, path), torch.zeros_like(count)), dim=1)
+    tokens.scatter_(1, count, emitted.gather(1, deepest))
+    packed = torch.cat((count, tokens, path), dim=1)
+
+    if states:
+        # Plain decoding would have drawn the noise of count + 1 tokens by now.
+        counts = count[:, 0].tolist()
+        for v, after in states.items():
+            trees.requests[v].generator.set_state(after[counts[v]])
+
+    verification = Verification(trees, packed, logprob_trees=[])
+    want = [v for v, r in enumerate(trees.requests) if r.params.logprobs is not None]
+    if want:
+        _logprobs(verification, want, logits, rows_index.view(num, width), path, tokens)
+    return verification
 
 
-def add_path_counts(counts: torch.Tensor, trees: list[_Verified]) -> None:
-    """Penalties count the output so far: node ``i``'s row (``counts`` row ``base + i``,
-    holding the request's output counts) also counts the drafts on the path to ``i``, the
-    tokens it would follow if accepted. Only penalised requests' rows are touched."""
-    node_rows, tokens = [], []
-    for t in trees:
-        if not t.request.params.needs_penalties:
-            continue
-        nodes, on_path = t.ancestors[:, 1:].nonzero(as_tuple=True)  # drafts are nodes 1..n
-        node_rows.append(nodes + t.base)
-        tokens.append(torch.tensor(t.seq.draft_token_ids, dtype=torch.long)[on_path])
-    if not node_rows:
+def _logprobs(
+    verification: Verification,
+    want: list[int],
+    logits: torch.Tensor,
+    node_rows: torch.Tensor,
+    path: torch.Tensor,
+    tokens: torch.Tensor,
+) -> None:
+    """The target's own logprobs (unmasked, as the sampler reports them) of each committed
+    token of the trees ``want``: token ``d`` was judged at the root's row (``d = 0``) or at
+    that of accepted node ``d``. Every position is computed; :meth:`Verification.read`
+    keeps the committed ones."""
+    requests = verification.trees.requests
+    index = torch.tensor(want, device=logits.device)
+    judged = torch.cat((torch.zeros_like(path[:, :1]), path), dim=1)[index]
+    rows = node_rows[index].gather(1, judged)
+    raw = torch.log_softmax(logits[rows.reshape(-1)], dim=-1).view(len(want), rows.shape[1], -1)
+    chosen = raw.gather(2, tokens[index].clamp(min=0)[:, :, None])[:, :, 0]  # -1: not committed
+    counts = [requests[v].params.logprobs for v in want]
+    verification.logprob_trees = want
+    verification.logprob_counts = counts
+    verification.logprob_tensors = (chosen,)
+    if max(counts):
+        top = raw.topk(max(counts), dim=-1)
+        verification.logprob_tensors = (chosen, top.values, top.indices)
+
+
+def add_path_counts(counts: torch.Tensor, trees: _Trees) -> None:
+    """Penalties count the output so far: node ``i``'s row (``counts`` row ``v * width +
+    i``, holding the request's output counts) also counts the drafts on the path to ``i``,
+    the tokens it would follow if accepted. Only penalised requests' rows are touched."""
+    penalised = [v for v, r in enumerate(trees.requests) if r.params.needs_penalties]
+    if not penalised:
         return
-    index = (torch.cat(node_rows).to(counts.device), torch.cat(tokens).to(counts.device))
+    chosen = np.array(penalised)
+    on_path = trees.ancestors[chosen].copy()
+    on_path[:, :, 0] = False  # drafts are nodes 1..n; padding nodes see only themselves
+    which, nodes, drafts = np.nonzero(on_path & (trees.drafts[chosen][:, None, :] >= 0))
+    # A duplicate sibling (token -1 here) is unreachable; its own row's counts do not matter.
+    tree = chosen[which]
+    index = (
+        torch.from_numpy(tree * trees.width + nodes).to(counts.device),
+        torch.from_numpy(trees.drafts[tree, drafts]).to(counts.device),
+    )
     counts.index_put_(index, torch.ones(len(index[0]), device=counts.device), accumulate=True)
 
 
 def _seeded_noise(
-    trees: list[_Verified],
+    trees: _Trees,
     batch: ScheduledBatch,
     meta: SamplingMetadata,
     vocab: int,
@@ -175,33 +341,34 @@ def _seeded_noise(
     """Exponential noise for the nodes of seeded sampled requests: depth ``d`` takes the
     row of the request's token ``t0 + d``, depth 0 the row the step's sampler drew (``meta``),
     the deeper ones drawn here from the request's generator. Returns (node rows, their noise,
-    per sample row the generator's state after each depth's row)."""
+    per tree the generator's state after each depth's row)."""
     seeded_samples = [i for i, (_, r) in enumerate(batch.sample_rows) if draws_seeded(r)]
     rank = {sample: j for j, sample in enumerate(seeded_samples)}
     node_rows: list[int] = []
     noise: list[torch.Tensor] = []
     states: dict[int, list[torch.Tensor]] = {}
-    for t in trees:
-        if t.index not in rank:
+    for v, index in enumerate(trees.index):
+        if index not in rank:
             continue
-        generator = t.request.generator
+        generator = trees.requests[v].generator
+        depths = trees.depths[v, : trees.sizes[v]]
         after = [generator.get_state()]
         deeper = []
-        for _ in range(max(t.depths)):
+        for _ in range(int(depths.max())):
             deeper.append(torch.empty(vocab).exponential_(generator=generator))
             after.append(generator.get_state())
-        states[t.index] = after
+        states[v] = after
         by_depth = torch.cat(
-            [meta.seeded_noise[rank[t.index]][None], _pinned_to(torch.stack(deeper), device)]
+            [meta.seeded_noise[rank[index]][None], _pinned_to(torch.stack(deeper), device)]
         )
-        noise.append(by_depth[torch.tensor(t.depths, device=device)])
-        node_rows.extend(range(t.base, t.base + len(t.depths)))
+        noise.append(by_depth[torch.from_numpy(depths).to(device)])
+        node_rows.extend(range(trees.span(v).start, trees.span(v).stop))
     if not node_rows:
         return None, None, states
     return torch.tensor(node_rows, device=device), torch.cat(noise), states
 
 
-def hold_back_stops(rows: torch.Tensor, request, offsets: list[int]) -> torch.Tensor:
+def hold_back_stops(rows: torch.Tensor, request, offsets) -> torch.Tensor:
     """``min_tokens`` on verified positions: row ``i`` chooses the request's output token
     number ``num_output_tokens + offsets[i]``; while that is under ``min_tokens`` its stop
     and EOS tokens cannot be chosen (unless a grammar admits nothing else)."""
@@ -225,30 +392,3 @@ def hold_back_stops(rows: torch.Tensor, request, offsets: list[int]) -> torch.Te
         dead = ~torch.isfinite(held).any(dim=-1, keepdim=True)
         held = torch.where(dead, rows, held)
     return held
-
-
-def verified_logprobs(
-    logits: torch.Tensor, batch: ScheduledBatch, verified: dict[int, list[int]]
-) -> dict[int, list[TokenLogprob]]:
-    """The target's own logprobs (unmasked, as the sampler reports them) of every committed
-    token of a verified run, for the samples that asked for logprobs: the row a token was
-    judged at is the root's or that of the accepted node before it."""
-    out: dict[int, list[TokenLogprob]] = {}
-    for index, tokens in verified.items():
-        first, request = batch.sample_rows[index]
-        k = request.params.logprobs
-        if k is None:
-            continue
-        seq = batch.sequences[batch.sample_seqs[index]]
-        rows = [first, *(first + node for node in seq.accepted_path)][: len(tokens)]
-        raw = torch.log_softmax(logits[torch.tensor(rows, device=logits.device)], dim=-1)
-        chosen = raw.gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1)
-        top = raw.topk(k, dim=-1) if k else None
-        chosen_list = chosen.tolist()
-        values = top.values.tolist() if top is not None else None
-        ids = top.indices.tolist() if top is not None else None
-        out[index] = [
-            TokenLogprob(token, chosen_list[j], list(zip(ids[j], values[j])) if ids else [])
-            for j, token in enumerate(tokens)
-        ]
-    return out
