@@ -44,6 +44,7 @@ its counts back at once (a second read-back, for those requests only).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,9 +79,10 @@ class _Trees:
     width: int
     rows: np.ndarray  # [V * width] logits rows
     drafts: np.ndarray  # [V, width]: node i's token (-1: the root, padding, a duplicate)
-    parents: np.ndarray  # [V, width] (the root's and padding's: 0)
-    depths: np.ndarray  # [V, width]
-    ancestors: np.ndarray  # [V, width, width] bool: node i's path, the root and i included
+    depths: np.ndarray | None = None  # [V, width]
+    # Only when some sequence drafted a tree (None: all chains, node i under i - 1).
+    parents: np.ndarray | None = None  # [V, width] (the root's and padding's: 0)
+    ancestors: np.ndarray | None = None  # [V, width, width] bool: node i's path, root and i
 
     @classmethod
     def gather(cls, batch: ScheduledBatch) -> _Trees | None:
@@ -95,15 +97,37 @@ class _Trees:
         num, width = len(picked), max(sizes)
         steps = np.arange(width)
         drafts = np.full((num, width), -1, dtype=np.int64)
-        parents = np.zeros((num, width), dtype=np.int64)
-        depths = np.zeros((num, width), dtype=np.int64)
-        ancestors = np.zeros((num, width, width), dtype=bool)
-        ancestors[:] = np.eye(width, dtype=bool)
-        ancestors[:, :, 0] = True
-        chain = np.tril(np.ones((width, width), dtype=bool))
         for v, (*_, seq) in enumerate(picked):
-            n = sizes[v]
-            drafts[v, 1:n] = seq.draft_token_ids
+            drafts[v, 1 : sizes[v]] = seq.draft_token_ids
+        firsts = np.array([p[1] for p in picked], dtype=np.int64)
+        within = np.where(steps[None, :] < np.array(sizes)[:, None], steps[None, :], 0)
+        trees = cls(
+            index=[p[0] for p in picked],
+            seqs=[p[3] for p in picked],
+            requests=[p[2] for p in picked],
+            sizes=sizes,
+            width=width,
+            rows=(firsts[:, None] + within).reshape(-1),
+            drafts=drafts,
+        )
+        # Penalties count each node's path (add_path_counts) through the ancestor masks.
+        if any(
+            seq.draft_parents is not None or r.params.needs_penalties for _, _, r, seq in picked
+        ):
+            trees._shape_trees()
+        else:
+            trees.depths = np.broadcast_to(steps, (num, width))
+        return trees
+
+    def _shape_trees(self) -> None:
+        """Parents, depths and ancestor masks when some sequence drafted a tree (the
+        chains among them are trees too)."""
+        num, width, steps = len(self.sizes), self.width, np.arange(self.width)
+        parents = np.zeros((num, width), dtype=np.int64)
+        alone, chain, before = _masks(width)
+        ancestors = np.repeat(alone[None], num, axis=0)
+        for v, seq in enumerate(self.seqs):
+            n = self.sizes[v]
             if seq.draft_parents is None:  # a chain: draft i hangs under i - 1
                 parents[v, 1:n] = steps[: n - 1]
                 ancestors[v, :n, :n] = chain[:n, :n]
@@ -113,31 +137,29 @@ class _Trees:
                 if mask is None or mask.shape[0] != n:
                     mask, _ = tree_mask(seq.draft_parents)
                 ancestors[v, :n, :n] = mask.numpy()
-        depths[:] = ancestors.sum(axis=2) - 1
+        drafts = self.drafts
         # A later sibling with an earlier one's token is never reached: the walk takes the
         # first child whose token was drawn.
         same = (parents[:, :, None] == parents[:, None, :]) & (
             drafts[:, :, None] == drafts[:, None, :]
         )
-        drafts[(np.tril(same, k=-1) & (drafts[:, None, :] >= 0)).any(axis=2)] = -1
-        firsts = np.array([p[1] for p in picked], dtype=np.int64)
-        within = np.where(steps[None, :] < np.array(sizes)[:, None], steps[None, :], 0)
-        return cls(
-            index=[p[0] for p in picked],
-            seqs=[p[3] for p in picked],
-            requests=[p[2] for p in picked],
-            sizes=sizes,
-            width=width,
-            rows=(firsts[:, None] + within).reshape(-1),
-            drafts=drafts,
-            parents=parents,
-            depths=depths,
-            ancestors=ancestors,
-        )
+        drafts[(same & before & (drafts[:, None, :] >= 0)).any(axis=2)] = -1
+        self.parents, self.ancestors = parents, ancestors
+        self.depths = ancestors.sum(axis=2) - 1
 
     def span(self, v: int) -> slice:
         """Tree ``v``'s real nodes among the verified rows."""
         return slice(v * self.width, v * self.width + self.sizes[v])
+
+
+@functools.cache
+def _masks(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per tree width: a lone node's ancestors (itself and the root), a chain's (the lower
+    triangle), and which nodes come before each (the strict lower triangle)."""
+    alone = np.eye(width, dtype=bool)
+    alone[:, 0] = True
+    chain = np.tril(np.ones((width, width), dtype=bool))
+    return alone, chain, np.tril(chain, k=-1)
 
 
 @dataclass(slots=True)
@@ -147,7 +169,7 @@ class Verification:
     Python values by :meth:`read` from the step's one read-back."""
 
     trees: _Trees
-    packed: torch.Tensor  # int64 [V, 1 + width + width - 1]: count, tokens, path
+    packed: torch.Tensor  # int64 [V, 1 + width (+ width)]: count, tokens (, a tree's path)
     # Logprob samples (tree numbers), their chosen logprobs [L, width], top-k values and
     # ids [L, width, k] (k may be 0), and each one's own k.
     logprob_trees: list[int]
@@ -167,7 +189,10 @@ class Verification:
         committed: dict[int, list[int]] = {}
         for v, values in enumerate(packed):
             count = values[0]
-            trees.seqs[v].accepted_path = values[1 + width : 1 + width + count]
+            if len(values) > 1 + width:
+                trees.seqs[v].accepted_path = values[1 + width : 1 + width + count]
+            else:  # a chain
+                trees.seqs[v].accepted_path = list(range(1, count + 1))
             committed[trees.index[v]] = values[1 : 2 + count]
         logprobs: dict[int, list[TokenLogprob]] = {}
         if self.logprob_trees:
@@ -209,26 +234,23 @@ def verify(
     device = logits.device
     num, width = len(trees.index), trees.width
     vocab = logits.shape[-1]
-    int_host = torch.from_numpy(
-        np.concatenate(
-            (
-                trees.rows,
-                trees.drafts.reshape(-1),
-                trees.parents.reshape(-1),
-                trees.depths.reshape(-1),
-            )
-        )
-    )
-    ints = _pinned_to(int_host, device).view(4, num, width)
-    rows_index, drafts, parents, depths = ints[0].reshape(-1), ints[1], ints[2], ints[3]
-    ancestors = _pinned_to(torch.from_numpy(trees.ancestors), device)
+    # Everything the device needs from the host, in one copy.
+    pieces = [trees.rows, trees.drafts.reshape(-1)]
+    if trees.ancestors is not None:
+        # The root's column left out: node i is accepted when all its drafts match.
+        pieces += [trees.parents.reshape(-1), trees.depths.reshape(-1)]
+        pieces.append(trees.ancestors[:, :, 1:].reshape(-1).astype(np.int64))
+    ints = _pinned_to(torch.from_numpy(np.concatenate(pieces)), device)
+    rows_index, drafts = ints[: num * width], ints[num * width : 2 * num * width].view(num, width)
     rows = logits[rows_index]
-    node_sample = torch.tensor(trees.index, device=device).repeat_interleave(width)
     all_greedy = all(r.params.greedy for r in trees.requests)
-    node_meta = meta.for_rows(node_sample, all_greedy)
+    node_meta = None
+    if not all_greedy or meta.output_counts is not None:
+        node_sample = torch.tensor(trees.index, device=device).repeat_interleave(width)
+        node_meta = meta.for_rows(node_sample, all_greedy)
 
     # The plain sampler's order: penalties, the grammar's mask, min_tokens, then the draw.
-    if node_meta.output_counts is not None:
+    if node_meta is not None and node_meta.output_counts is not None:
         add_path_counts(node_meta.output_counts, trees)
         rows = apply_penalties(rows, node_meta)
     constrained = [v for v, i in enumerate(trees.index) if grammar_masks and i in grammar_masks]
@@ -251,25 +273,35 @@ def verify(
         )
         drawn = race(processed_probs(rows, node_meta), node_meta, generator)
         emitted = torch.where(node_meta.greedy, emitted, drawn)
-
-    # The walk: node i matches when its parent drew its token; it is accepted when every
-    # node on its path matches. One child of a node can match, so the accepted nodes form
-    # a path from the root: the deepest ends it.
     emitted = emitted.view(num, width)
-    matched = emitted.gather(1, parents) == drafts
-    matched[:, 0] = True
-    accepted = ~(ancestors & ~matched[:, None, :]).any(dim=-1)
-    deepest = torch.where(accepted, depths, -1).argmax(dim=1, keepdim=True)
-    count = depths.gather(1, deepest)  # accepted drafts
-    on_path = ancestors.gather(1, deepest[:, :, None].expand(num, 1, width))[:, 0]
-    on_path[:, 0] = False
-    # Path node at depth d goes to column d - 1; other nodes to the spare last column.
-    column = torch.where(on_path, depths - 1, width - 1)
-    nodes = torch.arange(width, device=device).expand(num, width)
-    path = torch.zeros_like(drafts).scatter_(1, column, nodes)[:, : width - 1]
-    tokens = torch.cat((drafts.gather(1, path), torch.zeros_like(count)), dim=1)
+
+    if trees.ancestors is None:
+        # Chains: draft i is accepted while it and every draft before it match the draw
+        # at the node before it.
+        count = (emitted[:, :-1] == drafts[:, 1:]).cumprod(dim=1).sum(dim=1, keepdim=True)
+        deepest, path = count, None
+        tokens = torch.cat((drafts[:, 1:], count), dim=1)
+    else:
+        # Trees: node i matches when its parent drew its token, and is accepted when every
+        # node on its path matches. One child of a node can match, so the accepted nodes
+        # form a path from the root; the deepest ends it.
+        rest = ints[2 * num * width :]
+        parents, depths = rest[: num * width].view(num, width), rest[num * width : 2 * num * width]
+        depths = depths.view(num, width)
+        ancestors = rest[2 * num * width :].view(num, width, width - 1).bool()
+        matched = emitted.gather(1, parents) == drafts
+        accepted = ~(ancestors & ~matched[:, None, 1:]).any(dim=-1)  # the root always
+        count = accepted.sum(dim=1, keepdim=True) - 1
+        deepest = (accepted * depths).argmax(dim=1, keepdim=True)
+        # The accepted node at depth d goes to column d - 1, the others (and the root) to
+        # the spare last column, which the committed run never reads as a draft.
+        column = torch.where(accepted, depths - 1, width - 1)
+        column[:, 0] = width - 1
+        nodes = torch.arange(width, device=device).expand(num, width)
+        path = torch.zeros_like(drafts).scatter_(1, column, nodes)
+        tokens = torch.zeros_like(drafts).scatter_(1, column, drafts)
     tokens.scatter_(1, count, emitted.gather(1, deepest))
-    packed = torch.cat((count, tokens, path), dim=1)
+    packed = torch.cat((count, tokens) if path is None else (count, tokens, path), dim=1)
 
     if states:
         # Plain decoding would have drawn the noise of count + 1 tokens by now.
@@ -280,6 +312,8 @@ def verify(
     verification = Verification(trees, packed, logprob_trees=[])
     want = [v for v, r in enumerate(trees.requests) if r.params.logprobs is not None]
     if want:
+        if path is None:  # a chain's path: drafts 1, 2, ...
+            path = torch.arange(1, width + 1, device=device).expand(num, width)
         _logprobs(verification, want, logits, rows_index.view(num, width), path, tokens)
     return verification
 
@@ -298,7 +332,7 @@ def _logprobs(
     keeps the committed ones."""
     requests = verification.trees.requests
     index = torch.tensor(want, device=logits.device)
-    judged = torch.cat((torch.zeros_like(path[:, :1]), path), dim=1)[index]
+    judged = torch.cat((torch.zeros_like(path[:, :1]), path[:, :-1]), dim=1)[index]
     rows = node_rows[index].gather(1, judged)
     raw = torch.log_softmax(logits[rows.reshape(-1)], dim=-1).view(len(want), rows.shape[1], -1)
     chosen = raw.gather(2, tokens[index].clamp(min=0)[:, :, None])[:, :, 0]  # -1: not committed
