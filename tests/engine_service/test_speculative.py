@@ -300,6 +300,38 @@ def test_ngram_lookup_takes_the_longest_most_recent_match():
     assert proposer.lookup([1, 2, 1], 2) == [2, 1]
 
 
+def scanned_lookup(tokens: list[int], k: int, lookup_min: int, lookup_max: int) -> list[int]:
+    """Prompt lookup by a scan of every earlier window, the longest n first."""
+    for n in range(min(lookup_max, len(tokens) - 1), lookup_min - 1, -1):
+        tail = tokens[len(tokens) - n :]
+        starts = [s for s in range(len(tokens) - n) if tokens[s : s + n] == tail]
+        if starts:
+            return tokens[starts[-1] + n : starts[-1] + n + k]
+    return []
+
+
+def test_ngram_index_proposes_what_a_scan_does_as_the_sequence_grows():
+    """The proposer's per-request index, extended by the tokens appended since the last
+    proposal (and across a jump-forward that replaces the newest token), proposes exactly
+    what a scan of the whole sequence proposes."""
+    rng = random.Random(7)
+    for lookup_min, lookup_max in [(1, 3), (2, 4), (1, 1)]:
+        proposer = NgramProposer(num_tokens=4, lookup_min=lookup_min, lookup_max=lookup_max)
+        request = make_request("r", [rng.randrange(3, 7) for _ in range(5)])
+        batch = ScheduledBatch()
+        batch.sequences.append(ScheduledSequence(request, 4, 1, 1, draft_room=4))
+        proposals = 0
+        for _ in range(60):
+            tokens = request.all_token_ids
+            expected = scanned_lookup(list(tokens), 4, lookup_min, lookup_max)
+            assert proposer.propose(batch).get(0, []) == expected, (tokens, lookup_min)
+            proposals += bool(expected)
+            tokens.extend(rng.randrange(3, 7) for _ in range(rng.randrange(1, 4)))
+            if rng.random() < 0.2:
+                tokens[-1:] = [rng.randrange(3, 7), rng.randrange(3, 7)]  # jump-forward
+        assert proposals > 30
+
+
 PENALTIES = {
     "frequency": {"frequency_penalty": 0.4},
     "presence": {"presence_penalty": 0.5},

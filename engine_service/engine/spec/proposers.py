@@ -13,7 +13,6 @@ import abc
 import logging
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
@@ -84,36 +83,76 @@ class NgramProposer(Proposer):
     """Prompt lookup: find the sequence's last ``n`` tokens earlier in it (longest ``n``
     from ``prompt_lookup_max`` down to ``prompt_lookup_min``, most recent match) and propose
     what followed there. Free to compute, and strong where outputs repeat their input (code
-    edits, extraction, summaries that quote)."""
+    edits, extraction, summaries that quote). Each sequence keeps an index of its n-grams
+    (:class:`_NgramIndex`), extended by the tokens accepted since its last proposal, so a
+    round costs a few dictionary look-ups per sequence, not a scan of its tokens."""
 
     def __init__(self, num_tokens: int, lookup_min: int, lookup_max: int) -> None:
         self.num_tokens = num_tokens
         self.lookup_min = lookup_min
         self.lookup_max = lookup_max
+        # id(request) -> its index (which holds the request, so the id stays its own;
+        # and its token list, the same object for the request's life)
+        self._indexes: dict[int, _NgramIndex] = {}
 
     def for_peer(self, channel: StepChannel) -> Proposer:
-        return self  # no state and no model: the tokens are all it reads
+        return self  # no model: the tokens are all it reads (indexes are per request)
 
     def propose(self, batch: ScheduledBatch) -> dict[int, list[int]]:
         drafts = {}
+        indexes = self._indexes
         for index, seq in enumerate(batch.sequences):
             if seq.draft_room:
-                found = self.lookup(seq.request.all_token_ids, min(seq.draft_room, self.num_tokens))
+                request = seq.request
+                ngrams = indexes.get(id(request))
+                if ngrams is None or ngrams.tokens is not request.all_token_ids:
+                    ngrams = indexes[id(request)] = _NgramIndex(
+                        request, request.all_token_ids, self.lookup_min, self.lookup_max
+                    )
+                found = ngrams.lookup(min(seq.draft_room, self.num_tokens))
                 if found:
                     drafts[index] = found
+        if len(indexes) > 2 * len(batch.sequences):
+            self._indexes = {k: v for k, v in indexes.items() if not v.request.is_finished}
         return drafts
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
-        seq = np.asarray(tokens, dtype=np.int64)
-        length = len(seq)
-        for n in range(min(self.lookup_max, length - 1), self.lookup_min - 1, -1):
-            tail = seq[length - n :]
-            # Every window of n tokens that ends before the tail itself.
-            windows = np.lib.stride_tricks.sliding_window_view(seq[: length - 1], n)
-            hits = np.flatnonzero((windows == tail).all(axis=1))
-            if len(hits):
-                start = int(hits[-1]) + n
-                return seq[start : start + k].tolist()
+        """The proposal for a sequence of ``tokens`` (a fresh index)."""
+        return _NgramIndex(None, tokens, self.lookup_min, self.lookup_max).lookup(k)
+
+
+class _NgramIndex:
+    """Where each n-gram of a sequence (``lookup_min <= n <= lookup_max``) last starts,
+    among the windows that end before the newest token (which a grammar's jump-forward may
+    still replace); extended on each look-up by the windows that have ended since."""
+
+    __slots__ = ("indexed", "request", "starts", "tokens")
+
+    def __init__(self, request, tokens: list[int], lookup_min: int, lookup_max: int) -> None:
+        self.request = request
+        self.tokens = tokens  # the sequence's own list, which grows in place
+        self.starts: dict[int, dict[tuple[int, ...], int]] = {
+            n: {} for n in range(lookup_max, lookup_min - 1, -1)
+        }
+        self.indexed = 0  # windows ending at or before this index are in
+
+    def lookup(self, k: int) -> list[int]:
+        tokens, length = self.tokens, len(self.tokens)
+        if length - 1 < self.indexed:  # the sequence got shorter: start over
+            self.indexed = 0
+            for starts in self.starts.values():
+                starts.clear()
+        for end in range(self.indexed + 1, length):
+            for n, starts in self.starts.items():
+                if end >= n:
+                    starts[tuple(tokens[end - n : end])] = end - n
+        self.indexed = max(self.indexed, length - 1)
+        for n, starts in self.starts.items():  # the longest n first
+            if n > length - 1:
+                continue
+            start = starts.get(tuple(tokens[length - n :]))
+            if start is not None:
+                return tokens[start + n : start + n + k]
         return []
 
 
