@@ -67,6 +67,24 @@ class ScheduledSequence:
 
 
 @dataclass(slots=True)
+class DeviceDrafts:
+    """Chains a proposer drafted on the device and did not read back: sequence
+    ``seqs[r]``'s drafts are ``tokens[r, :lengths[r]]``. Placed in a batch, the sequences
+    carry placeholders (``draft_token_ids`` of the right length); the step's input ids and
+    the verification take the tokens from ``tokens``, and the verification's read-back
+    brings the accepted ones to the host."""
+
+    seqs: list[int]
+    tokens: torch.Tensor  # [R, max(lengths)], on the device
+    lengths: list[int]
+
+    def to_host(self) -> dict[int, list[int]]:
+        """The drafts as host lists (a read-back; for callers that need the tokens)."""
+        rows = self.tokens.tolist()
+        return {i: row[:n] for i, row, n in zip(self.seqs, rows, self.lengths, strict=True)}
+
+
+@dataclass(slots=True)
 class ScheduledBatch:
     """Everything about one step: its sequences, block copies to do first, who was preempted.
 
@@ -83,6 +101,8 @@ class ScheduledBatch:
     sample_seqs: list[int] = field(default_factory=list)
     num_tokens: int = 0
     num_logits: int = 0
+    # Drafts still on the device (their sequences' draft_token_ids are placeholders).
+    device_drafts: DeviceDrafts | None = None
 
     def __bool__(self) -> bool:
         return bool(self.sequences)
@@ -92,15 +112,22 @@ class ScheduledBatch:
         return any(s.draft_token_ids for s in self.sequences)
 
     def place_drafts(
-        self, drafts: dict[int, list[int]], parents: dict[int, list[int]] | None = None
+        self,
+        drafts: dict[int, list[int]] | DeviceDrafts,
+        parents: dict[int, list[int]] | None = None,
     ) -> None:
         """Put proposed tokens (``drafts[sequence index]``, at most its ``draft_room``) into
         the step, then renumber token counts and logits rows: a sequence verifying ``d``
-        drafts has ``d + 1`` logits rows, and its sample row points at the first.
+        drafts has ``d + 1`` logits rows, and its sample row points at the first. Chains
+        still on the device (:class:`DeviceDrafts`, within the draft room) go in as
+        placeholders.
 
         ``parents[sequence index]`` makes the drafts a token tree (draft ``i``'s parent, 0
         for the newest known token): the step then carries the tree's attention mask and
         depth-based positions, as the attention contract defines them."""
+        if isinstance(drafts, DeviceDrafts):
+            self.device_drafts = drafts
+            drafts = {i: [0] * n for i, n in zip(drafts.seqs, drafts.lengths, strict=True)}
         for index, tokens in drafts.items():
             seq = self.sequences[index]
             tokens = tokens[: seq.draft_room]

@@ -64,6 +64,11 @@ class StepInputs:
     mm_embeds: torch.Tensor | None = None
     rope_positions: torch.Tensor | None = None
     broadcast: tuple[torch.Tensor, torch.Tensor] | None = None  # (header, payload), rank 0
+    # Drafts still on the device (speculative decoding): query rows ``draft_rows`` take
+    # ``draft_tokens.view(-1)[draft_src]``.
+    draft_rows: torch.Tensor | None = None
+    draft_src: torch.Tensor | None = None
+    draft_tokens: torch.Tensor | None = None
 
 
 class _HostBuffers:
@@ -300,6 +305,10 @@ class ModelRunner:
                 batch, query_start, positions, bool(encoder_outputs)
             )
 
+        draft_rows = draft_src = None
+        if batch.device_drafts is not None:
+            draft_rows, draft_src = self._device_draft_rows(batch, query_start)
+
         packed = buf.packed_tables[: num_seqs * width].reshape(num_seqs, width)
         packed[:] = tables[:num_seqs, :width]
         broadcast = None
@@ -355,7 +364,30 @@ class ModelRunner:
             mm_embeds=mm_embeds,
             rope_positions=to(rope_positions) if rope_positions is not None else None,
             broadcast=broadcast,
+            draft_rows=draft_rows,
+            draft_src=draft_src,
+            draft_tokens=batch.device_drafts.tokens if batch.device_drafts is not None else None,
         )
+
+    def _device_draft_rows(
+        self, batch: ScheduledBatch, query_start: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query rows of drafts still on the device, and where each one's token sits
+        in the flattened draft tensor (one copy to the device for both)."""
+        drafts = batch.device_drafts
+        lengths = np.asarray(drafts.lengths, dtype=np.int64)
+        seqs = batch.sequences
+        firsts = np.fromiter(
+            (int(query_start[i]) + seqs[i].num_known_tokens for i in drafts.seqs),
+            np.int64,
+            len(drafts.seqs),
+        )
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        rows = np.repeat(firsts, lengths) + within
+        src = np.repeat(np.arange(len(lengths)) * drafts.tokens.shape[1], lengths) + within
+        both = torch.from_numpy(np.stack((rows, src)))
+        both = self._to_device(both.pin_memory() if self.device.type == "cuda" else both)
+        return both[0], both[1]
 
     def _mm_rows(
         self,
@@ -460,10 +492,13 @@ class ModelRunner:
         ``prev_sampled`` is the previous step's sampled tokens, read by pending rows.
         """
         input_ids = inputs.input_ids
+        if inputs.pending_rows is not None or inputs.draft_rows is not None:
+            input_ids = input_ids.clone()
         if inputs.pending_rows is not None:
             assert prev_sampled is not None, "pending tokens need the previous step's tokens"
-            input_ids = input_ids.clone()
             input_ids[inputs.pending_rows] = prev_sampled[inputs.pending_src]
+        if inputs.draft_rows is not None:
+            input_ids[inputs.draft_rows] = inputs.draft_tokens.reshape(-1)[inputs.draft_src]
         if self.channel is not None:
             assert inputs.broadcast is not None
             self.channel.send_step(*inputs.broadcast, input_ids, inputs.mm_embeds)

@@ -18,6 +18,7 @@ import pytest
 import transformers
 
 from engine_service.engine import SamplingParams
+from engine_service.engine.batch import DeviceDrafts
 from tests.engine_service.eagle_heads import (
     ReferenceHead,
     make_copyable_target,
@@ -131,12 +132,15 @@ def record_proposals(engine):
     propose = proposer.propose
 
     def recording(batch):
-        drafts = propose(batch)
+        proposal = propose(batch)
+        drafts = proposal
+        if isinstance(proposal, DeviceDrafts):  # read back here, for the record only
+            drafts = proposal.to_host()
         parents = proposer.tree_parents()
         for index, tokens in drafts.items():
             known = list(batch.sequences[index].request.all_token_ids)
             seen.append((known, tokens, parents.get(index)))
-        return drafts
+        return proposal
 
     proposer.propose = recording
     return seen

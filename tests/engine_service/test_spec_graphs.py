@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from engine_service.engine import SamplingParams
-from engine_service.engine.batch import tree_mask
+from engine_service.engine.batch import DeviceDrafts, tree_mask
 from engine_service.engine.cuda_graphs import StepGraphs
 from engine_service.engine.spec.graphs import DraftModelCalls, TreeGraphs
 from engine_service.engine.spec.proposers import _Tree
@@ -107,13 +107,18 @@ def record_proposals(engine) -> list:
     propose = proposer.propose
 
     def recording(batch):
-        drafts = propose(batch)
+        proposal = propose(batch)
+        drafts = proposal
+        if isinstance(proposal, DeviceDrafts):  # read back here, for the record only
+            drafts = proposal.to_host()
         parents = proposer.tree_parents()
+        if isinstance(proposal, DeviceDrafts):
+            engine.device_proposals = getattr(engine, "device_proposals", 0) + 1
         seen.extend(
             (list(batch.sequences[i].request.all_token_ids), tokens, parents.get(i))
             for i, tokens in sorted(drafts.items())
         )
-        return drafts
+        return proposal
 
     proposer.propose = recording
     return seen
@@ -169,6 +174,8 @@ def test_padded_proposer_and_tree_graphs_give_the_eager_drafts(models, name, set
         assert steps.get("tree", 0) > 0, steps
     else:
         assert proposer.chain_graphs.replays > 0
+        # Chains stay on the device: the target's step and the verification read them there.
+        assert getattr(twin, "device_proposals", 0) > 0
         assert target_steps.get("mixed", 0) > 0, target_steps
     assert steps.get("decode", 0) + steps.get("mixed", 0) > 0, steps  # catch-ups
     if name in ("eagle", "draft_self"):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from engine_service.engine import EngineConfig
+from engine_service.engine.batch import DeviceDrafts
 from tests.engine_service.conftest import make_checkpoint
 from tests.engine_service.eagle_heads import (
     make_copyable_target,
@@ -106,12 +107,15 @@ def record_proposals(engine) -> dict:
         wrapped.add(id(proposer))
 
         def recording(batch, proposer=proposer, propose=proposer.propose):
-            drafts = propose(batch)
+            proposal = propose(batch)
+            drafts = proposal
+            if isinstance(proposal, DeviceDrafts):  # read back here, for the record only
+                drafts = proposal.to_host()
             parents = proposer.tree_parents()
             for index, tokens in drafts.items():
                 known = tuple(batch.sequences[index].request.all_token_ids)
                 seen[known] = (tokens, parents.get(index))
-            return drafts
+            return proposal
 
         proposer.propose = recording
     return seen

@@ -52,7 +52,7 @@ import logging
 
 import torch
 
-from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
+from engine_service.engine.batch import DeviceDrafts, ScheduledBatch, ScheduledSequence, tree_mask
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.model_runner import ModelRunner, StepInputs
 from engine_service.engine.parallel.channel import StepChannel
@@ -63,6 +63,7 @@ from engine_service.engine.spec.proposers import (
     Proposer,
     _Tree,
     capture_drafting,
+    chain_drafts,
     draft_max_tokens,
     draft_runner,
     grow_full_trees,
@@ -129,7 +130,7 @@ class EagleProposer(Proposer):
         capture_drafting(self, calls, max_tokens, max_seqs, width, capture, pool)
 
     @torch.inference_mode()
-    def propose(self, batch: ScheduledBatch) -> dict[int, list[int]]:
+    def propose(self, batch: ScheduledBatch) -> dict[int, list[int]] | DeviceDrafts:
         self.parents = {}
         # A sequence whose first token is still to be computed has no feature to start from.
         chosen = [(i, s) for i, s in enumerate(batch.sequences) if s.draft_room and s.start]
@@ -161,20 +162,20 @@ class EagleProposer(Proposer):
             self._fed[id(seq.request)] = (seq.request, seq.request.num_preemptions, seq.start)
         return {i: (logits[0], hidden[0]) for i, (logits, hidden) in out.items()}
 
-    def _chains(self, chains, roots) -> dict[int, list[int]]:
+    def _chains(self, chains, roots) -> dict[int, list[int]] | DeviceDrafts:
         """Greedy chains, one batched head forward per token after the first."""
         if self.chain_graphs is not None:
             # Draft r (r >= 2) is computed at the head's position start + r - 2.
-            rows = self.chain_graphs.drafts(
+            return chain_drafts(
+                self.chain_graphs,
+                chains,
                 greedy_ids(
                     torch.stack([roots[i][0] for i, _ in chains]), self.head.draft_to_target
                 ),
                 torch.stack([roots[i][1] for i, _ in chains]),
                 [seq.start for _, seq in chains],
                 [min(seq.draft_room, self.num_tokens) for _, seq in chains],
-                [seq.request.block_table for _, seq in chains],
             )
-            return {i: row for (i, _), row in zip(chains, rows, strict=True)}
         drafts = {i: [self._token(roots[i][0].argmax())] for i, _ in chains}
         hidden = {i: roots[i][1] for i, _ in chains}
         depth = {i: min(seq.draft_room, self.num_tokens) for i, seq in chains}

@@ -278,6 +278,33 @@ class ChainGraphs(_DraftGraphs):
         self._launch(bucket)
         return self.out[:n]
 
+    def draft_tensor(
+        self,
+        first_tokens: torch.Tensor,
+        first_hidden: torch.Tensor | None,
+        base: list[int],
+        depth: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Each row's whole chain on the device, ``[B, max(depth)]`` (row ``b`` valid up to
+        ``depth[b]``): its first draft, then ``depth[b] - 1`` more from :meth:`run`
+        (``base[b]``: the cache index of its second draft's step). A tensor of its own,
+        which later runs do not overwrite."""
+        pieces: list[torch.Tensor] = []
+        width = max(depth)
+        for lo in range(0, len(base), self.max_seqs):  # more rows than the largest bucket
+            hi = lo + self.max_seqs
+            tokens = first_tokens[lo:hi, None]
+            steps = [d - 1 for d in depth[lo:hi]]
+            if max(steps) > 0:
+                hidden = first_hidden[lo:hi] if first_hidden is not None else None
+                rest = self.run(tokens[:, 0], hidden, base[lo:hi], steps, block_tables[lo:hi])
+                tokens = torch.cat((tokens, rest[:, : width - 1]), dim=1)
+            else:  # no row of this part goes past its first draft
+                tokens = torch.cat((tokens, tokens.new_zeros(len(tokens), width - 1)), dim=1)
+            pieces.append(tokens)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
     def drafts(
         self,
         first_tokens: torch.Tensor,
@@ -286,19 +313,8 @@ class ChainGraphs(_DraftGraphs):
         depth: list[int],
         block_tables: list[list[int]],
     ) -> list[list[int]]:
-        """Each row's whole chain on the host: its first draft, then ``depth[b] - 1`` more
-        from :meth:`run` (``base[b]``: the cache index of its second draft's step), read
-        back once for the batch."""
-        rows: list[list[int]] = []
-        for lo in range(0, len(base), self.max_seqs):  # more rows than the largest bucket
-            hi = lo + self.max_seqs
-            tokens = first_tokens[lo:hi, None]
-            steps = [d - 1 for d in depth[lo:hi]]
-            if max(steps) > 0:
-                hidden = first_hidden[lo:hi] if first_hidden is not None else None
-                rest = self.run(tokens[:, 0], hidden, base[lo:hi], steps, block_tables[lo:hi])
-                tokens = torch.cat((tokens, rest), dim=1)
-            rows += tokens.tolist()  # before the next run overwrites ``rest``
+        """:meth:`draft_tensor`'s chains on the host, read back once for the batch."""
+        rows = self.draft_tensor(first_tokens, first_hidden, base, depth, block_tables).tolist()
         return [row[:d] for row, d in zip(rows, depth, strict=True)]
 
     def _body(self, bucket: int, prepare: bool) -> None:

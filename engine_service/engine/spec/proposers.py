@@ -2,7 +2,9 @@
 
 Contract: :meth:`Proposer.propose` gets the scheduled batch and returns, per sequence index
 with ``draft_room > 0``, at most that many tokens that continue the sequence's known tokens;
-fewer (or none) is fine. It must not change the batch or any request: the engine places the
+fewer (or none) is fine. Chains drafted in graphs may stay on the device
+(:class:`~engine_service.engine.batch.DeviceDrafts`): the target's step reads them there,
+and the round's one read-back brings back what it accepted. It must not change the batch or any request: the engine places the
 drafts and the target model verifies them, so a proposer can only make steps faster or
 slower, never change an output.
 """
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
+from engine_service.engine.batch import DeviceDrafts, ScheduledBatch, ScheduledSequence, tree_mask
 from engine_service.engine.config import EngineConfig
 from engine_service.engine.cuda_graphs import StepGraphs
 from engine_service.engine.memory import rank_kv_block_shape
@@ -47,7 +49,7 @@ class Proposer(abc.ABC):
     hidden_store: HiddenStateStore | None = None
 
     @abc.abstractmethod
-    def propose(self, batch: ScheduledBatch) -> dict[int, list[int]]: ...
+    def propose(self, batch: ScheduledBatch) -> dict[int, list[int]] | DeviceDrafts: ...
 
     def tree_parents(self) -> dict[int, list[int]]:
         """For the drafts :meth:`propose` just returned that form trees: each draft's parent
@@ -191,7 +193,7 @@ class DraftModelProposer(Proposer):
         self.chain_graphs: ChainGraphs | None = None  # chains after the first draft
         self.tree_graphs: TreeGraphs | None = None  # trees after the root
 
-    def propose(self, batch: ScheduledBatch) -> dict[int, list[int]]:
+    def propose(self, batch: ScheduledBatch) -> dict[int, list[int]] | DeviceDrafts:
         self.parents = {}
         chosen = [(i, s) for i, s in enumerate(batch.sequences) if s.draft_room]
         if not chosen:
@@ -245,17 +247,17 @@ class DraftModelProposer(Proposer):
             self._seen[id(seq.request)] = (seq.request, seq.request.num_preemptions, known[i])
         return {i: rows[0] for i, rows in logits.items()}
 
-    def _chains(self, chains, known, root_logits) -> dict[int, list[int]]:
+    def _chains(self, chains, known, root_logits) -> dict[int, list[int]] | DeviceDrafts:
         if self.chain_graphs is not None:
             # Draft r (r >= 2) is computed at cache index known + r - 2.
-            rows = self.chain_graphs.drafts(
+            return chain_drafts(
+                self.chain_graphs,
+                chains,
                 greedy_ids(torch.stack([root_logits[i] for i, _ in chains])),
                 None,
                 [known[i] for i, _ in chains],
                 [min(seq.draft_room, self.num_tokens) for _, seq in chains],
-                [seq.request.block_table for _, seq in chains],
             )
-            return {i: row for (i, _), row in zip(chains, rows, strict=True)}
         drafts = {i: [int(root_logits[i].argmax())] for i, _ in chains}
         depth = {i: min(seq.draft_room, self.num_tokens) for i, seq in chains}
         for round_index in range(1, max(depth.values())):
@@ -383,6 +385,20 @@ class _Tree:
             self.scores.append(score)
             self.parents.append(node)
             self.frontier.append(len(self.tokens))
+
+
+def chain_drafts(
+    graphs: ChainGraphs, chains, first_tokens, first_hidden, base, depth
+) -> dict[int, list[int]] | DeviceDrafts:
+    """The chains of ``chains`` (``(sequence index, sequence)`` pairs) from ``graphs``: left
+    on the device unless a request needs its drafts on the host (a grammar's masks, the
+    penalties' counts walk them there)."""
+    tables = [seq.request.block_table for _, seq in chains]
+    if any(seq.request.needs_host_tokens for _, seq in chains):
+        rows = graphs.drafts(first_tokens, first_hidden, base, depth, tables)
+        return {i: row for (i, _), row in zip(chains, rows, strict=True)}
+    tokens = graphs.draft_tensor(first_tokens, first_hidden, base, depth, tables)
+    return DeviceDrafts([i for i, _ in chains], tokens, depth)
 
 
 def grow_full_trees(proposer, trees, base, roots, root_hidden) -> dict[int, list[int]]:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine_service.engine.batch import ScheduledBatch, ScheduledSequence, tree_mask
+from engine_service.engine.batch import DeviceDrafts, ScheduledBatch, ScheduledSequence, tree_mask
 from engine_service.engine.outputs import TokenLogprob
 from engine_service.engine.request import Request
 from engine_service.engine.sampler import (
@@ -73,6 +73,7 @@ class _Trees:
     nodes."""
 
     index: list[int]
+    seq_indices: list[int]  # into batch.sequences
     seqs: list[ScheduledSequence]
     requests: list[Request]
     sizes: list[int]  # nodes per tree, the root included
@@ -103,6 +104,7 @@ class _Trees:
         within = np.where(steps[None, :] < np.array(sizes)[:, None], steps[None, :], 0)
         trees = cls(
             index=[p[0] for p in picked],
+            seq_indices=[batch.sample_seqs[p[0]] for p in picked],
             seqs=[p[3] for p in picked],
             requests=[p[2] for p in picked],
             sizes=sizes,
@@ -236,12 +238,20 @@ def verify(
     vocab = logits.shape[-1]
     # Everything the device needs from the host, in one copy.
     pieces = [trees.rows, trees.drafts.reshape(-1)]
+    on_device = batch.device_drafts
+    if on_device is not None:  # where drafts still on the device go among the nodes
+        dst, src = _device_draft_places(trees, on_device)
+        pieces += [dst, src]
     if trees.ancestors is not None:
         # The root's column left out: node i is accepted when all its drafts match.
         pieces += [trees.parents.reshape(-1), trees.depths.reshape(-1)]
         pieces.append(trees.ancestors[:, :, 1:].reshape(-1).astype(np.int64))
     ints = _pinned_to(torch.from_numpy(np.concatenate(pieces)), device)
     rows_index, drafts = ints[: num * width], ints[num * width : 2 * num * width].view(num, width)
+    rest = ints[2 * num * width :]
+    if on_device is not None:
+        places, rest = rest[: 2 * len(dst)].view(2, -1), rest[2 * len(dst) :]
+        drafts.view(-1)[places[0]] = on_device.tokens.reshape(-1)[places[1]]
     rows = logits[rows_index]
     all_greedy = all(r.params.greedy for r in trees.requests)
     node_meta = None
@@ -285,7 +295,6 @@ def verify(
         # Trees: node i matches when its parent drew its token, and is accepted when every
         # node on its path matches. One child of a node can match, so the accepted nodes
         # form a path from the root; the deepest ends it.
-        rest = ints[2 * num * width :]
         parents, depths = rest[: num * width].view(num, width), rest[num * width : 2 * num * width]
         depths = depths.view(num, width)
         ancestors = rest[2 * num * width :].view(num, width, width - 1).bool()
@@ -316,6 +325,21 @@ def verify(
             path = torch.arange(1, width + 1, device=device).expand(num, width)
         _logprobs(verification, want, logits, rows_index.view(num, width), path, tokens)
     return verification
+
+
+def _device_draft_places(trees: _Trees, drafts: DeviceDrafts) -> tuple[np.ndarray, np.ndarray]:
+    """For drafts still on the device: each one's place among the verified nodes (flat,
+    ``v * width + node``) and in the flattened draft tensor."""
+    row_of = {seq: r for r, seq in enumerate(drafts.seqs)}
+    dst, src = [], []
+    stride = drafts.tokens.shape[1]
+    for v, seq_index in enumerate(trees.seq_indices):
+        r = row_of.get(seq_index)
+        if r is not None:
+            n = drafts.lengths[r]
+            dst.append(np.arange(v * trees.width + 1, v * trees.width + 1 + n))
+            src.append(np.arange(r * stride, r * stride + n))
+    return np.concatenate(dst), np.concatenate(src)
 
 
 def _logprobs(
