@@ -465,20 +465,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def move_slots(self, copies: list[tuple[int, int]]) -> None:
-        """Copy every layer's K/V from slot to slot, in order (a later move never reads what
-        an earlier one wrote: accepted tree paths only pack towards the front). Queued on
-        the device now, before anything can reuse a freed source block."""
+        """Copy every layer's K/V from slot to slot. All at once: no move reads a slot that
+        another writes (an accepted tree path packs towards the front: path position ``j``
+        moves from node ``m - 1 >= j``, and later positions read from beyond ``j``). Queued
+        on the device now, before anything can reuse a freed source block."""
         if self.channel is not None:
             self.channel.send_moves(copies)
-        if self.remote:
+        if self.remote or not copies:
             return
         size = self.block_size
-        states = self.hidden_store.states if self.hidden_store is not None else None
-        for src, dst in copies:
-            source = self.kv_cache[src // size, :, :, src % size]
-            self.kv_cache[dst // size, :, :, dst % size] = source
-            if states is not None:
-                states[dst // size, dst % size] = states[src // size, src % size]
+        slots = torch.tensor(copies, dtype=torch.int64).T  # [2, moves]: sources, destinations
+        if self.device.type == "cuda":
+            slots = slots.pin_memory().to(self.device, non_blocking=True)
+        blocks, offsets = slots // size, slots % size
+        self.kv_cache[blocks[1], :, :, offsets[1]] = self.kv_cache[blocks[0], :, :, offsets[0]]
+        if self.hidden_store is not None:
+            states = self.hidden_store.states
+            states[blocks[1], offsets[1]] = states[blocks[0], offsets[0]]
 
     @torch.inference_mode()
     def execute(
