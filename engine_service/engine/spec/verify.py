@@ -171,7 +171,9 @@ class Verification:
     Python values by :meth:`read` from the step's one read-back."""
 
     trees: _Trees
-    packed: torch.Tensor  # int64 [V, 1 + width (+ width)]: count, tokens (, a tree's path)
+    # int64, a row per tree: chains: the count, each node's draw (and the drafts, when
+    # they were on the device); trees: the count, the committed tokens, the path.
+    packed: torch.Tensor
     # Logprob samples (tree numbers), their chosen logprobs [L, width], top-k values and
     # ids [L, width, k] (k may be 0), and each one's own k.
     logprob_trees: list[int]
@@ -189,13 +191,17 @@ class Verification:
         trees, width = self.trees, self.trees.width
         packed = host[0].tolist()
         committed: dict[int, list[int]] = {}
-        for v, values in enumerate(packed):
-            count = values[0]
-            if len(values) > 1 + width:
+        if trees.ancestors is None:  # chains: count, the draws (, the drafts from the device)
+            for v, values in enumerate(packed):
+                count, seq = values[0], trees.seqs[v]
+                drafts = values[1 + width :] if len(values) > 1 + width else seq.draft_token_ids
+                seq.accepted_path = list(range(1, count + 1))
+                committed[trees.index[v]] = [*drafts[:count], values[1 + count]]
+        else:  # trees: count, the committed tokens, the accepted path
+            for v, values in enumerate(packed):
+                count = values[0]
                 trees.seqs[v].accepted_path = values[1 + width : 1 + width + count]
-            else:  # a chain
-                trees.seqs[v].accepted_path = list(range(1, count + 1))
-            committed[trees.index[v]] = values[1 : 2 + count]
+                committed[trees.index[v]] = values[1 : 2 + count]
         logprobs: dict[int, list[TokenLogprob]] = {}
         if self.logprob_trees:
             chosen = host[1].tolist()
@@ -239,78 +245,93 @@ def verify(
     # Everything the device needs from the host, in one copy.
     pieces = [trees.rows, trees.drafts.reshape(-1)]
     on_device = batch.device_drafts
-    if on_device is not None:  # where drafts still on the device go among the nodes
+    in_order = on_device is not None and on_device.seqs == trees.seq_indices
+    if on_device is not None and not in_order:  # where each device draft goes among the nodes
         dst, src = _device_draft_places(trees, on_device)
         pieces += [dst, src]
     if trees.ancestors is not None:
-        # The root's column left out: node i is accepted when all its drafts match.
-        pieces += [trees.parents.reshape(-1), trees.depths.reshape(-1)]
+        # Per node: parent, depth, the path column of its token (depth - 1; the root's:
+        # the spare last), its number; then the ancestor masks without the root's column
+        # (node i is accepted when all the drafts on its path match).
+        column = trees.depths - 1
+        column[:, 0] = width - 1
+        nodes = np.broadcast_to(np.arange(width), (num, width))
+        pieces += [a.reshape(-1) for a in (trees.parents, trees.depths, column, nodes)]
         pieces.append(trees.ancestors[:, :, 1:].reshape(-1).astype(np.int64))
     ints = _pinned_to(torch.from_numpy(np.concatenate(pieces)), device)
     rows_index, drafts = ints[: num * width], ints[num * width : 2 * num * width].view(num, width)
     rest = ints[2 * num * width :]
-    if on_device is not None:
+    if in_order:  # the placeholders' places (the padding stays -1)
+        drafts = torch.cat(
+            (drafts[:, :1], drafts[:, 1:].where(drafts[:, 1:] < 0, on_device.tokens)), 1
+        )
+    elif on_device is not None:
         places, rest = rest[: 2 * len(dst)].view(2, -1), rest[2 * len(dst) :]
         drafts.view(-1)[places[0]] = on_device.tokens.reshape(-1)[places[1]]
-    rows = logits[rows_index]
     all_greedy = all(r.params.greedy for r in trees.requests)
     node_meta = None
     if not all_greedy or meta.output_counts is not None:
         node_sample = torch.tensor(trees.index, device=device).repeat_interleave(width)
         node_meta = meta.for_rows(node_sample, all_greedy)
-
-    # The plain sampler's order: penalties, the grammar's mask, min_tokens, then the draw.
-    if node_meta is not None and node_meta.output_counts is not None:
-        add_path_counts(node_meta.output_counts, trees)
-        rows = apply_penalties(rows, node_meta)
     constrained = [v for v, i in enumerate(trees.index) if grammar_masks and i in grammar_masks]
-    if constrained:
-        bitmask = allocate_bitmask(num * width, vocab, pin_memory=False)
-        for v in constrained:
-            bitmask[trees.span(v)] = grammar_masks[trees.index[v]]
-        rows = apply_bitmask(rows, bitmask)
-    for v, request in enumerate(trees.requests):
-        if request.num_output_tokens < request.params.min_tokens:
+    held_back = [
+        v for v, r in enumerate(trees.requests) if r.num_output_tokens < r.params.min_tokens
+    ]
+
+    states: dict[int, list[torch.Tensor]] = {}
+    if node_meta is None and not constrained and not held_back:
+        emitted = logits.argmax(dim=-1)[rows_index]  # greedy, nothing to apply first
+    else:
+        # The plain sampler's order: penalties, the grammar's mask, min_tokens, the draw.
+        rows = logits[rows_index]
+        if node_meta is not None and node_meta.output_counts is not None:
+            add_path_counts(node_meta.output_counts, trees)
+            rows = apply_penalties(rows, node_meta)
+        if constrained:
+            bitmask = allocate_bitmask(num * width, vocab, pin_memory=False)
+            for v in constrained:
+                bitmask[trees.span(v)] = grammar_masks[trees.index[v]]
+            rows = apply_bitmask(rows, bitmask)
+        for v in held_back:
             tree_rows = rows[trees.span(v)]
-            held = hold_back_stops(tree_rows, request, trees.depths[v, : trees.sizes[v]])
+            depths = trees.depths[v, : trees.sizes[v]]
+            held = hold_back_stops(tree_rows, trees.requests[v], depths)
             if held is not tree_rows:
                 tree_rows.copy_(held)
-    emitted = rows.argmax(dim=-1)
-    states: dict[int, list[torch.Tensor]] = {}
-    if not all_greedy:
-        node_meta.seeded_rows, node_meta.seeded_noise, states = _seeded_noise(
-            trees, batch, meta, vocab, device
-        )
-        drawn = race(processed_probs(rows, node_meta), node_meta, generator)
-        emitted = torch.where(node_meta.greedy, emitted, drawn)
+        emitted = rows.argmax(dim=-1)
+        if not all_greedy:
+            node_meta.seeded_rows, node_meta.seeded_noise, states = _seeded_noise(
+                trees, batch, meta, vocab, device
+            )
+            drawn = race(processed_probs(rows, node_meta), node_meta, generator)
+            emitted = torch.where(node_meta.greedy, emitted, drawn)
     emitted = emitted.view(num, width)
 
+    path = tokens = None
     if trees.ancestors is None:
         # Chains: draft i is accepted while it and every draft before it match the draw
-        # at the node before it.
-        count = (emitted[:, :-1] == drafts[:, 1:]).cumprod(dim=1).sum(dim=1, keepdim=True)
-        deepest, path = count, None
-        tokens = torch.cat((drafts[:, 1:], count), dim=1)
+        # at the node before it. The host cuts the committed run from the read-back: the
+        # drafts up to the count, then the draw there.
+        drafted = drafts[:, 1:]
+        count = (emitted[:, :-1] == drafted).cumprod(dim=1).sum(dim=1, keepdim=True)
+        packed = torch.cat((count, emitted, drafted) if on_device else (count, emitted), dim=1)
     else:
         # Trees: node i matches when its parent drew its token, and is accepted when every
         # node on its path matches. One child of a node can match, so the accepted nodes
         # form a path from the root; the deepest ends it.
-        parents, depths = rest[: num * width].view(num, width), rest[num * width : 2 * num * width]
-        depths = depths.view(num, width)
-        ancestors = rest[2 * num * width :].view(num, width, width - 1).bool()
+        parents, depths, column, nodes = rest[: 4 * num * width].view(4, num, width)
+        ancestors = rest[4 * num * width :].view(num, width, width - 1).bool()
         matched = emitted.gather(1, parents) == drafts
-        accepted = ~(ancestors & ~matched[:, None, 1:]).any(dim=-1)  # the root always
-        count = accepted.sum(dim=1, keepdim=True) - 1
-        deepest = (accepted * depths).argmax(dim=1, keepdim=True)
+        accepted = (ancestors <= matched[:, None, 1:]).all(dim=-1)  # the root always
+        # The deepest accepted node (unique: one per depth; the root when no other).
+        count, deepest = torch.where(accepted, depths, -1).max(dim=1, keepdim=True)
         # The accepted node at depth d goes to column d - 1, the others (and the root) to
         # the spare last column, which the committed run never reads as a draft.
-        column = torch.where(accepted, depths - 1, width - 1)
-        column[:, 0] = width - 1
-        nodes = torch.arange(width, device=device).expand(num, width)
+        column = torch.where(accepted, column, width - 1)
         path = torch.zeros_like(drafts).scatter_(1, column, nodes)
         tokens = torch.zeros_like(drafts).scatter_(1, column, drafts)
-    tokens.scatter_(1, count, emitted.gather(1, deepest))
-    packed = torch.cat((count, tokens) if path is None else (count, tokens, path), dim=1)
+        tokens.scatter_(1, count, emitted.gather(1, deepest))
+        packed = torch.cat((count, tokens, path), dim=1)
 
     if states:
         # Plain decoding would have drawn the noise of count + 1 tokens by now.
@@ -321,8 +342,10 @@ def verify(
     verification = Verification(trees, packed, logprob_trees=[])
     want = [v for v, r in enumerate(trees.requests) if r.params.logprobs is not None]
     if want:
-        if path is None:  # a chain's path: drafts 1, 2, ...
+        if path is None:  # a chain's path (drafts 1, 2, ...) and committed tokens
             path = torch.arange(1, width + 1, device=device).expand(num, width)
+            tokens = torch.cat((drafts[:, 1:], count), dim=1)
+            tokens.scatter_(1, count, emitted.gather(1, count))
         _logprobs(verification, want, logits, rows_index.view(num, width), path, tokens)
     return verification
 
