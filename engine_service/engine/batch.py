@@ -21,6 +21,7 @@ this chunk), ``custom_mask`` and ``position_offsets`` (a token tree to verify).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,7 +158,14 @@ class ScheduledBatch:
 def tree_mask(parents: list[int]) -> tuple[torch.Tensor, list[int]]:
     """The ``[n + 1, n + 1]`` mask of a token tree whose node 0 is the root and node ``i``
     (1-based) hangs under ``parents[i - 1]``: each node sees its ancestors and itself. Also
-    each node's depth (root 0)."""
+    each node's depth (root 0). Trees of one shape share their mask (read it, never write
+    it): a proposer's trees take few shapes, so most rounds build none."""
+    mask, depths = _tree_mask(tuple(parents))
+    return mask, list(depths)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tree_mask(parents: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
     size = len(parents) + 1
     mask = np.zeros((size, size), dtype=bool)  # built in numpy: a torch op per row is slow
     depths = [0] * size
@@ -169,7 +177,7 @@ def tree_mask(parents: list[int]) -> tuple[torch.Tensor, list[int]]:
         mask[node] = mask[parent]
         mask[node, node] = True
         depths[node] = depths[parent] + 1
-    return torch.from_numpy(mask), depths
+    return torch.from_numpy(mask), tuple(depths)
 
 
 @dataclass(slots=True)
