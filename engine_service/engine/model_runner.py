@@ -65,7 +65,8 @@ class StepInputs:
     rope_positions: torch.Tensor | None = None
     broadcast: tuple[torch.Tensor, torch.Tensor] | None = None  # (header, payload), rank 0
     # Drafts still on the device (speculative decoding): query rows ``draft_rows`` take
-    # ``draft_tokens.view(-1)[draft_src]``.
+    # ``draft_tokens.view(-1)[draft_src]``; without rows, every sequence's step is its
+    # newest token then row ``i`` of ``draft_tokens``.
     draft_rows: torch.Tensor | None = None
     draft_src: torch.Tensor | None = None
     draft_tokens: torch.Tensor | None = None
@@ -371,12 +372,22 @@ class ModelRunner:
 
     def _device_draft_rows(
         self, batch: ScheduledBatch, query_start: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The query rows of drafts still on the device, and where each one's token sits
-        in the flattened draft tensor (one copy to the device for both)."""
+        in the flattened draft tensor (one copy to the device for both); None for both when
+        the step is every sequence's newest token then all its drafts."""
         drafts = batch.device_drafts
-        lengths = np.asarray(drafts.lengths, dtype=np.int64)
         seqs = batch.sequences
+        num, width = drafts.tokens.shape
+        if (
+            num == len(seqs)
+            and all(n == width for n in drafts.lengths)
+            and all(s.num_tokens == width + 1 for s in seqs)
+        ):
+            # Every sequence verifies its newest token and all its drafts: the step's
+            # input ids are [num, 1 + width], the drafts its last columns (no index).
+            return None, None
+        lengths = np.asarray(drafts.lengths, dtype=np.int64)
         firsts = np.fromiter(
             (int(query_start[i]) + seqs[i].num_known_tokens for i in drafts.seqs),
             np.int64,
@@ -495,13 +506,16 @@ class ModelRunner:
         ``prev_sampled`` is the previous step's sampled tokens, read by pending rows.
         """
         input_ids = inputs.input_ids
-        if inputs.pending_rows is not None or inputs.draft_rows is not None:
+        if inputs.pending_rows is not None or inputs.draft_tokens is not None:
             input_ids = input_ids.clone()
         if inputs.pending_rows is not None:
             assert prev_sampled is not None, "pending tokens need the previous step's tokens"
             input_ids[inputs.pending_rows] = prev_sampled[inputs.pending_src]
-        if inputs.draft_rows is not None:
-            input_ids[inputs.draft_rows] = inputs.draft_tokens.reshape(-1)[inputs.draft_src]
+        drafts = inputs.draft_tokens
+        if drafts is not None and inputs.draft_rows is not None:
+            input_ids[inputs.draft_rows] = drafts.reshape(-1)[inputs.draft_src]
+        elif drafts is not None:  # each sequence: its newest token, then all its drafts
+            input_ids.view(drafts.shape[0], -1)[:, 1:] = drafts
         if self.channel is not None:
             assert inputs.broadcast is not None
             self.channel.send_step(*inputs.broadcast, input_ids, inputs.mm_embeds)
