@@ -217,6 +217,42 @@ def test_sampled_and_penalised_trees_through_the_graphs_equal_plain_decoding(mod
     assert_pool_entirely_free(twin.kv_manager)
 
 
+def test_device_chains_with_sampling_and_logprobs_equal_plain_decoding(models):
+    """Chains that stay on the device (the target and the verification read them there)
+    serve seeded sampled samples, greedy ones asking for logprobs and min_tokens beside
+    each other: tokens and logprobs equal plain decoding's."""
+    target, spec = case(models, "eagle")
+    params = [
+        SamplingParams(temperature=0.7, seed=1, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_k=5, seed=2, max_tokens=20, ignore_eos=True),
+        greedy(20, ignore_eos=True, logprobs=2),
+        greedy(20, min_tokens=12, logprobs=0),
+    ]
+    batch = prompts(5)[:4]
+
+    def outputs(engine):
+        for i, (prompt, sampling) in enumerate(zip(batch, params, strict=True)):
+            engine.add_request(f"r{i}", prompt, sampling)
+        got = run_all(engine)
+        tokens = {key: tokens_of(out) for key, out in got.items()}
+        logprobs = {
+            key: [(lp.token_id, round(lp.logprob, 4), [t for t, _ in lp.top]) for lp in lps]
+            for key, out in got.items()
+            for lps in [[lp for o in out for lp in o.new_logprobs or []]]
+        }
+        return tokens, logprobs
+
+    twin = with_twin_graphs(
+        make_engine(target, speculative_config=json.dumps(spec)), max_tokens=48, max_seqs=8
+    )
+    record_proposals(twin)
+
+    assert outputs(twin) == outputs(make_engine(target))
+    assert getattr(twin, "device_proposals", 0) > 0
+    assert twin.scheduler.accepted_draft_tokens > 0
+    assert_pool_entirely_free(twin.kv_manager)
+
+
 def test_chain_rows_past_their_depth_touch_only_the_scratch_block(models):
     """A chain row with less draft room stops early: its later steps must write their K/V
     into the scratch block, never into blocks of its own or another sequence's table."""

@@ -432,7 +432,7 @@ def _seeded_noise(
         if index not in rank:
             continue
         generator = trees.requests[v].generator
-        depths = trees.depths[v, : trees.sizes[v]]
+        depths = trees.depths[v, : trees.sizes[v]].copy()  # a chain's are a read-only view
         after = [generator.get_state()]
         deeper = []
         for _ in range(int(depths.max())):
