@@ -393,7 +393,9 @@ def check_speculative_graphs(device: str = "cuda") -> int:
                 def recording(batch):
                     drafts = propose(batch)
                     parents = llm.proposer.tree_parents()
-                    for i, tokens in sorted(drafts.items()):
+                    # Chains kept on the device are read back here, for the comparison only.
+                    host = drafts if isinstance(drafts, dict) else drafts.to_host()
+                    for i, tokens in sorted(host.items()):
                         known = list(batch.sequences[i].request.all_token_ids)
                         proposals.append((known, tokens, parents.get(i)))
                     return drafts
