@@ -28,6 +28,7 @@ from gateway.anthropic_routes import AnthropicRoutes, build_anthropic_router
 from gateway.chat import ChatFormat
 from gateway.engine_client import EngineClient
 from gateway.errors import install_error_handlers
+from gateway.fast_routes import FastRoutes
 from gateway.generation import Generator
 from gateway.lora_policy import AdapterAffinityPolicy
 from gateway.lora_routes import (
@@ -58,15 +59,20 @@ from gateway.tokenization import ModelTokenizer
 from switchyard.demo import resolve_model
 from switchyard.settings import GatewaySettings
 
+# The generation endpoints, called without FastAPI's per-request machinery.
+FAST_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/messages")
+
 
 def create_app(
     settings: GatewaySettings,
     *,
     routes_source: RoutesSource | None = None,
     policy: RoutingPolicy | None = None,
+    fast_routes: bool = True,
 ) -> FastAPI:
     """Builds the gateway. Blocks while the tokenizer loads (and the demo model, if asked
-    for, is built); the routing table is followed once the app starts."""
+    for, is built); the routing table is followed once the app starts. ``fast_routes=False``
+    routes the generation endpoints through FastAPI too (:mod:`gateway.fast_routes`)."""
     model_path = resolve_model(settings.model, settings.data_dir)
     served_model_name = settings.served_model_name or settings.model
     source = routes_source or ControllerRoutes(
@@ -191,6 +197,13 @@ def create_app(
         "/docs",
     ]
     app.include_router(build_admin_router(access, settings.admin_key))
+    if fast_routes:  # innermost: access control and metrics see every request alike
+        app.add_middleware(
+            FastRoutes,
+            fastapi_app=app,
+            routers=[openai_router, anthropic_router],
+            paths=FAST_PATHS,
+        )
     app.add_middleware(AccessMiddleware, control=access)
     if settings.session_header:
         app.add_middleware(SessionIdMiddleware, header=settings.session_header)

@@ -74,6 +74,7 @@ def serve_gateway(
     checkpoint: Path,
     routes_source: RoutesSource,
     policy: RoutingPolicy | None = None,
+    fast_routes: bool = True,
     **overrides: Any,
 ) -> ServedApp:
     """Builds the app inside the background loop (gRPC channels bind to the loop they are
@@ -81,7 +82,10 @@ def serve_gateway(
 
     async def build() -> FastAPI:
         return create_app(
-            gateway_settings(checkpoint, **overrides), routes_source=routes_source, policy=policy
+            gateway_settings(checkpoint, **overrides),
+            routes_source=routes_source,
+            policy=policy,
+            fast_routes=fast_routes,
         )
 
     return ServedApp(background.run(build()), background)
