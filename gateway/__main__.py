@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import uvicorn
 
 from gateway.app import create_app
+from gateway.http_protocol import GatewayHttpProtocol
 from gateway.route_sources import StaticRoutes
 from switchyard.log import setup_logging
 from switchyard.settings import GatewaySettings, load_settings
@@ -40,13 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     # full collection paused the event loop for up to a few hundred ms on a busy host.
     gc.collect()
     gc.freeze()
-    # uvloop and httptools: the event loop and HTTP parser written in C (uvicorn[standard]).
+    # uvloop and httptools: the event loop and HTTP parser written in C (uvicorn[standard]);
+    # the protocol writes a response's head and first body together (gateway/http_protocol.py).
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=GatewayHttpProtocol,
         log_config=None,
         access_log=False,
     )
