@@ -1,6 +1,7 @@
 """The generation routes, called without FastAPI's per-request machinery.
 
-FastAPI spends ~100 µs of every request between the app's entry and the handler: the
+FastAPI spent 100-200 µs of every request between the app's entry and the handler on a busy
+two-core host (measured with ``bench/gateway_hop.py`` and per-stage timestamps): the
 router's match over every route, the request/response wrapper with its exit stacks, the
 dependency solver, the content-type parse. For a few POST routes whose handler takes one
 JSON body model and the ``Request`` (``/v1/completions``, ``/v1/chat/completions``,
@@ -13,10 +14,11 @@ parts, so that what a client sees cannot differ:
   sent; exceptions go through Starlette's ``ExceptionMiddleware`` with the app's own
   handlers, as on the routed path (a 500 is left to the app's outermost handler, as there).
 
-Anything else takes FastAPI's path with the body handed back unread: another path or
-method, a content type other than ``application/json``, a body that is not JSON or fails
-validation (so that the error is FastAPI's own, word for word), a ``root_path``. It sits
-inside the access and metrics middleware, which see every request the same either way.
+Anything else takes FastAPI's path, with the body (when it was read) handed back as it came:
+another path or method, a content type other than ``application/json``, a body that is not
+JSON or fails validation (so that the error is FastAPI's own, word for word), a
+``root_path``, a body size limit. It sits inside the access and metrics middleware, which
+see every request the same either way.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.dependencies.utils import request_body_to_args
 from fastapi.routing import APIRoute
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -121,7 +124,12 @@ class FastRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         entry = self._routes.get(scope["path"]) if scope["type"] == "http" else None
-        if entry is None or scope["method"] != "POST" or scope.get("root_path"):
+        if (
+            entry is None
+            or scope["method"] != "POST"
+            or scope.get("root_path")
+            or MAX_BODY_SIZE_SCOPE_KEY in scope  # a body limit: FastAPI enforces and words it
+        ):
             await self._app(scope, receive, send)
             return
         chunks: list[bytes] = []
