@@ -300,16 +300,9 @@ class OpenAIRoutes:
     ) -> Response:
         request_id_var.set(spec.request_id)
         started = time.perf_counter()
-        exclude = None if body.include_usage else {"usage"}
         try:
             first, deltas = await start_generation(
-                request,
-                self.generator,
-                spec,
-                self.metrics,
-                endpoint,
-                started,
-                while_waiting=(lambda: shape.prepare_stream(exclude)) if body.stream else None,
+                request, self.generator, spec, self.metrics, endpoint, started
             )
         except ApiError as exc:
             raise OpenAIError.of(exc) from exc
@@ -344,7 +337,7 @@ class OpenAIRoutes:
         # wakeup of the client, which on a busy host costs more than building the events.
         async with aclosing(deltas):
             try:
-                events = shape.opening_events(exclude) + shape.events(first, exclude)
+                events = _sse_events(shape.opening_chunks(), exclude) + shape.events(first, exclude)
                 if events:
                     yield events
                 async for delta in deltas:
@@ -439,7 +432,6 @@ class _Shape(ABC):
         self.num_tokens = [0] * n
         self.finish_reasons: list[str | None] = [None] * n
         self._templates: dict[int, _TextEventTemplate] = {}
-        self._opening: bytes | None = None
 
     def record(self, delta: SampleDelta) -> None:
         self.texts[delta.index] += delta.text
@@ -466,19 +458,6 @@ class _Shape(ABC):
     @abstractmethod
     def opening_chunks(self) -> list[BaseModel]: ...
 
-    def opening_events(self, exclude: set[str] | None) -> bytes:
-        """The stream's opening chunks as framed events (rendered once)."""
-        if self._opening is None:
-            self._opening = _sse_events(self.opening_chunks(), exclude)
-        return self._opening
-
-    def prepare_stream(self, exclude: set[str] | None) -> None:
-        """Renders what a stream's first events need (the opening events, each sample's
-        text-event template) before the first delta is in; a stream keeps one ``exclude``."""
-        self.opening_events(exclude)
-        for index in range(self.n):
-            self._template(index, exclude)
-
     @abstractmethod
     def chunks(self, delta: SampleDelta) -> list[BaseModel]: ...
 
@@ -493,15 +472,12 @@ class _Shape(ABC):
     def _text_event(self, index: int, text: str, exclude: set[str] | None) -> bytes:
         """``_sse(self.text_chunk(index, text), exclude)``, the same bytes, without building
         the chunk: most events of a stream are of this kind."""
-        return self._template(index, exclude).render(text)
-
-    def _template(self, index: int, exclude: set[str] | None) -> _TextEventTemplate:
         template = self._templates.get(index)
         if template is None:
             template = self._templates[index] = _TextEventTemplate(
                 lambda text: self.text_chunk(index, text), exclude
             )
-        return template
+        return template.render(text)
 
     @abstractmethod
     def usage_chunk(self, usage: Usage) -> BaseModel: ...

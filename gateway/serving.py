@@ -25,10 +25,9 @@ error): that goes to the log; the client learns what happened and whether to ret
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import grpc
@@ -117,15 +116,13 @@ async def start_generation(
     metrics: GatewayMetrics,
     endpoint: str,
     started: float,
-    while_waiting: Callable[[], object] | None = None,
 ) -> tuple[SampleDelta, AsyncIterator[SampleDelta]]:
     """Start ``spec`` and wait for its first delta; raises :class:`ApiError` (429 and 503
     counted in ``switchyard_gateway_rejected_requests`` by code). ``started`` is when the
-    request arrived, for the time-to-first-token histogram; ``while_waiting`` is work for the
-    answer done while the engine computes (see :func:`until_disconnected`)."""
+    request arrived, for the time-to-first-token histogram."""
     deltas = generator.generate(spec)
     try:
-        first = await until_disconnected(request, anext(deltas), while_waiting)
+        first = await until_disconnected(request, anext(deltas))
     except GENERATION_FAILURES as exc:
         await deltas.aclose()
         error = failure_for(exc)
@@ -140,41 +137,23 @@ async def start_generation(
     return first, deltas
 
 
-async def until_disconnected(
-    request: Request, awaitable: Awaitable[T], while_waiting: Callable[[], object] | None = None
-) -> T:
+async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
     """Awaits ``awaitable`` in this task unless the client goes away first; then it is
     cancelled, has finished unwinding when this raises a 499 :class:`ApiError`, and the
     generator it was advancing can be closed. One watcher task per call, no more: this runs
-    on every request.
-
-    The watcher starts a turn of the event loop later, after the first steps of what
-    ``awaitable`` started (the engine call's send), and runs ``while_waiting`` first: work
-    that the answer will need, done while the engine computes rather than after it answers.
-    ``while_waiting`` only fills caches that the answer fills itself when they are empty, so
-    should it fail, it fails again where the answer is built, and is ignored here."""
+    on every request."""
     task = asyncio.current_task()
     assert task is not None
-    loop = task.get_loop()
     state = {"gone": False, "finished": False}
 
     async def watch() -> None:
-        if while_waiting is not None:
-            with contextlib.suppress(Exception):  # raised again where the answer is built
-                while_waiting()
         while (await request.receive())["type"] != "http.disconnect":
             pass
         if not state["finished"]:
             state["gone"] = True
             task.cancel()
 
-    watcher: asyncio.Task[None] | None = None
-
-    def start_watching() -> None:
-        nonlocal watcher
-        watcher = loop.create_task(watch())
-
-    starting = loop.call_soon(start_watching)
+    watcher = asyncio.create_task(watch())
     try:
         result = await awaitable
         state["finished"] = True
@@ -186,6 +165,4 @@ async def until_disconnected(
         raise ApiError(499, "the client closed the request", code="client_closed_request") from None
     finally:
         state["finished"] = True
-        starting.cancel()
-        if watcher is not None:
-            watcher.cancel()
+        watcher.cancel()

@@ -112,18 +112,3 @@ def test_a_tool_call_is_framed_as_tool_call_chunks() -> None:
     events = [json.loads(e.removeprefix(b"data: ")) for e in framed.split(b"\n\n")[:-1]]
     assert events[0]["choices"][0]["delta"] == {"content": "Sure."}
     assert events[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "f"
-
-
-@pytest.mark.parametrize("exclude", [None, {"usage"}])
-@pytest.mark.parametrize("kind", ["completion", "chat"])
-def test_a_stream_prepared_before_its_first_delta_frames_the_same_bytes(
-    kind: str, exclude: set[str] | None
-) -> None:
-    if kind == "completion":
-        fast, slow = completion_shapes("tiny", with_logprobs=False)
-    else:
-        fast, slow = chat_shapes("tiny", PlainText, with_logprobs=False)
-    fast.prepare_stream(exclude)
-    assert fast.opening_events(exclude) == _sse_events(slow.opening_chunks(), exclude)
-    for delta in deltas():
-        assert fast.events(delta, exclude) == _sse_events(slow.chunks(delta), exclude)
