@@ -12,6 +12,12 @@ gRPC server: a few token ids, no model) and a gateway routed to it (``python -m 
 - ``direct``: the same request's ``Generate`` straight to the double, timed to its first
   response (the reference: what the gateway's own gRPC call costs at least).
 
+With ``--compare-source DIR`` a second gateway, run from another source tree (another
+version), serves the same engine double, and the raw client's requests alternate between
+the two (``gateway_compare``); ``compare_paired_ms_p50`` is the median, over requests sent
+back to back, of this tree's time minus the other's: the two versions' difference, with the
+machine's load drifting alike for both.
+
 ``gateway_hop_ms_p50`` is the gateway's p50 minus the direct p50: parsing, validation,
 tokenization, routing, the gRPC call's setup, detokenization and the first SSE write. On a
 busy shared machine ``bench/serving.py``'s ``gateway_overhead_ms_p50`` adds to this the time
@@ -143,22 +149,35 @@ async def direct_first_s(stub: engine_pb2_grpc.EngineServiceStub, number: int) -
     return first
 
 
-async def measure(args: argparse.Namespace, gateway_port: int, engine_port: int) -> dict[str, Any]:
+async def measure(
+    args: argparse.Namespace, gateway_port: int, engine_port: int, compare_port: int | None
+) -> dict[str, Any]:
     raw = RawClient(gateway_port)
     await raw.open()
+    compare = RawClient(compare_port) if compare_port is not None else None
+    if compare is not None:
+        await compare.open()
     url = f"http://127.0.0.1:{gateway_port}"
     samples: dict[str, list[float]] = {"gateway": [], "gateway_httpx": [], "direct": []}
+    if compare is not None:
+        samples["gateway_compare"] = []
     async with (
         httpx.AsyncClient(timeout=30) as http,
         grpc.aio.insecure_channel(f"127.0.0.1:{engine_port}") as channel,
     ):
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         for number in range(args.warmup + args.requests):
-            timings = {
-                "gateway": await raw.first_text_s(),
-                "gateway_httpx": await httpx_first_text_s(http, url),
-                "direct": await direct_first_s(stub, number),
-            }
+            timings: dict[str, float] = {}
+            if compare is None:
+                timings["gateway"] = await raw.first_text_s()
+            elif number % 2:  # this tree's and the other's back to back, each first in turn
+                timings["gateway_compare"] = await compare.first_text_s()
+                timings["gateway"] = await raw.first_text_s()
+            else:
+                timings["gateway"] = await raw.first_text_s()
+                timings["gateway_compare"] = await compare.first_text_s()
+            timings["gateway_httpx"] = await httpx_first_text_s(http, url)
+            timings["direct"] = await direct_first_s(stub, number)
             if number >= args.warmup:
                 for name, value in timings.items():
                     samples[name].append(value)
@@ -170,13 +189,22 @@ async def measure(args: argparse.Namespace, gateway_port: int, engine_port: int)
         name: {"first_ms_p50": pct(values, 50), "first_ms_p99": pct(values, 99)}
         for name, values in samples.items()
     }
+    paired = {}
+    if compare is not None:
+        differences = [
+            (this - other) * 1000
+            for this, other in zip(samples["gateway"], samples["gateway_compare"], strict=True)
+        ]
+        paired = {"compare_paired_ms_p50": statistics.median(differences)}
     return {
         "config": {
             "requests": args.requests,
             "prompt_words": 64,
             "max_tokens": MAX_TOKENS,
             "gateway_source": str(args.gateway_source),
+            "compare_source": str(args.compare_source) if args.compare_source else None,
         },
+        **paired,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "paths": paths,
         "gateway_hop_ms_p50": paths["gateway"]["first_ms_p50"] - paths["direct"]["first_ms_p50"],
@@ -216,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         default=default_data_dir(),
         help="where the demo model's tokenizer is (built there on first use)",
     )
+    parser.add_argument(
+        "--compare-source",
+        type=Path,
+        help="another source tree whose gateway serves the same engine, requests alternated",
+    )
     parser.add_argument("--serve-engine", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_engine:
@@ -244,11 +277,26 @@ def main(argv: list[str] | None = None) -> int:
         cwd=args.gateway_source,
         env={**os.environ, "PYTHONPATH": str(args.gateway_source)},
     )
+    processes = [gateway, engine]
+    compare_port = None
+    if args.compare_source:
+        compare_port = free_port()
+        compare_argv = [*gateway_argv]
+        compare_argv[compare_argv.index("--port") + 1] = str(compare_port)
+        processes.append(
+            subprocess.Popen(
+                compare_argv,
+                cwd=args.compare_source,
+                env={**os.environ, "PYTHONPATH": str(args.compare_source)},
+            )
+        )
     try:
         wait_for(f"http://127.0.0.1:{gateway_port}/health", gateway)
-        report = asyncio.run(measure(args, gateway_port, engine_port))
+        if compare_port is not None:
+            wait_for(f"http://127.0.0.1:{compare_port}/health", processes[-1])
+        report = asyncio.run(measure(args, gateway_port, engine_port, compare_port))
     finally:
-        for process in (gateway, engine):
+        for process in processes:
             process.terminate()
             process.wait(timeout=30)
     print(f"\n{args.requests} requests per path, one at a time, {MAX_TOKENS} tokens each")
@@ -258,11 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         "gateway_httpx": "through the gateway (httpx)",
         "direct": "engine double direct (gRPC)",
     }
+    if args.compare_source:
+        labels["gateway_compare"] = "the other tree's gateway (raw)"
     for name, label in labels.items():
         figures = report["paths"][name]
         print(f"{label:<34}{figures['first_ms_p50']:>13.2f} ms{figures['first_ms_p99']:>7.2f} ms")
     print(f"gateway_hop_ms_p50: {report['gateway_hop_ms_p50']:.2f} ms "
           f"(with httpx: {report['gateway_hop_httpx_ms_p50']:.2f} ms)")  # fmt: skip
+    if args.compare_source:
+        print(f"this tree minus {args.compare_source}, paired p50: "
+              f"{report['compare_paired_ms_p50']:+.3f} ms")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
