@@ -14,9 +14,10 @@ gRPC server: a few token ids, no model) and a gateway routed to it (``python -m 
 
 With ``--compare-source DIR`` a second gateway, run from another source tree (another
 version), serves the same engine double, and the raw client's requests alternate between
-the two (``gateway_compare``); ``compare_paired_ms_p50`` is the median, over requests sent
-back to back, of this tree's time minus the other's: the two versions' difference, with the
-machine's load drifting alike for both.
+the two (``gateway_compare``, ``gateway_compare_httpx``; each gateway gets the same traffic,
+and they take turns at going first); ``compare_paired_ms_p50`` is the median, over raw
+requests sent back to back, of this tree's time minus the other's: the two versions'
+difference, with the machine's load drifting alike for both.
 
 ``gateway_hop_ms_p50`` is the gateway's p50 minus the direct p50: parsing, validation,
 tokenization, routing, the gRPC call's setup, detokenization and the first SSE write. On a
@@ -161,6 +162,7 @@ async def measure(
     samples: dict[str, list[float]] = {"gateway": [], "gateway_httpx": [], "direct": []}
     if compare is not None:
         samples["gateway_compare"] = []
+        samples["gateway_compare_httpx"] = []
     async with (
         httpx.AsyncClient(timeout=30) as http,
         grpc.aio.insecure_channel(f"127.0.0.1:{engine_port}") as channel,
@@ -168,15 +170,16 @@ async def measure(
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         for number in range(args.warmup + args.requests):
             timings: dict[str, float] = {}
-            if compare is None:
-                timings["gateway"] = await raw.first_text_s()
-            elif number % 2:  # this tree's and the other's back to back, each first in turn
-                timings["gateway_compare"] = await compare.first_text_s()
-                timings["gateway"] = await raw.first_text_s()
-            else:
-                timings["gateway"] = await raw.first_text_s()
-                timings["gateway_compare"] = await compare.first_text_s()
-            timings["gateway_httpx"] = await httpx_first_text_s(http, url)
+            # Each gateway gets the same traffic (a raw request, then an httpx one), and the
+            # two take turns at going first: the one that ran last has the warmer caches.
+            turns = [("gateway", raw, url)]
+            if compare is not None and compare_port is not None:
+                turns.append(("gateway_compare", compare, f"http://127.0.0.1:{compare_port}"))
+                if number % 2:
+                    turns.reverse()
+            for name, client, base_url in turns:
+                timings[name] = await client.first_text_s()
+                timings[f"{name}_httpx"] = await httpx_first_text_s(http, base_url)
             timings["direct"] = await direct_first_s(stub, number)
             if number >= args.warmup:
                 for name, value in timings.items():
@@ -308,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.compare_source:
         labels["gateway_compare"] = "the other tree's gateway (raw)"
+        labels["gateway_compare_httpx"] = "the other tree's gateway (httpx)"
     for name, label in labels.items():
         figures = report["paths"][name]
         print(f"{label:<34}{figures['first_ms_p50']:>13.2f} ms{figures['first_ms_p99']:>7.2f} ms")
