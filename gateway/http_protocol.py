@@ -46,11 +46,13 @@ class HeadCoalescingTransport:
             self._transport.write(data)
 
     def flush(self) -> None:
-        """Writes the held head, if any, now."""
+        """Writes the held head, if any, now (not to a connection already gone: the client
+        left in between, and uvloop refuses writes to a closed transport)."""
         held = self._held
         if held is not None:
             self._release()
-            self._transport.write(held)
+            if not self._transport.is_closing():
+                self._transport.write(held)
 
     def _release(self) -> None:
         self._held = None

@@ -37,8 +37,10 @@ class RecordingTransport:
     def get_write_buffer_size(self) -> int:
         return 0
 
+    closing = False
+
     def is_closing(self) -> bool:
-        return False
+        return self.closing
 
 
 @pytest.fixture
@@ -91,6 +93,15 @@ def test_other_writes_pass_through_and_close_flushes(loop: asyncio.AbstractEvent
         ("close", None),
     ]
     assert transport.is_closing() is False  # the rest is the transport's own
+
+
+def test_a_head_held_when_the_client_left_is_dropped(loop: asyncio.AbstractEventLoop) -> None:
+    inner = RecordingTransport()
+    transport = HeadCoalescingTransport(inner, loop)  # type: ignore[arg-type]
+    transport.write(HEAD)
+    inner.closing = True  # the connection was lost before the loop's next turn
+    turn(loop)
+    assert inner.calls == []
 
 
 def test_abort_drops_a_held_head(loop: asyncio.AbstractEventLoop) -> None:
