@@ -72,7 +72,7 @@ CASES = {
     "odd_sizes": ([0, 0, 1, -1, 1, 1, 0], 72, [40, 24, 24], 2, 24, [24, 20]),
     # more tokens than one block of 64 for a slot
     "long_run": ([0] * 150 + [1] * 20, 32, [32, 16], 2, 16, [16, 16]),
-    # a wide input: the shrink's reduction split in three ranges, the last one short
+    # a wide input: the shrink's reduction split in two ranges, the last one short
     "split_reduction": ([1, -1, 0, 1, 0, 0], 600, [24, 40], 2, 16, [16, 8]),
     # four pieces: two expand launches
     "four_pieces": ([0, 1, -1, 1], 32, [16, 24, 8, 16], 2, 8, [8, 4]),
