@@ -49,9 +49,7 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-def timed(
-    engine: LLMEngine, prompts, params, device: str, repeats: int = 3
-) -> tuple[float, list]:
+def timed(engine: LLMEngine, prompts, params, device: str, repeats: int = 3) -> tuple[float, list]:
     """The least of ``repeats`` timed runs of the whole workload (after a warm-up): a run of
     a few hundred tokens is short enough for the machine's other work to swing it."""
     engine.generate(prompts[:1], params)  # warm-up
