@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
-from tests.engine_service.test_deepseek_mtp import write_mtp_checkpoint
+from tests.engine_service.deepseek_checkpoints import write_mtp_checkpoint
 from tests.engine_service.test_parity import _prompts
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from engine_service.engine import LLMEngine, SamplingParams
 from tests.engine_service.conftest import make_checkpoint
+from tests.engine_service.deepseek_checkpoints import make_deepseek_checkpoint
 from tests.engine_service.helpers import assert_pool_entirely_free, make_engine
-from tests.engine_service.test_deepseek import make_deepseek_checkpoint
 from tests.engine_service.test_tensor_parallel import assert_same
 
 DP_EP = {"data_parallel_size": 2, "enable_expert_parallel": True}

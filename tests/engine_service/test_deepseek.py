@@ -14,6 +14,7 @@ import transformers
 from engine_service.engine import EngineConfig, LLMEngine
 from engine_service.engine.memory import kv_block_bytes
 from engine_service.models.deepseek_v3 import grouped_topk
+from tests.engine_service.deepseek_checkpoints import TINY, make_deepseek_checkpoint
 from tests.engine_service.helpers import greedy, make_engine
 from tests.engine_service.test_cross_replica import (  # noqa: F401 - kv_service is a fixture
     free_port,
@@ -22,63 +23,6 @@ from tests.engine_service.test_cross_replica import (  # noqa: F401 - kv_service
     wait_for,
 )
 from tests.engine_service.test_parity import MODES, _prompts, _reference, run_waves
-
-TINY = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    n_shared_experts=1,
-    n_routed_experts=8,
-    num_experts_per_tok=3,
-    n_group=4,
-    topk_group=2,
-    first_k_dense_replace=1,
-    routed_scaling_factor=2.5,
-    kv_lora_rank=32,
-    q_lora_rank=48,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=16,
-    max_position_embeddings=512,
-    initializer_range=0.15,
-    eos_token_id=2,
-    bos_token_id=1,
-    num_mtp_layers=0,
-    # YaRN as DeepSeek-V3 ships it, stretched enough to change the frequencies in use.
-    rope_parameters=dict(
-        rope_type="yarn",
-        rope_theta=10000.0,
-        factor=4.0,
-        original_max_position_embeddings=128,
-        beta_fast=32,
-        beta_slow=1,
-        mscale=1.0,
-        mscale_all_dim=0.8,
-    ),
-)
-
-
-def make_deepseek_checkpoint(path: Path, **overrides) -> transformers.DeepseekV3ForCausalLM:
-    """A random DeepSeek-V3 (one dense layer, two MoE layers) saved to ``path`` in fp32, with
-    random routing biases and norms so that a skipped bias or norm changes the output."""
-    config = transformers.DeepseekV3Config(**{**TINY, **overrides})
-    torch.manual_seed(4321)
-    model = transformers.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            attn.kv_a_layernorm.weight.uniform_(0.5, 1.5)
-            if attn.q_a_layernorm is not None:
-                attn.q_a_layernorm.weight.uniform_(0.5, 1.5)
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.weight.normal_(0, 0.3)
-                layer.mlp.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
-    model.save_pretrained(path)
-    return model
 
 
 @pytest.fixture(scope="module")

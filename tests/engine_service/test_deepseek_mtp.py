@@ -13,46 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
+from tests.engine_service.deepseek_checkpoints import make_deepseek_checkpoint, write_mtp_checkpoint
 from tests.engine_service.helpers import make_llama_checkpoint
-from tests.engine_service.test_deepseek import make_deepseek_checkpoint
 from tests.engine_service.test_parity import _prompts
 
 MTP = '{"method": "mtp", "num_speculative_tokens": %d}'
-
-
-def write_mtp_checkpoint(path: Path) -> None:
-    make_deepseek_checkpoint(path, num_hidden_layers=1, first_k_dense_replace=0, num_mtp_layers=1)
-    # The saved tensors, in the checkpoint layout (per-expert weights).
-    state = load_file(str(path / "model.safetensors"))
-    embed = state["model.embed_tokens.weight"]
-    embed /= embed.pow(2).mean(-1, keepdim=True).sqrt()
-    hidden = embed.shape[1]
-    mtp = {
-        name.replace("model.layers.0.", "model.layers.1."): t.clone()
-        for name, t in state.items()
-        if name.startswith("model.layers.0.")
-    }
-    torch.manual_seed(5)
-    mtp.update(
-        {
-            "model.layers.1.enorm.weight": torch.ones(hidden),
-            "model.layers.1.hnorm.weight": torch.rand(hidden) + 0.5,
-            # Mostly the token, a little of the target's hidden state.
-            "model.layers.1.eh_proj.weight": torch.cat(
-                (torch.eye(hidden), 0.05 * torch.eye(hidden)), dim=1
-            ),
-            "model.layers.1.shared_head.norm.weight": state["model.norm.weight"].clone(),
-            "model.layers.1.shared_head.head.weight": state["lm_head.weight"].clone(),
-            # Real checkpoints carry a copy of the embedding too; it is the target's own.
-            "model.layers.1.embed_tokens.weight": embed.clone(),
-        }
-    )
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in mtp.items()}, str(path / "model-mtp.safetensors"))
 
 
 @pytest.fixture(scope="module")

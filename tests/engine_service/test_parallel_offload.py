@@ -24,6 +24,7 @@ from engine_service.layers.parallel import TensorParallel, kv_shard
 from switchyard.block_hash import chained_block_hashes
 from switchyard.fingerprint import checkpoint_id, kv_fingerprint
 from switchyard.kv_client import KVClientSync
+from tests.engine_service.deepseek_checkpoints import make_deepseek_checkpoint
 from tests.engine_service.helpers import greedy, make_engine, make_llama_checkpoint
 from tests.engine_service.test_cross_replica import (  # noqa: F401 - the fixture
     KVServiceThread,
@@ -31,7 +32,6 @@ from tests.engine_service.test_cross_replica import (  # noqa: F401 - the fixtur
     kv_service,
     wait_for,
 )
-from tests.engine_service.test_deepseek import make_deepseek_checkpoint
 from tests.engine_service.test_offload import _workload
 
 BLOCK = 4

@@ -23,14 +23,14 @@ import pytest
 from engine_service.engine import LLMEngine, SamplingParams
 from switchyard.exit_codes import CANNOT_START
 from tests.engine_service.conftest import make_checkpoint
+from tests.engine_service.deepseek_checkpoints import make_deepseek_checkpoint, write_mtp_checkpoint
 from tests.engine_service.helpers import (
     assert_pool_entirely_free,
     make_engine,
     make_llama_checkpoint,
     run_all,
 )
-from tests.engine_service.test_deepseek import make_deepseek_checkpoint
-from tests.engine_service.test_deepseek_mtp import MTP, write_mtp_checkpoint
+from tests.engine_service.test_deepseek_mtp import MTP
 from tests.engine_service.test_multimodal import PROMPTS as MM_PROMPTS
 from tests.engine_service.test_multimodal import _run as run_multimodal
 from tests.engine_service.test_parity import _prompts
