@@ -13,28 +13,13 @@ import transformers
 from safetensors.torch import save_file
 
 from engine_service.engine.spec.proposers import _Tree
-from tests.engine_service.helpers import EOS, VOCAB
+from tests.engine_service.helpers import make_llama_checkpoint
 
 
 def make_four_layer_target(path: Path) -> transformers.LlamaForCausalLM:
     """A random four-layer Llama saved to ``path`` (seed 11), so that an EAGLE-3 head has
     low, middle and high layers to read."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        eos_token_id=EOS,
-        bos_token_id=1,
-    )
-    torch.manual_seed(11)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(path)
-    return model
+    return make_llama_checkpoint(path, seed=11, num_hidden_layers=4)
 
 
 def _shape(target: Path) -> dict:

@@ -16,8 +16,10 @@ VOCAB = 320
 EOS = 2
 
 
-def make_llama_checkpoint(path: Path, seed: int = 1234) -> transformers.LlamaForCausalLM:
-    """A random two-layer Llama saved to ``path`` in fp32.
+def make_llama_checkpoint(
+    path: Path, seed: int = 1234, num_hidden_layers: int = 2
+) -> transformers.LlamaForCausalLM:
+    """A random Llama (two layers by default) saved to ``path`` in fp32.
 
     ``initializer_range`` is large enough that greedy decoding does not collapse onto one
     token, so stop tokens, penalties and sampling have something to act on.
@@ -26,7 +28,7 @@ def make_llama_checkpoint(path: Path, seed: int = 1234) -> transformers.LlamaFor
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
