@@ -208,31 +208,23 @@ class TritonLoRA(TorchLoRA):
 def warm_up_triton(deltas: Iterable[TorchLoRA]) -> int:
     """Compile every Triton variant the deltas can pick (a tile shape per step size class and
     layer shape) on dummy rows of slot 0, so that no serving step stalls on Triton's JIT; the
-    outputs are scratch. Returns the number of deltas run."""
-    from engine_service.layers.triton_lora import block_m
+    outputs are scratch. Returns the number of launches of :func:`add_lora_delta`."""
+    from engine_service.layers.triton_lora import add_lora_delta, block_m
 
-    sizes = {block_m(n): n for n in (1, 17, 257)}  # one step size per tile shape
-    seen = set()
-    for delta in deltas:
-        if not isinstance(delta, TritonLoRA):
-            continue
-        weight = delta.lora_a_all
-        key = (tuple(delta.lora_a_all.shape), tuple(w for _, w in delta.pieces), weight.dtype)
-        if key in seen:
-            continue
-        seen.add(key)
-        for num_tokens in sizes.values():
-            like = dict(dtype=weight.dtype, device=weight.device)
-            x = torch.zeros(num_tokens, delta.layer.input_size, **like)
-            y = torch.zeros(num_tokens, sum(w for _, w in delta.pieces), **like)
-            slots = LoRASlots()
-            slots.set(torch.zeros(num_tokens, dtype=torch.int64, device=weight.device))
-            previous, delta.slots = delta.slots, slots
-            try:
-                delta.add_delta(x, y)
-            finally:
-                delta.slots = previous
-    return len(seen) * len(sizes)
+    sizes = {block_m(n): n for n in (1, 17, 257)}.values()  # one step size per tile shape
+    shapes = {
+        (tuple(d.lora_a_all.shape), tuple(w for _, w in d.pieces), d.lora_a_all.dtype): d
+        for d in deltas
+        if isinstance(d, TritonLoRA)
+    }
+    for delta in shapes.values():
+        a = delta.lora_a_all
+        widths = [w for _, w in delta.pieces]
+        for n in sizes:
+            x = a.new_zeros(n, a.shape[-1])
+            slots = torch.zeros(n, dtype=torch.int64, device=a.device)
+            add_lora_delta(x, a.new_zeros(n, sum(widths)), slots, a, delta.lora_b, widths)
+    return len(shapes) * len(sizes)
 
 
 def lora_backend(device: torch.device, backend: str = "auto") -> type[TorchLoRA]:

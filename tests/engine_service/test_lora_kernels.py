@@ -147,3 +147,30 @@ def test_grouping_of_long_runs_covers_every_token_once():
         assert all(slots[t] == slot for t in tokens)
         covered += tokens
     assert sorted(covered) == [t for t in range(700) if slots[t] >= 0]
+
+
+def test_warm_up_runs_each_layer_shape_once_per_tile_size(monkeypatch):
+    """Start-up compiles the kernels: one delta per distinct layer shape, at a step size of
+    each tile class, on slot 0 (the launcher is recorded here, not run)."""
+    from engine_service.layers import triton_lora
+    from engine_service.layers.linear import QKVParallelLinear, RowParallelLinear
+    from engine_service.layers.lora import LoRASlots, TritonLoRA, warm_up_triton
+
+    launches = []
+    monkeypatch.setattr(
+        triton_lora,
+        "add_lora_delta",
+        lambda x, y, slots, a, b, widths: launches.append(
+            (x.shape, y.shape, slots.tolist(), tuple(a.shape), tuple(widths))
+        ),
+    )
+    slots = LoRASlots()
+    qkv = [TritonLoRA(QKVParallelLinear(32, 8, 4, 2), slots, 2, 8) for _ in range(3)]
+    down = TritonLoRA(RowParallelLinear(48, 32), slots, 2, 8)
+    assert warm_up_triton([*qkv, down]) == 6
+    assert sorted({n for (n, _), *_ in launches}) == [1, 17, 257]
+    assert {(tuple(y), widths) for _, y, _, _, widths in launches} == {
+        ((1, 64), (32, 16, 16)), ((17, 64), (32, 16, 16)), ((257, 64), (32, 16, 16)),
+        ((1, 32), (32,)), ((17, 32), (32,)), ((257, 32), (32,)),
+    }  # fmt: skip
+    assert all(set(s) == {0} for _, _, s, _, _ in launches)
