@@ -284,9 +284,7 @@ def check_lora_engine(path: Path, prompts) -> int:
     requests cycle through the base model and two adapters of ranks 16 and 8. Then base-only
     traffic on the LoRA engine (the graphs captured without deltas) against an engine without
     LoRA. Returns the number of failures."""
-    import transformers as tf
-
-    config = tf.AutoConfig.from_pretrained(path)
+    config = transformers.AutoConfig.from_pretrained(path)
     adapters = {
         "a16": write_adapter(path / "a16", config, 16, 1),
         "a8": write_adapter(path / "a8", config, 8, 2),

@@ -302,8 +302,12 @@ class StepGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self._forward(meta)
             pool = graph.pool()
-            graphs = self._graphs if with_lora or self.lora_slots is None else self._base_graphs
-            graphs[(kind, bucket)] = (graph, hidden, meta)
+            base_only = self.lora_slots is not None and not with_lora
+            (self._base_graphs if base_only else self._graphs)[(kind, bucket)] = (
+                graph,
+                hidden,
+                meta,
+            )
         self.pool = pool
         if self.lora_slots is not None:
             runner.lora_slots.set(None)
