@@ -303,11 +303,8 @@ class StepGraphs:
                 hidden = self._forward(meta)
             pool = graph.pool()
             base_only = self.lora_slots is not None and not with_lora
-            (self._base_graphs if base_only else self._graphs)[(kind, bucket)] = (
-                graph,
-                hidden,
-                meta,
-            )
+            graphs = self._base_graphs if base_only else self._graphs
+            graphs[(kind, bucket)] = (graph, hidden, meta)
         self.pool = pool
         if self.lora_slots is not None:
             runner.lora_slots.set(None)
