@@ -129,7 +129,7 @@ def run_trained(args, results: dict) -> None:
         "eagle_tree": {
             "method": "eagle",
             "model": str(folder / "eagle"),
-            "num_speculative_tokens": k,
+            "num_speculative_tokens": args.tree_depth or k,
             "tree": tree,
         },
         "eagle3": {
@@ -229,6 +229,9 @@ def main() -> None:
     )
     parser.add_argument("--tree-topk", type=int, default=3)
     parser.add_argument("--tree-nodes", type=int, default=12)
+    parser.add_argument(
+        "--tree-depth", type=int, help="with --trained: the EAGLE tree's depth (default: --k)"
+    )
     parser.add_argument(
         "--methods", nargs="*", help="with --trained: only these (ngram draft eagle ...)"
     )

@@ -47,7 +47,7 @@ SIZES = {
     # Deeper and wider (~300M parameters): a plain token costs more next to a one-layer head,
     # closer to the proportions of the 7-8B targets speculation is published on.
     "gpu-large": dict(
-        layers=24, hidden=1024, heads=16, kv=4, inter=2816, seq=256, batch=64, steps=1500
+        layers=24, hidden=1024, heads=16, kv=4, inter=2816, seq=256, batch=64, steps=600
     ),
 }
 
@@ -72,10 +72,48 @@ def corpus(seed: int, held_out: float = 0.05) -> tuple[torch.Tensor, list[str]]:
     return ids, texts[:cut]
 
 
-def batches(ids: torch.Tensor, seq: int, batch: int, generator: torch.Generator, device):
+# What separates a snippet from its edited copy in the edit rows (code-editing prompts say,
+# one way or another, that the same code comes again, changed).
+EDIT_SEPARATORS = (
+    "\n\n# the same, edited:\n",
+    "\n\n# revised:\n",
+    "\n\n# after the change:\n",
+    "\n\n# new version:\n",
+)
+
+
+def batches(
+    ids: torch.Tensor,
+    seq: int,
+    batch: int,
+    generator: torch.Generator,
+    device,
+    edit_share: float = 0.0,
+):
+    """Rows of ``seq`` tokens from the corpus. A share ``edit_share`` of them are edits: a
+    snippet, a separator, then the snippet again with a stretch of 8-24 tokens replaced by
+    other corpus text. Code models copy the spans of their prompt that an edit keeps, which
+    is what n-gram lookup feeds on; a target trained on plain files alone copies little."""
+    separators = [torch.tensor(list(s.encode()), dtype=torch.long) + 3 for s in EDIT_SEPARATORS]
     while True:
-        starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=generator)
-        yield torch.stack([ids[s : s + seq] for s in starts.tolist()]).to(device)
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=generator).tolist()
+        edits = (torch.rand(batch, generator=generator) < edit_share).tolist()
+        rows = []
+        for start, edit in zip(starts, edits, strict=True):
+            if not edit:
+                rows.append(ids[start : start + seq])
+                continue
+            pick = int(torch.randint(0, len(separators), (1,), generator=generator))
+            separator = separators[pick]
+            half = (seq - len(separator)) // 2 + 1
+            snippet = ids[start : start + half]
+            copy = snippet.clone()
+            span = int(torch.randint(8, 25, (1,), generator=generator))
+            at = int(torch.randint(0, half - span, (1,), generator=generator))
+            other = int(torch.randint(0, len(ids) - span, (1,), generator=generator))
+            copy[at : at + span] = ids[other : other + span]
+            rows.append(torch.cat((snippet, separator, copy))[:seq])
+        yield torch.stack(rows).to(device)
 
 
 def schedule(step: int, steps: int, peak: float) -> float:
@@ -258,6 +296,12 @@ def main() -> None:
     parser.add_argument("--size", default="toy", choices=sorted(SIZES))
     parser.add_argument("--steps", type=int, help="training steps per model (default: by size)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--edit-share",
+        type=float,
+        default=0.25,
+        help="share of training rows that are a snippet and its edited copy (0: plain files)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--models",
@@ -276,8 +320,9 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     ids, held_out = corpus(args.seed)
     print(f"corpus: {len(ids) / 1e6:.1f}M byte tokens, {len(held_out)} held-out files")
-    data = batches(ids, size["seq"], size["batch"], generator, device)
+    data = batches(ids, size["seq"], size["batch"], generator, device, args.edit_share)
     recipe: dict = {**size, "size": args.size, "seed": args.seed, "steps": steps}
+    recipe["edit_share"] = args.edit_share
     recipe["models"] = ["target", *args.models]
 
     # 1. target
