@@ -61,6 +61,13 @@ class ScheduledSequence:
     # token, i is draft i), and after verification the drafts on the accepted path.
     draft_parents: list[int] | None = None
     accepted_path: list[int] = field(default_factory=list)
+    # A token tree whose shape stays on the device (the batch's DeviceDrafts holds its
+    # parents, depths and ancestor masks): no host parents, mask or offsets.
+    device_tree: bool = False
+
+    @property
+    def is_tree(self) -> bool:
+        return self.draft_parents is not None or self.device_tree
 
     @property
     def num_known_tokens(self) -> int:
@@ -69,20 +76,45 @@ class ScheduledSequence:
 
 @dataclass(slots=True)
 class DeviceDrafts:
-    """Chains a proposer drafted on the device and did not read back: sequence
-    ``seqs[r]``'s drafts are ``tokens[r, :lengths[r]]``. Placed in a batch, the sequences
-    carry placeholders (``draft_token_ids`` of the right length); the step's input ids and
-    the verification take the tokens from ``tokens``, and the verification's read-back
-    brings the accepted ones to the host."""
+    """Drafts a proposer made on the device and did not read back: sequence ``seqs[r]``'s
+    drafts are ``tokens[r, :lengths[r]]``. Placed in a batch, the sequences carry
+    placeholders (``draft_token_ids`` of the right length); the step's input ids and the
+    verification take the tokens from ``tokens``, and the verification's read-back brings
+    the accepted ones to the host.
+
+    Chains, or token trees of one full size (every length ``W``) with their shape: draft
+    ``m`` (1-based, column ``m - 1``) hangs under ``parents[r, m - 1]`` (0: the newest known
+    token), ``depths[r, m - 1]`` deep (the root's children: 1), and sees the drafts
+    ``ancestors[r, m - 1]`` marks (its path, itself included). The step's tree mask and
+    depth positions are built from them on the device, and so is the verification's walk."""
 
     seqs: list[int]
     tokens: torch.Tensor  # [R, max(lengths)], on the device
     lengths: list[int]
+    parents: torch.Tensor | None = None  # [R, W] int64 (trees only)
+    depths: torch.Tensor | None = None  # [R, W] int64
+    ancestors: torch.Tensor | None = None  # [R, W, W] bool
 
     def to_host(self) -> dict[int, list[int]]:
         """The drafts as host lists (a read-back; for callers that need the tokens)."""
         rows = self.tokens.tolist()
         return {i: row[:n] for i, row, n in zip(self.seqs, rows, self.lengths, strict=True)}
+
+    def parents_to_host(self) -> dict[int, list[int]]:
+        """Trees: each one's parents as a host list (a read-back); chains: none."""
+        if self.parents is None:
+            return {}
+        return dict(zip(self.seqs, self.parents.tolist(), strict=True))
+
+    def tree_masks(self) -> torch.Tensor:
+        """``[R, W + 1, W + 1]`` bool: each tree's attention mask over its newest known
+        token (row and column 0) and its drafts, as :func:`tree_mask` builds it on the host."""
+        assert self.ancestors is not None
+        num, width = self.tokens.shape
+        mask = torch.zeros(num, width + 1, width + 1, dtype=torch.bool, device=self.tokens.device)
+        mask[:, :, 0] = True
+        mask[:, 1:, 1:] = self.ancestors
+        return mask
 
 
 @dataclass(slots=True)
@@ -119,16 +151,20 @@ class ScheduledBatch:
     ) -> None:
         """Put proposed tokens (``drafts[sequence index]``, at most its ``draft_room``) into
         the step, then renumber token counts and logits rows: a sequence verifying ``d``
-        drafts has ``d + 1`` logits rows, and its sample row points at the first. Chains
+        drafts has ``d + 1`` logits rows, and its sample row points at the first. Drafts
         still on the device (:class:`DeviceDrafts`, within the draft room) go in as
-        placeholders.
+        placeholders; trees among them keep their shape there (``device_tree``).
 
         ``parents[sequence index]`` makes the drafts a token tree (draft ``i``'s parent, 0
         for the newest known token): the step then carries the tree's attention mask and
         depth-based positions, as the attention contract defines them."""
+        on_device_trees: set[int] = set()
         if isinstance(drafts, DeviceDrafts):
             self.device_drafts = drafts
+            if drafts.parents is not None:
+                on_device_trees = set(drafts.seqs)
             drafts = {i: [0] * n for i, n in zip(drafts.seqs, drafts.lengths, strict=True)}
+        drafted = {index: len(tokens) for index, tokens in drafts.items()}
         for index, tokens in drafts.items():
             seq = self.sequences[index]
             tokens = tokens[: seq.draft_room]
@@ -137,7 +173,12 @@ class ScheduledBatch:
             seq.num_tokens = known + len(tokens)
             seq.num_logits = 1 + len(tokens)
             tree = (parents or {}).get(index)
-            if tree is not None and tree != list(range(len(tokens))):
+            seq.device_tree = index in on_device_trees
+            if seq.device_tree:
+                # Its shape is on the device, whole: one known token, then every draft.
+                assert known == 1 and len(tokens) == drafted[index]
+                seq.draft_parents = seq.custom_mask = seq.position_offsets = None
+            elif tree is not None and tree != list(range(len(tokens))):
                 seq.draft_parents = tree[: len(tokens)]
                 seq.custom_mask, depths = tree_mask(seq.draft_parents)
                 seq.position_offsets = [0] * (known - 1) + [d - i for i, d in enumerate(depths)]

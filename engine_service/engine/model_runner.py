@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine_service.engine.batch import ScheduledBatch
+from engine_service.engine.batch import DeviceDrafts, ScheduledBatch
 from engine_service.layers.lora import LoRASlots
 from engine_service.layers.paged_attention import AttentionBackend, AttentionMetadata
 from engine_service.models.hidden_states import HiddenStateStore
@@ -284,7 +284,7 @@ class ModelRunner:
         np.add(firsts, within, out=buf.logits[:total_logits])
 
         custom_mask = offsets = None
-        if any(s.custom_mask is not None for s in seqs):
+        if any(s.custom_mask is not None or s.device_tree for s in seqs):
             custom_mask, offsets = self._custom_masks(batch)
 
         lora_token_slots = lora_host = None
@@ -309,6 +309,10 @@ class ModelRunner:
         draft_rows = draft_src = None
         if batch.device_drafts is not None:
             draft_rows, draft_src = self._device_draft_rows(batch, query_start)
+        device_trees = batch.device_drafts if any(s.device_tree for s in seqs) else None
+        # A tree's shape is on this device only: ranks that get the step's host arrays
+        # could not build its mask and positions.
+        assert device_trees is None or self.channel is None, "device trees on one rank only"
 
         packed = buf.packed_tables[: num_seqs * width].reshape(num_seqs, width)
         packed[:] = tables[:num_seqs, :width]
@@ -353,6 +357,9 @@ class ModelRunner:
             custom_mask=custom_mask,
             custom_mask_offsets=offsets,
         )
+        rope = to(rope_positions) if rope_positions is not None else None
+        if device_trees is not None:
+            _add_tree_positions(device_trees, draft_rows, draft_src, meta.positions, rope)
         return StepInputs(
             input_ids=to(buf.token_ids_t[:num_tokens]),
             positions=meta.positions,
@@ -363,7 +370,7 @@ class ModelRunner:
             lora_token_slots=lora_token_slots,
             mm_rows=to(mm_rows) if mm_rows is not None else None,
             mm_embeds=mm_embeds,
-            rope_positions=to(rope_positions) if rope_positions is not None else None,
+            rope_positions=rope,
             broadcast=broadcast,
             draft_rows=draft_rows,
             draft_src=draft_src,
@@ -456,21 +463,31 @@ class ModelRunner:
         return host.to(self.device, non_blocking=True)
 
     def _custom_masks(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The contract's flat tree masks: each sequence's own, or its causal triangle."""
+        """The contract's flat tree masks: each sequence's own, or its causal triangle; the
+        trees whose shape is on the device (:class:`DeviceDrafts`) written there."""
         flat, offsets, offset = [], [], 0
-        for s in batch.sequences:
+        tree_offsets: dict[int, int] = {}
+        for i, s in enumerate(batch.sequences):
             n = s.num_tokens
             mask = s.custom_mask
-            if mask is None:
+            if s.device_tree:
+                tree_offsets[i] = offset
+                mask = torch.zeros(n, n, dtype=torch.bool)  # filled on the device below
+            elif mask is None:
                 mask = torch.ones(n, n, dtype=torch.bool).tril()
             flat.append(mask.reshape(-1).cpu())
             offsets.append(offset)
             offset += n * n
         offsets.append(offset)
-        return (
-            torch.cat(flat).to(self.device),
-            torch.tensor(offsets, dtype=torch.int64, device=self.device),
-        )
+        masks = torch.cat(flat).to(self.device)
+        if tree_offsets:
+            drafts = batch.device_drafts
+            blocks = drafts.tree_masks()  # [R, W + 1, W + 1], in the order of drafts.seqs
+            area = blocks[0].numel()
+            starts = torch.tensor([tree_offsets[i] for i in drafts.seqs], dtype=torch.int64)
+            index = (starts[:, None] + torch.arange(area)).reshape(-1).to(self.device)
+            masks[index] = blocks.reshape(-1)
+        return masks, torch.tensor(offsets, dtype=torch.int64, device=self.device)
 
     # -- execution ------------------------------------------------------------------------
 
@@ -552,3 +569,27 @@ class ModelRunner:
         self.last_hidden = hidden  # every row's final hidden state, for feature proposers
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return logits.float() if logits is not None else None
+
+
+def _add_tree_positions(
+    drafts: DeviceDrafts,
+    rows: torch.Tensor | None,
+    src: torch.Tensor | None,
+    positions: torch.Tensor,
+    rope: torch.Tensor | None,
+) -> None:
+    """Depth-based positions for trees whose shape is on the device: draft ``m`` sits at
+    cache index ``root + m`` but at rotary position ``root + depth``. ``rows`` / ``src``:
+    the drafts' query rows and places in the flattened draft tensor (None: every sequence
+    is its newest token then all its drafts)."""
+    num, width = drafts.tokens.shape
+    device = positions.device
+    nodes = torch.arange(1, width + 1, device=device)
+    offsets = (drafts.depths - nodes).reshape(-1)
+    if rows is None:
+        rows = (torch.arange(num, device=device)[:, None] * (width + 1) + nodes).reshape(-1)
+    else:
+        offsets = offsets[src]
+    positions[rows] += offsets
+    if rope is not None and rope is not positions:
+        rope[..., rows] += offsets

@@ -386,7 +386,7 @@ class Scheduler:
             if request.is_finished or seq.epoch != request.num_preemptions:
                 return
             first = seq.start + seq.num_known_tokens  # cache index of draft 1
-            if seq.draft_parents is not None:
+            if seq.is_tree:
                 # Pack the accepted path (draft numbers, 1-based) right after the known tokens.
                 moves = [
                     (first + node - 1, first + j)

@@ -109,11 +109,13 @@ def record_proposals(engine) -> list:
     def recording(batch):
         proposal = propose(batch)
         drafts = proposal
+        parents = proposer.tree_parents()
         if isinstance(proposal, DeviceDrafts):  # read back here, for the record only
             drafts = proposal.to_host()
-        parents = proposer.tree_parents()
-        if isinstance(proposal, DeviceDrafts):
+            parents = proposal.parents_to_host() or parents
             engine.device_proposals = getattr(engine, "device_proposals", 0) + 1
+            if proposal.parents is not None:
+                engine.device_trees = getattr(engine, "device_trees", 0) + 1
         seen.extend(
             (list(batch.sequences[i].request.all_token_ids), tokens, parents.get(i))
             for i, tokens in sorted(drafts.items())
@@ -170,6 +172,8 @@ def test_padded_proposer_and_tree_graphs_give_the_eager_drafts(models, name, set
     if name.endswith("tree"):
         assert proposer.tree_graphs.replays > 0 and target_steps.get("tree", 0) > 0, target_steps
         assert proposer.chain_graphs is None  # with a tree, every sample drafts one
+        # Full trees of greedy samples keep their shape on the device through the step.
+        assert getattr(twin, "device_trees", 0) > 0
         # Trees with less draft room (near max_tokens) grow round by round, in step graphs.
         assert steps.get("tree", 0) > 0, steps
     else:
@@ -214,6 +218,8 @@ def test_sampled_and_penalised_trees_through_the_graphs_equal_plain_decoding(mod
     assert twin.proposer.tree_graphs.replays > 0
     assert twin.runner.graphs.replays.get("tree", 0) > 0
     assert twin.scheduler.accepted_draft_tokens > 0
+    # Seeds and penalties lay the trees out on the host: none stayed on the device.
+    assert getattr(twin, "device_trees", 0) == 0
     assert_pool_entirely_free(twin.kv_manager)
 
 
@@ -306,3 +312,67 @@ def test_tree_growth_on_the_device_orders_ties_as_the_host_does(models):
             mask, depths = tree_mask(host.parents)
             assert graphs.depths[b, : 2 * topk + 1].tolist() == depths
             assert torch.equal(graphs.ancestors[b, : 2 * topk, : 2 * topk], mask[1:, 1:])
+
+
+@pytest.mark.parametrize("name", ["eagle_tree", "draft_tree"])
+def test_device_trees_beside_prefill_chunks_logprobs_and_host_trees(models, name):
+    """Trees that keep their shape on the device (mask, depth positions and the walk built
+    there) in steps that also carry other requests' prompt chunks (the drafts' rows then go
+    through an index), greedy samples asking for logprobs, and a round where one request's
+    ``min_tokens`` sends every tree to the host (as do trees cut short by the step's token
+    budget): tokens and logprobs equal plain decoding's."""
+    target, spec = case(models, name)
+    first, later = prompts(7)[:3], prompts(8)[3:6]
+    params = [
+        greedy(18, ignore_eos=True, logprobs=2),
+        greedy(18, ignore_eos=True),
+        greedy(18, ignore_eos=True, min_tokens=6),
+    ]
+
+    def outputs(engine):
+        for i, prompt in enumerate(first):
+            engine.add_request(f"a{i}", prompt, params[i])
+        got: dict = {}
+        for _ in range(4):  # the first requests are verifying trees when the next arrive
+            for output in engine.step():
+                got.setdefault((output.request_id, output.index), []).append(output)
+        for i, prompt in enumerate(later):
+            engine.add_request(f"b{i}", prompt, params[i % 2])
+        for key, outs in run_all(engine).items():
+            got.setdefault(key, []).extend(outs)
+        tokens = {key: tokens_of(out) for key, out in got.items()}
+        logprobs = {
+            key: [(lp.token_id, lp.logprob, [t for t, _ in lp.top]) for lp in lps]
+            for key, out in got.items()
+            for lps in [[lp for o in out for lp in o.new_logprobs or []]]
+        }
+        return tokens, logprobs
+
+    config = dict(speculative_config=json.dumps(spec), max_num_batched_tokens=48)
+    twin = with_twin_graphs(make_engine(target, **config), max_tokens=48, max_seqs=8)
+    record_proposals(twin)
+    placed_rows = []
+    prepare = twin.runner.prepare
+
+    def recording_prepare(batch, *args):
+        inputs = prepare(batch, *args)
+        if any(s.device_tree for s in batch.sequences):
+            placed_rows.append(inputs.draft_rows is not None)
+        return inputs
+
+    twin.runner.prepare = recording_prepare
+
+    tokens, logprobs = outputs(twin)
+    expected_tokens, expected_logprobs = outputs(make_engine(target, max_num_batched_tokens=48))
+    assert tokens == expected_tokens
+    assert logprobs.keys() == expected_logprobs.keys()
+    for key, expected in expected_logprobs.items():
+        assert [(t, top) for t, _, top in logprobs[key]] == [(t, top) for t, _, top in expected]
+        # fp32: a verification's GEMM shapes round differently from a decode step's.
+        assert [lp for _, lp, _ in logprobs[key]] == pytest.approx(
+            [lp for _, lp, _ in expected], abs=1e-4
+        )
+    assert getattr(twin, "device_trees", 0) > 0
+    assert True in placed_rows  # some device trees shared a step with a prompt chunk
+    assert twin.scheduler.accepted_draft_tokens > 0
+    assert_pool_entirely_free(twin.kv_manager)

@@ -199,13 +199,17 @@ class EagleProposer(Proposer):
                 hidden[i] = row[0]
         return drafts
 
-    def _trees(self, trees, roots) -> dict[int, list[int]]:
+    def _trees(self, trees, roots) -> dict[int, list[int]] | DeviceDrafts:
         """Token trees by confidence; node ``m``'s hidden input is its parent's output."""
         drafts: dict[int, list[int]] = {}
         if self.tree_graphs is not None:
             logits = {i: root[0] for i, root in roots.items()}
             hidden = {i: root[1] for i, root in roots.items()}
-            drafts = grow_full_trees(self, trees, [seq.start for _, seq in trees], logits, hidden)
+            base = [seq.start for _, seq in trees]
+            grown_full = grow_full_trees(self, trees, base, logits, hidden)
+            if isinstance(grown_full, DeviceDrafts):
+                return grown_full
+            drafts = grown_full
             trees = [(i, seq) for i, seq in trees if i not in drafts]
         grown: dict[int, _Tree] = {}
         outputs: dict[int, list[torch.Tensor]] = {}  # per tree: output of node m at m - 1

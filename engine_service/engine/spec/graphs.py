@@ -425,12 +425,46 @@ class TreeGraphs(_DraftGraphs):
         for lo in range(0, len(base), self.max_seqs):  # more rows than the largest bucket
             hi = lo + self.max_seqs
             hidden = root_hidden[lo:hi] if root_hidden is not None else None
-            out = self._run(root_logits[lo:hi], hidden, base[lo:hi], block_tables[lo:hi])
+            n = self._run(root_logits[lo:hi], hidden, base[lo:hi], block_tables[lo:hi])
+            out = torch.stack((self.tokens[:n], self.parents[:n]), dim=1)[:, :, : self.num_nodes]
             for tokens, parents in out.tolist():
                 trees.append((tokens, parents))
         return trees
 
-    def _run(self, root_logits, root_hidden, base, block_tables) -> torch.Tensor:
+    @torch.inference_mode()
+    def grow_on_device(
+        self,
+        root_logits: torch.Tensor,
+        root_hidden: torch.Tensor | None,
+        base: list[int],
+        block_tables: list[list[int]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`grow` without the read-back: every row's tree of ``num_nodes`` nodes as
+        device tensors, copied out of the static buffers (the next replay reuses them):
+        tokens and parents ``[n, W]`` (node ``m`` at column ``m - 1``), depths ``[n, W]``
+        (the root's children: 1) and ancestor masks ``[n, W, W]`` (each node's path among
+        the nodes, itself included)."""
+        parts = []
+        width = self.num_nodes
+        for lo in range(0, len(base), self.max_seqs):
+            hi = lo + self.max_seqs
+            hidden = root_hidden[lo:hi] if root_hidden is not None else None
+            n = self._run(root_logits[lo:hi], hidden, base[lo:hi], block_tables[lo:hi])
+            parts.append(
+                (
+                    self.tokens[:n, :width].clone(),
+                    self.parents[:n, :width].clone(),
+                    self.depths[:n, 1 : width + 1].clone(),
+                    self.ancestors[:n, :width, :width].clone(),
+                )
+            )
+        if len(parts) == 1:
+            return parts[0]
+        tokens, parents, depths, ancestors = (torch.cat(piece) for piece in zip(*parts))
+        return tokens, parents, depths, ancestors
+
+    def _run(self, root_logits, root_hidden, base, block_tables) -> int:
+        """Grow the trees of ``len(base)`` rows (at most ``max_seqs``) into the buffers."""
         n, first = len(base), self.first
         bucket = self._bucket(n)
         self._stage(bucket, base, [0] * n, block_tables, max(base) + self.num_nodes - 1)
@@ -441,7 +475,7 @@ class TreeGraphs(_DraftGraphs):
             assert root_hidden is not None
             self.outputs[:n, 0].copy_(root_hidden)
         self._launch(bucket)
-        return torch.stack((self.tokens[:n], self.parents[:n]), dim=1)[:, :, : self.num_nodes]
+        return n
 
     def _body(self, bucket: int, prepare: bool) -> None:
         calls, first, b = self.calls, self.first, bucket

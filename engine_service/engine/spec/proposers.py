@@ -24,6 +24,7 @@ from engine_service.engine.memory import rank_kv_block_shape
 from engine_service.engine.model_runner import ModelRunner
 from engine_service.engine.parallel.channel import StepChannel
 from engine_service.engine.request import Request
+from engine_service.engine.sampler import draws_seeded
 from engine_service.engine.spec.config import SpeculativeConfig, check_same_tokenizer
 from engine_service.engine.spec.graphs import (
     ChainGraphs,
@@ -283,12 +284,15 @@ class DraftModelProposer(Proposer):
                 drafts[i].append(int(logits[i][0].argmax()))
         return drafts
 
-    def _trees(self, trees, known, root_logits) -> dict[int, list[int]]:
+    def _trees(self, trees, known, root_logits) -> dict[int, list[int]] | DeviceDrafts:
         """Grow every tree in lockstep, one batched draft forward per round."""
         drafts: dict[int, list[int]] = {}
         if self.tree_graphs is not None:
             base = [known[i] for i, _ in trees]
-            drafts = grow_full_trees(self, trees, base, root_logits, None)
+            grown_full = grow_full_trees(self, trees, base, root_logits, None)
+            if isinstance(grown_full, DeviceDrafts):
+                return grown_full
+            drafts = grown_full
             trees = [(i, seq) for i, seq in trees if i not in drafts]
         grown = {}
         for i, seq in trees:
@@ -401,26 +405,57 @@ def chain_drafts(
     return DeviceDrafts([i for i, _ in chains], tokens, depth)
 
 
-def grow_full_trees(proposer, trees, base, roots, root_hidden) -> dict[int, list[int]]:
+def grow_full_trees(
+    proposer, trees, base, roots, root_hidden
+) -> dict[int, list[int]] | DeviceDrafts:
     """The drafts of the ``trees`` (``(sequence index, sequence)`` pairs) that get all of
     the proposer's ``tree_size`` nodes, grown by its :class:`TreeGraphs` (trees with less
     draft room are left to the host); their parents go into ``proposer.parents``.
     ``base``: each tree's node-1 cache index; ``roots``: root logits by sequence index;
-    ``root_hidden``: an EAGLE head's root output rows by sequence index."""
+    ``root_hidden``: an EAGLE head's root output rows by sequence index.
+
+    When every tree is full and may stay on the device (:func:`trees_stay_on_device`), the
+    trees come back as :class:`DeviceDrafts` with their shape, not read back: the target's
+    step builds their mask and positions, and the verification walks them, on the device."""
     full = [r for r, (_, seq) in enumerate(trees) if seq.draft_room >= proposer.tree_size]
     if not full:
         return {}
     keys = [trees[r][0] for r in full]
-    grown = proposer.tree_graphs.grow(
+    args = (
         torch.stack([roots[i] for i in keys]),
         torch.stack([root_hidden[i] for i in keys]) if root_hidden is not None else None,
         [base[r] for r in full],
         [trees[r][1].request.block_table for r in full],
     )
+    if len(full) == len(trees) and trees_stay_on_device(proposer, trees):
+        tokens, parents, depths, ancestors = proposer.tree_graphs.grow_on_device(*args)
+        width = tokens.shape[1]
+        return DeviceDrafts(keys, tokens, [width] * len(keys), parents, depths, ancestors)
+    grown = proposer.tree_graphs.grow(*args)
     drafts = {}
     for i, (tokens, parents) in zip(keys, grown, strict=True):
         drafts[i], proposer.parents[i] = tokens, parents
     return drafts
+
+
+def trees_stay_on_device(proposer, trees) -> bool:
+    """Whether draft trees may keep their shape on the device for the whole step. Not when
+    a request needs the host to walk its drafts (a grammar, penalties), when its seeded
+    draws or held-back stops (``min_tokens``) are laid out by depth on the host, when a
+    sequence has more than its newest token to run before the drafts, or when other ranks
+    take the step's host arrays."""
+    if proposer.runner.channel is not None:
+        return False
+    for _, seq in trees:
+        request = seq.request
+        if (
+            request.needs_host_tokens
+            or draws_seeded(request)
+            or request.num_output_tokens < request.params.min_tokens
+            or seq.num_known_tokens != 1
+        ):
+            return False
+    return True
 
 
 def capture_drafting(

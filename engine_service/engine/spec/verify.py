@@ -84,6 +84,13 @@ class _Trees:
     # Only when some sequence drafted a tree (None: all chains, node i under i - 1).
     parents: np.ndarray | None = None  # [V, width] (the root's and padding's: 0)
     ancestors: np.ndarray | None = None  # [V, width, width] bool: node i's path, root and i
+    # Trees whose shape is on the device (the batch's DeviceDrafts, in tree order): no
+    # host parents, depths or ancestors at all.
+    on_device: bool = False
+
+    @property
+    def is_tree(self) -> bool:
+        return self.ancestors is not None or self.on_device
 
     @classmethod
     def gather(cls, batch: ScheduledBatch) -> _Trees | None:
@@ -112,6 +119,11 @@ class _Trees:
             rows=(firsts[:, None] + within).reshape(-1),
             drafts=drafts,
         )
+        if any(seq.device_tree for *_, seq in picked):
+            # Every drafted sequence's (trees_stay_on_device: no penalties, seeds or
+            # held-back stops, which would need the shape here).
+            trees.on_device = True
+            return trees
         # Penalties count each node's path (add_path_counts) through the ancestor masks.
         if any(
             seq.draft_parents is not None or r.params.needs_penalties for _, _, r, seq in picked
@@ -191,7 +203,7 @@ class Verification:
         trees, width = self.trees, self.trees.width
         packed = host[0].tolist()
         committed: dict[int, list[int]] = {}
-        if trees.ancestors is None:  # chains: count, the draws (, the drafts from the device)
+        if not trees.is_tree:  # chains: count, the draws (, the drafts from the device)
             for v, values in enumerate(packed):
                 count, seq = values[0], trees.seqs[v]
                 drafts = values[1 + width :] if len(values) > 1 + width else seq.draft_token_ids
@@ -236,6 +248,7 @@ def verify(
     sample row, the bitmask of each tree node
     (:func:`~engine_service.engine.spec.grammar.draft_grammar_masks`). A seeded request's
     generator is left after the noise of the tokens committed."""
+    _read_back_misplaced_trees(batch)
     trees = _Trees.gather(batch)
     if trees is None:
         return None
@@ -246,6 +259,7 @@ def verify(
     pieces = [trees.rows, trees.drafts.reshape(-1)]
     on_device = batch.device_drafts
     in_order = on_device is not None and on_device.seqs == trees.seq_indices
+    assert in_order or not trees.on_device, "device trees are verified in their order"
     if on_device is not None and not in_order:  # where each device draft goes among the nodes
         dst, src = _device_draft_places(trees, on_device)
         pieces += [dst, src]
@@ -277,6 +291,7 @@ def verify(
     held_back = [
         v for v, r in enumerate(trees.requests) if r.num_output_tokens < r.params.min_tokens
     ]
+    assert not (held_back and trees.on_device), "held-back stops need the trees' depths"
 
     states: dict[int, list[torch.Tensor]] = {}
     if node_meta is None and not constrained and not held_back:
@@ -308,7 +323,7 @@ def verify(
     emitted = emitted.view(num, width)
 
     path = tokens = None
-    if trees.ancestors is None:
+    if not trees.is_tree:
         # Chains: draft i is accepted while it and every draft before it match the draw
         # at the node before it. The host cuts the committed run from the read-back: the
         # drafts up to the count, then the draw there.
@@ -319,8 +334,11 @@ def verify(
         # Trees: node i matches when its parent drew its token, and is accepted when every
         # node on its path matches. One child of a node can match, so the accepted nodes
         # form a path from the root; the deepest ends it.
-        parents, depths, column, nodes = rest[: 4 * num * width].view(4, num, width)
-        ancestors = rest[4 * num * width :].view(num, width, width - 1).bool()
+        if trees.on_device:
+            parents, depths, column, nodes, ancestors = _device_tree_shape(on_device, width)
+        else:
+            parents, depths, column, nodes = rest[: 4 * num * width].view(4, num, width)
+            ancestors = rest[4 * num * width :].view(num, width, width - 1).bool()
         matched = emitted.gather(1, parents) == drafts
         accepted = (ancestors <= matched[:, None, 1:]).all(dim=-1)  # the root always
         # The deepest accepted node (unique: one per depth; the root when no other).
@@ -348,6 +366,41 @@ def verify(
             tokens.scatter_(1, count, emitted.gather(1, count))
         _logprobs(verification, want, logits, rows_index.view(num, width), path, tokens)
     return verification
+
+
+def _device_tree_shape(drafts: DeviceDrafts, width: int) -> tuple[torch.Tensor, ...]:
+    """What the walk needs of trees whose shape is on the device, laid out as the host
+    builds it (the root at column 0): parents, depths, each node's path column, node
+    numbers ``[V, width]`` and the ancestor masks without the root's column."""
+    num = drafts.tokens.shape[0]
+    device = drafts.tokens.device
+    root = torch.zeros(num, 1, dtype=torch.int64, device=device)
+    parents = torch.cat((root, drafts.parents), dim=1)
+    depths = torch.cat((root, drafts.depths), dim=1)
+    column = depths - 1
+    column[:, 0] = width - 1
+    nodes = torch.arange(width, device=device).expand(num, width)
+    none = torch.zeros(num, 1, width - 1, dtype=torch.bool, device=device)
+    return parents, depths, column, nodes, torch.cat((none, drafts.ancestors), dim=1)
+
+
+def _read_back_misplaced_trees(batch: ScheduledBatch) -> None:
+    """Trees on the device whose order differs from the verification's (not expected; a
+    safeguard): read their tokens and shape back and verify them as host trees."""
+    drafts = batch.device_drafts
+    if drafts is None or drafts.parents is None:
+        return
+    drafted = [i for i in batch.sample_seqs if batch.sequences[i].draft_token_ids]
+    if drafted == drafts.seqs and all(batch.sequences[i].device_tree for i in drafted):
+        return
+    tokens, parents = drafts.to_host(), drafts.parents_to_host()
+    for i in drafts.seqs:
+        seq = batch.sequences[i]
+        seq.device_tree = False
+        seq.draft_token_ids = tokens[i]
+        seq.draft_parents = parents[i]
+        seq.custom_mask, _ = tree_mask(parents[i])
+    batch.device_drafts = None
 
 
 def _device_draft_places(trees: _Trees, drafts: DeviceDrafts) -> tuple[np.ndarray, np.ndarray]:
