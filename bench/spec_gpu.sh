@@ -10,7 +10,7 @@
 set -euo pipefail
 out=${1:-${OUT:-bench/results}}
 mkdir -p "$out"
-work=$(mktemp -d)
+work=${WORK:-$(mktemp -d)}
 quiet() { grep -v -E "Warning|warn|Loading|Writing" || true; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 read -r topk nodes depth <<< "${TREE:-2 12 6}"
