@@ -391,8 +391,10 @@ def check_speculative_graphs(device: str = "cuda") -> int:
                 def recording(batch):
                     drafts = propose(batch)
                     parents = llm.proposer.tree_parents()
-                    # Chains kept on the device are read back here, for the comparison only.
+                    # Drafts kept on the device are read back here, for the comparison only.
                     host = drafts if isinstance(drafts, dict) else drafts.to_host()
+                    if not isinstance(drafts, dict):
+                        parents = drafts.parents_to_host() or parents
                     for i, tokens in sorted(host.items()):
                         known = list(batch.sequences[i].request.all_token_ids)
                         proposals.append((known, tokens, parents.get(i)))

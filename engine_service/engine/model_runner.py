@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from engine_service.engine.batch import DeviceDrafts, ScheduledBatch
+from engine_service.engine.sampler import _pinned_to
 from engine_service.layers.lora import LoRASlots
 from engine_service.layers.paged_attention import AttentionBackend, AttentionMetadata
 from engine_service.models.hidden_states import HiddenStateStore
@@ -465,6 +466,13 @@ class ModelRunner:
     def _custom_masks(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The contract's flat tree masks: each sequence's own, or its causal triangle; the
         trees whose shape is on the device (:class:`DeviceDrafts`) written there."""
+        drafts = batch.device_drafts
+        if all(s.device_tree for s in batch.sequences):
+            # Every sequence a device tree of one size: the masks are the trees' own.
+            blocks = drafts.tree_masks()
+            num, area = blocks.shape[0], blocks[0].numel()
+            offsets = torch.arange(num + 1, dtype=torch.int64, device=self.device) * area
+            return blocks.reshape(-1), offsets
         flat, offsets, offset = [], [], 0
         tree_offsets: dict[int, int] = {}
         for i, s in enumerate(batch.sequences):
@@ -479,15 +487,17 @@ class ModelRunner:
             offsets.append(offset)
             offset += n * n
         offsets.append(offset)
-        masks = torch.cat(flat).to(self.device)
+        # From pinned memory: a copy from pageable memory waits for the stream (here, for
+        # the proposer's drafting still running on it).
+        masks = _pinned_to(torch.cat(flat), self.device)
         if tree_offsets:
-            drafts = batch.device_drafts
             blocks = drafts.tree_masks()  # [R, W + 1, W + 1], in the order of drafts.seqs
             area = blocks[0].numel()
-            starts = torch.tensor([tree_offsets[i] for i in drafts.seqs], dtype=torch.int64)
-            index = (starts[:, None] + torch.arange(area)).reshape(-1).to(self.device)
-            masks[index] = blocks.reshape(-1)
-        return masks, torch.tensor(offsets, dtype=torch.int64, device=self.device)
+            starts = [tree_offsets[i] for i in drafts.seqs]
+            starts = _pinned_to(torch.tensor(starts, dtype=torch.int64), self.device)
+            index = starts[:, None] + torch.arange(area, device=self.device)
+            masks[index.reshape(-1)] = blocks.reshape(-1)
+        return masks, _pinned_to(torch.tensor(offsets, dtype=torch.int64), self.device)
 
     # -- execution ------------------------------------------------------------------------
 

@@ -274,7 +274,7 @@ def sample(
         logits = apply_bitmask(logits, meta.grammar_bitmask)
     if meta.early_stop_rows is not None:
         before = logits
-        minus_inf = torch.tensor(float("-inf"), device=logits.device)
+        minus_inf = torch.full((), float("-inf"), device=logits.device)  # no host copy
         logits = logits.index_put((meta.early_stop_rows, meta.early_stop_tokens), minus_inf)
         if meta.grammar_rows is not None:
             # A grammar that admits only stop tokens wins over min_tokens.

@@ -104,11 +104,14 @@ class _DraftGraphs:
         self.tables = torch.full(
             (max_seqs, width), runner.scratch_block, dtype=torch.int32, device=device
         )
-        # Host staging (pinned on CUDA). One set is enough: a run's result is read back, a
-        # sync, before the next run writes here again.
+        # Host staging (pinned on CUDA). One set: a run's copies out of it are recorded,
+        # and the next run waits for them before writing here again (runs of one step,
+        # e.g. trees that stay on the device for more rows than the largest bucket, have
+        # no read-back between them).
         pin = device.type == "cuda"
         self._host_rows = torch.zeros(2, max_seqs, dtype=torch.int64, pin_memory=pin)
         self._host_tables = torch.zeros(max_seqs * width, dtype=torch.int32, pin_memory=pin)
+        self._staged = torch.cuda.Event() if pin else None
         self._graphs: dict[int, torch.cuda.CUDAGraph | None] = {}
         # Per bucket, the metadata of each step the loop runs (the subclass builds them).
         self._step_metas: dict[int, list[AttentionMetadata]] = {}
@@ -123,6 +126,8 @@ class _DraftGraphs:
         row 1 of the staging, for the subclass) and block tables up to cache index ``last``
         into the device buffers; padding rows get base 0 and the scratch block."""
         n, size = len(base), self.runner.block_size
+        if self._staged is not None:
+            self._staged.synchronize()  # the last run's copies have left the staging
         rows = self._host_rows.numpy()
         rows[0, :n], rows[1, :n] = base, extra
         rows[:, n:bucket] = 0
@@ -178,6 +183,8 @@ class _DraftGraphs:
         raise NotImplementedError
 
     def _launch(self, bucket: int) -> None:
+        if self._staged is not None:
+            self._staged.record()  # after this run's copies from the staging
         self.replays += 1
         graph = self._graphs[bucket]
         if graph is None:

@@ -285,7 +285,7 @@ def verify(
     all_greedy = all(r.params.greedy for r in trees.requests)
     node_meta = None
     if not all_greedy or meta.output_counts is not None:
-        node_sample = torch.tensor(trees.index, device=device).repeat_interleave(width)
+        node_sample = _pinned_to(torch.tensor(trees.index), device).repeat_interleave(width)
         node_meta = meta.for_rows(node_sample, all_greedy)
     constrained = [v for v, i in enumerate(trees.index) if grammar_masks and i in grammar_masks]
     held_back = [
@@ -431,7 +431,7 @@ def _logprobs(
     that of accepted node ``d``. Every position is computed; :meth:`Verification.read`
     keeps the committed ones."""
     requests = verification.trees.requests
-    index = torch.tensor(want, device=logits.device)
+    index = _pinned_to(torch.tensor(want), logits.device)
     judged = torch.cat((torch.zeros_like(path[:, :1]), path[:, :-1]), dim=1)[index]
     rows = node_rows[index].gather(1, judged)
     raw = torch.log_softmax(logits[rows.reshape(-1)], dim=-1).view(len(want), rows.shape[1], -1)
@@ -495,11 +495,11 @@ def _seeded_noise(
         by_depth = torch.cat(
             [meta.seeded_noise[rank[index]][None], _pinned_to(torch.stack(deeper), device)]
         )
-        noise.append(by_depth[torch.from_numpy(depths).to(device)])
+        noise.append(by_depth[_pinned_to(torch.from_numpy(depths), device)])
         node_rows.extend(range(trees.span(v).start, trees.span(v).stop))
     if not node_rows:
         return None, None, states
-    return torch.tensor(node_rows, device=device), torch.cat(noise), states
+    return _pinned_to(torch.tensor(node_rows), device), torch.cat(noise), states
 
 
 def hold_back_stops(rows: torch.Tensor, request, offsets) -> torch.Tensor:
@@ -520,8 +520,9 @@ def hold_back_stops(rows: torch.Tensor, request, offsets) -> torch.Tensor:
     if not stops:
         return rows
     held = rows.clone()
-    index = torch.tensor(early, device=rows.device)
-    held[index[:, None], torch.tensor(sorted(stops), device=rows.device)[None, :]] = float("-inf")
+    index = _pinned_to(torch.tensor(early), rows.device)
+    stop_ids = _pinned_to(torch.tensor(sorted(stops)), rows.device)
+    held[index[:, None], stop_ids[None, :]] = float("-inf")
     if request.grammar is not None:
         dead = ~torch.isfinite(held).any(dim=-1, keepdim=True)
         held = torch.where(dead, rows, held)
