@@ -123,7 +123,12 @@ def run_trained(args, results: dict) -> None:
     k = args.k
     tree = {"topk": args.tree_topk, "num_draft_tokens": args.tree_nodes}
     methods = {
-        "ngram": {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4},
+        "ngram": {
+            "method": "ngram",
+            "num_speculative_tokens": k,
+            "prompt_lookup_min": min(2, args.ngram_max),
+            "prompt_lookup_max": args.ngram_max,
+        },
         "draft": {"model": str(folder / "draft"), "num_speculative_tokens": k},
         "eagle": {"method": "eagle", "model": str(folder / "eagle"), "num_speculative_tokens": k},
         "eagle_tree": {
@@ -229,6 +234,12 @@ def main() -> None:
     )
     parser.add_argument("--tree-topk", type=int, default=3)
     parser.add_argument("--tree-nodes", type=int, default=12)
+    parser.add_argument(
+        "--ngram-max",
+        type=int,
+        default=4,
+        help="with --trained: n-gram lookup's prompt_lookup_max (tokens; the target's are bytes)",
+    )
     parser.add_argument(
         "--tree-depth", type=int, help="with --trained: the EAGLE tree's depth (default: --k)"
     )

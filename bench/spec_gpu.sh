@@ -6,7 +6,9 @@
 # round, 6 deep. Usage: bench/spec_gpu.sh [OUT_DIR] (default $OUT, else bench/results);
 # STEPS=N overrides the training steps per model (600 at gpu-large); SIZE=gpu trains the
 # 8-layer, width-512 target instead; MODELS="eagle" trains only those proposers and
-# METHODS="ngram eagle eagle_tree" measures only those; TREE="TOPK NODES DEPTH" another tree.
+# METHODS="ngram eagle eagle_tree" measures only those; TREE="TOPK NODES DEPTH" another tree;
+# NGRAM_MAX=N n-gram lookup's prompt_lookup_max (4 by default; the target's tokens are bytes,
+# so 4 of them are about one BPE token, and a longer match finds the copied place sooner).
 set -euo pipefail
 out=${1:-${OUT:-bench/results}}
 mkdir -p "$out"
@@ -21,6 +23,7 @@ cp "$work/trained/train.json" "$out/spec-train.json"
 echo "training took $(( $(date +%s) - start ))s" | tee -a "$out/train_spec.txt"
 python3 bench/spec.py --trained "$work/trained" --device cuda --dtype bfloat16 \
   --max-tokens 128 --k 4 --tree-topk "$topk" --tree-nodes "$nodes" --tree-depth "$depth" \
+  --ngram-max "${NGRAM_MAX:-4}" \
   ${METHODS:+--methods $METHODS} \
   --json "$out/spec-h200-trained.json" 2>&1 | quiet | tee "$out/spec.txt"
 echo "total $(( $(date +%s) - start ))s" | tee -a "$out/spec.txt"
