@@ -223,7 +223,8 @@ def test_a_new_backend_adopts_the_engines_a_previous_one_left_running(tmp_path: 
         asyncio.run(second.stop("engine-0"))
         wait_for(lambda: observe(second) == [])
         assert not alive(pid)
-        assert not alive(child)
+        # The child's signal lands asynchronously; on a loaded machine it may take moments.
+        wait_for(lambda: not alive(child), timeout_s=5)
     finally:
         asyncio.run(second.close())
         asyncio.run(first.close())
