@@ -1,10 +1,11 @@
 """The gateway's own cost per request, without an engine's compute in the way.
 
-    python bench/gateway_hop.py [--requests N] [--json PATH]
+    python bench/gateway_hop.py [--requests N] [--prefill-ms MS] [--json PATH]
 
 Starts an engine double that answers every ``Generate`` at once (a real ``EngineService``
-gRPC server: a few token ids, no model) and a gateway routed to it (``python -m gateway
---engines``, the demo model's tokenizer), then alternates, request by request:
+gRPC server: a few token ids, no model), or ``--prefill-ms`` after the request came in as
+a real engine's prefill would, and a gateway routed to it (``python -m gateway --engines``,
+the demo model's tokenizer), then alternates, request by request:
 
 - ``gateway``: a streamed ``/v1/completions`` (a 64-word prompt, 4 tokens) through the
   gateway, timed to the first event with text, by a client that reads the socket itself;
@@ -24,6 +25,12 @@ tokenization, routing, the gRPC call's setup, detokenization and the first SSE w
 busy shared machine ``bench/serving.py``'s ``gateway_overhead_ms_p50`` adds to this the time
 the gateway process waits for a core; this benchmark keeps that small by doing one request at
 a time. Prints a table, writes JSON with ``--json``.
+
+With ``--prefill-ms`` both paths wait as long for the first token, so the hop stays the
+gateway's own cost, but only what it does before the engine call goes out and after the
+first token comes back: work the gateway does while the engine computes is off the path,
+as it is in front of a real engine (``bench/serving.py``). With the instant engine it is
+all on the path.
 """
 
 from __future__ import annotations
@@ -55,10 +62,16 @@ MAX_TOKENS = 4
 
 
 class InstantEngine(engine_pb2_grpc.EngineServiceServicer):
-    """Answers every request at once with ``max_tokens`` token ids, one per response."""
+    """Answers every request with ``max_tokens`` token ids, one per response, the first
+    ``prefill_s`` after the request (at once when 0)."""
+
+    def __init__(self, prefill_s: float = 0.0) -> None:
+        self._prefill_s = prefill_s
 
     async def Generate(self, request, context):  # type: ignore[no-untyped-def]
         count = request.sampling.max_tokens or MAX_TOKENS
+        if self._prefill_s:
+            await asyncio.sleep(self._prefill_s)
         for position in range(count):
             last = position == count - 1
             yield engine_pb2.GenerateResponse(
@@ -76,9 +89,9 @@ class InstantEngine(engine_pb2_grpc.EngineServiceServicer):
         )
 
 
-async def serve_instant_engine(port: int) -> None:
+async def serve_instant_engine(port: int, prefill_s: float = 0.0) -> None:
     server = grpc.aio.server()
-    engine_pb2_grpc.add_EngineServiceServicer_to_server(InstantEngine(), server)
+    engine_pb2_grpc.add_EngineServiceServicer_to_server(InstantEngine(prefill_s), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -204,6 +217,7 @@ async def measure(
             "requests": args.requests,
             "prompt_words": 64,
             "max_tokens": MAX_TOKENS,
+            "prefill_ms": args.prefill_ms,
             "gateway_source": str(args.gateway_source),
             "compare_source": str(args.compare_source) if args.compare_source else None,
         },
@@ -252,10 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="another source tree whose gateway serves the same engine, requests alternated",
     )
+    parser.add_argument(
+        "--prefill-ms",
+        type=float,
+        default=0.0,
+        help="the engine double's time to its first token (0: at once)",
+    )
     parser.add_argument("--serve-engine", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_engine:
-        asyncio.run(serve_instant_engine(args.serve_engine))
+        asyncio.run(serve_instant_engine(args.serve_engine, args.prefill_ms / 1000))
         return 0
 
     engine_port, gateway_port = free_port(), free_port()
@@ -270,8 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", data_dir,
         "--log-level", "WARNING",
     ]  # fmt: skip
+    engine_argv = [
+        sys.executable, __file__,
+        "--serve-engine", str(engine_port),
+        "--prefill-ms", str(args.prefill_ms),
+    ]  # fmt: skip
     engine = subprocess.Popen(
-        [sys.executable, __file__, "--serve-engine", str(engine_port)],
+        engine_argv,
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
@@ -302,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         for process in processes:
             process.terminate()
             process.wait(timeout=30)
-    print(f"\n{args.requests} requests per path, one at a time, {MAX_TOKENS} tokens each")
+    prefill = f", first token after {args.prefill_ms:g} ms" if args.prefill_ms else ""
+    print(f"\n{args.requests} requests per path, one at a time, {MAX_TOKENS} tokens each{prefill}")
     print(f"{'path':<34}{'first text p50':>16}{'p99':>10}")
     labels = {
         "gateway": "through the gateway (raw client)",
