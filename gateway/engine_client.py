@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from prometheus_client import Counter
@@ -154,9 +154,17 @@ class EngineClient:
         )
 
     async def generate(
-        self, request: engine_pb2.GenerateRequest, request_info: RequestInfo
+        self,
+        request: engine_pb2.GenerateRequest,
+        request_info: RequestInfo,
+        *,
+        on_sent: Callable[[], object] | None = None,
     ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         """Yields the engine's responses; raises ``EngineError`` or ``NoReplicaAvailable``.
+
+        ``on_sent`` is called once, on the event loop, right after the first attempt's
+        request has gone out: what the caller needs only once the first response is in can
+        be prepared there, while the engine computes, instead of after it.
 
         Close the iterator (``contextlib.aclosing``) to cancel the call early.
         """
@@ -179,6 +187,11 @@ class EngineClient:
             started = False
             address = replica.address
             call = self._stub(address).Generate(sent, timeout=self._timeout_s)
+            if on_sent is not None:
+                # grpc.aio queued the call's send as a step of its own when it made the call;
+                # a callback queued now runs after it, while this task waits for a response.
+                asyncio.get_running_loop().call_soon(on_sent)
+                on_sent = None
             self._calls_by_address[address] = self._calls_by_address.get(address, 0) + 1
             with self._router.track(replica), self._router.track_optional(prefill):
                 try:

@@ -9,7 +9,7 @@ later Anthropic) shape the deltas into their own responses.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -114,10 +114,13 @@ class Generator:
             )
         return spec.max_tokens
 
-    async def generate(self, spec: GenerationSpec) -> AsyncIterator[SampleDelta]:
+    async def generate(
+        self, spec: GenerationSpec, *, on_sent: Callable[[], object] | None = None
+    ) -> AsyncIterator[SampleDelta]:
         """Yields deltas until every sample has finished; raises ``ContextLengthError``,
         ``GatewayBusy``, ``EngineError`` or ``NoReplicaAvailable`` (``ReplicasBusy``).
-        The request holds an admission slot until the iterator is closed."""
+        The request holds an admission slot until the iterator is closed. ``on_sent`` is
+        called once the request is on its way to an engine (:meth:`EngineClient.generate`)."""
         spec.sampling.max_tokens = self.resolve_max_tokens(spec)
         request = engine_pb2.GenerateRequest(
             request_id=spec.request_id,
@@ -146,7 +149,8 @@ class Generator:
         unfinished = len(samples)
         count_prompt(len(spec.prompt_token_ids))
         with self.admission.admit():
-            async with aclosing(self.engines.generate(request, info)) as responses:
+            generation = self.engines.generate(request, info, on_sent=on_sent)
+            async with aclosing(generation) as responses:
                 async for response in responses:
                     count_completion(len(response.token_ids))
                     sample = samples[response.index]

@@ -41,6 +41,7 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._first_token_latencies: dict[str, Histogram] = {}
         self.in_flight = Gauge(
             "switchyard_gateway_in_flight_requests",
             "HTTP requests being answered",
@@ -70,6 +71,16 @@ class GatewayMetrics:
             ["code"],
             registry=self.registry,
         )
+
+    def first_token_latency(self, endpoint: str) -> Histogram:
+        """``time_to_first_token``'s child for ``endpoint``, looked up once (``labels``
+        takes a lock and builds a key)."""
+        child = self._first_token_latencies.get(endpoint)
+        if child is None:
+            child = self._first_token_latencies[endpoint] = self.time_to_first_token.labels(
+                endpoint
+            )
+        return child
 
 
 class MetricsMiddleware:

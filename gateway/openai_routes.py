@@ -300,17 +300,26 @@ class OpenAIRoutes:
     ) -> Response:
         request_id_var.set(spec.request_id)
         started = time.perf_counter()
+        exclude = None if body.include_usage else {"usage"}
         try:
             first, deltas = await start_generation(
-                request, self.generator, spec, self.metrics, endpoint, started
+                request,
+                self.generator,
+                spec,
+                self.metrics,
+                endpoint,
+                started,
+                # The stream's first events are framed from what this renders while the
+                # engine computes; the answer to a request without a stream waits for all.
+                while_engine_computes=(lambda: shape.prepare_events(exclude))
+                if body.stream
+                else None,
             )
         except ApiError as exc:
             raise OpenAIError.of(exc) from exc
         headers = {"x-request-id": spec.request_id}
         if body.stream:
-            events = self._stream_events(
-                first, deltas, shape, spec, include_usage=body.include_usage
-            )
+            events = self._stream_events(first, deltas, shape, spec, exclude)
             return EventStream(events, headers)
         try:
             await until_disconnected(request, shape.collect(first, deltas))
@@ -328,16 +337,14 @@ class OpenAIRoutes:
         deltas: AsyncIterator[SampleDelta],
         shape: _Shape,
         spec: GenerationSpec,
-        *,
-        include_usage: bool,
+        exclude: set[str] | None,
     ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
-        exclude = None if include_usage else {"usage"}
         # Events that are ready together go out in one write: each write is a syscall and a
         # wakeup of the client, which on a busy host costs more than building the events.
         async with aclosing(deltas):
             try:
-                events = _sse_events(shape.opening_chunks(), exclude) + shape.events(first, exclude)
+                events = shape.opening_events(exclude) + shape.events(first, exclude)
                 if events:
                     yield events
                 async for delta in deltas:
@@ -350,7 +357,7 @@ class OpenAIRoutes:
                 yield b"data: " + error + b"\n\ndata: [DONE]\n\n"
                 return
         usage = shape.usage(len(spec.prompt_token_ids))
-        tail = _sse(shape.usage_chunk(usage), None) if include_usage else b""
+        tail = _sse(shape.usage_chunk(usage), None) if exclude is None else b""
         yield tail + b"data: [DONE]\n\n"
         self._log_finished(spec, usage, started)
 
@@ -432,6 +439,20 @@ class _Shape(ABC):
         self.num_tokens = [0] * n
         self.finish_reasons: list[str | None] = [None] * n
         self._templates: dict[int, _TextEventTemplate] = {}
+        self._opening_events: bytes | None = None
+
+    def prepare_events(self, exclude: set[str] | None) -> None:
+        """Renders what the stream's first events are framed from (the opening chunks, each
+        sample's text-event template), so that the first token does not wait for it."""
+        self.opening_events(exclude)
+        for index in range(self.n):
+            self._text_template(index, exclude)
+
+    def opening_events(self, exclude: set[str] | None) -> bytes:
+        """The stream's opening chunks, framed (rendered once)."""
+        if self._opening_events is None:
+            self._opening_events = _sse_events(self.opening_chunks(), exclude)
+        return self._opening_events
 
     def record(self, delta: SampleDelta) -> None:
         self.texts[delta.index] += delta.text
@@ -472,12 +493,15 @@ class _Shape(ABC):
     def _text_event(self, index: int, text: str, exclude: set[str] | None) -> bytes:
         """``_sse(self.text_chunk(index, text), exclude)``, the same bytes, without building
         the chunk: most events of a stream are of this kind."""
+        return self._text_template(index, exclude).render(text)
+
+    def _text_template(self, index: int, exclude: set[str] | None) -> _TextEventTemplate:
         template = self._templates.get(index)
         if template is None:
             template = self._templates[index] = _TextEventTemplate(
                 lambda text: self.text_chunk(index, text), exclude
             )
-        return template.render(text)
+        return template
 
     @abstractmethod
     def usage_chunk(self, usage: Usage) -> BaseModel: ...

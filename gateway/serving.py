@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -116,11 +116,15 @@ async def start_generation(
     metrics: GatewayMetrics,
     endpoint: str,
     started: float,
+    *,
+    while_engine_computes: Callable[[], object] | None = None,
 ) -> tuple[SampleDelta, AsyncIterator[SampleDelta]]:
     """Start ``spec`` and wait for its first delta; raises :class:`ApiError` (429 and 503
     counted in ``switchyard_gateway_rejected_requests`` by code). ``started`` is when the
-    request arrived, for the time-to-first-token histogram."""
-    deltas = generator.generate(spec)
+    request arrived, for the time-to-first-token histogram. ``while_engine_computes`` runs
+    once the request has gone to an engine: the response's preparation, off the path
+    between the first token and the client."""
+    deltas = generator.generate(spec, on_sent=while_engine_computes)
     try:
         first = await until_disconnected(request, anext(deltas))
     except GENERATION_FAILURES as exc:
@@ -132,7 +136,7 @@ async def start_generation(
     except BaseException:
         await deltas.aclose()
         raise
-    metrics.time_to_first_token.labels(endpoint).observe(time.perf_counter() - started)
+    metrics.first_token_latency(endpoint).observe(time.perf_counter() - started)
     metrics.prompt_tokens.inc(len(spec.prompt_token_ids))
     return first, deltas
 
@@ -144,25 +148,37 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
     on every request."""
     task = asyncio.current_task()
     assert task is not None
-    state = {"gone": False, "finished": False}
+    gone = finished = False
+    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
+        nonlocal gone
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        if not state["finished"]:
-            state["gone"] = True
+        if not finished:
+            gone = True
             task.cancel()
 
-    watcher = asyncio.create_task(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        if not finished:
+            watcher = asyncio.create_task(watch())
+
+    # The watcher starts at the loop's next turn, so that its first step (a wait on the
+    # connection) runs after the steps the awaited work queues on its own first step: the
+    # engine call's send, which would otherwise wait for it.
+    starting = asyncio.get_running_loop().call_soon(start_watching)
     try:
         result = await awaitable
-        state["finished"] = True
+        finished = True
         return result
     except asyncio.CancelledError:
-        if not state["gone"]:
+        if not gone:
             raise
         task.uncancel()
         raise ApiError(499, "the client closed the request", code="client_closed_request") from None
     finally:
-        state["finished"] = True
-        watcher.cancel()
+        finished = True
+        starting.cancel()
+        if watcher is not None:
+            watcher.cancel()
