@@ -65,3 +65,24 @@ def test_short_prompts_encode_as_the_wrapper_does(checkpoint: Path) -> None:
             assert asyncio.run(tokenizer.encode_prompt(text)) == wrapper
     finally:
         tokenizer.close()
+
+
+def test_chats_encode_as_the_wrapper_encodes_the_rendered_template(checkpoint: Path) -> None:
+    tokenizer = ModelTokenizer(str(checkpoint))
+    hf = tokenizer.tokenizer
+    chats = [
+        [{"role": "user", "content": "Hello"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "ünïcödé, 42 and  two  spaces"},
+            {"role": "assistant", "content": f"a {hf.eos_token} inside"},
+            {"role": "user", "content": "again"},
+        ],
+    ]
+    try:
+        for chat in chats:
+            rendered = hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            wrapper = list(hf.encode(rendered, add_special_tokens=False))
+            assert asyncio.run(tokenizer.encode_chat(chat, {})) == wrapper
+    finally:
+        tokenizer.close()
