@@ -8,8 +8,10 @@ JSON body model and the ``Request`` (``/v1/completions``, ``/v1/chat/completions
 ``/v1/messages``), :class:`FastRoutes` does only what those routes need, with FastAPI's own
 parts, so that what a client sees cannot differ:
 
-- the body is read, parsed with ``json.loads`` (as FastAPI's ``Request.json``) and validated
-  by FastAPI's ``request_body_to_args`` with the route's own body field;
+- the body is read, parsed with ``json.loads`` (as FastAPI's ``Request.json``; ``orjson``
+  would read integers past 64 bits as floats) and validated by the route's own body field
+  (FastAPI's ``ModelField``), as FastAPI's ``request_body_to_args`` validates a lone body
+  that is not embedded;
 - the handler is called with the validated model and a ``Request``, and its ``Response`` is
   sent; exceptions go through Starlette's ``ExceptionMiddleware`` with the app's own
   handlers, as on the routed path (a 500 is left to the app's outermost handler, as there).
@@ -27,8 +29,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
-from fastapi.dependencies.utils import request_body_to_args
+from fastapi import APIRouter, FastAPI, params
 from fastapi.routing import APIRoute
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 from starlette.middleware.exceptions import ExceptionMiddleware
@@ -46,8 +47,8 @@ class _Endpoint:
         dependant = route.dependant
         assert dependant.call is not None and dependant.request_param_name is not None
         self.call = dependant.call
-        self.body_fields = dependant.body_params
-        self.body_name = dependant.body_params[0].name
+        self.body_field = dependant.body_params[0]
+        self.body_name = self.body_field.name
         self.request_name = dependant.request_param_name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -69,6 +70,7 @@ def eligible(route: Any) -> bool:
     return (
         len(dependant.body_params) == 1
         and getattr(route, "_embed_body_fields", True) is False
+        and not isinstance(dependant.body_params[0].field_info, params.Form)
         and dependant.request_param_name is not None
         and not dependant.path_params
         and not dependant.query_params
@@ -143,7 +145,7 @@ class FastRoutes:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        value = await self._validated(entry[0], scope, body)
+        value = self._validated(entry[0], scope, body)
         if value is None:
             replayed = {"type": "http.request", "body": body, "more_body": False}
             await self._app(scope, _replay([replayed], receive), send)
@@ -152,7 +154,7 @@ class FastRoutes:
         await entry[1](scope, receive, send)
 
     @staticmethod
-    async def _validated(endpoint: _Endpoint, scope: Scope, body: bytes) -> Any:
+    def _validated(endpoint: _Endpoint, scope: Scope, body: bytes) -> Any:
         """The body as the route's model, or None where FastAPI should answer it itself."""
         content_type = None
         for name, value in scope["headers"]:
@@ -166,12 +168,11 @@ class FastRoutes:
             parsed = json.loads(body)
         except ValueError:
             return None
-        values, errors = await request_body_to_args(
-            body_fields=endpoint.body_fields, received_body=parsed, embed_body_fields=False
-        )
+        # What request_body_to_args does for one body field that is not embedded.
+        value, errors = endpoint.body_field.validate(parsed, {}, loc=("body",))
         if errors:
             return None
-        return values[endpoint.body_name]
+        return value
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:
