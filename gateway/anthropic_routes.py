@@ -155,7 +155,14 @@ class AnthropicRoutes:
         request_id_var.set(request_id)
         try:
             first, deltas = await start_generation(
-                request, self.generator, spec, self.metrics, ENDPOINT, time.perf_counter()
+                request,
+                self.generator,
+                spec,
+                self.metrics,
+                ENDPOINT,
+                time.perf_counter(),
+                # A stream's opening events are rendered while the engine computes.
+                while_engine_computes=shape.opening_events if body.stream else None,
             )
         except ApiError as exc:
             raise AnthropicError.of(exc) from exc
@@ -176,21 +183,20 @@ class AnthropicRoutes:
     async def _events(
         self, first: SampleDelta, deltas: AsyncIterator[SampleDelta], shape: _MessageShape
     ) -> AsyncIterator[bytes]:
+        # Events that are ready together go out in one write: each write is a syscall and a
+        # wakeup of the client, and the first text would otherwise wait behind three.
         async with aclosing(deltas):
             try:
-                yield _event("message_start", {"message": shape.opening().model_dump(mode="json")})
-                yield _event("ping", {})
-                for name, data in shape.events(first):
-                    yield _event(name, data)
+                yield shape.opening_events() + _framed(shape.events(first))
                 async for delta in deltas:
-                    for name, data in shape.events(delta):
-                        yield _event(name, data)
+                    events = _framed(shape.events(delta))
+                    if events:
+                        yield events
             except GENERATION_FAILURES as exc:
                 logger.warning("engine failed mid-stream", extra={"error": str(exc)})
                 yield _event("error", anthropic_error_for(exc).anthropic_body())
                 return
-        for name, data in shape.closing_events():
-            yield _event(name, data)
+        yield _framed(shape.closing_events())
         self.metrics.generation_tokens.inc(shape.output_tokens)
 
 
@@ -232,6 +238,16 @@ class _MessageShape:
         self.blocks: list[OutputTextBlock | _ToolUse] = []
         self._open = False
         self._block_of_call: dict[int, int] = {}
+        self._opening_events: bytes | None = None
+
+    def opening_events(self) -> bytes:
+        """A stream's first events, message_start and a ping, framed (rendered once)."""
+        if self._opening_events is None:
+            message = self.opening().model_dump(mode="json")
+            self._opening_events = _event("message_start", {"message": message}) + _event(
+                "ping", {}
+            )
+        return self._opening_events
 
     def opening(self) -> Message:
         return Message(
@@ -360,6 +376,10 @@ async def _collect(
 def _event(name: str, data: dict[str, Any]) -> bytes:
     # orjson writes compact UTF-8 bytes directly: this runs for every streamed delta.
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data}) + b"\n\n"
+
+
+def _framed(events: list[tuple[str, dict[str, Any]]]) -> bytes:
+    return b"".join(_event(name, data) for name, data in events)
 
 
 def _tool_choice(body: MessagesRequest) -> tuple[ToolChoice, bool]:
