@@ -84,6 +84,8 @@ class EngineClient:
         self._stubs: dict[str, engine_pb2_grpc.EngineServiceStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls_by_address: dict[str, int] = {}
+        # The routing table every open channel is listed in (nothing to close until it changes).
+        self._table_checked: object = None
 
     def channel_addresses(self) -> set[str]:
         """The replica addresses this client holds an open channel to."""
@@ -106,7 +108,10 @@ class EngineClient:
     async def _close_departed(self) -> None:
         """Closes the idle channels of replicas that are no longer in the routing table, so
         that a fleet that churns through replicas does not leave sockets behind."""
-        listed = {replica.address for replica in self._router.source.replicas()}
+        table = self._router.source.replicas()
+        if table is self._table_checked:
+            return  # the same table (sources replace it whole), and nothing left to close
+        listed = {replica.address for replica in table}
         departed = [
             address
             for address in self._channels
@@ -116,6 +121,10 @@ class EngineClient:
             channel = self._channels.pop(address)
             del self._stubs[address]
             await channel.close()
+        # Channels still busy are looked at again on the next request; new channels only
+        # open to listed replicas.
+        if all(address in listed for address in self._channels):
+            self._table_checked = table
 
     async def _select(
         self,

@@ -784,6 +784,14 @@ def _output_constraint(body: SamplingRequest) -> tuple[str, common_pb2.Structure
     """The one output constraint the request asks for (response_format, vLLM's
     structured_outputs or its guided_* fields) and the field it came from, not yet compiled;
     400 when several are given."""
+    if (
+        body.response_format is None
+        and body.structured_outputs is None
+        and body.guided_json is None
+        and body.guided_regex is None
+        and body.guided_grammar is None
+    ):
+        return None  # most requests: nothing to look at
     constraints: list[tuple[str, common_pb2.StructuredOutput]] = []
     try:
         response_format = body.response_format

@@ -122,7 +122,9 @@ class RequestInfo:
 
 
 class RoutesSource(Protocol):
-    """Where the routing table comes from; ``replicas`` is the latest table, READY or not."""
+    """Where the routing table comes from; ``replicas`` is the latest table, READY or not.
+    A table is replaced whole, never edited in place, so that users may tell a new one by
+    its identity."""
 
     async def start(self) -> None: ...
 

@@ -136,8 +136,10 @@ async def start_generation(
     except BaseException:
         await deltas.aclose()
         raise
-    metrics.first_token_latency(endpoint).observe(time.perf_counter() - started)
-    metrics.prompt_tokens.inc(len(spec.prompt_token_ids))
+    # Counted at the loop's next turn: the first events go out before that.
+    loop = asyncio.get_running_loop()
+    loop.call_soon(metrics.first_token_latency(endpoint).observe, time.perf_counter() - started)
+    loop.call_soon(metrics.prompt_tokens.inc, len(spec.prompt_token_ids))
     return first, deltas
 
 
