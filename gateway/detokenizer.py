@@ -42,13 +42,20 @@ class IncrementalDetokenizer:
     ``prompt_ids`` only seeds the decoding context; no prompt text is ever emitted.
     """
 
-    __slots__ = ("_decoder", "_ids", "_prefix_offset", "_read_offset")
+    __slots__ = ("_decoder", "_ids", "_prefix_offset", "_prefix_text", "_read_offset")
 
     def __init__(self, decoder: Decoder, prompt_ids: list[int]) -> None:
         self._decoder = decoder
         self._ids = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._prefix_text: str | None = None  # the window's decoded prefix, until it slides
+
+    def prime(self) -> None:
+        """Decodes the context the first token will be read against, ahead of it (the
+        gateway calls this while the engine computes)."""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
 
     def add(self, token_ids: list[int]) -> str:
         """Appends generated tokens; returns the text they complete (maybe empty)."""
@@ -62,11 +69,10 @@ class IncrementalDetokenizer:
     def _advance(self, *, final: bool) -> str:
         if self._read_offset == len(self._ids):
             return ""
-        decode = self._decoder.decode
-        prefix_text = decode(
-            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
-        )
-        full_text = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        prefix_text = self._prefix_text
+        if prefix_text is None:
+            prefix_text = self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        full_text = self._decode(self._prefix_offset, len(self._ids))
         if len(full_text) <= len(prefix_text) and not final:
             # Special tokens skipped or a character still incomplete: nothing new yet.
             return ""
@@ -74,4 +80,8 @@ class IncrementalDetokenizer:
             return ""
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
+        self._prefix_text = None
         return full_text[len(prefix_text) :]
+
+    def _decode(self, start: int, end: int) -> str:
+        return self._decoder.decode(self._ids[start:end], skip_special_tokens=True)

@@ -120,7 +120,8 @@ class Generator:
         """Yields deltas until every sample has finished; raises ``ContextLengthError``,
         ``GatewayBusy``, ``EngineError`` or ``NoReplicaAvailable`` (``ReplicasBusy``).
         The request holds an admission slot until the iterator is closed. ``on_sent`` is
-        called once the request is on its way to an engine (:meth:`EngineClient.generate`)."""
+        called once the request is on its way to an engine (:meth:`EngineClient.generate`),
+        when the samples' detokenizers also decode the prompt context they start from."""
         spec.sampling.max_tokens = self.resolve_max_tokens(spec)
         request = engine_pb2.GenerateRequest(
             request_id=spec.request_id,
@@ -148,8 +149,15 @@ class Generator:
         ]
         unfinished = len(samples)
         count_prompt(len(spec.prompt_token_ids))
+
+        def sent() -> None:
+            for sample in samples:
+                sample.detokenizer.prime()
+            if on_sent is not None:
+                on_sent()
+
         with self.admission.admit():
-            generation = self.engines.generate(request, info, on_sent=on_sent)
+            generation = self.engines.generate(request, info, on_sent=sent)
             async with aclosing(generation) as responses:
                 async for response in responses:
                     count_completion(len(response.token_ids))

@@ -56,6 +56,23 @@ def test_stream_equals_decode_of_all_ids_for_random_tokens(
         assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def test_priming_ahead_of_the_first_token_changes_no_delta(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    rng = random.Random(11)
+    vocab_size = len(tokenizer)
+    prompt = tokenizer.encode("Hi 😀 and")
+    split = byte_token_ids(tokenizer, " 你好 😀")  # characters split over tokens
+    for _ in range(20):
+        ids = [*split, *(rng.randrange(vocab_size) for _ in range(rng.randrange(1, 20)))]
+        sizes = [rng.randrange(1, 3) for _ in ids]
+        primed = IncrementalDetokenizer(tokenizer, prompt)
+        primed.prime()
+        assert stream(primed, ids, sizes) == stream(
+            IncrementalDetokenizer(tokenizer, prompt), ids, sizes
+        )
+
+
 def test_real_tokenization_of_emoji_and_cjk_round_trips(tokenizer: PreTrainedTokenizerBase) -> None:
     text = "Good morning 😀! 你好世界 🎉🎉 naïve café"
     ids = tokenizer.encode(text, add_special_tokens=False)
