@@ -62,6 +62,7 @@ class _State:
     leases: dict[str, Json] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     watch_generation: int = 0  # bumped to drop every open watch
+    watching: int = 0  # watches open (their generation taken: a drop reaches them)
     paused: bool = False  # open watches send nothing
     failures_left: int = 0  # answer this many requests with 500
     fail_leases: bool = False
@@ -204,6 +205,11 @@ class KubeApiDouble:
             return [r for r in self.state.requests if r.method == method
                     and re.search(pattern, r.path)]  # fmt: skip
 
+    def open_watches(self) -> int:
+        """Watches being served now (a request is recorded before its watch opens)."""
+        with self.cond:
+            return self.state.watching
+
     def pod_watches(self) -> list[Request]:
         return [r for r in self.requests("GET", "/pods$") if r.query.get("watch") == "true"]
 
@@ -293,6 +299,15 @@ class _Handler(BaseHTTPRequestHandler):
             generation = state.watch_generation
             if sent < state.oldest_rv:
                 return self._write_line({"type": "ERROR", "object": _status(410, "too old")})
+            state.watching += 1
+        try:
+            self._stream_events(generation, sent, selector, deadline)
+        finally:
+            with api.cond:
+                state.watching -= 1
+
+    def _stream_events(self, generation: int, sent: int, selector: str, deadline: float) -> None:
+        api, state = self.api, self.api.state
         while True:
             with api.cond:
                 if state.watch_generation != generation or time.monotonic() >= deadline:

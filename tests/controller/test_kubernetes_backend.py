@@ -142,6 +142,8 @@ async def test_an_engine_that_registered_itself_keeps_its_own_record(cluster: Cl
 
 async def test_a_lost_watch_resumes_from_the_last_version_seen(cluster: Cluster) -> None:
     await eventually(lambda: len(cluster.double.pod_watches()) == 1)
+    # Open, not only requested: a watch that opened after the drop would see the change.
+    await eventually(lambda: cluster.double.open_watches() == 1)
     last_seen = cluster.double.state.rv
     with cluster.double.hidden():
         cluster.double.add_pod("engine-c", ip="10.0.0.3", ready=True)
