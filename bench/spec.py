@@ -126,7 +126,6 @@ def run_trained(args, results: dict) -> None:
         "ngram": {
             "method": "ngram",
             "num_speculative_tokens": k,
-            "prompt_lookup_min": min(2, args.ngram_max),
             "prompt_lookup_max": args.ngram_max,
         },
         "draft": {"model": str(folder / "draft"), "num_speculative_tokens": k},
