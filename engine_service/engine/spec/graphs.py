@@ -41,7 +41,7 @@ backend each step: the CPU twin that tests the derivation and padding without a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -429,10 +429,7 @@ class TreeGraphs(_DraftGraphs):
         children from ``root_logits[b]`` (the proposer's vocabulary, device), then the
         rounds; node 1 sits at cache index ``base[b]``."""
         trees: list[tuple[list[int], list[int]]] = []
-        for lo in range(0, len(base), self.max_seqs):  # more rows than the largest bucket
-            hi = lo + self.max_seqs
-            hidden = root_hidden[lo:hi] if root_hidden is not None else None
-            n = self._run(root_logits[lo:hi], hidden, base[lo:hi], block_tables[lo:hi])
+        for n in self._runs(root_logits, root_hidden, base, block_tables):
             out = torch.stack((self.tokens[:n], self.parents[:n]), dim=1)[:, :, : self.num_nodes]
             for tokens, parents in out.tolist():
                 trees.append((tokens, parents))
@@ -453,10 +450,7 @@ class TreeGraphs(_DraftGraphs):
         the nodes, itself included)."""
         parts = []
         width = self.num_nodes
-        for lo in range(0, len(base), self.max_seqs):
-            hi = lo + self.max_seqs
-            hidden = root_hidden[lo:hi] if root_hidden is not None else None
-            n = self._run(root_logits[lo:hi], hidden, base[lo:hi], block_tables[lo:hi])
+        for n in self._runs(root_logits, root_hidden, base, block_tables):
             parts.append(
                 (
                     self.tokens[:n, :width].clone(),
@@ -469,6 +463,14 @@ class TreeGraphs(_DraftGraphs):
             return parts[0]
         tokens, parents, depths, ancestors = (torch.cat(piece) for piece in zip(*parts))
         return tokens, parents, depths, ancestors
+
+    def _runs(self, root_logits, root_hidden, base, block_tables) -> Iterator[int]:
+        """Grow the rows' trees a bucket's worth at a time (more rows than the largest
+        bucket take several runs); after each run, how many rows its buffers hold."""
+        for lo in range(0, len(base), self.max_seqs):
+            hi = lo + self.max_seqs
+            hidden = root_hidden[lo:hi] if root_hidden is not None else None
+            yield self._run(root_logits[lo:hi], hidden, base[lo:hi], block_tables[lo:hi])
 
     def _run(self, root_logits, root_hidden, base, block_tables) -> int:
         """Grow the trees of ``len(base)`` rows (at most ``max_seqs``) into the buffers."""

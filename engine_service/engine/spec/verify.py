@@ -248,7 +248,6 @@ def verify(
     sample row, the bitmask of each tree node
     (:func:`~engine_service.engine.spec.grammar.draft_grammar_masks`). A seeded request's
     generator is left after the noise of the tokens committed."""
-    _read_back_misplaced_trees(batch)
     trees = _Trees.gather(batch)
     if trees is None:
         return None
@@ -259,6 +258,7 @@ def verify(
     pieces = [trees.rows, trees.drafts.reshape(-1)]
     on_device = batch.device_drafts
     in_order = on_device is not None and on_device.seqs == trees.seq_indices
+    # Device trees are every drafted sequence's, drafted in batch order (grow_full_trees).
     assert in_order or not trees.on_device, "device trees are verified in their order"
     if on_device is not None and not in_order:  # where each device draft goes among the nodes
         dst, src = _device_draft_places(trees, on_device)
@@ -382,25 +382,6 @@ def _device_tree_shape(drafts: DeviceDrafts, width: int) -> tuple[torch.Tensor, 
     nodes = torch.arange(width, device=device).expand(num, width)
     none = torch.zeros(num, 1, width - 1, dtype=torch.bool, device=device)
     return parents, depths, column, nodes, torch.cat((none, drafts.ancestors), dim=1)
-
-
-def _read_back_misplaced_trees(batch: ScheduledBatch) -> None:
-    """Trees on the device whose order differs from the verification's (not expected; a
-    safeguard): read their tokens and shape back and verify them as host trees."""
-    drafts = batch.device_drafts
-    if drafts is None or drafts.parents is None:
-        return
-    drafted = [i for i in batch.sample_seqs if batch.sequences[i].draft_token_ids]
-    if drafted == drafts.seqs and all(batch.sequences[i].device_tree for i in drafted):
-        return
-    tokens, parents = drafts.to_host(), drafts.parents_to_host()
-    for i in drafts.seqs:
-        seq = batch.sequences[i]
-        seq.device_tree = False
-        seq.draft_token_ids = tokens[i]
-        seq.draft_parents = parents[i]
-        seq.custom_mask, _ = tree_mask(parents[i])
-    batch.device_drafts = None
 
 
 def _device_draft_places(trees: _Trees, drafts: DeviceDrafts) -> tuple[np.ndarray, np.ndarray]:
