@@ -164,7 +164,6 @@ class ScheduledBatch:
             if drafts.parents is not None:
                 on_device_trees = set(drafts.seqs)
             drafts = {i: [0] * n for i, n in zip(drafts.seqs, drafts.lengths, strict=True)}
-        drafted = {index: len(tokens) for index, tokens in drafts.items()}
         for index, tokens in drafts.items():
             seq = self.sequences[index]
             tokens = tokens[: seq.draft_room]
@@ -176,7 +175,7 @@ class ScheduledBatch:
             seq.device_tree = index in on_device_trees
             if seq.device_tree:
                 # Its shape is on the device, whole: one known token, then every draft.
-                assert known == 1 and len(tokens) == drafted[index]
+                assert known == 1 and len(tokens) == len(drafts[index])
                 seq.draft_parents = seq.custom_mask = seq.position_offsets = None
             elif tree is not None and tree != list(range(len(tokens))):
                 seq.draft_parents = tree[: len(tokens)]
