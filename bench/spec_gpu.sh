@@ -8,7 +8,9 @@
 # 8-layer, width-512 target instead; MODELS="eagle" trains only those proposers and
 # METHODS="ngram eagle eagle_tree" measures only those; TREE="TOPK NODES DEPTH" another tree;
 # NGRAM_MAX=N n-gram lookup's prompt_lookup_max (4 by default; the target's tokens are bytes,
-# so 4 of them are about one BPE token, and a longer match finds the copied place sooner).
+# so 4 of them are about one BPE token, and a longer match finds the copied place sooner);
+# TARGET_STEPS, SEQ and BATCH override the target's steps and the rows' shape; with WORK=DIR
+# holding an earlier run's DIR/trained, training is skipped (RETRAIN=1 trains anyway).
 set -euo pipefail
 out=${1:-${OUT:-bench/results}}
 mkdir -p "$out"
@@ -17,10 +19,14 @@ quiet() { grep -v -E "Warning|warn|Loading|Writing" || true; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 read -r topk nodes depth <<< "${TREE:-2 12 6}"
 start=$(date +%s)
-python3 bench/train_spec.py --out "$work/trained" --device cuda --size "${SIZE:-gpu-large}" \
-  ${STEPS:+--steps "$STEPS"} ${MODELS:+--models $MODELS} 2>&1 | quiet | tee "$out/train_spec.txt"
+if [[ ! -f "$work/trained/train.json" || -n "${RETRAIN:-}" ]]; then
+  python3 bench/train_spec.py --out "$work/trained" --device cuda --size "${SIZE:-gpu-large}" \
+    ${STEPS:+--steps "$STEPS"} ${TARGET_STEPS:+--target-steps "$TARGET_STEPS"} \
+    ${SEQ:+--seq "$SEQ"} ${BATCH:+--batch "$BATCH"} \
+    ${MODELS:+--models $MODELS} 2>&1 | quiet | tee "$out/train_spec.txt"
+  echo "training took $(( $(date +%s) - start ))s" | tee -a "$out/train_spec.txt"
+fi
 cp "$work/trained/train.json" "$out/spec-train.json"
-echo "training took $(( $(date +%s) - start ))s" | tee -a "$out/train_spec.txt"
 python3 bench/spec.py --trained "$work/trained" --device cuda --dtype bfloat16 \
   --max-tokens 128 --k 4 --tree-topk "$topk" --tree-nodes "$nodes" --tree-depth "$depth" \
   --ngram-max "${NGRAM_MAX:-4}" \

@@ -295,6 +295,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", default="toy", choices=sorted(SIZES))
     parser.add_argument("--steps", type=int, help="training steps per model (default: by size)")
+    parser.add_argument(
+        "--target-steps", type=int, help="training steps for the target (default: --steps)"
+    )
+    parser.add_argument("--seq", type=int, help="tokens per training row (default: by size)")
+    parser.add_argument("--batch", type=int, help="rows per training step (default: by size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--edit-share",
@@ -316,12 +321,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     size = dict(SIZES[args.size])
+    size.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch)) if v})
     steps = args.steps or size["steps"]
+    target_steps = args.target_steps or steps
     generator = torch.Generator().manual_seed(args.seed)
     ids, held_out = corpus(args.seed)
     print(f"corpus: {len(ids) / 1e6:.1f}M byte tokens, {len(held_out)} held-out files")
     data = batches(ids, size["seq"], size["batch"], generator, device, args.edit_share)
     recipe: dict = {**size, "size": args.size, "seed": args.seed, "steps": steps}
+    recipe["target_steps"] = target_steps
     recipe["edit_share"] = args.edit_share
     recipe["models"] = ["target", *args.models]
 
@@ -344,7 +352,7 @@ def main() -> None:
     def lm_loss(model):
         return lambda x: model(x, labels=x).loss
 
-    recipe["target_loss"] = train(target, lm_loss(target), data, steps, 3e-3, device, "target")
+    recipe["target_loss"] = train(target, lm_loss(target), data, target_steps, 3e-3, device, "target")
     target.eval().requires_grad_(False)
     target.save_pretrained(args.out / "target")
 
