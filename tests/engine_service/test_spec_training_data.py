@@ -4,6 +4,7 @@ half repeats the first apart from one replaced stretch (what n-gram lookup is me
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -49,3 +50,31 @@ def test_edit_share_picks_about_that_many_rows():
     marks = [s.encode() for s in train_spec.EDIT_SEPARATORS]
     edits = sum(any(m in bytes((r - 3).tolist()) for m in marks) for r in rows)
     assert 60 <= edits <= 140
+
+
+def test_reuse_target_trains_proposers_beside_the_saved_target(tmp_path, monkeypatch):
+    """Two toy runs of the script (one step each): the first trains the target (its rate,
+    rows and steps overridden) and an EAGLE head; the second, with ``--reuse-target``,
+    trains a draft for that same target, which it leaves untouched, and keeps the first
+    run's recipe and losses beside the new one."""
+    out = tmp_path / "trained"
+
+    def run(*argv: str) -> None:
+        monkeypatch.setattr("sys.argv", ["train_spec.py", "--out", str(out), *argv])
+        train_spec.main()
+
+    run("--steps", "1", "--target-steps", "2", "--seq", "64", "--batch", "2", "--lr", "1e-3",
+        "--models", "eagle")  # fmt: skip
+    weights = (out / "target" / "model.safetensors").read_bytes()
+    first = json.loads((out / "train.json").read_text())
+    assert (first["seq"], first["batch"], first["lr"], first["target_steps"]) == (64, 2, 1e-3, 2)
+    assert first["models"] == ["target", "eagle"]
+
+    run("--steps", "1", "--seq", "64", "--batch", "2", "--models", "draft", "--reuse-target")
+    assert (out / "target" / "model.safetensors").read_bytes() == weights
+    second = json.loads((out / "train.json").read_text())
+    assert second["models"] == ["draft", "eagle", "target"]
+    assert second["target_loss"] == first["target_loss"]
+    assert second["eagle_loss"] == first["eagle_loss"]
+    assert (second["lr"], second["target_steps"]) == (1e-3, 2)
+    assert "draft_loss" in second and (out / "draft" / "config.json").exists()
