@@ -4,11 +4,12 @@
 # gpu-large size by default), then measure every method against speculation off
 # (bench/spec.py --trained): chains of 4 tokens, EAGLE trees of 12 nodes, 2 children a
 # round, 6 deep. Usage: bench/spec_gpu.sh [OUT_DIR] (default $OUT, else bench/results);
-# STEPS=N overrides the training steps per model (600 at gpu-large); SIZE=gpu trains the
+# STEPS=N overrides the training steps per model (at gpu-large 600 per proposer, 1500 for the
+# target; with STEPS alone, the target takes STEPS too); SIZE=gpu trains the
 # 8-layer, width-512 target instead; MODELS="eagle" trains only those proposers and
 # METHODS="ngram eagle eagle_tree" measures only those; TREE="TOPK NODES DEPTH" another tree;
-# NGRAM_MAX=N n-gram lookup's prompt_lookup_max (4 by default; the target's tokens are bytes,
-# so 4 of them are about one BPE token, and a longer match finds the copied place sooner);
+# NGRAM_MAX=N n-gram lookup's prompt_lookup_max (4 by default; on the fourth session's target
+# 12 accepted less than 4);
 # TARGET_STEPS, SEQ and BATCH override the target's steps and the rows' shape; with WORK=DIR
 # holding an earlier run's DIR/trained, training is skipped (RETRAIN=1 trains anyway).
 set -euo pipefail
