@@ -8,8 +8,7 @@
 # target; with STEPS alone, the target takes STEPS too); SIZE=gpu trains the
 # 8-layer, width-512 target instead; MODELS="eagle" trains only those proposers and
 # METHODS="ngram eagle eagle_tree" measures only those; TREE="TOPK NODES DEPTH" another tree;
-# NGRAM_MAX=N n-gram lookup's prompt_lookup_max (4 by default; on the fourth session's target
-# 12 accepted less than 4);
+# NGRAM_MAX=N n-gram lookup's prompt_lookup_max (4 by default);
 # TARGET_STEPS, SEQ and BATCH override the target's steps and the rows' shape; with WORK=DIR
 # holding an earlier run's DIR/trained, training is skipped (RETRAIN=1 trains anyway).
 set -euo pipefail
