@@ -122,6 +122,8 @@ def run_trained(args, results: dict) -> None:
     folder = args.trained
     k = args.k
     tree = {"topk": args.tree_topk, "num_draft_tokens": args.tree_nodes}
+    if args.tree_batch_tokens:
+        tree["max_num_batched_draft_tokens"] = args.tree_batch_tokens
     methods = {
         "ngram": {
             "method": "ngram",
@@ -241,6 +243,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--tree-depth", type=int, help="with --trained: the EAGLE tree's depth (default: --k)"
+    )
+    parser.add_argument(
+        "--tree-batch-tokens",
+        type=int,
+        default=0,
+        help="with --trained: the tree's max_num_batched_draft_tokens (0: trees never shrink)",
     )
     parser.add_argument(
         "--methods", nargs="*", help="with --trained: only these (ngram draft eagle ...)"

@@ -8,7 +8,8 @@
 # target; with STEPS alone, the target takes STEPS too); SIZE=gpu trains the
 # 8-layer, width-512 target instead; MODELS="eagle" trains only those proposers and
 # METHODS="ngram eagle eagle_tree" measures only those; TREE="TOPK NODES DEPTH" another tree;
-# NGRAM_MAX=N n-gram lookup's prompt_lookup_max (4 by default);
+# NGRAM_MAX=N n-gram lookup's prompt_lookup_max (4 by default); TREE_BATCH=T the tree's
+# max_num_batched_draft_tokens (trees shrink when a step's trees would verify more than T);
 # TARGET_STEPS, SEQ and BATCH override the target's steps and the rows' shape; with WORK=DIR
 # holding an earlier run's DIR/trained, training is skipped (RETRAIN=1 trains anyway).
 set -euo pipefail
@@ -29,7 +30,7 @@ fi
 cp "$work/trained/train.json" "$out/spec-train.json"
 python3 bench/spec.py --trained "$work/trained" --device cuda --dtype bfloat16 \
   --max-tokens 128 --k 4 --tree-topk "$topk" --tree-nodes "$nodes" --tree-depth "$depth" \
-  --ngram-max "${NGRAM_MAX:-4}" \
+  --ngram-max "${NGRAM_MAX:-4}" --tree-batch-tokens "${TREE_BATCH:-0}" \
   ${METHODS:+--methods $METHODS} \
   --json "$out/spec-h200-trained.json" 2>&1 | quiet | tee "$out/spec.txt"
 echo "total $(( $(date +%s) - start ))s" | tee -a "$out/spec.txt"

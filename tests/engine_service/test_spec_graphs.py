@@ -376,3 +376,30 @@ def test_device_trees_beside_prefill_chunks_logprobs_and_host_trees(models, name
     assert True in placed_rows  # some device trees shared a step with a prompt chunk
     assert twin.scheduler.accepted_draft_tokens > 0
     assert_pool_entirely_free(twin.kv_manager)
+
+
+def test_trees_shrink_in_large_batches_through_their_own_graphs(models):
+    """A tree budget (``max_num_batched_draft_tokens`` 18, trees of 9 nodes, topk 3): eight
+    requests together draft trees of 4 nodes, grown in the 4-node tree graphs; a lone request
+    afterwards drafts the whole 9. Drafts equal the eager proposer's (which sizes its host
+    trees the same way), and outputs plain decoding's."""
+    target, spec = case(models, "eagle_tree")
+    spec["tree"]["max_num_batched_draft_tokens"] = 18
+    config = dict(speculative_config=json.dumps(spec))
+    eager = make_engine(target, **config)
+    twin = with_twin_graphs(make_engine(target, **config), max_tokens=48, max_seqs=8)
+    assert sorted(twin.proposer.tree_graphs_by_size) == [4, 9]
+    eager_drafts, twin_drafts = record_proposals(eager), record_proposals(twin)
+    batch, alone = prompts(6), prompts(7)[:1]
+
+    plain = make_engine(target)
+    expected = run(plain, batch) + run(plain, alone)
+    assert run(eager, batch) + run(eager, alone) == expected
+    assert run(twin, batch) + run(twin, alone) == expected
+    assert twin_drafts == eager_drafts
+    sizes = {len(tokens) for _, tokens, _ in twin_drafts}
+    assert 4 in sizes and 9 in sizes and max(sizes) == 9, sizes
+    by_size = twin.proposer.tree_graphs_by_size
+    assert by_size[4].replays > 0 and by_size[9].replays > 0
+    assert twin.scheduler.accepted_draft_tokens > 0
+    assert_pool_entirely_free(twin.kv_manager)

@@ -21,7 +21,7 @@ from engine_service.engine.batch import ScheduledBatch, ScheduledSequence
 from engine_service.engine.request import Request
 from engine_service.engine.sampler import SamplingMetadata
 from engine_service.engine.spec.config import SpeculativeConfig
-from engine_service.engine.spec.proposers import NgramProposer
+from engine_service.engine.spec.proposers import NgramProposer, step_tree_size, tree_sizes
 from engine_service.engine.spec.verify import verify
 from tests.engine_service.helpers import (
     EOS,
@@ -487,11 +487,44 @@ def test_sampled_requests_accept_tree_drafts(target):
             "topk must be",
         ),
         ('{"method": "ngram", "num_speculative_tokens": 2, "bogus": 1}', "unknown keys"),
+        (
+            '{"model": "x", "num_speculative_tokens": 2, "tree": {"topk": 2, '
+            '"num_draft_tokens": 8, "max_num_batched_draft_tokens": 4}}',
+            "at least num_draft_tokens",
+        ),
+        (
+            '{"model": "x", "num_speculative_tokens": 2, "tree": {"topk": 2, '
+            '"num_draft_tokens": 8, "width": 3}}',
+            "optionally",
+        ),
     ],
 )
 def test_bad_speculative_configs_are_refused_naming_the_problem(config, message):
     with pytest.raises(ValueError, match=message):
         SpeculativeConfig.parse(config)
+
+
+def test_a_tree_budget_shrinks_trees_only_past_it():
+    """``max_num_batched_draft_tokens``: trees keep their size while the step's trees fit
+    the budget together, then share it over the next power of two of trees, down to
+    ``topk + 1`` nodes."""
+    spec = SpeculativeConfig.parse(
+        {
+            "model": "x",
+            "num_speculative_tokens": 6,
+            "tree": {"topk": 2, "num_draft_tokens": 12, "max_num_batched_draft_tokens": 128},
+        }
+    )
+    assert spec.tree_batch_tokens == 128
+
+    class Proposer:
+        tree_topk, tree_size, tree_batch_tokens = 2, 12, 128
+
+    sizes = {n: step_tree_size(Proposer, n) for n in (1, 8, 10, 11, 16, 17, 32, 64, 200)}
+    assert sizes == {1: 12, 8: 12, 10: 12, 11: 8, 16: 8, 17: 4, 32: 4, 64: 3, 200: 3}
+    assert tree_sizes(Proposer, 64) == [12, 8, 4, 3]
+    Proposer.tree_batch_tokens = 0  # no budget: one size
+    assert step_tree_size(Proposer, 200) == 12 and tree_sizes(Proposer, 64) == [12]
 
 
 def test_a_draft_with_another_vocabulary_is_refused(target, tmp_path):

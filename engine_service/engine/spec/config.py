@@ -8,6 +8,9 @@
     {"method": "eagle3", "model": EAGLE3_HEAD, "num_speculative_tokens": 4}   # EAGLE-3 head
 
     {"model": PATH, "num_speculative_tokens": 4, "tree": {"topk": 2, "num_draft_tokens": 8}}
+    # trees shrink when a step's trees would verify more than 64 nodes together
+    {"model": PATH, "num_speculative_tokens": 4,
+     "tree": {"topk": 2, "num_draft_tokens": 8, "max_num_batched_draft_tokens": 64}}
     {"method": "mtp", "num_speculative_tokens": 1}     # the target's own MTP layers (DeepSeek-V3)
 
     # under --tensor-parallel-size N: a draft model splits like the target, or stays whole
@@ -39,6 +42,7 @@ _KEYS = {
     "tree",
     "draft_tensor_parallel_size",
 }
+_TREE_KEYS = {"topk", "num_draft_tokens", "max_num_batched_draft_tokens"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,9 @@ class SpeculativeConfig:
     # branching at each node and the tree's size; 0: chains.
     tree_topk: int = 0
     tree_size: int = 0
+    # The most tree nodes one step verifies over its whole batch (0: no limit): past it,
+    # each tree gets fewer nodes (:func:`~engine_service.engine.spec.proposers.step_tree_size`).
+    tree_batch_tokens: int = 0
     # vLLM's key: 1 keeps a draft model whole on the first tensor-parallel rank; None or the
     # target's size splits it like the target.
     draft_tensor_parallel_size: int | None = None
@@ -136,7 +143,7 @@ class SpeculativeConfig:
             isinstance(low, int) and isinstance(high, int) and 1 <= low <= high
         ):
             raise ValueError("prompt_lookup_min and prompt_lookup_max must be 1 <= min <= max")
-        tree_topk = tree_size = 0
+        tree_topk = tree_size = tree_batch_tokens = 0
         tree = raw.get("tree")
         if tree is not None:
             if method not in MODEL_METHODS:
@@ -144,17 +151,32 @@ class SpeculativeConfig:
                     f'"tree" needs a model-based draft ({", ".join(MODEL_METHODS)}); '
                     "ngram and mtp draft chains"
                 )
-            if not isinstance(tree, dict) or set(tree) - {"topk", "num_draft_tokens"}:
-                raise ValueError('"tree" takes {"topk": K, "num_draft_tokens": N}')
+            if not isinstance(tree, dict) or set(tree) - _TREE_KEYS:
+                raise ValueError(
+                    '"tree" takes {"topk": K, "num_draft_tokens": N} and optionally '
+                    '"max_num_batched_draft_tokens"'
+                )
             tree_topk, tree_size = tree.get("topk"), tree.get("num_draft_tokens")
             if not (isinstance(tree_topk, int) and isinstance(tree_size, int)):
                 raise ValueError('"tree" needs integer "topk" and "num_draft_tokens"')
             if not 1 <= tree_topk <= 8 or not tree_topk <= tree_size <= 64:
                 raise ValueError("tree topk must be 1-8 and num_draft_tokens from topk to 64")
+            tree_batch_tokens = tree.get("max_num_batched_draft_tokens", 0)
+            if not isinstance(tree_batch_tokens, int) or (
+                tree_batch_tokens and tree_batch_tokens < tree_size
+            ):
+                raise ValueError(
+                    "tree max_num_batched_draft_tokens must be an integer of at least "
+                    f"num_draft_tokens ({tree_size}): a lone request gets the whole tree"
+                )
         draft_tp = raw.get("draft_tensor_parallel_size")
         if draft_tp is not None and not (isinstance(draft_tp, int) and draft_tp >= 1):
             raise ValueError("draft_tensor_parallel_size must be a positive integer")
-        return cls(method, k, raw.get("model"), low, high, tree_topk, tree_size, draft_tp)
+        return cls(
+            method, k, raw.get("model"), low, high, tree_topk, tree_size,
+            draft_tensor_parallel_size=draft_tp,
+            tree_batch_tokens=tree_batch_tokens,
+        )  # fmt: skip
 
 
 def check_same_tokenizer(target: Path, draft: Path, target_vocab: int, draft_vocab: int) -> None:

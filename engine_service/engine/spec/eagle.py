@@ -67,6 +67,7 @@ from engine_service.engine.spec.proposers import (
     draft_max_tokens,
     draft_runner,
     grow_full_trees,
+    step_tree_size,
 )
 from engine_service.layers.paged_attention import AttentionBackend
 from engine_service.models.config import ModelConfig
@@ -87,6 +88,7 @@ class EagleProposer(Proposer):
         max_tokens: int,
         tree_topk: int = 0,
         tree_size: int = 0,
+        tree_batch_tokens: int = 0,
     ) -> None:
         self.head = head
         # Builds the head's step inputs; its cache is the head's KV. A remote runner (data
@@ -97,11 +99,18 @@ class EagleProposer(Proposer):
         self.max_tokens = max_tokens
         self.tree_topk = tree_topk
         self.tree_size = tree_size
+        self.tree_batch_tokens = tree_batch_tokens  # see step_tree_size
         self.parents: dict[int, list[int]] = {}
         # id(request) -> (request, its preemption count, head positions fed)
         self._fed: dict[int, tuple[Request, int, int]] = {}
         self.chain_graphs: ChainGraphs | None = None  # chains after the first draft
-        self.tree_graphs: TreeGraphs | None = None  # trees after the root
+        # Trees after the root, by tree size (one size unless trees shrink in large batches).
+        self.tree_graphs_by_size: dict[int, TreeGraphs] = {}
+
+    @property
+    def tree_graphs(self) -> TreeGraphs | None:
+        """The graphs of full-size trees."""
+        return self.tree_graphs_by_size.get(self.tree_size)
 
     def tree_parents(self) -> dict[int, list[int]]:
         return self.parents
@@ -115,6 +124,7 @@ class EagleProposer(Proposer):
             self.max_tokens,
             self.tree_topk,
             self.tree_size,
+            self.tree_batch_tokens,
         )
 
     def capture_graphs(
@@ -202,11 +212,12 @@ class EagleProposer(Proposer):
     def _trees(self, trees, roots) -> dict[int, list[int]] | DeviceDrafts:
         """Token trees by confidence; node ``m``'s hidden input is its parent's output."""
         drafts: dict[int, list[int]] = {}
-        if self.tree_graphs is not None:
+        step_size = step_tree_size(self, len(trees))
+        if step_size in self.tree_graphs_by_size:
             logits = {i: root[0] for i, root in roots.items()}
             hidden = {i: root[1] for i, root in roots.items()}
             base = [seq.start for _, seq in trees]
-            grown_full = grow_full_trees(self, trees, base, logits, hidden)
+            grown_full = grow_full_trees(self, trees, base, logits, hidden, step_size)
             if isinstance(grown_full, DeviceDrafts):
                 return grown_full
             drafts = grown_full
@@ -214,7 +225,7 @@ class EagleProposer(Proposer):
         grown: dict[int, _Tree] = {}
         outputs: dict[int, list[torch.Tensor]] = {}  # per tree: output of node m at m - 1
         for i, seq in trees:
-            size = min(seq.draft_room, self.tree_size)
+            size = min(seq.draft_room, step_size)
             top = roots[i][0].log_softmax(-1).topk(min(self.tree_topk, size))
             grown[i] = _Tree(size, self._tokens(top.indices), top.values.tolist())
             outputs[i] = []
@@ -419,4 +430,5 @@ def build_eagle_proposer(
         draft_max_tokens(config, max_model_len),
         spec.tree_topk,
         spec.tree_size,
+        spec.tree_batch_tokens,
     )

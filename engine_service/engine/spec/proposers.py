@@ -182,17 +182,25 @@ class DraftModelProposer(Proposer):
         max_tokens: int,
         tree_topk: int = 0,
         tree_size: int = 0,
+        tree_batch_tokens: int = 0,
     ) -> None:
         self.runner = runner  # a ModelRunner over the draft model and its cache
         self.num_tokens = num_tokens
         self.max_tokens = max_tokens  # the most tokens one draft forward takes
         self.tree_topk = tree_topk
         self.tree_size = tree_size
+        self.tree_batch_tokens = tree_batch_tokens  # see step_tree_size
         self.parents: dict[int, list[int]] = {}  # the last proposal's trees, by sequence
         # id(request) -> (request, its preemption count, tokens fed to the draft)
         self._seen: dict[int, tuple[Request, int, int]] = {}
         self.chain_graphs: ChainGraphs | None = None  # chains after the first draft
-        self.tree_graphs: TreeGraphs | None = None  # trees after the root
+        # Trees after the root, by tree size (one size unless trees shrink in large batches).
+        self.tree_graphs_by_size: dict[int, TreeGraphs] = {}
+
+    @property
+    def tree_graphs(self) -> TreeGraphs | None:
+        """The graphs of full-size trees."""
+        return self.tree_graphs_by_size.get(self.tree_size)
 
     def propose(self, batch: ScheduledBatch) -> dict[int, list[int]] | DeviceDrafts:
         self.parents = {}
@@ -215,6 +223,7 @@ class DraftModelProposer(Proposer):
             self.max_tokens,
             self.tree_topk,
             self.tree_size,
+            self.tree_batch_tokens,
         )
 
     def capture_graphs(
@@ -287,16 +296,17 @@ class DraftModelProposer(Proposer):
     def _trees(self, trees, known, root_logits) -> dict[int, list[int]] | DeviceDrafts:
         """Grow every tree in lockstep, one batched draft forward per round."""
         drafts: dict[int, list[int]] = {}
-        if self.tree_graphs is not None:
+        step_size = step_tree_size(self, len(trees))
+        if step_size in self.tree_graphs_by_size:
             base = [known[i] for i, _ in trees]
-            grown_full = grow_full_trees(self, trees, base, root_logits, None)
+            grown_full = grow_full_trees(self, trees, base, root_logits, None, step_size)
             if isinstance(grown_full, DeviceDrafts):
                 return grown_full
             drafts = grown_full
             trees = [(i, seq) for i, seq in trees if i not in drafts]
         grown = {}
         for i, seq in trees:
-            size = min(seq.draft_room, self.tree_size)
+            size = min(seq.draft_room, step_size)
             top = root_logits[i].log_softmax(-1).topk(min(self.tree_topk, size))
             grown[i] = _Tree(size, top.indices.tolist(), top.values.tolist())
         for _ in range(1, self.num_tokens):
@@ -405,19 +415,40 @@ def chain_drafts(
     return DeviceDrafts([i for i, _ in chains], tokens, depth)
 
 
+def step_tree_size(proposer, num_trees: int) -> int:
+    """The nodes each tree of a step with ``num_trees`` trees gets: the proposer's
+    ``tree_size``, unless the trees would together verify more than its
+    ``tree_batch_tokens`` nodes (a batch large enough that the target's step is no longer
+    bound by reading its weights, where a wide tree costs more than it gains). Then the
+    budget is shared out over the next power of two of trees, so that a few graph sets
+    cover every batch, and a tree keeps at least ``topk + 1`` nodes."""
+    size, budget = proposer.tree_size, proposer.tree_batch_tokens
+    if not budget or num_trees * size <= budget:
+        return size
+    bucket = 1 << (num_trees - 1).bit_length()
+    return max(min(size, proposer.tree_topk + 1), budget // bucket)
+
+
+def tree_sizes(proposer, max_trees: int) -> list[int]:
+    """Every size :func:`step_tree_size` gives for 1 to ``max_trees`` trees, largest first."""
+    return sorted({step_tree_size(proposer, n) for n in range(1, max_trees + 1)}, reverse=True)
+
+
 def grow_full_trees(
-    proposer, trees, base, roots, root_hidden
+    proposer, trees, base, roots, root_hidden, size: int
 ) -> dict[int, list[int]] | DeviceDrafts:
     """The drafts of the ``trees`` (``(sequence index, sequence)`` pairs) that get all of
-    the proposer's ``tree_size`` nodes, grown by its :class:`TreeGraphs` (trees with less
-    draft room are left to the host); their parents go into ``proposer.parents``.
+    the step's ``size`` nodes (:func:`step_tree_size`), grown by the proposer's
+    :class:`TreeGraphs` of that size (trees with less draft room are left to the host);
+    their parents go into ``proposer.parents``.
     ``base``: each tree's node-1 cache index; ``roots``: root logits by sequence index;
     ``root_hidden``: an EAGLE head's root output rows by sequence index.
 
     When every tree is full and may stay on the device (:func:`trees_stay_on_device`), the
     trees come back as :class:`DeviceDrafts` with their shape, not read back: the target's
     step builds their mask and positions, and the verification walks them, on the device."""
-    full = [r for r, (_, seq) in enumerate(trees) if seq.draft_room >= proposer.tree_size]
+    graphs = proposer.tree_graphs_by_size[size]
+    full = [r for r, (_, seq) in enumerate(trees) if seq.draft_room >= size]
     if not full:
         return {}
     keys = [trees[r][0] for r in full]
@@ -428,10 +459,10 @@ def grow_full_trees(
         [trees[r][1].request.block_table for r in full],
     )
     if len(full) == len(trees) and trees_stay_on_device(proposer, trees):
-        tokens, parents, depths, ancestors = proposer.tree_graphs.grow_on_device(*args)
+        tokens, parents, depths, ancestors = graphs.grow_on_device(*args)
         width = tokens.shape[1]
         return DeviceDrafts(keys, tokens, [width] * len(keys), parents, depths, ancestors)
-    grown = proposer.tree_graphs.grow(*args)
+    grown = graphs.grow(*args)
     drafts = {}
     for i, (tokens, parents) in zip(keys, grown, strict=True):
         drafts[i], proposer.parents[i] = tokens, parents
@@ -469,8 +500,9 @@ def capture_drafting(
 ) -> None:
     """A model-based proposer's graphs: its runner's step graphs (catch-ups, single draft
     steps, partial trees) and its whole-loop graphs, chains of ``num_tokens`` drafts or, with
-    ``tree_topk`` (every sample then drafts a tree), trees, for as many trees as fit
-    ``max_tokens`` tokens a round (larger batches of trees run in several replays)."""
+    ``tree_topk`` (every sample then drafts a tree), trees of each size a step may take
+    (:func:`tree_sizes`), for as many trees as fit ``max_tokens`` tokens a round (larger
+    batches of trees run in several replays)."""
     runner = proposer.runner
     num_tokens, tree_topk, tree_size = proposer.num_tokens, proposer.tree_topk, proposer.tree_size
     runner.graphs = StepGraphs(
@@ -484,7 +516,7 @@ def capture_drafting(
         pool=pool,
     )
     pool = runner.graphs.pool
-    chains = trees = None
+    chains, trees = None, {}
     if num_tokens > 1 and not tree_topk:
         chains = ChainGraphs(
             runner, calls, num_tokens - 1, max_seqs, hidden_width, capture=capture, pool=pool
@@ -492,18 +524,20 @@ def capture_drafting(
         pool = chains.pool
     # Tree rounds are mixed-layout steps under a mask (the step graphs' ``mixed_ok``).
     if tree_topk > 0 and runner.graphs.mixed_ok and tree_topk < tree_size and num_tokens > 1:
-        trees = TreeGraphs(
-            runner,
-            calls,
-            tree_topk,
-            tree_size,
-            num_tokens,
-            max(1, min(max_seqs, max_tokens // tree_size)),
-            hidden_width,
-            capture=capture,
-            pool=pool,
-        )
-    proposer.chain_graphs, proposer.tree_graphs = chains, trees
+        for size in tree_sizes(proposer, max_seqs):
+            trees[size] = TreeGraphs(
+                runner,
+                calls,
+                tree_topk,
+                size,
+                num_tokens,
+                max(1, min(max_seqs, max_tokens // size)),
+                hidden_width,
+                capture=capture,
+                pool=pool,
+            )
+            pool = trees[size].pool
+    proposer.chain_graphs, proposer.tree_graphs_by_size = chains, trees
 
 
 def build_proposer(
@@ -588,7 +622,12 @@ def build_proposer(
         f", split over {tp.size} ranks" if tp.size > 1 else "",
     )
     return DraftModelProposer(
-        runner, spec.num_speculative_tokens, max_tokens, spec.tree_topk, spec.tree_size
+        runner,
+        spec.num_speculative_tokens,
+        max_tokens,
+        spec.tree_topk,
+        spec.tree_size,
+        spec.tree_batch_tokens,
     )
 
 
