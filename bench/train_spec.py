@@ -379,7 +379,18 @@ def main() -> None:
         cfg = target.config
         earlier = json.loads((args.out / "train.json").read_text())
         recipe.update({k: v for k, v in earlier.items() if k.endswith("_loss")})
-        recipe.update({k: earlier[k] for k in ("target_steps", "lr")})
+        # Runs before these keys existed trained every target at 3e-3, for --steps.
+        recipe["target_steps"] = earlier.get("target_steps", earlier.get("steps"))
+        recipe["lr"] = earlier.get("lr", 3e-3)
+        # The proposers are shaped after the target that is there, whatever --size says.
+        size.update(
+            layers=cfg.num_hidden_layers,
+            hidden=cfg.hidden_size,
+            heads=cfg.num_attention_heads,
+            kv=cfg.num_key_value_heads,
+            inter=cfg.intermediate_size,
+        )
+        recipe.update({k: size[k] for k in ("layers", "hidden", "heads", "kv", "inter")})
         recipe["models"] = sorted(set(earlier["models"]) | set(recipe["models"]))
     else:
         target = transformers.LlamaForCausalLM(cfg).to(device)

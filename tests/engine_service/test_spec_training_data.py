@@ -78,3 +78,12 @@ def test_reuse_target_trains_proposers_beside_the_saved_target(tmp_path, monkeyp
     assert second["eagle_loss"] == first["eagle_loss"]
     assert (second["lr"], second["target_steps"]) == (1e-3, 2)
     assert "draft_loss" in second and (out / "draft" / "config.json").exists()
+    assert (second["layers"], second["hidden"]) == (4, 128)  # the saved target's shape
+
+    # A recipe from before the target had its own rate and steps: those runs used 3e-3.
+    old = {k: v for k, v in second.items() if k not in ("lr", "target_steps")}
+    (out / "train.json").write_text(json.dumps(old))
+    run("--steps", "1", "--seq", "64", "--batch", "2", "--models", "eagle", "--reuse-target")
+    third = json.loads((out / "train.json").read_text())
+    assert (third["lr"], third["target_steps"]) == (3e-3, 1)
+    assert (out / "target" / "model.safetensors").read_bytes() == weights
