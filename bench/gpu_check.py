@@ -366,6 +366,11 @@ def check_speculative_graphs(device: str = "cuda") -> int:
             for i in range(len(prompts))
         ]
         specs["eagle_tree_seeded"] = specs["eagle_tree"]
+        # Trees sized by the batch: several sets of tree graphs in one memory pool.
+        specs["eagle_tree_budget"] = {
+            **specs["eagle_tree"],
+            "tree": {**tree, "max_num_batched_draft_tokens": 32},
+        }
 
         def engine(spec, graphs):
             return LLMEngine(
@@ -416,7 +421,7 @@ def check_speculative_graphs(device: str = "cuda") -> int:
             proposer = llm.proposer
             step_replays = proposer.runner.graphs.replays if proposer.runner.graphs else {}
             chain_replays = proposer.chain_graphs.replays if proposer.chain_graphs else 0
-            tree_replays = proposer.tree_graphs.replays if proposer.tree_graphs else 0
+            tree_replays = sum(g.replays for g in proposer.tree_graphs_by_size.values())
             target_replays = llm.runner.graphs.replays
             pairs = list(zip(drafts, eager_drafts, strict=False))
             agree = sum(a == b for a, b in pairs) / max(1, len(pairs))

@@ -236,10 +236,12 @@ def graph_replays(engine: LLMEngine) -> dict[str, object]:
     runner = getattr(proposer, "runner", None)
     if runner is not None and runner.graphs is not None:
         out["proposer"] = dict(runner.graphs.replays)
-    for name in ("chain_graphs", "tree_graphs"):
-        graphs = getattr(proposer, name, None)
-        if graphs is not None:
-            out[name.removesuffix("_graphs") + "s"] = graphs.replays
+    chains = getattr(proposer, "chain_graphs", None)
+    if chains is not None:
+        out["chains"] = chains.replays
+    trees = getattr(proposer, "tree_graphs_by_size", {})  # every size a step took
+    if trees:
+        out["trees"] = sum(graphs.replays for graphs in trees.values())
     return out
 
 
