@@ -381,10 +381,10 @@ def test_device_trees_beside_prefill_chunks_logprobs_and_host_trees(models, name
 @pytest.mark.parametrize("name", ["eagle_tree", "draft_tree"])
 def test_trees_shrink_in_large_batches_through_their_own_graphs(models, name):
     """A tree budget (``max_num_batched_draft_tokens`` 18, trees of 9 nodes, topk 3), for an
-    EAGLE head and for a draft model: eight
-    requests together draft trees of 4 nodes, grown in the 4-node tree graphs; a lone request
-    afterwards drafts the whole 9. Drafts equal the eager proposer's (which sizes its host
-    trees the same way), and outputs plain decoding's."""
+    EAGLE head and for a draft model: eight requests together draft trees of 4 nodes, grown
+    in the 4-node tree graphs; a lone request afterwards drafts the whole 9. Drafts equal the
+    eager proposer's (which sizes its host trees the same way), and outputs plain
+    decoding's."""
     target, spec = case(models, name)
     spec["tree"]["max_num_batched_draft_tokens"] = 18
     config = dict(speculative_config=json.dumps(spec))
