@@ -314,7 +314,9 @@ def main() -> None:
     parser.add_argument("--size", default="toy", choices=sorted(SIZES))
     parser.add_argument("--steps", type=int, help="training steps per model (default: by size)")
     parser.add_argument(
-        "--target-steps", type=int, help="training steps for the target (default: --steps)"
+        "--target-steps",
+        type=int,
+        help="training steps for the target (default: the size's, else --steps)",
     )
     parser.add_argument(
         "--lr", type=float, help="the target's peak learning rate (default: by size)"
@@ -349,8 +351,9 @@ def main() -> None:
     size = dict(SIZES[args.size])
     size.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch), ("lr", args.lr)) if v})
     steps = args.steps or size["steps"]
-    target_steps = args.target_steps or (steps if args.steps else size.pop("target_steps", steps))
-    size.pop("target_steps", None)
+    # A size's own target steps apply unless --steps sets every model's.
+    preset_target_steps = size.pop("target_steps", None)
+    target_steps = args.target_steps or (None if args.steps else preset_target_steps) or steps
     generator = torch.Generator().manual_seed(args.seed)
     ids, held_out = corpus(args.seed)
     print(f"corpus: {len(ids) / 1e6:.1f}M byte tokens, {len(held_out)} held-out files")
