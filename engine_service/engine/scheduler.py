@@ -245,9 +245,11 @@ class Scheduler:
 
     def _num_remaining(self, request: Request) -> int:
         """Tokens a running sequence still has to compute; 0 when the token in flight will
-        end it anyway (its length limit), so no step is spent past the end."""
+        end it anyway (its length limit, or a prefill engine's export, which ends with its
+        first token), so no step is spent past the end. A step for an export would also
+        draw from a seeded request's generator before the prefill hands its state over."""
         if request.num_pending_tokens:
-            if request.needs_host_tokens:
+            if request.needs_host_tokens or isinstance(request.kv_handoff, KVExport):
                 return 0
             done = request.num_output_tokens + request.num_pending_tokens
             if (

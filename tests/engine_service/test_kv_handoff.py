@@ -222,3 +222,35 @@ def test_disaggregated_requests_take_one_sample(engines) -> None:
         decode.add_request("n2", prompt_of(8), greedy(3, n=2), import_kv=True)
     with pytest.raises(ValueError, match="n == 1"):
         prefill.add_request("n2", prompt_of(8), greedy(3, n=2), kv_export=KVExport())
+
+
+def test_an_export_gets_no_step_past_its_prompt_with_overlapped_steps(engines) -> None:
+    """With overlapped steps the host schedules step N+1 while step N runs. A prefill
+    engine's export ends with the first token that step N samples, so step N+1 must not take
+    it: it would be wasted work, and for a seeded request it would draw from the generator
+    whose state the prefill hands to the decode engine (the decode engine then skipped a
+    draw, and its sampled tokens came out one position late)."""
+    reference, prefill, decode = engines
+    assert prefill.async_scheduling
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=12)
+    prompt = prompt_of(23, offset=5)
+    scheduled: list[tuple[int, int]] = []  # (start, tokens) of the export's chunks
+    schedule = prefill.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        scheduled.extend(
+            (seq.start, seq.num_tokens) for seq in batch.sequences if seq.request.request_id == "x"
+        )
+        return batch
+
+    prefill.scheduler.schedule = recording
+    try:
+        outputs, _, _ = hand_off(prefill, decode, "x", prompt, params)
+    finally:
+        prefill.scheduler.schedule = schedule
+
+    # Chunks up to the prompt's end (after any prefix-cache hit), and nothing past it.
+    assert scheduled and max(start + n for start, n in scheduled) == len(prompt)
+    assert tokens_of(outputs[("x", 0)]) == colocated(reference, prompt, params)[0]
+    free_everything(prefill, decode)
