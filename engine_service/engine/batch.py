@@ -136,6 +136,9 @@ class ScheduledBatch:
     num_logits: int = 0
     # Drafts still on the device (their sequences' draft_token_ids are placeholders).
     device_drafts: DeviceDrafts | None = None
+    # Token trees under a batch budget: the nodes the scheduler reserved for each of this
+    # step's trees (the proposer grows them to this size); 0: the proposer's own sizing.
+    tree_size: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.sequences)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -58,7 +59,7 @@ from engine_service.engine.sampling_params import SamplingParams
 from engine_service.engine.scheduler import Scheduler
 from engine_service.engine.spec.config import SpeculativeConfig
 from engine_service.engine.spec.grammar import draft_grammar_masks
-from engine_service.engine.spec.proposers import Proposer, build_proposer
+from engine_service.engine.spec.proposers import Proposer, build_proposer, step_tree_size
 from engine_service.engine.spec.verify import verify
 from engine_service.engine.structured import StructuredOutputManager
 from engine_service.engine.structured.backend import GrammarMatcher
@@ -311,6 +312,9 @@ class LLMEngine:
                 shard.scheduler.num_speculative_tokens = max(
                     spec.num_speculative_tokens, spec.tree_size
                 )
+                if spec.tree_batch_tokens and shard.proposer is not None:
+                    # Trees under a batch budget: reserve what the step's trees will take.
+                    shard.scheduler.size_trees = partial(step_tree_size, shard.proposer)
             # Proposals read each sequence's newest token on the host: no step runs ahead.
             self.async_scheduling = False
         # Overlapped steps on the CPU run the model on a worker thread (torch releases the

@@ -21,6 +21,7 @@ sequence whose newest token step N is sampling counts that token as known
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 from engine_service.engine.batch import SampledTokens, ScheduledBatch, ScheduledSequence
 from engine_service.engine.config import EngineConfig
@@ -48,7 +49,10 @@ class Scheduler:
         self.offload = offload
         self.acceptor = acceptor or TokenAcceptor(max_model_len=1 << 62)
         # Speculative decoding: draft slots per decoding sequence, and what verification kept.
+        # With ``size_trees`` (token trees under a batch budget), a step's slots per sequence
+        # are ``size_trees(number of decoding sequences)`` instead, and the batch carries it.
         self.num_speculative_tokens = 0
+        self.size_trees: Callable[[int], int] | None = None
         self.num_drafts = 0
         self.draft_tokens = 0
         self.accepted_draft_tokens = 0
@@ -121,6 +125,9 @@ class Scheduler:
         # Budget and protection from preemption go to running sequences in priority order.
         self.running.sort(key=lambda r: (r.sort_key, r.index))
 
+        slots = self._step_draft_slots()
+        if self.size_trees is not None:
+            batch.tree_size = slots
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -129,7 +136,11 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
-            room = self._draft_room(request, budget - num_new) if num_new == remaining == 1 else 0
+            room = (
+                self._draft_room(request, budget - num_new, slots)
+                if num_new == remaining == 1
+                else 0
+            )
             while not self.kv.allocate_slots(request, num_new + room):
                 victim = self._pick_victim(i)
                 self._preempt(victim)
@@ -259,22 +270,37 @@ class Scheduler:
                 return 0
         return request.num_tokens_with_pending - request.num_computed_tokens
 
-    def _draft_room(self, request: Request, budget: int) -> int:
-        """Draft slots for a decoding sequence: the configured number, within the step's
+    def _step_draft_slots(self) -> int:
+        """Draft slots each decoding sequence of this step may take: the configured number,
+        or with ``size_trees``, the tree size for as many trees as running sequences could
+        decode this step. That count is an upper bound on the trees the step drafts (some
+        get no room or are preempted), and a tree's size never grows with the count, so the
+        proposer can give every tree of the step this size."""
+        k = self.num_speculative_tokens
+        if not k or self.size_trees is None:
+            return k
+        decoding = sum(
+            1
+            for r in self.running
+            if not r.num_pending_tokens and r.kv_handoff is None and self._num_remaining(r) == 1
+        )
+        return self.size_trees(max(decoding, 1))
+
+    def _draft_room(self, request: Request, budget: int, slots: int) -> int:
+        """Draft slots for a decoding sequence: the step's number (``slots``), within the step's
         budget, the request's max_tokens and the context; none while a token is in flight.
         Grammars compose (a mask per drafted node,
         :mod:`engine_service.engine.spec.grammar`), so do min_tokens (stop tokens held back
         by depth, :func:`engine_service.engine.spec.verify.hold_back_stops`) and penalties
         (each node counts the drafts on its path,
         :func:`~engine_service.engine.spec.verify.add_path_counts`), in chains and trees."""
-        k = self.num_speculative_tokens
-        if not k or request.num_pending_tokens or request.kv_handoff is not None:
+        if not slots or request.num_pending_tokens or request.kv_handoff is not None:
             return 0
         params = request.params
         return max(
             0,
             min(
-                k,
+                slots,
                 budget,
                 params.max_tokens - request.num_output_tokens - 1,
                 self.acceptor.max_model_len - request.num_tokens - 1,

@@ -405,3 +405,41 @@ def test_trees_shrink_in_large_batches_through_their_own_graphs(models, name):
     assert by_size[4].replays > 0 and by_size[9].replays > 0
     assert twin.scheduler.accepted_draft_tokens > 0
     assert_pool_entirely_free(twin.kv_manager)
+
+
+@pytest.mark.parametrize("name", ["eagle_tree", "draft_tree"])
+def test_the_scheduler_reserves_the_steps_tree_size(models, name):
+    """With a tree budget (18 nodes, trees of 9, topk 3), the scheduler reserves each
+    decoding sequence the step's tree size, not the full tree: under a 40-token step budget
+    all eight sequences decode in one step, each with 4 draft slots (1 + 4 tokens each;
+    reserving 9 would fit only four of them), and the proposer grows its trees to exactly the
+    reserved size. A lone request still gets 9. Outputs equal plain decoding's, eager and
+    through the graphs' CPU twins."""
+    target, spec = case(models, name)
+    spec["tree"]["max_num_batched_draft_tokens"] = 18
+    config = dict(speculative_config=json.dumps(spec), max_num_batched_tokens=40)
+    batch, alone = prompts(6), prompts(7)[:1]
+    plain = make_engine(target, max_num_batched_tokens=40)
+    expected = run(plain, batch) + run(plain, alone)
+    for engine in (
+        make_engine(target, **config),
+        with_twin_graphs(make_engine(target, **config), max_tokens=48, max_seqs=8),
+    ):
+        steps = []
+        propose = engine.proposer.propose
+
+        def recording(scheduled, propose=propose, steps=steps):
+            rooms = [s.draft_room for s in scheduled.sequences if s.draft_room]
+            proposal = propose(scheduled)
+            drafts = proposal.to_host() if isinstance(proposal, DeviceDrafts) else proposal
+            steps.append((scheduled.tree_size, rooms, [len(d) for d in drafts.values()]))
+            return proposal
+
+        engine.proposer.propose = recording
+        assert run(engine, batch) + run(engine, alone) == expected
+        assert (4, [4] * 8, [4] * 8) in steps, steps
+        assert any(size == 9 and rooms == [9] for size, rooms, _ in steps), steps
+        for size, rooms, lengths in steps:
+            assert size and max(rooms) <= size and max(lengths, default=0) <= size
+        assert engine.scheduler.accepted_draft_tokens > 0
+        assert_pool_entirely_free(engine.kv_manager)

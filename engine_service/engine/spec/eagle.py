@@ -148,7 +148,7 @@ class EagleProposer(Proposer):
             return {}
         roots = self._catch_up(chosen)
         if self.tree_topk:
-            return self._trees(chosen, roots)
+            return self._trees(chosen, roots, batch.tree_size)
         return self._chains(chosen, roots)
 
     def _catch_up(self, chosen) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -209,10 +209,10 @@ class EagleProposer(Proposer):
                 hidden[i] = row[0]
         return drafts
 
-    def _trees(self, trees, roots) -> dict[int, list[int]] | DeviceDrafts:
+    def _trees(self, trees, roots, size: int = 0) -> dict[int, list[int]] | DeviceDrafts:
         """Token trees by confidence; node ``m``'s hidden input is its parent's output."""
         drafts: dict[int, list[int]] = {}
-        step_size = step_tree_size(self, len(trees))
+        step_size = size or step_tree_size(self, len(trees))  # size: the scheduler's
         if step_size in self.tree_graphs_by_size:
             logits = {i: root[0] for i, root in roots.items()}
             hidden = {i: root[1] for i, root in roots.items()}

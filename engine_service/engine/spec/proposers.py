@@ -210,7 +210,7 @@ class DraftModelProposer(Proposer):
         known = {i: s.request.num_tokens for i, s in chosen}
         root_logits = self._catch_up(chosen, known)
         if self.tree_topk:
-            return self._trees(chosen, known, root_logits)
+            return self._trees(chosen, known, root_logits, batch.tree_size)
         return self._chains(chosen, known, root_logits)
 
     def tree_parents(self) -> dict[int, list[int]]:
@@ -293,10 +293,12 @@ class DraftModelProposer(Proposer):
                 drafts[i].append(int(logits[i][0].argmax()))
         return drafts
 
-    def _trees(self, trees, known, root_logits) -> dict[int, list[int]] | DeviceDrafts:
+    def _trees(
+        self, trees, known, root_logits, size: int = 0
+    ) -> dict[int, list[int]] | DeviceDrafts:
         """Grow every tree in lockstep, one batched draft forward per round."""
         drafts: dict[int, list[int]] = {}
-        step_size = step_tree_size(self, len(trees))
+        step_size = size or step_tree_size(self, len(trees))  # size: the scheduler's
         if step_size in self.tree_graphs_by_size:
             base = [known[i] for i, _ in trees]
             grown_full = grow_full_trees(self, trees, base, root_logits, None, step_size)
