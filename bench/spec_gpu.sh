@@ -18,7 +18,7 @@ mkdir -p "$out"
 work=${WORK:-$(mktemp -d)}
 quiet() { grep -v -E "Warning|warn|Loading|Writing" || true; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-read -r topk nodes depth <<< "${TREE:-2 12 6}"
+read -r topk nodes depth <<< "${TREE:-2 16 8}"
 start=$(date +%s)
 if [[ ! -f "$work/trained/train.json" || -n "${RETRAIN:-}" ]]; then
   python3 bench/train_spec.py --out "$work/trained" --device cuda --size "${SIZE:-gpu-large}" \
@@ -30,7 +30,7 @@ fi
 cp "$work/trained/train.json" "$out/spec-train.json"
 python3 bench/spec.py --trained "$work/trained" --device cuda --dtype bfloat16 \
   --max-tokens 128 --k 4 --tree-topk "$topk" --tree-nodes "$nodes" --tree-depth "$depth" \
-  --ngram-max "${NGRAM_MAX:-4}" --tree-batch-tokens "${TREE_BATCH:-0}" \
+  --ngram-max "${NGRAM_MAX:-4}" --tree-batch-tokens "${TREE_BATCH:-128}" \
   ${METHODS:+--methods $METHODS} \
   --json "$out/spec-h200-trained.json" 2>&1 | quiet | tee "$out/spec.txt"
 echo "total $(( $(date +%s) - start ))s" | tee -a "$out/spec.txt"
