@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Speculative decoding with real acceptance on one GPU, in one command (under 10 minutes on
-# an H200): train the target and its proposers (bench/train_spec.py, the 24-layer, width-1024
-# gpu-large size by default), then measure every method against speculation off
-# (bench/spec.py --trained): chains of 4 tokens, EAGLE trees of 12 nodes, 2 children a
-# round, 6 deep. Usage: bench/spec_gpu.sh [OUT_DIR] (default $OUT, else bench/results);
-# STEPS=N overrides the training steps per model (at gpu-large 600 per proposer, 1500 for the
-# target; with STEPS alone, the target takes STEPS too); SIZE=gpu trains the
+# Speculative decoding with real acceptance on one GPU: train the target and its proposers
+# (bench/train_spec.py, the 24-layer, width-1024 gpu-large size by default), then measure
+# every method against speculation off (bench/spec.py --trained): chains of 4 tokens, EAGLE
+# trees of 16 nodes, 2 children a round, 8 deep, at most 128 tree nodes a step. The target and
+# the EAGLE head alone (MODELS=eagle METHODS="ngram eagle eagle_tree") take ~7 minutes on an
+# H200; everything takes longer than one 10-minute device call, so split it with MODELS and
+# METHODS. Usage: bench/spec_gpu.sh [OUT_DIR] (default $OUT, else bench/results);
+# STEPS=N overrides the training steps of every model (at gpu-large: 1500 for the target,
+# 2000 for the EAGLE heads, 600 for the draft model); SIZE=gpu trains the
 # 8-layer, width-512 target instead; MODELS="eagle" trains only those proposers and
 # METHODS="ngram eagle eagle_tree" measures only those; TREE="TOPK NODES DEPTH" another tree;
 # NGRAM_MAX=N n-gram lookup's prompt_lookup_max (4 by default); TREE_BATCH=T the tree's
-# max_num_batched_draft_tokens (trees shrink when a step's trees would verify more than T);
+# max_num_batched_draft_tokens (trees shrink when a step's trees would verify more than T;
+# 0: never);
 # TARGET_STEPS, SEQ and BATCH override the target's steps and the rows' shape; with WORK=DIR
 # holding an earlier run's DIR/trained, training is skipped (RETRAIN=1 trains anyway).
 set -euo pipefail
