@@ -156,7 +156,8 @@ class Generator:
             if on_sent is not None:
                 on_sent()
 
-        with self.admission.admit():
+        self.admission.enter()
+        try:
             generation = self.engines.generate(request, info, on_sent=sent)
             async with aclosing(generation) as responses:
                 async for response in responses:
@@ -172,6 +173,8 @@ class Generator:
                         yield delta
                     if unfinished == 0:
                         return
+        finally:
+            self.admission.leave()
         raise EngineError(
             grpc.StatusCode.INTERNAL, "the engine ended the stream before every sample finished"
         )

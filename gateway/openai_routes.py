@@ -68,7 +68,7 @@ from gateway.serving import (
     start_generation,
     until_disconnected,
 )
-from gateway.sse import EventStream
+from gateway.sse import EventStream, FinalEvents
 from gateway.structured import (
     ConstraintError,
     check_constraint,
@@ -354,11 +354,11 @@ class OpenAIRoutes:
             except GENERATION_FAILURES as exc:
                 logger.warning("engine failed mid-stream", extra={"error": str(exc)})
                 error = orjson.dumps(openai_error_for(exc).body())
-                yield b"data: " + error + b"\n\ndata: [DONE]\n\n"
+                yield FinalEvents(b"data: " + error + b"\n\ndata: [DONE]\n\n")
                 return
         usage = shape.usage(len(spec.prompt_token_ids))
         tail = _sse(shape.usage_chunk(usage), None) if exclude is None else b""
-        yield tail + b"data: [DONE]\n\n"
+        yield FinalEvents(tail + b"data: [DONE]\n\n")
         self._log_finished(spec, usage, started)
 
     def _log_finished(self, spec: GenerationSpec, usage: Usage, started: float) -> None:
