@@ -10,7 +10,6 @@ later Anthropic) shape the deltas into their own responses.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import grpc
@@ -158,8 +157,8 @@ class Generator:
 
         self.admission.enter()
         try:
-            generation = self.engines.generate(request, info, on_sent=sent)
-            async with aclosing(generation) as responses:
+            responses = self.engines.generate(request, info, on_sent=sent)
+            try:  # contextlib.aclosing, without its two coroutines per request
                 async for response in responses:
                     count_completion(len(response.token_ids))
                     sample = samples[response.index]
@@ -173,6 +172,8 @@ class Generator:
                         yield delta
                     if unfinished == 0:
                         return
+            finally:
+                await responses.aclose()
         finally:
             self.admission.leave()
         raise EngineError(

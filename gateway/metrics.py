@@ -92,6 +92,7 @@ class MetricsMiddleware:
         self._endpoints = frozenset(endpoints)
         # Each endpoint's children, looked up once: ``labels`` takes a lock and builds a key.
         self._children: dict[str, tuple[Gauge, Histogram]] = {}
+        self._answered: dict[tuple[str, int], Counter] = {}  # (endpoint, status) -> child
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,5 +121,10 @@ class MetricsMiddleware:
             await self._app(scope, receive, send_and_observe)
         finally:
             in_flight.dec()
-            self._metrics.requests.labels(endpoint, str(status)).inc()
+            answered = self._answered.get((endpoint, status))
+            if answered is None:
+                answered = self._answered[endpoint, status] = self._metrics.requests.labels(
+                    endpoint, str(status)
+                )
+            answered.inc()
             latency.observe(time.perf_counter() - started)
