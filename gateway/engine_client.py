@@ -215,8 +215,12 @@ class EngineClient:
             router.enter(replica)
             if prefill is not None:
                 router.enter(prefill)
+            # The call's own response iterator, closed below: left suspended (the samples
+            # finished before the stream's end), the event loop would close it in a task of
+            # its own once it is dropped, one more task per request.
+            responses = call.__aiter__()
             try:
-                async for response in call:
+                async for response in responses:
                     if not started:
                         started = True
                         router.mark_reachable(replica)
@@ -239,6 +243,7 @@ class EngineClient:
                 )
             finally:
                 call.cancel()
+                await responses.aclose()
                 if prefill is not None:
                     router.leave(prefill)
                 router.leave(replica)

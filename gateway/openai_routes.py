@@ -742,14 +742,17 @@ class _TextEventTemplate:
     _MARKER = "\x00text\x00"
 
     def __init__(self, chunk: Callable[[str], BaseModel], exclude: set[str] | None) -> None:
-        self._chunk = chunk
         self._exclude = exclude
         rendered = _sse(chunk(self._MARKER), exclude)
         parts = rendered.split(pydantic_core.to_json(self._MARKER))
         self._parts = (parts[0], parts[1]) if len(parts) == 2 else None
+        # Kept only where it is needed: ``chunk`` holds the response's shape, which holds this
+        # template, and that cycle would leave every request's shape to the garbage collector.
+        self._chunk = chunk if self._parts is None else None
 
     def render(self, text: str) -> bytes:
         if self._parts is None:
+            assert self._chunk is not None
             return _sse(self._chunk(text), self._exclude)
         head, tail = self._parts
         return head + pydantic_core.to_json(text) + tail
