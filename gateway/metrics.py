@@ -8,7 +8,7 @@ for known routes and ``other`` for anything else, which keeps the label set boun
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Awaitable, Collection
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -111,11 +111,12 @@ class MetricsMiddleware:
         in_flight, latency = children
         in_flight.inc()
 
-        async def send_and_observe(message: Message) -> None:
+        def send_and_observe(message: Message) -> Awaitable[None]:
+            # A plain function handing back send's own awaitable: no coroutine per message.
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
 
         try:
             await self._app(scope, receive, send_and_observe)
