@@ -123,7 +123,7 @@ class FastRoutes:
         ineligible, which is safe but slower)."""
         return set(self._routes)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         entry = self._routes.get(scope["path"]) if scope["type"] == "http" else None
         if (
             entry is None
@@ -131,8 +131,13 @@ class FastRoutes:
             or scope.get("root_path")
             or MAX_BODY_SIZE_SCOPE_KEY in scope  # a body limit: FastAPI enforces and words it
         ):
-            await self._app(scope, receive, send)
-            return
+            # The app's own awaitable, with no coroutine of this middleware around it.
+            return self._app(scope, receive, send)
+        return self._direct(entry, scope, receive, send)
+
+    async def _direct(self, entry: _Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        """Reads and validates the body; calls the handler with it, or hands the request
+        with its body to FastAPI (see the module docstring)."""
         chunks: list[bytes] = []
         while True:
             message = await receive()
@@ -149,13 +154,10 @@ class FastRoutes:
             replayed = {"type": "http.request", "body": body, "more_body": False}
             await self._app(scope, _replay([replayed], receive), send)
             return
-        await self._call(entry, value, scope, receive, send)
-
-    async def _call(
-        self, endpoint: _Endpoint, body: Any, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """The handler and its response, exceptions answered as Starlette's
-        ``wrap_app_handling_exceptions`` answers them."""
+        # The handler and its response, exceptions answered as Starlette's
+        # wrap_app_handling_exceptions answers them (in this coroutine: it is resumed
+        # whenever the request's task wakes, and one more would be too).
+        endpoint, body = entry, value
         scope["starlette.exception_handlers"] = (self._exception_handlers, self._status_handlers)
         started = False
 
