@@ -26,6 +26,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 from prometheus_client import Counter
@@ -212,7 +213,7 @@ class AccessMiddleware:
         self._app = app
         self._control = control
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         control = self._control
         if (
             scope["type"] != "http"
@@ -220,8 +221,13 @@ class AccessMiddleware:
             or scope["path"] in ADMIN_PATHS
             or not control.limits_enabled
         ):
-            await self._app(scope, receive, send)
-            return
+            # Nothing to do before or after: the app's own awaitable, with no coroutine of
+            # this middleware around it (resumed whenever the request's task wakes).
+            return self._app(scope, receive, send)
+        return self._guarded(scope, receive, send)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        control = self._control
         path = scope["path"]
         key = presented_key(scope)
         if control.auth_enabled and key is None:
@@ -267,10 +273,10 @@ class AccessMiddleware:
                 return
         headers = rate_limit_headers(admission, is_anthropic_path(path)) if admission else []
 
-        async def send_with_headers(message: Message) -> None:
+        def send_with_headers(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start" and headers:
                 message = {**message, "headers": [*message.get("headers", []), *headers]}
-            await send(message)
+            return send(message)
 
         meter = UsageMeter()
         token = usage_meter.set(meter)

@@ -9,9 +9,6 @@ bound lives in the :class:`~gateway.routing.Router`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 
 class GatewayBusy(Exception):
     """The gateway already has its maximum of requests in flight."""
@@ -24,15 +21,14 @@ class Admission:
         self.max_in_flight = max_in_flight
         self.in_flight = 0
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Holds a slot for the block; raises ``GatewayBusy`` when none is free."""
+    def enter(self) -> None:
+        """Takes a slot; raises ``GatewayBusy`` when none is free. :meth:`leave` gives it
+        back (plain calls rather than a context manager: this runs on every request)."""
         if self.max_in_flight and self.in_flight >= self.max_in_flight:
             raise GatewayBusy(
                 f"the gateway is at its limit of {self.max_in_flight} requests in flight"
             )
         self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1

@@ -57,7 +57,7 @@ from gateway.serving import (
     start_generation,
     until_disconnected,
 )
-from gateway.sse import EventStream
+from gateway.sse import EventStream, FinalEvents
 from gateway.structured import ConstraintError, off_the_loop
 from gateway.tokenization import TemplateError
 from gateway.tool_calls import OutputParser, ToolSpec
@@ -194,9 +194,9 @@ class AnthropicRoutes:
                         yield events
             except GENERATION_FAILURES as exc:
                 logger.warning("engine failed mid-stream", extra={"error": str(exc)})
-                yield _event("error", anthropic_error_for(exc).anthropic_body())
+                yield FinalEvents(_event("error", anthropic_error_for(exc).anthropic_body()))
                 return
-        yield _framed(shape.closing_events())
+        yield FinalEvents(_framed(shape.closing_events()))
         self.metrics.generation_tokens.inc(shape.output_tokens)
 
 

@@ -80,6 +80,9 @@ def create_app(
     )
     metrics = GatewayMetrics()
     kv_events: KVEventFollower | None = None
+    # Only the prefix policy reads the session id (a policy given by the caller may too);
+    # for the others the header would be read on every request for nothing.
+    reads_session = policy is not None or settings.routing_policy == "prefix"
     if policy is None:
         if settings.routing_policy == "prefix":
             index = PrefixIndex()
@@ -205,7 +208,7 @@ def create_app(
             paths=FAST_PATHS,
         )
     app.add_middleware(AccessMiddleware, control=access)
-    if settings.session_header:
+    if settings.session_header and reads_session:
         app.add_middleware(SessionIdMiddleware, header=settings.session_header)
     # Added last, so it runs first: refused keys are counted too.
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=endpoints)

@@ -180,14 +180,23 @@ class EngineClient:
         tried: set[str] = set()
         last_error: grpc.aio.AioRpcError | None = None
         wait_until: float | None = None
+        router = self._router
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            await self._close_departed()
-            disaggregated = self._disaggregates(request) and self._router.has_prefill_replicas()
-            replica = await self._select(request_info, tried, last_error, wait_until, disaggregated)
+            if router.source.replicas() is not self._table_checked:
+                await self._close_departed()
+            disaggregated = self._disaggregates(request) and router.has_prefill_replicas()
+            if last_error is None:  # the first try, or one after a refusal by a full queue
+                replica = router.select(
+                    request_info, exclude=frozenset(tried), disaggregated=disaggregated
+                )
+            else:
+                replica = await self._select(
+                    request_info, tried, last_error, wait_until, disaggregated
+                )
             tried.add(replica.replica_id)
             prefill = None
             if disaggregated and not replica.is_prefill:
-                prefill = self._router.select_prefill(request_info, replica)
+                prefill = router.select_prefill(request_info, replica)
             sent = request
             if prefill is not None:
                 sent = engine_pb2.GenerateRequest()
@@ -202,36 +211,47 @@ class EngineClient:
                 asyncio.get_running_loop().call_soon(on_sent)
                 on_sent = None
             self._calls_by_address[address] = self._calls_by_address.get(address, 0) + 1
-            with self._router.track(replica), self._router.track_optional(prefill):
-                try:
-                    async for response in call:
-                        if not started:
-                            started = True
-                            self._router.mark_reachable(replica)
-                        yield response
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                        self._router.mark_unreachable(replica)
-                    if started or exc.code() not in _RETRYABLE or attempt == MAX_ATTEMPTS:
-                        raise EngineError(exc.code(), _failure_message(exc)) from None
-                    # A full queue anywhere says "busy, retry soon" rather than "down".
-                    if last_error is None or exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        last_error = exc
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE and wait_until is None:
-                        wait_until = time.monotonic() + self._failover_wait_s
-                    self._retries.inc()
-                    logger.warning(
-                        "engine failed before the first response; retrying",
-                        extra={"replica": replica.replica_id, "code": exc.code().name},
-                    )
-                finally:
-                    call.cancel()
-                    remaining = self._calls_by_address[address] - 1
-                    if remaining:
-                        self._calls_by_address[address] = remaining
-                    else:
-                        del self._calls_by_address[address]
+            # Router.track for both replicas, without two context managers per request.
+            router.enter(replica)
+            if prefill is not None:
+                router.enter(prefill)
+            # The call's own response iterator, closed below: left suspended (the samples
+            # finished before the stream's end), the event loop would close it in a task of
+            # its own once it is dropped, one more task per request.
+            responses = call.__aiter__()
+            try:
+                async for response in responses:
+                    if not started:
+                        started = True
+                        router.mark_reachable(replica)
+                    yield response
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    router.mark_unreachable(replica)
+                if started or exc.code() not in _RETRYABLE or attempt == MAX_ATTEMPTS:
+                    raise EngineError(exc.code(), _failure_message(exc)) from None
+                # A full queue anywhere says "busy, retry soon" rather than "down".
+                if last_error is None or exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    last_error = exc
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and wait_until is None:
+                    wait_until = time.monotonic() + self._failover_wait_s
+                self._retries.inc()
+                logger.warning(
+                    "engine failed before the first response; retrying",
+                    extra={"replica": replica.replica_id, "code": exc.code().name},
+                )
+            finally:
+                call.cancel()
+                await responses.aclose()
+                if prefill is not None:
+                    router.leave(prefill)
+                router.leave(replica)
+                remaining = self._calls_by_address[address] - 1
+                if remaining:
+                    self._calls_by_address[address] = remaining
+                else:
+                    del self._calls_by_address[address]
 
 
 def _failure_message(exc: grpc.aio.AioRpcError) -> str:

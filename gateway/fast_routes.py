@@ -13,8 +13,11 @@ parts, so that what a client sees cannot differ:
   (FastAPI's ``ModelField``), as FastAPI's ``request_body_to_args`` validates a lone body
   that is not embedded;
 - the handler is called with the validated model and a ``Request``, and its ``Response`` is
-  sent; exceptions go through Starlette's ``ExceptionMiddleware`` with the app's own
-  handlers, as on the routed path (a 500 is left to the app's outermost handler, as there).
+  sent; an exception is answered as Starlette's ``ExceptionMiddleware`` answers it on the
+  routed path, with the app's own handlers, looked up the same way (a 500 is left to the
+  app's outermost handler, as there), but without its two coroutines around the handler and
+  one more around every ``send``: each is resumed whenever the request's task wakes, for
+  every token of a stream.
 
 Anything else takes FastAPI's path, with the body (when it was read) handed back as it came:
 another path or method, a content type other than ``application/json``, a body that is not
@@ -26,11 +29,14 @@ see every request the same either way.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, params
 from fastapi.routing import APIRoute
+from starlette._utils import is_async_callable
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
@@ -41,7 +47,7 @@ _JSON = b"application/json"
 
 
 class _Endpoint:
-    """One route's handler as a plain ASGI app, given its validated body in the scope."""
+    """One route's handler, called with its validated body (see the module docstring)."""
 
     def __init__(self, route: APIRoute) -> None:
         dependant = route.dependant
@@ -50,14 +56,6 @@ class _Endpoint:
         self.body_field = dependant.body_params[0]
         self.body_name = self.body_field.name
         self.request_name = dependant.request_param_name
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive, send)
-        arguments = {self.body_name: scope["switchyard.body"], self.request_name: request}
-        response = await self.call(**arguments)
-        if not isinstance(response, Response):  # eligibility says it always is
-            raise TypeError(f"{self.call!r} returned {type(response).__name__}, not a Response")
-        await response(scope, receive, send)
 
 
 def eligible(route: Any) -> bool:
@@ -108,23 +106,24 @@ class FastRoutes:
             if isinstance(route, APIRoute) and route.path in paths and eligible(route)
         }
         # The handlers Starlette's ExceptionMiddleware gets; 500 and Exception go to the
-        # outermost ServerErrorMiddleware, as Starlette's own middleware stack does.
+        # outermost ServerErrorMiddleware, as Starlette's own middleware stack does. The
+        # middleware splits them by status code and exception class, with its defaults.
         handlers: Mapping[Any, Any] = {
             key: handler
             for key, handler in fastapi_app.exception_handlers.items()
             if key not in (500, Exception)
         }
-        self._routes = {
-            path: (_Endpoint(route), ExceptionMiddleware(_Endpoint(route), handlers=handlers))
-            for path, route in routes.items()
-        }
+        split = ExceptionMiddleware(self._app, handlers=handlers)
+        self._exception_handlers: dict[Any, Any] = split._exception_handlers
+        self._status_handlers: dict[int, Any] = split._status_handlers
+        self._routes = {path: _Endpoint(route) for path, route in routes.items()}
 
     def paths(self) -> set[str]:
         """The paths taken directly (for tests: a FastAPI upgrade may make a route
         ineligible, which is safe but slower)."""
         return set(self._routes)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         entry = self._routes.get(scope["path"]) if scope["type"] == "http" else None
         if (
             entry is None
@@ -132,8 +131,13 @@ class FastRoutes:
             or scope.get("root_path")
             or MAX_BODY_SIZE_SCOPE_KEY in scope  # a body limit: FastAPI enforces and words it
         ):
-            await self._app(scope, receive, send)
-            return
+            # The app's own awaitable, with no coroutine of this middleware around it.
+            return self._app(scope, receive, send)
+        return self._direct(entry, scope, receive, send)
+
+    async def _direct(self, entry: _Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        """Reads and validates the body; calls the handler with it, or hands the request
+        with its body to FastAPI (see the module docstring)."""
         chunks: list[bytes] = []
         while True:
             message = await receive()
@@ -145,13 +149,61 @@ class FastRoutes:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        value = self._validated(entry[0], scope, body)
+        value = self._validated(entry, scope, body)
         if value is None:
             replayed = {"type": "http.request", "body": body, "more_body": False}
             await self._app(scope, _replay([replayed], receive), send)
             return
-        scope["switchyard.body"] = value
-        await entry[1](scope, receive, send)
+        # The handler and its response, exceptions answered as Starlette's
+        # wrap_app_handling_exceptions answers them (in this coroutine: it is resumed
+        # whenever the request's task wakes, and one more would be too).
+        endpoint, body = entry, value
+        scope["starlette.exception_handlers"] = (self._exception_handlers, self._status_handlers)
+        started = False
+
+        def sender(message: Message) -> Awaitable[None]:
+            # A plain function handing back send's own awaitable: no coroutine per message.
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            return send(message)
+
+        try:
+            request = Request(scope, receive, sender)
+            response = await endpoint.call(
+                **{endpoint.body_name: body, endpoint.request_name: request}
+            )
+            if not isinstance(response, Response):  # eligibility says it always is
+                raise TypeError(
+                    f"{endpoint.call!r} returned {type(response).__name__}, not a Response"
+                )
+            await response(scope, receive, sender)
+        except Exception as exc:
+            handler = None
+            if isinstance(exc, HTTPException):
+                handler = self._status_handlers.get(exc.status_code)
+            if handler is None:
+                handler = next(
+                    (
+                        self._exception_handlers[cls]
+                        for cls in type(exc).__mro__
+                        if cls in self._exception_handlers
+                    ),
+                    None,
+                )
+            if handler is None:
+                raise
+            if started:
+                raise RuntimeError(
+                    "Caught handled exception, but response already started."
+                ) from exc
+            conn = Request(scope, receive, send)
+            if is_async_callable(handler):
+                answer = await handler(conn, exc)
+            else:
+                answer = await run_in_threadpool(handler, conn, exc)
+            if answer is not None:
+                await answer(scope, receive, sender)
 
     @staticmethod
     def _validated(endpoint: _Endpoint, scope: Scope, body: bytes) -> Any:

@@ -8,7 +8,7 @@ for known routes and ``other`` for anything else, which keeps the label set boun
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Awaitable, Collection
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -92,6 +92,7 @@ class MetricsMiddleware:
         self._endpoints = frozenset(endpoints)
         # Each endpoint's children, looked up once: ``labels`` takes a lock and builds a key.
         self._children: dict[str, tuple[Gauge, Histogram]] = {}
+        self._answered: dict[tuple[str, int], Counter] = {}  # (endpoint, status) -> child
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,15 +111,21 @@ class MetricsMiddleware:
         in_flight, latency = children
         in_flight.inc()
 
-        async def send_and_observe(message: Message) -> None:
+        def send_and_observe(message: Message) -> Awaitable[None]:
+            # A plain function handing back send's own awaitable: no coroutine per message.
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
 
         try:
             await self._app(scope, receive, send_and_observe)
         finally:
             in_flight.dec()
-            self._metrics.requests.labels(endpoint, str(status)).inc()
+            answered = self._answered.get((endpoint, status))
+            if answered is None:
+                answered = self._answered[endpoint, status] = self._metrics.requests.labels(
+                    endpoint, str(status)
+                )
+            answered.inc()
             latency.observe(time.perf_counter() - started)

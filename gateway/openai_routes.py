@@ -19,7 +19,6 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
 from typing import Any, TypeVar
 
 import orjson
@@ -68,7 +67,7 @@ from gateway.serving import (
     start_generation,
     until_disconnected,
 )
-from gateway.sse import EventStream
+from gateway.sse import EventStream, FinalEvents
 from gateway.structured import (
     ConstraintError,
     check_constraint,
@@ -342,7 +341,7 @@ class OpenAIRoutes:
         started = time.perf_counter()
         # Events that are ready together go out in one write: each write is a syscall and a
         # wakeup of the client, which on a busy host costs more than building the events.
-        async with aclosing(deltas):
+        try:  # contextlib.aclosing(deltas), without its two coroutines per request
             try:
                 events = shape.opening_events(exclude) + shape.events(first, exclude)
                 if events:
@@ -354,11 +353,13 @@ class OpenAIRoutes:
             except GENERATION_FAILURES as exc:
                 logger.warning("engine failed mid-stream", extra={"error": str(exc)})
                 error = orjson.dumps(openai_error_for(exc).body())
-                yield b"data: " + error + b"\n\ndata: [DONE]\n\n"
+                yield FinalEvents(b"data: " + error + b"\n\ndata: [DONE]\n\n")
                 return
+        finally:
+            await deltas.aclose()
         usage = shape.usage(len(spec.prompt_token_ids))
         tail = _sse(shape.usage_chunk(usage), None) if exclude is None else b""
-        yield tail + b"data: [DONE]\n\n"
+        yield FinalEvents(tail + b"data: [DONE]\n\n")
         self._log_finished(spec, usage, started)
 
     def _log_finished(self, spec: GenerationSpec, usage: Usage, started: float) -> None:
@@ -741,14 +742,17 @@ class _TextEventTemplate:
     _MARKER = "\x00text\x00"
 
     def __init__(self, chunk: Callable[[str], BaseModel], exclude: set[str] | None) -> None:
-        self._chunk = chunk
         self._exclude = exclude
         rendered = _sse(chunk(self._MARKER), exclude)
         parts = rendered.split(pydantic_core.to_json(self._MARKER))
         self._parts = (parts[0], parts[1]) if len(parts) == 2 else None
+        # Kept only where it is needed: ``chunk`` holds the response's shape, which holds this
+        # template, and that cycle would leave every request's shape to the garbage collector.
+        self._chunk = chunk if self._parts is None else None
 
     def render(self, text: str) -> bytes:
         if self._parts is None:
+            assert self._chunk is not None
             return _sse(self._chunk(text), self._exclude)
         head, tail = self._parts
         return head + pydantic_core.to_json(text) + tail

@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -119,6 +119,29 @@ class RequestInfo:
     cache_salt: str = ""  # isolates the request's prefix cache (vLLM's ``cache_salt``)
     # The prompt's images: their placeholder spans with content hashes (block keys).
     media: Sequence[MediaSpan] = field(default_factory=list)
+
+
+@dataclass(slots=True, frozen=True)
+class _ReadySet:
+    """The routable replicas of one routing table (``table``), and what requests ask of them."""
+
+    table: Sequence[Replica]
+    replicas: tuple[Replica, ...]
+    has_prefill: bool
+    max_model_len: int | None  # the smallest reported context; None when none reports one
+
+    @classmethod
+    def of(cls, table: Sequence[Replica], unreachable: Collection[str]) -> _ReadySet:
+        replicas = tuple(
+            replica for replica in table if replica.ready and replica.replica_id not in unreachable
+        )
+        lengths = [replica.max_model_len for replica in replicas if replica.max_model_len > 0]
+        return cls(
+            table,
+            replicas,
+            any(replica.is_prefill for replica in replicas),
+            min(lengths) if lengths else None,
+        )
 
 
 class RoutesSource(Protocol):
@@ -213,6 +236,7 @@ class Router:
         self._unreachable_for_s = unreachable_for_s
         self._clock = clock
         self._unreachable_until: dict[str, float] = {}  # replica id -> end of its mark
+        self._ready_cache: _ReadySet | None = None  # for the table it names, without marks
 
     def mark_unreachable(self, replica: Replica) -> None:
         """The connection to ``replica`` failed: route nothing to it for a while."""
@@ -224,14 +248,22 @@ class Router:
 
     def ready_replicas(self) -> list[Replica]:
         """READY replicas of the routing table that are not marked unreachable."""
+        return list(self._ready().replicas)
+
+    def _ready(self) -> _ReadySet:
+        """The routable replicas, worked out once per routing table: every request asks (its
+        context length, the prefill replicas, the pick), and a table is replaced whole, never
+        edited, so its identity says whether it changed. While a replica is marked
+        unreachable the set is worked out each time: marks lapse with the clock."""
         replicas = self.source.replicas()
         if self._unreachable_until:
             self._expire_marks(replicas)
-        return [
-            replica
-            for replica in replicas
-            if replica.ready and replica.replica_id not in self._unreachable_until
-        ]
+            if self._unreachable_until:
+                return _ReadySet.of(replicas, self._unreachable_until)
+        ready = self._ready_cache
+        if ready is None or ready.table is not replicas:
+            ready = self._ready_cache = _ReadySet.of(replicas, {})
+        return ready
 
     def _expire_marks(self, replicas: Sequence[Replica]) -> None:
         now = self._clock()
@@ -242,8 +274,7 @@ class Router:
 
     def max_model_len(self) -> int | None:
         """The smallest context any READY replica reports (None when none reports one)."""
-        lengths = [r.max_model_len for r in self.ready_replicas() if r.max_model_len > 0]
-        return min(lengths) if lengths else None
+        return self._ready().max_model_len
 
     def select(
         self,
@@ -261,7 +292,7 @@ class Router:
         adapter = request_info.adapter
         ready = [
             self._with_in_flight(replica)
-            for replica in self.ready_replicas()
+            for replica in self._ready().replicas
             if replica.replica_id not in exclude
             and (not adapter or replica.serves_adapter(adapter))
         ]
@@ -281,7 +312,7 @@ class Router:
 
     def has_prefill_replicas(self) -> bool:
         """Whether any READY prefill replica is routable now."""
-        return any(replica.is_prefill for replica in self.ready_replicas())
+        return self._ready().has_prefill
 
     def select_prefill(self, request_info: RequestInfo, decode: Replica) -> Replica | None:
         """A READY prefill replica, below its bound, whose KV layout matches ``decode``'s,
@@ -289,7 +320,7 @@ class Router:
         (the decode replica then computes the prompt itself)."""
         candidates = [
             self._with_in_flight(replica)
-            for replica in self.ready_replicas()
+            for replica in self._ready().replicas
             if replica.is_prefill
             and replica.replica_id != decode.replica_id
             and (
@@ -316,23 +347,22 @@ class Router:
         return bound > 0 and replica.in_flight >= bound
 
     @contextmanager
-    def track_optional(self, replica: Replica | None) -> Iterator[None]:
-        """:meth:`track` when ``replica`` is given (a prefill replica, if one was picked)."""
-        if replica is None:
-            yield
-            return
-        with self.track(replica):
-            yield
-
-    @contextmanager
     def track(self, replica: Replica) -> Iterator[None]:
         """Counts a request as in flight on ``replica`` for the duration of the block."""
-        self._in_flight[replica.replica_id] = self._in_flight.get(replica.replica_id, 0) + 1
+        self.enter(replica)
         try:
             yield
         finally:
-            remaining = self._in_flight[replica.replica_id] - 1
-            if remaining:
-                self._in_flight[replica.replica_id] = remaining
-            else:
-                del self._in_flight[replica.replica_id]
+            self.leave(replica)
+
+    def enter(self, replica: Replica) -> None:
+        """Counts one more request in flight on ``replica`` (:meth:`track` without the
+        context manager, for the engine client's per-request path); :meth:`leave` ends it."""
+        self._in_flight[replica.replica_id] = self._in_flight.get(replica.replica_id, 0) + 1
+
+    def leave(self, replica: Replica) -> None:
+        remaining = self._in_flight[replica.replica_id] - 1
+        if remaining:
+            self._in_flight[replica.replica_id] = remaining
+        else:
+            del self._in_flight[replica.replica_id]

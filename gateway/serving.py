@@ -38,6 +38,7 @@ from gateway.engine_client import EngineError
 from gateway.errors import ApiError
 from gateway.generation import ContextLengthError, GenerationSpec, Generator, SampleDelta
 from gateway.harmony import HarmonyInputError
+from gateway.http_protocol import ON_DISCONNECT, DisconnectCallbacks
 from gateway.metrics import GatewayMetrics
 from gateway.routing import NoReplicaAvailable, ReplicasBusy
 from gateway.structured import ConstraintError
@@ -146,30 +147,41 @@ async def start_generation(
 async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
     """Awaits ``awaitable`` in this task unless the client goes away first; then it is
     cancelled, has finished unwinding when this raises a 499 :class:`ApiError`, and the
-    generator it was advancing can be closed. One watcher task per call, no more: this runs
-    on every request."""
+    generator it was advancing can be closed. This runs on every request: under the
+    gateway's own HTTP protocol the connection's loss is a callback
+    (:class:`~gateway.http_protocol.DisconnectCallbacks`), elsewhere one watcher task reads
+    ``receive``."""
     task = asyncio.current_task()
     assert task is not None
     gone = finished = False
-    watcher: asyncio.Task[None] | None = None
 
-    async def watch() -> None:
+    def client_gone() -> None:
         nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
         if not finished:
             gone = True
             task.cancel()
 
-    def start_watching() -> None:
-        nonlocal watcher
-        if not finished:
-            watcher = asyncio.create_task(watch())
+    callbacks = request.scope.get(ON_DISCONNECT)
+    watcher: asyncio.Task[None] | None = None
+    starting: asyncio.Handle | None = None
+    if isinstance(callbacks, DisconnectCallbacks):
+        callbacks.add(client_gone)
+    else:
 
-    # The watcher starts at the loop's next turn, so that its first step (a wait on the
-    # connection) runs after the steps the awaited work queues on its own first step: the
-    # engine call's send, which would otherwise wait for it.
-    starting = asyncio.get_running_loop().call_soon(start_watching)
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            client_gone()
+
+        def start_watching() -> None:
+            nonlocal watcher
+            if not finished:
+                watcher = asyncio.create_task(watch())
+
+        # The watcher starts at the loop's next turn, so that its first step (a wait on the
+        # connection) runs after the steps the awaited work queues on its own first step:
+        # the engine call's send, which would otherwise wait for it.
+        starting = asyncio.get_running_loop().call_soon(start_watching)
     try:
         result = await awaitable
         finished = True
@@ -181,6 +193,9 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
         raise ApiError(499, "the client closed the request", code="client_closed_request") from None
     finally:
         finished = True
-        starting.cancel()
+        if isinstance(callbacks, DisconnectCallbacks):
+            callbacks.remove(client_gone)
+        if starting is not None:
+            starting.cancel()
         if watcher is not None:
             watcher.cancel()

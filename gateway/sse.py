@@ -1,10 +1,12 @@
 """A lean ASGI response for server-sent events.
 
 Starlette's ``StreamingResponse`` runs the body and a disconnect listener in an anyio task
-group on every request; this one runs the body in the request's own task and watches for the
-client going away with one plain asyncio task, which cancels the body when it does (closing
-the iterator, which cancels the engine call and frees the request's KV blocks). It is what
-every streamed answer of the gateway goes out through, so its cost is paid per request.
+group on every request; this one runs the body in the request's own task and cancels it when
+the client goes away (closing the iterator, which cancels the engine call and frees the
+request's KV blocks): told by the gateway's HTTP protocol
+(:class:`~gateway.http_protocol.DisconnectCallbacks`), or, served by another server, seen by
+one plain asyncio task reading ``receive``. It is what every streamed answer of the gateway
+goes out through, so its cost is paid per request.
 """
 
 from __future__ import annotations
@@ -15,10 +17,19 @@ from collections.abc import AsyncIterator
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from gateway.http_protocol import ON_DISCONNECT, DisconnectCallbacks
+
+
+class FinalEvents(bytes):
+    """A stream's last events: :class:`EventStream` writes them together with the end of the
+    body (one write, not two; uvicorn writes the chunked body's terminator with the message
+    that ends it). The iterator yields nothing after them; whatever it still runs (a log line,
+    a metric) runs once the client has the whole answer."""
+
 
 class EventStream(Response):
-    """Sends ``events`` (each an already framed ``bytes`` of one or more events) as a
-    ``text/event-stream`` response with ``headers``."""
+    """Sends ``events`` (each an already framed ``bytes`` of one or more events; the last may
+    be :class:`FinalEvents`) as a ``text/event-stream`` response with ``headers``."""
 
     media_type = "text/event-stream"
 
@@ -36,15 +47,23 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        gone = False
+        gone = ended = finished = False
+
+        def client_gone() -> None:
+            nonlocal gone
+            # After the body's end, ``receive`` says "disconnect" too: nobody left.
+            if not ended and not finished:
+                gone = True
+                task.cancel()
 
         async def watch() -> None:
-            nonlocal gone
             while (await receive())["type"] != "http.disconnect":
                 pass
-            gone = True
-            task.cancel()
+            client_gone()
 
+        callbacks = scope.get(ON_DISCONNECT)
+        if not isinstance(callbacks, DisconnectCallbacks):
+            callbacks = None
         # The first events are framed before the headers go out: the handlers build this
         # response once the first delta is in, so the first text follows the headers at once
         # instead of after a write and a task start.
@@ -52,17 +71,26 @@ class EventStream(Response):
         try:
             first = await anext(self.events, b"")
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            if first:
-                await send({"type": "http.response.body", "body": first, "more_body": True})
-            watcher = asyncio.create_task(watch())
+            ended = isinstance(first, FinalEvents)
+            if first or ended:
+                await send({"type": "http.response.body", "body": first, "more_body": not ended})
+            if callbacks is not None:
+                callbacks.add(client_gone)
+            else:
+                watcher = asyncio.create_task(watch())
             async for chunk in self.events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                ended = isinstance(chunk, FinalEvents)
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not gone:
                 raise
             task.uncancel()  # the client left: nothing more to send, and nothing failed
         finally:
+            finished = True
+            if callbacks is not None:
+                callbacks.remove(client_gone)
             if watcher is not None:
                 watcher.cancel()
             aclose = getattr(self.events, "aclose", None)

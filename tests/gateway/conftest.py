@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from engine_service.server import EngineServer
 from gateway.app import create_app
+from gateway.http_protocol import GatewayHttpProtocol
 from gateway.routing import RoutesSource, RoutingPolicy
 from switchyard.demo import make_test_checkpoint
 from switchyard.settings import EngineSettings, GatewaySettings
@@ -28,7 +29,8 @@ MAX_MODEL_LEN = 256
 
 
 class ServedApp:
-    """A FastAPI app served by uvicorn on a free loopback port of a background loop."""
+    """A FastAPI app served by uvicorn on a free loopback port of a background loop, with the
+    gateway's own HTTP protocol (as ``python -m gateway`` serves it)."""
 
     def __init__(self, app: FastAPI, background: BackgroundLoop) -> None:
         with socket.socket() as probe:
@@ -37,7 +39,12 @@ class ServedApp:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._background = background
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            http=GatewayHttpProtocol,
+            log_level="warning",
+            lifespan="on",
         )
         self._server = uvicorn.Server(config)
         self._task = background.run(self._start())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +13,12 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from gateway.http_protocol import GatewayHttpProtocol, HeadCoalescingTransport
+from gateway.http_protocol import (
+    ON_DISCONNECT,
+    DisconnectCallbacks,
+    GatewayHttpProtocol,
+    HeadCoalescingTransport,
+)
 from tests.support import BackgroundLoop
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
@@ -113,10 +119,26 @@ def test_abort_drops_a_held_head(loop: asyncio.AbstractEventLoop) -> None:
     assert inner.calls == [("abort", None)]
 
 
+# What the disconnect callbacks of ``/wait`` and ``/done`` saw, by path.
+DISCONNECTS: dict[str, asyncio.Event] = {}
+
+
 async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
     """``/together``: headers and a first event at once, the rest later; ``/apart``: headers,
-    then the body only after a pause."""
+    then the body only after a pause; ``/wait``: nothing until the client leaves (told by a
+    disconnect callback); ``/done``: a whole response, its callback left registered."""
     if scope["type"] != "http":
+        return
+    if scope["path"] in ("/wait", "/done"):
+        callbacks = scope[ON_DISCONNECT]  # type: ignore[typeddict-item]
+        assert isinstance(callbacks, DisconnectCallbacks)
+        gone = DISCONNECTS[scope["path"]] = asyncio.Event()
+        callbacks.add(gone.set)
+        if scope["path"] == "/wait":
+            await asyncio.wait_for(gone.wait(), timeout=5)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done", "more_body": False})
         return
     headers = [(b"content-type", b"text/event-stream")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -196,3 +218,22 @@ def test_the_head_and_the_first_event_are_one_write(server_port: int) -> None:
 def test_a_head_without_a_body_is_not_held_back(server_port: int) -> None:
     received = first_read(server_port, "/apart")  # the body follows 0.5 s later
     assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"\r\n\r\n")
+
+
+def test_a_client_that_leaves_is_told_by_its_disconnect_callback(server_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", server_port), timeout=5) as sock:
+        sock.sendall(b"GET /wait HTTP/1.1\r\nhost: test\r\n\r\n")
+        deadline = time.monotonic() + 5
+        while "/wait" not in DISCONNECTS and time.monotonic() < deadline:
+            time.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while not DISCONNECTS["/wait"].is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert DISCONNECTS["/wait"].is_set()
+
+
+def test_a_connection_closed_after_a_whole_response_is_no_disconnect(server_port: int) -> None:
+    received = first_read(server_port, "/done")  # the client closes once it has the answer
+    assert received.endswith(b"done\r\n0\r\n\r\n")
+    time.sleep(0.2)
+    assert not DISCONNECTS["/done"].is_set()
