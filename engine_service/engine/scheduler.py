@@ -279,12 +279,24 @@ class Scheduler:
         k = self.num_speculative_tokens
         if not k or self.size_trees is None:
             return k
+        # Sequences on their last token or at the context's end draft nothing: not counted.
         decoding = sum(
             1
             for r in self.running
-            if not r.num_pending_tokens and r.kv_handoff is None and self._num_remaining(r) == 1
+            if not r.num_pending_tokens
+            and r.kv_handoff is None
+            and self._room_left(r) > 0
+            and self._num_remaining(r) == 1
         )
         return self.size_trees(max(decoding, 1))
+
+    def _room_left(self, request: Request) -> int:
+        """Tokens a decoding request may still draft past its next one: its max_tokens and
+        the context allow this many."""
+        return min(
+            request.params.max_tokens - request.num_output_tokens - 1,
+            self.acceptor.max_model_len - request.num_tokens - 1,
+        )
 
     def _draft_room(self, request: Request, budget: int, slots: int) -> int:
         """Draft slots for a decoding sequence: the step's number (``slots``), within the step's
@@ -296,16 +308,7 @@ class Scheduler:
         :func:`~engine_service.engine.spec.verify.add_path_counts`), in chains and trees."""
         if not slots or request.num_pending_tokens or request.kv_handoff is not None:
             return 0
-        params = request.params
-        return max(
-            0,
-            min(
-                slots,
-                budget,
-                params.max_tokens - request.num_output_tokens - 1,
-                self.acceptor.max_model_len - request.num_tokens - 1,
-            ),
-        )
+        return max(0, min(slots, budget, self._room_left(request)))
 
     def _add_sequence(
         self, batch: ScheduledBatch, request: Request, num_new: int, draft_room: int = 0

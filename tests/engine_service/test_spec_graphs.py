@@ -443,3 +443,28 @@ def test_the_scheduler_reserves_the_steps_tree_size(models, name):
             assert size and max(rooms) <= size and max(lengths, default=0) <= size
         assert engine.scheduler.accepted_draft_tokens > 0
         assert_pool_entirely_free(engine.kv_manager)
+
+
+def test_a_sequence_with_no_draft_room_does_not_shrink_the_steps_trees(models):
+    """A decoding sequence on its last token drafts nothing, so it does not count toward
+    the step's trees: two requests beside one with ``max_tokens`` 2 (budget 18, trees of
+    9) draft 9 nodes each on that request's last step, as two trees alone would."""
+    target, spec = case(models, "eagle_tree")
+    spec["tree"]["max_num_batched_draft_tokens"] = 18
+    engine = make_engine(target, speculative_config=json.dumps(spec))
+    steps = []
+    propose = engine.proposer.propose
+
+    def recording(scheduled):
+        rooms = [s.draft_room for s in scheduled.sequences if s.num_tokens == 1]
+        steps.append((sorted(rooms), scheduled.tree_size))
+        return propose(scheduled)
+
+    engine.proposer.propose = recording
+    batch = prompts(8)[:3]
+    params = [greedy(12, ignore_eos=True)] * 2 + [greedy(2, ignore_eos=True)]
+    got = [samples[0] for samples in engine.generate(batch, params)]
+    plain = [samples[0] for samples in make_engine(target).generate(batch, params)]
+    assert got == plain
+    # The short request's last step: three decoding sequences, two with room, 9 slots each.
+    assert ([0, 9, 9], 9) in steps, steps
