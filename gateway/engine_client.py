@@ -185,7 +185,7 @@ class EngineClient:
             if router.source.replicas() is not self._table_checked:
                 await self._close_departed()
             disaggregated = self._disaggregates(request) and router.has_prefill_replicas()
-            if last_error is None:  # the first try, or one after a refusal by a full queue
+            if last_error is None:  # the first try: every later one follows a failure
                 replica = router.select(
                     request_info, exclude=frozenset(tried), disaggregated=disaggregated
                 )

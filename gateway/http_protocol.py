@@ -23,10 +23,13 @@ served by another server, the scope has none and they watch ``receive`` as befor
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+logger = logging.getLogger(__name__)
 
 _HEAD_START = b"HTTP/1.1 "
 _HEAD_END = b"\r\n\r\n"
@@ -62,7 +65,10 @@ class DisconnectCallbacks:
         self.gone = True
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
-            callback()
+            try:
+                callback()
+            except Exception:  # one callback's failure must not keep the others from running
+                logger.exception("a disconnect callback failed")
 
 
 class HeadCoalescingTransport:

@@ -237,3 +237,15 @@ def test_a_connection_closed_after_a_whole_response_is_no_disconnect(server_port
     assert received.endswith(b"done\r\n0\r\n\r\n")
     time.sleep(0.2)
     assert not DISCONNECTS["/done"].is_set()
+
+
+def test_a_failing_disconnect_callback_does_not_keep_the_others_from_running() -> None:
+    callbacks, ran = DisconnectCallbacks(), []
+
+    def failing() -> None:
+        raise RuntimeError("boom")
+
+    callbacks.add(failing)
+    callbacks.add(lambda: ran.append(True))
+    callbacks.fire()
+    assert ran == [True] and callbacks.gone
