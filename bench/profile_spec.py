@@ -49,9 +49,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="copies of the prompt at once")
     parser.add_argument("--twin-graphs", action="store_true", help="CPU twins of the graphs")
     parser.add_argument("--out", type=Path, default=Path("."))
+    # The tree bench/spec_gpu.sh measures by default.
+    parser.add_argument("--tree-topk", type=int, default=2)
+    parser.add_argument("--tree-nodes", type=int, default=16)
+    parser.add_argument("--tree-depth", type=int, default=8)
+    parser.add_argument(
+        "--tree-batch-tokens",
+        type=int,
+        default=128,
+        help="the tree's max_num_batched_draft_tokens (0: trees never shrink)",
+    )
     args = parser.parse_args()
     folder = args.trained
-    tree = {"topk": 4, "num_draft_tokens": 16}
+    tree = {"topk": args.tree_topk, "num_draft_tokens": args.tree_nodes}
+    if args.tree_batch_tokens:
+        tree["max_num_batched_draft_tokens"] = args.tree_batch_tokens
     specs = {
         "off": None,
         "ngram": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4},
@@ -60,7 +72,7 @@ def main() -> None:
         "eagle_tree": {
             "method": "eagle",
             "model": str(folder / "eagle"),
-            "num_speculative_tokens": 4,
+            "num_speculative_tokens": args.tree_depth,
             "tree": tree,
         },
     }
