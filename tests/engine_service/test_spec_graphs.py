@@ -468,3 +468,32 @@ def test_a_sequence_with_no_draft_room_does_not_shrink_the_steps_trees(models):
     assert got == plain
     # The short request's last step: three decoding sequences, two with room, 9 slots each.
     assert ([0, 9, 9], 9) in steps, steps
+
+
+def test_trees_sized_by_the_scheduler_grow_in_their_graphs_when_some_get_no_room(models):
+    """Three decoding requests under a 10-token step budget (tree budget 18, trees of 9):
+    the scheduler sizes the step's trees for three (4 nodes) but only two fit the step. The
+    proposer grows the two at the reserved 4 nodes in the 4-node tree graphs, on the device,
+    rather than sizing them for two trees (9 nodes, more than their room, which sends them to
+    the host). Outputs equal plain decoding's."""
+    target, spec = case(models, "eagle_tree")
+    spec["tree"]["max_num_batched_draft_tokens"] = 18
+    config = dict(speculative_config=json.dumps(spec), max_num_batched_tokens=10)
+    engine = with_twin_graphs(make_engine(target, **config), max_tokens=48, max_seqs=8)
+    steps = []
+    propose = engine.proposer.propose
+
+    def recording(scheduled):
+        rooms = [s.draft_room for s in scheduled.sequences if s.draft_room]
+        proposal = propose(scheduled)
+        steps.append((len(engine.scheduler.running), rooms, isinstance(proposal, DeviceDrafts)))
+        return proposal
+
+    engine.proposer.propose = recording
+    batch = [prompt[:3] for prompt in prompts(9)[:3]]  # all three prefilled in one step
+    expected = run(make_engine(target, max_num_batched_tokens=10), batch)
+    assert run(engine, batch) == expected
+    squeezed = [
+        on_device for running, rooms, on_device in steps if running == 3 and rooms == [4, 4]
+    ]
+    assert squeezed and all(squeezed), steps
