@@ -35,14 +35,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.gateway_hop import free_port, wait_for  # noqa: E402
+from bench.gateway_hop import RawClient, free_port, wait_for  # noqa: E402
 from switchyard.settings import default_data_dir  # noqa: E402
 
 WORDS = ("signal", "track", "yard", "switch", "freight", "engine", "siding", "junction")
@@ -62,49 +61,22 @@ def process_cpu_ns(pid: int) -> int:
     return total
 
 
-class StreamingClient:
-    """One kept-alive connection; a streamed completion read by hand."""
-
-    def __init__(self, port: int) -> None:
-        self._port = port
-        body = json.dumps(
-            {
-                "model": "bench",
-                "prompt": PROMPT,
-                "max_tokens": MAX_TOKENS,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-        ).encode()
-        self._request = (
-            b"POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
-
-    async def open(self) -> None:
-        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self._port)
-
-    async def first_text_s(self) -> float:
-        start = time.perf_counter()
-        self._writer.write(self._request)
-        received, first = b"", None
-        while not received.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
-            chunk = await self._reader.read(65536)
-            if not chunk:
-                raise RuntimeError("the gateway closed the connection")
-            received += chunk
-            if first is None and b'"text":"' in received.partition(b"\r\n\r\n")[2]:
-                first = time.perf_counter() - start
-        if first is None or not received.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"unexpected answer: {received[:200]!r}")
-        return first
+def streamed_completion() -> dict[str, Any]:
+    """The body of ``bench/serving.py``'s one-at-a-time requests."""
+    return {
+        "model": "bench",
+        "prompt": PROMPT,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 async def measure(args: argparse.Namespace, gateways: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """``gateways``: name -> (port, pid)."""
-    clients = {name: StreamingClient(port) for name, (port, _) in gateways.items()}
+    clients = {name: RawClient(port, streamed_completion()) for name, (port, _) in gateways.items()}
     for client in clients.values():
         await client.open()
     names = list(gateways)

@@ -106,11 +106,16 @@ def free_port() -> int:
 class RawClient:
     """HTTP/1.1 over one kept-alive socket, read by hand: next to no client-side cost."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, fields: dict[str, Any] | None = None) -> None:
+        """``fields``: the completion request's body (default: this benchmark's)."""
         self._port = port
-        body = json.dumps(
-            {"model": "bench", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True}
-        ).encode()
+        fields = fields or {
+            "model": "bench",
+            "prompt": PROMPT,
+            "max_tokens": MAX_TOKENS,
+            "stream": True,
+        }
+        body = json.dumps(fields).encode()
         self._request = (
             b"POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
