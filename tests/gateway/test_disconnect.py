@@ -34,27 +34,6 @@ class GoneClient:
         return {"type": "http.disconnect"}
 
 
-def test_a_disconnect_unwinds_the_pending_generation_so_it_can_be_closed():
-    closed = []
-
-    async def deltas() -> AsyncIterator[int]:
-        try:
-            await asyncio.sleep(3600)
-            yield 1
-        finally:
-            closed.append(True)
-
-    async def scenario() -> None:
-        generation = deltas()
-        with pytest.raises(ApiError) as caught:
-            await until_disconnected(GoneClient(), anext(generation))  # type: ignore[arg-type]
-        assert caught.value.status == 499
-        await generation.aclose()  # the handlers close it; it must not be "already running"
-        assert closed == [True]
-
-    asyncio.run(scenario())
-
-
 class CallbackClient:
     """A request served by the gateway's own HTTP protocol: its disconnect is a callback."""
 
@@ -66,7 +45,10 @@ class CallbackClient:
         raise AssertionError("with disconnect callbacks nothing reads receive")
 
 
-def test_a_disconnect_callback_unwinds_the_pending_generation_so_it_can_be_closed():
+@pytest.mark.parametrize("told_by", ["receive", "callback"])
+def test_a_disconnect_unwinds_the_pending_generation_so_it_can_be_closed(told_by):
+    """Seen by a watcher reading ``receive`` (another server) or told by the gateway's HTTP
+    protocol as a callback: either way the wait ends in a 499 and the generation can close."""
     closed = []
 
     async def deltas() -> AsyncIterator[int]:
@@ -77,13 +59,15 @@ def test_a_disconnect_callback_unwinds_the_pending_generation_so_it_can_be_close
             closed.append(True)
 
     async def scenario() -> None:
-        client = CallbackClient()
+        client: GoneClient | CallbackClient = GoneClient()
+        if told_by == "callback":
+            client = CallbackClient()
+            asyncio.get_running_loop().call_later(0.01, client.callbacks.fire)
         generation = deltas()
-        asyncio.get_running_loop().call_later(0.01, client.callbacks.fire)
         with pytest.raises(ApiError) as caught:
             await until_disconnected(client, anext(generation))  # type: ignore[arg-type]
         assert caught.value.status == 499
-        await generation.aclose()
+        await generation.aclose()  # the handlers close it; it must not be "already running"
         assert closed == [True]
 
     asyncio.run(scenario())
