@@ -67,7 +67,6 @@ from engine_service.engine.spec.proposers import (
     draft_max_tokens,
     draft_runner,
     grow_full_trees,
-    step_tree_size,
 )
 from engine_service.layers.paged_attention import AttentionBackend
 from engine_service.models.config import ModelConfig
@@ -212,7 +211,7 @@ class EagleProposer(Proposer):
     def _trees(self, trees, roots, size: int = 0) -> dict[int, list[int]] | DeviceDrafts:
         """Token trees by confidence; node ``m``'s hidden input is its parent's output."""
         drafts: dict[int, list[int]] = {}
-        step_size = size or step_tree_size(self, len(trees))  # size: the scheduler's
+        step_size = size or self.tree_size  # size: the scheduler's, under a tree budget
         if step_size in self.tree_graphs_by_size:
             logits = {i: root[0] for i, root in roots.items()}
             hidden = {i: root[1] for i, root in roots.items()}

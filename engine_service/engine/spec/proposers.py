@@ -298,7 +298,7 @@ class DraftModelProposer(Proposer):
     ) -> dict[int, list[int]] | DeviceDrafts:
         """Grow every tree in lockstep, one batched draft forward per round."""
         drafts: dict[int, list[int]] = {}
-        step_size = size or step_tree_size(self, len(trees))  # size: the scheduler's
+        step_size = size or self.tree_size  # size: the scheduler's, under a tree budget
         if step_size in self.tree_graphs_by_size:
             base = [known[i] for i, _ in trees]
             grown_full = grow_full_trees(self, trees, base, root_logits, None, step_size)
@@ -423,7 +423,9 @@ def step_tree_size(proposer, num_trees: int) -> int:
     ``tree_batch_tokens`` nodes (a batch large enough that the target's step is no longer
     bound by reading its weights, where a wide tree costs more than it gains). Then the
     budget is shared out over the next power of two of trees, so that a few graph sets
-    cover every batch, and a tree keeps at least ``topk + 1`` nodes."""
+    cover every batch, and a tree keeps at least ``topk + 1`` nodes. The scheduler sizes each
+    step with it (``Scheduler.size_trees``) and hands the size on with the batch
+    (``ScheduledBatch.tree_size``); the proposers grow their trees to that."""
     size, budget = proposer.tree_size, proposer.tree_batch_tokens
     if not budget or num_trees * size <= budget:
         return size
