@@ -422,6 +422,8 @@ def check_speculative_graphs(device: str = "cuda") -> int:
             step_replays = proposer.runner.graphs.replays if proposer.runner.graphs else {}
             chain_replays = proposer.chain_graphs.replays if proposer.chain_graphs else 0
             tree_replays = sum(g.replays for g in proposer.tree_graphs_by_size.values())
+            # EAGLE trees: catch-ups run inside the tree graph once a request is past its prompt.
+            catch_ups = sum(g.catch_up_replays for g in proposer.tree_graphs_by_size.values())
             target_replays = llm.runner.graphs.replays
             pairs = list(zip(drafts, eager_drafts, strict=False))
             agree = sum(a == b for a, b in pairs) / max(1, len(pairs))
@@ -430,6 +432,8 @@ def check_speculative_graphs(device: str = "cuda") -> int:
                 if "tree" in name
                 else chain_replays > 0 and target_replays.get("mixed", 0) > 0
             )
+            if "tree" in name and name.startswith("eagle"):
+                used = used and catch_ups > 0
             ok = tokens == plain and eager_tokens == plain and used and agree >= 0.9
             failures += not ok
             accepted = llm.scheduler.accepted_draft_tokens / max(1, llm.scheduler.num_drafts)
@@ -438,7 +442,7 @@ def check_speculative_graphs(device: str = "cuda") -> int:
                 f"equal_to_plain={tokens == plain} drafts_agree={agree:.2f} "
                 f"accepted_per_round={accepted:.2f} target_replays={target_replays} "
                 f"proposer_replays={step_replays} chain_replays={chain_replays} "
-                f"tree_replays={tree_replays} "
+                f"tree_replays={tree_replays} tree_catch_ups={catch_ups} "
                 f"{'ok' if ok else 'MISMATCH'}",
                 flush=True,
             )

@@ -144,6 +144,9 @@ class ModelRunner:
                 custom_masks=custom_masks,
             )
         self.last_hidden: torch.Tensor | None = None
+        # Pinned staging of move_slots' indices (CUDA), grown on demand.
+        self._moves_host: torch.Tensor | None = None
+        self._moves_copied: torch.cuda.Event | None = None
         self.graphs = None
         if graphs_max_tokens > 0:
             from engine_service.engine.cuda_graphs import StepGraphs
@@ -511,11 +514,25 @@ class ModelRunner:
             self.channel.send_moves(copies)
         if self.remote or not copies:
             return
-        size = self.block_size
-        slots = torch.tensor(copies, dtype=torch.int64).T  # [2, moves]: sources, destinations
+        # Blocks and offsets on the host, one copy to the device: [4, moves] (source and
+        # destination blocks, then their offsets).
+        slots = np.asarray(copies, dtype=np.int64).T  # [2, moves]: sources, destinations
+        count = slots.shape[1]
         if self.device.type == "cuda":
-            slots = slots.pin_memory().to(self.device, non_blocking=True)
-        blocks, offsets = slots // size, slots % size
+            if self._moves_host is None or self._moves_host.numel() < 4 * count:
+                self._moves_host = torch.zeros(4 * max(count, 64), dtype=torch.int64).pin_memory()
+                self._moves_copied = torch.cuda.Event()
+            else:
+                self._moves_copied.synchronize()  # the last moves' copy has left the buffer
+            index = self._moves_host[: 4 * count]
+        else:
+            index = torch.empty(4 * count, dtype=torch.int64)
+        host = index.numpy().reshape(4, count)
+        np.divmod(slots, self.block_size, out=(host[:2], host[2:]))
+        if self.device.type == "cuda":
+            index = index.to(self.device, non_blocking=True)
+            self._moves_copied.record()
+        blocks, offsets = index.view(4, count)[:2], index.view(4, count)[2:]
         self.kv_cache[blocks[1], :, :, offsets[1]] = self.kv_cache[blocks[0], :, :, offsets[0]]
         if self.hidden_store is not None:
             states = self.hidden_store.states

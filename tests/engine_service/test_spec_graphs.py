@@ -171,6 +171,10 @@ def test_padded_proposer_and_tree_graphs_give_the_eager_drafts(models, name, set
     steps, target_steps = proposer.runner.graphs.replays, twin.runner.graphs.replays
     if name.endswith("tree"):
         assert proposer.tree_graphs.replays > 0 and target_steps.get("tree", 0) > 0, target_steps
+        if name.startswith("eagle"):
+            # The head's catch-up over a round's accepted tokens ran inside the tree's
+            # graph (and gave the drafts of the eager catch-up step, checked above).
+            assert proposer.tree_graphs.catch_up_replays > 0
         assert proposer.chain_graphs is None  # with a tree, every sample drafts one
         # Full trees of greedy samples keep their shape on the device through the step.
         assert getattr(twin, "device_trees", 0) > 0

@@ -67,6 +67,7 @@ from engine_service.engine.spec.proposers import (
     draft_max_tokens,
     draft_runner,
     grow_full_trees,
+    trees_stay_on_device,
 )
 from engine_service.layers.paged_attention import AttentionBackend
 from engine_service.models.config import ModelConfig
@@ -130,11 +131,12 @@ class EagleProposer(Proposer):
         self, max_tokens: int, max_seqs: int, pool=None, capture: bool = True
     ) -> None:
         runner, width = self.runner, self.head.config.hidden_size
-        head, cache = self.head, runner.kv_cache
+        head, cache, store = self.head, runner.kv_cache, self.hidden_store
         calls = DraftModelCalls(
             forward=lambda ids, positions, hidden, meta: head(ids, positions, hidden, cache, meta),
             logits=head.compute_logits,
             to_target=head.draft_to_target,
+            features=(lambda slots: head.project(store.read(slots))) if store else None,
         )
         capture_drafting(self, calls, max_tokens, max_seqs, width, capture, pool)
 
@@ -145,30 +147,78 @@ class EagleProposer(Proposer):
         chosen = [(i, s) for i, s in enumerate(batch.sequences) if s.draft_room and s.start]
         if not chosen:
             return {}
+        if self.tree_topk:
+            grown = self._trees_with_catch_up(chosen, batch.tree_size)
+            if grown is not None:
+                return grown
         roots = self._catch_up(chosen)
         if self.tree_topk:
             return self._trees(chosen, roots, batch.tree_size)
         return self._chains(chosen, roots)
 
-    def _catch_up(self, chosen) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Feed each sequence's positions the head has not seen; per sequence the root's
-        (logits, output) rows."""
-        pieces = []
-        for i, seq in chosen:
+    def _catch_up_spans(self, chosen) -> list[tuple[int, int]]:
+        """Per sequence, the head positions to feed before its drafts: (first, count)."""
+        spans = []
+        for _, seq in chosen:
             request = seq.request
             computed = seq.start  # n - 1: the newest token runs in this step
             seen, epoch, fed = self._fed.get(id(request), (None, -1, 0))
             if seen is not request or epoch != request.num_preemptions:
                 fed = 0
             fed = min(fed, computed - 1)  # at least the last position, for its logits
-            shifted = request.all_token_ids[fed + 1 : computed + 1]
-            pieces.append(
-                (i, ScheduledSequence(request, fed, len(shifted), 1, draft_token_ids=shifted))
-            )
-        out = self._forward(pieces, None)
+            spans.append((fed, computed - fed))
+        return spans
+
+    def _mark_fed(self, chosen) -> None:
         self._fed = {k: v for k, v in self._fed.items() if not v[0].is_finished}
         for _, seq in chosen:
             self._fed[id(seq.request)] = (seq.request, seq.request.num_preemptions, seq.start)
+
+    def _trees_with_catch_up(self, trees, size: int) -> dict[int, list[int]] | DeviceDrafts | None:
+        """Every tree of the step grown by one launch of its graph, the head's catch-up
+        over the newest tokens included; None (nothing done) unless every tree gets the
+        step's full size and every catch-up fits the graph's rows (a prompt's does not)."""
+        graphs = self.tree_graphs_by_size.get(size or self.tree_size)
+        if graphs is None or not graphs.catch_up:
+            return None
+        if any(seq.draft_room < graphs.size for _, seq in trees):
+            return None
+        spans = self._catch_up_spans(trees)
+        if any(count > graphs.catch_up for _, count in spans):
+            return None
+        tokens = [
+            seq.request.all_token_ids[fed + 1 : fed + count + 1]
+            for (_, seq), (fed, count) in zip(trees, spans, strict=True)
+        ]
+        args = (
+            None,
+            None,
+            [seq.start for _, seq in trees],
+            [seq.request.block_table for _, seq in trees],
+            (tokens, [count for _, count in spans]),
+        )
+        self._mark_fed(trees)
+        keys = [i for i, _ in trees]
+        if trees_stay_on_device(self, trees):
+            tokens_t, parents, depths, ancestors = graphs.grow_on_device(*args)
+            width = tokens_t.shape[1]
+            return DeviceDrafts(keys, tokens_t, [width] * len(keys), parents, depths, ancestors)
+        drafts = {}
+        for i, (draft, parents) in zip(keys, graphs.grow(*args), strict=True):
+            drafts[i], self.parents[i] = draft, parents
+        return drafts
+
+    def _catch_up(self, chosen) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Feed each sequence's positions the head has not seen; per sequence the root's
+        (logits, output) rows."""
+        pieces = []
+        for (i, seq), (fed, count) in zip(chosen, self._catch_up_spans(chosen), strict=True):
+            shifted = seq.request.all_token_ids[fed + 1 : fed + count + 1]
+            pieces.append(
+                (i, ScheduledSequence(seq.request, fed, count, 1, draft_token_ids=shifted))
+            )
+        out = self._forward(pieces, None)
+        self._mark_fed(chosen)
         return {i: (logits[0], hidden[0]) for i, (logits, hidden) in out.items()}
 
     def _chains(self, chains, roots) -> dict[int, list[int]] | DeviceDrafts:

@@ -66,6 +66,9 @@ class DraftModelCalls:
     ]
     logits: Callable[[torch.Tensor], torch.Tensor]
     to_target: torch.Tensor | None = None
+    # An EAGLE head's hidden input at cache slots (the target's kept features, projected):
+    # lets a tree graph run the head's catch-up over the accepted tokens itself.
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def target_ids(self, index: torch.Tensor) -> torch.Tensor:
         return self.to_target[index] if self.to_target is not None else index
@@ -182,25 +185,35 @@ class _DraftGraphs:
         (``prepare``: the twin, which prepares the backend before each step)."""
         raise NotImplementedError
 
+    # The loop's forms, one graph each per bucket (trees: with and without a catch-up);
+    # ``_variant`` is the one the next ``_body`` or ``_launch`` runs.
+    _variants: tuple[bool, ...] = (False,)
+    _variant = False
+
     def _launch(self, bucket: int) -> None:
         if self._staged is not None:
             self._staged.record()  # after this run's copies from the staging
         self.replays += 1
-        graph = self._graphs[bucket]
+        graph = self._graphs[(bucket, self._variant)]
         if graph is None:
             self._body(bucket, prepare=True)
         else:
             graph.replay()
 
+    def _capture_metas(self, bucket: int) -> list[AttentionMetadata]:
+        return self._step_metas[bucket]
+
     @torch.inference_mode()
     def _capture_all(self) -> None:
+        keys = [(bucket, variant) for bucket in self.buckets for variant in self._variants]
         if not self.capture:
-            self._graphs = dict.fromkeys(self.buckets)
+            self._graphs = dict.fromkeys(keys)
             return
         runner, pool = self.runner, self.pool
         # The rows start empty (base 0, scratch tables): warm-ups write only into scratch.
-        for bucket in reversed(self.buckets):
-            for meta in self._step_metas[bucket]:
+        for bucket, variant in reversed(keys):
+            self._variant = variant
+            for meta in self._capture_metas(bucket):
                 runner.backend.prepare_for_capture(meta, runner.block_size)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -212,7 +225,8 @@ class _DraftGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 self._body(bucket, prepare=False)
             pool = graph.pool()
-            self._graphs[bucket] = graph
+            self._graphs[(bucket, variant)] = graph
+        self._variant = False
         self.pool = pool
         torch.cuda.synchronize()
 
@@ -361,9 +375,16 @@ class TreeGraphs(_DraftGraphs):
         hidden_width: int = 0,
         capture: bool = True,
         pool=None,
+        catch_up: int = 0,
     ) -> None:
         super().__init__(runner, calls, max_seqs, capture, pool)
         self.topk, self.size = topk, size
+        # With ``catch_up`` rows (an EAGLE head with ``calls.features``): a second graph per
+        # bucket first feeds each row's newest tokens (at most ``catch_up``) to the head, as
+        # the proposer's catch-up step does, and grows the tree from the last one's output,
+        # so that a round's drafting is one staging and one launch.
+        self.catch_up = catch_up if hidden_width and calls.features is not None else 0
+        self.catch_up_replays = 0  # runs that fed the head its catch-up first
         # Each round: (nodes run, of which the newest are the frontier, nodes it adds).
         self.rounds: list[tuple[int, int, int]] = []
         nodes = frontier = min(topk, size)
@@ -400,6 +421,38 @@ class TreeGraphs(_DraftGraphs):
         self.steps = torch.arange(s + 1, dtype=torch.int32, device=device)
         self.mask = torch.zeros(s * size * size, dtype=torch.bool, device=device)
         self.mask_offsets = torch.zeros(s + 1, dtype=torch.int32, device=device)
+        if self.catch_up:
+            rows = self.catch_up
+            self.cu_tokens = torch.zeros(s, rows, **int64)  # left-aligned, padded
+            self.cu_counts = torch.ones(s, **int64)  # each row's tokens (padding rows: 1)
+            self.cu_positions = torch.zeros(s * rows, **int64)
+            self.cu_slots = torch.full((s * rows,), self.scratch_slot, **int64)
+            self.cu_seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
+            self.cu_query_start = torch.zeros(s + 1, dtype=torch.int32, device=device)
+            self.cu_mask = torch.zeros(s * rows * rows, dtype=torch.bool, device=device)
+            self.cu_mask_offsets = torch.zeros(s + 1, dtype=torch.int32, device=device)
+            self.cu_rows = torch.arange(rows, **int64)
+            # Row i sees row j <= i of its block while j is a token (a padding row: itself).
+            self.cu_causal = torch.ones(rows, rows, dtype=torch.bool, device=device).tril()
+            self.cu_eye = torch.eye(rows, dtype=torch.bool, device=device)
+            self._cu_metas = {
+                bucket: self._meta(
+                    bucket,
+                    bucket * rows,
+                    rows,
+                    query_start=self.cu_query_start[: bucket + 1],
+                    seq_lens=self.cu_seq_lens[:bucket],
+                    positions=self.cu_positions[: bucket * rows],
+                    slots=self.cu_slots[: bucket * rows],
+                    mask=self.cu_mask[: bucket * rows * rows],
+                    mask_offsets=self.cu_mask_offsets[: bucket + 1],
+                )
+                for bucket in self.buckets
+            }
+        if self.catch_up:
+            self._variants = (False, True)
+            pin = device.type == "cuda"
+            self._host_cu_tokens = torch.zeros(s, self.catch_up, dtype=torch.int64, pin_memory=pin)
         for bucket in self.buckets:  # a round's step: every row's nodes so far
             self._step_metas[bucket] = [
                 self._meta(
@@ -420,16 +473,20 @@ class TreeGraphs(_DraftGraphs):
     @torch.inference_mode()
     def grow(
         self,
-        root_logits: torch.Tensor,
+        root_logits: torch.Tensor | None,
         root_hidden: torch.Tensor | None,
         base: list[int],
         block_tables: list[list[int]],
+        catch_up: tuple[list[list[int]], list[int]] | None = None,
     ) -> list[tuple[list[int], list[int]]]:
         """Each row's tree as (tokens, parents), read back once: the root's ``topk`` best
         children from ``root_logits[b]`` (the proposer's vocabulary, device), then the
-        rounds; node 1 sits at cache index ``base[b]``."""
+        rounds; node 1 sits at cache index ``base[b]``. With ``catch_up`` (tokens, counts)
+        instead of the root's logits and output: row ``b`` first feeds the head its
+        ``counts[b]`` newest tokens ``tokens[b]`` (at cache indices ``base[b] - counts[b]``
+        on, each with the target's feature there), and its root is the last one's output."""
         trees: list[tuple[list[int], list[int]]] = []
-        for n in self._runs(root_logits, root_hidden, base, block_tables):
+        for n in self._runs(root_logits, root_hidden, base, block_tables, catch_up):
             out = torch.stack((self.tokens[:n], self.parents[:n]), dim=1)[:, :, : self.num_nodes]
             for tokens, parents in out.tolist():
                 trees.append((tokens, parents))
@@ -438,10 +495,11 @@ class TreeGraphs(_DraftGraphs):
     @torch.inference_mode()
     def grow_on_device(
         self,
-        root_logits: torch.Tensor,
+        root_logits: torch.Tensor | None,
         root_hidden: torch.Tensor | None,
         base: list[int],
         block_tables: list[list[int]],
+        catch_up: tuple[list[list[int]], list[int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`grow` without the read-back: every row's tree of ``num_nodes`` nodes as
         device tensors, copied out of the static buffers (the next replay reuses them):
@@ -450,7 +508,7 @@ class TreeGraphs(_DraftGraphs):
         the nodes, itself included)."""
         parts = []
         width = self.num_nodes
-        for n in self._runs(root_logits, root_hidden, base, block_tables):
+        for n in self._runs(root_logits, root_hidden, base, block_tables, catch_up):
             parts.append(
                 (
                     self.tokens[:n, :width].clone(),
@@ -464,18 +522,40 @@ class TreeGraphs(_DraftGraphs):
         tokens, parents, depths, ancestors = (torch.cat(piece) for piece in zip(*parts))
         return tokens, parents, depths, ancestors
 
-    def _runs(self, root_logits, root_hidden, base, block_tables) -> Iterator[int]:
+    def _runs(self, root_logits, root_hidden, base, block_tables, catch_up) -> Iterator[int]:
         """Grow the rows' trees a bucket's worth at a time (more rows than the largest
         bucket take several runs); after each run, how many rows its buffers hold."""
         for lo in range(0, len(base), self.max_seqs):
             hi = lo + self.max_seqs
+            if catch_up is not None:
+                part = (catch_up[0][lo:hi], catch_up[1][lo:hi])
+                yield self._run(None, None, base[lo:hi], block_tables[lo:hi], part)
+                continue
             hidden = root_hidden[lo:hi] if root_hidden is not None else None
             yield self._run(root_logits[lo:hi], hidden, base[lo:hi], block_tables[lo:hi])
 
-    def _run(self, root_logits, root_hidden, base, block_tables) -> int:
+    def _run(self, root_logits, root_hidden, base, block_tables, catch_up=None) -> int:
         """Grow the trees of ``len(base)`` rows (at most ``max_seqs``) into the buffers."""
         n, first = len(base), self.first
         bucket = self._bucket(n)
+        if catch_up is not None:
+            assert self.catch_up, "trees without a catch-up graph take the root's logits"
+            tokens, counts = catch_up
+            # The catch-up's block reaches catch_up - 1 indices past its first.
+            last = max(base) + max(self.num_nodes, self.catch_up) - 1
+            self._stage(bucket, base, counts, block_tables, last)
+            staged = self._host_cu_tokens.numpy()
+            staged[:bucket] = 0
+            for row, ids in enumerate(tokens):
+                staged[row, : len(ids)] = ids
+            self.cu_counts[:bucket].copy_(self._to_device(self._host_rows[1, :bucket]))
+            self.cu_counts[n:bucket].fill_(1)
+            self.cu_tokens[:bucket].copy_(self._to_device(self._host_cu_tokens[:bucket]))
+            self._variant = True
+            self.catch_up_replays += 1
+            self._launch(bucket)
+            self._variant = False
+            return n
         self._stage(bucket, base, [0] * n, block_tables, max(base) + self.num_nodes - 1)
         top = root_logits.log_softmax(dim=-1).topk(first)
         self.tokens[:n, :first].copy_(self.calls.target_ids(top.indices))
@@ -486,8 +566,49 @@ class TreeGraphs(_DraftGraphs):
         self._launch(bucket)
         return n
 
+    def _capture_metas(self, bucket: int) -> list[AttentionMetadata]:
+        metas = self._step_metas[bucket]
+        return [self._cu_metas[bucket], *metas] if self._variant else metas
+
+    def _catch_up_root(self, bucket: int, prepare: bool) -> None:
+        """The head's catch-up over each row's newest tokens (one masked block of
+        ``catch_up`` rows a sequence; rows past its count write only the scratch slot and
+        see nothing but themselves), then the root's children from the last token's
+        output: what the proposer's catch-up step and :meth:`_run` do from the host."""
+        calls, b, rows = self.calls, bucket, self.catch_up
+        count, base, tables = self.cu_counts[:b], self.base[:b], self.tables[:b]
+        first_index = base - count  # the first token's cache index
+        index = first_index[:, None] + self.cu_rows  # [b, rows]
+        live = self.cu_rows < count[:, None]
+        index = index.clamp(min=0)  # padding rows of the bucket (base 0)
+        slots = torch.where(live, self._slots(index, tables), self.scratch_slot)
+        self.cu_slots[: b * rows].copy_(slots.reshape(-1))
+        self.cu_positions[: b * rows].copy_(index.reshape(-1))
+        self.cu_seq_lens[:b].copy_((first_index + rows).clamp(min=rows))
+        self.cu_query_start[: b + 1].copy_(self.steps[: b + 1] * rows)
+        mask = self.cu_causal & (live[:, None, :] | self.cu_eye)
+        self.cu_mask[: b * rows * rows].copy_(mask.reshape(-1))
+        self.cu_mask_offsets[: b + 1].copy_(self.steps[: b + 1] * (rows * rows))
+        meta = self._cu_metas[b]
+        if prepare:
+            self.runner.backend.prepare(meta, self.runner.block_size)
+        assert calls.features is not None and self.outputs is not None
+        hidden = calls.features(self.cu_slots[: b * rows]).to(self.outputs.dtype)
+        out = calls.forward(
+            self.cu_tokens[:b].reshape(-1), self.cu_positions[: b * rows], hidden, meta
+        )
+        width = out.shape[-1]
+        last = (count - 1)[:, None, None].expand(b, 1, width)
+        root = out.view(b, rows, width).gather(1, last)[:, 0]
+        top = calls.logits(root).float().log_softmax(dim=-1).topk(self.first)
+        self.tokens[:b, : self.first] = calls.target_ids(top.indices)
+        self.scores[:b, : self.first] = top.values.double()
+        self.outputs[:b, 0] = root
+
     def _body(self, bucket: int, prepare: bool) -> None:
         calls, first, b = self.calls, self.first, bucket
+        if self._variant:
+            self._catch_up_root(bucket, prepare)
         base, tables = self.base[:b], self.tables[:b]
         tokens, parents = self.tokens[:b], self.parents[:b]
         depths, ancestors = self.depths[:b], self.ancestors[:b]

@@ -539,6 +539,9 @@ def capture_drafting(
                 hidden_width,
                 capture=capture,
                 pool=pool,
+                # An EAGLE head's catch-up over a round's accepted tokens (at most the
+                # drafts and the bonus token) runs in the tree's graph.
+                catch_up=num_tokens + 1 if calls.features is not None else 0,
             )
             pool = trees[size].pool
     proposer.chain_graphs, proposer.tree_graphs_by_size = chains, trees
