@@ -4,7 +4,7 @@
 # every method against speculation off (bench/spec.py --trained): chains of 4 tokens, EAGLE
 # trees of 16 nodes, 2 children a round, 8 deep, at most 128 tree nodes a step. The target and
 # the EAGLE head alone (MODELS=eagle METHODS="ngram eagle eagle_tree") take ~7 minutes on an
-# H200; everything takes longer than one 10-minute device call, so split it with MODELS and
+# H200 (their training alone 300-360 s: give the call its whole 10 minutes); everything takes longer than one 10-minute device call, so split it with MODELS and
 # METHODS. Usage: bench/spec_gpu.sh [OUT_DIR] (default $OUT, else bench/results);
 # STEPS=N overrides the training steps of every model (at gpu-large: 1500 for the target,
 # 2000 for the EAGLE heads, 600 for the draft model); SIZE=gpu trains the
