@@ -5,13 +5,13 @@ expression into pieces (a word with its leading space, a run of digits, of punct
 whitespace), maps each piece's bytes to printable characters and runs BPE on each piece
 alone, so a piece's ids never depend on its neighbours. Prompts repeat the same pieces (the
 words of a language) over and over, yet the Rust tokenizer pays its pre-tokenizer on every
-call: on a 2-core host, 0.45 ms of a 64-word prompt's 0.5 ms cold (``docs/gateway.md``, "What
-each request costs"). :class:`PieceEncoder` splits with Python's ``regex`` instead (a third of
-the cost) and looks each piece's ids up in a bounded cache that the tokenizer's own BPE model
-fills on a miss, then adds the post-processor's special tokens:
+call: on a 2-core host, ~0.42 ms of a 64-word prompt's ~0.45 ms cold (``docs/gateway.md``,
+"What each request costs"). :class:`PieceEncoder` splits with Python's ``regex`` instead (a
+quarter of the cost) and looks each piece's ids up in a bounded cache that the tokenizer's
+own BPE model fills on a miss, then adds the post-processor's special tokens:
 
-    "<BOS>" + "The" " cat" " sat" "." "\\n"   ->   [bos] + ids("The") + ids(" cat") + ...
-                 └── regex split ──┘                        └── cache, else model.tokenize ──┘
+    "The cat sat.\\n" ─ regex split ─▶ "The" " cat" " sat" "." "\\n"
+      ─▶ [bos] + ids("The") + ids(" cat") + ...   (each from the cache, else model.tokenize)
 
 Only where this is exactly the Rust tokenizer's answer: text of printable ASCII, tab, line
 feed and carriage return (where the two regex engines agree on letters, digits and
