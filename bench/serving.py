@@ -15,7 +15,11 @@ p99, request and output-token throughput; prints a table and writes JSON with ``
 the engine's, over ``--idle-pairs`` requests per path sent one at a time before the schedule
 (each gateway request beside its direct twin, the order alternating; ``--idle-max-tokens``
 output tokens), with ``gateway_overhead_paired_ms_p50`` beside it (the median of the pairs'
-TTFT differences) and ``gateway_overhead_ms_p99``. Under the schedule, requests queue behind
+TTFT differences) and ``gateway_overhead_ms_p99``, and ``gateway_overhead_ms_p50_se``, the figure's bootstrap
+standard error: the engine's own TTFT varies by 4-20 ms (standard deviation) per request on
+a shared 2-core host, which moves a difference of two medians over 160 requests by 0.6-0.8
+ms between quiet runs and by 2-4 ms under other load, so read one run's figure with it.
+Under the schedule, requests queue behind
 each other's prefills, and which request of an arrival group waits longer is chance: the
 same figures there (``gateway_overhead_loaded_ms_p50``, ``..._loaded_paired_ms_p50``,
 ``..._loaded_ms_p99``) moved from -12 to +11 ms between runs of the same code on a 2-core
@@ -147,6 +151,25 @@ def paired_overhead_ms_p50(gateway: PathResult, direct: PathResult) -> float:
         if g.slot is not None and g.slot in direct_by_slot
     ]
     return statistics.median(diffs) * 1000 if diffs else float("nan")
+
+
+def overhead_standard_error_ms(
+    gateway: PathResult, direct: PathResult, resamples: int = 1000, seed: int = 0
+) -> float:
+    """The bootstrap standard error of ``gateway_overhead_ms_p50`` (the difference of the
+    two TTFT medians): how far the figure would move between runs from the sampling of the
+    engine's own TTFT alone, which varies by several ms per request on a shared CPU host.
+    NaN with fewer than two samples on a path."""
+    ttfts = [[s.ttft_s for s in gateway.samples], [s.ttft_s for s in direct.samples]]
+    if min(len(t) for t in ttfts) < 2:
+        return float("nan")
+    rng = random.Random(seed)
+    differences = [
+        statistics.median(rng.choices(ttfts[0], k=len(ttfts[0])))
+        - statistics.median(rng.choices(ttfts[1], k=len(ttfts[1])))
+        for _ in range(resamples)
+    ]
+    return statistics.pstdev(differences) * 1000
 
 
 def _pct(values_s: list[float], q: int) -> float:
@@ -613,6 +636,7 @@ async def measure(
         "direct_idle": idle_direct_summary,
         "gateway_overhead_ms_p50": idle_gateway_summary["ttft_ms_p50"]
         - idle_direct_summary["ttft_ms_p50"],
+        "gateway_overhead_ms_p50_se": overhead_standard_error_ms(idle_gateway, idle_direct),
         "gateway_overhead_paired_ms_p50": paired_overhead_ms_p50(idle_gateway, idle_direct),
         "gateway_overhead_ms_p99": idle_gateway_summary["ttft_ms_p99"]
         - idle_direct_summary["ttft_ms_p99"],
@@ -662,7 +686,7 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"gateway overhead, TTFT p50, {idle} pairs one at a time: "
         f"{report['gateway_overhead_ms_p50']:.1f} ms "
-        f"(TTFT p50 {report['gateway_idle']['ttft_ms_p50']:.1f} ms through the gateway, "
+        f"(standard error {report['gateway_overhead_ms_p50_se']:.1f} ms; TTFT p50 {report['gateway_idle']['ttft_ms_p50']:.1f} ms through the gateway, "
         f"{report['direct_idle']['ttft_ms_p50']:.1f} ms direct; median of paired differences "
         f"{report['gateway_overhead_paired_ms_p50']:.1f} ms)"
     )

@@ -19,6 +19,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
+from gateway.bpe_pieces import PieceEncoder
 from gateway.detokenizer import Decoder
 
 # Inputs shorter than this many characters are encoded inline; it costs less than a hop.
@@ -55,6 +56,11 @@ class ModelTokenizer:
         # The Rust tokenizer under the Hugging Face wrapper encodes prompts and rendered
         # chats for less than the wrapper; it is used only where it gives the wrapper's ids.
         self._direct = _direct_encoding_matches(self.tokenizer)
+        # Plain ASCII text, piece by piece from a cache (gateway/bpe_pieces.py), where that
+        # gives the Rust tokenizer's ids; the event loop's tokenizer only (not thread-safe).
+        self._pieces = (
+            PieceEncoder.for_tokenizer(self.tokenizer.backend_tokenizer) if self._direct else None
+        )
         # Detokenization decodes twice per generated token: through the Rust tokenizer
         # directly where that gives the wrapper's text (a fifth of the wrapper's cost).
         self.decoder: Decoder = (
@@ -150,6 +156,10 @@ class ModelTokenizer:
     def _encode_text(
         self, tokenizer: PreTrainedTokenizerBase, text: str, *, add_special_tokens: bool
     ) -> list[int]:
+        if self._pieces is not None and tokenizer is self.tokenizer:
+            ids = self._pieces.encode(text, add_special_tokens)
+            if ids is not None:
+                return ids
         if self._direct:
             return _encode_direct(tokenizer.backend_tokenizer, text, add_special_tokens)
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from gateway import tokenization
 from gateway.tokenization import ModelTokenizer
 
 
@@ -86,3 +87,24 @@ def test_chats_encode_as_the_wrapper_encodes_the_rendered_template(checkpoint: P
             assert asyncio.run(tokenizer.encode_chat(chat, {})) == wrapper
     finally:
         tokenizer.close()
+
+
+def test_plain_ascii_prompts_are_encoded_piece_by_piece(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = ModelTokenizer(str(checkpoint))
+    rust_calls: list[str] = []
+    encode_direct = tokenization._encode_direct
+
+    def recording(backend: Any, text: str, add_special_tokens: bool) -> list[int]:
+        rust_calls.append(text)
+        return encode_direct(backend, text, add_special_tokens)
+
+    monkeypatch.setattr(tokenization, "_encode_direct", recording)
+    try:
+        for text in ["signal track yard", "ünïcödé yard"]:
+            wrapper = list(tokenizer.tokenizer.encode(text, add_special_tokens=True))
+            assert asyncio.run(tokenizer.encode_prompt(text)) == wrapper
+    finally:
+        tokenizer.close()
+    assert rust_calls == ["ünïcödé yard"]  # the ASCII prompt never reached the Rust tokenizer
