@@ -17,8 +17,9 @@ the engine's, over ``--idle-pairs`` requests per path sent one at a time before 
 output tokens), with ``gateway_overhead_paired_ms_p50`` beside it (the median of the pairs'
 TTFT differences) and ``gateway_overhead_ms_p99``, and ``gateway_overhead_ms_p50_se``, the figure's bootstrap
 standard error: the engine's own TTFT varies by 4-20 ms (standard deviation) per request on
-a shared 2-core host, which moves a difference of two medians over 160 requests by 0.6-0.8
-ms between quiet runs and by 2-4 ms under other load, so read one run's figure with it.
+a shared 2-core host, which moved a difference of two medians over 160 requests by 0.6-0.8
+ms between quiet runs and by 2-4 ms under other load, so read one run's figure with it (640
+pairs by default since: half that standard error, about a minute more).
 Under the schedule, requests queue behind
 each other's prefills, and which request of an arrival group waits longer is chance: the
 same figures there (``gateway_overhead_loaded_ms_p50``, ``..._loaded_paired_ms_p50``,
@@ -738,9 +739,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--idle-pairs",
         type=int,
-        default=160,
+        default=640,
         help="requests per path sent one at a time, before the schedule, for "
-        "gateway_overhead_ms_p50 (the gateway's own cost where nothing queues)",
+        "gateway_overhead_ms_p50 (the gateway's own cost where nothing queues; 160 gave the "
+        "figure a standard error of 0.7-3.6 ms on a 2-core host, the engine's own jitter)",
     )
     parser.add_argument(
         "--idle-max-tokens",
