@@ -67,6 +67,7 @@ from engine_service.engine.spec.proposers import (
     draft_max_tokens,
     draft_runner,
     grow_full_trees,
+    grow_in_graphs,
     trees_stay_on_device,
 )
 from engine_service.layers.paged_attention import AttentionBackend
@@ -156,8 +157,9 @@ class EagleProposer(Proposer):
             return self._trees(chosen, roots, batch.tree_size)
         return self._chains(chosen, roots)
 
-    def _catch_up_spans(self, chosen) -> list[tuple[int, int]]:
-        """Per sequence, the head positions to feed before its drafts: (first, count)."""
+    def _catch_up_spans(self, chosen) -> list[tuple[int, list[int]]]:
+        """Per sequence, what the head is fed before its drafts: the first cache index and
+        the tokens from there (each position takes the next token)."""
         spans = []
         for _, seq in chosen:
             request = seq.request
@@ -166,7 +168,7 @@ class EagleProposer(Proposer):
             if seen is not request or epoch != request.num_preemptions:
                 fed = 0
             fed = min(fed, computed - 1)  # at least the last position, for its logits
-            spans.append((fed, computed - fed))
+            spans.append((fed, request.all_token_ids[fed + 1 : computed + 1]))
         return spans
 
     def _mark_fed(self, chosen) -> None:
@@ -183,39 +185,27 @@ class EagleProposer(Proposer):
             return None
         if any(seq.draft_room < graphs.size for _, seq in trees):
             return None
-        spans = self._catch_up_spans(trees)
-        if any(count > graphs.catch_up for _, count in spans):
+        tokens = [fed_tokens for _, fed_tokens in self._catch_up_spans(trees)]
+        if any(len(fed_tokens) > graphs.catch_up for fed_tokens in tokens):
             return None
-        tokens = [
-            seq.request.all_token_ids[fed + 1 : fed + count + 1]
-            for (_, seq), (fed, count) in zip(trees, spans, strict=True)
-        ]
         args = (
             None,
             None,
             [seq.start for _, seq in trees],
             [seq.request.block_table for _, seq in trees],
-            (tokens, [count for _, count in spans]),
+            (tokens, [len(fed_tokens) for fed_tokens in tokens]),
         )
         self._mark_fed(trees)
         keys = [i for i, _ in trees]
-        if trees_stay_on_device(self, trees):
-            tokens_t, parents, depths, ancestors = graphs.grow_on_device(*args)
-            width = tokens_t.shape[1]
-            return DeviceDrafts(keys, tokens_t, [width] * len(keys), parents, depths, ancestors)
-        drafts = {}
-        for i, (draft, parents) in zip(keys, graphs.grow(*args), strict=True):
-            drafts[i], self.parents[i] = draft, parents
-        return drafts
+        return grow_in_graphs(self, graphs, keys, trees_stay_on_device(self, trees), args)
 
     def _catch_up(self, chosen) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Feed each sequence's positions the head has not seen; per sequence the root's
         (logits, output) rows."""
         pieces = []
-        for (i, seq), (fed, count) in zip(chosen, self._catch_up_spans(chosen), strict=True):
-            shifted = seq.request.all_token_ids[fed + 1 : fed + count + 1]
+        for (i, seq), (fed, shifted) in zip(chosen, self._catch_up_spans(chosen), strict=True):
             pieces.append(
-                (i, ScheduledSequence(seq.request, fed, count, 1, draft_token_ids=shifted))
+                (i, ScheduledSequence(seq.request, fed, len(shifted), 1, draft_token_ids=shifted))
             )
         out = self._forward(pieces, None)
         self._mark_fed(chosen)

@@ -428,9 +428,11 @@ class TreeGraphs(_DraftGraphs):
             self.cu_positions = torch.zeros(s * rows, **int64)
             self.cu_slots = torch.full((s * rows,), self.scratch_slot, **int64)
             self.cu_seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
-            self.cu_query_start = torch.zeros(s + 1, dtype=torch.int32, device=device)
+            # Every sequence a block of ``rows``: fixed offsets, written once.
+            steps = torch.arange(s + 1, dtype=torch.int32, device=device)
+            self.cu_query_start = steps * rows
             self.cu_mask = torch.zeros(s * rows * rows, dtype=torch.bool, device=device)
-            self.cu_mask_offsets = torch.zeros(s + 1, dtype=torch.int32, device=device)
+            self.cu_mask_offsets = steps * (rows * rows)
             self.cu_rows = torch.arange(rows, **int64)
             # Row i sees row j <= i of its block while j is a token (a padding row: itself).
             self.cu_causal = torch.ones(rows, rows, dtype=torch.bool, device=device).tril()
@@ -544,12 +546,12 @@ class TreeGraphs(_DraftGraphs):
             # The catch-up's block reaches catch_up - 1 indices past its first.
             last = max(base) + max(self.num_nodes, self.catch_up) - 1
             self._stage(bucket, base, counts, block_tables, last)
+            self._host_rows.numpy()[1, n:bucket] = 1  # padding rows: one token each
             staged = self._host_cu_tokens.numpy()
             staged[:bucket] = 0
             for row, ids in enumerate(tokens):
                 staged[row, : len(ids)] = ids
             self.cu_counts[:bucket].copy_(self._to_device(self._host_rows[1, :bucket]))
-            self.cu_counts[n:bucket].fill_(1)
             self.cu_tokens[:bucket].copy_(self._to_device(self._host_cu_tokens[:bucket]))
             self._variant = True
             self.catch_up_replays += 1
@@ -585,10 +587,8 @@ class TreeGraphs(_DraftGraphs):
         self.cu_slots[: b * rows].copy_(slots.reshape(-1))
         self.cu_positions[: b * rows].copy_(index.reshape(-1))
         self.cu_seq_lens[:b].copy_((first_index + rows).clamp(min=rows))
-        self.cu_query_start[: b + 1].copy_(self.steps[: b + 1] * rows)
         mask = self.cu_causal & (live[:, None, :] | self.cu_eye)
         self.cu_mask[: b * rows * rows].copy_(mask.reshape(-1))
-        self.cu_mask_offsets[: b + 1].copy_(self.steps[: b + 1] * (rows * rows))
         meta = self._cu_metas[b]
         if prepare:
             self.runner.backend.prepare(meta, self.runner.block_size)

@@ -462,13 +462,22 @@ def grow_full_trees(
         [base[r] for r in full],
         [trees[r][1].request.block_table for r in full],
     )
-    if len(full) == len(trees) and trees_stay_on_device(proposer, trees):
+    on_device = len(full) == len(trees) and trees_stay_on_device(proposer, trees)
+    return grow_in_graphs(proposer, graphs, keys, on_device, args)
+
+
+def grow_in_graphs(
+    proposer, graphs, keys: list[int], on_device: bool, args: tuple
+) -> dict[int, list[int]] | DeviceDrafts:
+    """Grow the trees of sequences ``keys`` with ``graphs.grow_on_device(*args)`` (their
+    :class:`DeviceDrafts`, shape included) or ``graphs.grow(*args)`` (read back, parents
+    into ``proposer.parents``)."""
+    if on_device:
         tokens, parents, depths, ancestors = graphs.grow_on_device(*args)
         width = tokens.shape[1]
         return DeviceDrafts(keys, tokens, [width] * len(keys), parents, depths, ancestors)
-    grown = graphs.grow(*args)
     drafts = {}
-    for i, (tokens, parents) in zip(keys, grown, strict=True):
+    for i, (tokens, parents) in zip(keys, graphs.grow(*args), strict=True):
         drafts[i], proposer.parents[i] = tokens, parents
     return drafts
 
@@ -541,7 +550,7 @@ def capture_drafting(
                 pool=pool,
                 # An EAGLE head's catch-up over a round's accepted tokens (at most the
                 # drafts and the bonus token) runs in the tree's graph.
-                catch_up=num_tokens + 1 if calls.features is not None else 0,
+                catch_up=num_tokens + 1,
             )
             pool = trees[size].pool
     proposer.chain_graphs, proposer.tree_graphs_by_size = chains, trees
