@@ -38,17 +38,13 @@ from common import sync
 from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_arguments(parser: argparse.ArgumentParser, device: str, dtype: str) -> None:
+    """The flags a profile of speculative rounds shares (``bench/spec_timeline.py`` too):
+    the trained checkpoints, device, methods, batch and the tree's shape."""
     parser.add_argument("--trained", type=Path, required=True)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--methods", default="off,ngram,draft,eagle,eagle_tree")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs (least per phase)")
+    parser.add_argument("--device", default=device)
+    parser.add_argument("--dtype", default=dtype)
     parser.add_argument("--batch", type=int, default=1, help="copies of the prompt at once")
-    parser.add_argument("--twin-graphs", action="store_true", help="CPU twins of the graphs")
-    parser.add_argument("--out", type=Path, default=Path("."))
     # The tree bench/spec_gpu.sh measures by default.
     parser.add_argument("--tree-topk", type=int, default=2)
     parser.add_argument("--tree-nodes", type=int, default=16)
@@ -59,12 +55,15 @@ def main() -> None:
         default=128,
         help="the tree's max_num_batched_draft_tokens (0: trees never shrink)",
     )
-    args = parser.parse_args()
+
+
+def method_specs(args: argparse.Namespace) -> dict[str, dict | None]:
+    """Each method's speculative config over ``args.trained``'s checkpoints."""
     folder = args.trained
     tree = {"topk": args.tree_topk, "num_draft_tokens": args.tree_nodes}
     if args.tree_batch_tokens:
         tree["max_num_batched_draft_tokens"] = args.tree_batch_tokens
-    specs = {
+    return {
         "off": None,
         "ngram": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4},
         "draft": {"model": str(folder / "draft"), "num_speculative_tokens": 4},
@@ -76,24 +75,45 @@ def main() -> None:
             "tree": tree,
         },
     }
-    text = json.loads((folder / "prompts.json").read_text())[0][:200]
-    prompt = [b + 3 for b in text.encode()]
-    prompts = [prompt] * args.batch
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    summary = {}
-    reference = None
-    for name in args.methods.split(","):
-        spec = specs[name]
-        config = EngineConfig(
-            model=str(folder / "target"),
+
+
+def batch_prompts(args: argparse.Namespace) -> list[list[int]]:
+    """``args.batch`` copies of the first training prompt's first 200 bytes."""
+    text = json.loads((args.trained / "prompts.json").read_text())[0][:200]
+    return [[b + 3 for b in text.encode()]] * args.batch
+
+
+def make_engine(args: argparse.Namespace, spec: dict | None) -> LLMEngine:
+    return LLMEngine(
+        EngineConfig(
+            model=str(args.trained / "target"),
             dtype=args.dtype,
             device=args.device,
             max_num_seqs=max(4, args.batch),
             kv_cache_memory_bytes=1 << 30,
             speculative_config=json.dumps(spec) if spec else None,
         )
-        engine = LLMEngine(config)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser, "cpu", "float32")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--methods", default="off,ngram,draft,eagle,eagle_tree")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs (least per phase)")
+    parser.add_argument("--twin-graphs", action="store_true", help="CPU twins of the graphs")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    specs = method_specs(args)
+    prompts = batch_prompts(args)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    reference = None
+    for name in args.methods.split(","):
+        spec = specs[name]
+        engine = make_engine(args, spec)
         if args.twin_graphs and spec is not None:
             with_twin_graphs(engine)
         engine.generate(prompts, params)  # warm-up, graphs
@@ -150,6 +170,29 @@ _PHASES = {
 }
 
 
+class Patches:
+    """Attributes replaced for a measurement, and put back (class attributes outlive an
+    engine)."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[object, str, object]] = []
+
+    def replace(self, owner, attribute: str, make) -> None:
+        """``owner.attribute = make(original)``."""
+        original = getattr(owner, attribute)
+        own = attribute in vars(owner)  # else a method of its class, found again once deleted
+        setattr(owner, attribute, make(original))
+        self._undo.append((owner, attribute, original if own else None))
+
+    def restore(self) -> None:
+        for owner, attribute, original in reversed(self._undo):
+            if original is None:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, original)
+        self._undo.clear()
+
+
 class PhaseTimer:
     """Wall time per phase of the engine's steps, exclusive of nested phases and of the
     models' forward passes (which count as ``model``); install with ``with``."""
@@ -158,7 +201,7 @@ class PhaseTimer:
         self.engine, self.device = engine, device
         self.totals: dict[str, float] = {}
         self.stack: list[list[float]] = []  # [phase start, time spent in nested phases]
-        self.undo: list = []
+        self.patches = Patches()
 
     def _timed(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -177,10 +220,7 @@ class PhaseTimer:
         return timed
 
     def _wrap(self, owner, attribute: str, name: str) -> None:
-        original = getattr(owner, attribute)
-        own = attribute in vars(owner)  # else a method of its class, found again once deleted
-        setattr(owner, attribute, self._timed(name, original))
-        self.undo.append((owner, attribute, original if own else None))
+        self.patches.replace(owner, attribute, lambda original: self._timed(name, original))
 
     def __enter__(self) -> PhaseTimer:
         engine = self.engine
@@ -215,11 +255,7 @@ class PhaseTimer:
     def __exit__(self, *exc) -> None:
         sync(self.device)
         self.wall = time.perf_counter() - self.start
-        for owner, attribute, original in reversed(self.undo):
-            if original is None:
-                delattr(owner, attribute)
-            else:
-                setattr(owner, attribute, original)
+        self.patches.restore()
 
     def per_round(self, rounds: int) -> dict[str, float]:
         out = {name: 1000 * t / rounds for name, t in sorted(self.totals.items())}

@@ -9,13 +9,13 @@ replays enough to hide these gaps, hence events. Checkpoints from ``bench/train_
 (acceptance changes how many rounds run, not what one costs).
 
     python bench/spec_timeline.py --trained DIR [--batch 1] [--methods off,eagle_tree]
+                                  [--tree-topk 2 --tree-nodes 16 --tree-depth 8 ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,8 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_service.engine import EngineConfig, LLMEngine, SamplingParams
+from profile_spec import Patches, add_run_arguments, batch_prompts, make_engine, method_specs
+
+from engine_service.engine import LLMEngine, SamplingParams
 
 
 class Timeline:
@@ -33,7 +36,7 @@ class Timeline:
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.steps: list[list[tuple[str, float, torch.cuda.Event | None]]] = []
-        self._undo: list[tuple[object, str, object]] = []
+        self.patches = Patches()
 
     def mark(self, name: str) -> None:
         event = None
@@ -43,29 +46,19 @@ class Timeline:
         self.steps[-1].append((name, time.perf_counter(), event))
 
     def wrap(self, owner, attribute: str, name: str, step: bool = False) -> None:
-        original = getattr(owner, attribute)
-        own = attribute in vars(owner)  # else a method of its class, found again once deleted
-        self._undo.append((owner, attribute, original if own else None))
+        def make(original):
+            def marked(*args, **kwargs):
+                if step:
+                    self.steps.append([])
+                self.mark(name + "<")
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self.mark(name + ">")
 
-        def marked(*args, **kwargs):
-            if step:
-                self.steps.append([])
-            self.mark(name + "<")
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.mark(name + ">")
+            return marked
 
-        setattr(owner, attribute, marked)
-
-    def remove(self) -> None:
-        """Put back what :meth:`wrap` replaced (class attributes outlive an engine)."""
-        for owner, attribute, original in reversed(self._undo):
-            if original is None:
-                delattr(owner, attribute)
-            else:
-                setattr(owner, attribute, original)
-        self._undo.clear()
+        self.patches.replace(owner, attribute, make)
 
     def summary(self) -> list[tuple[str, float, float]]:
         """(marker, mean host ms, mean GPU ms) in step order, over the steps that ran a
@@ -126,42 +119,16 @@ def install(engine: LLMEngine, timeline: Timeline) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trained", type=Path, required=True)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--batch", type=int, default=1)
+    add_run_arguments(parser, "cuda", "bfloat16")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--methods", default="off,eagle_tree")
-    parser.add_argument("--tree", default="2 16 8 128", help="topk, nodes, depth, budget")
     args = parser.parse_args()
-    folder, cuda = args.trained, args.device.startswith("cuda")
-    topk, nodes, depth, budget = (int(x) for x in args.tree.split())
-    tree = {"topk": topk, "num_draft_tokens": nodes, "max_num_batched_draft_tokens": budget}
-    specs = {
-        "off": None,
-        "eagle": {"method": "eagle", "model": str(folder / "eagle"), "num_speculative_tokens": 4},
-        "eagle_tree": {
-            "method": "eagle",
-            "model": str(folder / "eagle"),
-            "num_speculative_tokens": depth,
-            "tree": tree,
-        },
-    }
-    text = json.loads((folder / "prompts.json").read_text())[0][:200]
-    prompts = [[b + 3 for b in text.encode()]] * args.batch
+    cuda = args.device.startswith("cuda")
+    specs = method_specs(args)
+    prompts = batch_prompts(args)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     for name in args.methods.split(","):
-        spec = specs[name]
-        engine = LLMEngine(
-            EngineConfig(
-                model=str(folder / "target"),
-                dtype=args.dtype,
-                device=args.device,
-                max_num_seqs=max(4, args.batch),
-                kv_cache_memory_bytes=1 << 30,
-                speculative_config=json.dumps(spec) if spec else None,
-            )
-        )
+        engine = make_engine(args, specs[name])
         engine.generate(prompts, params)  # warm-up, graphs
         if cuda:
             torch.cuda.synchronize()
@@ -175,7 +142,7 @@ def main() -> None:
         engine.generate(prompts, params)
         if cuda:
             torch.cuda.synchronize()
-        timeline.remove()
+        timeline.patches.restore()
         print(f"== {name}, batch {args.batch}: {wall_ms:.3f} ms a step without the markers")
         print(f"   {'marker':26s} {'host ms':>8s} {'GPU ms':>8s}")
         for key, host_ms, gpu_ms in timeline.summary():
