@@ -871,7 +871,7 @@ class LLMEngine:
                 if masks is not None:
                     masks.result()
                 raise
-            return self._sample(batch, logits, masks, draft_masks)
+            return self._sample(batch, logits, masks, draft_masks, inputs)
 
         if self._worker is not None:
             return _InFlight(batch, future=self._worker.submit(run))
@@ -879,10 +879,16 @@ class LLMEngine:
         return _InFlight(batch, result=result, meta=meta)
 
     def _sample(
-        self, batch: ScheduledBatch, logits: torch.Tensor, masks, draft_masks=None
+        self,
+        batch: ScheduledBatch,
+        logits: torch.Tensor,
+        masks,
+        draft_masks=None,
+        inputs: StepInputs | None = None,
     ) -> tuple[SamplerResult, SamplingMetadata]:
         """Sample ``batch``'s rows of ``logits`` (once its grammar ``masks`` are filled) and
-        verify its drafts; the host copy of the tokens starts."""
+        verify its drafts; the host copy of the tokens starts. With the step's ``inputs``
+        (this engine's runner ran it), accepted tree paths are packed on the device first."""
         bitmask = masks.result() if masks is not None else None
         meta = SamplingMetadata.build(
             batch.sample_rows,
@@ -894,6 +900,8 @@ class LLMEngine:
         result = sample(logits, meta, self.generator)
         if batch.has_drafts:
             result.verification = verify(logits, batch, meta, self.generator, draft_masks)
+            if result.verification is not None and inputs is not None:
+                self.runner.move_accepted_paths(result.verification, inputs)
         result.start_host_copy()
         return result, meta
 
@@ -985,7 +993,10 @@ class LLMEngine:
             SampledTokens(result.token_ids, token_list, logprobs, token_lists, logprob_lists),
         )
         moves = shard.kv_manager.take_slot_copies()
-        if moves:  # accepted token-tree paths, packed before their freed tail is reused
+        verification = result.verification
+        if moves and not (verification is not None and verification.moved_on_device):
+            # Accepted token-tree paths not packed on the device (the KV is on several
+            # ranks), packed before their freed tail is reused.
             shard.runner.move_slots(moves)
         outputs = []
         for request in touched:

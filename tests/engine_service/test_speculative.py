@@ -591,6 +591,61 @@ def test_tree_paths_off_the_first_branch_move_their_kv_and_stay_exact(target, ne
     assert_pool_entirely_free(engine.kv_manager)
 
 
+def test_tree_paths_packed_on_the_device_equal_the_hosts_moves(target, near_draft):
+    """The accepted paths' KV is packed on the device right after verification
+    (``move_accepted_paths``); the host still lists the moves (``take_slot_copies``, what
+    ``move_slots`` sends to other ranks). Applied to the cache as it was before the device's
+    packing, the host's moves give the same KV at every committed slot of every running
+    request, round after round, for trees of different sizes in one batch."""
+    spec = json.dumps(
+        {
+            "model": str(near_draft),
+            "num_speculative_tokens": 3,
+            "tree": {"topk": 4, "num_draft_tokens": 12},
+        }
+    )
+    engine = make_engine(target, speculative_config=spec)
+    runner, kv = engine.runner, engine.kv_manager
+    before: list[torch.Tensor] = []
+    checked = {"rounds": 0, "moves": 0, "sizes": set()}
+    pack, take = runner.move_accepted_paths, kv.take_slot_copies
+
+    def packing(verification, inputs):
+        if verification.path is None:  # chains only (trees cut to one branch): no moves
+            assert not pack(verification, inputs)
+            return False
+        before.append(runner.kv_cache.clone())
+        checked["sizes"].add(tuple(verification.trees.sizes))
+        assert pack(verification, inputs)
+        return True
+
+    def taking():
+        moves = take()
+        if before:
+            expected = before.pop()
+            size = runner.block_size
+            copies = [expected[src // size, :, :, src % size].clone() for src, _ in moves]
+            for (_, dst), copied in zip(moves, copies):
+                expected[dst // size, :, :, dst % size] = copied
+            for request in engine.scheduler.running:
+                for index in range(request.num_computed_tokens):
+                    slot = request.block_table[index // size] * size + index % size
+                    assert torch.equal(
+                        runner.kv_cache[slot // size, :, :, slot % size],
+                        expected[slot // size, :, :, slot % size],
+                    )
+            checked["rounds"] += 1
+            checked["moves"] += len(moves)
+        return moves
+
+    runner.move_accepted_paths, kv.take_slot_copies = packing, taking
+    prompts = repetitive_prompts(random.Random(9))
+
+    assert run(engine, prompts, 32) == run(make_engine(target), prompts, 32)
+    assert checked["rounds"] > 10 and checked["moves"] > 0
+    assert any(len(set(sizes)) > 1 for sizes in checked["sizes"])
+
+
 @pytest.mark.parametrize("case", ["chain", "tree"])
 def test_logprobs_under_speculation_are_the_targets_own(target, near_draft, case):
     spec = {"model": str(near_draft), "num_speculative_tokens": 3}

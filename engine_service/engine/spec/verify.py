@@ -191,6 +191,14 @@ class Verification:
     logprob_trees: list[int]
     logprob_tensors: tuple[torch.Tensor, ...] = ()
     logprob_counts: list[int] | None = None
+    # Trees only, on the device: each verified node's logits row ``[V * width]``, the
+    # accepted nodes by depth ``[V, width]`` (column ``d - 1``: depth ``d``) and their count
+    # ``[V, 1]``, for moving the accepted paths' KV before the read-back
+    # (:meth:`~engine_service.engine.model_runner.ModelRunner.move_accepted_paths`).
+    node_rows: torch.Tensor | None = None
+    path: torch.Tensor | None = None
+    count: torch.Tensor | None = None
+    moved_on_device: bool = False
 
     def host_tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.packed, *self.logprob_tensors)
@@ -358,6 +366,8 @@ def verify(
             trees.requests[v].generator.set_state(after[counts[v]])
 
     verification = Verification(trees, packed, logprob_trees=[])
+    if trees.is_tree:
+        verification.node_rows, verification.path, verification.count = rows_index, path, count
     want = [v for v, r in enumerate(trees.requests) if r.params.logprobs is not None]
     if want:
         if path is None:  # a chain's path (drafts 1, 2, ...) and committed tokens
