@@ -82,8 +82,10 @@ def greedy_ids(logits: torch.Tensor, to_target: torch.Tensor | None = None) -> t
 
 
 class _DraftGraphs:
-    """What chain and tree graphs share: the batch buckets, the rows' base cache indices
-    and block tables (staged on the host, copied once per run), capture and replay."""
+    """What chain and tree graphs share: the batch buckets, the rows' base cache indices,
+    one more integer per row and block tables (staged on the host, copied once per run),
+    capture and replay. ``row_columns``: integers more per row that a subclass stages (its
+    :attr:`row_staging`)."""
 
     def __init__(
         self,
@@ -92,6 +94,7 @@ class _DraftGraphs:
         max_seqs: int,
         capture: bool,
         pool,
+        row_columns: int = 0,
     ) -> None:
         self.runner = runner
         self.calls = calls
@@ -103,17 +106,29 @@ class _DraftGraphs:
         device = runner.device
         width = runner.max_blocks_per_seq
         self.scratch_slot = runner.scratch_block * runner.block_size
-        self.base = torch.zeros(max_seqs, dtype=torch.int64, device=device)
-        self.tables = torch.full(
-            (max_seqs, width), runner.scratch_block, dtype=torch.int32, device=device
-        )
-        # Host staging (pinned on CUDA). One set: a run's copies out of it are recorded,
-        # and the next run waits for them before writing here again (runs of one step,
-        # e.g. trees that stay on the device for more rows than the largest bucket, have
-        # no read-back between them).
+        # The graphs' integer inputs, one buffer so that a run stages them in one copy:
+        # each row's base cache index, one more integer (``extra``: :attr:`row_extra`), then
+        # ``row_columns`` more a row (the subclass's :attr:`row_staging`).
+        s = max_seqs
+        inputs = torch.zeros(s * (2 + row_columns), dtype=torch.int64, device=device)
+        self._inputs = inputs
+        self.base, self.row_extra = inputs[:s], inputs[s : 2 * s]
+        self.row_staging = inputs[2 * s :].view(s, row_columns)
+        self.tables = torch.full((s, width), runner.scratch_block, dtype=torch.int32, device=device)
+        # Host staging (pinned on CUDA) of the same layout, and of the tables (full rows, so
+        # that a bucket's rows are one contiguous copy). One set: a run's copies out of it
+        # are recorded, and the next run waits for them before writing here again (runs of
+        # one step, e.g. trees that stay on the device for more rows than the largest
+        # bucket, have no read-back between them).
         pin = device.type == "cuda"
-        self._host_rows = torch.zeros(2, max_seqs, dtype=torch.int64, pin_memory=pin)
-        self._host_tables = torch.zeros(max_seqs * width, dtype=torch.int32, pin_memory=pin)
+        self._host_inputs = torch.zeros(inputs.numel(), dtype=torch.int64, pin_memory=pin)
+        self._host_tables = torch.full((s, width), runner.scratch_block, dtype=torch.int32)
+        if pin:
+            self._host_tables = self._host_tables.pin_memory()
+        host = self._host_inputs.numpy()
+        self._host_rows = host[: 2 * s].reshape(2, s)  # numpy views, made once
+        self._host_row_staging = host[2 * s :].reshape(s, row_columns)
+        self._host_table_rows = self._host_tables.numpy()
         self._staged = torch.cuda.Event() if pin else None
         self._graphs: dict[int, torch.cuda.CUDAGraph | None] = {}
         # Per bucket, the metadata of each step the loop runs (the subclass builds them).
@@ -131,24 +146,27 @@ class _DraftGraphs:
         n, size = len(base), self.runner.block_size
         if self._staged is not None:
             self._staged.synchronize()  # the last run's copies have left the staging
-        rows = self._host_rows.numpy()
+        rows = self._host_rows
         rows[0, :n], rows[1, :n] = base, extra
         rows[:, n:bucket] = 0
+        # Columns past ``last``'s block keep what an earlier run left: never live.
         width = min(last // size + 1, self.tables.shape[1])
-        packed = self._host_tables[: bucket * width].numpy().reshape(bucket, width)
+        packed = self._host_table_rows[:bucket, :width]
         packed.fill(self.runner.scratch_block)
         for row, table in enumerate(tables):
             table = table[:width]
             packed[row, : len(table)] = table
-        self.base[:bucket].copy_(self._to_device(self._host_rows[0, :bucket]))
-        self.tables[:bucket, :width].copy_(
-            self._to_device(self._host_tables[: bucket * width]).view(bucket, width)
-        )
+        self._staged_bucket = bucket
 
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        if self.runner.device.type == "cpu":
-            return host
-        return host.to(self.runner.device, non_blocking=True)
+    def _upload(self) -> None:
+        """The staged integers and the staged bucket's table rows, a copy each."""
+        bucket = self._staged_bucket
+        if self.runner.device.type == "cpu":  # the twins: host buffers both
+            self._inputs.copy_(self._host_inputs)
+            self.tables[:bucket].copy_(self._host_tables[:bucket])
+            return
+        self._inputs.copy_(self._host_inputs, non_blocking=True)
+        self.tables[:bucket].copy_(self._host_tables[:bucket], non_blocking=True)
 
     def _slots(self, index: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Slots of cache indices ``index`` ``[B, n]`` through the rows' block tables (a
@@ -191,6 +209,7 @@ class _DraftGraphs:
     _variant = False
 
     def _launch(self, bucket: int) -> None:
+        self._upload()
         if self._staged is not None:
             self._staged.record()  # after this run's copies from the staging
         self.replays += 1
@@ -255,7 +274,7 @@ class ChainGraphs(_DraftGraphs):
         if hidden_width:
             dtype = next(runner.model.parameters()).dtype
             self.hidden = torch.zeros(max_seqs, hidden_width, dtype=dtype, device=device)
-        self.depth = torch.zeros(max_seqs, **int64)
+        self.depth = self.row_extra  # each row's steps (staged with its base)
         self.positions = torch.zeros(max_seqs, **int64)
         self.slots = torch.full((max_seqs,), self.scratch_slot, **int64)
         self.seq_lens = torch.ones(max_seqs, dtype=torch.int32, device=device)
@@ -291,7 +310,6 @@ class ChainGraphs(_DraftGraphs):
         bucket = self._bucket(n)
         last = max(b + max(d, 1) - 1 for b, d in zip(base, depth, strict=True))
         self._stage(bucket, base, depth, block_tables, last)
-        self.depth[:bucket].copy_(self._to_device(self._host_rows[1, :bucket]))
         self.tokens[:n].copy_(first_tokens)
         if self.hidden is not None:
             assert first_hidden is not None
@@ -377,13 +395,14 @@ class TreeGraphs(_DraftGraphs):
         pool=None,
         catch_up: int = 0,
     ) -> None:
-        super().__init__(runner, calls, max_seqs, capture, pool)
-        self.topk, self.size = topk, size
         # With ``catch_up`` rows (an EAGLE head with ``calls.features``): a second graph per
         # bucket first feeds each row's newest tokens (at most ``catch_up``) to the head, as
         # the proposer's catch-up step does, and grows the tree from the last one's output,
         # so that a round's drafting is one staging and one launch.
-        self.catch_up = catch_up if hidden_width and calls.features is not None else 0
+        catch_up = catch_up if hidden_width and calls.features is not None else 0
+        super().__init__(runner, calls, max_seqs, capture, pool, row_columns=catch_up)
+        self.catch_up = catch_up
+        self.topk, self.size = topk, size
         self.catch_up_replays = 0  # runs that fed the head its catch-up first
         # Each round: (nodes run, of which the newest are the frontier, nodes it adds).
         self.rounds: list[tuple[int, int, int]] = []
@@ -423,8 +442,11 @@ class TreeGraphs(_DraftGraphs):
         self.mask_offsets = torch.zeros(s + 1, dtype=torch.int32, device=device)
         if self.catch_up:
             rows = self.catch_up
-            self.cu_tokens = torch.zeros(s, rows, **int64)  # left-aligned, padded
-            self.cu_counts = torch.ones(s, **int64)  # each row's tokens (padding rows: 1)
+            # Staged with the rows' bases: each row's tokens (padding rows: 1) and the
+            # tokens, left-aligned and padded.
+            self.cu_counts, self.cu_tokens = self.row_extra, self.row_staging
+            self.cu_counts.fill_(1)  # what the captures run on
+            self._host_rows[1] = 1
             self.cu_positions = torch.zeros(s * rows, **int64)
             self.cu_slots = torch.full((s * rows,), self.scratch_slot, **int64)
             self.cu_seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
@@ -453,8 +475,6 @@ class TreeGraphs(_DraftGraphs):
             }
         if self.catch_up:
             self._variants = (False, True)
-            pin = device.type == "cuda"
-            self._host_cu_tokens = torch.zeros(s, self.catch_up, dtype=torch.int64, pin_memory=pin)
         for bucket in self.buckets:  # a round's step: every row's nodes so far
             self._step_metas[bucket] = [
                 self._meta(
@@ -546,13 +566,11 @@ class TreeGraphs(_DraftGraphs):
             # The catch-up's block reaches catch_up - 1 indices past its first.
             last = max(base) + max(self.num_nodes, self.catch_up) - 1
             self._stage(bucket, base, counts, block_tables, last)
-            self._host_rows.numpy()[1, n:bucket] = 1  # padding rows: one token each
-            staged = self._host_cu_tokens.numpy()
+            self._host_rows[1, n:bucket] = 1  # padding rows: one token each
+            staged = self._host_row_staging
             staged[:bucket] = 0
             for row, ids in enumerate(tokens):
                 staged[row, : len(ids)] = ids
-            self.cu_counts[:bucket].copy_(self._to_device(self._host_rows[1, :bucket]))
-            self.cu_tokens[:bucket].copy_(self._to_device(self._host_cu_tokens[:bucket]))
             self._variant = True
             self.catch_up_replays += 1
             self._launch(bucket)
