@@ -115,20 +115,21 @@ class _DraftGraphs:
         self.base, self.row_extra = inputs[:s], inputs[s : 2 * s]
         self.row_staging = inputs[2 * s :].view(s, row_columns)
         self.tables = torch.full((s, width), runner.scratch_block, dtype=torch.int32, device=device)
-        # Host staging (pinned on CUDA) of the same layout, and of the tables (full rows, so
-        # that a bucket's rows are one contiguous copy). One set: a run's copies out of it
-        # are recorded, and the next run waits for them before writing here again (runs of
-        # one step, e.g. trees that stay on the device for more rows than the largest
-        # bucket, have no read-back between them).
+        # Host staging (pinned on CUDA) of the same layout, and of the tables as far as a
+        # run needs them (``[bucket, width]``, packed; on CUDA through a device buffer of
+        # that layout). One set: a run's copies out of it are recorded, and the next run
+        # waits for them before writing here again (runs of one step, e.g. trees that stay
+        # on the device for more rows than the largest bucket, have no read-back between
+        # them).
         pin = device.type == "cuda"
         self._host_inputs = torch.zeros(inputs.numel(), dtype=torch.int64, pin_memory=pin)
-        self._host_tables = torch.full((s, width), runner.scratch_block, dtype=torch.int32)
-        if pin:
-            self._host_tables = self._host_tables.pin_memory()
+        self._host_tables = torch.zeros(s * width, dtype=torch.int32, pin_memory=pin)
+        self._device_tables = torch.zeros(s * width, dtype=torch.int32, device=device)
         host = self._host_inputs.numpy()
         self._host_rows = host[: 2 * s].reshape(2, s)  # numpy views, made once
         self._host_row_staging = host[2 * s :].reshape(s, row_columns)
-        self._host_table_rows = self._host_tables.numpy()
+        self._host_table_flat = self._host_tables.numpy()
+        self._staged_shape = (0, 0)  # the bucket and table width staged
         self._staged = torch.cuda.Event() if pin else None
         self._graphs: dict[int, torch.cuda.CUDAGraph | None] = {}
         # Per bucket, the metadata of each step the loop runs (the subclass builds them).
@@ -151,22 +152,26 @@ class _DraftGraphs:
         rows[:, n:bucket] = 0
         # Columns past ``last``'s block keep what an earlier run left: never live.
         width = min(last // size + 1, self.tables.shape[1])
-        packed = self._host_table_rows[:bucket, :width]
+        packed = self._host_table_flat[: bucket * width].reshape(bucket, width)
         packed.fill(self.runner.scratch_block)
         for row, table in enumerate(tables):
             table = table[:width]
             packed[row, : len(table)] = table
-        self._staged_bucket = bucket
+        self._staged_shape = (bucket, width)
 
     def _upload(self) -> None:
-        """The staged integers and the staged bucket's table rows, a copy each."""
-        bucket = self._staged_bucket
+        """The staged integers in one copy, the staged tables in one more (on CUDA, and
+        from the device buffer into the tables' rows)."""
+        bucket, width = self._staged_shape
+        area = bucket * width
         if self.runner.device.type == "cpu":  # the twins: host buffers both
             self._inputs.copy_(self._host_inputs)
-            self.tables[:bucket].copy_(self._host_tables[:bucket])
+            self.tables[:bucket, :width].copy_(self._host_tables[:area].view(bucket, width))
             return
         self._inputs.copy_(self._host_inputs, non_blocking=True)
-        self.tables[:bucket].copy_(self._host_tables[:bucket], non_blocking=True)
+        staged = self._device_tables[:area]
+        staged.copy_(self._host_tables[:area], non_blocking=True)
+        self.tables[:bucket, :width].copy_(staged.view(bucket, width))
 
     def _slots(self, index: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Slots of cache indices ``index`` ``[B, n]`` through the rows' block tables (a
