@@ -136,9 +136,11 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
+            # No drafts on a prompt's last token while its other samples (n > 1) wait to
+            # fork from it: they share its row, and a draft run can be one sample's only.
             room = (
                 self._draft_room(request, budget - num_new, slots)
-                if num_new == remaining == 1
+                if num_new == remaining == 1 and not request.pending_forks
                 else 0
             )
             while not self.kv.allocate_slots(request, num_new + room):

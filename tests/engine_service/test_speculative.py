@@ -591,6 +591,42 @@ def test_tree_paths_off_the_first_branch_move_their_kv_and_stay_exact(target, ne
     assert_pool_entirely_free(engine.kv_manager)
 
 
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_samples_forking_from_a_one_token_last_chunk_do_not_draft_there(target, near_draft, tree):
+    """A prompt whose last chunk is one token, with n = 2: its samples fork from that row,
+    so the step drafts nothing there (drafts there would be verified once per sample on the
+    same slots, and both runs committed to the first sample: duplicated tokens, and the
+    other sample never finished). Both samples equal plain decoding's, and speculation
+    resumes once they have forked."""
+    spec = {"model": str(near_draft), "num_speculative_tokens": 3}
+    if tree:
+        spec["tree"] = {"topk": 3, "num_draft_tokens": 9}
+    rng = random.Random(3)
+    prompt = [rng.randrange(3, VOCAB) for _ in range(17)]  # a chunk of 16, then one token
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def samples(engine) -> dict[int, list[int]]:
+        engine.add_request("forks", prompt, params)
+        outputs: dict[int, list] = {}
+        for _ in range(100):
+            if not engine.has_unfinished():
+                break
+            for output in engine.step():
+                outputs.setdefault(output.index, []).append(output)
+        assert not engine.has_unfinished()
+        return {index: tokens_of(got) for index, got in outputs.items()}
+
+    speculative = make_engine(
+        target, max_num_batched_tokens=16, speculative_config=json.dumps(spec)
+    )
+    got = samples(speculative)
+
+    assert got == samples(make_engine(target, max_num_batched_tokens=16))
+    assert len(got) == 2 and all(len(tokens) == 12 for tokens in got.values())
+    assert speculative.scheduler.num_drafts > 0
+    assert_pool_entirely_free(speculative.kv_manager)
+
+
 def test_tree_paths_packed_on_the_device_equal_the_hosts_moves(target, near_draft):
     """The accepted paths' KV is packed on the device right after verification
     (``move_accepted_paths``); the host still lists the moves (``take_slot_copies``, what
