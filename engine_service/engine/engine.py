@@ -243,8 +243,10 @@ class LLMEngine:
         # hidden states it reads, which CUDA graphs must capture.
         self.proposer: Proposer | None = None
         spec: SpeculativeConfig | None = None
+        self._tree_depth = 0  # the deepest a draft tree grows (its accepted paths' moves)
         if config.speculative_config:
             spec = SpeculativeConfig.parse(config.speculative_config)
+            self._tree_depth = spec.num_speculative_tokens
             self.proposer = build_proposer(
                 spec,
                 config,
@@ -901,7 +903,7 @@ class LLMEngine:
         if batch.has_drafts:
             result.verification = verify(logits, batch, meta, self.generator, draft_masks)
             if result.verification is not None and inputs is not None:
-                self.runner.move_accepted_paths(result.verification, inputs)
+                self.runner.move_accepted_paths(result.verification, inputs, self._tree_depth)
         result.start_host_copy()
         return result, meta
 

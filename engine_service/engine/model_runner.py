@@ -537,24 +537,31 @@ class ModelRunner:
         self._copy_slots(blocks, offsets)
 
     @torch.inference_mode()
-    def move_accepted_paths(self, verification: Verification, inputs: StepInputs) -> bool:
+    def move_accepted_paths(
+        self, verification: Verification, inputs: StepInputs, max_depth: int
+    ) -> bool:
         """Pack the accepted token-tree paths of ``verification`` (this runner's step of
         ``inputs``) on the device, right after the verification chose them: queued before the
         read-back, so the host neither waits for the paths nor uploads their slots. Draft
         ``j + 1``'s slot takes the KV of the accepted node ``j + 1`` deep; slots past the
         accepted count, and nodes already in place, copy onto themselves (the padding nodes
-        are the root's row: the root onto itself). The moves write only slots this step
-        wrote, so they hold for a sequence that finished or stopped inside its run too.
+        are the root's row: the root onto itself); no path is longer than ``max_depth``
+        (the trees' depth), so slots past it are left alone. The moves write only slots this
+        step wrote, so they hold for a sequence that finished or stopped inside its run too.
         False (nothing moved) for chains, and where the KV is on other ranks too: there
         the host's :meth:`move_slots` sends the moves."""
         if verification.path is None or self.channel is not None or self.remote:
             return False
         width = verification.trees.width
+        deepest = min(width - 1, max_depth)
         token_rows = inputs.logits_indices[verification.node_rows]
         slots = inputs.meta.slot_mapping[token_rows].view(-1, width)
-        depths = torch.arange(1, width, device=slots.device)
-        nodes = torch.where(depths <= verification.count, verification.path[:, :-1], depths)
-        moves = torch.stack((slots.gather(1, nodes).reshape(-1), slots[:, 1:].reshape(-1)))
+        depths = torch.arange(1, deepest + 1, device=slots.device)
+        path = verification.path[:, :deepest]
+        nodes = torch.where(depths <= verification.count, path, depths)
+        moves = torch.stack(
+            (slots.gather(1, nodes).reshape(-1), slots[:, 1:][:, :deepest].reshape(-1))
+        )
         blocks = torch.div(moves, self.block_size, rounding_mode="floor")
         self._copy_slots(blocks, moves - blocks * self.block_size)
         verification.moved_on_device = True

@@ -627,32 +627,38 @@ def test_samples_forking_from_a_one_token_last_chunk_do_not_draft_there(target, 
     assert_pool_entirely_free(speculative.kv_manager)
 
 
-def test_tree_paths_packed_on_the_device_equal_the_hosts_moves(target, near_draft):
+@pytest.mark.parametrize("draft", ["near", "self"])
+def test_tree_paths_packed_on_the_device_equal_the_hosts_moves(target, near_draft, draft):
     """The accepted paths' KV is packed on the device right after verification
     (``move_accepted_paths``); the host still lists the moves (``take_slot_copies``, what
     ``move_slots`` sends to other ranks). Applied to the cache as it was before the device's
     packing, the host's moves give the same KV at every committed slot of every running
-    request, round after round, for trees of different sizes in one batch."""
+    request, round after round, for trees of different sizes in one batch: paths through
+    later branches (``near``: a perturbed draft) and paths the trees' whole depth deep
+    (``self``: the target drafting for itself, whose first branch is always accepted and
+    whose nodes at depth two and more are numbered past their path position)."""
+    depth = 3
     spec = json.dumps(
         {
-            "model": str(near_draft),
-            "num_speculative_tokens": 3,
+            "model": str(near_draft if draft == "near" else target),
+            "num_speculative_tokens": depth,
             "tree": {"topk": 4, "num_draft_tokens": 12},
         }
     )
     engine = make_engine(target, speculative_config=spec)
     runner, kv = engine.runner, engine.kv_manager
     before: list[torch.Tensor] = []
-    checked = {"rounds": 0, "moves": 0, "sizes": set()}
+    checked = {"rounds": 0, "moves": 0, "sizes": set(), "deepest": 0}
     pack, take = runner.move_accepted_paths, kv.take_slot_copies
 
-    def packing(verification, inputs):
+    def packing(verification, inputs, max_depth):
         if verification.path is None:  # chains only (trees cut to one branch): no moves
-            assert not pack(verification, inputs)
+            assert not pack(verification, inputs, max_depth)
             return False
         before.append(runner.kv_cache.clone())
         checked["sizes"].add(tuple(verification.trees.sizes))
-        assert pack(verification, inputs)
+        checked["deepest"] = max(checked["deepest"], int(verification.count.max()))
+        assert pack(verification, inputs, max_depth)
         return True
 
     def taking():
@@ -680,6 +686,8 @@ def test_tree_paths_packed_on_the_device_equal_the_hosts_moves(target, near_draf
     assert run(engine, prompts, 32) == run(make_engine(target), prompts, 32)
     assert checked["rounds"] > 10 and checked["moves"] > 0
     assert any(len(set(sizes)) > 1 for sizes in checked["sizes"])
+    if draft == "self":
+        assert checked["deepest"] == depth
 
 
 @pytest.mark.parametrize("case", ["chain", "tree"])

@@ -141,9 +141,10 @@ class _DraftGraphs:
     def _stage(
         self, bucket: int, base: list[int], extra: list[int], tables: list[list[int]], last: int
     ) -> None:
-        """Copy the rows' ``base`` cache indices, one more integer per row (``extra``, into
+        """Stage the rows' ``base`` cache indices, one more integer per row (``extra``, into
         row 1 of the staging, for the subclass) and block tables up to cache index ``last``
-        into the device buffers; padding rows get base 0 and the scratch block."""
+        on the host, for :meth:`_launch` to copy; padding rows get base 0 and the scratch
+        block. The subclass stages its own columns after this."""
         n, size = len(base), self.runner.block_size
         if self._staged is not None:
             self._staged.synchronize()  # the last run's copies have left the staging
