@@ -154,8 +154,10 @@ class Scheduler:
                 budget -= num_new + room
                 i += 1
 
+        # Samples still to fork from a running prompt (n > 1) take their seats when it ends.
+        forking = sum(len(r.pending_forks) for r in self.running)
         if self.importing and not batch.preempted:
-            self._reserve_imports()
+            self._reserve_imports(forking)
         num_reserved = self.num_reserved
         # New work waits while the pool is too tight to keep what already runs.
         while self._waiting and not batch.preempted and budget > 0:
@@ -164,7 +166,7 @@ class Scheduler:
                 break  # preempted while its token was in flight: admit once it is known
             # Its pending samples join the running list when its prompt is done; reserved
             # imports will join it too.
-            seats = len(self.running) + num_reserved + 1 + len(request.pending_forks)
+            seats = len(self.running) + forking + num_reserved + 1 + len(request.pending_forks)
             if seats > self.config.max_num_seqs:
                 break
             computed_blocks: list[int] = []
@@ -206,15 +208,17 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._add_sequence(batch, request, num_new)
+            forking += len(request.pending_forks)  # the ones its step did not fork yet
             budget -= num_new
 
         batch.block_copies = self.kv.take_block_copies()
         return batch
 
-    def _reserve_imports(self) -> None:
+    def _reserve_imports(self, forking: int) -> None:
         """Give importing requests, in arrival order, blocks for their whole prompt: cached
-        ones from the prefix cache (they need not be sent), fresh ones for the rest."""
-        seats = len(self.running) + self.num_reserved
+        ones from the prefix cache (they need not be sent), fresh ones for the rest;
+        ``forking``: the running prompts' samples still to fork, whose seats are taken."""
+        seats = len(self.running) + forking + self.num_reserved
         for request in self.importing:
             state = request.kv_handoff
             if state.reserved:

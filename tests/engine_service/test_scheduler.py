@@ -467,3 +467,33 @@ def test_samples_of_a_request_count_against_max_num_seqs(checkpoint):
         most_running = max(most_running, len(engine.scheduler.running))
 
     assert most_running <= 4
+
+
+def test_samples_yet_to_fork_from_a_chunked_prompt_keep_their_seats(checkpoint):
+    """A prompt of n = 2 samples still in its chunks holds a seat for its second sample:
+    a request arriving meanwhile waits rather than filling it, so the fork does not take the
+    step past ``max_num_seqs`` (it did: four sequences in buffers for three, and the step
+    failed). Every sample equals the one it gets alone."""
+    engine = make_engine(checkpoint, max_num_seqs=3, long_prefill_token_threshold=9)
+    params = {
+        "a": greedy(1, ignore_eos=True),
+        "b": SamplingParams(temperature=0.0, max_tokens=2, n=2, ignore_eos=True),
+        "c": greedy(1, ignore_eos=True),
+    }
+    prompts = {"a": list(range(10, 50)), "b": list(range(60, 71)), "c": list(range(80, 102))}
+    steps = record_steps(engine)
+    engine.add_request("a", prompts["a"], params["a"])
+    engine.step()
+    engine.add_request("b", prompts["b"], params["b"])  # two chunks, then the fork
+    engine.add_request("c", prompts["c"], params["c"])
+    got = run_all(engine)
+
+    assert max(len(step) for step in steps) <= 3
+    for request_id, prompt in prompts.items():
+        alone = make_engine(checkpoint)
+        alone.add_request(request_id, prompt, params[request_id])
+        expected = run_all(alone)
+        for key, outputs in expected.items():
+            assert tokens_of(got[key]) == tokens_of(outputs)
+    assert set(got) == {("a", 0), ("b", 0), ("b", 1), ("c", 0)}
+    assert_pool_entirely_free(engine.kv_manager)
