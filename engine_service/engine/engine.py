@@ -863,6 +863,12 @@ class LLMEngine:
         """Start the forward pass and sampling of ``batch``: queued on the device stream
         (CUDA), or on the device worker thread (CPU, overlapped)."""
         prev_tokens = previous.result.token_ids if previous is not None else None
+        meta = None
+        if self._worker is not None:
+            # The sampling state is read here: once the step is submitted this thread marks
+            # its tokens pending and commits the previous step's, which the worker would
+            # see half done (min_tokens would count this step's own token as produced).
+            meta = self._sampling_metadata(batch)
 
         def run() -> tuple[SamplerResult, SamplingMetadata]:
             try:
@@ -873,7 +879,7 @@ class LLMEngine:
                 if masks is not None:
                     masks.result()
                 raise
-            return self._sample(batch, logits, masks, draft_masks, inputs)
+            return self._sample(batch, logits, masks, draft_masks, inputs, meta)
 
         if self._worker is not None:
             return _InFlight(batch, future=self._worker.submit(run))
@@ -887,18 +893,17 @@ class LLMEngine:
         masks,
         draft_masks=None,
         inputs: StepInputs | None = None,
+        meta: SamplingMetadata | None = None,
     ) -> tuple[SamplerResult, SamplingMetadata]:
         """Sample ``batch``'s rows of ``logits`` (once its grammar ``masks`` are filled) and
         verify its drafts; the host copy of the tokens starts. With the step's ``inputs``
-        (this engine's runner ran it), accepted tree paths are packed on the device first."""
+        (this engine's runner ran it), accepted tree paths are packed on the device first;
+        ``meta``: the step's sampling state if read already (without the grammar's masks)."""
         bitmask = masks.result() if masks is not None else None
-        meta = SamplingMetadata.build(
-            batch.sample_rows,
-            self.model_config.vocab_size,
-            self.device,
-            bitmask,
-            num_logits=batch.num_logits,
-        )
+        if meta is None:
+            meta = self._sampling_metadata(batch, bitmask)
+        else:
+            meta.grammar_bitmask = bitmask
         result = sample(logits, meta, self.generator)
         if batch.has_drafts:
             result.verification = verify(logits, batch, meta, self.generator, draft_masks)
@@ -906,6 +911,15 @@ class LLMEngine:
                 self.runner.move_accepted_paths(result.verification, inputs, self._tree_depth)
         result.start_host_copy()
         return result, meta
+
+    def _sampling_metadata(self, batch: ScheduledBatch, bitmask=None) -> SamplingMetadata:
+        return SamplingMetadata.build(
+            batch.sample_rows,
+            self.model_config.vocab_size,
+            self.device,
+            bitmask,
+            num_logits=batch.num_logits,
+        )
 
     def _step_data_parallel(self) -> list[RequestOutput]:
         """One step of every data-parallel rank (synchronous): schedule each rank's batch,

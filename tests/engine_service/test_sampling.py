@@ -356,3 +356,29 @@ def test_high_frequency_penalty_avoids_tokens_greedy_repeats(engine, repeating_c
 
     repeats = len(tokens) - len(set(tokens))
     assert repeats < len(plain) - len(set(plain))
+
+
+def test_min_tokens_holds_back_stops_with_overlapped_steps(checkpoint):
+    """With overlapped steps on the CPU the model runs on a worker thread while this
+    thread marks the step's tokens pending and commits the previous step's; the sampling
+    state is read before that, so ``min_tokens`` counts only tokens produced: no stop among
+    the first ``min_tokens``, and every seeded sample equals the synchronous engine's (the
+    worker read the state late, counted the step's own token and let a stop through one
+    position early). Half the vocabulary stops, so an unmasked position often stops."""
+    stops = list(range(3, VOCAB, 2))
+    prompt = random_prompt(random.Random(11), 5)
+    overlapped = make_engine(checkpoint[0], async_scheduling=True)
+    synchronous = make_engine(checkpoint[0], async_scheduling=False)
+    assert overlapped._worker is not None
+    stopped_right_after = 0
+    for seed in range(8):
+        params = SamplingParams(
+            temperature=1.0, seed=seed, max_tokens=8, min_tokens=4, stop_token_ids=stops
+        )
+        got = generate_one(overlapped, prompt, params)
+        want = generate_one(synchronous, prompt, params)
+        tokens = tokens_of(got)
+        assert not set(tokens[:4]) & set(stops)
+        assert (tokens, got[-1].finish_reason) == (tokens_of(want), want[-1].finish_reason)
+        stopped_right_after += len(tokens) == 5 and got[-1].finish_reason == "stop"
+    assert stopped_right_after > 0  # the first position a stop may take was reached
