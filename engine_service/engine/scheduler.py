@@ -393,19 +393,25 @@ class Scheduler:
             else:
                 seq = batch.sequences[batch.sample_seqs[index]]
                 logprobs = sampled.logprob_lists[index] if sampled.logprob_lists else None
-                self._accept_verified(seq, sampled.token_lists[index], logprobs)
+                self._accept_verified(request, seq, sampled.token_lists[index], logprobs)
             if request.is_finished:
                 self.finish(request)
             touched.append(request)
         return touched
 
     def _accept_verified(
-        self, seq: ScheduledSequence, tokens: list[int], logprobs: list | None = None
+        self,
+        request: Request,
+        seq: ScheduledSequence,
+        tokens: list[int],
+        logprobs: list | None = None,
     ) -> None:
-        """Commit a verified run: the accepted drafts (their KV is already written) and the
-        token after them; cut at the first token that ends the sample. The rejected drafts'
-        slots are freed; only blocks full of committed tokens enter the prefix cache."""
-        request = seq.request
+        """Commit sample ``request``'s run: the accepted drafts (their KV is already written)
+        and the token after them; cut at the first token that ends the sample. The rejected
+        drafts' slots are freed; only blocks full of committed tokens enter the prefix
+        cache. A sequence's forks (n > 1) are sample rows of its step with one token each:
+        ``request`` is the row's own sample, not the sequence's (which is the first)."""
+        assert request is seq.request or not seq.draft_token_ids, "drafts are one sample's"
         for position, token in enumerate(tokens):
             logprob = logprobs[position] if logprobs and position < len(logprobs) else None
             # Jump-forward only after the run's last token: the others have KV already.

@@ -627,6 +627,42 @@ def test_samples_forking_from_a_one_token_last_chunk_do_not_draft_there(target, 
     assert_pool_entirely_free(speculative.kv_manager)
 
 
+@pytest.mark.parametrize("prompt_length", [1, 9])
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_samples_forking_beside_verified_drafts_get_their_own_tokens(
+    target, other_draft, tree, prompt_length
+):
+    """A prompt of n = 2 samples ending in a step where another request verifies drafts:
+    each sample's first token is its own (the second sample's went to the first, which
+    got it twice, and the second never finished). Outputs equal plain decoding's."""
+    spec = {"model": str(other_draft), "num_speculative_tokens": 2}
+    if tree:
+        spec["tree"] = {"topk": 2, "num_draft_tokens": 4}
+    second = [255, 29, 280, 59, 188, 79, 197, 287, 237][:prompt_length]
+
+    def outputs(engine) -> dict[tuple[str, int], list[int]]:
+        engine.add_request("a", [175, 152] * 4, greedy(11, ignore_eos=True))
+        got: dict[tuple[str, int], list[int]] = {}
+        for step in range(100):
+            for output in engine.step():
+                key = (output.request_id, output.index)
+                got.setdefault(key, []).extend(output.new_token_ids)
+            if step == 0:  # arrives while "a" decodes (with drafts, when speculating)
+                engine.add_request("b", second, greedy(10, n=2, ignore_eos=True))
+            if not engine.has_unfinished():
+                break
+        assert not engine.has_unfinished()
+        return got
+
+    speculative = make_engine(target, speculative_config=json.dumps(spec))
+    got = outputs(speculative)
+
+    assert got == outputs(make_engine(target))
+    assert {len(tokens) for key, tokens in got.items() if key[0] == "b"} == {10}
+    assert speculative.scheduler.num_drafts > 0
+    assert_pool_entirely_free(speculative.kv_manager)
+
+
 @pytest.mark.parametrize("draft", ["near", "self"])
 def test_tree_paths_packed_on_the_device_equal_the_hosts_moves(target, near_draft, draft):
     """The accepted paths' KV is packed on the device right after verification
