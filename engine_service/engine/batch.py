@@ -238,3 +238,6 @@ class SampledTokens:
     # then one more); None when every row commits its one sampled token.
     token_lists: list[list[int]] | None = None
     logprob_lists: list[list[Any]] | None = None
+    # Whether the accepted tree paths' KV was packed on the device already (one rank holds
+    # the KV); otherwise the scheduler queues the moves for the model runner.
+    paths_moved: bool = False

@@ -1006,13 +1006,17 @@ class LLMEngine:
             logprob_lists = [spec_logprobs.get(i, [lp]) for i, lp in enumerate(logprobs)]
         touched = shard.scheduler.update(
             flight.batch,
-            SampledTokens(result.token_ids, token_list, logprobs, token_lists, logprob_lists),
+            SampledTokens(
+                result.token_ids,
+                token_list,
+                logprobs,
+                token_lists,
+                logprob_lists,
+                paths_moved=result.verification is not None and result.verification.moved_on_device,
+            ),
         )
         moves = shard.kv_manager.take_slot_copies()
-        verification = result.verification
-        if moves and not (verification is not None and verification.moved_on_device):
-            # Accepted token-tree paths not packed on the device (the KV is on several
-            # ranks), packed before their freed tail is reused.
+        if moves:  # accepted token-tree paths, packed before their freed tail is reused
             shard.runner.move_slots(moves)
         outputs = []
         for request in touched:

@@ -560,7 +560,7 @@ class ModelRunner:
         path = verification.path[:, :deepest]
         nodes = torch.where(depths <= verification.count, path, depths)
         moves = torch.stack(
-            (slots.gather(1, nodes).reshape(-1), slots[:, 1:][:, :deepest].reshape(-1))
+            (slots.gather(1, nodes).reshape(-1), slots[:, 1 : deepest + 1].reshape(-1))
         )
         blocks = torch.div(moves, self.block_size, rounding_mode="floor")
         self._copy_slots(blocks, moves - blocks * self.block_size)

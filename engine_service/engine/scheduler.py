@@ -393,7 +393,9 @@ class Scheduler:
             else:
                 seq = batch.sequences[batch.sample_seqs[index]]
                 logprobs = sampled.logprob_lists[index] if sampled.logprob_lists else None
-                self._accept_verified(request, seq, sampled.token_lists[index], logprobs)
+                self._accept_verified(
+                    request, seq, sampled.token_lists[index], logprobs, sampled.paths_moved
+                )
             if request.is_finished:
                 self.finish(request)
             touched.append(request)
@@ -405,12 +407,14 @@ class Scheduler:
         seq: ScheduledSequence,
         tokens: list[int],
         logprobs: list | None = None,
+        paths_moved: bool = False,
     ) -> None:
         """Commit sample ``request``'s run: the accepted drafts (their KV is already written)
         and the token after them; cut at the first token that ends the sample. The rejected
         drafts' slots are freed; only blocks full of committed tokens enter the prefix
         cache. A sequence's forks (n > 1) are sample rows of its step with one token each:
-        ``request`` is the row's own sample, not the sequence's (which is the first)."""
+        ``request`` is the row's own sample, not the sequence's (which is the first).
+        ``paths_moved``: the accepted tree path's KV is packed already (on the device)."""
         assert request is seq.request or not seq.draft_token_ids, "drafts are one sample's"
         for position, token in enumerate(tokens):
             logprob = logprobs[position] if logprobs and position < len(logprobs) else None
@@ -436,7 +440,8 @@ class Scheduler:
                     for j, node in enumerate(seq.accepted_path[:verified])
                     if node - 1 != j
                 ]
-                self.kv.move_tokens(request, moves)
+                if not paths_moved:
+                    self.kv.move_tokens(request, moves)
                 self.tree_tokens_moved += len(moves)
             request.num_computed_tokens = first + verified
             self.kv.truncate(request, request.num_computed_tokens)

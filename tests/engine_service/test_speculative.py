@@ -584,10 +584,14 @@ def test_tree_paths_off_the_first_branch_move_their_kv_and_stay_exact(target, ne
         }
     )
     engine = make_engine(target, speculative_config=spec)
+    host_moves: list = []
+    move_slots = engine.runner.move_slots
+    engine.runner.move_slots = lambda copies: (host_moves.append(copies), move_slots(copies))
     prompts = repetitive_prompts(random.Random(9))
 
     assert run(engine, prompts, 32) == run(make_engine(target), prompts, 32)
     assert engine.scheduler.tree_tokens_moved > 0
+    assert not host_moves  # one rank: packed on the device, the host queues no moves
     assert_pool_entirely_free(engine.kv_manager)
 
 
@@ -666,9 +670,9 @@ def test_samples_forking_beside_verified_drafts_get_their_own_tokens(
 @pytest.mark.parametrize("draft", ["near", "self"])
 def test_tree_paths_packed_on_the_device_equal_the_hosts_moves(target, near_draft, draft):
     """The accepted paths' KV is packed on the device right after verification
-    (``move_accepted_paths``); the host still lists the moves (``take_slot_copies``, what
-    ``move_slots`` sends to other ranks). Applied to the cache as it was before the device's
-    packing, the host's moves give the same KV at every committed slot of every running
+    (``move_accepted_paths``). Told the device did not pack, the scheduler lists the host's
+    moves (``take_slot_copies``, what ``move_slots`` does where the KV is on several ranks).
+    Applied to the cache as it was before the device's packing, they give the same KV at every committed slot of every running
     request, round after round, for trees of different sizes in one batch: paths through
     later branches (``near``: a perturbed draft) and paths the trees' whole depth deep
     (``self``: the target drafting for itself, whose first branch is always accepted and
@@ -695,6 +699,7 @@ def test_tree_paths_packed_on_the_device_equal_the_hosts_moves(target, near_draf
         checked["sizes"].add(tuple(verification.trees.sizes))
         checked["deepest"] = max(checked["deepest"], int(verification.count.max()))
         assert pack(verification, inputs, max_depth)
+        verification.moved_on_device = False  # so that the scheduler lists the host's moves
         return True
 
     def taking():
@@ -714,6 +719,7 @@ def test_tree_paths_packed_on_the_device_equal_the_hosts_moves(target, near_draf
                     )
             checked["rounds"] += 1
             checked["moves"] += len(moves)
+            return []  # packed on the device already
         return moves
 
     runner.move_accepted_paths, kv.take_slot_copies = packing, taking

@@ -452,7 +452,6 @@ class TreeGraphs(_DraftGraphs):
             # tokens, left-aligned and padded.
             self.cu_counts, self.cu_tokens = self.row_extra, self.row_staging
             self.cu_counts.fill_(1)  # what the captures run on
-            self._host_rows[1] = 1
             self.cu_positions = torch.zeros(s * rows, **int64)
             self.cu_slots = torch.full((s * rows,), self.scratch_slot, **int64)
             self.cu_seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
